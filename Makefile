@@ -1,0 +1,60 @@
+# The two entry points a newcomer needs (see README.md): `make up` and `make test`.
+# Both install what they need: Debian packages when run as root, Python packages into .venv.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO   ?= .trellis-demo
+DEBIAN_PACKAGES := openssl curl ca-certificates
+
+.PHONY: setup system-deps up test lint typecheck unit bench clean
+
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  missing=""; \
+	  for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  fi; \
+	else \
+	  for p in openssl curl; do command -v $$p >/dev/null || { echo "missing $$p: install it (Debian: apt-get install $$p)"; exit 1; }; done; \
+	fi
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: system-deps $(BIN)/.installed
+
+# The main job. Until `trellis up` exists: a root, a cluster intermediate and a workload
+# SVID, printed by `trellis ca inspect`. The root passphrase lives only in this shell.
+up: setup
+	@rm -rf $(DEMO)
+	@export TRELLIS_ROOT_PASSPHRASE="$$(head -c 24 /dev/urandom | base64)"; \
+	set -e; \
+	$(BIN)/trellis ca init --trust-domain example.org --dir $(DEMO); \
+	$(BIN)/trellis ca intermediate --dir $(DEMO) --cluster local; \
+	$(BIN)/trellis ca issue --dir $(DEMO) --cluster local \
+	    --spiffe-id spiffe://example.org/ns/default/sa/web --out $(DEMO)/web; \
+	$(BIN)/trellis ca inspect $(DEMO)/web/svid.pem --bundle $(DEMO)/web/bundle.pem
+
+lint: setup
+	$(BIN)/ruff check ca trellis tests bench
+	$(BIN)/ruff format --check ca trellis
+
+typecheck: setup
+	$(BIN)/mypy --strict ca trellis
+
+unit: setup
+	$(BIN)/pytest -q -n 2 --dist loadfile
+
+test: lint typecheck unit
+
+bench: setup
+	$(BIN)/python bench/ca_issuance.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) .mypy_cache .pytest_cache .ruff_cache

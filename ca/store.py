@@ -1,0 +1,188 @@
+"""The local-mode CA directory: where the root, cluster intermediates and bundle live.
+
+```
+DIR/root.crt                          the root certificate (public)
+DIR/root.key                          the root key, encrypted PKCS#8, 0600
+DIR/bundle.json                       the trust bundle (SPIFFE format): roots + JWT keys
+DIR/clusters/NAME/intermediate.crt    the cluster intermediate (public)
+DIR/clusters/NAME/intermediate.key    its key, 0600 (the cluster's Secret in Kubernetes)
+DIR/clusters/NAME/jwt.key             the cluster's JWT-SVID signing key, 0600
+```
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ca.authority import IntermediateAuthority, RootAuthority
+from ca.bundle import BundleError, TrustBundle, load_pem_certificates
+from ca.jwtsvid import JwtAuthority
+from ca.keys import (
+    KeyMaterialError,
+    load_private_key,
+    private_key_pem,
+    write_private_file,
+    write_public_file,
+)
+from ca.spiffeid import TrustDomain
+from ca.x509svid import SvidError, spiffe_id_of
+
+__all__ = ["CaStore", "StoreError", "read_passphrase"]
+
+PASSPHRASE_ENV = "TRELLIS_ROOT_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
+MIN_PASSPHRASE = 8
+
+
+class StoreError(Exception):
+    """The CA directory is missing something or holds something unreadable."""
+
+
+def read_passphrase(passphrase_file: Path | None) -> bytes:
+    """The root passphrase: from a file if given, else ``$TRELLIS_ROOT_PASSPHRASE``."""
+    if passphrase_file is not None:
+        try:
+            value = passphrase_file.read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise StoreError(
+                f"cannot read passphrase file {passphrase_file}: {exc.strerror}"
+            ) from exc
+    else:
+        env = os.environ.get(PASSPHRASE_ENV)
+        if env is None:
+            raise StoreError(f"no root passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file")
+        value = env.encode()
+    if len(value) < MIN_PASSPHRASE:
+        raise StoreError(f"the root passphrase must be at least {MIN_PASSPHRASE} characters")
+    return value
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise StoreError(f"{what} not found: {path}") from exc
+    except OSError as exc:
+        raise StoreError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def _one_cert(path: Path, what: str) -> x509.Certificate:
+    try:
+        certs = load_pem_certificates(_read(path, what), what=str(path))
+    except BundleError as exc:
+        raise StoreError(str(exc)) from exc
+    return certs[0]
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass(frozen=True)
+class CaStore:
+    root_dir: Path
+
+    @property
+    def root_cert_path(self) -> Path:
+        return self.root_dir / "root.crt"
+
+    @property
+    def root_key_path(self) -> Path:
+        return self.root_dir / "root.key"
+
+    @property
+    def bundle_path(self) -> Path:
+        return self.root_dir / "bundle.json"
+
+    def cluster_dir(self, cluster: str) -> Path:
+        return self.root_dir / "clusters" / cluster
+
+    # -- root ---------------------------------------------------------------------------
+
+    def save_root(self, root: RootAuthority, passphrase: bytes, *, overwrite: bool = False) -> None:
+        if self.root_cert_path.exists() and not overwrite:
+            raise StoreError(f"{self.root_cert_path} already exists; refusing to replace a root")
+        # The key first: a root certificate without its key would be useless.
+        write_private_file(self.root_key_path, private_key_pem(root.private_key, passphrase))
+        write_public_file(self.root_cert_path, _pem(root.certificate))
+        bundle = self.load_bundle_or_none(root.trust_domain) or TrustBundle(root.trust_domain)
+        self.save_bundle(bundle.with_x509_authorities([root.certificate]))
+
+    def root_certificate(self) -> x509.Certificate:
+        return _one_cert(self.root_cert_path, "root certificate")
+
+    def trust_domain(self) -> TrustDomain:
+        try:
+            return spiffe_id_of(self.root_certificate()).trust_domain
+        except SvidError as exc:
+            raise StoreError(f"{self.root_cert_path} is not a Trellis root: {exc}") from exc
+
+    def load_root(self, passphrase: bytes) -> RootAuthority:
+        cert = self.root_certificate()
+        try:
+            key = load_private_key(
+                _read(self.root_key_path, "root key"), passphrase, what="root key"
+            )
+            return RootAuthority.load(cert, key)
+        except (KeyMaterialError, SvidError) as exc:
+            raise StoreError(str(exc)) from exc
+
+    # -- intermediates ------------------------------------------------------------------
+
+    def save_intermediate(self, intermediate: IntermediateAuthority, jwt: JwtAuthority) -> None:
+        directory = self.cluster_dir(intermediate.cluster)
+        write_private_file(
+            directory / "intermediate.key", private_key_pem(intermediate.private_key)
+        )
+        write_private_file(directory / "jwt.key", private_key_pem(jwt.private_key))
+        write_public_file(directory / "intermediate.crt", _pem(intermediate.certificate))
+        bundle = self.load_bundle_or_none(intermediate.trust_domain) or TrustBundle(
+            intermediate.trust_domain
+        )
+        self.save_bundle(bundle.with_jwt_authority(jwt.key_id, jwt.public_key))
+
+    def load_intermediate(self, cluster: str) -> IntermediateAuthority:
+        directory = self.cluster_dir(cluster)
+        if not directory.is_dir():
+            raise StoreError(f"no intermediate for cluster {cluster!r} (expected {directory})")
+        cert = _one_cert(directory / "intermediate.crt", "intermediate certificate")
+        try:
+            key = load_private_key(
+                _read(directory / "intermediate.key", "intermediate key"), what="intermediate key"
+            )
+            return IntermediateAuthority.load(cert, key, cluster)
+        except (KeyMaterialError, SvidError) as exc:
+            raise StoreError(str(exc)) from exc
+
+    def load_jwt_authority(self, cluster: str) -> JwtAuthority:
+        path = self.cluster_dir(cluster) / "jwt.key"
+        try:
+            return JwtAuthority.from_key(load_private_key(_read(path, "JWT key"), what="JWT key"))
+        except (KeyMaterialError, ValueError) as exc:
+            raise StoreError(f"{path}: {exc}") from exc
+
+    # -- bundle -------------------------------------------------------------------------
+
+    def load_bundle_or_none(self, trust_domain: TrustDomain) -> TrustBundle | None:
+        if not self.bundle_path.exists():
+            return None
+        return self.load_bundle(trust_domain)
+
+    def load_bundle(self, trust_domain: TrustDomain | None = None) -> TrustBundle:
+        td = trust_domain or self.trust_domain()
+        try:
+            return TrustBundle.from_json(td, _read(self.bundle_path, "trust bundle"))
+        except BundleError as exc:
+            raise StoreError(f"{self.bundle_path}: {exc}") from exc
+
+    def save_bundle(self, bundle: TrustBundle) -> None:
+        write_public_file(self.bundle_path, bundle.to_json())
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
