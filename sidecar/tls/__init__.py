@@ -1,0 +1,86 @@
+"""Trellis's sans-I/O TLS 1.3 engine.
+
+Theory of operation
+-------------------
+The engine is a pure function of its inputs, in the manner of h11, h2 and aioquic:
+the caller feeds bytes from the peer with `receive_data(data, now=...)`, drains
+`events()`, and writes whatever `data_to_send()` returns. There are no sockets,
+clocks, threads or asyncio here, and no randomness except the `rng` callable the
+caller puts in `TLSConfig` (OpenSSL does draw its own for ML-KEM encapsulation and
+signature nonces inside `cryptography`). Time enters only as `now`, used for
+certificate validity.
+
+Layers, bottom up:
+
+* `codec` — `Buffer.pull_*`/`Writer.push_*`; `pull_block` turns any overrun or
+  trailing byte into `decode_error`.
+* `messages`, `extensions` — one frozen dataclass per handshake message with a
+  `pull_x`/`push_x` pair; extensions stay an ordered tuple of raw pairs so a parsed
+  message re-serialises byte-identically, and typed views are parsed once at the edge.
+* `record` — TLSPlaintext/TLSCiphertext framing, AEAD with per-key precomputed
+  objects, padding, length limits, and the content-type rules of RFC 8446 §5.
+* `keyschedule` — HKDF-Expand-Label and the three stages (`EarlySecret` →
+  `HandshakeSecret` → `MasterSecret`), PSK-ready for resumption and 0-RTT.
+* `groups`, `signatures`, `suites`, `verify` — the primitives from `cryptography`,
+  wrapped so that every failure becomes the alert RFC 8446 names.
+* `client`, `server` — the handshake, one class per state. A state holds only what
+  is valid at that point and `handle()` returns the next state; a message the state
+  does not expect is `unexpected_message` by construction. The post-handshake
+  `Traffic` state can only be built from `FinishedVerified` and `PeerAuthenticated`,
+  which only the verifiers in `proofs` create.
+* `connection` — the shared machinery: record dispatch, CCS tolerance, alerts,
+  KeyUpdate, close_notify, the event queue and `traffic_secrets()` for kTLS.
+
+Errors: every protocol failure is a `TLSError` carrying its `AlertDescription`; when
+`receive_data` raises it, the fatal alert is already queued in `data_to_send()` and
+the connection is dead. A peer's bytes never raise anything else.
+"""
+
+from .alerts import AlertDescription, AlertLevel, LocalProtocolError, TLSError
+from .client import ClientConnection
+from .config import TLSConfig
+from .connection import Connection, DirectionSecrets, TrafficSecrets
+from .events import (
+    AlertReceived,
+    ApplicationData,
+    ConnectionClosed,
+    Event,
+    HandshakeComplete,
+    KeyUpdated,
+    PeerCertificate,
+    SessionTicket,
+)
+from .groups import NamedGroup
+from .keylog import file_key_log
+from .server import ServerConnection
+from .signatures import SignatureScheme
+from .suites import CipherSuite
+from .verify import PeerVerifier, SpiffeVerifier, VerifiedPeer
+
+__all__ = [
+    "AlertDescription",
+    "AlertLevel",
+    "AlertReceived",
+    "ApplicationData",
+    "CipherSuite",
+    "ClientConnection",
+    "Connection",
+    "ConnectionClosed",
+    "DirectionSecrets",
+    "Event",
+    "HandshakeComplete",
+    "KeyUpdated",
+    "LocalProtocolError",
+    "NamedGroup",
+    "PeerCertificate",
+    "PeerVerifier",
+    "ServerConnection",
+    "SessionTicket",
+    "SignatureScheme",
+    "SpiffeVerifier",
+    "TLSConfig",
+    "TLSError",
+    "TrafficSecrets",
+    "VerifiedPeer",
+    "file_key_log",
+]

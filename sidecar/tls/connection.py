@@ -1,0 +1,440 @@
+"""The connection core shared by client and server: records in, events out.
+
+`Connection` owns the record layer, the inbound handshake reassembly buffer, the
+outbound flight buffer and the event queue. The handshake itself lives in state
+objects (`client.py`, `server.py`), one type per state; each `handle()` consumes one
+message and returns the next state. After the handshake the state is `Traffic`, which
+can only be built from the proof values in `proofs.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .alerts import AlertDescription, AlertLevel, LocalProtocolError, TLSError
+from .config import TLSConfig
+from .events import (
+    AlertReceived,
+    ApplicationData,
+    ConnectionClosed,
+    Event,
+    HandshakeComplete,
+    KeyUpdated,
+    SessionTicket,
+)
+from .keylog import keylog_line
+from .keyschedule import TrafficKeys, next_traffic_secret, resumption_psk, traffic_keys
+from .messages import (
+    MAX_HANDSHAKE_MESSAGE,
+    HandshakeType,
+    KeyUpdate,
+    KeyUpdateRequest,
+    pull_key_update,
+    pull_new_session_ticket,
+    push_key_update,
+)
+from .proofs import FinishedVerified, PeerAuthenticated
+from .record import MAX_PLAINTEXT, ContentType, RecordProtection, RecordReader, plaintext_record
+from .suites import SuiteParams
+
+Now = dt.datetime | float | int | None
+
+
+def to_datetime(now: Now) -> dt.datetime | None:
+    if now is None or isinstance(now, dt.datetime):
+        return now
+    return dt.datetime.fromtimestamp(now, dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class DirectionSecrets:
+    """One direction's record protection state, as kTLS wants it."""
+
+    secret: bytes
+    key: bytes
+    iv: bytes
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficSecrets:
+    cipher_suite: int
+    read: DirectionSecrets
+    write: DirectionSecrets
+
+
+class HandshakeState:
+    """A state of the handshake; anything it does not expect is unexpected_message."""
+
+    __slots__ = ()
+
+    def handle(self, conn: Connection, msg_type: int, body: bytes, raw: bytes) -> HandshakeState:
+        raise TLSError(
+            AlertDescription.unexpected_message,
+            f"{type(self).__name__} did not expect handshake message {msg_type}",
+        )
+
+    @property
+    def accepts_ccs(self) -> bool:
+        """RFC 8446 §5: a dummy change_cipher_spec may arrive once the handshake began
+        and until the peer's Finished."""
+        return True
+
+
+class Traffic(HandshakeState):
+    """The handshake is over; only post-handshake messages remain."""
+
+    __slots__ = (
+        "info",
+        "params",
+        "peer",
+        "read_secret",
+        "resumption_master_secret",
+        "write_secret",
+    )
+
+    def __init__(
+        self,
+        finished: FinishedVerified,
+        authenticated: PeerAuthenticated,
+        params: SuiteParams,
+        read_secret: bytes,
+        write_secret: bytes,
+        resumption_master_secret: bytes,
+        info: HandshakeComplete,
+    ) -> None:
+        if not isinstance(finished, FinishedVerified) or not isinstance(
+            authenticated, PeerAuthenticated
+        ):
+            raise TypeError("Traffic requires proof values")
+        self.params = params
+        self.read_secret = read_secret
+        self.write_secret = write_secret
+        self.resumption_master_secret = resumption_master_secret
+        self.peer = authenticated.peer
+        self.info = info
+
+    @property
+    def accepts_ccs(self) -> bool:
+        return False
+
+    def handle(self, conn: Connection, msg_type: int, body: bytes, raw: bytes) -> HandshakeState:
+        if msg_type == HandshakeType.key_update:
+            conn._peer_key_update(self, pull_key_update(body))
+            return self
+        if msg_type == HandshakeType.new_session_ticket and conn.is_client:
+            ticket = pull_new_session_ticket(body)
+            early = 0
+            for ext_type, data in ticket.extensions:
+                if ext_type == 42:  # early_data: uint32 max_early_data_size (RFC 8446 §4.2.10)
+                    if len(data) != 4:
+                        raise TLSError(AlertDescription.decode_error, "bad early_data in ticket")
+                    early = int.from_bytes(data, "big")
+            conn._emit(
+                SessionTicket(
+                    ticket=ticket.ticket,
+                    lifetime=ticket.ticket_lifetime,
+                    age_add=ticket.ticket_age_add,
+                    nonce=ticket.ticket_nonce,
+                    psk=resumption_psk(
+                        self.params, self.resumption_master_secret, ticket.ticket_nonce
+                    ),
+                    cipher_suite=self.params.suite,
+                    max_early_data_size=early,
+                    server_name=self.info.server_name,
+                    alpn_protocol=self.info.alpn_protocol,
+                    peer_spiffe_id=self.info.peer_spiffe_id,
+                )
+            )
+            return self
+        return super().handle(conn, msg_type, body, raw)
+
+
+class Connection:
+    """Common sans-I/O machinery; use `ClientConnection` or `ServerConnection`."""
+
+    is_client = False
+
+    def __init__(self, config: TLSConfig, now: Now = None) -> None:
+        self._config = config
+        self._now = to_datetime(now)
+        self._reader = RecordReader()
+        self._write: RecordProtection | None = None
+        self._out = bytearray()
+        self._events: deque[Event] = deque()
+        self._hs_in = bytearray()
+        self._hs_out = bytearray()
+        self._state: HandshakeState = HandshakeState()
+        self._failed: TLSError | None = None
+        self._read_closed = False
+        self._write_closed = False
+        self._ccs_received = False
+        self._ccs_sent = False
+        self._handshake_started = False
+        self.client_random = b""
+        self._key_update_limit = config.key_update_after_records
+
+    # --- public API --------------------------------------------------------------------
+
+    @property
+    def handshake_complete(self) -> bool:
+        return isinstance(self._state, Traffic)
+
+    @property
+    def negotiated(self) -> HandshakeComplete | None:
+        return self._state.info if isinstance(self._state, Traffic) else None
+
+    def receive_data(self, data: bytes, now: Now = None) -> None:
+        """Feed bytes from the peer (b"" for EOF). Raises TLSError on protocol failure,
+        after queueing the fatal alert in data_to_send()."""
+        if now is not None:
+            self._now = to_datetime(now)
+        if self._failed is not None or self._read_closed:
+            return  # RFC 8446 §6.1: data after a closure alert is ignored
+        if not data:
+            self._read_closed = True
+            self._emit(ConnectionClosed(clean=False))
+            return
+        try:
+            self._reader.feed(data)
+            while not self._read_closed and self._failed is None:
+                record = self._reader.next_record()
+                if record is None:
+                    break
+                self._handle_record(*record)
+            self._flush_handshake()
+        except TLSError as exc:
+            self._fail(exc)
+            raise
+        except Exception as exc:
+            # Last line of defence: a peer's bytes must never surface as a traceback.
+            error = TLSError(AlertDescription.internal_error, f"{type(exc).__name__}: {exc}")
+            self._fail(error)
+            raise error from exc
+
+    def events(self) -> Iterator[Event]:
+        while self._events:
+            yield self._events.popleft()
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def send_application_data(self, data: bytes) -> None:
+        state = self._state
+        if not isinstance(state, Traffic):
+            raise LocalProtocolError("handshake not complete")
+        if self._write_closed or self._failed is not None:
+            raise LocalProtocolError("connection closed for writing")
+        view = memoryview(data)
+        for start in range(0, len(view), MAX_PLAINTEXT):
+            write = self._write
+            assert write is not None
+            limit = self._key_update_limit or state.params.record_limit
+            if write.seq >= limit:
+                # RFC 8446 §5.5: rekey before the AEAD's safety limit.
+                self._update_write_key(state, request_peer=False)
+            self._seal(ContentType.application_data, bytes(view[start : start + MAX_PLAINTEXT]))
+
+    def update_key(self, request_peer_update: bool = True) -> None:
+        """Send a KeyUpdate (RFC 8446 §4.6.3) and switch to the next write secret."""
+        if not isinstance(self._state, Traffic):
+            raise LocalProtocolError("handshake not complete")
+        if self._write_closed or self._failed is not None:
+            raise LocalProtocolError("connection closed for writing")
+        self._update_write_key(self._state, request_peer=request_peer_update)
+
+    def close(self) -> None:
+        """Send close_notify and close our write side (RFC 8446 §6.1)."""
+        if self._write_closed or self._failed is not None:
+            return
+        self._flush_handshake()
+        self._send_alert(AlertLevel.warning, AlertDescription.close_notify)
+        self._write_closed = True
+
+    def traffic_secrets(self) -> TrafficSecrets:
+        state = self._state
+        if not isinstance(state, Traffic):
+            raise LocalProtocolError("handshake not complete")
+        read = self._reader.protection
+        write = self._write
+        assert read is not None and write is not None
+        return TrafficSecrets(
+            state.params.suite,
+            DirectionSecrets(read.secret, read.key, read.iv, read.seq),
+            DirectionSecrets(write.secret, write.key, write.iv, write.seq),
+        )
+
+    # --- services for the handshake states ---------------------------------------------
+
+    @property
+    def config(self) -> TLSConfig:
+        return self._config
+
+    @property
+    def now(self) -> dt.datetime:
+        if self._now is None:
+            raise LocalProtocolError("certificate verification needs `now`")
+        return self._now
+
+    def _emit(self, event: Event) -> None:
+        self._events.append(event)
+
+    def _send_handshake(self, message: bytes) -> None:
+        self._hs_out += message
+
+    def _flush_handshake(self) -> None:
+        pending = self._hs_out
+        if not pending:
+            return
+        for start in range(0, len(pending), MAX_PLAINTEXT):
+            self._seal(ContentType.handshake, bytes(pending[start : start + MAX_PLAINTEXT]))
+        pending.clear()
+
+    def _send_initial_client_hello(self, message: bytes) -> None:
+        # RFC 8446 §5.1: legacy_record_version 0x0301 on the initial ClientHello.
+        self._out += plaintext_record(ContentType.handshake, message, 0x0301)
+
+    def _send_ccs(self) -> None:
+        """Appendix D.4 middlebox compatibility: one dummy change_cipher_spec."""
+        if self._ccs_sent or not self._config.middlebox_compatibility:
+            return
+        self._flush_handshake()
+        self._out += plaintext_record(ContentType.change_cipher_spec, b"\x01")
+        self._ccs_sent = True
+
+    def _seal(self, content_type: int, fragment: bytes) -> None:
+        write = self._write
+        if write is None:
+            self._out += plaintext_record(content_type, fragment)
+            return
+        padding = 0
+        block = self._config.record_padding
+        if block:
+            inner = len(fragment) + 1
+            padding = min(-inner % block, MAX_PLAINTEXT + 1 - inner)
+        self._out += write.seal(content_type, fragment, padding)
+
+    def _set_write_keys(self, params: SuiteParams, keys: TrafficKeys) -> None:
+        self._flush_handshake()
+        self._write = RecordProtection(params, keys)
+
+    def _set_read_keys(self, params: SuiteParams, keys: TrafficKeys) -> None:
+        if self._hs_in:
+            # RFC 8446 §5.1: handshake messages MUST NOT span key changes.
+            raise TLSError(AlertDescription.unexpected_message, "handshake data spans a key change")
+        self._reader.protection = RecordProtection(params, keys)
+
+    def _log_secret(self, label: str, secret: bytes) -> None:
+        if self._config.key_log is not None:
+            self._config.key_log(keylog_line(label, self.client_random, secret))
+
+    def _send_alert(self, level: AlertLevel, description: AlertDescription) -> None:
+        self._seal(ContentType.alert, bytes((level, description)))
+
+    def _fail(self, error: TLSError) -> None:
+        self._failed = error
+        self._hs_out.clear()
+        if not self._write_closed:
+            # If sequence numbers are exhausted nothing more can be sent.
+            with contextlib.suppress(TLSError):
+                self._send_alert(AlertLevel.fatal, error.alert)
+            self._write_closed = True
+
+    def _update_write_key(self, state: Traffic, request_peer: bool) -> None:
+        request = (
+            KeyUpdateRequest.update_requested
+            if request_peer
+            else KeyUpdateRequest.update_not_requested
+        )
+        self._seal(ContentType.handshake, push_key_update(KeyUpdate(request)))
+        state.write_secret = next_traffic_secret(state.params, state.write_secret)
+        self._write = RecordProtection(state.params, traffic_keys(state.params, state.write_secret))
+        self._emit(KeyUpdated("write", requested=False))
+
+    def _peer_key_update(self, state: Traffic, message: KeyUpdate) -> None:
+        state.read_secret = next_traffic_secret(state.params, state.read_secret)
+        self._set_read_keys(state.params, traffic_keys(state.params, state.read_secret))
+        requested = message.request_update == KeyUpdateRequest.update_requested
+        self._emit(KeyUpdated("read", requested=requested))
+        if requested and not self._write_closed:
+            # RFC 8446 §4.6.3: answer with update_not_requested under the old key.
+            self._update_write_key(state, request_peer=False)
+
+    # --- inbound records ---------------------------------------------------------------
+
+    def _handle_record(self, content_type: int, fragment: bytes, encrypted: bool) -> None:
+        if self._hs_in and content_type != ContentType.handshake:
+            # RFC 8446 §5.1: handshake messages MUST NOT be interleaved with other types.
+            raise TLSError(AlertDescription.unexpected_message, "record interleaved with handshake")
+        if content_type == ContentType.handshake:
+            if not fragment:
+                # RFC 8446 §5.1: zero-length handshake fragments MUST NOT be sent.
+                raise TLSError(AlertDescription.unexpected_message, "empty handshake record")
+            self._hs_in += fragment
+            self._process_handshake()
+        elif content_type == ContentType.application_data:
+            if not encrypted or not isinstance(self._state, Traffic):
+                raise TLSError(
+                    AlertDescription.unexpected_message, "application data before handshake"
+                )
+            if fragment:
+                self._emit(ApplicationData(fragment))
+        elif content_type == ContentType.change_cipher_spec:
+            # RFC 8446 §5: a single byte 0x01, only while the handshake is in progress.
+            if (
+                fragment != b"\x01"
+                or not self._handshake_started
+                or not self._state.accepts_ccs
+                or self._ccs_received
+            ):
+                raise TLSError(AlertDescription.unexpected_message, "unexpected change_cipher_spec")
+            self._ccs_received = True
+        elif content_type == ContentType.alert:
+            self._handle_alert(fragment)
+        else:
+            raise TLSError(AlertDescription.unexpected_message, f"record type {content_type}")
+
+    def _handle_alert(self, fragment: bytes) -> None:
+        if len(fragment) != 2:
+            raise TLSError(AlertDescription.decode_error, "alert is not two bytes")
+        level, description = fragment[0], fragment[1]
+        try:
+            desc: AlertDescription | int = AlertDescription(description)
+        except ValueError:
+            desc = description
+        try:
+            lvl: AlertLevel | int = AlertLevel(level)
+        except ValueError:
+            lvl = level
+        self._emit(AlertReceived(lvl, desc))
+        if description == AlertDescription.close_notify:
+            self._read_closed = True
+            self._emit(ConnectionClosed(clean=True))
+        elif description == AlertDescription.user_canceled:
+            return
+        else:
+            # RFC 8446 §6.2: every other alert is fatal, whatever its level says.
+            self._read_closed = True
+            self._write_closed = True
+            self._emit(ConnectionClosed(clean=False))
+
+    def _process_handshake(self) -> None:
+        buf = self._hs_in
+        while len(buf) >= 4 and not self._read_closed:
+            length = int.from_bytes(buf[1:4], "big")
+            if length > MAX_HANDSHAKE_MESSAGE:
+                raise TLSError(AlertDescription.decode_error, "handshake message too large")
+            if len(buf) < 4 + length:
+                return
+            raw = bytes(buf[: 4 + length])
+            del buf[: 4 + length]
+            self._state = self._state.handle(self, raw[0], raw[4:], raw)

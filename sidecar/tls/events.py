@@ -1,0 +1,81 @@
+"""Events the engine hands to its caller (frozen dataclasses, as in h11/h2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from .alerts import AlertDescription, AlertLevel
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base class of everything `events()` yields."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCertificate(Event):
+    """The peer's chain verified and its SPIFFE ID passed the policy hook."""
+
+    spiffe_id: str
+    chain: tuple[x509.Certificate, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeComplete(Event):
+    cipher_suite: int
+    group: int
+    signature_scheme: int
+    alpn_protocol: str | None
+    server_name: str | None
+    peer_spiffe_id: str | None
+    session_resumed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ApplicationData(Event):
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUpdated(Event):
+    """A traffic key changed. `direction` is "read" or "write"; `requested` says whether
+    the update was asked for (by the peer for "write", by us for "read")."""
+
+    direction: str
+    requested: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionTicket(Event):
+    """A NewSessionTicket (RFC 8446 §4.6.1) with the PSK it stands for.
+
+    Everything a later resumption needs: the ticket, its PSK, the suite whose hash the
+    PSK belongs to, and what was negotiated with the identity the ticket vouches for.
+    """
+
+    ticket: bytes
+    lifetime: int
+    age_add: int
+    nonce: bytes
+    psk: bytes
+    cipher_suite: int
+    max_early_data_size: int
+    server_name: str | None
+    alpn_protocol: str | None
+    peer_spiffe_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AlertReceived(Event):
+    level: AlertLevel | int
+    description: AlertDescription | int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed(Event):
+    """The peer's direction ended: `clean` after close_notify, False on a fatal alert or
+    a bare EOF (a possible truncation attack, RFC 8446 §6.1)."""
+
+    clean: bool

@@ -1,0 +1,212 @@
+"""Key exchange groups: X25519MLKEM768, SecP256r1MLKEM768, X25519, secp256r1, secp384r1.
+
+Hybrid groups follow draft-ietf-tls-ecdhe-mlkem:
+* X25519MLKEM768 (0x11EC): client share = ML-KEM-768 encapsulation key (1184) ||
+  X25519 (32); server share = ML-KEM ciphertext (1088) || X25519 (32); shared secret
+  = ML-KEM secret || X25519 secret.
+* SecP256r1MLKEM768 (0x11EB): the classical part comes first everywhere:
+  client share = P-256 point (65) || ek (1184); server share = point (65) || ct (1088);
+  shared secret = ECDH secret || ML-KEM secret.
+
+Private keys are derived from bytes the caller's RNG returns, so the engine itself
+never draws randomness (ML-KEM encapsulation inside OpenSSL does draw its own).
+Every malformed share, failed encapsulation-key check (FIPS 203 §7.2) or all-zero
+X25519 result is `illegal_parameter`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import IntEnum
+
+from cryptography.hazmat.primitives.asymmetric import ec, mlkem, x25519
+
+from .alerts import AlertDescription, TLSError
+
+Rng = Callable[[int], bytes]
+
+
+class NamedGroup(IntEnum):
+    secp256r1 = 0x0017
+    secp384r1 = 0x0018
+    x25519 = 0x001D
+    SecP256r1MLKEM768 = 0x11EB
+    X25519MLKEM768 = 0x11EC
+
+
+DEFAULT_GROUPS: tuple[NamedGroup, ...] = (
+    NamedGroup.X25519MLKEM768,
+    NamedGroup.x25519,
+    NamedGroup.secp256r1,
+)
+DEFAULT_KEY_SHARES: tuple[NamedGroup, ...] = (NamedGroup.X25519MLKEM768, NamedGroup.x25519)
+
+MLKEM_EK_LEN = 1184
+MLKEM_CT_LEN = 1088
+X25519_LEN = 32
+P256_LEN = 65
+P384_LEN = 97
+_CURVES: dict[int, tuple[ec.EllipticCurve, int]] = {
+    NamedGroup.secp256r1: (ec.SECP256R1(), P256_LEN),
+    NamedGroup.secp384r1: (ec.SECP384R1(), P384_LEN),
+}
+
+
+def _illegal(reason: str) -> TLSError:
+    return TLSError(AlertDescription.illegal_parameter, reason)
+
+
+# --- primitives wrapped with TLS's error mapping --------------------------------------
+
+
+def _x25519_private(rng: Rng) -> x25519.X25519PrivateKey:
+    return x25519.X25519PrivateKey.from_private_bytes(rng(32))
+
+
+def _x25519_exchange(private: x25519.X25519PrivateKey, peer: bytes) -> bytes:
+    if len(peer) != X25519_LEN:
+        raise _illegal("bad X25519 share length")
+    try:
+        # OpenSSL refuses an all-zero result (RFC 7748 §6.1, RFC 8446 §7.4.2).
+        return private.exchange(x25519.X25519PublicKey.from_public_bytes(peer))
+    except ValueError as exc:
+        raise _illegal("X25519 exchange failed (low-order point)") from exc
+
+
+def _ec_private(curve: ec.EllipticCurve, rng: Rng) -> ec.EllipticCurvePrivateKey:
+    order = {
+        "secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+        "secp384r1": int(
+            "ffffffffffffffffffffffffffffffffffffffffffffffffc7634d81f4372ddf"
+            "581a0db248b0a77aecec196accc52973",
+            16,
+        ),
+    }[curve.name]
+    scalar = int.from_bytes(rng(curve.key_size // 8 + 8), "big") % (order - 1) + 1
+    return ec.derive_private_key(scalar, curve)
+
+
+def _ec_public_bytes(private: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return private.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+
+
+def _ec_exchange(private: ec.EllipticCurvePrivateKey, peer: bytes, length: int) -> bytes:
+    # RFC 8446 §4.2.8.2: only the uncompressed point form is allowed.
+    if len(peer) != length or peer[0] != 4:
+        raise _illegal("bad ECDHE share")
+    try:
+        public = ec.EllipticCurvePublicKey.from_encoded_point(private.curve, peer)
+        return private.exchange(ec.ECDH(), public)
+    except ValueError as exc:
+        raise _illegal("invalid ECDHE point") from exc
+
+
+def _mlkem_private(rng: Rng) -> mlkem.MLKEM768PrivateKey:
+    return mlkem.MLKEM768PrivateKey.from_seed_bytes(rng(64))
+
+
+def _mlkem_encapsulate(ek: bytes) -> tuple[bytes, bytes]:
+    """(shared secret, ciphertext); the FIPS 203 key check failing is illegal_parameter."""
+    if len(ek) != MLKEM_EK_LEN:
+        raise _illegal("bad ML-KEM encapsulation key length")
+    try:
+        secret, ciphertext = mlkem.MLKEM768PublicKey.from_public_bytes(ek).encapsulate()
+    except ValueError as exc:
+        raise _illegal("ML-KEM encapsulation key check failed") from exc
+    return secret, ciphertext
+
+
+def _mlkem_decapsulate(private: mlkem.MLKEM768PrivateKey, ct: bytes) -> bytes:
+    if len(ct) != MLKEM_CT_LEN:
+        raise _illegal("bad ML-KEM ciphertext length")
+    try:
+        return private.decapsulate(ct)
+    except ValueError as exc:
+        raise _illegal("ML-KEM decapsulation failed") from exc
+
+
+# --- client side ----------------------------------------------------------------------
+
+
+class ClientKeyShare:
+    """A client's private state for one offered group."""
+
+    __slots__ = ("_ec", "_kem", "_x", "group", "public")
+
+    def __init__(self, group: NamedGroup, rng: Rng) -> None:
+        self.group = group
+        self._x: x25519.X25519PrivateKey | None = None
+        self._ec: ec.EllipticCurvePrivateKey | None = None
+        self._kem: mlkem.MLKEM768PrivateKey | None = None
+        if group == NamedGroup.x25519:
+            self._x = _x25519_private(rng)
+            self.public = self._x.public_key().public_bytes_raw()
+        elif group in _CURVES:
+            self._ec = _ec_private(_CURVES[group][0], rng)
+            self.public = _ec_public_bytes(self._ec)
+        elif group == NamedGroup.X25519MLKEM768:
+            self._kem = _mlkem_private(rng)
+            self._x = _x25519_private(rng)
+            self.public = (
+                self._kem.public_key().public_bytes_raw() + self._x.public_key().public_bytes_raw()
+            )
+        elif group == NamedGroup.SecP256r1MLKEM768:
+            self._ec = _ec_private(ec.SECP256R1(), rng)
+            self._kem = _mlkem_private(rng)
+            self.public = _ec_public_bytes(self._ec) + self._kem.public_key().public_bytes_raw()
+        else:  # pragma: no cover - config validation prevents this
+            raise ValueError(f"unsupported group {group!r}")
+
+    def complete(self, server_share: bytes) -> bytes:
+        """The shared secret from the server's key_share (illegal_parameter if bad)."""
+        group = self.group
+        if group == NamedGroup.x25519:
+            assert self._x is not None
+            return _x25519_exchange(self._x, server_share)
+        if group in _CURVES:
+            assert self._ec is not None
+            return _ec_exchange(self._ec, server_share, _CURVES[group][1])
+        if group == NamedGroup.X25519MLKEM768:
+            assert self._kem is not None and self._x is not None
+            if len(server_share) != MLKEM_CT_LEN + X25519_LEN:
+                raise _illegal("bad X25519MLKEM768 server share length")
+            kem_ss = _mlkem_decapsulate(self._kem, server_share[:MLKEM_CT_LEN])
+            return kem_ss + _x25519_exchange(self._x, server_share[MLKEM_CT_LEN:])
+        assert self._ec is not None and self._kem is not None
+        if len(server_share) != P256_LEN + MLKEM_CT_LEN:
+            raise _illegal("bad SecP256r1MLKEM768 server share length")
+        ecdh = _ec_exchange(self._ec, server_share[:P256_LEN], P256_LEN)
+        return ecdh + _mlkem_decapsulate(self._kem, server_share[P256_LEN:])
+
+
+# --- server side ----------------------------------------------------------------------
+
+
+def server_exchange(group: int, client_share: bytes, rng: Rng) -> tuple[bytes, bytes]:
+    """(server key_share bytes, shared secret) answering `client_share` for `group`."""
+    if group == NamedGroup.x25519:
+        private = _x25519_private(rng)
+        secret = _x25519_exchange(private, client_share)
+        return private.public_key().public_bytes_raw(), secret
+    if group in _CURVES:
+        curve, length = _CURVES[group]
+        ec_private = _ec_private(curve, rng)
+        secret = _ec_exchange(ec_private, client_share, length)
+        return _ec_public_bytes(ec_private), secret
+    if group == NamedGroup.X25519MLKEM768:
+        if len(client_share) != MLKEM_EK_LEN + X25519_LEN:
+            raise _illegal("bad X25519MLKEM768 client share length")
+        kem_ss, ct = _mlkem_encapsulate(client_share[:MLKEM_EK_LEN])
+        private = _x25519_private(rng)
+        x_ss = _x25519_exchange(private, client_share[MLKEM_EK_LEN:])
+        return ct + private.public_key().public_bytes_raw(), kem_ss + x_ss
+    if group == NamedGroup.SecP256r1MLKEM768:
+        if len(client_share) != P256_LEN + MLKEM_EK_LEN:
+            raise _illegal("bad SecP256r1MLKEM768 client share length")
+        ec_private = _ec_private(ec.SECP256R1(), rng)
+        ecdh = _ec_exchange(ec_private, client_share[:P256_LEN], P256_LEN)
+        kem_ss, ct = _mlkem_encapsulate(client_share[P256_LEN:])
+        return _ec_public_bytes(ec_private) + ct, ecdh + kem_ss
+    raise _illegal(f"unsupported group {group}")

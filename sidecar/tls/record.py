@@ -1,0 +1,138 @@
+"""The TLS 1.3 record layer (RFC 8446 §5): framing, AEAD protection, padding.
+
+`RecordProtection` holds one direction's key: the AEAD object is built once per key
+and the per-record nonce is the IV XOR the 64-bit sequence number (§5.3).
+`RecordReader` splits the inbound byte stream into records and applies the length
+and content-type rules; the connection decides what each content type means.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from cryptography.exceptions import InvalidTag
+
+from .alerts import AlertDescription, TLSError
+from .keyschedule import TrafficKeys
+from .suites import IV_LENGTH, TAG_LENGTH, SuiteParams
+
+
+class ContentType(IntEnum):
+    invalid = 0
+    change_cipher_spec = 20
+    alert = 21
+    handshake = 22
+    application_data = 23
+
+
+MAX_PLAINTEXT = 1 << 14
+# RFC 8446 §5.2: TLSCiphertext.length MUST NOT exceed 2^14 + 256.
+MAX_CIPHERTEXT = MAX_PLAINTEXT + 256
+MAX_SEQUENCE = (1 << 64) - 1
+HEADER_LENGTH = 5
+_VALID_TYPES = frozenset(int(t) for t in ContentType if t != ContentType.invalid)
+
+
+class RecordProtection:
+    """AEAD state for one direction under one traffic secret."""
+
+    __slots__ = ("_aead", "_iv", "iv", "key", "params", "secret", "seq")
+
+    def __init__(self, params: SuiteParams, keys: TrafficKeys) -> None:
+        self.params = params
+        self.secret = keys.secret
+        self.key = keys.key
+        self.iv = keys.iv
+        self._iv = int.from_bytes(keys.iv, "big")
+        self._aead = params.aead(keys.key)
+        self.seq = 0
+
+    def _next_nonce(self) -> bytes:
+        seq = self.seq
+        if seq > MAX_SEQUENCE:
+            # RFC 8446 §5.3: the sequence number MUST NOT wrap.
+            raise TLSError(AlertDescription.internal_error, "record sequence number exhausted")
+        self.seq = seq + 1
+        return (self._iv ^ seq).to_bytes(IV_LENGTH, "big")
+
+    def seal(self, content_type: int, fragment: bytes, padding: int = 0) -> bytes:
+        """One TLSCiphertext record carrying `fragment` (at most 2^14 bytes)."""
+        inner = fragment + bytes((content_type,))
+        if padding:
+            inner += bytes(padding)
+        length = len(inner) + TAG_LENGTH
+        header = b"\x17\x03\x03" + length.to_bytes(2, "big")
+        return header + self._aead.encrypt(self._next_nonce(), inner, header)
+
+    def open(self, header: bytes, payload: bytes) -> tuple[int, bytes]:
+        if self.seq > MAX_SEQUENCE:
+            raise TLSError(AlertDescription.unexpected_message, "peer exhausted sequence numbers")
+        nonce = self._next_nonce()
+        try:
+            inner = self._aead.decrypt(nonce, payload, header)
+        except InvalidTag as exc:
+            raise TLSError(AlertDescription.bad_record_mac, "record authentication failed") from exc
+        # RFC 8446 §5.4: strip zero padding; the last non-zero byte is the real type.
+        stripped = inner.rstrip(b"\x00")
+        if not stripped:
+            raise TLSError(AlertDescription.unexpected_message, "record without content type")
+        if len(stripped) - 1 > MAX_PLAINTEXT:
+            raise TLSError(AlertDescription.record_overflow, "inner plaintext over 2^14")
+        return stripped[-1], stripped[:-1]
+
+
+def plaintext_record(content_type: int, fragment: bytes, legacy_version: int = 0x0303) -> bytes:
+    return (
+        bytes((content_type,))
+        + legacy_version.to_bytes(2, "big")
+        + len(fragment).to_bytes(2, "big")
+        + fragment
+    )
+
+
+class RecordReader:
+    """Splits the inbound stream into (content type, payload) with §5.1/§5.2 rules."""
+
+    __slots__ = ("_buffer", "protection")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self.protection: RecordProtection | None = None
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def next_record(self) -> tuple[int, bytes, bool] | None:
+        """The next complete record as (content type, fragment, was_encrypted), or None."""
+        buf = self._buffer
+        if len(buf) < HEADER_LENGTH:
+            return None
+        outer_type = buf[0]
+        length = (buf[3] << 8) | buf[4]
+        if outer_type not in _VALID_TYPES:
+            raise TLSError(AlertDescription.unexpected_message, f"unknown record type {outer_type}")
+        limit = MAX_CIPHERTEXT if self.protection is not None else MAX_PLAINTEXT
+        if length > limit:
+            raise TLSError(AlertDescription.record_overflow, "record over the length limit")
+        end = HEADER_LENGTH + length
+        if len(buf) < end:
+            return None
+        header = bytes(buf[:HEADER_LENGTH])
+        payload = bytes(buf[HEADER_LENGTH:end])
+        del buf[:end]
+        # RFC 8446 §5: change_cipher_spec is never encrypted, even after keys are set.
+        if self.protection is None or outer_type == ContentType.change_cipher_spec:
+            return outer_type, payload, False
+        if outer_type == ContentType.alert and length == 2:
+            # A peer that failed before it could install our keys (e.g. rejecting the
+            # ServerHello) sends its alert in the clear; accept it so the real reason
+            # surfaces instead of a generic unexpected_message.
+            return outer_type, payload, False
+        if outer_type != ContentType.application_data:
+            # RFC 8446 §5.2: protected records always carry opaque_type application_data.
+            raise TLSError(AlertDescription.unexpected_message, "unprotected record after keys")
+        content_type, fragment = self.protection.open(header, payload)
+        return content_type, fragment, True

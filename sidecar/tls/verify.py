@@ -1,0 +1,233 @@
+"""Peer certificate verification for SPIFFE X509-SVIDs.
+
+The chain is verified with `cryptography.x509.verification` against the trust bundle
+of the leaf's own trust domain (one root set per trust domain, as SPIFFE federation
+requires). `PolicyBuilder.build_client_verifier()` accepts URI-only leaves; its EKU
+check is replaced by an extension policy so that a *server* leaf is held to
+serverAuth and a *client* leaf to clientAuth. The single URI SAN becomes the peer's
+SPIFFE ID, which the policy hook then authorises.
+
+Verification is pure given `now`; results are cached per chain (with the window in
+which they hold) so that a busy sidecar pays for path building once per peer SVID.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+
+from .alerts import AlertDescription, TLSError
+from .signatures import PublicKey, certificate_signature_scheme, is_rsa_pss_certificate
+
+PeerPolicy = Callable[[str], bool]
+
+# SPIFFE ID standard §2: lowercase trust domain of [a-z0-9.-_], path segments of
+# [A-Za-z0-9.-_], no empty, "." or ".." segments, at most 2048 bytes.
+_SPIFFE_RE = re.compile(r"spiffe://([a-z0-9._-]+)((?:/[A-Za-z0-9._-]+)*)")
+_MAX_SPIFFE_ID = 2048
+
+
+def parse_spiffe_id(uri: str) -> tuple[str, str]:
+    """(trust domain, path) of a SPIFFE ID, or ValueError."""
+    match = _SPIFFE_RE.fullmatch(uri)
+    if match is None or len(uri) > _MAX_SPIFFE_ID:
+        raise ValueError(f"not a SPIFFE ID: {uri!r}")
+    path = match.group(2)
+    if any(segment in (".", "..") for segment in path.split("/")[1:]):
+        raise ValueError("dot segment in SPIFFE ID path")
+    return match.group(1), path
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedPeer:
+    """A peer whose chain verified; only a `PeerVerifier` creates one."""
+
+    spiffe_id: str
+    chain: tuple[x509.Certificate, ...]
+    public_key: PublicKey
+    rsa_pss_key: bool
+
+
+class PeerVerifier(Protocol):
+    """What the handshake needs from a certificate verifier."""
+
+    def verify(
+        self,
+        chain: Sequence[bytes],
+        now: dt.datetime,
+        peer_is_server: bool,
+        accepted_cert_schemes: Sequence[int],
+    ) -> VerifiedPeer: ...
+
+
+def _classify(message: str) -> AlertDescription:
+    if "not valid at validation time" in message or "expired" in message:
+        return AlertDescription.certificate_expired
+    if "EKU" in message:
+        return AlertDescription.unsupported_certificate
+    if "candidates exhausted" in message or "no valid" in message or "issuer" in message:
+        return AlertDescription.unknown_ca
+    return AlertDescription.bad_certificate
+
+
+def _eku_validator(required: x509.ObjectIdentifier) -> Callable[..., None]:
+    def check(_policy: object, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
+        # RFC 5280 §4.2.1.12: an absent EKU places no restriction.
+        if (
+            eku is not None
+            and required not in eku
+            and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku
+        ):
+            raise ValueError("required EKU not found")
+
+    return check
+
+
+class SpiffeVerifier:
+    """Verifies X509-SVID chains against per-trust-domain bundles, then asks `policy`."""
+
+    def __init__(
+        self,
+        trust_bundles: Mapping[str, Sequence[x509.Certificate]],
+        policy: PeerPolicy | None = None,
+        cache_size: int = 1024,
+    ) -> None:
+        self._stores = {td: Store(list(roots)) for td, roots in trust_bundles.items() if roots}
+        self._roots = {td: frozenset(roots) for td, roots in trust_bundles.items()}
+        self._policy = policy
+        self._ee_policies = {
+            True: ExtensionPolicy.webpki_defaults_ee().may_be_present(
+                x509.ExtendedKeyUsage,
+                Criticality.AGNOSTIC,
+                _eku_validator(ExtendedKeyUsageOID.SERVER_AUTH),
+            ),
+            False: ExtensionPolicy.webpki_defaults_ee().may_be_present(
+                x509.ExtendedKeyUsage,
+                Criticality.AGNOSTIC,
+                _eku_validator(ExtendedKeyUsageOID.CLIENT_AUTH),
+            ),
+        }
+        self._ca_policy = ExtensionPolicy.webpki_defaults_ca()
+        self._cache: OrderedDict[
+            tuple[bool, tuple[bytes, ...]], tuple[VerifiedPeer, dt.datetime, dt.datetime]
+        ] = OrderedDict()
+        self._cache_size = cache_size
+
+    def verify(
+        self,
+        chain: Sequence[bytes],
+        now: dt.datetime,
+        peer_is_server: bool,
+        accepted_cert_schemes: Sequence[int],
+    ) -> VerifiedPeer:
+        if not chain:
+            raise TLSError(AlertDescription.certificate_required, "peer sent no certificate")
+        key = (peer_is_server, tuple(chain))
+        cached = self._cache.get(key)
+        if cached is not None and cached[1] <= now <= cached[2]:
+            self._cache.move_to_end(key)
+            peer = cached[0]
+        else:
+            peer, not_before, not_after = self._verify_uncached(
+                chain, now, peer_is_server, accepted_cert_schemes
+            )
+            self._cache[key] = (peer, not_before, not_after)
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        if self._policy is not None and not self._policy(peer.spiffe_id):
+            raise TLSError(AlertDescription.access_denied, f"policy refused {peer.spiffe_id}")
+        return peer
+
+    def _verify_uncached(
+        self,
+        chain: Sequence[bytes],
+        now: dt.datetime,
+        peer_is_server: bool,
+        accepted_cert_schemes: Sequence[int],
+    ) -> tuple[VerifiedPeer, dt.datetime, dt.datetime]:
+        try:
+            certs = [x509.load_der_x509_certificate(der) for der in chain]
+        except ValueError as exc:
+            raise TLSError(AlertDescription.bad_certificate, "unparseable certificate") from exc
+        leaf = certs[0]
+        try:
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        except (x509.ExtensionNotFound, ValueError) as exc:
+            raise TLSError(AlertDescription.bad_certificate, "leaf has no URI SAN") from exc
+        if len(uris) != 1:
+            # SPIFFE X509-SVID §2: exactly one URI SAN.
+            raise TLSError(AlertDescription.bad_certificate, "leaf must carry exactly one URI SAN")
+        try:
+            trust_domain, _ = parse_spiffe_id(uris[0])
+        except ValueError as exc:
+            raise TLSError(AlertDescription.bad_certificate, str(exc)) from exc
+        store = self._stores.get(trust_domain)
+        if store is None:
+            raise TLSError(AlertDescription.unknown_ca, f"no trust bundle for {trust_domain}")
+        verifier = (
+            PolicyBuilder()
+            .store(store)
+            .time(now)
+            .extension_policies(
+                ca_policy=self._ca_policy, ee_policy=self._ee_policies[peer_is_server]
+            )
+            .build_client_verifier()
+        )
+        try:
+            verified = verifier.verify(leaf, certs[1:])
+        except VerificationError as exc:
+            raise TLSError(_classify(str(exc)), str(exc)) from exc
+        built = verified.chain
+        roots = self._roots[trust_domain]
+        # RFC 8446 §4.2.3: signature_algorithms_cert constrains signatures on the chain
+        # (the trust anchor's self-signature is exempt).
+        for index, cert in enumerate(built):
+            if cert in roots:
+                break
+            issuer_pss = index + 1 < len(built) and is_rsa_pss_certificate(built[index + 1])
+            scheme = certificate_signature_scheme(cert, issuer_pss)
+            if scheme is None or scheme not in accepted_cert_schemes:
+                raise TLSError(
+                    AlertDescription.bad_certificate, "chain signed with an unoffered scheme"
+                )
+        public_key = leaf.public_key()
+        if not isinstance(public_key, PublicKey):
+            raise TLSError(AlertDescription.unsupported_certificate, "unsupported leaf key type")
+        peer = VerifiedPeer(uris[0], tuple(certs), public_key, is_rsa_pss_certificate(leaf))
+        not_before = max(c.not_valid_before_utc for c in built)
+        not_after = min(c.not_valid_after_utc for c in built)
+        return peer, not_before, not_after
+
+
+def insecure_peer(chain: Sequence[bytes]) -> VerifiedPeer:
+    """The leaf's key and URI SAN *without* verification (`verify_peer=False` only)."""
+    try:
+        leaf = x509.load_der_x509_certificate(chain[0])
+        public_key = leaf.public_key()
+    except ValueError as exc:
+        raise TLSError(AlertDescription.bad_certificate, "unparseable certificate") from exc
+    if not isinstance(public_key, PublicKey):
+        raise TLSError(AlertDescription.unsupported_certificate, "unsupported leaf key type")
+    spiffe_id = ""
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        spiffe_id = uris[0] if len(uris) == 1 else ""
+    except (x509.ExtensionNotFound, ValueError):
+        pass
+    return VerifiedPeer(spiffe_id, (leaf,), public_key, is_rsa_pss_certificate(leaf))
