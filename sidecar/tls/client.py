@@ -150,7 +150,7 @@ class ClientConnection(Connection):
                 sni = None  # RFC 6066 §3: literal IP addresses are not sent in SNI
             except ValueError:
                 pass
-        shares = [ClientKeyShare(g, config.rng) for g in config.key_share_groups]
+        shares = [ClientKeyShare(g, config.rng) for g in config.key_shares]
         hello = build_client_hello(config, sni, shares)
         self._start(hello, shares, server_name)
 

@@ -57,9 +57,9 @@ class TLSConfig:
     def __post_init__(self) -> None:
         if self.certificate_chain and self.private_key is None:
             raise ValueError("certificate_chain given without private_key")
-        for group in self.key_share_groups:
-            if group not in self.groups:
-                raise ValueError(f"key share group {group!r} is not in groups")
+        # Shares only for groups we support; none at all means "always HelloRetryRequest".
+        shares = tuple(g for g in self.key_share_groups if g in self.groups)
+        object.__setattr__(self, "_key_shares", shares)
         if not self.cipher_suites or not self.groups:
             raise ValueError("at least one cipher suite and one group are required")
         if self.verify_peer and self.verifier is None and not self.trust_bundles:
@@ -81,6 +81,11 @@ class TLSConfig:
     @property
     def chain_der(self) -> tuple[bytes, ...]:
         value: tuple[bytes, ...] = self.__dict__["_chain_der"]
+        return value
+
+    @property
+    def key_shares(self) -> tuple[NamedGroup, ...]:
+        value: tuple[NamedGroup, ...] = self.__dict__["_key_shares"]
         return value
 
     @property

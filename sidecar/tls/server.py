@@ -28,7 +28,7 @@ from .extensions import (
     push_server_key_share,
     push_uint16_list,
 )
-from .groups import server_exchange
+from .groups import NamedGroup, server_exchange
 from .keylog import CLIENT_HANDSHAKE, CLIENT_TRAFFIC_0, EXPORTER, SERVER_HANDSHAKE, SERVER_TRAFFIC_0
 from .keyschedule import EarlySecret, MasterSecret, Transcript, finished_verify_data, traffic_keys
 from .messages import (
@@ -64,6 +64,8 @@ from .signatures import (
 )
 from .suites import SUITES, SuiteParams
 from .verify import VerifiedPeer, insecure_peer
+
+_HYBRID = frozenset({NamedGroup.X25519MLKEM768, NamedGroup.SecP256r1MLKEM768})
 
 
 def _illegal(reason: str) -> TLSError:
@@ -124,9 +126,12 @@ def _negotiate(conn: Connection, ch: ClientHello, ext: ClientHelloExtensions) ->
     mutual = [g for g in config.groups if g in ext.supported_groups]
     if not mutual:
         raise TLSError(AlertDescription.handshake_failure, "no common group")
-    # Our preference among the groups the client sent shares for; otherwise the best
-    # mutual group, which needs a HelloRetryRequest.
-    group = next((g for g in mutual if g in shared), mutual[0])
+    # Post-quantum first: when the client supports a hybrid group we prefer but sent
+    # only classical shares, a HelloRetryRequest for the hybrid is worth the round trip.
+    # Otherwise take our most preferred group that has a share, else retry for the best.
+    group = mutual[0]
+    if group not in shared and group not in _HYBRID:
+        group = next((g for g in mutual if g in shared), mutual[0])
     scheme = choose_scheme(config.own_signature_schemes, ext.signature_algorithms)
     alpn: str | None = None
     if config.alpn_protocols and ext.alpn is not None:

@@ -84,6 +84,22 @@ def _classify(message: str) -> AlertDescription:
     return AlertDescription.bad_certificate
 
 
+_SVID_REASONS = {
+    "expired": AlertDescription.certificate_expired,
+    "not-yet-valid": AlertDescription.bad_certificate,
+    "unknown-ca": AlertDescription.unknown_ca,
+    "unknown-trust-domain": AlertDescription.unknown_ca,
+    "wrong-eku": AlertDescription.unsupported_certificate,
+}
+
+
+def _leaf_eku(cert: x509.Certificate) -> x509.ExtendedKeyUsage | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+
+
 def _eku_validator(required: x509.ObjectIdentifier) -> Callable[..., None]:
     def check(_policy: object, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
         # RFC 5280 §4.2.1.12: an absent EKU places no restriction.
@@ -122,6 +138,7 @@ class SpiffeVerifier:
             ),
         }
         self._ca_policy = ExtensionPolicy.webpki_defaults_ca()
+        self._bundles = {td: tuple(roots) for td, roots in trust_bundles.items()}
         self._cache: OrderedDict[
             tuple[bool, tuple[bytes, ...]], tuple[VerifiedPeer, dt.datetime, dt.datetime]
         ] = OrderedDict()
@@ -151,6 +168,35 @@ class SpiffeVerifier:
         if self._policy is not None and not self._policy(peer.spiffe_id):
             raise TLSError(AlertDescription.access_denied, f"policy refused {peer.spiffe_id}")
         return peer
+
+    def _verify_name_constrained(
+        self,
+        certs: list[x509.Certificate],
+        trust_domain: str,
+        now: dt.datetime,
+        peer_is_server: bool,
+    ) -> list[x509.Certificate]:
+        from ca.spiffeid import TrustDomain
+        from ca.verify import VerificationError as SvidVerificationError
+        from ca.verify import verify_x509_svid
+
+        def lookup(td: TrustDomain) -> tuple[x509.Certificate, ...] | None:
+            return self._bundles.get(td.name)
+
+        try:
+            verified = verify_x509_svid(certs, lookup, now=now)
+        except SvidVerificationError as exc:
+            raise TLSError(
+                _SVID_REASONS.get(exc.reason, AlertDescription.bad_certificate), str(exc)
+            ) from exc
+        required = (
+            ExtendedKeyUsageOID.SERVER_AUTH if peer_is_server else ExtendedKeyUsageOID.CLIENT_AUTH
+        )
+        try:
+            _eku_validator(required)(None, certs[0], _leaf_eku(certs[0]))
+        except ValueError as exc:
+            raise TLSError(AlertDescription.unsupported_certificate, str(exc)) from exc
+        return list(verified.path)
 
     def _verify_uncached(
         self,
@@ -189,10 +235,14 @@ class SpiffeVerifier:
             .build_client_verifier()
         )
         try:
-            verified = verifier.verify(leaf, certs[1:])
+            built = list(verifier.verify(leaf, certs[1:]).chain)
         except VerificationError as exc:
-            raise TLSError(_classify(str(exc)), str(exc)) from exc
-        built = verified.chain
+            if "unsupported name constraint" not in str(exc):
+                raise TLSError(_classify(str(exc)), str(exc)) from exc
+            # cryptography's path builder refuses URI name constraints, which is exactly
+            # what a Trellis cluster intermediate carries (X509-SVID §4.2); ca.verify walks
+            # that short path itself, with every signature still checked by OpenSSL.
+            built = self._verify_name_constrained(certs, trust_domain, now, peer_is_server)
         roots = self._roots[trust_domain]
         # RFC 8446 §4.2.3: signature_algorithms_cert constrains signatures on the chain
         # (the trust anchor's self-signature is exempt).

@@ -1,0 +1,378 @@
+"""In-memory client <-> server pairs over every suite, group and feature."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from sidecar.tls import (
+    AlertDescription,
+    AlertReceived,
+    ApplicationData,
+    CipherSuite,
+    ClientConnection,
+    ConnectionClosed,
+    HandshakeComplete,
+    KeyUpdated,
+    LocalProtocolError,
+    NamedGroup,
+    PeerCertificate,
+    ServerConnection,
+    SignatureScheme,
+    TLSError,
+)
+
+from .helpers import connected_pair, drain, pump
+from .pki import (
+    CLIENT_ID,
+    NOW,
+    SERVER_ID,
+    DeterministicRng,
+    authority,
+    ca_issued,
+    client_config,
+    identity,
+    server_config,
+)
+
+
+def _complete(events: list[object]) -> HandshakeComplete:
+    done = [e for e in events if isinstance(e, HandshakeComplete)]
+    assert len(done) == 1, events
+    return done[0]
+
+
+@pytest.mark.parametrize("suite", list(CipherSuite))
+@pytest.mark.parametrize(
+    "group",
+    [
+        NamedGroup.X25519MLKEM768,
+        NamedGroup.x25519,
+        NamedGroup.secp256r1,
+        NamedGroup.SecP256r1MLKEM768,
+    ],
+)
+def test_mutual_tls_handshake_succeeds_for_every_suite_and_group(
+    suite: CipherSuite, group: NamedGroup
+) -> None:
+    client, server = connected_pair(
+        client_config(cipher_suites=(suite,), groups=(group,), key_share_groups=(group,)),
+        server_config(groups=(group, NamedGroup.x25519)),
+    )
+    c, s = _complete(drain(client)), _complete(drain(server))
+    assert c.cipher_suite == s.cipher_suite == suite
+    assert c.group == s.group == group
+    assert c.peer_spiffe_id == SERVER_ID and s.peer_spiffe_id == CLIENT_ID
+    assert c.alpn_protocol == s.alpn_protocol == "h2"
+    client.send_application_data(b"ping")
+    server.receive_data(client.data_to_send())
+    assert [e for e in drain(server) if isinstance(e, ApplicationData)] == [
+        ApplicationData(b"ping")
+    ]
+
+
+def test_default_configs_negotiate_the_hybrid_group_without_retry() -> None:
+    client, server = connected_pair()
+    c = _complete(drain(client))
+    assert c.group == NamedGroup.X25519MLKEM768
+    assert c.cipher_suite == CipherSuite.AES_128_GCM_SHA256
+
+
+@pytest.mark.parametrize("kind", ["p256", "p384", "ed25519", "rsa"])
+def test_each_leaf_key_type_signs_and_verifies(kind: str) -> None:
+    ident = authority().leaf(SERVER_ID, kind)
+    client, server = connected_pair(server_cfg=server_config(ident))
+    c = _complete(drain(client))
+    expected = {
+        "p256": SignatureScheme.ecdsa_secp256r1_sha256,
+        "p384": SignatureScheme.ecdsa_secp384r1_sha384,
+        "ed25519": SignatureScheme.ed25519,
+        "rsa": SignatureScheme.rsa_pss_rsae_sha256,
+    }[kind]
+    assert c.signature_scheme == expected
+
+
+def test_hello_retry_request_when_client_offers_only_p256_share() -> None:
+    client, server = connected_pair(
+        client_config(key_share_groups=(NamedGroup.secp256r1,)),
+    )
+    c, s = _complete(drain(client)), _complete(drain(server))
+    # The server prefers the hybrid, so it asks for an X25519MLKEM768 share.
+    assert c.group == s.group == NamedGroup.X25519MLKEM768
+
+
+def test_hello_retry_request_when_client_supports_only_p256() -> None:
+    client, server = connected_pair(
+        client_config(groups=(NamedGroup.secp256r1,), key_share_groups=()),
+    )
+    assert _complete(drain(client)).group == NamedGroup.secp256r1
+    assert _complete(drain(server)).group == NamedGroup.secp256r1
+
+
+def test_no_common_group_is_a_handshake_failure() -> None:
+    client = ClientConnection(
+        client_config(groups=(NamedGroup.secp384r1,), key_share_groups=(NamedGroup.secp384r1,)),
+        now=NOW,
+    )
+    server = ServerConnection(server_config(), now=NOW)
+    with pytest.raises(TLSError) as info:
+        server.receive_data(client.data_to_send())
+    assert info.value.alert == AlertDescription.handshake_failure
+    client.receive_data(server.data_to_send())
+    assert AlertReceived(2, AlertDescription.handshake_failure) in drain(client)
+
+
+def test_svids_from_the_project_ca_with_name_constrained_intermediates_verify() -> None:
+    server_ident, client_ident = ca_issued("server"), ca_issued("client")
+    client, server = connected_pair(client_config(client_ident), server_config(server_ident))
+    assert _complete(drain(client)).peer_spiffe_id == SERVER_ID
+    assert _complete(drain(server)).peer_spiffe_id == CLIENT_ID
+
+
+def test_peer_certificate_event_carries_spiffe_id_and_chain() -> None:
+    client, server = connected_pair()
+    peers = [e for e in drain(server) if isinstance(e, PeerCertificate)]
+    assert peers[0].spiffe_id == CLIENT_ID
+    assert len(peers[0].chain) == 2
+
+
+def test_alpn_mismatch_is_no_application_protocol() -> None:
+    client = ClientConnection(client_config(alpn_protocols=("http/1.1",)), now=NOW)
+    server = ServerConnection(server_config(), now=NOW)
+    with pytest.raises(TLSError) as info:
+        server.receive_data(client.data_to_send())
+    assert info.value.alert == AlertDescription.no_application_protocol
+
+
+def test_no_alpn_offered_means_no_alpn_selected() -> None:
+    client, server = connected_pair(client_config(alpn_protocols=()))
+    assert _complete(drain(client)).alpn_protocol is None
+
+
+def test_key_update_requested_by_client_rotates_both_directions() -> None:
+    client, server = connected_pair()
+    drain(client), drain(server)
+    before_c, before_s = client.traffic_secrets(), server.traffic_secrets()
+    client.update_key(request_peer_update=True)
+    client.send_application_data(b"after update")
+    pump(client, server)
+    events = drain(server)
+    assert (
+        KeyUpdated("read", requested=True) in events
+        and KeyUpdated("write", requested=False) in events
+    )
+    assert ApplicationData(b"after update") in events
+    server.send_application_data(b"reply")
+    pump(server, client)
+    assert ApplicationData(b"reply") in drain(client)
+    after_c, after_s = client.traffic_secrets(), server.traffic_secrets()
+    assert (
+        after_c.write.secret != before_c.write.secret
+        and after_s.write.secret != before_s.write.secret
+    )
+    assert after_c.write == after_s.read and after_s.write == after_c.read
+
+
+def test_automatic_key_update_before_record_limit() -> None:
+    client, server = connected_pair(client_config(key_update_after_records=3))
+    drain(client), drain(server)
+    for i in range(10):
+        client.send_application_data(b"x%d" % i)
+    server.receive_data(client.data_to_send())
+    events = drain(server)
+    assert [e.data for e in events if isinstance(e, ApplicationData)] == [
+        b"x%d" % i for i in range(10)
+    ]
+    assert sum(isinstance(e, KeyUpdated) for e in events) >= 2
+
+
+def test_close_notify_half_closes_and_peer_can_still_send() -> None:
+    client, server = connected_pair()
+    drain(client), drain(server)
+    client.close()
+    server.receive_data(client.data_to_send())
+    assert ConnectionClosed(clean=True) in drain(server)
+    server.send_application_data(b"late reply")
+    client.receive_data(server.data_to_send())
+    assert ApplicationData(b"late reply") in drain(client)
+    with pytest.raises(LocalProtocolError):
+        client.send_application_data(b"no more")
+
+
+def test_bare_eof_is_reported_as_unclean_close() -> None:
+    client, server = connected_pair()
+    drain(server)
+    server.receive_data(b"")
+    assert drain(server) == [ConnectionClosed(clean=False)]
+
+
+def test_large_data_is_split_into_records_and_reassembled() -> None:
+    client, server = connected_pair()
+    drain(server)
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    client.send_application_data(payload)
+    wire = client.data_to_send()
+    assert len(wire) > len(payload)
+    server.receive_data(wire)
+    got = b"".join(e.data for e in drain(server) if isinstance(e, ApplicationData))
+    assert got == payload
+
+
+def test_record_padding_is_sent_and_stripped() -> None:
+    client, server = connected_pair(client_config(record_padding=256))
+    drain(server)
+    client.send_application_data(b"a")
+    wire = client.data_to_send()
+    assert len(wire) == 5 + 256 + 16
+    server.receive_data(wire)
+    assert ApplicationData(b"a") in drain(server)
+
+
+def test_traffic_secrets_match_between_peers() -> None:
+    client, server = connected_pair()
+    c, s = client.traffic_secrets(), server.traffic_secrets()
+    assert c.cipher_suite == s.cipher_suite
+    assert c.write == s.read and c.read == s.write
+    assert len(c.write.key) == 16 and len(c.write.iv) == 12
+
+
+def test_key_log_lines_are_in_sslkeylogfile_format() -> None:
+    lines: list[str] = []
+    client, server = connected_pair(client_config(key_log=lines.append))
+    labels = [line.split()[0] for line in lines]
+    assert labels == [
+        "CLIENT_HANDSHAKE_TRAFFIC_SECRET",
+        "SERVER_HANDSHAKE_TRAFFIC_SECRET",
+        "SERVER_TRAFFIC_SECRET_0",
+        "CLIENT_TRAFFIC_SECRET_0",
+        "EXPORTER_SECRET",
+    ]
+    assert all(len(line.split()[1]) == 64 for line in lines)
+    assert lines[2].split()[2] == client.traffic_secrets().read.secret.hex()
+
+
+def test_session_ticket_from_server_becomes_event() -> None:
+    from sidecar.tls.messages import NewSessionTicket, push_new_session_ticket
+    from sidecar.tls.record import ContentType
+
+    client, server = connected_pair()
+    drain(client)
+    # Issuing tickets is the next issue's; craft one with the server's record layer.
+    server._seal(
+        ContentType.handshake,
+        push_new_session_ticket(NewSessionTicket(3600, 7, b"\x00", b"ticket", ())),
+    )
+    client.receive_data(server.data_to_send())
+    (ticket,) = drain(client)
+    assert ticket.ticket == b"ticket" and ticket.lifetime == 3600 and len(ticket.psk) == 32  # type: ignore[attr-defined]
+
+
+# --- certificate failures end with the matching alert --------------------------------
+
+
+def _server_alert(client_ident: object = None, **client_overrides: object) -> AlertDescription:
+    client = ClientConnection(client_config(client_ident, **client_overrides), now=NOW)  # type: ignore[arg-type]
+    server = ServerConnection(server_config(), now=NOW)
+    with pytest.raises(TLSError) as info:
+        pump(client, server)
+    return info.value.alert
+
+
+def test_expired_client_certificate_is_certificate_expired() -> None:
+    expired = authority().leaf(
+        CLIENT_ID, not_after=NOW - dt.timedelta(minutes=1), not_before=NOW - dt.timedelta(hours=2)
+    )
+    assert _server_alert(expired) == AlertDescription.certificate_expired
+
+
+def test_client_certificate_from_unknown_ca_is_unknown_ca() -> None:
+    stranger = authority("p256", "Stranger").leaf(CLIENT_ID)
+    assert _server_alert(stranger, trust_bundles=identity().bundles) == AlertDescription.unknown_ca
+
+
+def test_client_certificate_with_server_auth_only_is_unsupported_certificate() -> None:
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    server_only = authority().leaf(CLIENT_ID, ekus=(ExtendedKeyUsageOID.SERVER_AUTH,))
+    assert _server_alert(server_only) == AlertDescription.unsupported_certificate
+
+
+def test_client_without_certificate_is_certificate_required() -> None:
+    cfg = client_config(certificate_chain=(), private_key=None)
+    client = ClientConnection(cfg, now=NOW)
+    server = ServerConnection(server_config(), now=NOW)
+    with pytest.raises(TLSError) as info:
+        pump(client, server)
+    assert info.value.alert == AlertDescription.certificate_required
+    client.receive_data(server.data_to_send())
+    events = drain(client)
+    assert AlertReceived(2, AlertDescription.certificate_required) in events
+    assert events[-1] == ConnectionClosed(clean=False)
+
+
+def test_policy_hook_refusing_the_peer_is_access_denied() -> None:
+    seen: list[str] = []
+
+    def policy(spiffe_id: str) -> bool:
+        seen.append(spiffe_id)
+        return False
+
+    client = ClientConnection(client_config(), now=NOW)
+    server = ServerConnection(server_config(peer_policy=policy), now=NOW)
+    with pytest.raises(TLSError) as info:
+        pump(client, server)
+    assert info.value.alert == AlertDescription.access_denied
+    assert seen == [CLIENT_ID]
+
+
+def test_server_certificate_expired_is_reported_by_client() -> None:
+    expired = authority().leaf(
+        SERVER_ID, not_after=NOW - dt.timedelta(minutes=1), not_before=NOW - dt.timedelta(hours=2)
+    )
+    client = ClientConnection(client_config(), now=NOW)
+    server = ServerConnection(server_config(expired), now=NOW)
+    with pytest.raises(TLSError) as info:
+        pump(client, server)
+    assert info.value.alert == AlertDescription.certificate_expired
+
+
+def test_server_certificate_with_client_auth_only_is_rejected_by_client() -> None:
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    client_only = authority().leaf(SERVER_ID, ekus=(ExtendedKeyUsageOID.CLIENT_AUTH,))
+    client = ClientConnection(client_config(), now=NOW)
+    server = ServerConnection(server_config(client_only), now=NOW)
+    with pytest.raises(TLSError) as info:
+        pump(client, server)
+    assert info.value.alert == AlertDescription.unsupported_certificate
+
+
+def test_server_without_client_auth_accepts_anonymous_client() -> None:
+    client, server = connected_pair(
+        client_config(certificate_chain=(), private_key=None),
+        server_config(require_client_certificate=False, verify_peer=False),
+    )
+    assert _complete(drain(server)).peer_spiffe_id is None
+
+
+def test_without_middlebox_compatibility_no_change_cipher_spec_is_sent() -> None:
+    client = ClientConnection(
+        client_config(middlebox_compatibility=False, rng=DeterministicRng()), now=NOW
+    )
+    server = ServerConnection(server_config(), now=NOW)
+    server.receive_data(client.data_to_send())
+    flight = server.data_to_send()
+    assert b"\x14\x03\x03\x00\x01\x01" not in flight
+    client.receive_data(flight)
+    assert client.handshake_complete
+
+
+def test_middlebox_compatibility_sends_one_change_cipher_spec_each_way() -> None:
+    client = ClientConnection(client_config(), now=NOW)
+    server = ServerConnection(server_config(), now=NOW)
+    server.receive_data(client.data_to_send())
+    flight = server.data_to_send()
+    assert flight.count(b"\x14\x03\x03\x00\x01\x01") == 1
+    client.receive_data(flight)
+    assert client.data_to_send().startswith(b"\x14\x03\x03\x00\x01\x01")
