@@ -331,7 +331,7 @@ class IntermediateAuthority:
             public_key = csr.public_key()
         except (ValueError, UnsupportedAlgorithm) as exc:
             raise IssuanceError("unsupported-key", f"CSR public key: {exc}") from exc
-        return self.issue_x509_svid(spiffe_id, public_key, now=now, ttl=ttl, dns_names=dns_names)
+        return self._sign(spiffe_id, public_key, now, ttl, dns_names, None)
 
     def issue_x509_svid(
         self,
@@ -344,7 +344,19 @@ class IntermediateAuthority:
         private_key: PrivateKey | None = None,
     ) -> X509Svid:
         """Sign a leaf for ``public_key``; returns the leaf and this intermediate as the chain."""
-        spiffe_id = self._own_spiffe_id(spiffe_id)
+        return self._sign(
+            self._own_spiffe_id(spiffe_id), public_key, now, ttl, dns_names, private_key
+        )
+
+    def _sign(
+        self,
+        spiffe_id: SpiffeId,
+        public_key: PublicKey | object,
+        now: dt.datetime,
+        ttl: dt.timedelta,
+        dns_names: Sequence[str],
+        private_key: PrivateKey | None,
+    ) -> X509Svid:
         _check_ttl(ttl, MAX_X509_SVID_TTL, "X509-SVID")
         try:
             checked_key = check_public_key(public_key)

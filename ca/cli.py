@@ -156,8 +156,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_intermediate(args: argparse.Namespace) -> int:
     try:
         store = CaStore(args.dir)
-        passphrase = read_passphrase(args.passphrase_file)
-        root = store.load_root(passphrase)
+        store.root_certificate()  # a missing directory is reported before a missing passphrase
+        root = store.load_root(read_passphrase(args.passphrase_file))
         intermediate = root.issue_intermediate(
             args.cluster, now=utcnow(), ttl=args.ttl, key_algorithm=args.key_type
         )
