@@ -1,0 +1,15 @@
+"""The cluster CA server (``trellis ca serve``) and its client.
+
+Public surface:
+
+* ``ca.server.entries`` — registration entries and selectors (pure values; the agent
+  matches workloads against them): ``Selector``, ``parse_selector``, ``RegistrationEntry``,
+  ``EntrySet``, ``EntrySource``, ``StaticEntrySource``, ``YamlFileEntrySource``,
+  ``parse_entries``, ``parse_entries_yaml``, ``load_entries_file``, ``EntryError``.
+* ``ca.server.client`` — ``CaClient`` (what the node agent uses), ``AgentIdentity``,
+  ``JwtSvidToken``, ``CaError``, ``build_csr``.
+* ``ca.server.service`` / ``ca.server.app`` — the gRPC service and the process around it.
+
+The wire API is ``trellis.ca.v1`` (``ca/proto/trellis/ca/v1/ca.proto``); the generated code
+in ``ca.server._proto`` is rebuilt by ``scripts/gen-protos.sh``.
+"""

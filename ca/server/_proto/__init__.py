@@ -1,0 +1,1 @@
+"""Generated protobuf code for trellis.ca.v1 (scripts/gen-protos.sh)."""

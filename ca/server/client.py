@@ -1,0 +1,441 @@
+"""``CaClient``: the node agent's side of the ``trellis.ca.v1.CaService`` API (asyncio).
+
+Typical agent lifecycle::
+
+    from ca.server.client import CaClient, CaError
+
+    bundle_pem = Path("ca/root.crt").read_bytes()          # bootstrap trust, out of band
+    client = CaClient("127.0.0.1:8081", attest_address="127.0.0.1:8082",
+                      trust_roots=bundle_pem)
+    identity = await client.attest_with_join_token(token)    # or attest_with_psat(jwt)
+    # identity.node_name, identity.svid (X509Svid with its private key), identity.bundle
+
+    entries = await client.fetch_entries()                   # EntrySet for this node
+    svids = await client.batch_new_x509_svids(
+        [(entry.entry_id, generate_private_key(KeyAlgorithm.P256)) for entry in entries]
+    )                                                        # X509Svid, request order
+    jwt = await client.new_jwt_svid(entry.entry_id, ["audience"])
+    await client.renew()                                     # at half the agent SVID's life
+    async for bundle in client.watch_bundle():               # TrustBundle now + each change
+        ...
+    await client.close()
+
+Restarting agents that kept their agent SVID on disk skip attestation with
+``CaClient(..., agent_svid=X509Svid(..., private_key=key))``.
+
+Every failure is a ``CaError`` carrying the gRPC status code name (``code``) and whether a
+retry with backoff makes sense (``retryable``): UNAVAILABLE, DEADLINE_EXCEEDED and
+RESOURCE_EXHAUSTED (rate limited) are; UNAUTHENTICATED, PERMISSION_DENIED and
+INVALID_ARGUMENT are not (the agent must re-attest, drop the entry or fix its request).
+
+Transport: the main address is mutual TLS (the agent SVID is the client certificate); the
+attestation address is server-authenticated TLS, used only by ``attest_*``. The server is
+authenticated by ``trust_roots`` and the DNS name ``trellis-ca`` that only the CA's own
+certificate may carry (entries cannot request it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from ca.bundle import BundleError, TrustBundle
+from ca.keys import KeyAlgorithm, PrivateKey, generate_private_key
+from ca.server._proto import ca_pb2
+from ca.server.entries import EntryError, EntrySet, RegistrationEntry
+from ca.spiffeid import SpiffeId, TrustDomain
+from ca.x509svid import X509Svid
+
+__all__ = [
+    "DEFAULT_SERVER_NAME",
+    "AgentIdentity",
+    "CaClient",
+    "CaError",
+    "JwtSvidToken",
+    "build_csr",
+    "bundle_from_proto",
+    "entry_from_proto",
+    "entry_to_proto",
+]
+
+DEFAULT_SERVER_NAME = "trellis-ca"
+SERVICE = "trellis.ca.v1.CaService"
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+_RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+class CaError(Exception):
+    """A CA call failed. ``code`` is the gRPC status name (e.g. ``"PERMISSION_DENIED"``)."""
+
+    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
+        self.status = code
+        self.code = code.name
+        self.detail = detail
+        super().__init__(f"{code.name}: {detail}")
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in _RETRYABLE
+
+
+@dataclass(frozen=True)
+class AgentIdentity:
+    """What attestation or renewal yields: the node, its agent SVID (with key), the bundle."""
+
+    node_name: str
+    svid: X509Svid
+    bundle: TrustBundle
+
+
+@dataclass(frozen=True)
+class JwtSvidToken:
+    spiffe_id: SpiffeId
+    token: str
+    expires_at: dt.datetime
+
+
+def build_csr(key: PrivateKey, spiffe_id: SpiffeId | str | None = None) -> bytes:
+    """A DER PKCS#10 CSR for ``key``; with ``spiffe_id`` it carries that URI SAN."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Trellis")])
+    )
+    if spiffe_id is not None:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
+            critical=False,
+        )
+    algorithm: hashes.HashAlgorithm | None = None
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        algorithm = hashes.SHA384() if key.curve.key_size >= 384 else hashes.SHA256()
+    elif isinstance(key, rsa.RSAPrivateKey):
+        algorithm = hashes.SHA256()
+    csr = builder.sign(key, algorithm)  # type: ignore[arg-type]
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+def _svid_from_proto(message: ca_pb2.X509SVID, private_key: PrivateKey | None) -> X509Svid:
+    chain = tuple(x509.load_der_x509_certificate(der) for der in message.cert_chain)
+    return X509Svid(SpiffeId(message.spiffe_id), chain, private_key)
+
+
+def bundle_from_proto(message: ca_pb2.Bundle) -> TrustBundle:
+    """The ``TrustBundle`` a ``Bundle`` message carries (raises ``BundleError``)."""
+    return TrustBundle.from_json(TrustDomain(message.trust_domain), message.spiffe_bundle_json)
+
+
+def bundle_to_proto(bundle: TrustBundle) -> ca_pb2.Bundle:
+    return ca_pb2.Bundle(
+        trust_domain=bundle.trust_domain.name,
+        spiffe_bundle_json=bundle.to_json(),
+        x509_authorities=[
+            c.public_bytes(serialization.Encoding.DER) for c in bundle.x509_authorities
+        ],
+        sequence=bundle.sequence,
+    )
+
+
+def entry_to_proto(entry: RegistrationEntry) -> ca_pb2.Entry:
+    return ca_pb2.Entry(
+        entry_id=entry.entry_id,
+        spiffe_id=str(entry.spiffe_id),
+        selectors=sorted(str(s) for s in entry.selectors),
+        x509_svid_ttl_seconds=int(entry.x509_svid_ttl.total_seconds()),
+        jwt_svid_ttl_seconds=int(entry.jwt_svid_ttl.total_seconds()),
+        dns_names=list(entry.dns_names),
+        federates_with=[t.name for t in entry.federates_with],
+        nodes=sorted(entry.nodes),
+    )
+
+
+def entry_from_proto(message: ca_pb2.Entry) -> RegistrationEntry:
+    """The ``RegistrationEntry`` an ``Entry`` message carries (raises ``EntryError``)."""
+    return RegistrationEntry.create(
+        message.spiffe_id,
+        list(message.selectors),
+        nodes=list(message.nodes),
+        entry_id=message.entry_id,
+        x509_svid_ttl=dt.timedelta(seconds=message.x509_svid_ttl_seconds),
+        jwt_svid_ttl=dt.timedelta(seconds=message.jwt_svid_ttl_seconds),
+        dns_names=list(message.dns_names),
+        federates_with=list(message.federates_with),
+    )
+
+
+def _pem_roots(trust_roots: bytes | TrustBundle | Sequence[x509.Certificate]) -> bytes:
+    if isinstance(trust_roots, bytes):
+        return trust_roots
+    certs = trust_roots.x509_authorities if isinstance(trust_roots, TrustBundle) else trust_roots
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def _key_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+class CaClient:
+    """Async client for one CA server. Not thread-safe; use from one event loop.
+
+    ``address`` is the mutual-TLS listener (``--listen``), ``attest_address`` the
+    attestation listener (``--attest-listen``; only needed before the first identity).
+    ``trust_roots`` are the trust domain's roots (PEM bytes, a ``TrustBundle`` or
+    certificates); bundles received later do not replace them automatically: call
+    ``set_trust_roots`` after a root rotation.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        trust_roots: bytes | TrustBundle | Sequence[x509.Certificate],
+        attest_address: str | None = None,
+        agent_svid: X509Svid | None = None,
+        server_name: str = DEFAULT_SERVER_NAME,
+        timeout: float = 10.0,
+        key_algorithm: KeyAlgorithm = KeyAlgorithm.P256,
+    ) -> None:
+        if agent_svid is not None and agent_svid.private_key is None:
+            raise ValueError("agent_svid needs its private key")
+        self.address = address
+        self.attest_address = attest_address
+        self.server_name = server_name
+        self.timeout = timeout
+        self.key_algorithm = key_algorithm
+        self._roots_pem = _pem_roots(trust_roots)
+        self._identity: X509Svid | None = agent_svid
+        self._node_name: str | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._retired: list[grpc.aio.Channel] = []
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def agent_svid(self) -> X509Svid | None:
+        """The current agent SVID (with its private key), or None before attestation."""
+        return self._identity
+
+    def set_trust_roots(
+        self, trust_roots: bytes | TrustBundle | Sequence[x509.Certificate]
+    ) -> None:
+        self._roots_pem = _pem_roots(trust_roots)
+        self._retire_channel()
+
+    async def close(self) -> None:
+        channels = [*self._retired, *([self._channel] if self._channel else [])]
+        self._retired, self._channel = [], None
+        for channel in channels:
+            await channel.close()
+
+    async def __aenter__(self) -> CaClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.ssl_target_name_override", self.server_name),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 60_000),
+        ]
+
+    def _main_channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            svid = self._identity
+            if svid is None or svid.private_key is None:
+                raise CaError(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "no agent SVID yet: call attest_with_join_token or attest_with_psat first",
+                )
+            credentials = grpc.ssl_channel_credentials(
+                self._roots_pem, _key_pem(svid.private_key), svid.chain_pem()
+            )
+            self._channel = grpc.aio.secure_channel(self.address, credentials, self._options())
+        return self._channel
+
+    def _retire_channel(self) -> None:
+        # Streams opened on the old channel (WatchBundle) keep running until the channel
+        # before it is closed at the next swap; new calls use the new credentials at once.
+        if self._channel is not None:
+            self._retired.append(self._channel)
+            self._channel = None
+        while len(self._retired) > 1:
+            old = self._retired.pop(0)
+            # close() is a coroutine; schedule it, the old streams get CANCELLED.
+            asyncio.get_running_loop().create_task(old.close())
+
+    async def _unary(
+        self,
+        channel: grpc.aio.Channel,
+        method: str,
+        request: Any,
+        response_type: type[Resp],
+    ) -> Resp:
+        call: grpc.aio.UnaryUnaryMultiCallable[Any, Resp] = channel.unary_unary(
+            f"/{SERVICE}/{method}",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=response_type.FromString,  # type: ignore[attr-defined]
+        )
+        try:
+            response: Resp = await call(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise CaError(exc.code(), exc.details() or "") from exc
+        return response
+
+    # -- attestation -------------------------------------------------------------------
+
+    async def _attest(
+        self, request: ca_pb2.AttestAgentRequest, key: PrivateKey | None
+    ) -> AgentIdentity:
+        key = key or generate_private_key(self.key_algorithm)
+        request.csr = build_csr(key)
+        credentials = grpc.ssl_channel_credentials(self._roots_pem)
+        address = self.attest_address or self.address
+        async with grpc.aio.secure_channel(address, credentials, self._options()) as channel:
+            response = await self._unary(
+                channel, "AttestAgent", request, ca_pb2.AttestAgentResponse
+            )
+        identity = self._accept(response.node_name, response.svid, response.bundle, key)
+        return identity
+
+    def _accept(
+        self, node: str, svid_msg: ca_pb2.X509SVID, bundle_msg: ca_pb2.Bundle, key: PrivateKey
+    ) -> AgentIdentity:
+        try:
+            svid = _svid_from_proto(svid_msg, key)
+            bundle = bundle_from_proto(bundle_msg)
+        except (ValueError, BundleError) as exc:
+            raise CaError(grpc.StatusCode.INTERNAL, f"CA sent an unreadable SVID: {exc}") from exc
+        self._identity = svid
+        self._node_name = node or self._node_name
+        self._retire_channel()
+        return AgentIdentity(self._node_name or "", svid, bundle)
+
+    async def attest_with_join_token(
+        self, token: str, *, key: PrivateKey | None = None
+    ) -> AgentIdentity:
+        """Redeem a single-use join token; the client then holds the agent SVID."""
+        request = ca_pb2.AttestAgentRequest(join_token=ca_pb2.JoinTokenAttestation(token=token))
+        return await self._attest(request, key)
+
+    async def attest_with_psat(self, token: str, *, key: PrivateKey | None = None) -> AgentIdentity:
+        """Attest with a projected service-account token (audience ``trellis-ca``)."""
+        request = ca_pb2.AttestAgentRequest(k8s_psat=ca_pb2.K8sPsatAttestation(token=token))
+        return await self._attest(request, key)
+
+    async def renew(self, *, key: PrivateKey | None = None) -> AgentIdentity:
+        """A fresh agent SVID (new key unless given), authenticated by the current one."""
+        key = key or generate_private_key(self.key_algorithm)
+        request = ca_pb2.RenewAgentRequest(csr=build_csr(key))
+        response = await self._unary(
+            self._main_channel(), "RenewAgent", request, ca_pb2.RenewAgentResponse
+        )
+        node = self._node_name or self._node_from_svid(response.svid.spiffe_id)
+        return self._accept(node, response.svid, response.bundle, key)
+
+    @staticmethod
+    def _node_from_svid(spiffe_id: str) -> str:
+        return spiffe_id.rsplit("/", 1)[-1]
+
+    # -- workload identities -----------------------------------------------------------
+
+    async def batch_sign_csrs(self, requests: Sequence[tuple[str, bytes]]) -> list[X509Svid]:
+        """Sign DER CSRs for ``(entry_id, csr)`` pairs; SVIDs come back without keys."""
+        message = ca_pb2.BatchNewX509SVIDRequest(
+            requests=[ca_pb2.X509SVIDRequest(entry_id=e, csr=c) for e, c in requests]
+        )
+        response = await self._unary(
+            self._main_channel(), "BatchNewX509SVID", message, ca_pb2.BatchNewX509SVIDResponse
+        )
+        return [_svid_from_proto(s, None) for s in response.svids]
+
+    async def batch_new_x509_svids(
+        self, requests: Sequence[tuple[str, PrivateKey]]
+    ) -> list[X509Svid]:
+        """X509-SVIDs for ``(entry_id, private_key)`` pairs, in request order, keys attached.
+
+        All or nothing: PERMISSION_DENIED if any entry is not for this node (re-fetch the
+        entries), INVALID_ARGUMENT for an unusable key.
+        """
+        signed = await self.batch_sign_csrs([(e, build_csr(k)) for e, k in requests])
+        return [
+            X509Svid(s.spiffe_id, s.chain, key)
+            for s, (_, key) in zip(signed, requests, strict=True)
+        ]
+
+    async def new_jwt_svid(self, entry_id: str, audience: Sequence[str]) -> JwtSvidToken:
+        response = await self._unary(
+            self._main_channel(),
+            "NewJWTSVID",
+            ca_pb2.NewJWTSVIDRequest(entry_id=entry_id, audience=list(audience)),
+            ca_pb2.NewJWTSVIDResponse,
+        )
+        return JwtSvidToken(
+            SpiffeId(response.spiffe_id),
+            response.token,
+            dt.datetime.fromtimestamp(response.expires_at, dt.UTC),
+        )
+
+    async def fetch_entries(self) -> EntrySet:
+        """The entries that may run on this agent's node (``EntrySet.revision`` for diffs)."""
+        response = await self._unary(
+            self._main_channel(),
+            "FetchEntries",
+            ca_pb2.FetchEntriesRequest(),
+            ca_pb2.FetchEntriesResponse,
+        )
+        try:
+            return EntrySet(tuple(entry_from_proto(e) for e in response.entries))
+        except EntryError as exc:
+            raise CaError(grpc.StatusCode.INTERNAL, f"CA sent an unreadable entry: {exc}") from exc
+
+    async def watch_bundle(self) -> AsyncIterator[TrustBundle]:
+        """The trust bundle at once, then on every change. Ends only by raising ``CaError``
+        (e.g. UNAVAILABLE when the CA goes away: back off and call again) or when closed."""
+        while True:
+            channel = self._main_channel()
+            call: grpc.aio.UnaryStreamMultiCallable[Any, ca_pb2.Bundle] = channel.unary_stream(
+                f"/{SERVICE}/WatchBundle",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=ca_pb2.Bundle.FromString,
+            )
+            stream = call(ca_pb2.WatchBundleRequest())
+            try:
+                async for message in stream:
+                    try:
+                        yield bundle_from_proto(message)
+                    except BundleError as exc:
+                        raise CaError(
+                            grpc.StatusCode.INTERNAL, f"CA sent an unreadable bundle: {exc}"
+                        ) from exc
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.CANCELLED and self._channel is not channel:
+                    continue  # our own channel swap after renewal: resume on the new one
+                raise CaError(exc.code(), exc.details() or "") from exc
+            finally:
+                stream.cancel()
+            if self._channel is channel:
+                raise CaError(grpc.StatusCode.UNAVAILABLE, "bundle stream ended")
