@@ -73,7 +73,7 @@ def test_mutual_tls_handshake_succeeds_for_every_suite_and_group(
 
 
 def test_default_configs_negotiate_the_hybrid_group_without_retry() -> None:
-    client, server = connected_pair()
+    client, _server = connected_pair()
     c = _complete(drain(client))
     assert c.group == NamedGroup.X25519MLKEM768
     assert c.cipher_suite == CipherSuite.AES_128_GCM_SHA256
@@ -82,7 +82,7 @@ def test_default_configs_negotiate_the_hybrid_group_without_retry() -> None:
 @pytest.mark.parametrize("kind", ["p256", "p384", "ed25519", "rsa"])
 def test_each_leaf_key_type_signs_and_verifies(kind: str) -> None:
     ident = authority().leaf(SERVER_ID, kind)
-    client, server = connected_pair(server_cfg=server_config(ident))
+    client, _server = connected_pair(server_cfg=server_config(ident))
     c = _complete(drain(client))
     expected = {
         "p256": SignatureScheme.ecdsa_secp256r1_sha256,
@@ -131,7 +131,7 @@ def test_svids_from_the_project_ca_with_name_constrained_intermediates_verify() 
 
 
 def test_peer_certificate_event_carries_spiffe_id_and_chain() -> None:
-    client, server = connected_pair()
+    _client, server = connected_pair()
     peers = [e for e in drain(server) if isinstance(e, PeerCertificate)]
     assert peers[0].spiffe_id == CLIENT_ID
     assert len(peers[0].chain) == 2
@@ -146,7 +146,7 @@ def test_alpn_mismatch_is_no_application_protocol() -> None:
 
 
 def test_no_alpn_offered_means_no_alpn_selected() -> None:
-    client, server = connected_pair(client_config(alpn_protocols=()))
+    client, _server = connected_pair(client_config(alpn_protocols=()))
     assert _complete(drain(client)).alpn_protocol is None
 
 
@@ -201,7 +201,7 @@ def test_close_notify_half_closes_and_peer_can_still_send() -> None:
 
 
 def test_bare_eof_is_reported_as_unclean_close() -> None:
-    client, server = connected_pair()
+    _client, server = connected_pair()
     drain(server)
     server.receive_data(b"")
     assert drain(server) == [ConnectionClosed(clean=False)]
@@ -239,7 +239,7 @@ def test_traffic_secrets_match_between_peers() -> None:
 
 def test_key_log_lines_are_in_sslkeylogfile_format() -> None:
     lines: list[str] = []
-    client, server = connected_pair(client_config(key_log=lines.append))
+    client, _server = connected_pair(client_config(key_log=lines.append))
     labels = [line.split()[0] for line in lines]
     assert labels == [
         "CLIENT_HANDSHAKE_TRAFFIC_SECRET",
@@ -349,7 +349,7 @@ def test_server_certificate_with_client_auth_only_is_rejected_by_client() -> Non
 
 
 def test_server_without_client_auth_accepts_anonymous_client() -> None:
-    client, server = connected_pair(
+    _client, server = connected_pair(
         client_config(certificate_chain=(), private_key=None),
         server_config(require_client_certificate=False, verify_peer=False),
     )
