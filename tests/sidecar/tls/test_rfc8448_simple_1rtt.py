@@ -253,7 +253,7 @@ def test_every_rfc8448_handshake_message_round_trips_byte_identically() -> None:
 
 def test_record_protection_reproduces_the_rfc8448_records() -> None:
     def protect(name: str, content_type: int, fragment: bytes, seq: int = 0) -> bytes:
-        secret, key, iv = KEYS[name]
+        secret, _key, _iv = KEYS[name]
         protection = RecordProtection(P, traffic_keys(P, secret))
         protection.seq = seq
         return protection.seal(content_type, fragment)
