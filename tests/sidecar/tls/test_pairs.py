@@ -376,3 +376,17 @@ def test_middlebox_compatibility_sends_one_change_cipher_spec_each_way() -> None
     assert flight.count(b"\x14\x03\x03\x00\x01\x01") == 1
     client.receive_data(flight)
     assert client.data_to_send().startswith(b"\x14\x03\x03\x00\x01\x01")
+
+
+def test_client_meeting_a_tls12_server_hello_sends_protocol_version() -> None:
+    from sidecar.tls.messages import ServerHello, push_server_hello
+    from sidecar.tls.record import plaintext_record
+
+    client = ClientConnection(client_config(), now=NOW)
+    hello = client.data_to_send()
+    session_id = hello[5 + 4 + 2 + 32 + 1 : 5 + 4 + 2 + 32 + 1 + 32]
+    tls12 = ServerHello(bytes(24) + b"DOWNGRD\x01", session_id, 0x1301, ())
+    with pytest.raises(TLSError) as info:
+        client.receive_data(plaintext_record(22, push_server_hello(tls12)))
+    assert info.value.alert == AlertDescription.protocol_version
+    assert client.data_to_send() == b"\x15\x03\x03\x00\x02\x02\x46"
