@@ -130,6 +130,10 @@ def register(commands: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_inspect)
 
+    from ca.server import cli as server_cli  # `ca serve`, `ca token` (issue 4)
+
+    server_cli.register(sub)
+
 
 def _refusal(exc: Exception) -> CliError:
     return CliError(str(exc))

@@ -1,0 +1,367 @@
+"""The ``trellis ca serve`` process: the gRPC listeners, the bundle and metrics endpoints,
+the reload loop, and a graceful stop.
+
+Listeners:
+
+* ``listen`` (mTLS): every RPC but attestation; the client certificate is the agent SVID.
+* ``attest_listen`` (server-auth TLS): AttestAgent, for agents that have no SVID yet.
+  (grpcio's server credentials either require a client certificate or never ask for one,
+  so "optional client certificate" needs its own port.)
+* ``bundle_listen`` (HTTPS, aiohttp): the SPIFFE bundle document for federation
+  (``GET /`` or ``/bundle.json``), served with the CA server's own SVID
+  (the ``https_spiffe`` federation profile).
+* ``metrics_listen`` (HTTP): ``/metrics`` in the Prometheus text format, ``/healthz``.
+
+The server's own SVID (``spiffe://<td>/trellis/ca/<cluster>``, DNS SANs ``trellis-ca``,
+``localhost`` and the listen host) is minted from the intermediate at start and re-minted
+at half its life; gRPC picks the new one up for new handshakes without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import logging
+import signal
+import ssl
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from aiohttp import web
+
+from ca.keys import KeyAlgorithm, generate_private_key, private_key_pem
+from ca.server.attestation import JoinTokenRegistry
+from ca.server.entries import EntrySource, StaticEntrySource, YamlFileEntrySource
+from ca.server.grpc_shell import BundleWatch, make_handler
+from ca.server.metrics import CaMetrics
+from ca.server.service import CaService, ServiceConfig, TokenReviewer, log_event
+from ca.server.tokens import JoinTokenStore
+from ca.store import CaStore
+from ca.x509svid import X509Svid
+
+__all__ = ["CaServer", "ServerConfig", "split_address"]
+
+GRPC_HARD_LIMIT = 4 * 1024 * 1024
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    ca_dir: Path
+    cluster: str
+    listen: str = "127.0.0.1:8081"
+    attest_listen: str = "127.0.0.1:8082"
+    bundle_listen: str | None = "127.0.0.1:8443"
+    metrics_listen: str | None = None
+    entries_path: Path | None = None
+    join_token_nodes: tuple[str, ...] = ()
+    join_token_ttl: dt.timedelta = dt.timedelta(hours=1)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    server_svid_ttl: dt.timedelta = dt.timedelta(hours=24)
+    poll_interval: float = 1.0
+    token_reviewer: TokenReviewer | None = None
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    svid: X509Svid
+    key_pem: bytes
+    chain_pem: bytes
+    roots_pem: bytes
+
+
+class CaServer:
+    def __init__(self, config: ServerConfig, *, entries: EntrySource | None = None) -> None:
+        self.config = config
+        store = CaStore(config.ca_dir)
+        self.store = store
+        self.intermediate = store.load_intermediate(config.cluster)
+        self.trust_domain = self.intermediate.trust_domain
+        jwt = store.load_jwt_authority(config.cluster)
+        self._bundle_stamp = self._bundle_mtime()
+        self.bundles = BundleWatch(store.load_bundle(self.trust_domain))
+        if entries is None:
+            entries = (
+                YamlFileEntrySource(config.entries_path, trust_domain=self.trust_domain)
+                if config.entries_path is not None
+                else StaticEntrySource()
+            )
+        self.entries = entries
+        self.metrics = CaMetrics(self.trust_domain.name, config.cluster)
+        self.token_store = JoinTokenStore(store.cluster_dir(config.cluster))
+        self.join_tokens = JoinTokenRegistry(
+            lookup=self.token_store.lookup, on_redeemed=self.token_store.remove
+        )
+        self.service = CaService(
+            intermediate=self.intermediate,
+            jwt_authority=jwt,
+            bundle=lambda: self.bundles.current,
+            entries=entries,
+            join_tokens=self.join_tokens,
+            metrics=self.metrics,
+            config=config.service,
+            token_reviewer=config.token_reviewer,
+        )
+        self.addresses: dict[str, str] = {}
+        self.issued_tokens: dict[str, str] = {}
+        self._grpc: grpc.aio.Server | None = None
+        self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._creds_lock = threading.Lock()
+        self._creds = self._mint_credentials()
+        self._creds_version = 0
+        self._served_versions: dict[str, int] = {}
+        self._bundle_ssl: ssl.SSLContext | None = None
+        self._stopped = asyncio.Event()
+
+    # -- the server's own SVID -----------------------------------------------------------
+
+    def _mint_credentials(self) -> _Credentials:
+        now = dt.datetime.now(dt.UTC)
+        key = generate_private_key(KeyAlgorithm.P256)
+        dns = ["trellis-ca", "localhost"]
+        for address in (self.config.listen, self.config.attest_listen, self.config.bundle_listen):
+            if address:
+                host = split_address(address)[0]
+                with contextlib.suppress(ValueError):
+                    ipaddress.ip_address(host)
+                    continue
+                if host and host not in dns:
+                    dns.append(host)
+        ttl = min(self.config.server_svid_ttl, self.intermediate.expires_at - now)
+        svid = self.intermediate.issue_x509_svid(
+            self.trust_domain.spiffe_id(f"/trellis/ca/{self.config.cluster}"),
+            key.public_key(),
+            now=now,
+            ttl=ttl,
+            dns_names=dns,
+            private_key=key,
+        )
+        return _Credentials(
+            svid, private_key_pem(key), svid.chain_pem(), self.bundles.current.to_pem()
+        )
+
+    def _certificate_config(self, creds: _Credentials) -> Any:
+        return grpc.ssl_server_certificate_configuration(
+            [(creds.key_pem, creds.chain_pem)], root_certificates=creds.roots_pem
+        )
+
+    def _fetcher(self, port: str) -> Any:
+        # Called by grpc core on its own threads before each handshake: None = unchanged.
+        def fetch() -> Any:
+            with self._creds_lock:
+                if self._served_versions.get(port) == self._creds_version:
+                    return None
+                self._served_versions[port] = self._creds_version
+                return self._certificate_config(self._creds)
+
+        return fetch
+
+    def _rotate_credentials(self) -> None:
+        creds = self._mint_credentials()
+        with self._creds_lock:
+            self._creds = creds
+            self._creds_version += 1
+        if self._bundle_ssl is not None:
+            self._load_bundle_cert(self._bundle_ssl)
+        log_event(logging.INFO, "server-svid-rotated", expires_at=creds.svid.expires_at.isoformat())
+
+    def _load_bundle_cert(self, context: ssl.SSLContext) -> None:
+        # ssl can only load a key from a file: a private temporary directory, removed at once.
+        with tempfile.TemporaryDirectory(prefix="trellis-ca-") as tmp:
+            key_path = Path(tmp) / "key.pem"
+            cert_path = Path(tmp) / "cert.pem"
+            key_path.touch(mode=0o600)
+            key_path.write_bytes(self._creds.key_pem)
+            cert_path.write_bytes(self._creds.chain_pem)
+            context.load_cert_chain(cert_path, key_path)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> dict[str, str]:
+        """Bind every listener (port 0 = ephemeral) and return the bound addresses."""
+        cfg = self.config
+        for node in cfg.join_token_nodes:
+            self.issued_tokens[node] = self.join_tokens.issue(
+                node, now=time.time(), ttl=cfg.join_token_ttl.total_seconds()
+            )
+        limit = max(GRPC_HARD_LIMIT, 2 * cfg.service.max_request_bytes)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=10_000,
+        )
+        server.add_generic_rpc_handlers([make_handler(self.service, self.bundles)])
+        mtls = grpc.dynamic_ssl_server_credentials(
+            self._certificate_config(self._creds), self._fetcher("mtls"), True
+        )
+        tls = grpc.dynamic_ssl_server_credentials(
+            self._certificate_config(self._creds), self._fetcher("tls"), False
+        )
+        for name, address, creds in (
+            ("listen", cfg.listen, mtls),
+            ("attest_listen", cfg.attest_listen, tls),
+        ):
+            port = server.add_secure_port(address, creds)
+            if port == 0:
+                raise OSError(f"cannot listen on {address}")
+            self.addresses[name] = f"{split_address(address)[0]}:{port}"
+        await server.start()
+        self._grpc = server
+        if cfg.bundle_listen is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._load_bundle_cert(context)
+            self._bundle_ssl = context
+            self.addresses["bundle_listen"] = await self._serve_http(
+                self._bundle_app(), cfg.bundle_listen, context
+            )
+        if cfg.metrics_listen is not None:
+            self.addresses["metrics_listen"] = await self._serve_http(
+                self._metrics_app(), cfg.metrics_listen, None
+            )
+        self._update_authority_metrics()
+        self.metrics.entries(len(self.entries.current()))
+        self._tasks.append(asyncio.create_task(self._maintain()))
+        log_event(logging.INFO, "ca-server-started", cluster=cfg.cluster, **self.addresses)
+        return dict(self.addresses)
+
+    async def _serve_http(
+        self, app: web.Application, address: str, context: ssl.SSLContext | None
+    ) -> str:
+        host, port = split_address(address)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=context, shutdown_timeout=1.0)
+        await site.start()
+        self._runners.append(runner)
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        bound = sockets[0].getsockname()[1] if sockets else port
+        return f"{host}:{bound}"
+
+    def _bundle_app(self) -> web.Application:
+        async def bundle(request: web.Request) -> web.Response:
+            return web.Response(
+                body=self.bundles.current.to_json(),
+                content_type="application/json",
+                headers={"Cache-Control": f"max-age={self.bundles.current.refresh_hint}"},
+            )
+
+        app = web.Application()
+        app.router.add_get("/", bundle)
+        app.router.add_get("/bundle.json", bundle)
+        return app
+
+    def _metrics_app(self) -> web.Application:
+        async def metrics(request: web.Request) -> web.Response:
+            return web.Response(
+                body=self.metrics.exposition(),
+                headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+            )
+
+        async def healthz(request: web.Request) -> web.Response:
+            return web.Response(text="ok\n")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        return app
+
+    def _bundle_mtime(self) -> int | None:
+        try:
+            return self.store.bundle_path.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def _update_authority_metrics(self) -> None:
+        self.metrics.authority_expiry("intermediate", self.intermediate.expires_at.timestamp())
+        roots = self.bundles.current.x509_authorities
+        if roots:
+            latest = max(r.not_valid_after_utc.timestamp() for r in roots)
+            self.metrics.authority_expiry("root", latest)
+        self.metrics.authority_expiry("server_svid", self._creds.svid.expires_at.timestamp())
+
+    def maintain_once(self) -> None:
+        """One round of reloads: entries, bundle, server SVID rotation, gauges."""
+        error = self.entries.refresh(time.time())
+        if error is not None:
+            self.metrics.entry_reload_failed()
+            log_event(logging.ERROR, "entries-reload-failed", error=str(error))
+        self.metrics.entries(len(self.entries.current()))
+        stamp = self._bundle_mtime()
+        if stamp != self._bundle_stamp:
+            self._bundle_stamp = stamp
+            try:
+                bundle = self.store.load_bundle(self.trust_domain)
+            except Exception as exc:  # StoreError; anything else is a bug we must log
+                log_event(logging.ERROR, "bundle-reload-failed", error=str(exc))
+            else:
+                self.bundles.publish(bundle)
+                with self._creds_lock:
+                    self._creds = _Credentials(
+                        self._creds.svid,
+                        self._creds.key_pem,
+                        self._creds.chain_pem,
+                        bundle.to_pem(),
+                    )
+                    self._creds_version += 1
+                log_event(logging.INFO, "bundle-reloaded", sequence=bundle.sequence)
+        svid = self._creds.svid
+        lifetime = svid.expires_at - svid.leaf.not_valid_before_utc
+        if dt.datetime.now(dt.UTC) >= svid.leaf.not_valid_before_utc + lifetime / 2:
+            self._rotate_credentials()
+        self.service.refresh_agent_gauge()
+        self._update_authority_metrics()
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_interval)
+            self.maintain_once()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, let in-flight calls finish for up to ``grace`` seconds."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+            self._grpc = None
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        self._stopped.set()
+        log_event(logging.INFO, "ca-server-stopped", cluster=self.config.cluster)
+
+    async def run(self, *, ready: Any = None) -> None:
+        """Start, report readiness, and serve until SIGTERM or SIGINT; then stop gracefully."""
+        addresses = await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready(addresses, dict(self.issued_tokens))
+        await stop.wait()
+        log_event(logging.INFO, "ca-server-stopping", reason="signal")
+        await self.stop()

@@ -1,0 +1,209 @@
+"""``trellis ca serve`` and ``trellis ca token create``.
+
+``serve`` prints one JSON line per event on stdout: ``{"event": "ready", "listen": ...,
+"attest_listen": ..., "bundle_listen": ..., "metrics_listen": ...}`` once every listener is
+bound (ports may be 0: the line says which were chosen), and one
+``{"event": "join-token", "node": ..., "token": ...}`` per ``--join-token NODE``. Logs are
+JSON lines on stderr and never carry tokens or key material.
+
+Join tokens, two ways:
+
+* ``trellis ca token create --dir DIR --cluster NAME --node NODE [--ttl 1h]`` prints a token
+  and stores only its SHA-256 under ``DIR/clusters/NAME/join-tokens/``; a running server
+  picks it up on first use, no restart needed.
+* ``trellis ca serve ... --join-token NODE`` mints one at start-up (``--join-token-ttl``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ca.server.entries import EntryError
+from trellis.cli import CliError
+from trellis.durations import parse_duration
+
+__all__ = ["JsonLogFormatter", "register"]
+
+
+def _duration(text: str) -> dt.timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return text
+
+
+def _optional_address(text: str) -> str | None:
+    return None if text in ("", "off", "none") else _address(text)
+
+
+class JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            doc.update({k: v for k, v in fields.items() if v is not None})
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def register(ca_commands: Any) -> None:
+    """Add ``serve`` and ``token`` to the ``trellis ca`` subcommands."""
+    p = ca_commands.add_parser("serve", help="run the cluster CA server (gRPC over mTLS)")
+    p.add_argument("--dir", required=True, type=Path, help="the CA directory (trellis ca init)")
+    p.add_argument("--cluster", required=True)
+    p.add_argument("--listen", type=_address, default="127.0.0.1:8081", help="mTLS gRPC")
+    p.add_argument(
+        "--attest-listen",
+        type=_address,
+        default="127.0.0.1:8082",
+        help="server-auth TLS gRPC for AttestAgent (agents without an SVID yet)",
+    )
+    p.add_argument("--bundle-listen", type=_optional_address, default="127.0.0.1:8443")
+    p.add_argument("--metrics-listen", type=_optional_address, default=None)
+    p.add_argument("--entries", type=Path, help="registration entries (YAML), reloaded on change")
+    p.add_argument(
+        "--join-token",
+        action="append",
+        default=[],
+        metavar="NODE",
+        help="mint a join token for NODE at start-up and print it (repeatable)",
+    )
+    p.add_argument("--join-token-ttl", type=_duration, default=dt.timedelta(hours=1))
+    p.add_argument("--agent-ttl", type=_duration, default=dt.timedelta(hours=1))
+    p.add_argument("--agent-rate", type=float, default=200.0, help="SVIDs/s per agent")
+    p.add_argument("--agent-burst", type=float, default=2000.0)
+    p.add_argument("--max-request-bytes", type=int, default=1024 * 1024)
+    p.add_argument("--max-batch", type=int, default=1000)
+    p.add_argument(
+        "--k8s-psat",
+        action="store_true",
+        help="attest Kubernetes nodes by projected service-account tokens (TokenReview)",
+    )
+    p.add_argument("--kubeconfig", type=Path, help="default: in-cluster configuration")
+    p.add_argument(
+        "--psat-allow",
+        action="append",
+        default=[],
+        metavar="NAMESPACE:SA",
+        help="service account allowed to attest nodes (default trellis-system:trellis-agent)",
+    )
+    p.add_argument("--poll-interval", type=float, default=1.0, help="reload check, seconds")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(handler=cmd_serve)
+
+    token = ca_commands.add_parser("token", help="join tokens for node attestation")
+    token_sub = token.add_subparsers(dest="token_command", metavar="TOKEN_COMMAND", required=True)
+    p = token_sub.add_parser("create", help="create a single-use join token for a node")
+    p.add_argument("--dir", required=True, type=Path)
+    p.add_argument("--cluster", required=True)
+    p.add_argument("--node", required=True)
+    p.add_argument("--ttl", type=_duration, default=dt.timedelta(hours=1))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_token_create)
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from ca.server.attestation import AttestationError
+    from ca.server.tokens import JoinTokenStore
+    from ca.store import CaStore, StoreError
+
+    store = CaStore(args.dir)
+    try:
+        store.load_intermediate(args.cluster)  # the cluster must exist
+        token, expires_at = JoinTokenStore(store.cluster_dir(args.cluster)).create(
+            args.node, ttl=args.ttl.total_seconds()
+        )
+    except (StoreError, AttestationError) as exc:
+        raise CliError(str(exc)) from exc
+    except OSError as exc:
+        raise CliError(f"cannot write the token: {exc.strerror}") from exc
+    if args.json:
+        print(json.dumps({"node": args.node, "token": token, "expires_at": int(expires_at)}))
+    else:
+        print(token)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ca.server.app import CaServer, ServerConfig
+    from ca.server.service import ServiceConfig, TokenReviewer
+    from ca.store import StoreError
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger("trellis")
+    root.handlers[:] = [handler]
+    root.setLevel(args.log_level.upper())
+    root.propagate = False
+
+    reviewer: TokenReviewer | None = None
+    if args.k8s_psat:
+        from ca.server.k8s import KubernetesTokenReviewer
+
+        try:
+            reviewer = KubernetesTokenReviewer.from_kubeconfig(args.kubeconfig)
+        except Exception as exc:  # kubernetes.config raises ConfigException and others
+            raise CliError(f"cannot configure the Kubernetes client: {exc}") from exc
+    service = ServiceConfig(
+        agent_svid_ttl=args.agent_ttl,
+        max_request_bytes=args.max_request_bytes,
+        max_batch=args.max_batch,
+        agent_rate=args.agent_rate,
+        agent_burst=args.agent_burst,
+        psat_allowed_service_accounts=tuple(args.psat_allow)
+        or ServiceConfig().psat_allowed_service_accounts,
+    )
+    config = ServerConfig(
+        ca_dir=args.dir,
+        cluster=args.cluster,
+        listen=args.listen,
+        attest_listen=args.attest_listen,
+        bundle_listen=args.bundle_listen,
+        metrics_listen=args.metrics_listen,
+        entries_path=args.entries,
+        join_token_nodes=tuple(args.join_token),
+        join_token_ttl=args.join_token_ttl,
+        service=service,
+        poll_interval=args.poll_interval,
+        token_reviewer=reviewer,
+    )
+
+    def ready(addresses: dict[str, str], tokens: dict[str, str]) -> None:
+        print(json.dumps({"event": "ready", **addresses}), flush=True)
+        expires = int(time.time() + args.join_token_ttl.total_seconds())
+        for node, token in tokens.items():
+            line = {"event": "join-token", "node": node, "token": token, "expires_at": expires}
+            print(json.dumps(line), flush=True)
+
+    async def main() -> None:
+        server = CaServer(config)
+        await server.run(ready=ready)
+
+    try:
+        asyncio.run(main())
+    except (StoreError, EntryError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    except OSError as exc:
+        raise CliError(f"cannot start the CA server: {exc}") from exc
+    return 0

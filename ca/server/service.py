@@ -1,0 +1,394 @@
+"""The CA service's decisions, apart from gRPC: who the caller is, what it may have.
+
+``CaService`` takes decoded requests, the caller's node (already authenticated by
+``authenticate``) and the time, and returns response messages or raises ``Refusal``
+carrying the gRPC status code and a metric reason. ``grpc_shell.py`` is the only place
+that sees a ``grpc.aio.ServicerContext``; TokenReview I/O hides behind ``TokenReviewer``.
+
+Status codes:
+
+* UNAUTHENTICATED — no client certificate, an agent SVID that does not verify or has
+  expired, a forged/replayed/expired join token, a refused PSAT;
+* PERMISSION_DENIED — an entry that does not exist or is not for the caller's node, a CSR
+  naming a SPIFFE ID other than the entry's;
+* INVALID_ARGUMENT — a malformed CSR or one whose signature does not verify, a bad
+  audience, an empty batch;
+* RESOURCE_EXHAUSTED — over the caller's rate limit, or a request above the size limits;
+* FAILED_PRECONDITION — the intermediate has (nearly) expired;
+* UNAVAILABLE — PSAT attestation is not configured or TokenReview cannot be reached.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+from cryptography import x509
+
+from ca.authority import IntermediateAuthority, IssuanceError, load_csr
+from ca.bundle import TrustBundle
+from ca.jwtsvid import JwtAuthority, JwtSvidError
+from ca.server._proto import ca_pb2
+from ca.server.attestation import (
+    PSAT_AUDIENCE,
+    AttestationError,
+    JoinTokenRegistry,
+    TokenReviewResult,
+    agent_spiffe_id,
+    node_of_agent,
+    psat_node_name,
+)
+from ca.server.client import bundle_to_proto, entry_to_proto
+from ca.server.entries import EntrySource, RegistrationEntry
+from ca.server.metrics import CaMetrics
+from ca.server.ratelimit import RateLimiter
+from ca.spiffeid import SpiffeId
+from ca.verify import VerificationError, verify_x509_svid
+from ca.x509svid import X509Svid
+
+__all__ = ["CaService", "Refusal", "ServiceConfig", "TokenReviewer", "log_event"]
+
+log = logging.getLogger("trellis.ca.server")
+
+# Reasons of IssuanceError that mean "you asked for an identity you may not have".
+_PERMISSION_REASONS = frozenset({"csr-spiffe-id-mismatch", "foreign-trust-domain"})
+
+
+def log_event(level: int, event: str, **fields: object) -> None:
+    """One structured log line. Callers pass names, reasons and IDs, never key material."""
+    log.log(level, event, extra={"fields": fields})
+
+
+class Refusal(Exception):
+    """A request the CA refuses: the gRPC status, a metric reason, a message for the caller."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, detail: str) -> None:
+        self.code = code
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{code.name} [{reason}]: {detail}")
+
+
+class TokenReviewer(Protocol):
+    """Asks the Kubernetes API whether a token is genuine (see ``k8s.py``)."""
+
+    async def review(self, token: str, audiences: Sequence[str]) -> TokenReviewResult: ...
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    agent_svid_ttl: dt.timedelta = dt.timedelta(hours=1)
+    max_request_bytes: int = 1024 * 1024
+    max_batch: int = 1000
+    agent_rate: float = 200.0  # SVIDs per second per agent, sustained
+    agent_burst: float = 2000.0
+    attest_rate: float = 2.0  # attestations per second per peer address
+    attest_burst: float = 20.0
+    psat_allowed_service_accounts: tuple[str, ...] = ("trellis-system:trellis-agent",)
+    psat_audience: str = PSAT_AUDIENCE
+
+
+_ReasonsByCode = dict[str, grpc.StatusCode]
+
+
+class CaService:
+    def __init__(
+        self,
+        *,
+        intermediate: IntermediateAuthority,
+        jwt_authority: JwtAuthority,
+        bundle: Callable[[], TrustBundle],
+        entries: EntrySource,
+        join_tokens: JoinTokenRegistry,
+        metrics: CaMetrics,
+        config: ServiceConfig | None = None,
+        token_reviewer: TokenReviewer | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.intermediate = intermediate
+        self.trust_domain = intermediate.trust_domain
+        self.jwt_authority = jwt_authority
+        self._bundle = bundle
+        self.entries = entries
+        self.join_tokens = join_tokens
+        self.metrics = metrics
+        self.config = config or ServiceConfig()
+        self.token_reviewer = token_reviewer
+        self._clock = clock
+        self._monotonic = monotonic
+        self._agent_limiter = RateLimiter(self.config.agent_rate, self.config.agent_burst)
+        self._attest_limiter = RateLimiter(self.config.attest_rate, self.config.attest_burst)
+        self._agents: dict[str, float] = {}  # node -> expiry of its newest agent SVID
+        self._auth_cache: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        self._auth_roots: tuple[x509.Certificate, ...] = ()
+
+    # -- time and small helpers ----------------------------------------------------------
+
+    def _now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self._clock(), dt.UTC)
+
+    def bundle(self) -> TrustBundle:
+        return self._bundle()
+
+    def check_size(self, size: int) -> None:
+        if size > self.config.max_request_bytes:
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "request-too-large",
+                f"request is {size} bytes; the limit is {self.config.max_request_bytes}",
+            )
+
+    def _ttl(self, wanted: dt.timedelta, now: dt.datetime) -> dt.timedelta:
+        # An SVID never outlives its intermediate: clamp instead of failing, as long as a
+        # useful lifetime is left (SPIRE does the same).
+        left = self.intermediate.expires_at - now
+        if left < dt.timedelta(minutes=1):
+            raise Refusal(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "intermediate-expiring",
+                "the cluster intermediate has (nearly) expired; rotate it",
+            )
+        return min(wanted, left - dt.timedelta(seconds=1))
+
+    def _sign(
+        self,
+        csr_der: bytes,
+        spiffe_id: SpiffeId,
+        ttl: dt.timedelta,
+        dns_names: Sequence[str],
+        now: dt.datetime,
+        kind: str,
+    ) -> X509Svid:
+        started = time.perf_counter()
+        try:
+            csr = load_csr(csr_der)
+            svid = self.intermediate.issue_x509_svid_from_csr(
+                csr, spiffe_id, now=now, ttl=self._ttl(ttl, now), dns_names=dns_names
+            )
+        except IssuanceError as exc:
+            code = (
+                grpc.StatusCode.PERMISSION_DENIED
+                if exc.reason in _PERMISSION_REASONS
+                else grpc.StatusCode.INVALID_ARGUMENT
+            )
+            raise Refusal(code, exc.reason, str(exc)) from exc
+        self.metrics.x509_issued(time.perf_counter() - started, kind=kind)
+        return svid
+
+    @staticmethod
+    def _svid_message(svid: X509Svid) -> ca_pb2.X509SVID:
+        return ca_pb2.X509SVID(
+            spiffe_id=str(svid.spiffe_id),
+            cert_chain=list(svid.chain_der()),
+            expires_at=int(svid.expires_at.timestamp()),
+        )
+
+    def _rate_limit(self, node: str, cost: int) -> None:
+        if not self._agent_limiter.allow(node, self._monotonic(), cost):
+            wait = self._agent_limiter.retry_after(node, cost)
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "rate-limited",
+                f"rate limit for this agent exceeded; retry in {wait:.2f}s",
+            )
+
+    def _agent_issued(self, node: str, svid: X509Svid) -> None:
+        now = self._clock()
+        self._agents[node] = svid.expires_at.timestamp()
+        self._agents = {n: t for n, t in self._agents.items() if t > now}
+        self.metrics.attested_agents(len(self._agents))
+
+    def refresh_agent_gauge(self) -> None:
+        now = self._clock()
+        self._agents = {n: t for n, t in self._agents.items() if t > now}
+        self.metrics.attested_agents(len(self._agents))
+
+    # -- authentication ------------------------------------------------------------------
+
+    def authenticate(self, chain_pem: bytes | None) -> str:
+        """The node of the agent whose SVID chain (PEM, leaf first) the TLS layer received.
+
+        grpc has already checked the chain against the bundle's roots; this repeats the
+        check with Trellis's own SPIFFE rules (``verify_x509_svid``) and requires an agent
+        ID. Results are cached per chain until the leaf expires.
+        """
+        if not chain_pem:
+            raise Refusal(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "no-client-certificate",
+                "call this on the mutual-TLS listener with an agent SVID",
+            )
+        now = self._clock()
+        roots = self.bundle().x509_authorities
+        if roots != self._auth_roots:
+            self._auth_cache.clear()
+            self._auth_roots = roots
+        cached = self._auth_cache.get(chain_pem)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        try:
+            chain = x509.load_pem_x509_certificates(chain_pem)
+            verified = verify_x509_svid(
+                chain, {self.trust_domain: roots}, now=dt.datetime.fromtimestamp(now, dt.UTC)
+            )
+        except (ValueError, VerificationError) as exc:
+            reason = exc.reason if isinstance(exc, VerificationError) else "malformed"
+            raise Refusal(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"agent-svid-{reason}",
+                f"agent SVID does not verify: {exc}",
+            ) from exc
+        node = node_of_agent(verified.spiffe_id, self.trust_domain)
+        if node is None:
+            raise Refusal(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "not-an-agent",
+                f"{verified.spiffe_id} is not an agent of {self.trust_domain}",
+            )
+        self._auth_cache[chain_pem] = (node, chain[0].not_valid_after_utc.timestamp())
+        if len(self._auth_cache) > 10_000:
+            self._auth_cache.popitem(last=False)
+        return node
+
+    # -- RPCs ----------------------------------------------------------------------------
+
+    async def attest_agent(
+        self, request: ca_pb2.AttestAgentRequest, peer: str
+    ) -> ca_pb2.AttestAgentResponse:
+        if not self._attest_limiter.allow(peer, self._monotonic()):
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "rate-limited",
+                "too many attestation attempts from this address",
+            )
+        kind = request.WhichOneof("attestation")
+        try:
+            if kind == "join_token":
+                node = self.join_tokens.redeem(request.join_token.token, now=self._clock())
+                method = "join_token"
+            elif kind == "k8s_psat":
+                node = await self._attest_psat(request.k8s_psat.token)
+                method = "k8s_psat"
+            else:
+                raise Refusal(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "no-attestation",
+                    "AttestAgentRequest carries no attestation data",
+                )
+        except AttestationError as exc:
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, exc.reason, str(exc)) from exc
+        agent_id = agent_spiffe_id(self.trust_domain, node)
+        now = self._now()
+        svid = self._sign(request.csr, agent_id, self.config.agent_svid_ttl, (), now, "agent")
+        self._agent_issued(node, svid)
+        log_event(logging.INFO, "agent-attested", node=node, method=method, peer=peer)
+        return ca_pb2.AttestAgentResponse(
+            node_name=node, svid=self._svid_message(svid), bundle=bundle_to_proto(self.bundle())
+        )
+
+    async def _attest_psat(self, token: str) -> str:
+        if self.token_reviewer is None:
+            raise Refusal(
+                grpc.StatusCode.UNAVAILABLE,
+                "psat-not-configured",
+                "this CA does not attest Kubernetes nodes (start it with --k8s-psat)",
+            )
+        if not token or len(token) > 16 * 1024:
+            raise AttestationError("psat-malformed", "token is empty or oversized")
+        try:
+            review = await self.token_reviewer.review(token, [self.config.psat_audience])
+        except OSError as exc:
+            raise Refusal(
+                grpc.StatusCode.UNAVAILABLE,
+                "token-review-unavailable",
+                f"TokenReview failed: {exc}",
+            ) from exc
+        return psat_node_name(
+            token,
+            review,
+            allowed_service_accounts=self.config.psat_allowed_service_accounts,
+            audience=self.config.psat_audience,
+        )
+
+    def renew_agent(
+        self, request: ca_pb2.RenewAgentRequest, node: str
+    ) -> ca_pb2.RenewAgentResponse:
+        self._rate_limit(node, 1)
+        now = self._now()
+        agent_id = agent_spiffe_id(self.trust_domain, node)
+        svid = self._sign(request.csr, agent_id, self.config.agent_svid_ttl, (), now, "agent")
+        self._agent_issued(node, svid)
+        log_event(logging.INFO, "agent-renewed", node=node)
+        return ca_pb2.RenewAgentResponse(
+            svid=self._svid_message(svid), bundle=bundle_to_proto(self.bundle())
+        )
+
+    def _entry_for(self, entry_id: str, node: str) -> RegistrationEntry:
+        entry = self.entries.current().get(entry_id)
+        if entry is None or not entry.runs_on(node):
+            # The same answer for "no such entry" and "not yours": an agent learns nothing
+            # about other nodes' entries by probing.
+            raise Refusal(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "entry-not-authorized",
+                f"entry {entry_id!r} does not exist or is not for node {node}",
+            )
+        return entry
+
+    def batch_new_x509_svid(
+        self, request: ca_pb2.BatchNewX509SVIDRequest, node: str
+    ) -> ca_pb2.BatchNewX509SVIDResponse:
+        items = request.requests
+        if not items:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "empty-batch", "no CSRs in the batch")
+        if len(items) > self.config.max_batch:
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "batch-too-large",
+                f"{len(items)} CSRs in one batch; the limit is {self.config.max_batch}",
+            )
+        # Authorise everything before signing anything: all or nothing.
+        entries = [self._entry_for(item.entry_id, node) for item in items]
+        self._rate_limit(node, len(items))
+        now = self._now()
+        svids = [
+            self._sign(item.csr, e.spiffe_id, e.x509_svid_ttl, e.dns_names, now, "workload")
+            for item, e in zip(items, entries, strict=True)
+        ]
+        return ca_pb2.BatchNewX509SVIDResponse(svids=[self._svid_message(s) for s in svids])
+
+    def new_jwt_svid(
+        self, request: ca_pb2.NewJWTSVIDRequest, node: str
+    ) -> ca_pb2.NewJWTSVIDResponse:
+        entry = self._entry_for(request.entry_id, node)
+        self._rate_limit(node, 1)
+        started = time.perf_counter()
+        try:
+            svid = self.jwt_authority.sign(
+                entry.spiffe_id, list(request.audience), now=self._now(), ttl=entry.jwt_svid_ttl
+            )
+        except JwtSvidError as exc:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, exc.reason, str(exc)) from exc
+        self.metrics.jwt_issued(time.perf_counter() - started)
+        return ca_pb2.NewJWTSVIDResponse(
+            spiffe_id=str(svid.spiffe_id),
+            token=svid.token,
+            expires_at=int(svid.expiry.timestamp()),
+        )
+
+    def fetch_entries(
+        self, request: ca_pb2.FetchEntriesRequest, node: str
+    ) -> ca_pb2.FetchEntriesResponse:
+        self._rate_limit(node, 1)
+        current = self.entries.current()
+        mine = current.for_node(node)
+        return ca_pb2.FetchEntriesResponse(
+            entries=[entry_to_proto(e) for e in mine], revision=current.revision
+        )
