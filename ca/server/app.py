@@ -247,9 +247,9 @@ class CaServer:
         self, app: web.Application, address: str, context: ssl.SSLContext | None
     ) -> str:
         host, port = split_address(address)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=context, shutdown_timeout=1.0)
+        site = web.TCPSite(runner, host, port, ssl_context=context)
         await site.start()
         self._runners.append(runner)
         server = site._server
