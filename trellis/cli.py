@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trellis", description="Trellis service mesh")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     ca_cli.register(commands)
+    from ca.agent import cli as agent_cli
+
+    agent_cli.register(commands)
     return parser
 
 

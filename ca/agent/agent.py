@@ -1,0 +1,120 @@
+"""The agent process: rotator + Workload API (behind the SO_PEERCRED front) + admin port.
+
+``Agent(config, upstream).run()`` is the whole of ``trellis agent``; tests build one with an
+``InProcessUpstream`` and run it inside their own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import grpc.aio
+
+from ca.agent.admin import AdminServer
+from ca.agent.attestation import SelectorPlugin, UnixAttestor, WorkloadAttestor
+from ca.agent.k8s import InClusterConfig, PodAttestor, PodIndex, watch_pods
+from ca.agent.metrics import AgentMetrics
+from ca.agent.peercred import PeerRegistry, UdsFront
+from ca.agent.rotator import Rotator, RotatorConfig
+from ca.agent.upstream import Upstream
+from ca.agent.workload_api import WorkloadApi, WorkloadApiConfig, server_options
+from ca.bundle import TrustBundle
+
+__all__ = ["DEFAULT_SOCKET", "Agent", "AgentConfig"]
+
+log = logging.getLogger("trellis.agent")
+
+DEFAULT_SOCKET = Path("/run/trellis/agent.sock")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    socket_path: Path = DEFAULT_SOCKET
+    socket_mode: int = 0o666
+    node: str | None = None
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = 8089  # None: no admin endpoint
+    kubernetes: bool = False
+    rotator: RotatorConfig = field(default_factory=RotatorConfig)
+    workload_api: WorkloadApiConfig = field(default_factory=WorkloadApiConfig)
+    proc_root: Path = Path("/proc")
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        upstream: Upstream,
+        *,
+        initial_bundle: TrustBundle | None = None,
+        plugins: tuple[SelectorPlugin, ...] = (),
+    ) -> None:
+        self.config = config
+        self.metrics = AgentMetrics()
+        self.rotator = Rotator(
+            upstream,
+            config=config.rotator,
+            metrics=self.metrics,
+            initial_bundle=initial_bundle,
+        )
+        self.rotator.node = config.node
+        self.peers = PeerRegistry()
+        unix = UnixAttestor(config.proc_root)
+        self.pods: PodIndex | None = PodIndex() if config.kubernetes else None
+        all_plugins = plugins + ((PodAttestor(self.pods),) if self.pods is not None else ())
+        self.attestor = WorkloadAttestor(unix, all_plugins)
+        self.front = UdsFront(
+            config.socket_path,
+            mode=config.socket_mode,
+            registry=self.peers,
+            start_time=unix.start_time,
+        )
+        self.api = WorkloadApi(self.rotator, self.peers, self.attestor, config=config.workload_api)
+        self.admin = (
+            AdminServer(self.rotator, config.admin_host, config.admin_port)
+            if config.admin_port is not None
+            else None
+        )
+        self._server: grpc.aio.Server | None = None
+        self.started = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bind everything; SVIDs arrive as the rotator syncs (callers wait or get UNAVAILABLE)."""
+        server = grpc.aio.server(options=server_options())
+        server.add_generic_rpc_handlers((self.api.generic_handler(),))
+        server.add_insecure_port(self.front.internal_address)
+        await server.start()
+        self._server = server
+        await self.front.start()
+        if self.admin is not None:
+            port = await self.admin.start()
+            log.info("admin endpoint on http://%s:%d", self.config.admin_host, port)
+        log.info("Workload API on unix:%s", self.config.socket_path)
+        self.started.set()
+
+    async def run(self) -> None:
+        try:
+            await self.start()
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.rotator.run())
+                if self.pods is not None and self.config.node:
+                    group.create_task(
+                        watch_pods(InClusterConfig.from_environment(), self.config.node, self.pods)
+                    )
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        await self.front.close()
+        if self._server is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._server.stop(grace=0.5)
+            self._server = None
+        if self.admin is not None:
+            await self.admin.close()
+        await self.rotator.upstream.close()

@@ -1,0 +1,330 @@
+"""``trellis agent`` (the node agent) and ``trellis svid fetch`` (a Workload API client)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ca.agent.agent import DEFAULT_SOCKET, Agent, AgentConfig
+from ca.agent.client import WorkloadApiError, WorkloadClient, endpoint_address
+from ca.agent.grpc_upstream import GrpcUpstream
+from ca.agent.rotator import AgentFatalError, RotatorConfig, load_agent_state
+from ca.agent.upstream import InProcessUpstream, Upstream
+from ca.agent.workload_api import WorkloadApiConfig
+from ca.bundle import BundleError, TrustBundle, load_pem_certificates
+from ca.keys import write_private_file, write_public_file
+from ca.server.client import CaClient
+from ca.server.entries import EntryError, load_entries_file
+from ca.spiffeid import TrustDomain
+from ca.store import CaStore, StoreError
+from ca.x509svid import SvidError, spiffe_id_of
+from trellis.cli import CliError
+from trellis.durations import parse_duration
+
+__all__ = ["register"]
+
+DEFAULT_DATA_DIR = Path("/var/lib/trellis/agent")
+
+
+def _seconds(text: str) -> float:
+    try:
+        return parse_duration(text).total_seconds()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 0666") from exc
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file mode")
+    return value
+
+
+def _address(text: str) -> tuple[str, int] | None:
+    if text in ("", "off", "none"):
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} must be HOST:PORT (or 'off')")
+    return host or "127.0.0.1", int(port)
+
+
+def register(commands: Any) -> None:
+    p = commands.add_parser(
+        "agent",
+        help="run the node agent (SPIFFE Workload API on a Unix socket)",
+        description="Attest to the CA, cache and rotate this node's SVIDs, and serve the "
+        "SPIFFE Workload API on a Unix socket.",
+    )
+    p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="Workload API socket")
+    p.add_argument("--socket-mode", type=_mode, default=0o666, help="socket file mode (octal)")
+    p.add_argument("--ca", metavar="HOST:PORT", help="the CA server's mutual-TLS address")
+    p.add_argument(
+        "--ca-attest", metavar="HOST:PORT", help="the CA's attestation address (default: --ca)"
+    )
+    p.add_argument("--trust-bundle", type=Path, help="PEM roots or SPIFFE bundle to trust the CA")
+    p.add_argument("--join-token", help="single-use join token (node attestation)")
+    p.add_argument("--join-token-file", type=Path, help="read the join token from a file")
+    p.add_argument(
+        "--psat-token-file", type=Path, help="Kubernetes projected SA token (audience trellis-ca)"
+    )
+    p.add_argument("--node", help="this node's name (required with --local-ca)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument(
+        "--admin", type=_address, default=("127.0.0.1", 8089), metavar="HOST:PORT|off",
+        help="admin endpoint for /healthz and /metrics (default 127.0.0.1:8089)",
+    )  # fmt: skip
+    p.add_argument("--kubernetes", action="store_true", help="attest pods via the API server")
+    p.add_argument("--sync-interval", type=_seconds, default=5.0, help="entry sync period")
+    p.add_argument("--allow-unauthenticated-verifiers", action="store_true")
+    p.add_argument("--local-ca", type=Path, metavar="DIR", help="sign in-process from a CA dir")
+    p.add_argument("--cluster", help="cluster intermediate to use with --local-ca")
+    p.add_argument("--entries", type=Path, help="registration entries YAML for --local-ca")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(handler=cmd_agent)
+
+    svid = commands.add_parser("svid", help="inspect identities from the Workload API")
+    sub = svid.add_subparsers(dest="svid_command", metavar="SVID_COMMAND", required=True)
+    f = sub.add_parser("fetch", help="fetch this process's SVIDs (like spire-agent api fetch)")
+    f.add_argument(
+        "--socket", type=Path, help="Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET)"
+    )
+    f.add_argument("--write", type=Path, metavar="DIR", help="write svid.pem, svid.key, bundle.pem")
+    f.add_argument("--audience", action="append", default=[], help="also fetch a JWT-SVID")
+    f.add_argument("--timeout", type=_seconds, default=10.0)
+    f.add_argument("--json", action="store_true", help="machine-readable output")
+    f.set_defaults(handler=cmd_svid_fetch)
+
+
+# -- trellis agent --------------------------------------------------------------------------
+
+
+def _read_bundle(path: Path) -> TrustBundle:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read trust bundle {path}: {exc.strerror}") from exc
+    try:
+        if data.lstrip().startswith(b"{"):
+            probe = TrustBundle.from_json(TrustDomain("probe.invalid"), data)
+            certs = probe.x509_authorities
+            td = spiffe_id_of(certs[0]).trust_domain if certs else None
+            if td is None:
+                raise CliError(f"trust bundle {path} holds no X.509 authority")
+            return TrustBundle.from_json(td, data)
+        certs = tuple(load_pem_certificates(data, what=str(path)))
+        return TrustBundle(spiffe_id_of(certs[0]).trust_domain, certs)
+    except (BundleError, SvidError) as exc:
+        raise CliError(f"trust bundle {path}: {exc}") from exc
+
+
+def _local_upstream(args: argparse.Namespace) -> tuple[Upstream, TrustBundle]:
+    if not args.cluster or not args.entries or not args.node:
+        raise CliError("--local-ca needs --cluster, --entries and --node")
+    try:
+        store = CaStore(args.local_ca)
+        intermediate = store.load_intermediate(args.cluster)
+        bundle = store.load_bundle(intermediate.trust_domain)
+        jwt = store.load_jwt_authority(args.cluster)
+        entries = load_entries_file(args.entries, trust_domain=intermediate.trust_domain)
+    except (StoreError, EntryError) as exc:
+        raise CliError(str(exc)) from exc
+    upstream = InProcessUpstream(intermediate, jwt, bundle, entries, node=args.node)
+    return upstream, bundle
+
+
+def _grpc_upstream(args: argparse.Namespace) -> tuple[Upstream, TrustBundle | None]:
+    if args.trust_bundle is None:
+        raise CliError("--ca needs --trust-bundle (the roots that authenticate the CA)")
+    roots = _read_bundle(args.trust_bundle)
+    token = args.join_token
+    if args.join_token_file is not None:
+        try:
+            token = args.join_token_file.read_text().strip()
+        except OSError as exc:
+            raise CliError(f"cannot read {args.join_token_file}: {exc.strerror}") from exc
+    state = load_agent_state(args.data_dir, dt.datetime.now(dt.UTC))
+    agent_svid, bundle = (state[0], state[1]) if state is not None else (None, None)
+    if agent_svid is None and token is None and args.psat_token_file is None:
+        raise CliError(
+            f"no valid agent SVID in {args.data_dir}: give --join-token or --psat-token-file"
+        )
+    client = CaClient(
+        args.ca,
+        trust_roots=bundle or roots,
+        attest_address=args.ca_attest or args.ca,
+        agent_svid=agent_svid,
+    )
+    upstream = GrpcUpstream(client, join_token=token, psat_token_path=args.psat_token_file)
+    return upstream, bundle
+
+
+async def _run_agent(agent: Agent) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await agent.run()
+    except asyncio.CancelledError:
+        logging.getLogger("trellis.agent").info("shutting down")
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    upstream: Upstream
+    bundle: TrustBundle | None
+    if args.local_ca is not None:
+        upstream, bundle = _local_upstream(args)
+    elif args.ca:
+        upstream, bundle = _grpc_upstream(args)
+    else:
+        raise CliError("give --ca HOST:PORT (or --local-ca DIR for development)")
+    admin = args.admin
+    config = AgentConfig(
+        socket_path=args.socket,
+        socket_mode=args.socket_mode,
+        node=args.node,
+        admin_host=admin[0] if admin else "127.0.0.1",
+        admin_port=admin[1] if admin else None,
+        kubernetes=args.kubernetes,
+        rotator=RotatorConfig(sync_interval=args.sync_interval, data_dir=args.data_dir),
+        workload_api=WorkloadApiConfig(
+            allow_unauthenticated_verifiers=args.allow_unauthenticated_verifiers
+        ),
+    )
+    try:
+        agent = Agent(config, upstream, initial_bundle=bundle)
+        asyncio.run(_run_agent(agent))
+    except AgentFatalError as exc:
+        raise CliError(str(exc)) from exc
+    except OSError as exc:
+        raise CliError(f"cannot start the agent: {exc.strerror or exc}") from exc
+    return 0
+
+
+# -- trellis svid fetch --------------------------------------------------------------------
+
+
+def _pem_chain(der_concatenated: bytes) -> tuple[list[x509.Certificate], bytes]:
+    certs = _split_der(der_concatenated)
+    return certs, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def _split_der(data: bytes) -> list[x509.Certificate]:
+    """Certificates from concatenated DER (the Workload API's chain and bundle encoding)."""
+    certs = []
+    offset = 0
+    while offset < len(data):
+        # DER SEQUENCE header: 0x30, then a short or long-form length.
+        if data[offset] != 0x30 or offset + 2 > len(data):
+            raise ValueError("not a DER certificate sequence")
+        first = data[offset + 1]
+        if first < 0x80:
+            header, length = 2, first
+        else:
+            count = first & 0x7F
+            header = 2 + count
+            length = int.from_bytes(data[offset + 2 : offset + header], "big")
+        end = offset + header + length
+        certs.append(x509.load_der_x509_certificate(data[offset:end]))
+        offset = end
+    return certs
+
+
+def _key_pem(pkcs8_der: bytes) -> bytes:
+    key = serialization.load_der_private_key(pkcs8_der, password=None)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def cmd_svid_fetch(args: argparse.Namespace) -> int:
+    target = endpoint_address(args.socket)
+    report: dict[str, Any] = {"svids": [], "jwt_svids": []}
+    try:
+        with WorkloadClient(target, timeout=args.timeout) as client:
+            response = client.fetch_x509_svid()
+            jwt = client.fetch_jwt_svid(args.audience) if args.audience else None
+    except WorkloadApiError as exc:
+        raise CliError(f"Workload API at {target}: {exc}") from exc
+    files: dict[str, tuple[bytes, bool]] = {}
+    now = dt.datetime.now(dt.UTC)
+    for index, svid in enumerate(response.svids):
+        try:
+            chain, chain_pem = _pem_chain(svid.x509_svid)
+            roots, roots_pem = _pem_chain(svid.bundle)
+            key_pem = _key_pem(svid.x509_svid_key)
+        except ValueError as exc:
+            raise CliError(f"agent sent an unreadable SVID: {exc}") from exc
+        leaf = chain[0]
+        report["svids"].append(
+            {
+                "spiffe_id": svid.spiffe_id,
+                "hint": svid.hint or None,
+                "serial": f"{leaf.serial_number:x}",
+                "not_before": leaf.not_valid_before_utc.isoformat(),
+                "not_after": leaf.not_valid_after_utc.isoformat(),
+                "seconds_left": int((leaf.not_valid_after_utc - now).total_seconds()),
+                "intermediates": len(chain) - 1,
+                "bundle_roots": len(roots),
+            }
+        )
+        suffix = "" if index == 0 else f".{index}"
+        files[f"svid{suffix}.pem"] = (chain_pem, False)
+        files[f"svid{suffix}.key"] = (key_pem, True)
+        files[f"bundle{suffix}.pem"] = (roots_pem, False)
+    for td, der in sorted(response.federated_bundles.items()):
+        name = td.removeprefix("spiffe://")
+        files[f"federated-{name}.pem"] = (_pem_chain(der)[1], False)
+    if jwt is not None:
+        report["jwt_svids"] = [{"spiffe_id": s.spiffe_id, "token": s.svid} for s in jwt.svids]
+    if args.write is not None:
+        try:
+            args.write.mkdir(parents=True, exist_ok=True)
+            for name, (data, secret) in files.items():
+                (write_private_file if secret else write_public_file)(args.write / name, data)
+        except OSError as exc:
+            raise CliError(f"cannot write to {args.write}: {exc.strerror}") from exc
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"Received {len(report['svids'])} svid(s) from {target}")
+    for entry in report["svids"]:
+        print()
+        print(f"SPIFFE ID:       {entry['spiffe_id']}")
+        if entry["hint"]:
+            print(f"Hint:            {entry['hint']}")
+        print(f"SVID valid after:  {entry['not_before']}")
+        print(f"SVID valid until:  {entry['not_after']} ({entry['seconds_left']}s left)")
+        print(f"Intermediates:   {entry['intermediates']}")
+        print(f"Bundle roots:    {entry['bundle_roots']}")
+    for token in report["jwt_svids"]:
+        print()
+        print(f"JWT-SVID for {token['spiffe_id']}:")
+        print(token["token"])
+    if args.write is not None:
+        print()
+        for name in files:
+            print(f"Writing {args.write / name}")
+    sys.stdout.flush()
+    return 0

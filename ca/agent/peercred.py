@@ -1,0 +1,269 @@
+"""The Workload API socket: SO_PEERCRED for every caller, in front of grpcio.
+
+Why a front at all. Workload attestation starts from the kernel's word on who is calling:
+``getsockopt(SO_PEERCRED)`` on the accepted Unix socket gives pid, uid and gid. grpcio
+never shows a handler its socket: ``context.peer()`` on a Unix socket is just ``"unix:"``
+(the client's socket has no name), ``auth_context()`` is empty for insecure and for
+``local_server_credentials(UDS)`` — gRPC core never calls SO_PEERCRED (grpc/grpc#15511,
+grpc/grpc#28755), and Python exposes neither a socket mutator nor "serve this fd"
+(``CreateInsecureChannelFromFd`` is C++ only). Guessing the caller from ``/proc/net/unix``
+inodes would be racy and needs the server-side fd grpcio hides.
+
+What is done instead. The agent accepts connections on the public socket itself (asyncio),
+reads SO_PEERCRED (plus the pid's start time, to detect pid reuse later), then opens a
+connection to grpcio's real listener, which lives in a private 0700 directory only the
+agent can enter. Before connecting, that outgoing socket is *bound to a unique path* in the
+same directory, so grpcio reports it as the peer: ``context.peer() == "unix:/…/c17"``. The
+front records ``"unix:/…/c17" → PeerCredentials`` before forwarding a single byte, and the
+handlers look the caller up by ``context.peer()``. Then bytes are spliced both ways with
+asyncio transports (flow control by pause/resume reading), one front connection per grpc
+connection, so every RPC on a connection carries that connection's credentials, which is
+exactly SO_PEERCRED's own granularity.
+
+Safety properties: an unknown peer string (a connection that did not come through the
+front, or a grpcio that one day stops reporting bound paths) finds no credentials and is
+refused (fail closed; a test pins grpcio's peer format). Nobody but the agent can connect
+to the internal listener (0700 directory), and the bound client paths are unlinked right
+after connecting, so nothing accumulates. The splice costs a few tens of microseconds per
+message (see bench/workload_api.py), well inside the Workload API's latency budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import socket
+import struct
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from ca.agent.attestation import PeerCredentials
+
+__all__ = ["PeerRegistry", "UdsFront", "peer_credentials"]
+
+log = logging.getLogger("trellis.agent.peercred")
+
+_UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+DEFAULT_MAX_CONNECTIONS = 4096
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected ``sock`` (Linux SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+class PeerRegistry:
+    """``context.peer()`` string → credentials of the connection behind it."""
+
+    def __init__(self) -> None:
+        self._peers: dict[str, PeerCredentials] = {}
+
+    def add(self, peer: str, credentials: PeerCredentials) -> None:
+        self._peers[peer] = credentials
+
+    def remove(self, peer: str) -> None:
+        self._peers.pop(peer, None)
+
+    def lookup(self, peer: str) -> PeerCredentials | None:
+        return self._peers.get(peer)
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+
+class _Half(asyncio.Protocol):
+    """One side of the splice; forwards what it reads to ``other``."""
+
+    def __init__(self, pair: _Splice) -> None:
+        self.pair = pair
+        self.transport: asyncio.Transport | None = None
+        self.other: _Half | None = None
+        self.pending: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        other = self.other
+        if other is not None and other.transport is not None:
+            other.transport.write(data)
+        else:
+            self.pending.append(data)  # backend not connected yet (reading is paused soon)
+
+    def eof_received(self) -> bool:
+        return False  # close; HTTP/2 has no use for half-closed connections
+
+    def pause_writing(self) -> None:
+        # Our peer-bound buffer is full: stop reading from the other side.
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pair.closed(self)
+
+
+class _Splice:
+    def __init__(self, front: UdsFront) -> None:
+        self.front = front
+        self.client = _Half(self)
+        self.backend = _Half(self)
+        self.client.other = self.backend
+        self.backend.other = self.client
+        self.peer_key: str | None = None
+        self.done = False
+
+    def closed(self, half: _Half) -> None:
+        for side in (self.client, self.backend):
+            if side is not half and side.transport is not None:
+                side.transport.close()
+        if not self.done:
+            self.done = True
+            self.front._forget(self)
+
+
+class UdsFront:
+    """Accepts on ``path``, records SO_PEERCRED, splices to grpcio's private listener."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        mode: int = 0o666,
+        registry: PeerRegistry | None = None,
+        start_time: Callable[[int], int | None] | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        self.path = path
+        self.mode = mode
+        self.registry = registry if registry is not None else PeerRegistry()
+        self._start_time = start_time
+        self._max = max_connections
+        # mkdtemp creates the directory 0700: only the agent's user can reach grpcio.
+        self._dir = Path(tempfile.mkdtemp(prefix="trellis-wl-"))
+        self.internal_path = self._dir / "grpc.sock"
+        self._counter = itertools.count(1)
+        self._splices: set[_Splice] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self.accepted = 0
+        self.refused = 0
+
+    @property
+    def internal_address(self) -> str:
+        return f"unix:{self.internal_path}"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.is_socket():
+                self.path.unlink()  # a stale socket from a previous run
+        self._server = await loop.create_unix_server(self._accept, path=str(self.path))
+        self.path.chmod(self.mode)
+
+    def _accept(self) -> asyncio.Protocol:
+        splice = _Splice(self)
+        half = splice.client
+        original = half.connection_made
+
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            original(transport)
+            self._admit(splice, transport)
+
+        half.connection_made = connection_made  # type: ignore[method-assign]
+        return half
+
+    def _admit(self, splice: _Splice, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        if len(self._splices) >= self._max:
+            self.refused += 1
+            transport.abort()
+            return
+        sock = transport.get_extra_info("socket")
+        try:
+            pid, uid, gid = peer_credentials(sock)
+        except OSError as exc:
+            log.warning("cannot read SO_PEERCRED: %s", exc)
+            self.refused += 1
+            transport.abort()
+            return
+        started = self._start_time(pid) if self._start_time is not None else None
+        credentials = PeerCredentials(pid, uid, gid, started)
+        transport.pause_reading()  # until the backend is connected
+        self._splices.add(splice)
+        self.accepted += 1
+        asyncio.get_running_loop().create_task(self._connect_backend(splice, credentials))
+
+    async def _connect_backend(self, splice: _Splice, credentials: PeerCredentials) -> None:
+        loop = asyncio.get_running_loop()
+        bound = self._dir / f"c{next(self._counter)}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(str(bound))
+            peer_key = f"unix:{bound}"
+            self.registry.add(peer_key, credentials)  # before grpcio can see a byte
+            splice.peer_key = peer_key
+            await loop.sock_connect(sock, str(self.internal_path))
+            with contextlib.suppress(FileNotFoundError):
+                bound.unlink()
+            await loop.create_unix_connection(lambda: splice.backend, sock=sock)
+        except OSError as exc:
+            log.warning("cannot reach the Workload API listener: %s", exc)
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                bound.unlink()
+            if splice.client.transport is not None:
+                splice.client.transport.abort()
+            self._forget(splice)
+            return
+        client = splice.client
+        if client.transport is None or client.transport.is_closing():
+            assert splice.backend.transport is not None
+            splice.backend.transport.close()
+            return
+        backend_transport = splice.backend.transport
+        assert backend_transport is not None
+        for chunk in client.pending:
+            backend_transport.write(chunk)
+        client.pending.clear()
+        client.transport.resume_reading()
+
+    def _forget(self, splice: _Splice) -> None:
+        self._splices.discard(splice)
+        if splice.peer_key is not None:
+            self.registry.remove(splice.peer_key)
+
+    @property
+    def connections(self) -> int:
+        return len(self._splices)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for splice in list(self._splices):
+            for side in (splice.client, splice.backend):
+                if side.transport is not None:
+                    side.transport.abort()
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.is_socket():
+                self.path.unlink()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __del__(self) -> None:
+        # Best effort for the private directory if close() was never awaited.
+        if os.path.isdir(self._dir):  # noqa: PTH112
+            shutil.rmtree(self._dir, ignore_errors=True)

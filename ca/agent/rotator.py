@@ -1,0 +1,383 @@
+"""The agent's I/O shell around ``SvidCache``: attest, sync, rotate, watch the bundle.
+
+One ``Rotator`` per agent. ``run()`` establishes the agent's identity (a persisted agent
+SVID from ``--data-dir`` if one is still valid, else node attestation), then runs two
+loops until cancelled:
+
+* the sync loop: renew the agent SVID at half-life; fetch this node's entries; get
+  X509-SVIDs for every entry ``SvidCache.due`` names (one batch call, fresh key per SVID);
+  drop expired SVIDs; sleep until the next rotation, expiry or sync interval;
+* the bundle loop: follow ``Upstream.watch_bundle`` and put every new bundle in the cache.
+
+When the CA is unreachable both loops back off (capped exponential, full jitter) and the
+cache keeps serving what it has until each SVID's notAfter; ``health()`` and the metrics
+say so. Every cache change bumps ``SvidCache.version`` and wakes ``wait_for_change``
+callers, which is how Workload API streams learn about rotations, entry changes and
+bundle updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ca.agent.backoff import Backoff
+from ca.agent.cache import JwtCache, SvidCache, rotation_time
+from ca.agent.metrics import AgentMetrics
+from ca.agent.upstream import Upstream, UpstreamError, UpstreamRefused, UpstreamUnavailable
+from ca.bundle import BundleError, TrustBundle, load_pem_certificates
+from ca.keys import (
+    KeyAlgorithm,
+    KeyMaterialError,
+    generate_private_key,
+    load_private_key,
+    private_key_pem,
+    write_private_file,
+    write_public_file,
+)
+from ca.server.client import AgentIdentity, JwtSvidToken
+from ca.server.entries import RegistrationEntry
+from ca.x509svid import SvidError, X509Svid, spiffe_id_of
+
+__all__ = ["AgentFatalError", "Rotator", "RotatorConfig", "load_agent_state"]
+
+log = logging.getLogger("trellis.agent")
+
+Clock = Callable[[], dt.datetime]
+MAX_BATCH = 100
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class AgentFatalError(Exception):
+    """The agent cannot continue without an operator (e.g. its join token was refused)."""
+
+
+@dataclass(frozen=True)
+class RotatorConfig:
+    sync_interval: float = 5.0
+    key_algorithm: KeyAlgorithm = KeyAlgorithm.P256
+    jitter: float = 0.1
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    data_dir: Path | None = None
+
+
+# -- the agent's own state on disk (so a restart needs no new join token) -------------------
+
+_AGENT_CHAIN = "agent-svid.pem"
+_AGENT_KEY = "agent-svid.key"
+_BUNDLE = "bundle.json"
+
+
+def load_agent_state(data_dir: Path, now: dt.datetime) -> tuple[X509Svid, TrustBundle] | None:
+    """The persisted agent SVID and bundle, if present and the SVID has not expired."""
+    try:
+        chain = tuple(load_pem_certificates((data_dir / _AGENT_CHAIN).read_bytes()))
+        key = load_private_key((data_dir / _AGENT_KEY).read_bytes(), what="agent key")
+        spiffe_id = spiffe_id_of(chain[0])
+        bundle = TrustBundle.from_json(spiffe_id.trust_domain, (data_dir / _BUNDLE).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, BundleError, KeyMaterialError, SvidError, IndexError) as exc:
+        log.warning("ignoring unreadable agent state in %s: %s", data_dir, exc)
+        return None
+    if chain[0].not_valid_after_utc <= now or chain[0].public_key() != key.public_key():
+        return None
+    return X509Svid(spiffe_id, chain, key), bundle
+
+
+def _save_agent_state(data_dir: Path, svid: X509Svid, bundle: TrustBundle) -> None:
+    assert svid.private_key is not None
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_private_file(data_dir / _AGENT_KEY, private_key_pem(svid.private_key))
+    write_public_file(data_dir / _AGENT_CHAIN, svid.chain_pem())
+    write_public_file(data_dir / _BUNDLE, bundle.to_json())
+
+
+class Rotator:
+    def __init__(
+        self,
+        upstream: Upstream,
+        *,
+        config: RotatorConfig | None = None,
+        metrics: AgentMetrics | None = None,
+        clock: Clock = _utcnow,
+        rng: random.Random | None = None,
+        initial_bundle: TrustBundle | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.config = config if config is not None else RotatorConfig()
+        self.metrics = metrics if metrics is not None else AgentMetrics()
+        self.clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 (jitter, not secrets)
+        self.cache = SvidCache(self._rng, self.config.jitter)
+        self.jwt_cache = JwtCache()
+        self.node: str | None = None
+        self._agent_rotate_at: dt.datetime | None = None
+        self._changed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._backoff = Backoff(self.config.backoff_base, self.config.backoff_cap, rng=self._rng)
+        self._bundle_backoff = Backoff(
+            self.config.backoff_base, self.config.backoff_cap, rng=self._rng
+        )
+        self.upstream_up = False
+        self.unreachable_since: dt.datetime | None = None
+        self.last_error: str | None = None
+        self.last_sync: dt.datetime | None = None
+        self.synced = asyncio.Event()
+        self.identity_ready = asyncio.Event()
+        if initial_bundle is not None:
+            self.cache.set_bundle(initial_bundle)
+
+    # -- change notification -------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+        self._update_gauges()
+
+    async def wait_for_change(self, seen_version: int) -> None:
+        """Return once ``cache.version`` differs from ``seen_version``."""
+        while self.cache.version == seen_version:
+            await self._changed.wait()
+
+    def _update_gauges(self) -> None:
+        now = self.clock()
+        m = self.metrics
+        m.cache_size.set(len(self.cache.svids))
+        m.entries.set(len(self.cache.entries))
+        nearest = self.cache.nearest_expiry()
+        m.nearest_expiry.set((nearest - now).total_seconds() if nearest else -1)
+        agent = self.upstream.agent_svid
+        m.agent_svid_expiry.set((agent.expires_at - now).total_seconds() if agent else -1)
+        m.upstream_up.set(1 if self.upstream_up else 0)
+
+    # -- bookkeeping of the upstream's state ------------------------------------------------
+
+    def _succeeded(self) -> None:
+        if not self.upstream_up:
+            if self.unreachable_since is not None:
+                log.info("CA reachable again")
+            self.upstream_up = True
+            self.unreachable_since = None
+            self.last_error = None
+
+    def _failed(self, operation: str, exc: UpstreamError) -> None:
+        retryable = isinstance(exc, UpstreamUnavailable)
+        self.metrics.fetch_errors.labels(operation, "true" if retryable else "false").inc()
+        if self.upstream_up or self.unreachable_since is None:
+            log.warning("CA call %s failed: %s", operation, exc)
+            self.unreachable_since = self.clock()
+        self.upstream_up = False
+        self.last_error = f"{operation}: {exc}"
+        self._update_gauges()
+
+    # -- identity ---------------------------------------------------------------------------
+
+    def _accept_identity(self, identity: AgentIdentity) -> None:
+        now = self.clock()
+        self.node = identity.node_name or self.node
+        self._agent_rotate_at = rotation_time(
+            now, identity.svid.expires_at, self._rng, self.config.jitter
+        )
+        if self.cache.set_bundle(identity.bundle):
+            self._notify()
+        if self.config.data_dir is not None:
+            _save_agent_state(self.config.data_dir, identity.svid, identity.bundle)
+        self.identity_ready.set()
+
+    async def establish_identity(self) -> None:
+        """Reuse a still-valid agent SVID, or attest (retrying while the CA is down)."""
+        current = self.upstream.agent_svid
+        if current is not None and current.expires_at > self.clock():
+            self._agent_rotate_at = rotation_time(
+                current.leaf.not_valid_before_utc, current.expires_at, self._rng, 0.0
+            )
+            self.identity_ready.set()
+            return
+        while True:
+            try:
+                identity = await self.upstream.attest()
+            except UpstreamUnavailable as exc:
+                self._failed("attest", exc)
+                await asyncio.sleep(self._backoff.next_delay())
+                continue
+            except UpstreamRefused as exc:
+                self._failed("attest", exc)
+                raise AgentFatalError(f"node attestation refused: {exc}") from exc
+            self._backoff.reset()
+            self._succeeded()
+            self._accept_identity(identity)
+            return
+
+    async def _renew_if_due(self, now: dt.datetime) -> None:
+        if self._agent_rotate_at is None or now < self._agent_rotate_at:
+            return
+        try:
+            identity = await self.upstream.renew()
+        except UpstreamError as exc:
+            self._failed("renew", exc)
+            raise
+        self._accept_identity(identity)
+
+    # -- the sync loop ------------------------------------------------------------------------
+
+    async def sync_once(self) -> None:
+        """One round: renew if due, fetch entries, issue what is due. Raises ``UpstreamError``."""
+        await self._renew_if_due(self.clock())
+        try:
+            entries = await self.upstream.fetch_entries()
+        except UpstreamError as exc:
+            self._failed("fetch_entries", exc)
+            raise
+        if self.cache.set_entries(entries.entries, entries.revision):
+            self.jwt_cache.forget_entries(self.cache.entries)
+            self._notify()
+        due = self.cache.due(self.clock())
+        for start in range(0, len(due), MAX_BATCH):
+            await self._issue(due[start : start + MAX_BATCH])
+        self._succeeded()
+        self.last_sync = self.clock()
+        self.synced.set()
+
+    async def _issue(self, entries: Sequence[RegistrationEntry]) -> None:
+        keys = [generate_private_key(self.config.key_algorithm) for _ in entries]
+        kinds = [
+            "initial" if e.entry_id not in self.cache.svids
+            else "rotation" if self.cache.svids[e.entry_id].entry.spiffe_id == e.spiffe_id
+            else "reissue"
+            for e in entries
+        ]  # fmt: skip
+        try:
+            svids = await self.upstream.batch_new_x509_svids(
+                [(e.entry_id, k) for e, k in zip(entries, keys, strict=True)]
+            )
+        except UpstreamError as exc:
+            self._failed("batch_new_x509_svids", exc)
+            raise
+        now = self.clock()
+        for entry, key, svid, kind in zip(entries, keys, svids, kinds, strict=True):
+            if self.cache.store(entry.entry_id, svid.chain, key, now=now) is not None:
+                self.metrics.rotations.labels(kind).inc()
+        self._notify()
+
+    async def _sleep(self, seconds: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, seconds))
+
+    def poke(self) -> None:
+        """Run the sync loop now (tests, SIGHUP)."""
+        self._wake.set()
+
+    def _next_delay(self, failed: bool) -> float:
+        now = self.clock()
+        delay = self._backoff.next_delay() if failed else self.config.sync_interval
+        # Never sleep past a rotation or an expiry (an expired SVID must stop being served).
+        wake = self.cache.next_wakeup(now) if not failed else self.cache.nearest_expiry()
+        if wake is not None:
+            delay = min(delay, max(0.0, (wake - now).total_seconds()) + 0.001)
+        if self._agent_rotate_at is not None and not failed:
+            delay = min(delay, max(0.0, (self._agent_rotate_at - now).total_seconds()))
+        return delay
+
+    async def sync_loop(self) -> None:
+        while True:
+            failed = False
+            try:
+                await self.sync_once()
+                self._backoff.reset()
+            except UpstreamRefused as exc:
+                # E.g. an entry deleted between fetch and sign: refetch soon.
+                log.info("CA refused: %s", exc)
+                failed = True
+            except UpstreamUnavailable:
+                failed = True
+            if self.cache.expire(self.clock()):
+                log.warning("cached SVIDs expired while the CA was unreachable")
+                self._notify()
+            self._update_gauges()
+            await self._sleep(self._next_delay(failed))
+
+    async def bundle_loop(self) -> None:
+        while True:
+            try:
+                async for bundle in self.upstream.watch_bundle():
+                    self._bundle_backoff.reset()
+                    if self.cache.set_bundle(bundle):
+                        self.metrics.bundle_updates.inc()
+                        log.info("trust bundle updated (sequence %d)", bundle.sequence)
+                        agent = self.upstream.agent_svid
+                        if self.config.data_dir is not None and agent is not None:
+                            _save_agent_state(self.config.data_dir, agent, bundle)
+                        self._notify()
+                raise UpstreamUnavailable("stream-ended", "bundle stream ended")
+            except UpstreamError as exc:
+                self._failed("watch_bundle", exc)
+                await asyncio.sleep(self._bundle_backoff.next_delay())
+
+    async def run(self) -> None:
+        await self.establish_identity()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.sync_loop())
+            group.create_task(self.bundle_loop())
+
+    # -- JWT-SVIDs ----------------------------------------------------------------------------
+
+    async def jwt_svid(self, entry: RegistrationEntry, audience: Sequence[str]) -> JwtSvidToken:
+        now = self.clock()
+        cached = self.jwt_cache.get(entry.entry_id, audience, now)
+        if cached is not None:
+            return cached
+        try:
+            token = await self.upstream.new_jwt_svid(entry.entry_id, audience)
+        except UpstreamError as exc:
+            self._failed("new_jwt_svid", exc)
+            raise
+        self._succeeded()
+        self.jwt_cache.put(entry.entry_id, audience, token, now)
+        return token
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(serving?, details). Degraded (CA down, cache still valid) still counts as serving."""
+        now = self.clock()
+        agent = self.upstream.agent_svid
+        nearest = self.cache.nearest_expiry()
+        missing = [e for e in self.cache.entries if e not in self.cache.svids]
+        if agent is None or agent.expires_at <= now:
+            status = "unhealthy"
+        elif not self.upstream_up:
+            status = "degraded" if not missing else "unhealthy"
+        else:
+            status = "ok"
+        details: dict[str, Any] = {
+            "status": status,
+            "node": self.node,
+            "upstream": "reachable" if self.upstream_up else "unreachable",
+            "unreachable_since": self.unreachable_since.isoformat()
+            if self.unreachable_since
+            else None,
+            "last_error": self.last_error,
+            "last_sync": self.last_sync.isoformat() if self.last_sync else None,
+            "entries": len(self.cache.entries),
+            "cached_svids": len(self.cache.svids),
+            "entries_without_svid": len(missing),
+            "nearest_expiry_seconds": (nearest - now).total_seconds() if nearest else None,
+            "agent_svid_expiry_seconds": (agent.expires_at - now).total_seconds()
+            if agent
+            else None,
+            "bundle_sequence": self.cache.bundle.sequence if self.cache.bundle else None,
+        }
+        return status != "unhealthy", details
