@@ -164,7 +164,7 @@ class Connection:
         self._now = to_datetime(now)
         self._reader = RecordReader()
         self._write: RecordProtection | None = None
-        self._out = bytearray()
+        self._out: list[bytes] = []
         self._events: deque[Event] = deque()
         self._hs_in = bytearray()
         self._hs_out = bytearray()
@@ -206,6 +206,7 @@ class Connection:
                 if record is None:
                     break
                 self._handle_record(*record)
+            self._reader.compact()
             self._flush_handshake()
         except TLSError as exc:
             self._fail(exc)
@@ -224,7 +225,7 @@ class Connection:
         return self._events.popleft() if self._events else None
 
     def data_to_send(self) -> bytes:
-        out = bytes(self._out)
+        out = b"".join(self._out)
         self._out.clear()
         return out
 
@@ -242,7 +243,7 @@ class Connection:
             if write.seq >= limit:
                 # RFC 8446 §5.5: rekey before the AEAD's safety limit.
                 self._update_write_key(state, request_peer=False)
-            self._seal(ContentType.application_data, bytes(view[start : start + MAX_PLAINTEXT]))
+            self._seal(ContentType.application_data, view[start : start + MAX_PLAINTEXT])
 
     def update_key(self, request_peer_update: bool = True) -> None:
         """Send a KeyUpdate (RFC 8446 §4.6.3) and switch to the next write secret."""
@@ -301,27 +302,27 @@ class Connection:
 
     def _send_initial_client_hello(self, message: bytes) -> None:
         # RFC 8446 §5.1: legacy_record_version 0x0301 on the initial ClientHello.
-        self._out += plaintext_record(ContentType.handshake, message, 0x0301)
+        self._out.append(plaintext_record(ContentType.handshake, message, 0x0301))
 
     def _send_ccs(self) -> None:
         """Appendix D.4 middlebox compatibility: one dummy change_cipher_spec."""
         if self._ccs_sent or not self._config.middlebox_compatibility:
             return
         self._flush_handshake()
-        self._out += plaintext_record(ContentType.change_cipher_spec, b"\x01")
+        self._out.append(plaintext_record(ContentType.change_cipher_spec, b"\x01"))
         self._ccs_sent = True
 
-    def _seal(self, content_type: int, fragment: bytes) -> None:
+    def _seal(self, content_type: int, fragment: bytes | memoryview) -> None:
         write = self._write
         if write is None:
-            self._out += plaintext_record(content_type, fragment)
+            self._out.append(plaintext_record(content_type, bytes(fragment)))
             return
         padding = 0
         block = self._config.record_padding
         if block:
             inner = len(fragment) + 1
             padding = min(-inner % block, MAX_PLAINTEXT + 1 - inner)
-        self._out += write.seal(content_type, fragment, padding)
+        self._out += write.seal_parts(content_type, fragment, padding)
 
     def _set_write_keys(self, params: SuiteParams, keys: TrafficKeys) -> None:
         self._flush_handshake()

@@ -31,6 +31,11 @@ MAX_CIPHERTEXT = MAX_PLAINTEXT + 256
 MAX_SEQUENCE = (1 << 64) - 1
 HEADER_LENGTH = 5
 _VALID_TYPES = frozenset(int(t) for t in ContentType if t != ContentType.invalid)
+_TYPE_BYTE = {t: bytes((t,)) for t in range(256)}
+# The header of a full-size application-data record, precomputed for the hot path.
+_HEADERS = {
+    MAX_PLAINTEXT + 1: b"\x17\x03\x03" + (MAX_PLAINTEXT + 1 + TAG_LENGTH).to_bytes(2, "big")
+}
 
 
 class RecordProtection:
@@ -55,16 +60,26 @@ class RecordProtection:
         self.seq = seq + 1
         return (self._iv ^ seq).to_bytes(IV_LENGTH, "big")
 
-    def seal(self, content_type: int, fragment: bytes, padding: int = 0) -> bytes:
+    def seal(self, content_type: int, fragment: bytes | memoryview, padding: int = 0) -> bytes:
         """One TLSCiphertext record carrying `fragment` (at most 2^14 bytes)."""
-        inner = fragment + bytes((content_type,))
-        if padding:
-            inner += bytes(padding)
-        length = len(inner) + TAG_LENGTH
-        header = b"\x17\x03\x03" + length.to_bytes(2, "big")
-        return header + self._aead.encrypt(self._next_nonce(), inner, header)
+        return b"".join(self.seal_parts(content_type, fragment, padding))
 
-    def open(self, header: bytes, payload: bytes) -> tuple[int, bytes]:
+    def seal_parts(
+        self, content_type: int, fragment: bytes | memoryview, padding: int = 0
+    ) -> tuple[bytes, bytes]:
+        """(header, ciphertext) of one record; the caller joins them once, with others."""
+        # RFC 8446 §5.2: TLSInnerPlaintext = content || ContentType || zeros.
+        inner = (
+            b"".join((fragment, _TYPE_BYTE[content_type], bytes(padding)))
+            if padding
+            else (b"".join((fragment, _TYPE_BYTE[content_type])))
+        )
+        header = _HEADERS.get(len(inner)) or b"\x17\x03\x03" + (len(inner) + TAG_LENGTH).to_bytes(
+            2, "big"
+        )
+        return header, self._aead.encrypt(self._next_nonce(), inner, header)
+
+    def open(self, header: bytes, payload: bytes | memoryview) -> tuple[int, bytes]:
         if self.seq > MAX_SEQUENCE:
             raise TLSError(AlertDescription.unexpected_message, "peer exhausted sequence numbers")
         nonce = self._next_nonce()
@@ -73,7 +88,7 @@ class RecordProtection:
         except InvalidTag as exc:
             raise TLSError(AlertDescription.bad_record_mac, "record authentication failed") from exc
         # RFC 8446 §5.4: strip zero padding; the last non-zero byte is the real type.
-        stripped = inner.rstrip(b"\x00")
+        stripped = inner if inner and inner[-1] else inner.rstrip(b"\x00")
         if not stripped:
             raise TLSError(AlertDescription.unexpected_message, "record without content type")
         if len(stripped) - 1 > MAX_PLAINTEXT:
@@ -91,48 +106,65 @@ def plaintext_record(content_type: int, fragment: bytes, legacy_version: int = 0
 
 
 class RecordReader:
-    """Splits the inbound stream into (content type, payload) with §5.1/§5.2 rules."""
+    """Splits the inbound stream into (content type, payload) with §5.1/§5.2 rules.
 
-    __slots__ = ("_buffer", "protection")
+    Consumed bytes are dropped lazily (`compact`), so a burst of many records is not
+    re-copied once per record.
+    """
+
+    __slots__ = ("_buffer", "_pos", "protection")
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._buffer = b""
+        self._pos = 0
         self.protection: RecordProtection | None = None
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
+        if self._pos >= len(self._buffer):
+            # Nothing left over: parse the caller's bytes in place, without a copy.
+            self._buffer = data if type(data) is bytes else bytes(data)
+        else:
+            self._buffer = b"".join((memoryview(self._buffer)[self._pos :], data))
+        self._pos = 0
+
+    def compact(self) -> None:
+        if self._pos >= len(self._buffer):
+            self._buffer = b""
+            self._pos = 0
 
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) - self._pos
 
     def next_record(self) -> tuple[int, bytes, bool] | None:
         """The next complete record as (content type, fragment, was_encrypted), or None."""
         buf = self._buffer
-        if len(buf) < HEADER_LENGTH:
+        pos = self._pos
+        if len(buf) - pos < HEADER_LENGTH:
             return None
-        outer_type = buf[0]
-        length = (buf[3] << 8) | buf[4]
+        outer_type = buf[pos]
+        length = (buf[pos + 3] << 8) | buf[pos + 4]
         if outer_type not in _VALID_TYPES:
             raise TLSError(AlertDescription.unexpected_message, f"unknown record type {outer_type}")
         limit = MAX_CIPHERTEXT if self.protection is not None else MAX_PLAINTEXT
         if length > limit:
             raise TLSError(AlertDescription.record_overflow, "record over the length limit")
-        end = HEADER_LENGTH + length
+        end = pos + HEADER_LENGTH + length
         if len(buf) < end:
             return None
-        header = bytes(buf[:HEADER_LENGTH])
-        payload = bytes(buf[HEADER_LENGTH:end])
-        del buf[:end]
+        self._pos = end
         # RFC 8446 §5: change_cipher_spec is never encrypted, even after keys are set.
         if self.protection is None or outer_type == ContentType.change_cipher_spec:
-            return outer_type, payload, False
+            return outer_type, bytes(buf[pos + HEADER_LENGTH : end]), False
         if outer_type == ContentType.alert and length == 2:
             # A peer that failed before it could install our keys (e.g. rejecting the
             # ServerHello) sends its alert in the clear; accept it so the real reason
             # surfaces instead of a generic unexpected_message.
-            return outer_type, payload, False
+            return outer_type, bytes(buf[pos + HEADER_LENGTH : end]), False
         if outer_type != ContentType.application_data:
             # RFC 8446 §5.2: protected records always carry opaque_type application_data.
             raise TLSError(AlertDescription.unexpected_message, "unprotected record after keys")
-        content_type, fragment = self.protection.open(header, payload)
+        view = memoryview(buf)
+        content_type, fragment = self.protection.open(
+            buf[pos : pos + HEADER_LENGTH], view[pos + HEADER_LENGTH : end]
+        )
         return content_type, fragment, True
