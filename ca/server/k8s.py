@@ -42,8 +42,12 @@ class KubernetesTokenReviewer:
     def _review_sync(self, token: str, audiences: Sequence[str]) -> TokenReviewResult:
         from kubernetes.client.exceptions import ApiException
 
+        # apiVersion/kind are set explicitly: the generated client omits them otherwise,
+        # and the API server's decoder may insist on them ("Object 'Kind' is missing").
         body = self._client.V1TokenReview(
-            spec=self._client.V1TokenReviewSpec(token=token, audiences=list(audiences))
+            api_version="authentication.k8s.io/v1",
+            kind="TokenReview",
+            spec=self._client.V1TokenReviewSpec(token=token, audiences=list(audiences)),
         )
         try:
             response = self._api.create_token_review(body)
