@@ -344,6 +344,7 @@ class CaServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        self.bundles.close()
         if self._grpc is not None:
             await self._grpc.stop(grace)
             self._grpc = None

@@ -31,7 +31,13 @@ class BundleWatch:
 
     def __init__(self, bundle: TrustBundle) -> None:
         self.current = bundle
+        self.closed = False
         self._changed = asyncio.Event()
+
+    def close(self) -> None:
+        """End every stream (graceful shutdown: watchers would otherwise hold the grace)."""
+        self.closed = True
+        self._changed.set()
 
     def publish(self, bundle: TrustBundle) -> None:
         if bundle.same_content(self.current) and bundle.sequence == self.current.sequence:
@@ -41,7 +47,7 @@ class BundleWatch:
         event.set()
 
     async def updates(self) -> AsyncIterator[TrustBundle]:
-        while True:
+        while not self.closed:
             waiter = self._changed
             yield self.current
             await waiter.wait()

@@ -1,0 +1,171 @@
+"""`trellis ca serve` as a real process: CLI-made join tokens, gRPC mTLS, metrics over
+HTTP, JSON logs without secrets, SIGTERM, and start-up refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from ca import KeyAlgorithm, generate_private_key
+from ca.server.client import CaClient, CaError
+
+from .conftest import CLUSTER, ENTRIES_YAML
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def trellis(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trellis", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=check,
+    )
+
+
+@contextmanager
+def serve(*args: str) -> Iterator[tuple[subprocess.Popen[str], dict[str, str], list[str]]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trellis", "ca", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert process.stdout is not None
+        ready_line = process.stdout.readline()
+        if not ready_line:
+            raise AssertionError(f"server did not start: {process.stderr.read()}")  # type: ignore[union-attr]
+        ready = json.loads(ready_line)
+        assert ready.pop("event") == "ready"
+        extra: list[str] = []
+        yield process, ready, extra
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+
+
+def listen_args(ca_dir: Path, *more: str) -> list[str]:
+    return [
+        "--dir", str(ca_dir), "--cluster", CLUSTER,
+        "--listen", "127.0.0.1:0", "--attest-listen", "127.0.0.1:0",
+        "--bundle-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+        *more,
+    ]  # fmt: skip
+
+
+def test_served_process_attests_a_cli_token_signs_and_stops_cleanly_on_sigterm(
+    ca_dir: Path, tmp_path: Path
+) -> None:
+    entries = tmp_path / "entries.yaml"
+    entries.write_text(ENTRIES_YAML)
+    with serve(*listen_args(ca_dir, "--entries", str(entries), "--join-token", "node-b")) as (
+        process,
+        ready,
+        _,
+    ):
+        assert process.stdout is not None
+        minted = json.loads(process.stdout.readline())
+        assert minted["event"] == "join-token" and minted["node"] == "node-b"
+        # a token created while the server runs is accepted: only its hash is on disk
+        made = trellis("ca", "token", "create", "--dir", str(ca_dir), "--cluster", CLUSTER,
+                       "--node", "node-a", "--ttl", "5m")  # fmt: skip
+        token = made.stdout.strip()
+        assert token.startswith("tjt_")
+
+        async def agent() -> None:
+            roots = (ca_dir / "root.crt").read_bytes()
+            client = CaClient(ready["listen"], attest_address=ready["attest_listen"],
+                              trust_roots=roots)  # fmt: skip
+            identity = await client.attest_with_join_token(token)
+            assert identity.node_name == "node-a"
+            svids = await client.batch_new_x509_svids(
+                [("web", generate_private_key(KeyAlgorithm.P256))]
+            )
+            assert str(svids[0].spiffe_id) == "spiffe://example.org/ns/default/sa/web"
+            with pytest.raises(CaError) as refused:
+                await client.batch_new_x509_svids([("db", generate_private_key(KeyAlgorithm.P256))])
+            assert refused.value.code == "PERMISSION_DENIED"
+            other = CaClient(ready["listen"], attest_address=ready["attest_listen"],
+                             trust_roots=roots)  # fmt: skip
+            assert (await other.attest_with_join_token(minted["token"])).node_name == "node-b"
+            with pytest.raises(CaError) as replay:
+                await CaClient(ready["listen"], attest_address=ready["attest_listen"],
+                               trust_roots=roots).attest_with_join_token(token)  # fmt: skip
+            assert replay.value.code == "UNAUTHENTICATED"
+            # a stream open at shutdown must not hold the process up
+            stream = client.watch_bundle()
+            await stream.__anext__()
+            with urllib.request.urlopen(f"http://{ready['metrics_listen']}/metrics") as r:
+                metrics = r.read().decode()
+            assert (
+                'trellis_ca_x509_svid_issued_total{cluster="west",kind="workload",'
+                'trust_domain="example.org"} 1.0' in metrics
+            )
+            assert 'reason="entry-not-authorized"' in metrics
+            assert 'reason="join-token-reused"' in metrics
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            with pytest.raises(CaError):
+                await stream.__anext__()
+            await asyncio.to_thread(process.wait, 10)
+            assert time.monotonic() - started < 5
+            await client.close()
+            await other.close()
+
+        asyncio.run(asyncio.wait_for(agent(), 60))
+        assert process.returncode == 0
+        assert process.stderr is not None
+        logs = process.stderr.read()
+    records = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    events = [r["event"] for r in records]
+    assert "agent-attested" in events and "ca-server-stopping" in events
+    assert events[-1] == "ca-server-stopped"
+    assert token not in logs and minted["token"] not in logs
+    assert "PRIVATE KEY" not in logs
+
+
+def test_serve_refuses_a_malformed_entries_file_with_one_clear_line(
+    ca_dir: Path, tmp_path: Path
+) -> None:
+    entries = tmp_path / "entries.yaml"
+    entries.write_text("entries:\n  - spiffe_id: spiffe://example.org/x\n    selectors: [uid:1]\n")
+    result = trellis("ca", "serve", *listen_args(ca_dir, "--entries", str(entries)), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("trellis: error: ")
+    assert "entries[0].selectors[0]" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_an_unknown_cluster(ca_dir: Path) -> None:
+    args = listen_args(ca_dir)
+    args[args.index(CLUSTER)] = "east"
+    result = trellis("ca", "serve", *args, check=False)
+    assert result.returncode == 1
+    assert "no intermediate for cluster 'east'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_token_create_refuses_a_bad_node_name_and_writes_nothing(ca_dir: Path) -> None:
+    result = trellis("ca", "token", "create", "--dir", str(ca_dir), "--cluster", CLUSTER,
+                     "--node", "bad/node", check=False)  # fmt: skip
+    assert result.returncode == 1
+    assert "not a usable node name" in result.stderr
+    assert not (ca_dir / "clusters" / CLUSTER / "join-tokens").exists() or not os.listdir(
+        ca_dir / "clusters" / CLUSTER / "join-tokens"
+    )
