@@ -72,25 +72,42 @@ class Buffer:
             raise _decode_error("vector length out of range")
         return self.pull_bytes(length)
 
-    @contextmanager
-    def pull_block(self, length_size: int) -> Iterator[int]:
-        """Scope parsing to a length-prefixed block; trailing bytes are a decode_error."""
+    def pull_block(self, length_size: int) -> _PullBlock:
+        """Scope parsing to a length-prefixed block; trailing bytes are a decode_error.
+
+        Used as `with buf.pull_block(2) as length: ...` (a class, not a generator:
+        this is on every handshake's hot path).
+        """
         length = int.from_bytes(self.pull_bytes(length_size), "big")
         end = self._pos + length
         if end > self._end:
             raise _decode_error("block overruns its container")
-        outer_end = self._end
+        block = _PullBlock(self, self._end, end, length)
         self._end = end
-        try:
-            yield length
-        finally:
-            self._end = outer_end
-        if self._pos != end:
-            raise _decode_error("trailing bytes in block")
+        return block
 
     def expect_end(self) -> None:
         if self._pos != self._end:
             raise _decode_error("trailing bytes after message")
+
+
+class _PullBlock:
+    __slots__ = ("_buf", "_end", "_length", "_outer_end")
+
+    def __init__(self, buf: Buffer, outer_end: int, end: int, length: int) -> None:
+        self._buf = buf
+        self._outer_end = outer_end
+        self._end = end
+        self._length = length
+
+    def __enter__(self) -> int:
+        return self._length
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        buf = self._buf
+        buf._end = self._outer_end
+        if exc_type is None and buf._pos != self._end:
+            raise _decode_error("trailing bytes in block")
 
 
 class Writer:

@@ -7,6 +7,7 @@ state machines read.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -128,15 +129,11 @@ def _parse(data: bytes) -> Buffer:
 
 
 def pull_uint16_list(data: bytes, minimum: int = 2) -> tuple[int, ...]:
-    buf = _parse(data)
-    values: list[int] = []
-    with buf.pull_block(2) as length:
-        if length < minimum or length % 2:
-            raise TLSError(AlertDescription.decode_error, "bad uint16 list")
-        while not buf.eof():
-            values.append(buf.pull_uint16())
-    buf.expect_end()
-    return tuple(values)
+    """A `uint16 list<minimum..2^16-2>` (supported_groups, signature_algorithms)."""
+    length = int.from_bytes(data[:2], "big")
+    if len(data) != 2 + length or length < minimum or length % 2:
+        raise TLSError(AlertDescription.decode_error, "bad uint16 list")
+    return struct.unpack(f">{length // 2}H", data[2:])
 
 
 def push_uint16_list(values: Iterable[int]) -> bytes:

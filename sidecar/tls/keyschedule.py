@@ -17,29 +17,43 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from functools import lru_cache
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from .suites import IV_LENGTH, SuiteParams
 
+_HASHES: dict[str, hashes.HashAlgorithm] = {"sha256": hashes.SHA256(), "sha384": hashes.SHA384()}
+
 
 def hkdf_extract(params: SuiteParams, salt: bytes, ikm: bytes) -> bytes:
-    return HKDF.extract(params.hash_algorithm(), salt, ikm)
+    return HKDF.extract(_HASHES[params.hash_name], salt, ikm)
+
+
+def _hkdf_label(label: bytes, context: bytes, length: int) -> bytes:
+    """RFC 8446 §7.1 HkdfLabel = uint16 length || "tls13 " + label || context."""
+    full_label = b"tls13 " + label
+    return b"".join(
+        (
+            length.to_bytes(2, "big"),
+            bytes((len(full_label),)),
+            full_label,
+            bytes((len(context),)),
+            context,
+        )
+    )
+
+
+# Labels with an empty context (key, iv, finished, traffic upd, ...) recur every handshake.
+_constant_label = lru_cache(maxsize=64)(_hkdf_label)
 
 
 def hkdf_expand_label(
     params: SuiteParams, secret: bytes, label: bytes, context: bytes, length: int
 ) -> bytes:
-    """RFC 8446 §7.1 HKDF-Expand-Label: HkdfLabel = length || "tls13 " + label || context."""
-    full_label = b"tls13 " + label
-    info = (
-        length.to_bytes(2, "big")
-        + bytes((len(full_label),))
-        + full_label
-        + bytes((len(context),))
-        + context
-    )
-    return HKDFExpand(params.hash_algorithm(), length, info).derive(secret)
+    info = _hkdf_label(label, context, length) if context else _constant_label(label, b"", length)
+    return HKDFExpand(_HASHES[params.hash_name], length, info).derive(secret)
 
 
 def derive_secret(
