@@ -14,6 +14,7 @@ is removed early: an SVID stays served until ``expire(now)`` drops it at its not
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import random
 from collections import OrderedDict
@@ -45,6 +46,11 @@ def rotation_time(
     return issued_at + max(offset, MIN_ROTATION_DELAY)
 
 
+def _issuance_key(entry: RegistrationEntry) -> tuple[object, ...]:
+    """What an issued X509-SVID depends on: when this changes, the SVID is re-issued."""
+    return (entry.spiffe_id, entry.x509_svid_ttl, entry.dns_names)
+
+
 @dataclass(frozen=True, slots=True)
 class CachedSvid:
     entry: RegistrationEntry
@@ -55,6 +61,8 @@ class CachedSvid:
     # Serialised once at store time: the Workload API hot path only copies bytes.
     chain_der: bytes
     key_der: bytes
+    # The entry's issuance parameters when this SVID was signed (see ``_issuance_key``).
+    issued_for: tuple[object, ...] = ()
 
     @property
     def expires_at(self) -> dt.datetime:
@@ -82,12 +90,8 @@ class CachedSvid:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             ),
+            _issuance_key(entry),
         )
-
-
-def _issuance_key(entry: RegistrationEntry) -> tuple[object, ...]:
-    """What an issued X509-SVID depends on: when this changes, the SVID is re-issued."""
-    return (entry.spiffe_id, entry.x509_svid_ttl, entry.dns_names)
 
 
 class SvidCache:
@@ -123,11 +127,7 @@ class SvidCache:
                 # Selectors or hint may change without re-issuing; keep the SVID but let
                 # the new entry govern who may fetch it. If the SVID itself depends on what
                 # changed, ``due`` schedules a re-issue.
-                old = self.svids[entry_id]
-                self.svids[entry_id] = CachedSvid(
-                    kept, old.chain, old.private_key, old.issued_at, old.rotate_at,
-                    old.chain_der, old.key_der,
-                )  # fmt: skip
+                self.svids[entry_id] = dataclasses.replace(self.svids[entry_id], entry=kept)
         self.entries = new
         self._changed()
         return True
@@ -183,7 +183,7 @@ class SvidCache:
             if (
                 cached is None
                 or cached.rotate_at <= now
-                or _issuance_key(cached.entry) != _issuance_key(entry)
+                or cached.issued_for != _issuance_key(entry)
             ):
                 wanted.append(entry)
         return sorted(wanted, key=lambda e: e.entry_id)
