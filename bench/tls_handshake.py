@@ -231,7 +231,7 @@ def openssl_throughput(seconds: float) -> float:
         s.bio_write(c.bio_read(1 << 21))
         got = 0
         while got < 64 * 16384:
-            got += len(s.recv(1 << 20))
+            got += len(s.recv(16384))
 
     return rate(once, seconds, 1) * 64 * 16384 / 1e6
 
