@@ -120,6 +120,21 @@ def build_client_hello(
     return ClientHello(random, session_id, tuple(config.cipher_suites), b"\x00", tuple(extensions))
 
 
+def second_client_hello(
+    hello: ClientHello, shares: list[ClientKeyShare], cookie: bytes | None
+) -> ClientHello:
+    """RFC 8446 §4.1.2: ClientHello1 with the new key_share and the cookie echoed."""
+    extensions: list[RawExtension] = []
+    for ext_type, data in hello.extensions:
+        if ext_type == ExtensionType.key_share:
+            data = push_client_key_shares((s.group, s.public) for s in shares)
+        extensions.append((ext_type, data))
+    if cookie is not None:
+        # RFC 8446 §4.2.2: the client MUST copy the cookie into the new ClientHello.
+        extensions.append((ExtensionType.cookie, push_cookie(cookie)))
+    return replace(hello, extensions=tuple(extensions))
+
+
 @dataclass(slots=True)
 class _Negotiation:
     """What the client learns as the handshake proceeds (filled in order)."""
@@ -224,17 +239,11 @@ class ExpectServerHello(HandshakeState):
         params = SUITES[hrr.cipher_suite]
         neg.transcript.restart_after_retry(params.hash_name, push_client_hello(neg.hello))
         neg.transcript.update(raw)
-        extensions: list[RawExtension] = []
-        for ext_type, data in neg.hello.extensions:
-            if ext_type == ExtensionType.key_share:
-                data = push_client_key_shares((s.group, s.public) for s in shares)
-            extensions.append((ext_type, data))
-        if cookie is not None:
-            # RFC 8446 §4.2.2: echo the cookie in the second ClientHello.
-            extensions.append((ExtensionType.cookie, push_cookie(pull_cookie(cookie))))
-        hello2 = replace(neg.hello, extensions=tuple(extensions))
+        hello2 = second_client_hello(
+            neg.hello, shares, pull_cookie(cookie) if cookie is not None else None
+        )
         neg.hello = hello2
-        neg.offered = neg.offered | {ExtensionType.cookie}
+        neg.offered = frozenset(t for t, _ in hello2.extensions)
         neg.params = params
         hello2_raw = push_client_hello(hello2)
         neg.transcript.update(hello2_raw)
