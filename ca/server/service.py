@@ -227,7 +227,7 @@ class CaService:
             )
         now = self._clock()
         roots = self.bundle().x509_authorities
-        if roots != self._auth_roots:
+        if roots is not self._auth_roots:
             self._auth_cache.clear()
             self._auth_roots = roots
         cached = self._auth_cache.get(chain_pem)

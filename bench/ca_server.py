@@ -1,0 +1,374 @@
+"""CA server throughput and latency over the real gRPC mTLS API; prints JSON.
+
+Starts a real ``trellis ca serve`` process on loopback, attests N agents with join tokens,
+then measures:
+
+* ``batch``: X509-SVIDs/s with N agents each sending batches of CSRs back to back;
+* ``single``: X509-SVIDs/s with N agents each keeping several one-CSR calls in flight;
+* ``latency``: p50/p99 of one-CSR calls at fixed offered loads (open loop: requests are
+  sent on schedule whether or not earlier ones have finished);
+* ``in_process``: ``IntermediateAuthority.issue_x509_svid_from_csr`` on the same CSRs in
+  this process, the ceiling that the gRPC figures are compared with (``ratio``).
+
+CSRs are made before timing starts (an agent makes them off the CA's critical path), so
+the client's cost is the gRPC call alone. Client and server share the machine's cores.
+
+    python bench/ca_server.py [--agents 8] [--duration 5] [--loads 250,500,1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ca import (  # noqa: E402
+    JwtAuthority,
+    KeyAlgorithm,
+    RootAuthority,
+    TrustDomain,
+    generate_private_key,
+)
+from ca.server.client import CaClient, build_csr  # noqa: E402
+from ca.store import CaStore  # noqa: E402
+
+CLUSTER = "bench"
+SERVER_PID = [0]
+ENTRIES = """\
+entries:
+  - id: workload
+    spiffe_id: spiffe://bench.example/ns/default/sa/workload
+    selectors: [unix:uid:1000]
+    nodes: ["*"]
+"""
+
+
+def make_ca(directory: Path) -> CaStore:
+    now = dt.datetime.now(dt.UTC)
+    store = CaStore(directory)
+    root = RootAuthority.create(TrustDomain("bench.example"), now=now)
+    store.save_root(root, b"bench-passphrase")
+    store.save_intermediate(root.issue_intermediate(CLUSTER, now=now), JwtAuthority.generate())
+    (directory / "entries.yaml").write_text(ENTRIES)
+    return store
+
+
+def start_server(directory: Path, agents: int) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    args = [
+        sys.executable, "-m", "trellis", "ca", "serve",
+        "--dir", str(directory), "--cluster", CLUSTER,
+        "--listen", "127.0.0.1:0", "--attest-listen", "127.0.0.1:0",
+        "--bundle-listen", "off", "--metrics-listen", "127.0.0.1:0",
+        "--entries", str(directory / "entries.yaml"),
+        "--agent-rate", "1000000", "--agent-burst", "1000000",
+        "--log-level", "error",
+    ]  # fmt: skip
+    for index in range(agents):
+        args += ["--join-token", f"node-{index}"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    SERVER_PID[0] = process.pid
+    assert process.stdout is not None
+    ready = json.loads(process.stdout.readline())
+    tokens = {}
+    for _ in range(agents):
+        line = json.loads(process.stdout.readline())
+        tokens[line["node"]] = line["token"]
+    ready["tokens"] = tokens
+    return process, ready
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def attest_all(ready: dict[str, Any], roots: bytes) -> list[CaClient]:
+    clients = []
+    for token in ready["tokens"].values():
+        client = CaClient(ready["listen"], attest_address=ready["attest_listen"], trust_roots=roots)
+        await client.attest_with_join_token(token)
+        clients.append(client)
+    return clients
+
+
+async def closed_loop(
+    clients: list[CaClient], csrs: list[bytes], batch: int, in_flight: int, duration: float
+) -> dict[str, Any]:
+    issued = 0
+    latencies: list[float] = []
+    deadline = time.perf_counter() + duration
+
+    async def worker(client: CaClient, offset: int) -> None:
+        nonlocal issued
+        i = offset
+        while time.perf_counter() < deadline:
+            requests = [("workload", csrs[(i + k) % len(csrs)]) for k in range(batch)]
+            i += batch
+            started = time.perf_counter()
+            svids = await client.batch_sign_csrs(requests)
+            latencies.append(time.perf_counter() - started)
+            issued += len(svids)
+
+    server_cpu = cpu_seconds(SERVER_PID[0])
+    client_cpu = time.process_time()
+    started = time.perf_counter()
+    await asyncio.gather(
+        *(
+            worker(client, (n * in_flight + k) * 7)
+            for n, client in enumerate(clients)
+            for k in range(in_flight)
+        )
+    )
+    elapsed = time.perf_counter() - started
+    server_cpu = cpu_seconds(SERVER_PID[0]) - server_cpu
+    client_cpu = time.process_time() - client_cpu
+    return {
+        "agents": len(clients),
+        "batch_size": batch,
+        "in_flight_per_agent": in_flight,
+        "svids": issued,
+        "seconds": round(elapsed, 3),
+        "svids_per_second": round(issued / elapsed, 1),
+        "call_latency_ms_p50": round(percentile(latencies, 0.50) * 1000, 2),
+        "call_latency_ms_p99": round(percentile(latencies, 0.99) * 1000, 2),
+        "server_cpu_us_per_svid": round(1e6 * server_cpu / max(issued, 1), 1),
+        "client_cpu_us_per_svid": round(1e6 * client_cpu / max(issued, 1), 1),
+    }
+
+
+async def open_loop(
+    clients: list[CaClient], csrs: list[bytes], rate: float, duration: float
+) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors = 0
+    total = int(rate * duration)
+    interval = 1.0 / rate
+    tasks: list[asyncio.Task[None]] = []
+
+    async def one(client: CaClient, csr: bytes) -> None:
+        nonlocal errors
+        started = time.perf_counter()
+        try:
+            await client.batch_sign_csrs([("workload", csr)])
+        except Exception:  # a bench counts failures instead of stopping
+            errors += 1
+            return
+        latencies.append(time.perf_counter() - started)
+
+    start = time.perf_counter()
+    for index in range(total):
+        target = start + index * interval
+        delay = target - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        client = clients[index % len(clients)]
+        tasks.append(asyncio.create_task(one(client, csrs[index % len(csrs)])))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    return {
+        "offered_per_second": rate,
+        "requests": total,
+        "completed_per_second": round(len(latencies) / elapsed, 1),
+        "errors": errors,
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+        "max_ms": round(max(latencies) * 1000, 2) if latencies else None,
+    }
+
+
+async def open_loop_coalesced(
+    clients: list[CaClient], csrs: list[bytes], rate: float, duration: float, flush: float
+) -> dict[str, Any]:
+    """The same offered load, but each agent sends what fell due in the last ``flush``
+    seconds as one batch (an agent renewing many SVIDs does exactly this). Latency runs
+    from each SVID's scheduled arrival to its response, so it includes the wait for the
+    next flush."""
+    latencies: list[float] = []
+    errors = 0
+    per_agent = rate / len(clients)
+    tasks: list[asyncio.Task[None]] = []
+    start = time.perf_counter()
+
+    async def send(client: CaClient, due: list[float], offset: int) -> None:
+        nonlocal errors
+        requests = [("workload", csrs[(offset + k) % len(csrs)]) for k in range(len(due))]
+        try:
+            await client.batch_sign_csrs(requests)
+        except Exception:  # a bench counts failures instead of stopping
+            errors += len(due)
+            return
+        done = time.perf_counter()
+        latencies.extend(done - t for t in due)
+
+    async def agent(index: int, client: CaClient) -> None:
+        # arrivals spread evenly, each agent's schedule offset so flushes do not align
+        phase = index / len(clients) / per_agent
+        arrivals = [start + phase + k / per_agent for k in range(int(per_agent * duration))]
+        position = 0
+        while position < len(arrivals):
+            await asyncio.sleep(flush)
+            now = time.perf_counter()
+            due = []
+            while position < len(arrivals) and arrivals[position] <= now:
+                due.append(arrivals[position])
+                position += 1
+            if due:
+                tasks.append(asyncio.create_task(send(client, due, position)))
+
+    await asyncio.gather(*(agent(i, c) for i, c in enumerate(clients)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    return {
+        "offered_per_second": rate,
+        "flush_ms": flush * 1000,
+        "svids": len(latencies),
+        "calls": len(tasks),
+        "completed_per_second": round(len(latencies) / elapsed, 1),
+        "errors": errors,
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+        "max_ms": round(max(latencies) * 1000, 2) if latencies else None,
+    }
+
+
+def in_process_rate(store: CaStore, csrs: list[bytes], duration: float) -> dict[str, Any]:
+    intermediate = store.load_intermediate(CLUSTER)
+    spiffe_id = "spiffe://bench.example/ns/default/sa/workload"
+    now = dt.datetime.now(dt.UTC)
+    count = 0
+    started = time.perf_counter()
+    deadline = started + duration
+    while time.perf_counter() < deadline:
+        for csr in csrs[:50]:
+            intermediate.issue_x509_svid_from_csr(csr, spiffe_id, now=now)
+        count += 50
+    elapsed = time.perf_counter() - started
+    return {"svids": count, "svids_per_second": round(count / elapsed, 1)}
+
+
+async def run_grpc(ready: dict[str, Any], roots: bytes, csrs: list[bytes], args: Any) -> Any:
+    clients = await attest_all(ready, roots)
+    # warm-up: connections, TLS sessions, server caches
+    await closed_loop(clients, csrs, 10, 1, 0.5)
+    batch = await closed_loop(clients, csrs, args.batch_size, 1, args.duration)
+    single = await closed_loop(clients, csrs, 1, args.in_flight, args.duration)
+    latency = []
+    coalesced = []
+    for rate in args.loads:
+        latency.append(await open_loop(clients, csrs, rate, args.latency_duration))
+        await asyncio.sleep(0.5)
+        coalesced.append(
+            await open_loop_coalesced(
+                clients, csrs, rate, args.latency_duration, args.flush_ms / 1000
+            )
+        )
+        await asyncio.sleep(0.5)
+    for client in clients:
+        await client.close()
+    return batch, single, latency, coalesced
+
+
+def server_metrics(address: str) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    wanted = {}
+    for line in text.splitlines():
+        if line.startswith("trellis_ca_sign_duration_seconds_sum") and 'kind="workload"' in line:
+            wanted["sign_seconds_sum"] = float(line.rsplit(" ", 1)[1])
+        if line.startswith("trellis_ca_sign_duration_seconds_count") and 'kind="workload"' in line:
+            wanted["sign_count"] = float(line.rsplit(" ", 1)[1])
+    return wanted
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--latency-duration", type=float, default=5.0)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--in-flight", type=int, default=8, help="single-CSR calls per agent")
+    parser.add_argument("--flush-ms", type=float, default=10.0, help="agent-batched mode")
+    parser.add_argument(
+        "--loads", type=lambda s: [float(x) for x in s.split(",")], default=[250, 500, 1000]
+    )
+    args = parser.parse_args()
+
+    directory = Path(tempfile.mkdtemp(prefix="trellis-bench-ca-"))
+    process = None
+    try:
+        store = make_ca(directory)
+        csrs = [build_csr(generate_private_key(KeyAlgorithm.P256)) for _ in range(256)]
+        in_process = in_process_rate(store, csrs, min(args.duration, 3.0))
+        process, ready = start_server(directory, args.agents)
+        roots = store.root_cert_path.read_bytes()
+        batch, single, latency, coalesced = asyncio.run(run_grpc(ready, roots, csrs, args))
+        metrics = server_metrics(ready["metrics_listen"])
+        mean_sign_us = (
+            1e6 * metrics["sign_seconds_sum"] / metrics["sign_count"]
+            if metrics.get("sign_count")
+            else None
+        )
+        at_1000 = next((r for r in latency if r["offered_per_second"] == 1000), None)
+        batched_1000 = next((r for r in coalesced if r["offered_per_second"] == 1000), None)
+        report = {
+            "benchmark": "ca_server",
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "in_process": in_process,
+            "grpc_batch": batch,
+            "grpc_single": single,
+            "latency_at_offered_load": latency,
+            "latency_at_offered_load_agent_batched": coalesced,
+            "server_mean_sign_us": round(mean_sign_us, 1) if mean_sign_us else None,
+            "ratio_batch_to_in_process": round(
+                batch["svids_per_second"] / in_process["svids_per_second"], 3
+            ),
+            "ratio_single_to_in_process": round(
+                single["svids_per_second"] / in_process["svids_per_second"], 3
+            ),
+            "targets": {
+                "grpc_svids_per_second_min": 2000,
+                "batch_met": batch["svids_per_second"] >= 2000,
+                "single_met": single["svids_per_second"] >= 2000,
+                "p99_ms_at_1000_per_second_max": 50,
+                "p99_met_single_calls": at_1000 is not None and at_1000["p99_ms"] <= 50,
+                "p99_met_agent_batched": batched_1000 is not None and batched_1000["p99_ms"] <= 50,
+            },
+        }
+        print(json.dumps(report, indent=2))
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
