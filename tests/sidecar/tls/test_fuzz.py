@@ -65,7 +65,7 @@ def _feed_server(data: bytes) -> None:
     try:
         server.receive_data(data)
     except TLSError:
-        assert server.data_to_send()[-7:-2] or True  # an alert record was queued
+        assert server.data_to_send(), "a fatal alert must be queued with the error"
 
 
 def _feed_client(data: bytes) -> None:
@@ -104,10 +104,8 @@ _PARSERS = [
 
 @given(st.sampled_from(_PARSERS), st.binary(max_size=300))
 def test_message_parsers_raise_only_tls_error(parser: object, data: bytes) -> None:
-    try:
+    with contextlib.suppress(TLSError):
         parser(data)  # type: ignore[operator]
-    except TLSError:
-        pass
 
 
 @given(mutated(_CLIENT_HELLO_RECORD[9:]))

@@ -233,14 +233,14 @@ def test_tls12_only_openssl_client_gets_protocol_version() -> None:
         server.receive_data(_bio_read(client), now=REAL_NOW)
     assert info.value.alert == AlertDescription.protocol_version
     client.bio_write(server.data_to_send())
-    with pytest.raises(SSL.Error, match="(?i)protocol version"):
+    with pytest.raises(SSL.Error, match=r"(?i)protocol version"):
         client.do_handshake()
 
 
 def test_tls12_only_openssl_server_refuses_engine_client_with_protocol_version() -> None:
     server, client = _openssl_server(tls12_only=True), _engine_client()
     server.bio_write(client.data_to_send())
-    with pytest.raises(SSL.Error, match="(?i)unsupported protocol"):
+    with pytest.raises(SSL.Error, match=r"(?i)unsupported protocol"):
         server.do_handshake()
     client.receive_data(_bio_read(server), now=REAL_NOW)
     events = list(client.events())
