@@ -42,11 +42,12 @@ from ca import (  # noqa: E402
     TrustDomain,
     generate_private_key,
 )
-from ca.server.client import CaClient, build_csr  # noqa: E402
+from ca.server.client import CaClient, CaError, build_csr  # noqa: E402
 from ca.store import CaStore  # noqa: E402
 
 CLUSTER = "bench"
 SERVER_PID = [0]
+SIGN_WORKERS = [0]
 ENTRIES = """\
 entries:
   - id: workload
@@ -74,7 +75,7 @@ def start_server(directory: Path, agents: int) -> tuple[subprocess.Popen[str], d
         "--bundle-listen", "off", "--metrics-listen", "127.0.0.1:0",
         "--entries", str(directory / "entries.yaml"),
         "--agent-rate", "1000000", "--agent-burst", "1000000",
-        "--log-level", "error",
+        "--log-level", "error", "--sign-workers", str(SIGN_WORKERS[0]),
     ]  # fmt: skip
     for index in range(agents):
         args += ["--join-token", f"node-{index}"]
@@ -163,6 +164,7 @@ async def open_loop(
 ) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
+    codes: dict[str, int] = {}
     total = int(rate * duration)
     interval = 1.0 / rate
     tasks: list[asyncio.Task[None]] = []
@@ -172,8 +174,9 @@ async def open_loop(
         started = time.perf_counter()
         try:
             await client.batch_sign_csrs([("workload", csr)])
-        except Exception:  # a bench counts failures instead of stopping
+        except CaError as exc:  # a bench counts failures instead of stopping
             errors += 1
+            codes[exc.code] = codes.get(exc.code, 0) + 1
             return
         latencies.append(time.perf_counter() - started)
 
@@ -192,6 +195,7 @@ async def open_loop(
         "requests": total,
         "completed_per_second": round(len(latencies) / elapsed, 1),
         "errors": errors,
+        "error_codes": codes,
         "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
         "max_ms": round(max(latencies) * 1000, 2) if latencies else None,
@@ -216,7 +220,7 @@ async def open_loop_coalesced(
         requests = [("workload", csrs[(offset + k) % len(csrs)]) for k in range(len(due))]
         try:
             await client.batch_sign_csrs(requests)
-        except Exception:  # a bench counts failures instead of stopping
+        except CaError:  # a bench counts failures instead of stopping
             errors += len(due)
             return
         done = time.perf_counter()
@@ -311,11 +315,13 @@ def main() -> None:
     parser.add_argument("--latency-duration", type=float, default=5.0)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--in-flight", type=int, default=8, help="single-CSR calls per agent")
+    parser.add_argument("--sign-workers", type=int, default=0, help="server --sign-workers")
     parser.add_argument("--flush-ms", type=float, default=10.0, help="agent-batched mode")
     parser.add_argument(
         "--loads", type=lambda s: [float(x) for x in s.split(",")], default=[250, 500, 1000]
     )
     args = parser.parse_args()
+    SIGN_WORKERS[0] = args.sign_workers
 
     directory = Path(tempfile.mkdtemp(prefix="trellis-bench-ca-"))
     process = None

@@ -43,6 +43,7 @@ from ca.server.entries import EntrySource, StaticEntrySource, YamlFileEntrySourc
 from ca.server.grpc_shell import BundleWatch, make_handler
 from ca.server.metrics import CaMetrics
 from ca.server.service import CaService, ServiceConfig, TokenReviewer, log_event
+from ca.server.signer import ProcessPoolSigner
 from ca.server.tokens import JoinTokenStore
 from ca.store import CaStore
 from ca.x509svid import X509Svid
@@ -74,6 +75,7 @@ class ServerConfig:
     server_svid_ttl: dt.timedelta = dt.timedelta(hours=24)
     poll_interval: float = 1.0
     token_reviewer: TokenReviewer | None = None
+    sign_workers: int = 0  # 0: sign on the event loop; N: in N worker processes
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,10 @@ class CaServer:
             self.issued_tokens[node] = self.join_tokens.issue(
                 node, now=time.time(), ttl=cfg.join_token_ttl.total_seconds()
             )
+        if cfg.sign_workers > 0:
+            signer = ProcessPoolSigner(cfg.ca_dir, cfg.cluster, cfg.sign_workers)
+            await signer.start()
+            self.service.signer = signer
         limit = max(GRPC_HARD_LIMIT, 2 * cfg.service.max_request_bytes)
         server = grpc.aio.server(
             options=[
@@ -351,6 +357,7 @@ class CaServer:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        await self.service.signer.close()
         self._stopped.set()
         log_event(logging.INFO, "ca-server-stopped", cluster=self.config.cluster)
 

@@ -108,6 +108,12 @@ def register(ca_commands: Any) -> None:
         metavar="NAMESPACE:SA",
         help="service account allowed to attest nodes (default trellis-system:trellis-agent)",
     )
+    p.add_argument(
+        "--sign-workers",
+        type=int,
+        default=0,
+        help="sign in N worker processes (0: on the event loop)",
+    )
     p.add_argument("--poll-interval", type=float, default=1.0, help="reload check, seconds")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(handler=cmd_serve)
@@ -187,6 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         service=service,
         poll_interval=args.poll_interval,
         token_reviewer=reviewer,
+        sign_workers=args.sign_workers,
     )
 
     def ready(addresses: dict[str, str], tokens: dict[str, str]) -> None:

@@ -7,6 +7,7 @@ through the generated ``*_pb2_grpc`` module, so every line here is typed.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -96,14 +97,15 @@ async def _refuse(
 def _authenticated(
     service: CaService,
     method: str,
-    call: Callable[[Any, str], Message],
+    call: Callable[[Any, str], Message | Awaitable[Message]],
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
         node: str | None = None
         try:
             service.check_size(request.ByteSize())
             node = service.authenticate(_client_chain(context))
-            return call(request, node)
+            result = call(request, node)
+            return await result if inspect.isawaitable(result) else result
         except Refusal as refusal:
             await _refuse(service, context, method, refusal, node)
             raise AssertionError("unreachable: abort raises") from None

@@ -48,6 +48,13 @@ from ca.server.client import bundle_to_proto, entry_to_proto
 from ca.server.entries import EntrySource, RegistrationEntry
 from ca.server.metrics import CaMetrics
 from ca.server.ratelimit import RateLimiter
+from ca.server.signer import (
+    InlineSigner,
+    Signer,
+    SignerUnavailable,
+    SignFailure,
+    SignRequest,
+)
 from ca.spiffeid import SpiffeId
 from ca.verify import VerificationError, verify_x509_svid
 from ca.x509svid import X509Svid
@@ -109,6 +116,7 @@ class CaService:
         metrics: CaMetrics,
         config: ServiceConfig | None = None,
         token_reviewer: TokenReviewer | None = None,
+        signer: Signer | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -121,6 +129,7 @@ class CaService:
         self.metrics = metrics
         self.config = config or ServiceConfig()
         self.token_reviewer = token_reviewer
+        self.signer: Signer = signer or InlineSigner(intermediate)
         self._clock = clock
         self._monotonic = monotonic
         self._agent_limiter = RateLimiter(self.config.agent_rate, self.config.agent_burst)
@@ -173,14 +182,18 @@ class CaService:
                 csr, spiffe_id, now=now, ttl=self._ttl(ttl, now), dns_names=dns_names
             )
         except IssuanceError as exc:
-            code = (
-                grpc.StatusCode.PERMISSION_DENIED
-                if exc.reason in _PERMISSION_REASONS
-                else grpc.StatusCode.INVALID_ARGUMENT
-            )
-            raise Refusal(code, exc.reason, str(exc)) from exc
+            raise self._issuance_refusal(exc.reason, str(exc)) from exc
         self.metrics.x509_issued(time.perf_counter() - started, kind=kind)
         return svid
+
+    @staticmethod
+    def _issuance_refusal(reason: str, detail: str) -> Refusal:
+        code = (
+            grpc.StatusCode.PERMISSION_DENIED
+            if reason in _PERMISSION_REASONS
+            else grpc.StatusCode.INVALID_ARGUMENT
+        )
+        return Refusal(code, reason, detail)
 
     @staticmethod
     def _svid_message(svid: X509Svid) -> ca_pb2.X509SVID:
@@ -342,7 +355,7 @@ class CaService:
             )
         return entry
 
-    def batch_new_x509_svid(
+    async def batch_new_x509_svid(
         self, request: ca_pb2.BatchNewX509SVIDRequest, node: str
     ) -> ca_pb2.BatchNewX509SVIDResponse:
         items = request.requests
@@ -358,11 +371,34 @@ class CaService:
         entries = [self._entry_for(item.entry_id, node) for item in items]
         self._rate_limit(node, len(items))
         now = self._now()
-        svids = [
-            self._sign(item.csr, e.spiffe_id, e.x509_svid_ttl, e.dns_names, now, "workload")
+        sign_requests = [
+            SignRequest(
+                item.csr,
+                str(e.spiffe_id),
+                self._ttl(e.x509_svid_ttl, now).total_seconds(),
+                e.dns_names,
+            )
             for item, e in zip(items, entries, strict=True)
         ]
-        return ca_pb2.BatchNewX509SVIDResponse(svids=[self._svid_message(s) for s in svids])
+        try:
+            results = await self.signer.sign(sign_requests, now.timestamp())
+        except SignerUnavailable as exc:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, "signer-unavailable", str(exc)) from exc
+        messages = []
+        for result, e in zip(results, entries, strict=False):
+            if isinstance(result, SignFailure):
+                raise self._issuance_refusal(result.reason, result.detail)
+            self.metrics.x509_issued(result.seconds)
+            messages.append(
+                ca_pb2.X509SVID(
+                    spiffe_id=str(e.spiffe_id),
+                    cert_chain=list(result.chain_der),
+                    expires_at=int(result.expires_at),
+                )
+            )
+        if len(messages) != len(items):
+            raise Refusal(grpc.StatusCode.INTERNAL, "signer-incomplete", "signing was incomplete")
+        return ca_pb2.BatchNewX509SVIDResponse(svids=messages)
 
     def new_jwt_svid(
         self, request: ca_pb2.NewJWTSVIDRequest, node: str

@@ -518,3 +518,31 @@ def test_server_svid_names_the_cluster_ca_and_chains_to_the_root(ca_dir: Path) -
             assert creds.svid.leaf.public_bytes(serialization.Encoding.PEM) in creds.chain_pem
 
     run(scenario())
+
+
+def test_signing_in_worker_processes_gives_the_same_svids_and_refusals(
+    ca_dir: Path, entries_file: Path
+) -> None:
+    from dataclasses import replace
+
+    async def scenario() -> None:
+        config = replace(server_config(ca_dir, entries_file), sign_workers=1)
+        async with serving(config) as server:
+            client = await attested(server, "node-a")
+            svids = await client.batch_new_x509_svids([("web", key()), ("everywhere", key())])
+            now = dt.datetime.now(dt.UTC)
+            assert [
+                str(verify_x509_svid(s.chain, roots(server), now=now).spiffe_id) for s in svids
+            ] == [
+                "spiffe://example.org/ns/default/sa/web",
+                "spiffe://example.org/ns/default/sa/logger",
+            ]
+            stolen = build_csr(key(), "spiffe://example.org/ns/default/sa/db")  # type: ignore[arg-type]
+            with pytest.raises(CaError) as refused:
+                await client.batch_sign_csrs([("web", stolen)])
+            assert refused.value.code == "PERMISSION_DENIED"
+            assert rejected(server, "csr-spiffe-id-mismatch") == 1
+            assert server.metrics.value("trellis_ca_x509_svid_issued_total", kind="workload") == 2
+            await client.close()
+
+    run(scenario())
