@@ -33,6 +33,7 @@ from sidecar.tls import (
     ClientConnection,
     NamedGroup,
     ServerConnection,
+    SpiffeVerifier,
     TLSConfig,
 )
 
@@ -115,7 +116,9 @@ def _pki() -> tuple[
 ROOT, ((SERVER_CHAIN, SERVER_KEY), (CLIENT_CHAIN, CLIENT_KEY)) = _pki()
 
 
-def _configs(group: NamedGroup, suite: CipherSuite | None = None) -> tuple[TLSConfig, TLSConfig]:
+def _configs(
+    group: NamedGroup, suite: CipherSuite | None = None, cache_verification: bool = True
+) -> tuple[TLSConfig, TLSConfig]:
     common: dict[str, object] = dict(
         rng=os.urandom,
         trust_bundles={TD: [ROOT]},
@@ -125,6 +128,9 @@ def _configs(group: NamedGroup, suite: CipherSuite | None = None) -> tuple[TLSCo
     )
     if suite is not None:
         common["cipher_suites"] = (suite,)
+    if not cache_verification:
+        # Every handshake builds and validates the peer's path from scratch, as OpenSSL does.
+        common["verifier"] = SpiffeVerifier({TD: [ROOT]}, cache_size=0)
     client = TLSConfig(certificate_chain=CLIENT_CHAIN, private_key=CLIENT_KEY, **common)  # type: ignore[arg-type]
     server = TLSConfig(certificate_chain=SERVER_CHAIN, private_key=SERVER_KEY, **common)  # type: ignore[arg-type]
     return client, server
@@ -266,11 +272,17 @@ def main() -> None:
         "openssl": round(theirs_mb, 1),
         "ratio": round(ours_mb / theirs_mb, 3),
     }
-    for label, group, ossl_group in (
-        ("x25519mlkem768", NamedGroup.X25519MLKEM768, b"X25519MLKEM768"),
-        ("x25519", NamedGroup.x25519, b"X25519"),
+    for label, group, ossl_group, cache in (
+        ("x25519mlkem768", NamedGroup.X25519MLKEM768, b"X25519MLKEM768", True),
+        ("x25519", NamedGroup.x25519, b"X25519", True),
+        (
+            "x25519mlkem768_uncached_path_validation",
+            NamedGroup.X25519MLKEM768,
+            b"X25519MLKEM768",
+            False,
+        ),
     ):
-        cfgs = _configs(group, CipherSuite.AES_128_GCM_SHA256)
+        cfgs = _configs(group, CipherSuite.AES_128_GCM_SHA256, cache)
         cctx = _openssl_ctx(False, CLIENT_CHAIN, CLIENT_KEY, ossl_group)
         sctx = _openssl_ctx(True, SERVER_CHAIN, SERVER_KEY, ossl_group)
         # Interleaved best-of-N, so load from other processes hits both sides alike.

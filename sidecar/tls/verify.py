@@ -23,6 +23,7 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import (
+    ClientVerifier,
     Criticality,
     ExtensionPolicy,
     PolicyBuilder,
@@ -34,6 +35,7 @@ from .alerts import AlertDescription, TLSError
 from .signatures import PublicKey, certificate_signature_scheme, is_rsa_pss_certificate
 
 PeerPolicy = Callable[[str], bool]
+_PARSED_CACHE_SIZE = 256
 
 # SPIFFE ID standard §2: lowercase trust domain of [a-z0-9.-_], path segments of
 # [A-Za-z0-9.-_], no empty, "." or ".." segments, at most 2048 bytes.
@@ -143,6 +145,8 @@ class SpiffeVerifier:
             tuple[bool, tuple[bytes, ...]], tuple[VerifiedPeer, dt.datetime, dt.datetime]
         ] = OrderedDict()
         self._cache_size = cache_size
+        self._parsed: dict[bytes, x509.Certificate] = {}
+        self._verifiers: dict[tuple[str, bool, dt.datetime], ClientVerifier] = {}
 
     def verify(
         self,
@@ -198,6 +202,42 @@ class SpiffeVerifier:
             raise TLSError(AlertDescription.unsupported_certificate, str(exc)) from exc
         return list(verified.path)
 
+    def _parse(self, der: bytes) -> x509.Certificate:
+        """Parse a DER certificate, reusing the parse of intermediates seen before."""
+        cert = self._parsed.get(der)
+        if cert is None:
+            try:
+                cert = x509.load_der_x509_certificate(der)
+            except ValueError as exc:
+                raise TLSError(AlertDescription.bad_certificate, "unparseable certificate") from exc
+            if len(self._parsed) >= _PARSED_CACHE_SIZE:
+                self._parsed.clear()
+            self._parsed[der] = cert
+        return cert
+
+    def _verifier(
+        self, trust_domain: str, store: Store, now: dt.datetime, peer_is_server: bool
+    ) -> ClientVerifier:
+        """A path validator for `now`, reused within the same second (certificate times
+        have one-second resolution, so this changes no outcome)."""
+        second = now.replace(microsecond=0)
+        key = (trust_domain, peer_is_server, second)
+        verifier = self._verifiers.get(key)
+        if verifier is None:
+            if len(self._verifiers) > 16:
+                self._verifiers.clear()
+            verifier = (
+                PolicyBuilder()
+                .store(store)
+                .time(second)
+                .extension_policies(
+                    ca_policy=self._ca_policy, ee_policy=self._ee_policies[peer_is_server]
+                )
+                .build_client_verifier()
+            )
+            self._verifiers[key] = verifier
+        return verifier
+
     def _verify_uncached(
         self,
         chain: Sequence[bytes],
@@ -205,10 +245,7 @@ class SpiffeVerifier:
         peer_is_server: bool,
         accepted_cert_schemes: Sequence[int],
     ) -> tuple[VerifiedPeer, dt.datetime, dt.datetime]:
-        try:
-            certs = [x509.load_der_x509_certificate(der) for der in chain]
-        except ValueError as exc:
-            raise TLSError(AlertDescription.bad_certificate, "unparseable certificate") from exc
+        certs = [self._parse(der) for der in chain]
         leaf = certs[0]
         try:
             san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -225,15 +262,7 @@ class SpiffeVerifier:
         store = self._stores.get(trust_domain)
         if store is None:
             raise TLSError(AlertDescription.unknown_ca, f"no trust bundle for {trust_domain}")
-        verifier = (
-            PolicyBuilder()
-            .store(store)
-            .time(now)
-            .extension_policies(
-                ca_policy=self._ca_policy, ee_policy=self._ee_policies[peer_is_server]
-            )
-            .build_client_verifier()
-        )
+        verifier = self._verifier(trust_domain, store, now, peer_is_server)
         try:
             built = list(verifier.verify(leaf, certs[1:]).chain)
         except VerificationError as exc:
