@@ -211,6 +211,8 @@ class Connection:
         except TLSError as exc:
             self._fail(exc)
             raise
+        except LocalProtocolError:
+            raise  # the caller's mistake (e.g. no `now` to verify with), not the peer's
         except Exception as exc:
             # Last line of defence: a peer's bytes must never surface as a traceback.
             error = TLSError(AlertDescription.internal_error, f"{type(exc).__name__}: {exc}")

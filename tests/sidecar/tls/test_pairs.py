@@ -390,3 +390,117 @@ def test_client_meeting_a_tls12_server_hello_sends_protocol_version() -> None:
         client.receive_data(plaintext_record(22, push_server_hello(tls12)))
     assert info.value.alert == AlertDescription.protocol_version
     assert client.data_to_send() == b"\x15\x03\x03\x00\x02\x02\x46"
+
+
+def test_rsa_pss_certificate_negotiates_rsa_pss_pss(tmp_path: object) -> None:
+    import subprocess
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    d = Path(str(tmp_path))
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa-pss",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-keyout",
+            str(d / "k.pem"),
+            "-out",
+            str(d / "c.pem"),
+            "-nodes",
+            "-subj",
+            "/CN=pss",
+            "-days",
+            "2",
+            "-addext",
+            f"subjectAltName=critical,URI:{SERVER_ID}",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    cert = x509.load_pem_x509_certificate((d / "c.pem").read_bytes())
+    key = load_pem_private_key((d / "k.pem").read_bytes(), None)
+    client, _server = connected_pair(
+        client_config(verify_peer=False),
+        server_config(certificate_chain=(cert,), private_key=key, verify_peer=False),
+    )
+    assert _complete(drain(client)).signature_scheme == SignatureScheme.rsa_pss_pss_sha256
+
+
+def test_chain_signed_with_a_scheme_outside_signature_algorithms_cert_is_bad_certificate() -> None:
+    # The test chain is ECDSA-signed; a client accepting only Ed25519 chains refuses it.
+    client = ClientConnection(
+        client_config(certificate_signature_schemes=(SignatureScheme.ed25519,)), now=NOW
+    )
+    server = ServerConnection(server_config(), now=NOW)
+    with pytest.raises(TLSError) as info:
+        pump(client, server)
+    assert info.value.alert == AlertDescription.bad_certificate
+
+
+def test_peer_from_a_trust_domain_without_a_bundle_is_unknown_ca() -> None:
+    other = authority("p256", "Other domain").leaf("spiffe://other.example/ns/default/sa/client")
+    client = ClientConnection(client_config(other), now=NOW)
+    server = ServerConnection(server_config(), now=NOW)
+    with pytest.raises(TLSError) as info:
+        pump(client, server)
+    assert info.value.alert == AlertDescription.unknown_ca
+
+
+def test_federated_trust_domains_each_verify_against_their_own_bundle() -> None:
+    other_ca = authority("p256", "Federated")
+    other = other_ca.leaf("spiffe://federated.example/ns/default/sa/client")
+    bundles = {**identity().bundles, "federated.example": [other_ca.root]}
+    _client, server = connected_pair(client_config(other), server_config(trust_bundles=bundles))
+    assert (
+        _complete(drain(server)).peer_spiffe_id == "spiffe://federated.example/ns/default/sa/client"
+    )
+
+
+def test_leaf_with_two_uri_sans_is_bad_certificate() -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca = authority()
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca.intermediate.subject)
+        .public_key(key.public_key())
+        .serial_number(7)
+        .not_valid_before(NOW - dt.timedelta(hours=1))
+        .not_valid_after(NOW + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.UniformResourceIdentifier(CLIENT_ID),
+                    x509.UniformResourceIdentifier(SERVER_ID),
+                ]
+            ),
+            critical=True,
+        )
+        .sign(ca.intermediate_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    client = ClientConnection(
+        client_config(certificate_chain=(leaf, ca.intermediate), private_key=key), now=NOW
+    )
+    server = ServerConnection(server_config(), now=NOW)
+    with pytest.raises(TLSError) as info:
+        pump(client, server)
+    assert info.value.alert == AlertDescription.bad_certificate
+
+
+def test_missing_now_is_a_local_error_not_a_protocol_alert() -> None:
+    client = ClientConnection(client_config())  # no `now`
+    server = ServerConnection(server_config(), now=NOW)
+    server.receive_data(client.data_to_send())
+    with pytest.raises(LocalProtocolError):
+        client.receive_data(server.data_to_send())

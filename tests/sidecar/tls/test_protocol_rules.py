@@ -441,3 +441,39 @@ def test_handshake_completes_when_records_arrive_coalesced_in_one_write() -> Non
     assert isinstance(events[-2], HandshakeComplete) and events[-1] == ApplicationData(
         b"early from client"
     )
+
+
+def test_offered_extension_in_the_wrong_message_is_illegal_parameter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # supported_groups was offered, but it belongs in EncryptedExtensions, never in ServerHello.
+    from sidecar.tls import server as server_module
+    from sidecar.tls.messages import ServerHello
+
+    real = server_module.ServerHello
+
+    def with_groups(
+        random: bytes, sid: bytes, suite: int, exts: tuple[tuple[int, bytes], ...]
+    ) -> ServerHello:
+        return real(
+            random, sid, suite, (*exts, (ExtensionType.supported_groups, b"\x00\x02\x00\x1d"))
+        )
+
+    monkeypatch.setattr(server_module, "ServerHello", with_groups)
+    client = ClientConnection(client_config(), now=NOW)
+    server = ServerConnection(server_config(), now=NOW)
+    with pytest.raises(TLSError) as info:
+        pump(client, server)
+    assert info.value.alert == A.illegal_parameter
+
+
+def test_second_hello_retry_request_is_unexpected_message() -> None:
+    client = ClientConnection(client_config(key_share_groups=()), now=NOW)
+    server = ServerConnection(server_config(), now=NOW)
+    server.receive_data(client.data_to_send())
+    hrr = server.data_to_send()
+    client.receive_data(hrr)
+    client.data_to_send()
+    with pytest.raises(TLSError) as info:
+        client.receive_data(hrr[:-6] if hrr.endswith(b"\x14\x03\x03\x00\x01\x01") else hrr)
+    assert info.value.alert == A.unexpected_message
