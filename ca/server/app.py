@@ -51,6 +51,7 @@ from ca.x509svid import X509Svid
 __all__ = ["CaServer", "ServerConfig", "split_address"]
 
 GRPC_HARD_LIMIT = 4 * 1024 * 1024
+MAX_STREAMS_PER_AGENT = 64
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -211,6 +212,10 @@ class CaServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
+                # Bound each agent connection's in-flight calls: beyond it, calls wait in the
+                # agent's HTTP/2 queue. Without a bound, grpc's asyncio server accepts every
+                # stream and, when overloaded, cancels some (CANCELLED) instead of queueing.
+                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_AGENT),
             ],
             maximum_concurrent_rpcs=10_000,
         )
