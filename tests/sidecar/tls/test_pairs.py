@@ -457,7 +457,9 @@ def test_federated_trust_domains_each_verify_against_their_own_bundle() -> None:
     other_ca = authority("p256", "Federated")
     other = other_ca.leaf("spiffe://federated.example/ns/default/sa/client")
     bundles = {**identity().bundles, "federated.example": [other_ca.root]}
-    _client, server = connected_pair(client_config(other), server_config(trust_bundles=bundles))
+    _client, server = connected_pair(
+        client_config(other, trust_bundles=identity().bundles), server_config(trust_bundles=bundles)
+    )
     assert (
         _complete(drain(server)).peer_spiffe_id == "spiffe://federated.example/ns/default/sa/client"
     )
