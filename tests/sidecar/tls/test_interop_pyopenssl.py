@@ -246,3 +246,53 @@ def test_tls12_only_openssl_server_refuses_engine_client_with_protocol_version()
     events = list(client.events())
     assert AlertReceived(2, AlertDescription.protocol_version) in events
     assert events[-1] == ConnectionClosed(clean=False)
+
+
+@cache
+def _ca_svids() -> tuple[Identity, Identity]:
+    """SVIDs from the project's CA: the intermediate carries a URI name constraint."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ca.authority import RootAuthority
+    from ca.spiffeid import TrustDomain
+
+    root = RootAuthority.create(TrustDomain("example.org"), now=REAL_NOW - dt.timedelta(hours=1))
+    inter = root.issue_intermediate("interop", now=REAL_NOW - dt.timedelta(minutes=30))
+    out = []
+    for spiffe_id in (SERVER_ID, CLIENT_ID):
+        key = ec.generate_private_key(ec.SECP256R1())
+        svid = inter.issue_x509_svid(
+            spiffe_id, key.public_key(), now=REAL_NOW - dt.timedelta(minutes=1)
+        )
+        out.append(Identity(tuple(svid.chain), key, root.certificate))
+    return out[0], out[1]
+
+
+def _ca_context(ident: Identity, role: str) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.use_certificate(ident.chain[0])
+    ctx.add_extra_chain_cert(ident.chain[1])
+    ctx.use_privatekey(ident.key)
+    ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(ident.root))  # type: ignore[union-attr]
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda *args: args[-1])
+    if role == "server":
+        ctx.set_alpn_select_callback(lambda conn, protos: b"h2")
+    else:
+        ctx.set_alpn_protos([b"h2"])
+    return ctx
+
+
+def test_ca_issued_name_constrained_svids_interoperate_with_openssl_both_ways() -> None:
+    server_ident, client_ident = _ca_svids()
+    oserver = SSL.Connection(_ca_context(server_ident, "server"), None)
+    oserver.set_accept_state()
+    eclient = ClientConnection(client_config(client_ident), server_name="x", now=REAL_NOW)
+    _run(oserver, eclient)
+    assert _done(_exchange(oserver, eclient)).peer_spiffe_id == SERVER_ID
+
+    oclient = SSL.Connection(_ca_context(client_ident, "client"), None)
+    oclient.set_connect_state()
+    eserver = ServerConnection(server_config(server_ident), now=REAL_NOW)
+    _run(oclient, eserver)
+    assert _done(_exchange(oclient, eserver)).peer_spiffe_id == CLIENT_ID
