@@ -33,7 +33,28 @@ Layers, bottom up:
 
 Errors: every protocol failure is a `TLSError` carrying its `AlertDescription`; when
 `receive_data` raises it, the fatal alert is already queued in `data_to_send()` and
-the connection is dead. A peer's bytes never raise anything else.
+the connection is dead. A peer's bytes never raise anything else; `LocalProtocolError`
+means the caller used the engine wrongly (sending before the handshake, no `now`).
+
+Use::
+
+    config = TLSConfig(rng=os.urandom, certificate_chain=(leaf, intermediate),
+                       private_key=key, trust_bundles={"example.org": [root]},
+                       alpn_protocols=("h2",), peer_policy=lambda spiffe_id: ...)
+    conn = ClientConnection(config, server_name="svc", now=time.time())
+    sock.sendall(conn.data_to_send())                   # the ClientHello
+    while True:
+        try:
+            conn.receive_data(sock.recv(65536), now=time.time())
+        except TLSError:
+            sock.sendall(conn.data_to_send())          # the fatal alert
+            raise
+        for event in conn.events():
+            ...                                        # HandshakeComplete, ApplicationData, ...
+        sock.sendall(conn.data_to_send())
+
+Post-handshake, `conn.traffic_secrets()` gives the suite and, per direction, the
+traffic secret, key, IV and next sequence number (what kTLS's `TLS_TX`/`TLS_RX` take).
 """
 
 from .alerts import AlertDescription, AlertLevel, LocalProtocolError, TLSError

@@ -1,7 +1,7 @@
 """Property/fuzz harness: whatever a peer sends, only TLSError leaves the engine.
 
-Bounded for CI through max_examples; `python -m bench.tls_fuzz` style longer runs can
-set HYPOTHESIS_PROFILE=long (see the profile below).
+Bounded for CI through max_examples (a few seconds). A long run is the same tests under
+another profile: `HYPOTHESIS_PROFILE=long python3 -m pytest tests/sidecar/tls/test_fuzz.py`.
 """
 
 from __future__ import annotations
