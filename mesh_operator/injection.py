@@ -1,0 +1,321 @@
+"""Sidecar injection as a pure function: a pod (dict) in, a JSONPatch (list) out.
+
+What gets added (``plan_injection``), in the order the kubelet must run it:
+
+1. ``trellis-init`` (init container, transparent mode only): installs the iptables
+   redirect to the sidecar's ports (DESIGN.md §4). It alone gets NET_ADMIN/NET_RAW and runs
+   as root, then exits; skipped when the pod names explicit upstreams
+   (``trellis.dev/upstreams``), since then the app dials local ports bound per upstream.
+2. ``trellis-sidecar``, a *native sidecar*: an init container with ``restartPolicy:
+   Always`` (KEP-753, GA in 1.33), so it starts before the app's containers, stays up while
+   they run, and does not keep a Job's pod alive. It runs ``trellis sidecar`` as UID 1337
+   (the UID the redirect exempts), non-root, read-only root filesystem, ALL capabilities
+   dropped, and is ready when ``/readyz`` on the admin port 15000 says so.
+3. Volumes: the agent's Workload API socket directory (hostPath from the agent DaemonSet,
+   read-only; ``SPIFFE_ENDPOINT_SOCKET`` points at it), the namespace's policy ConfigMap
+   (optional: a namespace without AccessPolicies has none), the pod's labels through the
+   downward API (the sidecar matches policy selectors against them), and a memory-backed
+   ``/tmp``.
+
+Idempotence: a pod that already has a ``trellis-sidecar`` init container gets an empty
+patch, so a reinvoked webhook (``reinvocationPolicy: IfNeeded``) or a pod re-submitted with
+its injected spec changes nothing. Skipped: pods annotated ``trellis.dev/inject: "false"``
+and ``hostNetwork`` pods (an iptables redirect there would capture the node's traffic).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ANNOTATION_INJECT",
+    "ANNOTATION_STATUS",
+    "ANNOTATION_UPSTREAMS",
+    "INIT_NAME",
+    "SIDECAR_NAME",
+    "InjectionDecision",
+    "InjectorConfig",
+    "UpstreamError",
+    "parse_upstreams",
+    "plan_injection",
+]
+
+ANNOTATION_INJECT = "trellis.dev/inject"
+ANNOTATION_UPSTREAMS = "trellis.dev/upstreams"
+ANNOTATION_STATUS = "trellis.dev/injected"
+SIDECAR_NAME = "trellis-sidecar"
+INIT_NAME = "trellis-init"
+VOLUME_SOCKET = "trellis-workload-api"
+VOLUME_POLICY = "trellis-policy"
+VOLUME_PODINFO = "trellis-podinfo"
+VOLUME_TMP = "trellis-tmp"
+POLICY_CONFIGMAP = "trellis-policy"
+_UPSTREAM = re.compile(
+    r"^(?P<service>[a-z0-9]([-a-z0-9.]*[a-z0-9])?):(?P<port>\d{1,5})"
+    r"=(?P<local>\d{1,5})$"
+)
+
+
+class UpstreamError(ValueError):
+    """The upstreams annotation is malformed; the pod is refused with this message."""
+
+
+@dataclass(frozen=True, slots=True)
+class InjectorConfig:
+    image: str = "ghcr.io/trellis-mesh/trellis:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    proxy_uid: int = 1337
+    outbound_port: int = 15001
+    inbound_port: int = 15008
+    admin_port: int = 15000
+    agent_socket_host_dir: str = "/run/trellis/workload"
+    socket_mount_path: str = "/run/spiffe/workload"
+    socket_name: str = "agent.sock"
+    cpu_request: str = "50m"
+    memory_request: str = "64Mi"
+    cpu_limit: str = "1"
+    memory_limit: str = "256Mi"
+    version: str = "0.1.0"
+
+    @property
+    def endpoint_socket(self) -> str:
+        return f"unix://{self.socket_mount_path}/{self.socket_name}"
+
+
+@dataclass(frozen=True, slots=True)
+class InjectionDecision:
+    """``patch`` is empty when nothing is to be done; ``reason`` says why, for logs."""
+
+    patch: tuple[dict[str, Any], ...]
+    reason: str
+
+
+def parse_upstreams(text: str) -> tuple[tuple[str, int, int], ...]:
+    """``svc.ns:8080=9001,db.ns:5432=9002`` → ((service, port, local port), ...)."""
+    result: list[tuple[str, int, int]] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        match = _UPSTREAM.match(item)
+        if not match:
+            raise UpstreamError(
+                f"{ANNOTATION_UPSTREAMS}: {item!r} must look like SERVICE:PORT=LOCAL_PORT "
+                "(e.g. api.default:8080=9001)"
+            )
+        port, local = int(match["port"]), int(match["local"])
+        if not (1 <= port <= 65535 and 1 <= local <= 65535):
+            raise UpstreamError(f"{ANNOTATION_UPSTREAMS}: {item!r}: ports must be 1-65535")
+        result.append((match["service"], port, local))
+    if not result:
+        raise UpstreamError(f"{ANNOTATION_UPSTREAMS}: empty; remove it for transparent mode")
+    locals_ = [r[2] for r in result]
+    if len(set(locals_)) != len(locals_):
+        raise UpstreamError(f"{ANNOTATION_UPSTREAMS}: a local port is used twice")
+    return tuple(result)
+
+
+def _pointer(token: str) -> str:
+    # RFC 6901 §3: "~" is written "~0" and "/" is written "~1".
+    return token.replace("~", "~0").replace("/", "~1")
+
+
+def _security_context(config: InjectorConfig) -> dict[str, Any]:
+    return {
+        "runAsUser": config.proxy_uid,
+        "runAsGroup": config.proxy_uid,
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _resources(config: InjectorConfig) -> dict[str, Any]:
+    return {
+        "requests": {"cpu": config.cpu_request, "memory": config.memory_request},
+        "limits": {"cpu": config.cpu_limit, "memory": config.memory_limit},
+    }
+
+
+def _init_container(config: InjectorConfig, exclude_ports: str) -> dict[str, Any]:
+    args = [
+        "sidecar",
+        "iptables",
+        f"--proxy-uid={config.proxy_uid}",
+        f"--outbound-port={config.outbound_port}",
+        f"--inbound-port={config.inbound_port}",
+        f"--exclude-inbound-ports={config.admin_port}",
+    ]
+    if exclude_ports:
+        args.append(f"--exclude-outbound-ports={exclude_ports}")
+    return {
+        "name": INIT_NAME,
+        "image": config.image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["trellis"],
+        "args": args,
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "16Mi"},
+            "limits": {"cpu": "100m", "memory": "64Mi"},
+        },
+        "securityContext": {
+            # iptables needs root and NET_ADMIN in the pod's network namespace; nothing else.
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+
+
+def _sidecar(config: InjectorConfig, upstreams: str | None) -> dict[str, Any]:
+    mode = "explicit" if upstreams is not None else "transparent"
+    args = [
+        "sidecar",
+        f"--mode={mode}",
+        f"--outbound-port={config.outbound_port}",
+        f"--inbound-port={config.inbound_port}",
+        f"--admin-port={config.admin_port}",
+        "--policy=/etc/trellis/policy/policy.json",
+        "--pod-labels=/etc/trellis/podinfo/labels",
+    ]
+    if upstreams is not None:
+        args.append(f"--upstreams={upstreams}")
+    env: list[dict[str, Any]] = [
+        {"name": "SPIFFE_ENDPOINT_SOCKET", "value": config.endpoint_socket},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {
+            "name": "POD_NAMESPACE",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+        },
+    ]
+    return {
+        "name": SIDECAR_NAME,
+        "image": config.image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["trellis"],
+        "args": args,
+        # KEP-753: an init container with restartPolicy Always is a native sidecar.
+        "restartPolicy": "Always",
+        "env": env,
+        "ports": [
+            {"name": "trellis-in", "containerPort": config.inbound_port, "protocol": "TCP"},
+            {"name": "trellis-admin", "containerPort": config.admin_port, "protocol": "TCP"},
+        ],
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": config.admin_port},
+            "periodSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "startupProbe": {
+            "httpGet": {"path": "/readyz", "port": config.admin_port},
+            "periodSeconds": 1,
+            "failureThreshold": 60,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": config.admin_port},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "resources": _resources(config),
+        "securityContext": _security_context(config),
+        "volumeMounts": [
+            {"name": VOLUME_SOCKET, "mountPath": config.socket_mount_path, "readOnly": True},
+            {"name": VOLUME_POLICY, "mountPath": "/etc/trellis/policy", "readOnly": True},
+            {"name": VOLUME_PODINFO, "mountPath": "/etc/trellis/podinfo", "readOnly": True},
+            {"name": VOLUME_TMP, "mountPath": "/tmp"},  # noqa: S108 - an emptyDir, not the host's
+        ],
+    }
+
+
+def _volumes(config: InjectorConfig) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": VOLUME_SOCKET,
+            "hostPath": {"path": config.agent_socket_host_dir, "type": "Directory"},
+        },
+        {
+            "name": VOLUME_POLICY,
+            "configMap": {"name": POLICY_CONFIGMAP, "optional": True},
+        },
+        {
+            "name": VOLUME_PODINFO,
+            "downwardAPI": {
+                "items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]
+            },
+        },
+        {"name": VOLUME_TMP, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+    ]
+
+
+def _truthy_off(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() in ("false", "disabled", "no", "0")
+
+
+def plan_injection(pod: Mapping[str, Any], config: InjectorConfig) -> InjectionDecision:
+    """The JSONPatch that injects the sidecar into ``pod`` (see the module docstring).
+
+    Raises ``UpstreamError`` for a malformed upstreams annotation: refusing the pod is
+    better than starting it without the connectivity its author asked for.
+    """
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    annotations = meta.get("annotations") or {}
+    labels = meta.get("labels") or {}
+    if _truthy_off(annotations.get(ANNOTATION_INJECT)) or _truthy_off(
+        labels.get(ANNOTATION_INJECT)
+    ):
+        return InjectionDecision((), f"opted out ({ANNOTATION_INJECT}: false)")
+    if spec.get("hostNetwork") is True:
+        return InjectionDecision((), "hostNetwork pod: a redirect would capture node traffic")
+    init_containers = spec.get("initContainers") or []
+    containers = spec.get("containers") or []
+    names = {c.get("name") for c in [*init_containers, *containers] if isinstance(c, Mapping)}
+    if SIDECAR_NAME in names:
+        return InjectionDecision((), "already injected")
+    upstreams_raw = annotations.get(ANNOTATION_UPSTREAMS)
+    upstreams: str | None = None
+    if upstreams_raw is not None:
+        parsed = parse_upstreams(str(upstreams_raw))
+        upstreams = ",".join(f"{s}:{p}={lp}" for s, p, lp in parsed)
+
+    new_init: list[dict[str, Any]] = []
+    if upstreams is None:
+        # The CA and agent ports the app itself may need stay reachable without the proxy.
+        exclude = str(annotations.get("trellis.dev/exclude-outbound-ports", "")).strip()
+        new_init.append(_init_container(config, exclude))
+    new_init.append(_sidecar(config, upstreams))
+
+    patch: list[dict[str, Any]] = []
+    if "initContainers" not in spec or spec.get("initContainers") is None:
+        patch.append({"op": "add", "path": "/spec/initContainers", "value": new_init})
+    else:
+        # The redirect and the sidecar go first, so the app's own init containers already
+        # run inside the mesh (as with Istio's native-sidecar mode).
+        for index, container in enumerate(new_init):
+            patch.append({"op": "add", "path": f"/spec/initContainers/{index}", "value": container})
+    existing_volumes = {v.get("name") for v in spec.get("volumes") or [] if isinstance(v, Mapping)}
+    volumes = [v for v in _volumes(config) if v["name"] not in existing_volumes]
+    if spec.get("volumes") is None:
+        patch.append({"op": "add", "path": "/spec/volumes", "value": volumes})
+    else:
+        patch.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes)
+    if meta.get("annotations") is None:
+        patch.append({"op": "add", "path": "/metadata/annotations", "value": {}})
+    patch.append(
+        {
+            "op": "add",
+            "path": f"/metadata/annotations/{_pointer(ANNOTATION_STATUS)}",
+            "value": config.version,
+        }
+    )
+    mode = "explicit upstreams" if upstreams is not None else "transparent"
+    return InjectionDecision(tuple(patch), f"injected ({mode})")
