@@ -185,6 +185,16 @@ class Connection:
         return isinstance(self._state, Traffic)
 
     @property
+    def read_closed(self) -> bool:
+        """No more events will come: close_notify, a fatal alert, EOF or our failure."""
+        return self._read_closed or self._failed is not None
+
+    @property
+    def write_closed(self) -> bool:
+        """We sent close_notify or a fatal alert; nothing more may be sent."""
+        return self._write_closed
+
+    @property
     def negotiated(self) -> HandshakeComplete | None:
         return self._state.info if isinstance(self._state, Traffic) else None
 

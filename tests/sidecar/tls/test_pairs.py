@@ -506,3 +506,15 @@ def test_missing_now_is_a_local_error_not_a_protocol_alert() -> None:
     server.receive_data(client.data_to_send())
     with pytest.raises(LocalProtocolError):
         client.receive_data(server.data_to_send())
+
+
+def test_closed_flags_follow_close_notify_in_each_direction() -> None:
+    client, server = connected_pair()
+    assert not (client.read_closed or client.write_closed)
+    client.close()
+    assert client.write_closed and not client.read_closed
+    server.receive_data(client.data_to_send())
+    assert server.read_closed and not server.write_closed
+    server.close()
+    client.receive_data(server.data_to_send())
+    assert client.read_closed and server.write_closed
