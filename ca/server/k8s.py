@@ -20,7 +20,7 @@ __all__ = ["KubernetesTokenReviewer"]
 
 class KubernetesTokenReviewer:
     def __init__(self, api_client: Any) -> None:
-        from kubernetes import client
+        from kubernetes import client  # type: ignore[import-not-found, unused-ignore]
 
         self._api = client.AuthenticationV1Api(api_client)
         self._client = client
@@ -28,19 +28,24 @@ class KubernetesTokenReviewer:
     @classmethod
     def from_kubeconfig(cls, kubeconfig: Path | None) -> KubernetesTokenReviewer:
         """From ``kubeconfig``, or the in-cluster config (service-account token) if None."""
-        from kubernetes import client, config
+        from kubernetes import (  # type: ignore[import-not-found, unused-ignore]
+            client,
+            config,
+        )
 
         if kubeconfig is None:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
+            config.load_incluster_config()  # type: ignore[no-untyped-call, unused-ignore]
             return cls(client.ApiClient())
         configuration = client.Configuration()
-        config.load_kube_config(  # type: ignore[no-untyped-call]
+        config.load_kube_config(  # type: ignore[no-untyped-call, unused-ignore]
             config_file=str(kubeconfig), client_configuration=configuration
         )
         return cls(client.ApiClient(configuration))
 
     def _review_sync(self, token: str, audiences: Sequence[str]) -> TokenReviewResult:
-        from kubernetes.client.exceptions import ApiException
+        from kubernetes.client.exceptions import (  # type: ignore[import-not-found, unused-ignore]
+            ApiException,
+        )
 
         # apiVersion/kind are set explicitly: the generated client omits them otherwise,
         # and the API server's decoder may insist on them ("Object 'Kind' is missing").
