@@ -228,6 +228,8 @@ class CaClient:
         self._node_name: str | None = None
         self._channel: grpc.aio.Channel | None = None
         self._retired: list[grpc.aio.Channel] = []
+        self._closing: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     # -- state -------------------------------------------------------------------------
 
@@ -243,6 +245,7 @@ class CaClient:
         self._retire_channel()
 
     async def close(self) -> None:
+        self._closed = True
         channels = [*self._retired, *([self._channel] if self._channel else [])]
         self._retired, self._channel = [], None
         for channel in channels:
@@ -263,6 +266,8 @@ class CaClient:
         ]
 
     def _main_channel(self) -> grpc.aio.Channel:
+        if self._closed:
+            raise CaError(grpc.StatusCode.CANCELLED, "the client has been closed")
         if self._channel is None:
             svid = self._identity
             if svid is None or svid.private_key is None:
@@ -285,7 +290,9 @@ class CaClient:
         while len(self._retired) > 1:
             old = self._retired.pop(0)
             # close() is a coroutine; schedule it, the old streams get CANCELLED.
-            asyncio.get_running_loop().create_task(old.close())
+            task = asyncio.get_running_loop().create_task(old.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _unary(
         self,
@@ -415,7 +422,7 @@ class CaClient:
     async def watch_bundle(self) -> AsyncIterator[TrustBundle]:
         """The trust bundle at once, then on every change. Ends only by raising ``CaError``
         (e.g. UNAVAILABLE when the CA goes away: back off and call again) or when closed."""
-        while True:
+        while not self._closed:
             channel = self._main_channel()
             call: grpc.aio.UnaryStreamMultiCallable[Any, ca_pb2.Bundle] = channel.unary_stream(
                 f"/{SERVICE}/WatchBundle",
@@ -435,6 +442,13 @@ class CaClient:
                 if exc.code() == grpc.StatusCode.CANCELLED and self._channel is not channel:
                     continue  # our own channel swap after renewal: resume on the new one
                 raise CaError(exc.code(), exc.details() or "") from exc
+            except asyncio.CancelledError:
+                # Closing a retired channel cancels its calls "locally"; unless this task
+                # itself is being cancelled, that was our own swap: resume on the new one.
+                task = asyncio.current_task()
+                if (task is not None and task.cancelling()) or self._channel is channel:
+                    raise
+                continue
             finally:
                 stream.cancel()
             if self._channel is channel:

@@ -546,3 +546,38 @@ def test_signing_in_worker_processes_gives_the_same_svids_and_refusals(
             await client.close()
 
     run(scenario())
+
+
+def test_bundle_watch_survives_agent_svid_renewals(ca_dir: Path, entries_file: Path) -> None:
+    """Renewal swaps the client's channel; a watch on a retired channel resumes on the
+    current one and keeps delivering changes."""
+
+    async def scenario() -> None:
+        async with serving(server_config(ca_dir, entries_file)) as server:
+            client = await attested(server, "node-a")
+            stream = client.watch_bundle()
+            await stream.__anext__()
+            await client.renew()
+            await client.renew()  # the channel the stream was opened on is now closed
+            resumed = await stream.__anext__()  # full state again, on the new channel
+            assert resumed.same_content(server.bundles.current)
+            store = CaStore(ca_dir)
+            extra = generate_private_key(KeyAlgorithm.P256)
+            store.save_bundle(store.load_bundle().with_jwt_authority("k2", extra.public_key()))  # type: ignore[arg-type]
+            changed = await stream.__anext__()
+            assert "k2" in changed.jwt_authorities
+            await stream.aclose()
+            await client.close()
+
+    run(scenario())
+
+
+def test_client_without_an_identity_says_to_attest_first() -> None:
+    async def scenario() -> None:
+        client = CaClient("127.0.0.1:1", trust_roots=b"")
+        with pytest.raises(CaError) as refused:
+            await client.fetch_entries()
+        assert refused.value.code == "UNAUTHENTICATED"
+        assert "attest" in refused.value.detail
+
+    run(scenario())
