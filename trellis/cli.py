@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ca.agent import cli as agent_cli
 
     agent_cli.register(commands)
+    from mesh_operator import cli as operator_cli
+
+    operator_cli.register(commands)
     return parser
 
 
