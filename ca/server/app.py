@@ -196,7 +196,17 @@ class CaServer:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> dict[str, str]:
-        """Bind every listener (port 0 = ephemeral) and return the bound addresses."""
+        """Bind every listener (port 0 = ephemeral) and return the bound addresses.
+
+        If any listener cannot be bound, whatever was started is stopped again and the
+        error (``OSError``) propagates."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop(0)
+            raise
+
+    async def _start(self) -> dict[str, str]:
         cfg = self.config
         for node in cfg.join_token_nodes:
             self.issued_tokens[node] = self.join_tokens.issue(
@@ -230,12 +240,15 @@ class CaServer:
             ("listen", cfg.listen, mtls),
             ("attest_listen", cfg.attest_listen, tls),
         ):
-            port = server.add_secure_port(address, creds)
+            try:
+                port = server.add_secure_port(address, creds)
+            except RuntimeError as exc:  # grpc reports a failed bind this way
+                raise OSError(f"cannot listen on {address} (in use?)") from exc
             if port == 0:
                 raise OSError(f"cannot listen on {address}")
             self.addresses[name] = f"{split_address(address)[0]}:{port}"
-        await server.start()
         self._grpc = server
+        await server.start()
         if cfg.bundle_listen is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -260,12 +273,13 @@ class CaServer:
         host, port = split_address(address)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
+        self._runners.append(runner)  # cleaned up by stop() even if the bind fails
         site = web.TCPSite(runner, host, port, ssl_context=context)
-        await site.start()
-        self._runners.append(runner)
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        bound = sockets[0].getsockname()[1] if sockets else port
+        try:
+            await site.start()
+        except OSError as exc:
+            raise OSError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
+        bound = runner.addresses[-1][1] if runner.addresses else port
         return f"{host}:{bound}"
 
     def _bundle_app(self) -> web.Application:

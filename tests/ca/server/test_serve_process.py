@@ -169,3 +169,22 @@ def test_token_create_refuses_a_bad_node_name_and_writes_nothing(ca_dir: Path) -
     assert not (ca_dir / "clusters" / CLUSTER / "join-tokens").exists() or not os.listdir(
         ca_dir / "clusters" / CLUSTER / "join-tokens"
     )
+
+
+def test_serve_reports_a_port_in_use_in_one_line_and_leaves_nothing_running(
+    ca_dir: Path,
+) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        for flag in ("--listen", "--bundle-listen"):
+            args = listen_args(ca_dir)
+            args[args.index(flag) + 1] = taken
+            result = trellis("ca", "serve", *args, check=False)
+            assert result.returncode == 1, flag
+            last = result.stderr.strip().splitlines()[-1]
+            assert last.startswith("trellis: error: cannot start the CA server: cannot listen on")
+            assert "Traceback" not in result.stderr
