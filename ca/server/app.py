@@ -45,7 +45,7 @@ from ca.server.metrics import CaMetrics
 from ca.server.service import CaService, ServiceConfig, TokenReviewer, log_event
 from ca.server.signer import ProcessPoolSigner
 from ca.server.tokens import JoinTokenStore
-from ca.store import CaStore
+from ca.store import CaStore, StoreError
 from ca.x509svid import X509Svid
 
 __all__ = ["CaServer", "ServerConfig", "split_address"]
@@ -96,6 +96,7 @@ class CaServer:
         self.trust_domain = self.intermediate.trust_domain
         jwt = store.load_jwt_authority(config.cluster)
         self._bundle_stamp = self._bundle_mtime()
+        self._intermediate_stamp = self._intermediate_mtime()
         self.bundles = BundleWatch(store.load_bundle(self.trust_domain))
         if entries is None:
             entries = (
@@ -324,8 +325,62 @@ class CaServer:
             self.metrics.authority_expiry("root", latest)
         self.metrics.authority_expiry("server_svid", self._creds.svid.expires_at.timestamp())
 
+    def _intermediate_mtime(self) -> int | None:
+        try:
+            path = self.store.cluster_dir(self.config.cluster) / "intermediate.crt"
+            return path.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def _reload_intermediate(self) -> None:
+        """Pick up a re-signed cluster intermediate (``trellis ca intermediate`` again).
+
+        SVIDs signed by the old one stay valid (same root); new ones come from the new
+        one, and so does the server's own SVID. A half-written or mismatched pair is
+        refused and the old intermediate stays in force."""
+        try:
+            intermediate = self.store.load_intermediate(self.config.cluster)
+            jwt = self.store.load_jwt_authority(self.config.cluster)
+        except StoreError as exc:
+            log_event(logging.ERROR, "intermediate-reload-failed", error=str(exc))
+            return
+        if intermediate.trust_domain != self.trust_domain:
+            log_event(
+                logging.ERROR,
+                "intermediate-reload-failed",
+                error=f"new intermediate is for {intermediate.trust_domain}",
+            )
+            return
+        if intermediate.certificate == self.intermediate.certificate:
+            return
+        self.intermediate = intermediate
+        self.service.replace_authorities(intermediate, jwt)
+        if self.config.sign_workers > 0:
+            task = asyncio.get_running_loop().create_task(self._restart_signer())
+            self._tasks.append(task)
+        self._rotate_credentials()
+        log_event(
+            logging.INFO,
+            "intermediate-reloaded",
+            expires_at=intermediate.expires_at.isoformat(),
+        )
+
+    async def _restart_signer(self) -> None:
+        # Workers load the intermediate once; new workers load the new one. Until they are
+        # up, the old workers keep signing with the old (still valid) intermediate.
+        signer = ProcessPoolSigner(
+            self.config.ca_dir, self.config.cluster, self.config.sign_workers
+        )
+        await signer.start()
+        old, self.service.signer = self.service.signer, signer
+        await old.close()
+
     def maintain_once(self) -> None:
-        """One round of reloads: entries, bundle, server SVID rotation, gauges."""
+        """One round of reloads: entries, bundle, intermediate, server SVID, gauges."""
+        stamp = self._intermediate_mtime()
+        if stamp != self._intermediate_stamp:
+            self._intermediate_stamp = stamp
+            self._reload_intermediate()
         error = self.entries.refresh(time.time())
         if error is not None:
             self.metrics.entry_reload_failed()

@@ -138,6 +138,15 @@ class CaService:
         self._auth_cache: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
         self._auth_roots: tuple[x509.Certificate, ...] = ()
 
+    def replace_authorities(
+        self, intermediate: IntermediateAuthority, jwt_authority: JwtAuthority
+    ) -> None:
+        """Sign with a new intermediate and JWT key from now on (rotation)."""
+        self.intermediate = intermediate
+        self.jwt_authority = jwt_authority
+        if isinstance(self.signer, InlineSigner):
+            self.signer = InlineSigner(intermediate)
+
     # -- time and small helpers ----------------------------------------------------------
 
     def _now(self) -> dt.datetime:

@@ -581,3 +581,38 @@ def test_client_without_an_identity_says_to_attest_first() -> None:
         assert "attest" in refused.value.detail
 
     run(scenario())
+
+
+def test_a_re_signed_intermediate_is_picked_up_without_a_restart(
+    ca_dir: Path, entries_file: Path
+) -> None:
+    from ca import JwtAuthority
+
+    from .conftest import CLUSTER, PASSPHRASE
+
+    async def scenario() -> None:
+        async with serving(server_config(ca_dir, entries_file)) as server:
+            client = await attested(server, "node-a")  # agent SVID from the old intermediate
+            old = server.intermediate.certificate
+            store = CaStore(ca_dir)
+            root = store.load_root(PASSPHRASE)
+            fresh = root.issue_intermediate(
+                CLUSTER, now=dt.datetime.now(dt.UTC), ttl=dt.timedelta(days=7)
+            )
+            store.save_intermediate(fresh, JwtAuthority.generate())
+            await eventually(lambda: server.intermediate.certificate != old)
+            svid = (await client.batch_new_x509_svids([("web", key())]))[0]
+            assert svid.chain[1] == fresh.certificate
+            assert server._creds.svid.chain[1] == fresh.certificate
+            assert server.metrics.value(
+                "trellis_ca_authority_expiry_timestamp_seconds", authority="intermediate"
+            ) == int(fresh.expires_at.timestamp())
+            jwt = await client.new_jwt_svid("web", ["a"])
+            await eventually(lambda: len(server.bundles.current.jwt_authorities) == 2)
+            bundle = server.bundles.current
+            validate_jwt_svid(
+                jwt.token, "a", lambda td: bundle.jwt_authorities, now=dt.datetime.now(dt.UTC)
+            )
+            await client.close()
+
+    run(scenario())
