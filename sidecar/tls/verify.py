@@ -267,7 +267,12 @@ class SpiffeVerifier:
             built = list(verifier.verify(leaf, certs[1:]).chain)
         except VerificationError as exc:
             if "unsupported name constraint" not in str(exc):
-                raise TLSError(_classify(str(exc)), str(exc)) from exc
+                alert = _classify(str(exc))
+                if alert == AlertDescription.certificate_expired and any(
+                    now < cert.not_valid_before_utc for cert in certs
+                ):
+                    alert = AlertDescription.bad_certificate  # not yet valid
+                raise TLSError(alert, str(exc)) from exc
             # cryptography's path builder refuses URI name constraints, which is exactly
             # what a Trellis cluster intermediate carries (X509-SVID §4.2); ca.verify walks
             # that short path itself, with every signature still checked by OpenSSL.

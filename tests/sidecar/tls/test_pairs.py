@@ -518,3 +518,10 @@ def test_closed_flags_follow_close_notify_in_each_direction() -> None:
     server.close()
     client.receive_data(server.data_to_send())
     assert client.read_closed and server.write_closed
+
+
+def test_not_yet_valid_client_certificate_is_bad_certificate() -> None:
+    future = authority().leaf(
+        CLIENT_ID, not_before=NOW + dt.timedelta(hours=1), not_after=NOW + dt.timedelta(hours=2)
+    )
+    assert _server_alert(future) == AlertDescription.bad_certificate
