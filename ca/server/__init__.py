@@ -8,6 +8,7 @@ Public surface:
   ``parse_entries``, ``parse_entries_yaml``, ``load_entries_file``, ``EntryError``.
 * ``ca.server.client`` — ``CaClient`` (what the node agent uses), ``AgentIdentity``,
   ``JwtSvidToken``, ``CaError``, ``build_csr``.
+* ``ca.server.wire`` — conversions between these values and the ``trellis.ca.v1`` messages.
 * ``ca.server.service`` / ``ca.server.app`` — the gRPC service and the process around it.
 
 The wire API is ``trellis.ca.v1`` (``ca/proto/trellis/ca/v1/ca.proto``); the generated code

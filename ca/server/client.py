@@ -52,8 +52,9 @@ from cryptography.x509.oid import NameOID
 from ca.bundle import BundleError, TrustBundle
 from ca.keys import KeyAlgorithm, PrivateKey, generate_private_key
 from ca.server._proto import ca_pb2
-from ca.server.entries import EntryError, EntrySet, RegistrationEntry
-from ca.spiffeid import SpiffeId, TrustDomain
+from ca.server.entries import EntryError, EntrySet
+from ca.server.wire import SERVICE, bundle_from_proto, entry_from_proto, svid_from_proto
+from ca.spiffeid import SpiffeId
 from ca.x509svid import X509Svid
 
 __all__ = [
@@ -63,13 +64,9 @@ __all__ = [
     "CaError",
     "JwtSvidToken",
     "build_csr",
-    "bundle_from_proto",
-    "entry_from_proto",
-    "entry_to_proto",
 ]
 
 DEFAULT_SERVER_NAME = "trellis-ca"
-SERVICE = "trellis.ca.v1.CaService"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 _RETRYABLE = frozenset(
     {
@@ -130,54 +127,6 @@ def build_csr(key: PrivateKey, spiffe_id: SpiffeId | str | None = None) -> bytes
         algorithm = hashes.SHA256()
     csr = builder.sign(key, algorithm)  # type: ignore[arg-type]
     return csr.public_bytes(serialization.Encoding.DER)
-
-
-def _svid_from_proto(message: ca_pb2.X509SVID, private_key: PrivateKey | None) -> X509Svid:
-    chain = tuple(x509.load_der_x509_certificate(der) for der in message.cert_chain)
-    return X509Svid(SpiffeId(message.spiffe_id), chain, private_key)
-
-
-def bundle_from_proto(message: ca_pb2.Bundle) -> TrustBundle:
-    """The ``TrustBundle`` a ``Bundle`` message carries (raises ``BundleError``)."""
-    return TrustBundle.from_json(TrustDomain(message.trust_domain), message.spiffe_bundle_json)
-
-
-def bundle_to_proto(bundle: TrustBundle) -> ca_pb2.Bundle:
-    return ca_pb2.Bundle(
-        trust_domain=bundle.trust_domain.name,
-        spiffe_bundle_json=bundle.to_json(),
-        x509_authorities=[
-            c.public_bytes(serialization.Encoding.DER) for c in bundle.x509_authorities
-        ],
-        sequence=bundle.sequence,
-    )
-
-
-def entry_to_proto(entry: RegistrationEntry) -> ca_pb2.Entry:
-    return ca_pb2.Entry(
-        entry_id=entry.entry_id,
-        spiffe_id=str(entry.spiffe_id),
-        selectors=sorted(str(s) for s in entry.selectors),
-        x509_svid_ttl_seconds=int(entry.x509_svid_ttl.total_seconds()),
-        jwt_svid_ttl_seconds=int(entry.jwt_svid_ttl.total_seconds()),
-        dns_names=list(entry.dns_names),
-        federates_with=[t.name for t in entry.federates_with],
-        nodes=sorted(entry.nodes),
-    )
-
-
-def entry_from_proto(message: ca_pb2.Entry) -> RegistrationEntry:
-    """The ``RegistrationEntry`` an ``Entry`` message carries (raises ``EntryError``)."""
-    return RegistrationEntry.create(
-        message.spiffe_id,
-        list(message.selectors),
-        nodes=list(message.nodes),
-        entry_id=message.entry_id,
-        x509_svid_ttl=dt.timedelta(seconds=message.x509_svid_ttl_seconds),
-        jwt_svid_ttl=dt.timedelta(seconds=message.jwt_svid_ttl_seconds),
-        dns_names=list(message.dns_names),
-        federates_with=list(message.federates_with),
-    )
 
 
 def _pem_roots(trust_roots: bytes | TrustBundle | Sequence[x509.Certificate]) -> bytes:
@@ -332,7 +281,7 @@ class CaClient:
         self, node: str, svid_msg: ca_pb2.X509SVID, bundle_msg: ca_pb2.Bundle, key: PrivateKey
     ) -> AgentIdentity:
         try:
-            svid = _svid_from_proto(svid_msg, key)
+            svid = svid_from_proto(svid_msg, key)
             bundle = bundle_from_proto(bundle_msg)
         except (ValueError, BundleError) as exc:
             raise CaError(grpc.StatusCode.INTERNAL, f"CA sent an unreadable SVID: {exc}") from exc
@@ -377,7 +326,7 @@ class CaClient:
         response = await self._unary(
             self._main_channel(), "BatchNewX509SVID", message, ca_pb2.BatchNewX509SVIDResponse
         )
-        return [_svid_from_proto(s, None) for s in response.svids]
+        return [svid_from_proto(s, None) for s in response.svids]
 
     async def batch_new_x509_svids(
         self, requests: Sequence[tuple[str, PrivateKey]]

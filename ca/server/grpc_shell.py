@@ -18,8 +18,8 @@ from google.protobuf.message import Message
 
 from ca.bundle import TrustBundle
 from ca.server._proto import ca_pb2
-from ca.server.client import SERVICE, bundle_to_proto
 from ca.server.service import CaService, Refusal, log_event
+from ca.server.wire import SERVICE, bundle_to_proto
 
 __all__ = ["BundleWatch", "make_handler"]
 

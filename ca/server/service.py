@@ -44,7 +44,6 @@ from ca.server.attestation import (
     node_of_agent,
     psat_node_name,
 )
-from ca.server.client import bundle_to_proto, entry_to_proto
 from ca.server.entries import EntrySource, RegistrationEntry
 from ca.server.metrics import CaMetrics
 from ca.server.ratelimit import RateLimiter
@@ -55,6 +54,7 @@ from ca.server.signer import (
     SignFailure,
     SignRequest,
 )
+from ca.server.wire import bundle_to_proto, entry_to_proto, svid_to_proto
 from ca.spiffeid import SpiffeId
 from ca.verify import VerificationError, verify_x509_svid
 from ca.x509svid import X509Svid
@@ -99,9 +99,6 @@ class ServiceConfig:
     attest_burst: float = 20.0
     psat_allowed_service_accounts: tuple[str, ...] = ("trellis-system:trellis-agent",)
     psat_audience: str = PSAT_AUDIENCE
-
-
-_ReasonsByCode = dict[str, grpc.StatusCode]
 
 
 class CaService:
@@ -204,14 +201,6 @@ class CaService:
         )
         return Refusal(code, reason, detail)
 
-    @staticmethod
-    def _svid_message(svid: X509Svid) -> ca_pb2.X509SVID:
-        return ca_pb2.X509SVID(
-            spiffe_id=str(svid.spiffe_id),
-            cert_chain=list(svid.chain_der()),
-            expires_at=int(svid.expires_at.timestamp()),
-        )
-
     def _rate_limit(self, node: str, cost: int) -> None:
         if not self._agent_limiter.allow(node, self._monotonic(), cost):
             wait = self._agent_limiter.retry_after(node, cost)
@@ -312,7 +301,7 @@ class CaService:
         self._agent_issued(node, svid)
         log_event(logging.INFO, "agent-attested", node=node, method=method, peer=peer)
         return ca_pb2.AttestAgentResponse(
-            node_name=node, svid=self._svid_message(svid), bundle=bundle_to_proto(self.bundle())
+            node_name=node, svid=svid_to_proto(svid), bundle=bundle_to_proto(self.bundle())
         )
 
     async def _attest_psat(self, token: str) -> str:
@@ -349,7 +338,7 @@ class CaService:
         self._agent_issued(node, svid)
         log_event(logging.INFO, "agent-renewed", node=node)
         return ca_pb2.RenewAgentResponse(
-            svid=self._svid_message(svid), bundle=bundle_to_proto(self.bundle())
+            svid=svid_to_proto(svid), bundle=bundle_to_proto(self.bundle())
         )
 
     def _entry_for(self, entry_id: str, node: str) -> RegistrationEntry:
