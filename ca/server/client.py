@@ -269,7 +269,11 @@ class CaClient:
         key = key or generate_private_key(self.key_algorithm)
         request.csr = build_csr(key)
         credentials = grpc.ssl_channel_credentials(self._roots_pem)
-        address = self.attest_address or self.address
+        address = self.attest_address
+        if address is None:
+            raise ValueError(
+                "CaClient(attest_address=...) is needed to attest: the server's --attest-listen"
+            )
         async with grpc.aio.secure_channel(address, credentials, self._options()) as channel:
             response = await self._unary(
                 channel, "AttestAgent", request, ca_pb2.AttestAgentResponse
