@@ -616,3 +616,29 @@ def test_a_re_signed_intermediate_is_picked_up_without_a_restart(
             await client.close()
 
     run(scenario())
+
+
+def test_an_expired_agent_svid_cannot_call(ca_dir: Path, entries_file: Path) -> None:
+    """An expired client certificate already fails the TLS handshake (grpc verifies the
+    chain and its validity); the agent sees UNAVAILABLE and must re-attest."""
+    from ca import X509Svid
+
+    async def scenario() -> None:
+        async with serving(server_config(ca_dir, entries_file)) as server:
+            agent_key = generate_private_key(KeyAlgorithm.P256)
+            past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
+            old = server.intermediate.issue_x509_svid(
+                "spiffe://example.org/trellis/agent/node-a",
+                agent_key.public_key(),
+                now=past,
+                ttl=dt.timedelta(minutes=30),
+            )
+            stale = client_for(server, agent_svid=X509Svid(old.spiffe_id, old.chain, agent_key))
+            stale.timeout = 3
+            with pytest.raises(CaError) as refused:
+                await stale.fetch_entries()
+            assert refused.value.code in ("UNAVAILABLE", "UNAUTHENTICATED")
+            assert server.metrics.value("trellis_ca_x509_svid_issued_total", kind="workload") == 0
+            await stale.close()
+
+    run(scenario())
