@@ -91,6 +91,11 @@ class PodFacts:
 _PLACEHOLDER = re.compile(r"^(trustDomain|namespace|serviceAccount|nodeName|podLabel:(.+))$")
 
 
+def _placeholder_name(field_name: str, spec: str | None) -> str:
+    # str.format syntax reads "{podLabel:app}" as field "podLabel" with format spec "app".
+    return f"{field_name}:{spec}" if spec else field_name
+
+
 @dataclass(frozen=True, slots=True)
 class Template:
     """A ``{placeholder}`` template; only facts the agent can attest may appear.
@@ -113,11 +118,12 @@ class Template:
             parsed = list(string.Formatter().parse(text))
         except ValueError as exc:
             raise SpecError(where, f"unbalanced braces ({exc}); write {{namespace}}") from exc
-        for _literal, name, spec, conversion in parsed:
-            if name is None:
+        for _literal, field_name, spec, conversion in parsed:
+            if field_name is None:
                 continue
-            if spec or conversion:
-                raise SpecError(where, f"{{{name}}}: format specs and conversions are not allowed")
+            name = _placeholder_name(field_name, spec)
+            if conversion:
+                raise SpecError(where, f"{{{name}!{conversion}}}: conversions are not allowed")
             match = _PLACEHOLDER.match(name)
             if not match:
                 raise SpecError(
@@ -144,10 +150,11 @@ class Template:
             "nodeName": pod.node_name,
         }
         out: list[str] = []
-        for literal, name, _spec, _conv in string.Formatter().parse(self.text):
+        for literal, field_name, spec, _conv in string.Formatter().parse(self.text):
             out.append(literal)
-            if name is None:
+            if field_name is None:
                 continue
+            name = _placeholder_name(field_name, spec)
             if name.startswith("podLabel:"):
                 out.append(pod.labels[name.partition(":")[2]])
             else:

@@ -1,0 +1,189 @@
+"""The custom resources parsed at the edge: every rule a schema cannot express."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from ca.spiffeid import SpiffeId
+from mesh_operator.errors import SpecError
+from mesh_operator.selectors import LabelSelector
+from mesh_operator.spec import (
+    AllowedCaller,
+    PodFacts,
+    parse_access_policy,
+    parse_federated_trust_domain,
+    parse_identity_template,
+)
+
+
+def template(**spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "t", "generation": 3}, "spec": spec}
+
+
+def test_an_empty_template_gets_the_default_namespace_and_service_account_id() -> None:
+    parsed = parse_identity_template(template())
+    assert parsed.spiffe_id_template.fields == ("trustDomain", "namespace", "serviceAccount")
+    assert parsed.x509_svid_ttl == dt.timedelta(hours=1)
+    assert parsed.ref.generation == 3
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "words"),
+    [
+        ({"ttl": "25h"}, "spec.ttl", "longer than the maximum"),
+        ({"ttl": "30s"}, "spec.ttl", "shorter than one minute"),
+        ({"ttl": "soon"}, "spec.ttl", "invalid duration"),
+        (
+            {"spiffeIDTemplate": "spiffe://{trustDomain}/{podName}"},
+            "spec.spiffeIDTemplate",
+            "cannot be attested",
+        ),
+        (
+            {"spiffeIDTemplate": "spiffe://{trustDomain}/ns/{namespace"},
+            "spec.spiffeIDTemplate",
+            "unbalanced braces",
+        ),
+        (
+            {"spiffeIDTemplate": "spiffe://other.org/{namespace}"},
+            "spec.spiffeIDTemplate",
+            "must start with spiffe://{trustDomain}/",
+        ),
+        (
+            {"spiffeIDTemplate": "spiffe://{trustDomain}/a//b"},
+            "spec.spiffeIDTemplate",
+            "not a valid SPIFFE ID",
+        ),
+        (
+            {"spiffeIDTemplate": "spiffe://{trustDomain}/trellis/agent"},
+            "spec.spiffeIDTemplate",
+            "reserved",
+        ),
+        (
+            {
+                "podSelector": {
+                    "matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["x"]}]
+                }
+            },
+            "spec.podSelector",
+            "use In or Exists",
+        ),
+        (
+            {"podSelector": {"matchLabels": {"app": "bad value!"}}},
+            "spec.podSelector.matchLabels[app]",
+            "not a valid label value",
+        ),
+        ({"dnsNameTemplates": ["{trustDomain}.svc"]}, "spec.dnsNameTemplates[0]", "not a DNS name"),
+        ({"federatesWith": ["Not A Domain"]}, "spec.federatesWith[0]", ""),
+    ],
+)
+def test_template_errors_name_the_field_and_the_fix(
+    spec: dict[str, Any], field: str, words: str
+) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_identity_template(template(**spec))
+    assert caught.value.field == field
+    assert words in caught.value.reason
+
+
+def test_a_label_placeholder_renders_from_the_pods_labels() -> None:
+    parsed = parse_identity_template(
+        template(spiffeIDTemplate="spiffe://{trustDomain}/app/{podLabel:app.kubernetes.io/name}")
+    )
+    assert parsed.spiffe_id_template.label_keys == ("app.kubernetes.io/name",)
+    facts = PodFacts("example.org", "shop", "web", "node-1", {"app.kubernetes.io/name": "cart"})
+    assert parsed.spiffe_id_template.render(facts) == "spiffe://example.org/app/cart"
+
+
+def test_label_selectors_follow_the_api_servers_semantics() -> None:
+    selector = LabelSelector.parse(
+        {
+            "matchLabels": {"app": "web"},
+            "matchExpressions": [
+                {"key": "tier", "operator": "In", "values": ["a", "b"]},
+                {"key": "canary", "operator": "DoesNotExist"},
+                {"key": "zone", "operator": "NotIn", "values": ["x"]},
+                {"key": "team", "operator": "Exists"},
+            ],
+        },
+        "sel",
+    )
+    assert selector.matches({"app": "web", "tier": "a", "team": "t"})
+    assert not selector.matches({"app": "web", "tier": "a", "team": "t", "canary": "1"})
+    assert not selector.matches({"app": "web", "tier": "c", "team": "t"})
+    assert not selector.matches({"app": "web", "tier": "a", "team": "t", "zone": "x"})
+    assert LabelSelector.parse(None, "sel").matches({})
+    with pytest.raises(SpecError, match="needs at least one value"):
+        LabelSelector.parse({"matchExpressions": [{"key": "a", "operator": "In"}]}, "sel")
+
+
+def policy(**spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "p", "namespace": "shop"}, "spec": spec}
+
+
+def test_a_policy_parses_exact_and_prefix_callers() -> None:
+    parsed = parse_access_policy(
+        policy(
+            protocol="http",
+            ports=[8080, 8080, 443],
+            allow=[{"exact": "spiffe://example.org/a"}, {"prefix": "spiffe://example.org/ns/web"}],
+            earlyDataMethods=["HEAD", "GET"],
+        )
+    )
+    assert parsed.ports == (443, 8080)
+    assert parsed.early_data_methods == ("GET", "HEAD")
+    assert parsed.allow[1] == AllowedCaller(SpiffeId("spiffe://example.org/ns/web"), True)
+
+
+def test_a_prefix_allows_whole_path_segments_only() -> None:
+    rule = AllowedCaller(SpiffeId("spiffe://example.org/ns/web"), prefix=True)
+    assert rule.allows(SpiffeId("spiffe://example.org/ns/web"))
+    assert rule.allows(SpiffeId("spiffe://example.org/ns/web/sa/x"))
+    assert not rule.allows(SpiffeId("spiffe://example.org/ns/webhook"))
+    assert not rule.allows(SpiffeId("spiffe://other.org/ns/web/sa/x"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "words"),
+    [
+        (
+            {"protocol": "http", "earlyDataMethods": ["POST"]},
+            "spec.earlyDataMethods[0]",
+            "early data can be replayed",
+        ),
+        ({"earlyDataMethods": ["GET"]}, "spec.earlyDataMethods", "protocol: http"),
+        ({"protocol": "udp"}, "spec.protocol", "tcp or http"),
+        ({"ports": [0]}, "spec.ports[0]", "not a port number"),
+        (
+            {"allow": [{"exact": "spiffe://a.org/x", "prefix": "spiffe://a.org/"}]},
+            "spec.allow[0]",
+            "exactly one",
+        ),
+        ({"allow": [{"exact": "http://a.org/x"}]}, "spec.allow[0].exact", "scheme"),
+    ],
+)
+def test_policy_errors_name_the_field(spec: dict[str, Any], field: str, words: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_access_policy(policy(**spec))
+    assert caught.value.field == field
+    assert words in caught.value.reason
+
+
+def test_a_federated_domain_must_serve_its_bundle_from_its_own_id_over_https() -> None:
+    good = {
+        "metadata": {"name": "partner"},
+        "spec": {
+            "trustDomain": "partner.example",
+            "bundleEndpointURL": "https://bundle.partner.example",
+            "bundleEndpointSPIFFEID": "spiffe://partner.example/ca",
+        },
+    }
+    assert parse_federated_trust_domain(good).trust_domain.name == "partner.example"
+    plain = {**good, "spec": {**good["spec"], "bundleEndpointURL": "http://bundle.partner.example"}}
+    with pytest.raises(SpecError, match="https"):
+        parse_federated_trust_domain(plain)
+    foreign = {**good, "spec": {**good["spec"], "bundleEndpointSPIFFEID": "spiffe://evil.org/ca"}}
+    with pytest.raises(SpecError, match=r"not in partner\.example"):
+        parse_federated_trust_domain(foreign)
