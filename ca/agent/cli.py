@@ -27,7 +27,7 @@ from ca.server.client import CaClient
 from ca.server.entries import EntryError, load_entries_file
 from ca.spiffeid import TrustDomain
 from ca.store import CaStore, StoreError
-from ca.x509svid import SvidError, spiffe_id_of
+from ca.x509svid import SvidError, X509Svid, spiffe_id_of
 from trellis.cli import CliError
 from trellis.durations import parse_duration
 
@@ -89,6 +89,9 @@ def register(commands: Any) -> None:
     )  # fmt: skip
     p.add_argument("--kubernetes", action="store_true", help="attest pods via the API server")
     p.add_argument("--sync-interval", type=_seconds, default=5.0, help="entry sync period")
+    p.add_argument(
+        "--backoff-cap", type=_seconds, default=30.0, help="longest wait between CA retries"
+    )
     p.add_argument("--allow-unauthenticated-verifiers", action="store_true")
     p.add_argument("--local-ca", type=Path, metavar="DIR", help="sign in-process from a CA dir")
     p.add_argument("--cluster", help="cluster intermediate to use with --local-ca")
@@ -162,13 +165,20 @@ def _grpc_upstream(args: argparse.Namespace) -> tuple[Upstream, TrustBundle | No
         raise CliError(
             f"no valid agent SVID in {args.data_dir}: give --join-token or --psat-token-file"
         )
-    client = CaClient(
-        args.ca,
-        trust_roots=bundle or roots,
-        attest_address=args.ca_attest or args.ca,
+    address, attest_address = args.ca, args.ca_attest or args.ca
+    trust_roots = bundle or roots
+
+    def new_client(svid: X509Svid | None) -> CaClient:
+        return CaClient(
+            address, trust_roots=trust_roots, attest_address=attest_address, agent_svid=svid
+        )
+
+    upstream = GrpcUpstream(
+        new_client,
         agent_svid=agent_svid,
+        join_token=token,
+        psat_token_path=args.psat_token_file,
     )
-    upstream = GrpcUpstream(client, join_token=token, psat_token_path=args.psat_token_file)
     return upstream, bundle
 
 
@@ -205,7 +215,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
         admin_host=admin[0] if admin else "127.0.0.1",
         admin_port=admin[1] if admin else None,
         kubernetes=args.kubernetes,
-        rotator=RotatorConfig(sync_interval=args.sync_interval, data_dir=args.data_dir),
+        rotator=RotatorConfig(
+            sync_interval=args.sync_interval,
+            data_dir=args.data_dir,
+            backoff_cap=args.backoff_cap,
+        ),
         workload_api=WorkloadApiConfig(
             allow_unauthenticated_verifiers=args.allow_unauthenticated_verifiers
         ),

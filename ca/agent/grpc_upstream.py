@@ -4,11 +4,18 @@ A thin adapter: it chooses the node attestation method (join token or Kubernetes
 projected service-account token), and translates ``CaError`` at the boundary into the
 agent's two kinds of failure (``UpstreamUnavailable`` when a retry can help,
 ``UpstreamRefused`` when it cannot).
+
+After an UNAVAILABLE it replaces the client (and so the gRPC channel) with a fresh one
+holding the same agent SVID. Why: a grpcio channel whose server went away backs off its
+own reconnection attempts (1 s growing by 1.6x towards 120 s) and fails calls fast
+meanwhile, so a CA that comes back would stay unreached long after the agent's own capped
+backoff says "retry now"; SVIDs could expire in that gap. A new channel connects at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from ca.agent.upstream import UpstreamError, UpstreamRefused, UpstreamUnavailable
@@ -21,22 +28,35 @@ from ca.x509svid import X509Svid
 __all__ = ["GrpcUpstream"]
 
 
-def _translate(exc: CaError) -> UpstreamError:
-    kind = UpstreamUnavailable if exc.retryable else UpstreamRefused
-    return kind(exc.code.lower().replace("_", "-"), str(exc))
+ClientFactory = Callable[[X509Svid | None], CaClient]
 
 
 class GrpcUpstream:
     def __init__(
         self,
-        client: CaClient,
+        factory: ClientFactory,
         *,
+        agent_svid: X509Svid | None = None,
         join_token: str | None = None,
         psat_token_path: Path | None = None,
     ) -> None:
-        self.client = client
+        self._factory = factory
+        self.client = factory(agent_svid)
         self._join_token = join_token
         self._psat_path = psat_token_path
+        self._closing: set[asyncio.Task[None]] = set()
+        self.reconnects = 0
+
+    def _translate(self, exc: CaError) -> UpstreamError:
+        if not exc.retryable:
+            return UpstreamRefused(exc.code.lower().replace("_", "-"), str(exc))
+        if exc.code == "UNAVAILABLE":
+            old, self.client = self.client, self._factory(self.client.agent_svid)
+            self.reconnects += 1
+            task = asyncio.get_running_loop().create_task(old.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        return UpstreamUnavailable(exc.code.lower().replace("_", "-"), str(exc))
 
     @property
     def agent_svid(self) -> X509Svid | None:
@@ -60,19 +80,19 @@ class GrpcUpstream:
                 )
             return await self.client.attest_with_join_token(self._join_token)
         except CaError as exc:
-            raise _translate(exc) from exc
+            raise self._translate(exc) from exc
 
     async def renew(self) -> AgentIdentity:
         try:
             return await self.client.renew()
         except CaError as exc:
-            raise _translate(exc) from exc
+            raise self._translate(exc) from exc
 
     async def fetch_entries(self) -> EntrySet:
         try:
             return await self.client.fetch_entries()
         except CaError as exc:
-            raise _translate(exc) from exc
+            raise self._translate(exc) from exc
 
     async def batch_new_x509_svids(
         self, requests: Sequence[tuple[str, PrivateKey]]
@@ -80,20 +100,20 @@ class GrpcUpstream:
         try:
             return await self.client.batch_new_x509_svids(requests)
         except CaError as exc:
-            raise _translate(exc) from exc
+            raise self._translate(exc) from exc
 
     async def new_jwt_svid(self, entry_id: str, audience: Sequence[str]) -> JwtSvidToken:
         try:
             return await self.client.new_jwt_svid(entry_id, audience)
         except CaError as exc:
-            raise _translate(exc) from exc
+            raise self._translate(exc) from exc
 
     async def watch_bundle(self) -> AsyncIterator[TrustBundle]:
         try:
             async for bundle in self.client.watch_bundle():
                 yield bundle
         except CaError as exc:
-            raise _translate(exc) from exc
+            raise self._translate(exc) from exc
 
     async def close(self) -> None:
         await self.client.close()
