@@ -24,7 +24,7 @@ from ca.agent.workload_api import WorkloadApiConfig
 from ca.bundle import BundleError, TrustBundle, load_pem_certificates
 from ca.keys import write_private_file, write_public_file
 from ca.server.client import CaClient
-from ca.server.entries import EntryError, load_entries_file
+from ca.server.entries import EntryError, YamlFileEntrySource
 from ca.spiffeid import TrustDomain
 from ca.store import CaStore, StoreError
 from ca.x509svid import SvidError, X509Svid, spiffe_id_of
@@ -142,7 +142,7 @@ def _local_upstream(args: argparse.Namespace) -> tuple[Upstream, TrustBundle]:
         intermediate = store.load_intermediate(args.cluster)
         bundle = store.load_bundle(intermediate.trust_domain)
         jwt = store.load_jwt_authority(args.cluster)
-        entries = load_entries_file(args.entries, trust_domain=intermediate.trust_domain)
+        entries = YamlFileEntrySource(args.entries, trust_domain=intermediate.trust_domain)
     except (StoreError, EntryError) as exc:
         raise CliError(str(exc)) from exc
     upstream = InProcessUpstream(intermediate, jwt, bundle, entries, node=args.node)
@@ -168,13 +168,12 @@ def _grpc_upstream(args: argparse.Namespace) -> tuple[Upstream, TrustBundle | No
     address, attest_address = args.ca, args.ca_attest or args.ca
     trust_roots = bundle or roots
 
-    def new_client(svid: X509Svid | None) -> CaClient:
-        return CaClient(
-            address, trust_roots=trust_roots, attest_address=attest_address, agent_svid=svid
-        )
+    def new_client(svid: X509Svid | None, roots: TrustBundle) -> CaClient:
+        return CaClient(address, trust_roots=roots, attest_address=attest_address, agent_svid=svid)
 
     upstream = GrpcUpstream(
         new_client,
+        trust_roots,
         agent_svid=agent_svid,
         join_token=token,
         psat_token_path=args.psat_token_file,

@@ -10,6 +10,10 @@ holding the same agent SVID. Why: a grpcio channel whose server went away backs 
 own reconnection attempts (1 s growing by 1.6x towards 120 s) and fails calls fast
 meanwhile, so a CA that comes back would stay unreached long after the agent's own capped
 backoff says "retry now"; SVIDs could expire in that gap. A new channel connects at once.
+
+When the bundle's X.509 roots change (root rotation), the client is told to trust the new
+set (``CaClient.set_trust_roots``) and later clients are built with it, so the agent
+keeps reaching a CA whose certificate chains to the new root.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
 
 from ca.agent.upstream import UpstreamError, UpstreamRefused, UpstreamUnavailable
 from ca.bundle import TrustBundle
@@ -28,20 +34,22 @@ from ca.x509svid import X509Svid
 __all__ = ["GrpcUpstream"]
 
 
-ClientFactory = Callable[[X509Svid | None], CaClient]
+ClientFactory = Callable[[X509Svid | None, TrustBundle], CaClient]
 
 
 class GrpcUpstream:
     def __init__(
         self,
         factory: ClientFactory,
+        trust_roots: TrustBundle,
         *,
         agent_svid: X509Svid | None = None,
         join_token: str | None = None,
         psat_token_path: Path | None = None,
     ) -> None:
         self._factory = factory
-        self.client = factory(agent_svid)
+        self.trust_roots = trust_roots
+        self.client = factory(agent_svid, trust_roots)
         self._join_token = join_token
         self._psat_path = psat_token_path
         self._closing: set[asyncio.Task[None]] = set()
@@ -51,7 +59,8 @@ class GrpcUpstream:
         if not exc.retryable:
             return UpstreamRefused(exc.code.lower().replace("_", "-"), str(exc))
         if exc.code == "UNAVAILABLE":
-            old, self.client = self.client, self._factory(self.client.agent_svid)
+            old = self.client
+            self.client = self._factory(old.agent_svid, self.trust_roots)
             self.reconnects += 1
             task = asyncio.get_running_loop().create_task(old.close())
             self._closing.add(task)
@@ -111,6 +120,13 @@ class GrpcUpstream:
     async def watch_bundle(self) -> AsyncIterator[TrustBundle]:
         try:
             async for bundle in self.client.watch_bundle():
+                roots = {c.fingerprint(hashes.SHA256()) for c in bundle.x509_authorities}
+                known = {c.fingerprint(hashes.SHA256()) for c in self.trust_roots.x509_authorities}
+                if roots and roots != known:
+                    # Only on a real change: set_trust_roots swaps the channel, and the
+                    # watch resumes on the new one (re-sending this same bundle).
+                    self.trust_roots = bundle
+                    self.client.set_trust_roots(bundle)
                 yield bundle
         except CaError as exc:
             raise self._translate(exc) from exc

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
@@ -25,7 +27,7 @@ from ca.bundle import TrustBundle
 from ca.jwtsvid import JwtAuthority, JwtSvidError
 from ca.keys import KeyAlgorithm, PrivateKey, generate_private_key
 from ca.server.client import AgentIdentity, JwtSvidToken
-from ca.server.entries import EntrySet, RegistrationEntry
+from ca.server.entries import EntrySet, EntrySource, RegistrationEntry
 from ca.spiffeid import SpiffeId, TrustDomain
 from ca.x509svid import X509Svid
 
@@ -39,6 +41,9 @@ __all__ = [
     "UpstreamUnavailable",
     "agent_spiffe_id",
 ]
+
+
+log = logging.getLogger("trellis.agent.upstream")
 
 
 class UpstreamError(Exception):
@@ -102,7 +107,7 @@ class InProcessUpstream:
         intermediate: IntermediateAuthority,
         jwt_authority: JwtAuthority,
         bundle: TrustBundle,
-        entries: EntrySet | Sequence[RegistrationEntry],
+        entries: EntrySet | Sequence[RegistrationEntry] | EntrySource,
         *,
         node: str,
         single_use_attestation: bool = False,
@@ -112,7 +117,14 @@ class InProcessUpstream:
         self._intermediate = intermediate
         self._jwt = jwt_authority
         self._bundle = bundle
-        self._entries = entries if isinstance(entries, EntrySet) else EntrySet(tuple(entries))
+        self._source: EntrySource | None = None
+        if isinstance(entries, EntrySet):
+            self._entries = entries
+        elif isinstance(entries, Sequence):
+            self._entries = EntrySet(tuple(entries))
+        else:
+            self._source = entries  # e.g. a YAML file re-read when it changes
+            self._entries = entries.current()
         self._node = node
         self._single_use = single_use_attestation
         self._attested = False
@@ -184,6 +196,11 @@ class InProcessUpstream:
 
     async def fetch_entries(self) -> EntrySet:
         self._enter("fetch_entries")
+        if self._source is not None:
+            error = self._source.refresh(time.time())
+            if error is not None:
+                log.warning("keeping the previous entries: %s", error)
+            self._entries = self._source.current()
         return EntrySet(self._entries.for_node(self._node))
 
     def _entry(self, entry_id: str) -> RegistrationEntry:

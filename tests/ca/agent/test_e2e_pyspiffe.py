@@ -293,3 +293,22 @@ def test_an_agent_restart_is_survived_by_streaming_clients(mesh: Mesh) -> None:
         finally:
             handler.cancel()
     assert not seen.errors
+
+
+def test_an_entry_change_at_the_ca_reaches_the_stream_without_restarts(mesh: Mesh) -> None:
+    api = "spiffe://example.org/ns/default/sa/api"
+    ids: list[str] = []
+
+    def on_success(context: Any) -> None:
+        ids.append(str(context.default_svid.spiffe_id))
+
+    with _client(mesh) as client:
+        handler = client.stream_x509_contexts(on_success, lambda error: None)
+        try:
+            _wait_for(lambda: WEB in ids, 15, "the first SVID")
+            entries = mesh.workdir / "entries.yaml"
+            entries.write_text(entries.read_text().replace(WEB, api))
+            # The CA re-reads its YAML (1 s poll), the agent re-syncs (1 s), re-issues.
+            _wait_for(lambda: api in ids, 15, "an SVID for the changed entry")
+        finally:
+            handler.cancel()
