@@ -41,12 +41,14 @@ up: setup
 	    --spiffe-id spiffe://example.org/ns/default/sa/web --out $(DEMO)/web; \
 	$(BIN)/trellis ca inspect $(DEMO)/web/svid.pem --bundle $(DEMO)/web/bundle.pem
 
+PACKAGES := ca sidecar trellis
+
 lint: setup
-	$(BIN)/ruff check ca trellis tests bench
-	$(BIN)/ruff format --check ca trellis
+	$(BIN)/ruff check $(PACKAGES) tests bench
+	$(BIN)/ruff format --check $(PACKAGES)
 
 typecheck: setup
-	$(BIN)/mypy --strict ca trellis
+	$(BIN)/mypy --strict $(PACKAGES)
 
 unit: setup
 	$(BIN)/pytest -q -n 2 --dist loadfile
