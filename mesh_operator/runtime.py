@@ -6,6 +6,10 @@ appear, which the leader creates). The replica then campaigns for the Lease
 peering, decides who acts), the sync loop and the certificate rotation, and keeps renewing.
 If renewing fails for ``renew_deadline`` it stops everything and returns exit code 1; the
 kubelet restarts it as a follower. Leadership is never handed back in-process.
+
+One operator per process: when kopf stops it cancels every task created in its event loop
+after it started, so the webhook, sync, rotation and renewal tasks are all created before
+kopf starts, and nothing else may share the loop.
 """
 
 from __future__ import annotations
