@@ -224,6 +224,8 @@ def test_py_spiffe_fetches_svids_contexts_and_jwts_from_the_agent(mesh: Mesh) ->
         assert [str(s.spiffe_id) for s in context.x509_svids] == [WEB]
         bundle = context.x509_bundle_set.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
         assert bundle is not None and len(bundle.x509_authorities) == 1
+        bundles = client.fetch_x509_bundles()
+        assert bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain) == bundle
 
         jwt = client.fetch_jwt_svid(audience={"db"})
         assert str(jwt.spiffe_id) == WEB

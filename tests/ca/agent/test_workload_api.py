@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -372,3 +373,32 @@ def test_jwt_svids_are_issued_for_entitled_ids_and_validated(
     assert no_audience == grpc.StatusCode.INVALID_ARGUMENT
     assert not_entitled == grpc.StatusCode.PERMISSION_DENIED
     assert wrong_audience == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_closed_connections_leave_no_credentials_or_socket_files_behind(
+    live_ca: LiveCa, short_dir: Path
+) -> None:
+    async def main() -> tuple[int, int, list[str]]:
+        async with running_agent(make_upstream(live_ca, [entry()]), short_dir) as agent:
+            for _ in range(3):
+                # A local subchannel pool: closing the channel closes its connection.
+                # (Unary calls: after a *cancelled stream* grpcio's client keeps its
+                # connection open past channel.close(), with or without the front.)
+                local = [("grpc.use_local_subchannel_pool", 1)]
+                async with grpc.aio.insecure_channel(_target(agent), options=local) as channel:
+                    request = pb.JWTSVIDRequest(audience=["db"])
+                    await _unary(channel, "FetchJWTSVID", request, pb.JWTSVIDResponse)
+            for _ in range(3):  # and callers that hang up without a word
+                raw = socket.socket(socket.AF_UNIX)
+                raw.connect(str(agent.config.socket_path))
+                raw.close()
+            for _ in range(100):
+                if agent.front.connections == 0:
+                    break
+                await asyncio.sleep(0.02)
+            private = sorted(p.name for p in agent.front.internal_path.parent.iterdir())
+            return agent.front.connections, len(agent.peers), private
+
+    connections, peers, private = run(main())
+    assert (connections, peers) == (0, 0)
+    assert private == ["grpc.sock"]  # bound client paths are unlinked right after connect
