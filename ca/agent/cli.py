@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -198,6 +199,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.kubernetes:
+        if not args.node:
+            raise CliError("--kubernetes needs --node (the pod watch is scoped to this node)")
+        if not os.environ.get("KUBERNETES_SERVICE_HOST"):
+            raise CliError("--kubernetes: not in a pod (KUBERNETES_SERVICE_HOST is unset)")
     upstream: Upstream
     bundle: TrustBundle | None
     if args.local_ca is not None:

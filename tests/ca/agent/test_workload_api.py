@@ -146,8 +146,8 @@ def test_an_unregistered_uid_is_permission_denied(live_ca: LiveCa, short_dir: Pa
     assert run(main()) == grpc.StatusCode.PERMISSION_DENIED
 
 
-def _curl_as(user: int | None, socket_path: Path) -> list[str]:
-    """A FetchX509SVID made by curl (HTTP/2 prior knowledge over the socket) as ``user``."""
+def _curl_fetch(socket_path: Path) -> list[str]:
+    """A FetchX509SVID made by curl: HTTP/2 with prior knowledge over the Unix socket."""
     return [
         "curl", "-s", "-D", "-", "-o", "/dev/null", "--max-time", "3",
         "--http2-prior-knowledge", "--unix-socket", str(socket_path),
@@ -171,7 +171,7 @@ def test_another_users_process_on_the_same_socket_is_told_apart_by_its_uid(
     async def main() -> str:
         async with running_agent(make_upstream(live_ca, [registered]), short_dir) as agent:
             proc = await asyncio.create_subprocess_exec(
-                *_curl_as(None, agent.config.socket_path),
+                *_curl_fetch(agent.config.socket_path),
                 user=65534 if as_root else None,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             )  # fmt: skip
