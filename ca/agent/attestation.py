@@ -26,6 +26,7 @@ from ca.server.entries import RegistrationEntry, Selector
 
 __all__ = [
     "AttestationError",
+    "AttestationPending",
     "EntryMatcher",
     "PeerCredentials",
     "Selector",
@@ -39,6 +40,10 @@ __all__ = [
 
 class AttestationError(Exception):
     """The caller cannot be attested (it exited, or its pid was reused since it connected)."""
+
+
+class AttestationPending(AttestationError):
+    """Facts about the caller are not known yet (a pod the watch has not delivered): retry."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ from typing import Any
 
 import aiohttp
 
-from ca.agent.attestation import WorkloadAttributes
+from ca.agent.attestation import AttestationPending, WorkloadAttributes
 from ca.agent.backoff import Backoff
 from ca.server.entries import Selector
 
@@ -161,7 +161,11 @@ class PodAttestor:
         if uid is None:
             return frozenset()
         pod = self.index.get(uid)
-        return pod.selectors() if pod is not None else frozenset()
+        if pod is None:
+            # A pod that just started can call before its watch event arrives; answering
+            # "no identity" would be wrong, so the caller is told to retry (UNAVAILABLE).
+            raise AttestationPending(f"pod {uid} is not known to this agent yet")
+        return pod.selectors()
 
 
 # -- the I/O shell ------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ca.agent.attestation import (
     AttestationError,
+    AttestationPending,
     EntryMatcher,
     PeerCredentials,
     SubsetMatcher,
@@ -221,6 +222,8 @@ class WorkloadApi:
             raise _Abort(grpc.StatusCode.PERMISSION_DENIED, "caller could not be attested")
         try:
             attributes = self.attestor.attest(credentials)
+        except AttestationPending as exc:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, f"attestation pending: {exc}") from exc
         except AttestationError as exc:
             raise _Abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"caller could not be attested: {exc}"

@@ -92,8 +92,9 @@ async def running_agent(
         admin_port=overrides.pop("admin_port", None),
         rotator=rotator,
     )
+    plugins = overrides.pop("plugins", ())
     config = replace(config, **overrides)
-    agent = Agent(config, upstream)
+    agent = Agent(config, upstream, plugins=plugins)
     task = asyncio.create_task(agent.run())
     await agent.started.wait()
     await asyncio.wait_for(agent.rotator.synced.wait(), 10)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 
-from ca.agent.attestation import PeerCredentials, WorkloadAttributes
+from ca.agent.attestation import AttestationPending, PeerCredentials, WorkloadAttributes
+from ca.agent.client import WorkloadClient
 from ca.agent.k8s import (
     InClusterConfig,
     PodAttestor,
@@ -24,7 +27,7 @@ from ca.agent.k8s import (
     watch_pods,
 )
 from ca.server.entries import parse_selector
-from tests.ca.agent.conftest import run
+from tests.ca.agent.conftest import LiveCa, entry, make_upstream, run, running_agent
 
 DATA = Path(__file__).parent / "data"
 WEB_UID = "7a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"
@@ -76,6 +79,11 @@ def test_the_pod_attestor_maps_a_callers_cgroup_to_its_pods_selectors() -> None:
     )
     found = PodAttestor(index).selectors(attrs)
     assert parse_selector("k8s:sa:web") in found
+    unknown = WorkloadAttributes(
+        PeerCredentials(1, 1000, 1000), cgroups=tuple(_lines("cgroup-v1-cgroupfs.txt"))
+    )
+    with pytest.raises(AttestationPending):  # a pod the watch has not delivered yet
+        PodAttestor(index).selectors(unknown)
     host = WorkloadAttributes(
         PeerCredentials(1, 0, 0), cgroups=tuple(_lines("cgroup-host-process.txt"))
     )
@@ -144,3 +152,34 @@ def test_watch_pods_lists_then_follows_the_watch_of_a_fake_api_server(tmp_path: 
     assert seen[0]["fieldSelector"] == "spec.nodeName=node-a"
     assert seen[0]["auth"] == "Bearer fake-sa-token"
     assert seen[1]["watch"] == "true" and seen[1]["resourceVersion"] == "48213"
+
+
+def test_a_pod_gets_the_identity_its_namespace_and_service_account_entry_names(
+    live_ca: LiveCa, short_dir: Path, tmp_path: Path
+) -> None:
+    # The caller is this test process; a proc root holding its real stat and exe but the
+    # recorded cgroup of a pod makes it look like a container of pod-web.json to the agent.
+    me = tmp_path / "proc" / str(os.getpid())
+    me.mkdir(parents=True)
+    (me / "stat").write_text(Path(f"/proc/{os.getpid()}/stat").read_text())
+    (me / "cgroup").write_text((DATA / "cgroup-v2-systemd.txt").read_text())
+    (me / "exe").symlink_to(os.path.realpath(f"/proc/{os.getpid()}/exe"))
+    index = PodIndex()
+    index.replace([json.loads((DATA / "pod-web.json").read_text())], "48213")
+    shop_web = entry(
+        "spiffe://example.org/ns/shop/sa/web",
+        ["k8s:ns:shop", "k8s:sa:web", "k8s:pod-label:app:web"],
+    )
+    other_sa = entry("spiffe://example.org/ns/shop/sa/db", ["k8s:ns:shop", "k8s:sa:db"])
+
+    async def main() -> list[str]:
+        upstream = make_upstream(live_ca, [shop_web, other_sa])
+        async with running_agent(
+            upstream, short_dir, proc_root=tmp_path / "proc", plugins=(PodAttestor(index),)
+        ) as agent:
+            client = WorkloadClient(f"unix:{agent.config.socket_path}")
+            response = await asyncio.to_thread(client.fetch_x509_svid)
+            client.close()
+            return [s.spiffe_id for s in response.svids]
+
+    assert run(main()) == ["spiffe://example.org/ns/shop/sa/web"]
