@@ -74,7 +74,9 @@ def register(commands: Any) -> None:
     p.add_argument("--socket-mode", type=_mode, default=0o666, help="socket file mode (octal)")
     p.add_argument("--ca", metavar="HOST:PORT", help="the CA server's mutual-TLS address")
     p.add_argument(
-        "--ca-attest", metavar="HOST:PORT", help="the CA's attestation address (default: --ca)"
+        "--ca-attest",
+        metavar="HOST:PORT",
+        help="the CA's attestation address (trellis ca serve --attest-listen; default: --ca)",
     )
     p.add_argument("--trust-bundle", type=Path, help="PEM roots or SPIFFE bundle to trust the CA")
     p.add_argument("--join-token", help="single-use join token (node attestation)")
@@ -83,7 +85,12 @@ def register(commands: Any) -> None:
         "--psat-token-file", type=Path, help="Kubernetes projected SA token (audience trellis-ca)"
     )
     p.add_argument("--node", help="this node's name (required with --local-ca)")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="keeps the agent SVID (key 0600) so a restart needs no new join token",
+    )
     p.add_argument(
         "--admin", type=_address, default=("127.0.0.1", 8089), metavar="HOST:PORT|off",
         help="admin endpoint for /healthz and /metrics (default 127.0.0.1:8089)",
