@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mesh_operator import cli as operator_cli
 
     operator_cli.register(commands)
+    from sidecar import debug_cli
+
+    debug_cli.register(commands)
     return parser
 
 
