@@ -168,8 +168,17 @@ def validate_resource(body: bytes) -> AdmissionOutcome:
         )
     if request.get("operation") not in ("CREATE", "UPDATE"):
         return _review(uid, {"allowed": True})
+    obj = request.get("object")
+    namespace = request.get("namespace")
+    if isinstance(obj, Mapping) and isinstance(namespace, str) and namespace:
+        # The object may reach us before the API server defaulted metadata.namespace.
+        meta = obj.get("metadata")
+        obj = {
+            **obj,
+            "metadata": {"namespace": namespace, **(meta if isinstance(meta, Mapping) else {})},
+        }
     try:
-        _VALIDATORS[name](request.get("object"))
+        _VALIDATORS[name](obj)
     except SpecError as exc:
         return _deny(uid, 422, f"{name} {exc.field}: {exc.reason}")
     return _review(uid, {"allowed": True})

@@ -256,6 +256,22 @@ def test_the_validating_endpoint_explains_what_a_schema_cannot(
             )
             assert "pod names and UIDs cannot be attested" in denied["status"]["message"]
 
+            policy = {
+                "apiVersion": "trellis.dev/v1alpha1",
+                "kind": "AccessPolicy",
+                "metadata": {"name": "p"},  # namespace only in the request
+                "spec": {"protocol": "http", "earlyDataMethods": ["POST"]},
+            }
+            review = admission_review(
+                policy,
+                kind="AccessPolicy",
+                group="trellis.dev",
+                version="v1alpha1",
+                resource="accesspolicies",
+            )
+            denied = await hook.review("/validate", review)
+            assert "early data can be replayed" in denied["status"]["message"]
+
     run(body())
 
 
