@@ -256,7 +256,7 @@ def test_the_stream_delivers_a_rotated_svid_before_the_old_one_expires(mesh: Mes
 
 # Long enough that a CA process restart (imports, key loading: 1-2 s here) plus the
 # agent's capped backoff fit between the latest rotation point and expiry.
-@pytest.mark.parametrize("svid_ttl", [16])
+@pytest.mark.parametrize("svid_ttl", [20])
 def test_ca_stopped_past_a_rotation_then_restarted_keeps_workloads_valid_throughout(
     mesh: Mesh, svid_ttl: int
 ) -> None:
