@@ -24,8 +24,9 @@ Safety properties: an unknown peer string (a connection that did not come throug
 front, or a grpcio that one day stops reporting bound paths) finds no credentials and is
 refused (fail closed; a test pins grpcio's peer format). Nobody but the agent can connect
 to the internal listener (0700 directory), and the bound client paths are unlinked right
-after connecting, so nothing accumulates. The splice costs a few tens of microseconds per
-message (see bench/workload_api.py), well inside the Workload API's latency budget.
+after connecting, so nothing accumulates. The splice costs about 0.1 ms per call
+(bench/workload_api.py: a bare grpcio echo, direct vs through this front), well inside
+the Workload API's 5 ms budget.
 """
 
 from __future__ import annotations
