@@ -254,3 +254,32 @@ async def tls_echo_server(
     finally:
         server.close()
         await server.wait_closed()
+
+
+def trellis_args(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "trellis", *args]
+
+
+@asynccontextmanager
+async def debug_tls_server(
+    *extra: str, ident: Svid | None = None
+) -> AsyncIterator[tuple[int, Peer]]:
+    """`trellis debug tls-server` as a process on an ephemeral port (mTLS unless told)."""
+    ident = ident or server_svid()
+    argv = trellis_args(
+        "debug",
+        "tls-server",
+        "--port",
+        "0",
+        "--cert",
+        ident.cert,
+        "--key",
+        ident.key_file,
+        *extra,
+    )
+    async with peer_process(*argv, stdin=False) as server:
+        line = await server.wait_for_line(b"listening on")
+        port = int(line.split()[2].rsplit(b":", 1)[1])
+        yield port, server
