@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -211,7 +212,11 @@ def test_every_ca_and_agent_panel_returns_data_and_the_issuance_rate_matches(
         tmp_path / "ca.log",
     ) as ca:
         assert ca.stdout is not None
-        lines = [json.loads(ca.stdout.readline()) for _ in range(3)]
+        lines = []
+        for _ in range(3):
+            line = ca.stdout.readline()
+            assert line, f"the CA did not start: {(tmp_path / 'ca.log').read_text()[-2000:]}"
+            lines.append(json.loads(line))
         ready = next(line for line in lines if line["event"] == "ready")
         tokens = {line["node"]: line["token"] for line in lines if line["event"] == "join-token"}
         with process(
