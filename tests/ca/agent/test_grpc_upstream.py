@@ -1,0 +1,94 @@
+"""``GrpcUpstream``: CaError translation, channel replacement, and following root rotation.
+
+A stand-in for ``CaClient`` records what the adapter does; the real client against a real
+``trellis ca serve`` is exercised in ``test_e2e_pyspiffe.py``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from ca import RootAuthority, TrustBundle
+from ca.agent.grpc_upstream import GrpcUpstream
+from ca.agent.upstream import UpstreamRefused, UpstreamUnavailable
+from ca.server.client import CaError
+from tests.ca.agent.conftest import TD, LiveCa, run
+
+
+class FakeClient:
+    def __init__(self, svid: Any, roots: TrustBundle, script: list[Any]) -> None:
+        self.agent_svid = svid
+        self.roots = roots
+        self.script = script
+        self.closed = False
+        self.set_roots: list[TrustBundle] = []
+
+    async def fetch_entries(self) -> Any:
+        outcome = self.script.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def watch_bundle(self) -> AsyncIterator[TrustBundle]:
+        for bundle in self.script:
+            yield bundle
+
+    def set_trust_roots(self, roots: TrustBundle) -> None:
+        self.set_roots.append(roots)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def _upstream(live_ca: LiveCa, script: list[Any]) -> tuple[GrpcUpstream, list[FakeClient]]:
+    made: list[FakeClient] = []
+
+    def factory(svid: Any, roots: TrustBundle) -> Any:
+        made.append(FakeClient(svid, roots, script))
+        return made[-1]
+
+    return GrpcUpstream(factory, live_ca.bundle, agent_svid="svid"), made  # type: ignore[arg-type]
+
+
+def test_unavailable_is_retryable_and_replaces_the_channel(live_ca: LiveCa) -> None:
+    upstream, made = _upstream(live_ca, [CaError(grpc.StatusCode.UNAVAILABLE, "down"), "ok"])
+
+    async def main() -> Any:
+        with pytest.raises(UpstreamUnavailable):
+            await upstream.fetch_entries()
+        return await upstream.fetch_entries()
+
+    assert run(main()) == "ok"
+    assert len(made) == 2 and made[0].closed and made[1].agent_svid == "svid"
+
+
+def test_rate_limiting_is_retryable_but_keeps_the_channel(live_ca: LiveCa) -> None:
+    upstream, made = _upstream(live_ca, [CaError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow")])
+    with pytest.raises(UpstreamUnavailable):
+        run(upstream.fetch_entries())
+    assert len(made) == 1
+
+
+def test_a_refusal_is_not_retryable(live_ca: LiveCa) -> None:
+    upstream, made = _upstream(live_ca, [CaError(grpc.StatusCode.PERMISSION_DENIED, "no")])
+    with pytest.raises(UpstreamRefused) as info:
+        run(upstream.fetch_entries())
+    assert info.value.reason == "permission-denied" and len(made) == 1
+
+
+def test_new_roots_in_the_bundle_become_the_clients_trust_roots_once(live_ca: LiveCa) -> None:
+    new_root = RootAuthority.create(TD, now=dt.datetime.now(dt.UTC))
+    rotated = live_ca.bundle.with_x509_authorities([new_root.certificate])
+    upstream, made = _upstream(live_ca, [live_ca.bundle, rotated, rotated])
+
+    async def main() -> list[TrustBundle]:
+        return [b async for b in upstream.watch_bundle()]
+
+    assert len(run(main())) == 3
+    assert made[0].set_roots == [rotated]
+    assert upstream.trust_roots is rotated
