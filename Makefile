@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= .trellis-demo
-DEBIAN_PACKAGES := openssl curl ca-certificates
+DEBIAN_PACKAGES := openssl curl ca-certificates prometheus
 
 .PHONY: setup system-deps up test lint typecheck unit bench clean
 
@@ -18,7 +18,7 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  fi; \
 	else \
-	  for p in openssl curl; do command -v $$p >/dev/null || { echo "missing $$p: install it (Debian: apt-get install $$p)"; exit 1; }; done; \
+	  for p in openssl curl prometheus promtool; do command -v $$p >/dev/null || { echo "missing $$p: install it (Debian: apt-get install $$p)"; exit 1; }; done; \
 	fi
 
 $(BIN)/.installed: pyproject.toml
@@ -41,7 +41,7 @@ up: setup
 	    --spiffe-id spiffe://example.org/ns/default/sa/web --out $(DEMO)/web; \
 	$(BIN)/trellis ca inspect $(DEMO)/web/svid.pem --bundle $(DEMO)/web/bundle.pem
 
-PACKAGES := ca sidecar trellis
+PACKAGES := ca mesh_operator sidecar trellis
 
 lint: setup
 	$(BIN)/ruff check $(PACKAGES) tests bench
