@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import warnings
 from dataclasses import dataclass
 
-# Not tlslite.api: it imports asyncore, deprecated since Python 3.6.
-from tlslite.constants import GroupName
-from tlslite.handshakesettings import HandshakeSettings
-from tlslite.tlsconnection import TLSConnection
-from tlslite.utils.keyfactory import parsePEMKey
-from tlslite.x509certchain import X509CertChain
+with warnings.catch_warnings():
+    # tlslite/__init__ imports its asyncore integration (deprecated since Python 3.6).
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from tlslite.constants import GroupName
+    from tlslite.handshakesettings import HandshakeSettings
+    from tlslite.tlsconnection import TLSConnection
+    from tlslite.utils.keyfactory import parsePEMKey
+    from tlslite.x509certchain import X509CertChain
 
 from sidecar.tls.aio import open_tls_connection
 
