@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ca.authority import IntermediateAuthority, RootAuthority
 from ca.keys import private_key_pem
 from ca.spiffeid import TrustDomain
-from sidecar.tls import TLSConfig
+from sidecar.tls import TLSConfig, TLSError
 from sidecar.tls.signatures import PrivateKey
 
 TRUST_DOMAIN = "example.org"
@@ -236,8 +236,8 @@ async def tls_echo_server(
             peer = writer.get_extra_info("spiffe_id")
             writer.write(f"pong {peer} {writer.get_extra_info('tls_group')}\n".encode())
             await writer.drain()
-        except (ConnectionError, TimeoutError) as exc:
-            seen.append(exc)
+        except (ConnectionError, TimeoutError, TLSError) as exc:
+            seen.append(exc)  # after the handshake a TLSError arrives through the stream
         finally:
             writer.close()
 
