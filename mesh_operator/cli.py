@@ -60,7 +60,7 @@ def register(commands: Any) -> None:
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
-    import jsonpatch  # type: ignore[import-untyped]
+    import jsonpatch
 
     try:
         text = sys.stdin.read() if str(args.file) == "-" else args.file.read_text()
