@@ -31,7 +31,7 @@ from sidecar.tls import (
     TLSError,
     file_key_log,
 )
-from sidecar.tls.aio import PeerAlertError, open_tls_connection, start_tls_server
+from sidecar.tls.shell import PeerAlertError, open_tls_connection, start_tls_server
 from sidecar.tls.signatures import PrivateKey
 from trellis.cli import CliError
 

@@ -21,7 +21,7 @@ from aiohttp.client_proto import ResponseHandler
 from cryptography import x509
 
 from sidecar.tls import AlertDescription, TLSConfig, TLSError, TrafficSecrets
-from sidecar.tls.aio import (
+from sidecar.tls.shell import (
     TLSTransport,
     create_tls_connection,
     create_tls_server,

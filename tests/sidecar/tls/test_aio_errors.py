@@ -15,7 +15,7 @@ import struct
 import pytest
 
 from sidecar.tls import AlertDescription, TLSError
-from sidecar.tls.aio import PeerAlertError, open_tls_connection, start_tls_server
+from sidecar.tls.shell import PeerAlertError, open_tls_connection, start_tls_server
 
 from .test_interop_system_fixtures import (
     CLIENT_ID,

@@ -225,7 +225,7 @@ async def tls_echo_server(
     `seen` collects each completed handshake's `HandshakeComplete` and each handshake
     failure (the exception) in order.
     """
-    from sidecar.tls.aio import start_tls_server
+    from sidecar.tls.shell import start_tls_server
 
     seen: list[object] = []
 

@@ -12,7 +12,7 @@ import asyncio
 import re
 
 from sidecar.tls import AlertDescription, NamedGroup, TLSError
-from sidecar.tls.aio import PeerAlertError, open_tls_connection
+from sidecar.tls.shell import PeerAlertError, open_tls_connection
 
 from .test_interop_system_fixtures import (
     CLIENT_ID,

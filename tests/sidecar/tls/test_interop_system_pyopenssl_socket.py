@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
 
-from sidecar.tls.aio import open_tls_connection
+from sidecar.tls.shell import open_tls_connection
 
 from .test_interop_system_fixtures import (
     CLIENT_ID,

@@ -14,7 +14,7 @@ import ssl
 import pytest
 
 from sidecar.tls import AlertDescription, TLSError
-from sidecar.tls.aio import PeerAlertError, open_tls_connection
+from sidecar.tls.shell import PeerAlertError, open_tls_connection
 
 from .test_interop_system_fixtures import (
     CLIENT_ID,

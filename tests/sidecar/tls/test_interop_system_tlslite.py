@@ -22,7 +22,7 @@ with warnings.catch_warnings():
     from tlslite.utils.keyfactory import parsePEMKey
     from tlslite.x509certchain import X509CertChain
 
-from sidecar.tls.aio import open_tls_connection
+from sidecar.tls.shell import open_tls_connection
 
 from .test_interop_system_fixtures import (
     CLIENT_ID,

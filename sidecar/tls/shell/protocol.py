@@ -1,26 +1,6 @@
-"""The asyncio shell around the sans-I/O engine: sockets, the clock and timers live here.
+"""The protocol asyncio attaches to the TCP transport: engine in, application out.
 
-Theory of operation
--------------------
-`TLSShellProtocol` is the protocol asyncio attaches to the plain TCP transport. It owns
-one engine `Connection`, feeds it every chunk the socket delivers (with `now` from the
-shell's clock), writes whatever `data_to_send()` returns, and turns the engine's events
-into calls on the *application* protocol. The application protocol sees a
-`TLSTransport`, an `asyncio.Transport` that encrypts on `write()` and sends close_notify
-on `write_eof()`/`close()`, so stream readers, `h2` code and aiohttp run over it
-unchanged. The application protocol's `connection_made` is called only once the
-handshake completed, as with `loop.create_connection(..., ssl=...)`.
-
-Flow control is the TCP transport's: `TLSTransport.write` seals and hands the records
-straight to it, so its buffer is the only buffer, and its pause/resume_writing calls are
-passed up. `pause_reading` pauses the socket and holds back events already decrypted.
-
-Failures: a `TLSError` from the engine already has its fatal alert queued; the shell
-writes it and closes the socket (asyncio flushes the buffer before closing), then reports
-the error -- to whoever awaits the handshake, or as `connection_lost(exc)` afterwards. A
-fatal alert from the peer becomes `PeerAlertError`; a stalled handshake `TimeoutError`.
-An EOF without close_notify after the handshake is reported as EOF (as asyncio's own TLS
-does) and is visible as `get_extra_info("tls_clean_close") is False`.
+See the package docstring for the theory of operation.
 """
 
 from __future__ import annotations
@@ -32,11 +12,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .alerts import AlertDescription, TLSError
-from .client import ClientConnection
-from .config import TLSConfig
-from .connection import Connection
-from .events import (
+from ..alerts import AlertDescription, TLSError
+from ..client import ClientConnection
+from ..config import TLSConfig
+from ..connection import Connection
+from ..events import (
     AlertReceived,
     ApplicationData,
     ConnectionClosed,
@@ -45,29 +25,15 @@ from .events import (
     PeerCertificate,
     SessionTicket,
 )
-from .groups import NamedGroup
-from .server import ServerConnection
-from .signatures import SignatureScheme
-from .suites import CipherSuite
+from ..groups import NamedGroup
+from ..server import ServerConnection
+from ..suites import CipherSuite
+from .transport import TLSTransport, enum_name, negotiated_info
 
-__all__ = [
-    "DEFAULT_HANDSHAKE_TIMEOUT",
-    "PeerAlertError",
-    "TLSClientProtocol",
-    "TLSServerProtocol",
-    "TLSShellProtocol",
-    "TLSTransport",
-    "create_tls_connection",
-    "create_tls_server",
-    "open_tls_connection",
-    "start_tls_server",
-]
-
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sidecar.tls.shell")
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 Clock = Callable[[], float]
-ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 
 class PeerAlertError(ConnectionError):
@@ -78,93 +44,6 @@ class PeerAlertError(ConnectionError):
         name = alert.name if isinstance(alert, AlertDescription) else str(alert)
         super().__init__(f"peer sent fatal alert {name}")
         self.alert = alert
-
-
-def _name(enum: type[Any], value: int | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        return str(enum(value).name)
-    except ValueError:
-        return f"0x{value:04x}"
-
-
-def _cipher_tuple(suite: int) -> tuple[str, str, int]:
-    """The shape `ssl.SSLSocket.cipher()` returns: (IANA name, version, secret bits)."""
-    name = _name(CipherSuite, suite) or ""
-    bits = 128 if suite == CipherSuite.AES_128_GCM_SHA256 else 256
-    return (f"TLS_{name}", "TLSv1.3", bits)
-
-
-class TLSTransport(asyncio.Transport):
-    """What the application protocol writes to; records go out over the TCP transport."""
-
-    def __init__(self, shell: TLSShellProtocol) -> None:
-        super().__init__()
-        self._shell = shell
-
-    # --- asyncio.BaseTransport ---------------------------------------------------------
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._shell.extra_info(name, default)
-
-    def is_closing(self) -> bool:
-        return self._shell.closing
-
-    def close(self) -> None:
-        self._shell.close()
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._shell.app_protocol = protocol
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._shell.app_protocol
-
-    # --- reading -----------------------------------------------------------------------
-
-    def is_reading(self) -> bool:
-        return not self._shell.app_reading_paused and not self._shell.closing
-
-    def pause_reading(self) -> None:
-        self._shell.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._shell.resume_reading()
-
-    # --- writing -----------------------------------------------------------------------
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._shell.write(bytes(data))
-
-    def write_eof(self) -> None:
-        self._shell.write_eof()
-
-    def can_write_eof(self) -> bool:
-        return True  # TLS 1.3 close_notify half-closes (RFC 8446 §6.1)
-
-    def abort(self) -> None:
-        self._shell.abort()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._shell.raw.set_write_buffer_limits(high, low)
-
-    def get_write_buffer_size(self) -> int:
-        return self._shell.raw.get_write_buffer_size()
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        limits: tuple[int, int] = self._shell.raw.get_write_buffer_limits()
-        return limits
-
-    # --- TLS-specific ------------------------------------------------------------------
-
-    @property
-    def tls(self) -> Connection:
-        """The engine, for inspection (`negotiated`, `traffic_secrets()`)."""
-        return self._shell.tls
-
-    def update_key(self, request_peer_update: bool = True) -> None:
-        """Send a KeyUpdate (RFC 8446 §4.6.3)."""
-        self._shell.update_key(request_peer_update)
 
 
 class TLSShellProtocol(asyncio.Protocol):
@@ -235,7 +114,7 @@ class TLSShellProtocol(asyncio.Protocol):
         tls = self._tls
         info = tls.negotiated if tls is not None else None
         if tls is not None and info is not None:
-            value = self._negotiated_info(name, info, tls)
+            value = negotiated_info(name, info, tls, self._peer)
             if value is not None:
                 return value
         if name == "tls_clean_close":
@@ -247,34 +126,6 @@ class TLSShellProtocol(asyncio.Protocol):
         if name in ("sslcontext", "ssl_object"):
             return default  # not the ssl module: these stay absent, as on a plain socket
         return self._raw.get_extra_info(name, default) if self._raw is not None else default
-
-    def _negotiated_info(self, name: str, info: HandshakeComplete, tls: Connection) -> Any:
-        peer = self._peer
-        if name == "peercert":
-            return peer.chain[0] if peer is not None and peer.chain else None
-        if name == "peercert_chain":
-            return peer.chain if peer is not None else None
-        if name == "spiffe_id":
-            return info.peer_spiffe_id
-        if name == "cipher":
-            return _cipher_tuple(info.cipher_suite)
-        if name == "cipher_suite":
-            return _name(CipherSuite, info.cipher_suite)
-        if name == "tls_version":
-            return "TLSv1.3"
-        if name == "tls_group":
-            return _name(NamedGroup, info.group)
-        if name == "signature_scheme":
-            return _name(SignatureScheme, info.signature_scheme)
-        if name == "alpn_protocol":
-            return info.alpn_protocol
-        if name == "server_name":
-            return info.server_name
-        if name == "tls_negotiated":
-            return info
-        if name == "traffic_secrets":
-            return tls.traffic_secrets()
-        return None
 
     def write(self, data: bytes) -> None:
         tls = self._tls
@@ -427,8 +278,8 @@ class TLSShellProtocol(asyncio.Protocol):
         assert info is not None
         logger.debug(
             "TLS handshake complete: %s %s peer=%s",
-            _name(CipherSuite, info.cipher_suite),
-            _name(NamedGroup, info.group),
+            enum_name(CipherSuite, info.cipher_suite),
+            enum_name(NamedGroup, info.group),
             info.peer_spiffe_id,
         )
         self._app_connected = True
@@ -517,7 +368,7 @@ class TLSClientProtocol(TLSShellProtocol):
 class TLSServerProtocol(TLSShellProtocol):
     """`loop.create_server(lambda: TLSServerProtocol(app_factory(), config), ...)`.
 
-    A failed handshake is logged (logger `sidecar.tls.aio`) and passed to `on_error`.
+    A failed handshake is logged (logger `sidecar.tls.shell`) and passed to `on_error`.
     """
 
     def __init__(
@@ -544,132 +395,3 @@ class TLSServerProtocol(TLSShellProtocol):
         logger.info("TLS handshake with %s failed: %s", peer, error)
         if self._on_error is not None:
             self._on_error(error, peer)
-
-
-async def create_tls_connection(
-    protocol_factory: ProtocolFactory,
-    host: str,
-    port: int,
-    *,
-    config: TLSConfig,
-    server_name: str | None = None,
-    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
-    clock: Clock = time.time,
-    **kwargs: Any,
-) -> tuple[TLSTransport, asyncio.BaseProtocol]:
-    """Like `loop.create_connection(..., ssl=...)`: returns once the handshake completed.
-
-    `server_name` defaults to `host` (an IP literal sends no SNI). Raises `TLSError`
-    (we refused the peer; the alert was sent), `PeerAlertError` (it refused us),
-    `TimeoutError` or `OSError`.
-    """
-    loop = asyncio.get_running_loop()
-    app = protocol_factory()
-    _, shell = await loop.create_connection(
-        lambda: TLSClientProtocol(
-            app,
-            config,
-            server_name=server_name if server_name is not None else host,
-            handshake_timeout=handshake_timeout,
-            clock=clock,
-        ),
-        host,
-        port,
-        **kwargs,
-    )
-    try:
-        transport = await shell.handshake_done()
-    except BaseException:
-        shell.abort()
-        raise
-    return transport, app
-
-
-async def create_tls_server(
-    protocol_factory: ProtocolFactory,
-    host: str | None,
-    port: int,
-    *,
-    config: TLSConfig,
-    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
-    clock: Clock = time.time,
-    on_error: Callable[[BaseException, Any], None] | None = None,
-    **kwargs: Any,
-) -> asyncio.Server:
-    """Like `loop.create_server(..., ssl=...)`; each accepted socket gets its own engine."""
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: TLSServerProtocol(
-            protocol_factory(),
-            config,
-            handshake_timeout=handshake_timeout,
-            clock=clock,
-            on_error=on_error,
-        ),
-        host,
-        port,
-        **kwargs,
-    )
-
-
-async def open_tls_connection(
-    host: str,
-    port: int,
-    *,
-    config: TLSConfig,
-    server_name: str | None = None,
-    limit: int = 2**16,
-    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
-    clock: Clock = time.time,
-    **kwargs: Any,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Like `asyncio.open_connection`, over Trellis TLS."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
-    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    transport, _ = await create_tls_connection(
-        lambda: protocol,
-        host,
-        port,
-        config=config,
-        server_name=server_name,
-        handshake_timeout=handshake_timeout,
-        clock=clock,
-        **kwargs,
-    )
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
-
-
-ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
-
-
-async def start_tls_server(
-    client_connected_cb: ClientConnected,
-    host: str | None,
-    port: int,
-    *,
-    config: TLSConfig,
-    limit: int = 2**16,
-    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
-    clock: Clock = time.time,
-    on_error: Callable[[BaseException, Any], None] | None = None,
-    **kwargs: Any,
-) -> asyncio.Server:
-    """Like `asyncio.start_server`: `client_connected_cb(reader, writer)` runs once the
-    handshake completed; a failed handshake never reaches it (see `on_error`)."""
-    loop = asyncio.get_running_loop()
-
-    def factory() -> asyncio.BaseProtocol:
-        reader = asyncio.StreamReader(limit=limit, loop=loop)
-        return asyncio.StreamReaderProtocol(reader, client_connected_cb, loop=loop)
-
-    return await create_tls_server(
-        factory,
-        host,
-        port,
-        config=config,
-        handshake_timeout=handshake_timeout,
-        clock=clock,
-        on_error=on_error,
-        **kwargs,
-    )
