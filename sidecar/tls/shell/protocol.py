@@ -33,6 +33,7 @@ from .transport import TLSTransport, enum_name, negotiated_info
 logger = logging.getLogger("sidecar.tls.shell")
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+_TICKETS_KEPT = 4
 Clock = Callable[[], float]
 
 
@@ -76,7 +77,9 @@ class TLSShellProtocol(asyncio.Protocol):
         self._closing = False
         self._error: BaseException | None = None
         self._peer: PeerCertificate | None = None
-        self._tickets: list[SessionTicket] = []
+        # Kept for the resumption work to come; a server may send any number, so only the
+        # most recent few are held.
+        self._tickets: deque[SessionTicket] = deque(maxlen=_TICKETS_KEPT)
         self._clean_close: bool | None = None
         self._peer_alert: AlertDescription | int | None = None
 

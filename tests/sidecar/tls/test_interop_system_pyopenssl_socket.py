@@ -150,12 +150,13 @@ def test_our_client_negotiates_x25519mlkem768_with_an_openssl4_server_over_tcp()
             writer.write(b"ping\n")
             reply = await reader.readline()
             eof = await reader.read()  # the server's close_notify
+            info["tickets"] = len(writer.get_extra_info("tls_session_tickets"))
             writer.close()
             view = await server
         return info, reply + eof, view
 
     info, reply, view = run(scenario())
-    assert info == {"tls_group": "X25519MLKEM768", "spiffe_id": SERVER_ID}
+    assert info == {"tls_group": "X25519MLKEM768", "spiffe_id": SERVER_ID, "tickets": 2}
     assert reply == b"pong from openssl\n"
     assert view.group == "X25519MLKEM768"
     assert view.peer_uri == CLIENT_ID
