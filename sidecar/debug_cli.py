@@ -87,13 +87,17 @@ def register(commands: Any) -> None:
     sub = _debug_subcommands(commands)
 
     p = sub.add_parser("tls-server", help="an HTTPS responder on Trellis's TLS 1.3 engine")
-    p.add_argument("--port", required=True, type=_port)
+    p.add_argument("--port", required=True, type=_port, help="0 picks a free port (printed)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--cert", required=True, type=Path, help="svid.pem: leaf, then intermediate")
     p.add_argument("--key", required=True, type=Path, help="svid.key")
-    p.add_argument("--bundle", type=Path, help="bundle.pem: roots to verify clients against")
     p.add_argument(
-        "--require-client-cert", action="store_true", help="mTLS: refuse clients without an SVID"
+        "--bundle", type=Path, help="bundle.pem: roots to verify client SVIDs against (mTLS)"
+    )
+    p.add_argument(
+        "--require-client-cert",
+        action="store_true",
+        help="mTLS: request a client SVID and refuse clients without a valid one",
     )
     p.add_argument("--groups", type=_groups, help="e.g. X25519MLKEM768,X25519,secp256r1")
     p.add_argument("--alpn", default="http/1.1", help="comma-separated ALPN protocols")
