@@ -22,6 +22,7 @@ from cryptography import x509
 
 from sidecar.tls import AlertDescription, TLSConfig, TLSError, TrafficSecrets
 from sidecar.tls.shell import (
+    TLSClientProtocol,
     TLSTransport,
     create_tls_connection,
     create_tls_server,
@@ -278,6 +279,28 @@ def test_abort_is_a_bare_eof_to_the_peer_and_close_is_a_clean_one() -> None:
     calls, clean = run(scenario(abort=False))
     assert calls == ["connection_made", "eof_received", "connection_lost"]
     assert clean is True
+
+
+def test_loop_create_connection_with_the_client_protocol_directly() -> None:
+    async def scenario() -> tuple[bytes, bool]:
+        loop = asyncio.get_running_loop()
+        async with tls_echo_server(server_svid().config()) as (port, _):
+            app = _Collector()
+            _, shell = await loop.create_connection(
+                lambda: TLSClientProtocol(app, client_svid().config(), server_name="localhost"),
+                "127.0.0.1",
+                port,
+            )
+            transport = await shell.handshake_done()
+            assert transport is app.transport
+            transport.write(b"ping\n")
+            await asyncio.wait_for(app.received.wait(), 5)
+            await asyncio.wait_for(app.lost, 5)  # the echo server closes after one line
+            return bytes(app.data), transport.is_closing()
+
+    data, closing = run(scenario())
+    assert data == f"pong {CLIENT_ID} X25519MLKEM768\n".encode()
+    assert closing
 
 
 # --- h2 over the transport --------------------------------------------------------------
