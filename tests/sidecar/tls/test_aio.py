@@ -303,6 +303,50 @@ def test_loop_create_connection_with_the_client_protocol_directly() -> None:
     assert closing
 
 
+class _Buffered(asyncio.BufferedProtocol):
+    """Hands out a small buffer so one record's plaintext takes several buffer_updated."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(1000)
+        self.data = bytearray()
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data += self.buffer[:nbytes]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(exc)
+
+
+def test_a_buffered_protocol_receives_through_get_buffer() -> None:
+    async def scenario() -> bytes:
+        server = await start_tls_server(
+            _send_and_close, "127.0.0.1", 0, config=server_svid().config()
+        )
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            _, app = await create_tls_connection(
+                _Buffered, "127.0.0.1", port, config=client_svid().config()
+            )
+            assert isinstance(app, _Buffered)
+            await asyncio.wait_for(app.lost, 5)
+            return bytes(app.data)
+
+    assert run(scenario()) == PAYLOAD
+
+
+PAYLOAD = bytes(range(256)) * 100
+
+
+async def _send_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(PAYLOAD)
+    await writer.drain()
+    writer.close()
+
+
 # --- h2 over the transport --------------------------------------------------------------
 
 
