@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sidecar import debug_cli
 
     debug_cli.register(commands)
+    from trellis.demo import cli as demo_cli
+
+    demo_cli.register(commands)
     return parser
 
 
