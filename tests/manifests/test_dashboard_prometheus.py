@@ -128,7 +128,12 @@ class Prometheus:
             with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:  # 400 for a PromQL parse error: keep the body
-            return json.loads(exc.read())
+            body = exc.read()
+            if exc.code == 503:
+                # "Service Unavailable" in plain text while the TSDB is still opening:
+                # callers polling for readiness treat it like a refused connection.
+                raise OSError(f"Prometheus not ready: {body[:80]!r}") from exc
+            return json.loads(body)  # type: ignore[no-any-return]
 
     def query(self, expr: str, **params: str) -> dict[str, Any]:
         return self.get("/api/v1/query", query=expr, **params)
