@@ -1,0 +1,327 @@
+"""The whole mesh on one machine, as real processes in a private run directory.
+
+Start order, each step waiting for the previous one to say it is ready:
+
+1. the ephemeral authorities (``identity.create_authorities``): root in memory only;
+2. ``trellis ca serve`` with the entries and a join token for node ``local``;
+3. ``trellis agent``, attesting with that token (read from a 0600 file, not argv);
+4. ``trellis demo echo`` (plaintext, loopback only);
+5. the echo sidecar (inbound: admits only the load generator's SPIFFE ID), then the load
+   sidecar (one explicit upstream: the echo sidecar, which must present the echo ID),
+   each from its own interpreter copy so the agent tells them apart (see ``identity``);
+6. ``trellis demo load`` against the load sidecar's upstream port (unless the caller,
+   like ``bench/mesh.py``, drives the traffic itself).
+
+``stop`` undoes all of it in reverse and removes the run directory, whatever state the
+start reached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import yaml
+
+from ca.spiffeid import SpiffeId, TrustDomain
+from trellis.up.identity import Workload, create_authorities, workload_executable, write_entries
+from trellis.up.processes import Child, StartupError, free_ports, port_open, spawn
+from trellis.up.status import SidecarInfo, StatusView
+
+__all__ = ["Mesh", "MeshConfig", "StartupError"]
+
+CLUSTER = "local"
+NODE = "local"
+# The Unix socket's path must fit sockaddr_un.sun_path (108 bytes with the terminator).
+_MAX_SOCKET_PATH = 107
+_PORT_NAMES = (
+    "ca",
+    "ca_attest",
+    "ca_metrics",
+    "agent_admin",
+    "echo",
+    "echo_admin",
+    "echo_inbound",
+    "load_admin",
+    "load_inbound",
+    "load_upstream",
+    "load_metrics",
+)
+ECHO_TARGET_PORT = 8080  # the port behind the echo sidecar that the CONNECT names
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    trust_domain: TrustDomain = field(default_factory=lambda: TrustDomain("example.org"))
+    svid_ttl: dt.timedelta = dt.timedelta(minutes=1)
+    base_dir: Path | None = None  # where the private run directory goes (default: $TMPDIR)
+    port_base: int = 0  # 0: ports the kernel picks
+    host: str = "127.0.0.1"
+    rate: float = 50.0
+    connections: int = 4
+    size: int = 1024
+    start_load: bool = True
+    startup_timeout: float = 60.0
+
+    def spiffe_id(self, name: str) -> SpiffeId:
+        return SpiffeId(f"spiffe://{self.trust_domain.name}/ns/demo/sa/{name}")
+
+
+class Mesh:
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.run_dir: Path | None = None
+        self.children: dict[str, Child] = {}
+        self.ports: dict[str, int] = {}
+        self.workloads: dict[str, Workload] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> Mesh:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> dict[str, int]:
+        """Stop every child (reverse order) and delete the run directory; exit statuses."""
+        statuses = {}
+        for name in reversed(list(self.children)):
+            statuses[name] = self.children[name].stop()
+        self.children.clear()
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+        return statuses
+
+    # -- what the status and the bench read ------------------------------------------------
+
+    def url(self, port_name: str, path: str = "/metrics") -> str:
+        return f"http://{self.config.host}:{self.ports[port_name]}{path}"
+
+    @property
+    def upstream(self) -> tuple[str, int]:
+        """Where the client app dials to reach the echo server through both sidecars."""
+        return self.config.host, self.ports["load_upstream"]
+
+    @property
+    def echo(self) -> tuple[str, int]:
+        """The echo server itself (no sidecar): the baseline."""
+        return self.config.host, self.ports["echo"]
+
+    def status_view(self) -> StatusView:
+        metrics = {
+            "ca": self.url("ca_metrics"),
+            "agent": self.url("agent_admin"),
+            "sidecar-load": self.url("load_admin"),
+            "sidecar-echo": self.url("echo_admin"),
+            "echo": self.url("echo"),
+        }
+        if "load" in self.children:
+            metrics["load"] = self.url("load_metrics")
+        return StatusView(
+            trust_domain=self.config.trust_domain.name,
+            run_dir=str(self.run_dir),
+            metrics=metrics,
+            sidecars=tuple(
+                SidecarInfo(
+                    name, str(self.workloads[name].spiffe_id), self.url(f"{name}_admin", "")
+                )
+                for name in ("load", "echo")
+            ),
+        )
+
+    def pid(self, name: str) -> int:
+        return self.children[name].pid
+
+    def failed(self) -> Child | None:
+        """The first child that has exited, if any."""
+        return next((c for c in self.children.values() if not c.alive()), None)
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        config = self.config
+        base = config.base_dir
+        if base is not None and not base.is_dir():
+            raise StartupError(f"--base-dir {base} is not a directory")
+        run_dir = Path(tempfile.mkdtemp(prefix="trellis-up-", dir=base)).resolve()
+        self.run_dir = run_dir  # mkdtemp: mode 0700, so everything below is private
+        socket_path = run_dir / "agent.sock"
+        if len(str(socket_path).encode()) > _MAX_SOCKET_PATH:
+            raise StartupError(
+                f"the run directory {run_dir} is too deep for a Unix socket path;"
+                " choose a shorter --base-dir"
+            )
+        logs = run_dir / "logs"
+        logs.mkdir()
+        self.ports = dict(
+            zip(_PORT_NAMES, free_ports(len(_PORT_NAMES), config.port_base), strict=True)
+        )
+        host, ports, timeout = config.host, self.ports, config.startup_timeout
+
+        root_cert = create_authorities(run_dir / "ca", config.trust_domain, CLUSTER)
+        for name in ("load", "echo"):
+            executable = workload_executable(
+                run_dir / "workloads" / name, f"trellis-sidecar-{name}"
+            )
+            self.workloads[name] = Workload(name, config.spiffe_id(name), executable)
+        entries = run_dir / "entries.yaml"
+        write_entries(
+            entries, list(self.workloads.values()), node=NODE, ttl=config.svid_ttl, uid=os.getuid()
+        )
+
+        ca = self._spawn(
+            "ca",
+            [
+                "ca", "serve", "--dir", str(run_dir / "ca"), "--cluster", CLUSTER,
+                "--listen", f"{host}:{ports['ca']}",
+                "--attest-listen", f"{host}:{ports['ca_attest']}",
+                "--bundle-listen", "off",
+                "--metrics-listen", f"{host}:{ports['ca_metrics']}",
+                "--entries", str(entries), "--poll-interval", "1",
+                "--join-token", NODE, "--join-token-ttl", "5m",
+            ],
+        )  # fmt: skip
+        ca.wait_event("ready", timeout)
+        token = ca.wait_event("join-token", timeout)["token"]
+        token_file = run_dir / "join-token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(str(token))
+
+        agent = self._spawn(
+            "agent",
+            [
+                "agent", "--socket", str(socket_path), "--node", NODE,
+                "--ca", f"{host}:{ports['ca']}", "--ca-attest", f"{host}:{ports['ca_attest']}",
+                "--trust-bundle", str(root_cert), "--join-token-file", str(token_file),
+                "--data-dir", str(run_dir / "agent"),
+                "--admin", f"{host}:{ports['agent_admin']}",
+                "--sync-interval", "1s", "--backoff-cap", "2s",
+            ],
+        )  # fmt: skip
+        agent.wait_until(
+            lambda: _http_ok(self.url("agent_admin", "/readyz")), "ready (first sync)", timeout
+        )
+
+        echo = self._spawn("echo", ["demo", "echo", "--listen", f"{host}:{ports['echo']}"])
+        echo.wait_event("ready", timeout)
+
+        env = {"SPIFFE_ENDPOINT_SOCKET": f"unix://{socket_path}"}
+        for name in ("echo", "load"):
+            path = run_dir / f"sidecar-{name}.yaml"
+            path.write_text(
+                yaml.safe_dump(self._sidecar_config(name, socket_path), sort_keys=False)
+            )
+            sidecar = self._spawn(
+                f"sidecar-{name}",
+                sidecar_argv(path),
+                env=env,
+                executable=self.workloads[name].executable,
+            )
+            sidecar.wait_until(
+                lambda name=name: _http_ok(self.url(f"{name}_admin", "/readyz")),  # type: ignore[misc]
+                "ready (holding an SVID)",
+                timeout,
+            )
+        if not port_open(host, ports["load_upstream"]):
+            raise self.children["sidecar-load"].failure("is not listening on its upstream port")
+
+        if config.start_load:
+            load = self._spawn(
+                "load",
+                [
+                    "demo", "load", "--target", f"{host}:{ports['load_upstream']}",
+                    "--rate", str(config.rate), "--connections", str(config.connections),
+                    "--size", str(config.size),
+                    "--metrics-listen", f"{host}:{ports['load_metrics']}",
+                ],
+            )  # fmt: skip
+            load.wait_event("ready", timeout)
+
+    def _spawn(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        executable: Path | None = None,
+    ) -> Child:
+        assert self.run_dir is not None
+        child = spawn(name, argv, self.run_dir / "logs", env, executable=executable)
+        self.children[name] = child
+        return child
+
+    def _sidecar_config(self, name: str, socket_path: Path) -> dict[str, Any]:
+        host, ports = self.config.host, self.ports
+        load_id, echo_id = (
+            str(self.workloads["load"].spiffe_id),
+            str(self.workloads["echo"].spiffe_id),
+        )
+        config: dict[str, Any] = {
+            "mode": "explicit",
+            "workload_api_socket": f"unix://{socket_path}",
+            "spiffe_id": str(self.workloads[name].spiffe_id),
+            "admin": f"{host}:{ports[f'{name}_admin']}",
+        }
+        if name == "echo":
+            config["inbound"] = {
+                "listen": f"{host}:{ports['echo_inbound']}",
+                "strict": True,
+                "targets": {
+                    ECHO_TARGET_PORT: {
+                        "app": f"{host}:{ports['echo']}",
+                        "allow": [{"exact": load_id}],
+                    }
+                },
+            }
+        else:
+            config["inbound"] = {
+                "listen": f"{host}:{ports['load_inbound']}",
+                "strict": True,
+                "targets": {},
+            }
+            config["upstreams"] = [
+                {
+                    "name": "echo",
+                    "listen": f"{host}:{ports['load_upstream']}",
+                    "target": f"echo.demo:{ECHO_TARGET_PORT}",
+                    "endpoints": [f"{host}:{ports['echo_inbound']}"],
+                    "spiffe_ids": [echo_id],
+                }
+            ]
+        return config
+
+
+def sidecar_argv(config_path: Path) -> list[str]:
+    return ["sidecar", "--config", str(config_path)]
+
+
+def _http_ok(url: str) -> bool:
+    with (
+        contextlib.suppress(OSError, ValueError),
+        urllib.request.urlopen(url, timeout=1.0) as response,  # noqa: S310 (loopback http)
+    ):
+        return bool(response.status == 200)
+    return False
