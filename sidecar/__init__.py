@@ -1,4 +1,75 @@
-"""Trellis data plane: the sidecar.
+"""Trellis data plane: the sidecar (`trellis sidecar`).
 
-`sidecar.tls` is Trellis's own sans-I/O TLS 1.3 engine (see its module docstring).
+`sidecar.tls` is Trellis's own sans-I/O TLS 1.3 engine (see its module docstring). The
+rest terminates and originates mutual TLS for one workload: app connections become
+HTTP/2 CONNECT streams (HBONE-style) pooled onto few TLS connections, and inbound
+streams are authorised by the caller's SPIFFE ID before a byte reaches the app.
+
+Command line (stable; the injector and `trellis up` depend on it)
+----------------------------------------------------------------
+::
+
+    trellis sidecar [--config FILE] [--mode explicit|transparent]
+                    [--inbound-port 15008] [--outbound-port 15001] [--admin-port 15000|off]
+                    [--listen-host 0.0.0.0] [--policy policy.json] [--pod-labels FILE]
+                    [--upstreams SERVICE:PORT=LOCAL,...] [--svid-dir DIR]
+                    [--workload-api-socket unix:///path] [--spiffe-id ID]
+                    [--drain-timeout SECONDS] [--log-level warning]
+    trellis sidecar iptables --proxy-uid 1337 [--outbound-port 15001] [--inbound-port 15008]
+                    [--exclude-inbound-ports 15000,...] [--exclude-outbound-ports ...]
+                    [--no-inbound-capture] [--dry-run]
+
+Flags override the YAML file (`sidecar.config` documents every key). Identity comes from
+the Workload API (`$SPIFFE_ENDPOINT_SOCKET` or `--workload-api-socket`; `--spiffe-id`
+picks one SVID when the agent offers several) or, for local tests, `--svid-dir` (svid.pem
+leaf+intermediate, svid.key, bundle.pem). `--upstreams svc.ns:8080=9001` binds
+127.0.0.1:9001 and sends each connection to svc.ns's sidecar (svc.ns:<inbound port>) as
+`CONNECT svc.ns:8080`, accepting any peer of our own trust domain. Transparent mode
+listens on 127.0.0.1:<outbound port> and reads SO_ORIGINAL_DST (after `trellis sidecar
+iptables`); the stream goes to <original IP>:<inbound port> with `:authority` = the
+original destination. Inbound, a CONNECT to host:PORT goes to 127.0.0.1:PORT (or the
+YAML `inbound.targets.PORT.app`). A bad flag or config value exits 1 with one line naming
+the field. Start-up prints one JSON line `{"event": "ready-to-serve", "inbound": ...,
+"admin": ..., "outbound": ..., "upstreams": {name: addr}}` on stdout once listening.
+
+Policy: YAML `inbound.targets.PORT.allow` ([{exact: ID} | {prefix: ID}]) plus the
+operator's `--policy` document filtered by `--pod-labels` (reloaded when either file
+changes). A port no rule covers admits any caller of our own trust domain; an empty allow
+list refuses everyone. Refusal = HTTP/2 403 on that stream (never a silent drop).
+
+Admin (aiohttp, `--admin-port`)
+-------------------------------
+* `GET /healthz` — 200 while the process runs.
+* `GET /readyz` — 200 once an unexpired SVID and a bundle are held and listeners are
+  bound; 503 with the reason otherwise, and while draining (SIGTERM).
+* `GET /config` — JSON: identity (SPIFFE ID, SVID serial and notAfter, bundles by trust
+  domain with root serials), listeners, upstreams, inbound targets + policy, pools (per
+  endpoint: connections, streams, dials, last error), Workload API status.
+* `GET /metrics` — Prometheus text, the sidecar's own registry:
+
+  - DESIGN.md §5: `tls_handshake_duration_seconds` (histogram),
+    `tls_resumption_total{kind="psk|ticket|none"}`, `tls_version_total{version}`,
+    `tls_cipher_suite_total{suite}`, `tls_group_total{group}`,
+    `tls_early_data_total{outcome="accepted|rejected"}`,
+    `tls_ocsp_staple_total{outcome="not_applicable"}`.
+  - `trellis_sidecar_tls_handshakes_total{direction="inbound|outbound"}`,
+    `trellis_sidecar_tls_handshake_failures_total{direction,reason}`,
+    `trellis_sidecar_app_connections_total{direction}` (handshakes per app connection =
+    the ratio of the two outbound counters),
+    `trellis_sidecar_pool_connections`, `trellis_sidecar_inbound_connections`,
+    `trellis_sidecar_streams_active{direction}`,
+    `trellis_sidecar_streams_total{direction,outcome="ok|reset|refused|error|retried"}`,
+    `trellis_sidecar_bytes_total{direction="in|out"}` (in: mesh → app),
+    `trellis_sidecar_policy_decisions_total{decision="allow|deny"}`,
+    `trellis_sidecar_connect_requests_rejected_total{status}`,
+    `trellis_sidecar_svid_expiry_timestamp_seconds`, `trellis_sidecar_svid_updates_total`.
+
+SIGTERM/SIGINT: /readyz → 503, listeners close, every TLS connection gets GOAWAY, open
+streams finish up to `--drain-timeout` (default 10 s), then exit 0.
+
+Modules: `config` (YAML/flags → frozen values), `policy` (authorisation), `hbone`
+(CONNECT parsing), `identity` (SVIDs, bundles, Workload API), `channel` (the TLS layer
+under HTTP/2, swappable for kTLS), `session` (one TLS+h2 connection), `bridge` (app
+socket ↔ stream), `pool` (outbound pools), `inbound`, `outbound`, `admin`, `metrics`,
+`runtime` (wiring, drain), `iptables`, `cli`.
 """

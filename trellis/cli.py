@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     from trellis.demo import cli as demo_cli
 
     demo_cli.register(commands)
+    from sidecar import cli as sidecar_cli
+
+    sidecar_cli.register(commands)
     from trellis.up import cli as up_cli
 
     up_cli.register(commands)

@@ -1,0 +1,111 @@
+"""The secure channel under HTTP/2: today the Trellis engine, tomorrow kTLS.
+
+`SecureChannel` is the small interface a `Session` needs from whatever protects its
+bytes: the first flight, inbound wire bytes → plaintext + state, plaintext → wire bytes,
+and close. `EngineChannel` drives the sans-I/O engine. A kTLS channel (records done by
+the kernel after the handshake) or a resumption-aware one (tickets, 0-RTT) implements the
+same four calls, so the pool and the HTTP/2 layer above stay as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from sidecar.tls import (
+    AlertReceived,
+    ApplicationData,
+    ClientConnection,
+    Connection,
+    ConnectionClosed,
+    HandshakeComplete,
+    ServerConnection,
+    TLSConfig,
+)
+from sidecar.tls.alerts import AlertDescription
+
+__all__ = ["ChannelInput", "EngineChannel", "SecureChannel"]
+
+
+@dataclass(slots=True)
+class ChannelInput:
+    """What one `receive()` produced."""
+
+    plaintext: list[bytes]
+    handshake: HandshakeComplete | None = None  # set on the call that completed it
+    closed: bool = False  # the peer's direction ended (close_notify, alert or EOF)
+    peer_alert: str | None = None
+
+
+class SecureChannel(Protocol):
+    @property
+    def negotiated(self) -> HandshakeComplete | None: ...
+
+    def initial(self) -> bytes: ...
+
+    def receive(self, data: bytes, now: float) -> tuple[ChannelInput, bytes]:
+        """Feed wire bytes (b"" for EOF); returns the input and wire bytes to send.
+        Raises `TLSError` (its alert is in `pending()`) on a protocol failure."""
+        ...
+
+    def seal(self, plaintext: bytes) -> bytes: ...
+
+    def close(self) -> bytes: ...
+
+    def pending(self) -> bytes: ...
+
+
+class EngineChannel:
+    """The Trellis sans-I/O TLS 1.3 engine as a `SecureChannel`."""
+
+    __slots__ = ("_done", "_tls")
+
+    def __init__(self, config: TLSConfig, *, client: bool, now: float) -> None:
+        self._tls: Connection = (
+            ClientConnection(config, server_name=None, now=now)
+            if client
+            else ServerConnection(config, now=now)
+        )
+        self._done = False
+
+    @property
+    def negotiated(self) -> HandshakeComplete | None:
+        return self._tls.negotiated
+
+    def initial(self) -> bytes:
+        return self._tls.data_to_send()
+
+    def receive(self, data: bytes, now: float) -> tuple[ChannelInput, bytes]:
+        tls = self._tls
+        # `now` matters only for certificate validity, i.e. during the handshake.
+        tls.receive_data(data, now=None if self._done else now)
+        result = ChannelInput([])
+        for event in tls.events():
+            if isinstance(event, ApplicationData):
+                result.plaintext.append(event.data)
+            elif isinstance(event, HandshakeComplete):
+                self._done = True
+                result.handshake = event
+            elif isinstance(event, ConnectionClosed):
+                result.closed = True
+            elif isinstance(event, AlertReceived) and event.description not in (
+                AlertDescription.close_notify,
+                AlertDescription.user_canceled,
+            ):
+                desc = event.description
+                result.peer_alert = desc.name if isinstance(desc, AlertDescription) else str(desc)
+        return result, tls.data_to_send()
+
+    def seal(self, plaintext: bytes) -> bytes:
+        tls = self._tls
+        if tls.write_closed:
+            return b""
+        tls.send_application_data(plaintext)
+        return tls.data_to_send()
+
+    def close(self) -> bytes:
+        self._tls.close()
+        return self._tls.data_to_send()
+
+    def pending(self) -> bytes:
+        return self._tls.data_to_send()

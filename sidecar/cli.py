@@ -1,0 +1,203 @@
+"""``trellis sidecar`` and ``trellis sidecar iptables`` (see the package docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from trellis.cli import CliError
+
+from .config import (
+    Address,
+    ConfigError,
+    SidecarConfig,
+    check_consistency,
+    load_yaml,
+    parse_address,
+    parse_upstreams_flag,
+)
+
+__all__ = ["build_config", "register"]
+
+
+def _port_or_off(text: str) -> int:
+    """A port, or 0 for "off"."""
+    if text == "off":
+        return 0
+    return _port(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def _ports(text: str) -> list[int]:
+    return [_port(p.strip()) for p in text.split(",") if p.strip()]
+
+
+def register(commands: Any) -> None:
+    p = commands.add_parser(
+        "sidecar",
+        help="run the data-plane sidecar (mTLS, HTTP/2 CONNECT pools, SPIFFE authorisation)",
+        description="Terminate and originate mutual TLS for the local app: inbound CONNECT "
+        "streams are authorised by SPIFFE ID; outbound app connections are pooled onto few "
+        "TLS connections. See `python -m pydoc sidecar` for the configuration reference.",
+    )
+    p.add_argument("--config", type=Path, help="YAML configuration file")
+    p.add_argument("--mode", choices=("explicit", "transparent"))
+    p.add_argument("--inbound-port", type=_port, help="mTLS listener port (default 15008)")
+    p.add_argument(
+        "--outbound-port", type=_port, help="transparent listener port (default 15001)"
+    )
+    p.add_argument("--admin-port", type=_port_or_off, help="admin port or off (default 15000)")
+    p.add_argument(
+        "--listen-host", help="host for the inbound and admin listeners (default 0.0.0.0)"
+    )
+    p.add_argument("--policy", help="the operator's policy.json (SidecarPolicy document)")
+    p.add_argument("--pod-labels", help="downward-API labels file the policy selectors match")
+    p.add_argument("--upstreams", help="SERVICE:PORT=LOCAL_PORT,... explicit upstreams")
+    p.add_argument("--svid-dir", help="svid.pem/svid.key/bundle.pem instead of the Workload API")
+    p.add_argument(
+        "--workload-api-socket", help="Workload API socket (default $SPIFFE_ENDPOINT_SOCKET)"
+    )
+    p.add_argument("--spiffe-id", help="which of the agent's SVIDs to use (default: the first)")
+    p.add_argument("--drain-timeout", type=float, help="seconds to finish streams on SIGTERM")
+    p.add_argument(
+        "--log-level", default="warning", choices=("debug", "info", "warning", "error")
+    )
+    p.set_defaults(handler=cmd_sidecar)
+    sub = p.add_subparsers(dest="sidecar_command", metavar="SUBCOMMAND")
+    ipt = sub.add_parser(
+        "iptables",
+        help="install the transparent-mode redirect (needs NET_ADMIN; run once per netns)",
+    )
+    ipt.add_argument("--proxy-uid", type=int, required=True, help="the sidecar's UID (exempt)")
+    ipt.add_argument("--outbound-port", dest="ipt_outbound_port", type=_port, default=15001)
+    ipt.add_argument("--inbound-port", dest="ipt_inbound_port", type=_port, default=15008)
+    ipt.add_argument("--exclude-inbound-ports", type=_ports, default=[])
+    ipt.add_argument("--exclude-outbound-ports", type=_ports, default=[])
+    ipt.add_argument(
+        "--no-inbound-capture",
+        action="store_true",
+        help="redirect only outbound traffic (leave inbound ports alone)",
+    )
+    ipt.add_argument("--dry-run", action="store_true", help="print the iptables commands only")
+    ipt.set_defaults(handler=cmd_iptables)
+
+
+def build_config(args: argparse.Namespace) -> SidecarConfig:
+    """YAML (if any) with the flags on top; raises ConfigError naming the field."""
+    if args.config is not None:
+        try:
+            text = args.config.read_text()
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {args.config}: {exc.strerror}") from exc
+        config = load_yaml(text, str(args.config))
+    else:
+        config = SidecarConfig()
+    changes: dict[str, Any] = {}
+    inbound = config.inbound
+    if args.mode is not None:
+        changes["mode"] = args.mode
+    host = args.listen_host
+    if host is not None:
+        parse_address(f"{host}:1", "--listen-host")
+        inbound = dataclasses.replace(inbound, listen=Address(host, inbound.listen.port))
+    if args.inbound_port is not None:
+        inbound = dataclasses.replace(inbound, listen=Address(inbound.listen.host, args.inbound_port))
+    changes["inbound"] = inbound
+    if args.outbound_port is not None:
+        changes["outbound"] = Address(config.outbound.host, args.outbound_port)
+    if args.admin_port == 0:
+        changes["admin"] = None
+    elif args.admin_port is not None:
+        admin_host = host or (config.admin.host if config.admin else "0.0.0.0")  # noqa: S104
+        changes["admin"] = Address(admin_host, args.admin_port)
+    if args.policy is not None:
+        changes["policy_file"] = args.policy
+    if args.pod_labels is not None:
+        changes["pod_labels_file"] = args.pod_labels
+    if args.upstreams is not None:
+        changes["upstreams"] = config.upstreams + parse_upstreams_flag(
+            args.upstreams, inbound.listen.port
+        )
+    if args.svid_dir is not None:
+        changes["svid_dir"] = args.svid_dir
+    if args.workload_api_socket is not None:
+        changes["workload_api_socket"] = args.workload_api_socket
+    if args.spiffe_id is not None:
+        from ca.spiffeid import SpiffeId, SpiffeIdError
+
+        try:
+            changes["spiffe_id"] = SpiffeId(args.spiffe_id)
+        except SpiffeIdError as exc:
+            raise ConfigError("--spiffe-id", str(exc)) from exc
+    if args.drain_timeout is not None:
+        if args.drain_timeout < 0:
+            raise ConfigError("--drain-timeout", "must not be negative")
+        changes["drain_timeout"] = args.drain_timeout
+    return check_consistency(dataclasses.replace(config, **changes))
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def cmd_sidecar(args: argparse.Namespace) -> int:
+    from .runtime import Sidecar, StartupError
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = build_config(args)
+    except ConfigError as exc:
+        raise CliError(f"sidecar configuration: {exc}") from exc
+    _install_uvloop()
+
+    async def main() -> None:
+        sidecar = Sidecar(config)
+        await sidecar.run()
+
+    try:
+        asyncio.run(main())
+    except StartupError as exc:
+        raise CliError(str(exc)) from exc
+    except OSError as exc:
+        raise CliError(f"cannot start the sidecar: {exc.strerror or exc}") from exc
+    return 0
+
+
+def cmd_iptables(args: argparse.Namespace) -> int:
+    from . import iptables
+
+    rules = iptables.plan(
+        proxy_uid=args.proxy_uid,
+        outbound_port=args.ipt_outbound_port,
+        inbound_port=args.ipt_inbound_port,
+        exclude_inbound_ports=args.exclude_inbound_ports,
+        exclude_outbound_ports=args.exclude_outbound_ports,
+        capture_inbound=not args.no_inbound_capture,
+    )
+    if args.dry_run:
+        for rule in rules:
+            print("iptables " + " ".join(rule))
+        return 0
+    try:
+        iptables.apply(rules)
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from exc
+    return 0

@@ -1,0 +1,429 @@
+"""The sidecar's configuration: YAML and flags in, one frozen `SidecarConfig` out.
+
+Parse, don't validate: every raw value is checked once here and becomes a typed field;
+a bad value raises `ConfigError` naming the field (`upstreams[1].endpoints[0]`), which
+the CLI prints as one line. Nothing here touches sockets or the clock.
+
+YAML (``--config FILE``; every key optional)::
+
+    mode: explicit                      # explicit | transparent
+    workload_api_socket: unix:///run/spiffe/workload/agent.sock  # default: $SPIFFE_ENDPOINT_SOCKET
+    svid_dir: /path                     # svid.pem, svid.key, bundle.pem instead of the Workload API
+    spiffe_id: spiffe://example.org/x   # which SVID to use when the agent offers several
+    admin: 127.0.0.1:15000              # or "off"
+    outbound: 127.0.0.1:15001           # the transparent listener (mode: transparent)
+    inbound:
+      listen: 0.0.0.0:15008
+      default_app_host: 127.0.0.1       # ports without a target entry go to this host
+      strict: false                     # true: only the ports listed below are reachable
+      targets:
+        8080:
+          app: 127.0.0.1:18080          # where the local app listens for target port 8080
+          allow:                        # omitted: same trust domain; [] refuses everyone
+            - exact: spiffe://example.org/ns/default/sa/client
+            - prefix: spiffe://example.org/ns/tools
+    upstreams:
+      - name: echo
+        listen: 127.0.0.1:9001           # the app dials this
+        target: echo.default:8080        # the CONNECT :authority (host:port behind the peer)
+        endpoints: [127.0.0.1:15008]     # peer sidecars' inbound addresses
+        spiffe_ids: [spiffe://example.org/ns/default/sa/echo]   # empty: any of our domain
+    pool:
+      max_streams_per_connection: 100
+      idle_timeout: 60s
+      keepalive_interval: 20s
+      keepalive_timeout: 10s
+      connect_timeout: 5s
+    drain_timeout: 10s
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import yaml
+
+from ca.spiffeid import SpiffeId, SpiffeIdError
+from trellis.durations import parse_duration
+
+from .policy import CallerRule, PolicyError, parse_rules
+
+__all__ = [
+    "Address",
+    "ConfigError",
+    "InboundConfig",
+    "InboundTarget",
+    "PoolConfig",
+    "SidecarConfig",
+    "UpstreamConfig",
+    "load_yaml",
+    "parse_address",
+    "parse_config",
+    "parse_upstreams_flag",
+]
+
+Mode = Literal["explicit", "transparent"]
+ENDPOINT_ENV = "SPIFFE_ENDPOINT_SOCKET"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; `field` is where, the message says why."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.field = where
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class InboundTarget:
+    port: int
+    app: Address
+    allow: tuple[CallerRule, ...] | None  # None: the same-trust-domain default
+
+
+@dataclass(frozen=True, slots=True)
+class InboundConfig:
+    listen: Address = Address("0.0.0.0", 15008)  # noqa: S104 - a pod's inbound port
+    default_app_host: str = "127.0.0.1"
+    strict: bool = False
+    targets: Mapping[int, InboundTarget] = field(default_factory=dict)
+
+    def app_for(self, port: int) -> Address | None:
+        target = self.targets.get(port)
+        if target is not None:
+            return target.app
+        return None if self.strict else Address(self.default_app_host, port)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    listen: Address
+    target: str  # the CONNECT :authority
+    endpoints: tuple[Address, ...]
+    spiffe_ids: tuple[SpiffeId, ...]  # empty: any peer of our own trust domain
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    max_streams_per_connection: int = 100
+    idle_timeout: float = 60.0
+    keepalive_interval: float = 20.0
+    keepalive_timeout: float = 10.0
+    connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    mode: Mode = "explicit"
+    workload_api_socket: str | None = None
+    svid_dir: str | None = None
+    spiffe_id: SpiffeId | None = None
+    admin: Address | None = Address("0.0.0.0", 15000)  # noqa: S104 - kubelet probes it
+    outbound: Address = Address("127.0.0.1", 15001)
+    inbound: InboundConfig = field(default_factory=InboundConfig)
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    drain_timeout: float = 10.0
+    policy_file: str | None = None
+    pod_labels_file: str | None = None
+
+    def workload_api_target(self) -> str | None:
+        """The gRPC target of the Workload API, or None when SVIDs come from files."""
+        if self.svid_dir is not None:
+            return None
+        raw = self.workload_api_socket or os.environ.get(ENDPOINT_ENV)
+        if not raw:
+            return None
+        if raw.startswith("unix://"):
+            return "unix:" + raw[len("unix://") :]
+        if raw.startswith("unix:"):
+            return raw
+        return f"unix:{raw}"
+
+
+# --- field parsers --------------------------------------------------------------------
+
+
+def parse_address(raw: Any, where: str, default_host: str | None = None) -> Address:
+    if isinstance(raw, int) and not isinstance(raw, bool) and default_host is not None:
+        return Address(default_host, _port(raw, where))
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(where, f"expected HOST:PORT, got {raw!r}")
+    host, sep, port_text = raw.rpartition(":")
+    if not sep:
+        if default_host is not None and raw.isdigit():
+            return Address(default_host, _port(int(raw), where))
+        raise ConfigError(where, f"expected HOST:PORT, got {raw!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ConfigError(where, f"missing host in {raw!r}")
+    if not port_text.isdigit():
+        raise ConfigError(where, f"port {port_text!r} in {raw!r} is not a number")
+    return Address(host, _port(int(port_text), where))
+
+
+def _port(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError(where, f"{value!r} is not a port number (1-65535)")
+    return value
+
+
+def _duration(raw: Any, where: str) -> float:
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        if raw <= 0:
+            raise ConfigError(where, "must be positive")
+        return float(raw)
+    if not isinstance(raw, str):
+        raise ConfigError(where, f"expected a duration such as 10s, got {raw!r}")
+    try:
+        return parse_duration(raw).total_seconds()
+    except ValueError as exc:
+        raise ConfigError(where, str(exc)) from exc
+
+
+def _spiffe_id(raw: Any, where: str) -> SpiffeId:
+    if not isinstance(raw, str):
+        raise ConfigError(where, f"expected a SPIFFE ID string, got {raw!r}")
+    try:
+        return SpiffeId(raw)
+    except SpiffeIdError as exc:
+        raise ConfigError(where, str(exc)) from exc
+
+
+def _mapping(raw: Any, where: str, allowed: set[str]) -> Mapping[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(where, "expected a mapping")
+    unknown = sorted(str(k) for k in raw if k not in allowed)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}" if where else unknown[0], "unknown field")
+    return raw
+
+
+def _inbound(raw: Any) -> InboundConfig:
+    section = _mapping(raw, "inbound", {"listen", "default_app_host", "strict", "targets"})
+    base = InboundConfig()
+    listen = (
+        parse_address(section["listen"], "inbound.listen", "0.0.0.0")  # noqa: S104
+        if "listen" in section
+        else base.listen
+    )
+    host = section.get("default_app_host", base.default_app_host)
+    if not isinstance(host, str) or not host:
+        raise ConfigError("inbound.default_app_host", "expected a host name or address")
+    strict = section.get("strict", False)
+    if not isinstance(strict, bool):
+        raise ConfigError("inbound.strict", "expected true or false")
+    targets_raw = section.get("targets") or {}
+    if not isinstance(targets_raw, Mapping):
+        raise ConfigError("inbound.targets", "expected a mapping of target port to settings")
+    targets: dict[int, InboundTarget] = {}
+    for key, value in targets_raw.items():
+        where = f"inbound.targets.{key}"
+        try:
+            port = _port(int(key), where)
+        except (TypeError, ValueError):
+            raise ConfigError(where, "the key must be a port number") from None
+        entry = _mapping(value, where, {"app", "allow"})
+        app = (
+            parse_address(entry["app"], f"{where}.app", host)
+            if "app" in entry
+            else Address(host, port)
+        )
+        try:
+            allow = parse_rules(entry["allow"], f"{where}.allow") if "allow" in entry else None
+        except PolicyError as exc:
+            raise ConfigError(exc.field, str(exc).split(": ", 1)[-1]) from exc
+        targets[port] = InboundTarget(port, app, allow)
+    return InboundConfig(listen, host, strict, targets)
+
+
+def _upstreams(raw: Any) -> tuple[UpstreamConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("upstreams", "expected a list")
+    result = []
+    for index, item in enumerate(raw):
+        where = f"upstreams[{index}]"
+        entry = _mapping(item, where, {"name", "listen", "target", "endpoints", "spiffe_ids"})
+        for required in ("listen", "target", "endpoints"):
+            if required not in entry:
+                raise ConfigError(f"{where}.{required}", "required")
+        name = entry.get("name", f"upstream-{index}")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}.name", "expected a non-empty string")
+        listen = parse_address(entry["listen"], f"{where}.listen", "127.0.0.1")
+        target = entry["target"]
+        parse_address(target, f"{where}.target")
+        endpoints_raw = entry["endpoints"]
+        if not isinstance(endpoints_raw, list) or not endpoints_raw:
+            raise ConfigError(f"{where}.endpoints", "expected a non-empty list of HOST:PORT")
+        endpoints = tuple(
+            parse_address(e, f"{where}.endpoints[{i}]") for i, e in enumerate(endpoints_raw)
+        )
+        ids_raw = entry.get("spiffe_ids") or []
+        if isinstance(ids_raw, str):
+            ids_raw = [ids_raw]
+        if not isinstance(ids_raw, list):
+            raise ConfigError(f"{where}.spiffe_ids", "expected a list of SPIFFE IDs")
+        ids = tuple(_spiffe_id(v, f"{where}.spiffe_ids[{i}]") for i, v in enumerate(ids_raw))
+        result.append(UpstreamConfig(name, listen, target, endpoints, ids))
+    return tuple(result)
+
+
+def _pool(raw: Any) -> PoolConfig:
+    section = _mapping(
+        raw,
+        "pool",
+        {
+            "max_streams_per_connection",
+            "idle_timeout",
+            "keepalive_interval",
+            "keepalive_timeout",
+            "connect_timeout",
+        },
+    )
+    pool = PoolConfig()
+    if "max_streams_per_connection" in section:
+        value = section["max_streams_per_connection"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000:
+            raise ConfigError("pool.max_streams_per_connection", "expected an integer 1-10000")
+        pool = replace(pool, max_streams_per_connection=value)
+    for name in ("idle_timeout", "keepalive_interval", "keepalive_timeout", "connect_timeout"):
+        if name in section:
+            pool = replace(pool, **{name: _duration(section[name], f"pool.{name}")})
+    return pool
+
+
+_TOP = {
+    "mode",
+    "workload_api_socket",
+    "svid_dir",
+    "spiffe_id",
+    "admin",
+    "outbound",
+    "inbound",
+    "upstreams",
+    "pool",
+    "drain_timeout",
+    "policy_file",
+    "pod_labels_file",
+}
+
+
+def parse_config(raw: Any) -> SidecarConfig:
+    """A `SidecarConfig` from the YAML document's value (a mapping or None)."""
+    top = _mapping(raw, "", _TOP)
+    config = SidecarConfig()
+    mode = top.get("mode", config.mode)
+    if mode not in ("explicit", "transparent"):
+        raise ConfigError("mode", f"{mode!r} must be explicit or transparent")
+    admin: Address | None = config.admin
+    if "admin" in top:
+        admin = (
+            None if top["admin"] in ("off", None) else parse_address(top["admin"], "admin", "0.0.0.0")  # noqa: S104
+        )
+    strings: dict[str, str | None] = {}
+    for name in ("workload_api_socket", "svid_dir", "policy_file", "pod_labels_file"):
+        value = top.get(name)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(name, "expected a path")
+        strings[name] = value
+    return SidecarConfig(
+        mode=mode,
+        workload_api_socket=strings["workload_api_socket"],
+        svid_dir=strings["svid_dir"],
+        spiffe_id=_spiffe_id(top["spiffe_id"], "spiffe_id") if "spiffe_id" in top else None,
+        admin=admin,
+        outbound=(
+            parse_address(top["outbound"], "outbound", "127.0.0.1")
+            if "outbound" in top
+            else config.outbound
+        ),
+        inbound=_inbound(top.get("inbound")),
+        upstreams=_upstreams(top.get("upstreams")),
+        pool=_pool(top.get("pool")),
+        drain_timeout=(
+            _duration(top["drain_timeout"], "drain_timeout")
+            if "drain_timeout" in top
+            else config.drain_timeout
+        ),
+        policy_file=strings["policy_file"],
+        pod_labels_file=strings["pod_labels_file"],
+    )
+
+
+def load_yaml(text: str, source: str = "config") -> SidecarConfig:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, f"not valid YAML: {exc}") from exc
+    return parse_config(raw)
+
+
+def parse_upstreams_flag(text: str, inbound_port: int) -> tuple[UpstreamConfig, ...]:
+    """``--upstreams=svc.ns:8080=9001,...`` (the injector's annotation format): the app
+    dials 127.0.0.1:LOCAL; the stream goes to SERVICE's sidecar on the inbound port with
+    :authority SERVICE:PORT, and any peer of our trust domain is accepted."""
+    result = []
+    for index, item in enumerate(part.strip() for part in text.split(",")):
+        where = f"--upstreams[{index}]"
+        if not item:
+            continue
+        target, sep, local = item.rpartition("=")
+        if not sep or not local.isdigit():
+            raise ConfigError(where, f"{item!r} must look like SERVICE:PORT=LOCAL_PORT")
+        address = parse_address(target, where)
+        listen = Address("127.0.0.1", _port(int(local), where))
+        result.append(
+            UpstreamConfig(
+                address.host,
+                listen,
+                str(address),
+                (Address(address.host, inbound_port),),
+                (),
+            )
+        )
+    if not result:
+        raise ConfigError("--upstreams", "empty")
+    ports = [u.listen.port for u in result]
+    if len(set(ports)) != len(ports):
+        raise ConfigError("--upstreams", "a local port is used twice")
+    return tuple(result)
+
+
+def check_consistency(config: SidecarConfig) -> SidecarConfig:
+    """Cross-field rules: no two listeners on one address."""
+    seen: dict[tuple[str, int], str] = {}
+
+    def claim(address: Address | None, what: str) -> None:
+        if address is None:
+            return
+        key = (address.host, address.port)
+        if key in seen:
+            raise ConfigError(what, f"{address} is already used by {seen[key]}")
+        seen[key] = what
+
+    claim(config.admin, "admin")
+    claim(config.inbound.listen, "inbound.listen")
+    if config.mode == "transparent":
+        claim(config.outbound, "outbound")
+    for index, upstream in enumerate(config.upstreams):
+        claim(upstream.listen, f"upstreams[{index}].listen")
+    return config

@@ -1,0 +1,292 @@
+"""The sidecar's own identity: the SVID it presents and the bundles it trusts.
+
+`Identity` is the pure part: it holds the current SVID and bundles and derives the
+engine's `TLSConfig`s from them (cached per generation, so a busy sidecar builds each
+once). Every new handshake asks for a config, so a rotated SVID or bundle applies to the
+next handshake at once while established connections keep the keys they negotiated.
+
+Sources: `WorkloadApiWatcher` streams FetchX509SVID and FetchX509Bundles from the agent
+(grpc.aio on the Unix socket, `workload.spiffe.io: true` metadata, reconnecting with a
+capped backoff); `load_svid_dir` reads svid.pem / svid.key / bundle.pem for local tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ca.spiffeid import SpiffeId, TrustDomain
+from ca.workload import HEADER_KEY, HEADER_VALUE, method_path, workload_pb2
+from sidecar.tls import TLSConfig
+from sidecar.tls.signatures import PrivateKey
+
+logger = logging.getLogger("sidecar.identity")
+
+__all__ = ["Identity", "IdentityError", "Svid", "WorkloadApiWatcher", "load_svid_dir"]
+
+ALPN = ("h2",)
+
+
+class IdentityError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Svid:
+    spiffe_id: SpiffeId
+    chain: tuple[x509.Certificate, ...]
+    private_key: PrivateKey
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.chain[0].not_valid_after_utc
+
+    @property
+    def serial(self) -> int:
+        return self.chain[0].serial_number
+
+
+class Identity:
+    """Current SVID + bundles; `server_config()` / `client_config(ids)` for new handshakes."""
+
+    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+        self.svid: Svid | None = None
+        self.bundles: dict[str, tuple[x509.Certificate, ...]] = {}
+        self.generation = 0
+        self._server: TLSConfig | None = None
+        self._clients: dict[tuple[str, ...], TLSConfig] = {}
+        self._on_change = on_change
+
+    @property
+    def trust_domain(self) -> TrustDomain | None:
+        return self.svid.spiffe_id.trust_domain if self.svid is not None else None
+
+    def ready(self, now: dt.datetime) -> bool:
+        svid = self.svid
+        return (
+            svid is not None
+            and bool(self.bundles)
+            and svid.chain[0].not_valid_before_utc <= now < svid.not_after
+        )
+
+    def update(
+        self,
+        svid: Svid | None = None,
+        bundles: Mapping[str, Sequence[x509.Certificate]] | None = None,
+    ) -> None:
+        if svid is not None:
+            self.svid = svid
+        if bundles is not None:
+            merged = dict(self.bundles)
+            merged.update({td: tuple(certs) for td, certs in bundles.items()})
+            self.bundles = merged
+        self.generation += 1
+        self._server = None
+        self._clients = {}
+        if self._on_change is not None:
+            self._on_change()
+
+    def replace_bundles(self, bundles: Mapping[str, Sequence[x509.Certificate]]) -> None:
+        """The full bundle set (FetchX509Bundles sends all of it every time)."""
+        own = self.trust_domain
+        kept = {own.name: self.bundles[own.name]} if own and own.name in self.bundles else {}
+        kept.update({td: tuple(c) for td, c in bundles.items()})
+        self.bundles = {}
+        self.update(bundles=kept)
+
+    def _base(self) -> tuple[Svid, dict[str, tuple[x509.Certificate, ...]]]:
+        if self.svid is None or not self.bundles:
+            raise IdentityError("no SVID yet")
+        return self.svid, self.bundles
+
+    def server_config(self) -> TLSConfig:
+        if self._server is None:
+            svid, bundles = self._base()
+            # Any verified peer gets in at the TLS layer; authorisation is per stream.
+            self._server = TLSConfig(
+                rng=os.urandom,
+                certificate_chain=svid.chain,
+                private_key=svid.private_key,
+                trust_bundles=bundles,
+                alpn_protocols=ALPN,
+                require_client_certificate=True,
+            )
+        return self._server
+
+    def client_config(self, expected: Sequence[SpiffeId]) -> TLSConfig:
+        key = tuple(sorted(str(i) for i in expected))
+        config = self._clients.get(key)
+        if config is None:
+            svid, bundles = self._base()
+            allowed = frozenset(key)
+            own = svid.spiffe_id.trust_domain.name
+
+            def policy(spiffe_id: str) -> bool:
+                if allowed:
+                    return spiffe_id in allowed
+                # No IDs given: any peer of our own trust domain.
+                return spiffe_id.startswith(f"spiffe://{own}/")
+
+            config = TLSConfig(
+                rng=os.urandom,
+                certificate_chain=svid.chain,
+                private_key=svid.private_key,
+                trust_bundles=bundles,
+                alpn_protocols=ALPN,
+                peer_policy=policy,
+            )
+            self._clients[key] = config
+        return config
+
+    def describe(self) -> dict[str, Any]:
+        svid = self.svid
+        return {
+            "spiffe_id": str(svid.spiffe_id) if svid else None,
+            "serial": format(svid.serial, "x") if svid else None,
+            "not_after": svid.not_after.isoformat() if svid else None,
+            "generation": self.generation,
+            "bundles": {
+                td: [format(c.serial_number, "x") for c in certs]
+                for td, certs in sorted(self.bundles.items())
+            },
+        }
+
+
+# --- sources -----------------------------------------------------------------------------
+
+
+def split_der(data: bytes) -> list[x509.Certificate]:
+    """Certificates from concatenated DER (the Workload API's chain/bundle encoding)."""
+    certs = []
+    offset = 0
+    while offset < len(data):
+        if data[offset] != 0x30 or offset + 2 > len(data):
+            raise IdentityError("not a DER certificate sequence")
+        first = data[offset + 1]
+        if first < 0x80:
+            header, length = 2, first
+        else:
+            count = first & 0x7F
+            header = 2 + count
+            length = int.from_bytes(data[offset + 2 : offset + header], "big")
+        end = offset + header + length
+        certs.append(x509.load_der_x509_certificate(data[offset:end]))
+        offset = end
+    return certs
+
+
+def _spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise IdentityError("an SVID has exactly one URI SAN")
+    return SpiffeId(uris[0])
+
+
+def _private_key(key: Any) -> PrivateKey:
+    return key  # type: ignore[no-any-return]
+
+
+def load_svid_dir(directory: str | Path) -> tuple[Svid, dict[str, tuple[x509.Certificate, ...]]]:
+    """svid.pem (leaf first, then intermediates), svid.key (PKCS#8 PEM), bundle.pem (roots
+    of the SVID's own trust domain)."""
+    base = Path(directory)
+    try:
+        chain = tuple(x509.load_pem_x509_certificates((base / "svid.pem").read_bytes()))
+        key = serialization.load_pem_private_key((base / "svid.key").read_bytes(), None)
+        roots = tuple(x509.load_pem_x509_certificates((base / "bundle.pem").read_bytes()))
+    except (OSError, ValueError) as exc:
+        raise IdentityError(f"--svid-dir {base}: {exc}") from exc
+    spiffe_id = _spiffe_id_of(chain[0])
+    return Svid(spiffe_id, chain, _private_key(key)), {spiffe_id.trust_domain.name: roots}
+
+
+def _td_name(key: str) -> str:
+    return TrustDomain(key).name
+
+
+class WorkloadApiWatcher:
+    """Streams SVIDs and bundles from the agent into an `Identity`, forever."""
+
+    def __init__(
+        self, target: str, identity: Identity, spiffe_id: SpiffeId | None = None
+    ) -> None:
+        self.target = target
+        self.identity = identity
+        self.spiffe_id = spiffe_id
+        self.last_error: str | None = None
+        self.updates = 0
+
+    async def run(self) -> None:
+        await asyncio.gather(self._loop(self._x509_svids), self._loop(self._x509_bundles))
+
+    async def _loop(self, body: Callable[[grpc.aio.Channel], Any]) -> None:
+        delay = 0.2
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(self.target) as channel:
+                    await body(channel)
+                    delay = 0.2
+            except asyncio.CancelledError:
+                raise
+            except (grpc.aio.AioRpcError, IdentityError, ValueError) as exc:
+                self.last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                logger.warning("Workload API %s: %s (retrying in %.1fs)", self.target, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _stream(self, channel: grpc.aio.Channel, method: str, request: Any, response: Any) -> Any:
+        call = channel.unary_stream(
+            method_path(method),
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=response.FromString,
+        )
+        return call(request, metadata=((HEADER_KEY, HEADER_VALUE),))
+
+    async def _x509_svids(self, channel: grpc.aio.Channel) -> None:
+        stream = self._stream(
+            channel, "FetchX509SVID", workload_pb2.X509SVIDRequest(), workload_pb2.X509SVIDResponse
+        )
+        async for message in stream:
+            chosen = None
+            for item in message.svids:
+                if self.spiffe_id is None or SpiffeId(item.spiffe_id) == self.spiffe_id:
+                    chosen = item
+                    break
+            if chosen is None:
+                self.last_error = f"the agent offers no SVID for {self.spiffe_id}"
+                logger.warning("%s", self.last_error)
+                continue
+            chain = tuple(split_der(chosen.x509_svid))
+            key = serialization.load_der_private_key(chosen.x509_svid_key, None)
+            svid = Svid(SpiffeId(chosen.spiffe_id), chain, _private_key(key))
+            bundles = {svid.spiffe_id.trust_domain.name: tuple(split_der(chosen.bundle))}
+            for td, der in message.federated_bundles.items():
+                bundles[_td_name(td)] = tuple(split_der(der))
+            self.updates += 1
+            self.last_error = None
+            self.identity.update(svid=svid, bundles=bundles)
+            logger.info("SVID %s serial %x until %s", svid.spiffe_id, svid.serial, svid.not_after)
+
+    async def _x509_bundles(self, channel: grpc.aio.Channel) -> None:
+        stream = self._stream(
+            channel,
+            "FetchX509Bundles",
+            workload_pb2.X509BundlesRequest(),
+            workload_pb2.X509BundlesResponse,
+        )
+        async for message in stream:
+            bundles = {_td_name(td): tuple(split_der(der)) for td, der in message.bundles.items()}
+            if bundles:
+                self.updates += 1
+                self.identity.update(bundles=bundles)

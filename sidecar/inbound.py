@@ -1,0 +1,139 @@
+"""The inbound side: mTLS on 15008, CONNECT streams authorised, then the local app.
+
+Per stream: parse the CONNECT (`hbone`), find the app address for the target port
+(`InboundConfig.app_for`; unknown under `strict` → 404), authorise the peer's SPIFFE ID
+for that port (`policy.Authorizer`; refusal → 403 and `trellis_sidecar_policy_decisions
+{decision="deny"}`), and only then dial the app. The app unreachable → 503. Every refusal
+is an HTTP status on that stream alone; the connection and its other streams go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from ca.spiffeid import SpiffeId, SpiffeIdError
+
+from .bridge import Bridge
+from .channel import EngineChannel, SecureChannel
+from .config import InboundConfig
+from .hbone import Refusal, parse_connect
+from .identity import Identity
+from .metrics import Metrics
+from .policy import Authorizer
+from .session import Session, SessionSettings
+
+logger = logging.getLogger("sidecar.inbound")
+
+__all__ = ["Inbound"]
+
+
+class Inbound:
+    def __init__(
+        self,
+        config: InboundConfig,
+        identity: Identity,
+        metrics: Metrics,
+        authorizer: Callable[[], Authorizer],
+        *,
+        keepalive_interval: float = 20.0,
+        keepalive_timeout: float = 10.0,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.metrics = metrics
+        self.authorizer = authorizer
+        self.sessions: set[Session] = set()
+        self.server: asyncio.Server | None = None
+        self._settings = SessionSettings(
+            "inbound", keepalive_interval=keepalive_interval, keepalive_timeout=keepalive_timeout
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _channel(self, now: float) -> SecureChannel:
+        return EngineChannel(self.identity.server_config(), client=False, now=now)
+
+    def _session(self) -> Session:
+        session = Session(
+            self._channel,
+            self._settings,
+            self.metrics,
+            on_request=self._request,
+            on_state=self._state,
+        )
+        self.sessions.add(session)
+        self.metrics.inbound_connections.inc()
+        return session
+
+    def _state(self, session: Session) -> None:
+        if session.dead and session in self.sessions:
+            self.sessions.discard(session)
+            self.metrics.inbound_connections.dec()
+
+    async def start(self) -> None:
+        listen = self.config.listen
+        self.server = await asyncio.get_running_loop().create_server(
+            self._session, listen.host, listen.port, reuse_address=True, backlog=1024
+        )
+
+    def _request(self, session: Session, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
+        request = parse_connect(headers)
+        if isinstance(request, Refusal):
+            self._refuse(session, stream_id, request.status, request.reason)
+            return
+        app = self.config.app_for(request.port)
+        if app is None:
+            self._refuse(session, stream_id, 404, f"no local target for port {request.port}")
+            return
+        caller: SpiffeId | None
+        try:
+            caller = SpiffeId(session.peer_id) if session.peer_id else None
+        except SpiffeIdError:
+            caller = None
+        decision = self.authorizer().decide(caller, request.port, self.identity.trust_domain)
+        if not decision.allowed:
+            self.metrics.policy.labels(decision="deny").inc()
+            logger.info("denied %s -> port %d: %s", caller, request.port, decision.reason)
+            session.refuse(stream_id, 403)
+            self.metrics.streams.labels(direction="inbound", outcome="refused").inc()
+            return
+        self.metrics.policy.labels(decision="allow").inc()
+        bridge = Bridge(self.metrics, "inbound")
+        session.accept_stream(stream_id, bridge)
+        bridge.attach(session, stream_id)
+        task = asyncio.get_running_loop().create_task(
+            self._dial(session, stream_id, bridge, app.host, app.port)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _dial(
+        self, session: Session, stream_id: int, bridge: Bridge, host: str, port: int
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_connection(lambda: bridge, host, port)
+        except OSError as exc:
+            logger.info("local app %s:%d unreachable: %s", host, port, exc)
+            if stream_id in session.streams:
+                session.refuse(stream_id, 503)
+            bridge.refuse()
+            return
+        if stream_id in session.streams:
+            session.respond(stream_id, 200)
+
+    def _refuse(self, session: Session, stream_id: int, status: int, reason: str) -> None:
+        logger.info("refused CONNECT on %s: %d %s", session.peername, status, reason)
+        self.metrics.connect_errors.labels(status=str(status)).inc()
+        session.refuse(stream_id, status)
+
+    def drain(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for session in list(self.sessions):
+            session.drain()
+
+    @property
+    def active_streams(self) -> int:
+        return sum(s.active_streams for s in self.sessions)

@@ -1,0 +1,78 @@
+"""`trellis sidecar iptables`: the redirect that makes transparent mode transparent.
+
+`plan()` is pure: it returns the iptables argument lists (nat table, own chains so a rerun
+replaces rather than duplicates). Outbound TCP from any UID but the proxy's is redirected
+to the outbound port (loopback destinations included, the sidecar's own connections
+excluded by `--uid-owner`); inbound TCP to any port but the excluded ones (the admin port)
+and the sidecar's own inbound port is redirected to the inbound port.
+
+Inbound capture in a pod means mTLS-only access: plaintext from outside the mesh would
+land on the TLS port and fail the handshake, which is the point.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Sequence
+
+__all__ = ["apply", "plan"]
+
+OUT_CHAIN = "TRELLIS_OUTPUT"
+IN_CHAIN = "TRELLIS_INBOUND"
+
+
+def plan(
+    *,
+    proxy_uid: int,
+    outbound_port: int,
+    inbound_port: int,
+    exclude_inbound_ports: Sequence[int] = (),
+    exclude_outbound_ports: Sequence[int] = (),
+    capture_inbound: bool = True,
+) -> list[list[str]]:
+    rules: list[list[str]] = []
+    for chain in (OUT_CHAIN, IN_CHAIN):
+        rules.append(["-t", "nat", "-N", chain])
+        rules.append(["-t", "nat", "-F", chain])
+    # Hook our chains in (deleted first so a rerun leaves exactly one jump).
+    rules.append(["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", OUT_CHAIN])
+    if capture_inbound:
+        rules.append(["-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-j", IN_CHAIN])
+    out = ["-t", "nat", "-A", OUT_CHAIN]
+    rules.append([*out, "-m", "owner", "--uid-owner", str(proxy_uid), "-j", "RETURN"])
+    for port in exclude_outbound_ports:
+        rules.append([*out, "-p", "tcp", "--dport", str(port), "-j", "RETURN"])
+    rules.append([*out, "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(outbound_port)])
+    inn = ["-t", "nat", "-A", IN_CHAIN]
+    for port in (inbound_port, *exclude_inbound_ports):
+        rules.append([*inn, "-p", "tcp", "--dport", str(port), "-j", "RETURN"])
+    rules.append([*inn, "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(inbound_port)])
+    return rules
+
+
+def _unhook(binary: str) -> None:
+    for hook, chain in (("OUTPUT", OUT_CHAIN), ("PREROUTING", IN_CHAIN)):
+        while (
+            subprocess.run(
+                [binary, "-t", "nat", "-D", hook, "-p", "tcp", "-j", chain],
+                capture_output=True,
+                check=False,
+            ).returncode
+            == 0
+        ):
+            pass
+
+
+def apply(rules: Sequence[Sequence[str]], binary: str = "iptables") -> None:
+    """Run the plan; raises RuntimeError with iptables' own words on failure."""
+    path = shutil.which(binary)
+    if path is None:
+        raise RuntimeError(f"{binary} not found (install the iptables package)")
+    _unhook(path)
+    for rule in rules:
+        result = subprocess.run([path, *rule], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            if "-N" in rule and "exists" in result.stderr:
+                continue
+            raise RuntimeError(f"iptables {' '.join(rule)}: {result.stderr.strip()}")

@@ -1,0 +1,149 @@
+"""The sidecar's Prometheus metrics, in a registry of its own.
+
+The `tls_*` names and labels are DESIGN.md §5's public contract (dashboards and alert
+rules use them); the `trellis_sidecar_*` names are this module's, documented in the
+package docstring.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sidecar.tls import CipherSuite, HandshakeComplete, NamedGroup
+
+__all__ = ["Metrics"]
+
+_HANDSHAKE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def _name(enum: type[CipherSuite] | type[NamedGroup], value: int) -> str:
+    try:
+        return str(enum(value).name)
+    except ValueError:
+        return f"0x{value:04x}"
+
+
+def suite_name(value: int) -> str:
+    return "TLS_" + _name(CipherSuite, value)
+
+
+def group_name(value: int) -> str:
+    return _name(NamedGroup, value)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        # --- DESIGN.md §5 --------------------------------------------------------------
+        self.tls_handshake_duration = Histogram(
+            "tls_handshake_duration_seconds",
+            "Full TLS handshake time, TCP connect/accept to handshake complete.",
+            registry=r,
+            buckets=_HANDSHAKE_BUCKETS,
+        )
+        self.tls_resumption = Counter(
+            "tls_resumption", "Handshakes by resumption kind.", ["kind"], registry=r
+        )
+        self.tls_version = Counter(
+            "tls_version", "Handshakes by TLS version.", ["version"], registry=r
+        )
+        self.tls_cipher_suite = Counter(
+            "tls_cipher_suite", "Handshakes by cipher suite.", ["suite"], registry=r
+        )
+        self.tls_group = Counter("tls_group", "Handshakes by key-exchange group.", ["group"], registry=r)
+        self.tls_early_data = Counter(
+            "tls_early_data", "0-RTT data offered, by outcome.", ["outcome"], registry=r
+        )
+        self.tls_ocsp_staple = Counter(
+            "tls_ocsp_staple", "OCSP stapling by outcome.", ["outcome"], registry=r
+        )
+        for kind in ("psk", "ticket", "none"):
+            self.tls_resumption.labels(kind=kind)
+        for outcome in ("accepted", "rejected"):
+            self.tls_early_data.labels(outcome=outcome)
+        # --- trellis_sidecar_* ---------------------------------------------------------
+        self.handshakes = Counter(
+            "trellis_sidecar_tls_handshakes",
+            "Completed TLS handshakes by direction (outbound: we dialled).",
+            ["direction"],
+            registry=r,
+        )
+        self.handshake_failures = Counter(
+            "trellis_sidecar_tls_handshake_failures",
+            "Failed TLS handshakes by direction and reason.",
+            ["direction", "reason"],
+            registry=r,
+        )
+        self.app_connections = Counter(
+            "trellis_sidecar_app_connections",
+            "Plaintext connections accepted from the local app (outbound) or made to it "
+            "(inbound).",
+            ["direction"],
+            registry=r,
+        )
+        self.pool_connections = Gauge(
+            "trellis_sidecar_pool_connections",
+            "Open pooled TLS connections (outbound).",
+            registry=r,
+        )
+        self.inbound_connections = Gauge(
+            "trellis_sidecar_inbound_connections", "Open inbound TLS connections.", registry=r
+        )
+        self.streams_active = Gauge(
+            "trellis_sidecar_streams_active",
+            "Open CONNECT streams by direction.",
+            ["direction"],
+            registry=r,
+        )
+        self.streams = Counter(
+            "trellis_sidecar_streams",
+            "CONNECT streams by direction and outcome (ok, reset, refused, error, retried).",
+            ["direction", "outcome"],
+            registry=r,
+        )
+        self.bytes = Counter(
+            "trellis_sidecar_bytes",
+            "Application bytes carried, by direction (in: from the mesh to the app).",
+            ["direction"],
+            registry=r,
+        )
+        self.policy = Counter(
+            "trellis_sidecar_policy_decisions",
+            "Inbound authorisation decisions.",
+            ["decision"],
+            registry=r,
+        )
+        self.connect_errors = Counter(
+            "trellis_sidecar_connect_requests_rejected",
+            "CONNECT requests refused before policy, by HTTP status.",
+            ["status"],
+            registry=r,
+        )
+        self.svid_expiry = Gauge(
+            "trellis_sidecar_svid_expiry_timestamp_seconds",
+            "notAfter of the SVID new handshakes use.",
+            registry=r,
+        )
+        self.svid_updates = Counter(
+            "trellis_sidecar_svid_updates", "SVIDs or bundles received.", registry=r
+        )
+        for decision in ("allow", "deny"):
+            self.policy.labels(decision=decision)
+        for direction in ("inbound", "outbound"):
+            self.handshakes.labels(direction=direction)
+            self.app_connections.labels(direction=direction)
+            self.streams_active.labels(direction=direction)
+        for direction in ("in", "out"):
+            self.bytes.labels(direction=direction)
+        self.bytes_in = self.bytes.labels(direction="in")
+        self.bytes_out = self.bytes.labels(direction="out")
+
+    def handshake_done(self, info: HandshakeComplete, direction: str, seconds: float) -> None:
+        self.tls_handshake_duration.observe(seconds)
+        self.tls_resumption.labels(kind="psk" if info.session_resumed else "none").inc()
+        self.tls_version.labels(version="TLSv1.3").inc()
+        self.tls_cipher_suite.labels(suite=suite_name(info.cipher_suite)).inc()
+        self.tls_group.labels(group=group_name(info.group)).inc()
+        # SVIDs live hours at most: nobody staples OCSP for them.
+        self.tls_ocsp_staple.labels(outcome="not_applicable").inc()
+        self.handshakes.labels(direction=direction).inc()

@@ -1,0 +1,126 @@
+"""The outbound side: app connections in, CONNECT streams on pooled sessions out.
+
+* Explicit upstreams: a listener per upstream on its local port (Consul Connect style);
+  every connection goes to that upstream's endpoints with its target as `:authority` and
+  its SPIFFE IDs as the identities the peer must present.
+* Transparent: one listener (15001) behind an iptables REDIRECT; the original
+  destination comes from `SO_ORIGINAL_DST` and the stream goes to that address's sidecar
+  (same IP, the inbound port) with `:authority` = the original destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Callable
+
+from ca.spiffeid import SpiffeId
+
+from .bridge import Bridge
+from .config import Address, UpstreamConfig
+from .metrics import Metrics
+from .pool import PoolSet
+
+logger = logging.getLogger("sidecar.outbound")
+
+__all__ = ["Outbound", "original_destination"]
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """The address the app dialled before the REDIRECT (IPv4 `struct sockaddr_in`)."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    host = socket.inet_ntoa(raw[4:8])
+    return host, port
+
+
+Resolver = Callable[[socket.socket], tuple[tuple[Address, ...], tuple[SpiffeId, ...], str]]
+
+
+class _OutboundBridge(Bridge):
+    def __init__(self, outbound: Outbound, resolve: Resolver) -> None:
+        super().__init__(outbound.metrics, "outbound", on_retry=outbound.retry, on_done=outbound.done)
+        self._outbound = outbound
+        self._resolve = resolve
+        self.route: tuple[tuple[Address, ...], tuple[SpiffeId, ...], str] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        try:
+            self.route = self._resolve(sock)
+        except OSError as exc:
+            logger.warning("no original destination for %s: %s", transport.get_extra_info("peername"), exc)
+            self.refuse()
+            return
+        self._outbound.start(self)
+
+
+class Outbound:
+    def __init__(self, pools: PoolSet, metrics: Metrics, inbound_port: int) -> None:
+        self.pools = pools
+        self.metrics = metrics
+        self.inbound_port = inbound_port
+        self.servers: list[asyncio.Server] = []
+        self.bridges: set[Bridge] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def listen_upstream(self, upstream: UpstreamConfig) -> None:
+        route = (upstream.endpoints, upstream.spiffe_ids, upstream.target)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: _OutboundBridge(self, lambda _sock: route),
+            upstream.listen.host,
+            upstream.listen.port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self.servers.append(server)
+
+    async def listen_transparent(self, listen: Address) -> None:
+        def resolve(sock: socket.socket) -> tuple[tuple[Address, ...], tuple[SpiffeId, ...], str]:
+            host, port = original_destination(sock)
+            target = Address(host, port)
+            return (Address(host, self.inbound_port),), (), str(target)
+
+        server = await asyncio.get_running_loop().create_server(
+            lambda: _OutboundBridge(self, resolve),
+            listen.host,
+            listen.port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self.servers.append(server)
+
+    def start(self, bridge: _OutboundBridge) -> None:
+        self.bridges.add(bridge)
+        task = asyncio.get_running_loop().create_task(self._open(bridge))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open(self, bridge: _OutboundBridge) -> None:
+        assert bridge.route is not None
+        endpoints, ids, authority = bridge.route
+        try:
+            await self.pools.open(endpoints, ids, authority, bridge)
+        except ConnectionError as exc:
+            logger.info("no stream for %s: %s", authority, exc)
+            bridge.refuse()
+
+    def retry(self, bridge: Bridge) -> bool:
+        if not isinstance(bridge, _OutboundBridge) or bridge.transport is None:
+            return False
+        task = asyncio.get_running_loop().create_task(self._open(bridge))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    def done(self, bridge: Bridge, outcome: str) -> None:
+        self.bridges.discard(bridge)
+
+    def close_listeners(self) -> None:
+        for server in self.servers:
+            server.close()

@@ -1,0 +1,275 @@
+"""Outbound connection pools: one per (endpoint, expected SPIFFE IDs).
+
+The decisions are pure functions of a snapshot and `now` (`choose`, `idle`); `Pool` is the
+asyncio shell that dials, waits and applies them. Each app connection becomes one CONNECT
+stream on a pooled `Session`; a session takes at most `max_streams_per_connection`
+streams, and a new one is dialled only when every live one is saturated and the
+connections already being dialled cannot absorb the waiting streams either. So N app
+connections cost ceil(N / max_streams) handshakes, not N.
+
+The channel under each session comes from `channel_factory(now)` -- the Trellis engine
+today; kTLS or resumption-capable channels plug in there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ca.spiffeid import SpiffeId
+
+from .bridge import Bridge
+from .channel import EngineChannel, SecureChannel
+from .config import Address, PoolConfig
+from .identity import Identity
+from .metrics import Metrics
+from .session import Session, SessionSettings
+
+logger = logging.getLogger("sidecar.pool")
+
+__all__ = ["ConnView", "NoEndpoint", "Pool", "PoolSet", "choose", "idle"]
+
+
+class NoEndpoint(ConnectionError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ConnView:
+    """What the decisions need to know about one pooled session."""
+
+    index: int
+    can_open: bool
+    active: int
+    last_active: float
+
+
+def choose(
+    conns: Sequence[ConnView], waiting: int, connecting: int, max_streams: int
+) -> tuple[str, int]:
+    """("use", index) | ("dial", 0) | ("wait", 0) for one more stream.
+
+    Packs streams onto the busiest session with room (so idle ones can time out),
+    dials only when dials in flight cannot absorb the streams already waiting.
+    """
+    best: ConnView | None = None
+    for conn in conns:
+        if conn.can_open and (best is None or conn.active > best.active):
+            best = conn
+    if best is not None:
+        return ("use", best.index)
+    if connecting * max_streams <= waiting:
+        return ("dial", 0)
+    return ("wait", 0)
+
+
+def idle(conns: Sequence[ConnView], now: float, idle_timeout: float) -> list[int]:
+    """Sessions with no streams for longer than `idle_timeout`."""
+    return [c.index for c in conns if c.active == 0 and now - c.last_active >= idle_timeout]
+
+
+class Pool:
+    def __init__(
+        self,
+        endpoint: Address,
+        expected: tuple[SpiffeId, ...],
+        identity: Identity,
+        metrics: Metrics,
+        config: PoolConfig,
+        channel_factory: Callable[[Identity, tuple[SpiffeId, ...], float], SecureChannel]
+        | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.expected = expected
+        self.identity = identity
+        self.metrics = metrics
+        self.config = config
+        self.sessions: list[Session] = []
+        self._channel_factory = channel_factory or _engine_channel
+        self._connecting = 0
+        self._waiting = 0
+        self._changed = asyncio.Event()
+        self._failures = 0
+        self.last_error: str | None = None
+        self.dials = 0
+
+    # --- state -------------------------------------------------------------------------
+
+    def _views(self) -> list[ConnView]:
+        return [
+            ConnView(i, s.can_open(), s.active_streams, s.last_active)
+            for i, s in enumerate(self.sessions)
+        ]
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _on_state(self, session: Session) -> None:
+        if session.dead and session in self.sessions:
+            self.sessions.remove(session)
+            self.metrics.pool_connections.dec()
+        self._signal()
+
+    # --- opening streams -----------------------------------------------------------------
+
+    async def open(self, authority: str, bridge: Bridge) -> None:
+        """Attach `bridge` to a new stream; raises ConnectionError if none can be had."""
+        deadline = time.monotonic() + self.config.connect_timeout
+        failures = self._failures
+        while True:
+            action, index = choose(
+                self._views(), self._waiting, self._connecting, self.config.max_streams_per_connection
+            )
+            if action == "use":
+                session = self.sessions[index]
+                stream_id = session.open_stream(authority, bridge)
+                bridge.attach(session, stream_id)
+                return
+            if action == "dial":
+                asyncio.get_running_loop().create_task(self._dial())
+            elif self._failures != failures and not self._connecting:
+                raise NoEndpoint(f"{self.endpoint}: {self.last_error}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoEndpoint(f"{self.endpoint}: no connection within the connect timeout")
+            changed = self._changed
+            self._waiting += 1
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                pass
+            finally:
+                self._waiting -= 1
+            if self._failures != failures and not self._connecting and not self._views():
+                raise NoEndpoint(f"{self.endpoint}: {self.last_error}")
+
+    async def _dial(self) -> None:
+        self._connecting += 1
+        self.dials += 1
+        loop = asyncio.get_running_loop()
+        settings = SessionSettings(
+            "outbound",
+            handshake_timeout=self.config.connect_timeout,
+            keepalive_interval=self.config.keepalive_interval,
+            keepalive_timeout=self.config.keepalive_timeout,
+            max_streams=self.config.max_streams_per_connection,
+        )
+        identity, expected, factory = self.identity, self.expected, self._channel_factory
+        try:
+            _, session = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: Session(
+                        lambda now: factory(identity, expected, now),
+                        settings,
+                        self.metrics,
+                        on_state=self._on_state,
+                    ),
+                    self.endpoint.host,
+                    self.endpoint.port,
+                ),
+                self.config.connect_timeout,
+            )
+            await asyncio.wait_for(asyncio.shield(session.ready), self.config.connect_timeout)
+        except (OSError, TimeoutError, ConnectionError, Exception) as exc:  # noqa: BLE001
+            self._failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            logger.info("dial %s failed: %s", self.endpoint, self.last_error)
+        else:
+            if not session.dead:
+                self.sessions.append(session)
+                self.metrics.pool_connections.inc()
+                self.last_error = None
+        finally:
+            self._connecting -= 1
+            self._signal()
+
+    # --- maintenance -----------------------------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        for index in sorted(idle(self._views(), now, self.config.idle_timeout), reverse=True):
+            session = self.sessions[index]
+            logger.debug("closing idle connection to %s", self.endpoint)
+            session.close()
+
+    def drain(self) -> None:
+        for session in list(self.sessions):
+            session.drain()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "endpoint": str(self.endpoint),
+            "spiffe_ids": [str(i) for i in self.expected],
+            "connections": [
+                {
+                    "peer": s.peer_id,
+                    "streams": s.active_streams,
+                    "streams_opened": s.streams_opened,
+                    "open_for_streams": s.can_open(),
+                }
+                for s in self.sessions
+            ],
+            "dials": self.dials,
+            "last_error": self.last_error,
+        }
+
+
+def _engine_channel(
+    identity: Identity, expected: tuple[SpiffeId, ...], now: float
+) -> SecureChannel:
+    return EngineChannel(identity.client_config(expected), client=True, now=now)
+
+
+class PoolSet:
+    """Every pool of the sidecar, keyed by (endpoint, expected IDs)."""
+
+    def __init__(self, identity: Identity, metrics: Metrics, config: PoolConfig) -> None:
+        self.identity = identity
+        self.metrics = metrics
+        self.config = config
+        self.pools: dict[tuple[Address, tuple[SpiffeId, ...]], Pool] = {}
+        self._rr = itertools.count()
+
+    def pool(self, endpoint: Address, expected: tuple[SpiffeId, ...]) -> Pool:
+        key = (endpoint, tuple(sorted(expected, key=str)))
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = Pool(
+                endpoint, key[1], self.identity, self.metrics, self.config
+            )
+        return pool
+
+    async def open(
+        self,
+        endpoints: Sequence[Address],
+        expected: tuple[SpiffeId, ...],
+        authority: str,
+        bridge: Bridge,
+    ) -> None:
+        """Round-robin over endpoints; an endpoint that cannot be reached is skipped."""
+        start = next(self._rr)
+        errors = []
+        for offset in range(len(endpoints)):
+            endpoint = endpoints[(start + offset) % len(endpoints)]
+            try:
+                await self.pool(endpoint, expected).open(authority, bridge)
+                return
+            except ConnectionError as exc:
+                errors.append(str(exc))
+        raise NoEndpoint("; ".join(errors) or "no endpoints")
+
+    def sweep(self, now: float) -> None:
+        for pool in self.pools.values():
+            pool.sweep(now)
+
+    def drain(self) -> None:
+        for pool in self.pools.values():
+            pool.drain()
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [p.describe() for p in self.pools.values()]

@@ -1,0 +1,239 @@
+"""`Sidecar`: the running data plane, wiring identity, inbound, outbound, pools and admin.
+
+Start-up order: admin first (so /healthz answers and /readyz says why not ready), then the
+identity source, then the listeners. Ready = holds an unexpired SVID and a bundle, and
+every listener is bound. SIGTERM/SIGINT drain: /readyz turns 503, listeners close, every
+session sends GOAWAY, and the process exits once the streams finished or
+`drain_timeout` passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .admin import start_admin
+from .config import SidecarConfig
+from .identity import Identity, IdentityError, WorkloadApiWatcher, load_svid_dir
+from .inbound import Inbound
+from .metrics import Metrics
+from .outbound import Outbound
+from .policy import Authorizer, authorizer_from_document, merge, parse_pod_labels
+
+logger = logging.getLogger("sidecar")
+
+__all__ = ["Sidecar", "StartupError"]
+
+
+class StartupError(Exception):
+    pass
+
+
+class Sidecar:
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.identity = Identity(on_change=self._identity_changed)
+        self._authorizer = self._load_policy()
+        self._policy_mtime = self._policy_stamp()
+        from .pool import PoolSet
+
+        self.pools = PoolSet(self.identity, self.metrics, config.pool)
+        self.inbound = Inbound(
+            config.inbound,
+            self.identity,
+            self.metrics,
+            lambda: self._authorizer,
+            keepalive_interval=config.pool.keepalive_interval,
+            keepalive_timeout=config.pool.keepalive_timeout,
+        )
+        self.outbound = Outbound(self.pools, self.metrics, config.inbound.listen.port)
+        self.watcher: WorkloadApiWatcher | None = None
+        self.listening = False
+        self.draining = False
+        self._admin: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stop = asyncio.Event()
+
+    # --- policy --------------------------------------------------------------------------
+
+    def _policy_stamp(self) -> tuple[float, float]:
+        stamps = []
+        for name in (self.config.policy_file, self.config.pod_labels_file):
+            try:
+                stamps.append(Path(name).stat().st_mtime if name else 0.0)
+            except OSError:
+                stamps.append(0.0)
+        return stamps[0], stamps[1]
+
+    def _load_policy(self) -> Authorizer:
+        """The YAML targets' rules plus the operator's document (if mounted) for our labels."""
+        from .policy import CallerRule
+
+        per_port: dict[int, tuple[CallerRule, ...]] = {
+            port: target.allow
+            for port, target in self.config.inbound.targets.items()
+            if target.allow is not None
+        }
+        parts = [Authorizer(per_port)]
+        policy_file = self.config.policy_file
+        if policy_file and Path(policy_file).exists():
+            labels: dict[str, str] = {}
+            labels_file = self.config.pod_labels_file
+            if labels_file and Path(labels_file).exists():
+                labels = parse_pod_labels(Path(labels_file).read_text())
+            try:
+                document = json.loads(Path(policy_file).read_text() or "{}")
+            except json.JSONDecodeError as exc:
+                raise StartupError(f"--policy {policy_file}: not JSON: {exc}") from exc
+            parts.append(authorizer_from_document(document, labels))
+        return merge(parts)
+
+    def _reload_policy(self) -> None:
+        stamp = self._policy_stamp()
+        if stamp == self._policy_mtime:
+            return
+        self._policy_mtime = stamp
+        try:
+            self._authorizer = self._load_policy()
+            logger.info("policy reloaded")
+        except (StartupError, ValueError) as exc:
+            logger.warning("policy reload failed, keeping the previous one: %s", exc)
+
+    # --- identity ------------------------------------------------------------------------
+
+    def _identity_changed(self) -> None:
+        self.metrics.svid_updates.inc()
+        svid = self.identity.svid
+        if svid is not None:
+            self.metrics.svid_expiry.set(svid.not_after.timestamp())
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if not self.identity.ready(dt.datetime.now(dt.UTC)):
+            if self.watcher is not None and self.watcher.last_error:
+                return False, f"no valid SVID yet ({self.watcher.last_error})"
+            return False, "no valid SVID yet"
+        if not self.listening:
+            return False, "listeners not bound"
+        return True, "ready"
+
+    async def start(self) -> None:
+        config = self.config
+        if config.admin is not None:
+            self._admin = await start_admin(self, config.admin.host, config.admin.port)
+        if config.svid_dir is not None:
+            try:
+                svid, bundles = load_svid_dir(config.svid_dir)
+            except IdentityError as exc:
+                raise StartupError(str(exc)) from exc
+            self.identity.update(svid=svid, bundles=bundles)
+        else:
+            target = config.workload_api_target()
+            if target is None:
+                raise StartupError(
+                    "no identity source: set SPIFFE_ENDPOINT_SOCKET, workload_api_socket "
+                    "or --svid-dir"
+                )
+            self.watcher = WorkloadApiWatcher(target, self.identity, config.spiffe_id)
+            self._tasks.append(asyncio.create_task(self.watcher.run()))
+        await self.inbound.start()
+        for upstream in config.upstreams:
+            await self.outbound.listen_upstream(upstream)
+        if config.mode == "transparent":
+            await self.outbound.listen_transparent(config.outbound)
+        self.listening = True
+        self._tasks.append(asyncio.create_task(self._maintenance()))
+        logger.info("sidecar listening: %s", json.dumps(self.ports()))
+
+    def ports(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "inbound": str(config.inbound.listen),
+            "admin": str(config.admin) if config.admin else None,
+            "outbound": str(config.outbound) if config.mode == "transparent" else None,
+            "upstreams": {u.name: str(u.listen) for u in config.upstreams},
+        }
+
+    async def _maintenance(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.pools.sweep(time.monotonic())
+            self._reload_policy()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        await self.start()
+        print(json.dumps({"event": "ready-to-serve", **self.ports()}), flush=True)
+        await self._stop.wait()
+        await self.drain()
+
+    async def drain(self) -> None:
+        self.draining = True
+        logger.info("draining (up to %.1fs)", self.config.drain_timeout)
+        self.outbound.close_listeners()
+        self.inbound.drain()
+        self.pools.drain()
+        deadline = time.monotonic() + self.config.drain_timeout
+        while time.monotonic() < deadline:
+            if not self.outbound.bridges and not self.inbound.active_streams:
+                break
+            await asyncio.sleep(0.05)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._admin is not None:
+            await self._admin.cleanup()
+
+    def describe(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "mode": config.mode,
+            "ready": self.readiness()[1],
+            "identity": self.identity.describe(),
+            "listeners": self.ports(),
+            "upstreams": [
+                {
+                    "name": u.name,
+                    "listen": str(u.listen),
+                    "target": u.target,
+                    "endpoints": [str(e) for e in u.endpoints],
+                    "spiffe_ids": [str(i) for i in u.spiffe_ids],
+                }
+                for u in config.upstreams
+            ],
+            "inbound": {
+                "targets": {
+                    str(p): str(t.app) for p, t in sorted(config.inbound.targets.items())
+                },
+                "strict": config.inbound.strict,
+                "connections": len(self.inbound.sessions),
+                "streams": self.inbound.active_streams,
+                "policy": self._authorizer.describe(),
+            },
+            "pools": self.pools.describe(),
+            "workload_api": {
+                "target": self.watcher.target if self.watcher else None,
+                "last_error": self.watcher.last_error if self.watcher else None,
+            },
+        }

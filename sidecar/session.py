@@ -1,0 +1,602 @@
+"""One TLS connection carrying HTTP/2 CONNECT streams (HBONE-style), either side.
+
+Theory of operation
+-------------------
+`Session` is the asyncio protocol on the TCP socket. Wire bytes go through a
+`SecureChannel` (the TLS engine) to an `h2` connection; h2's events are dispatched to the
+`StreamHandler` of each stream (a `Bridge` to one app TCP connection). Writes go the
+other way: handler → h2 → channel → the socket, flushed once per inbound batch.
+
+Flow control is end-to-end and bounded:
+
+* peer → app: received DATA is written to the app socket, and acknowledged to h2 (so
+  the peer's window reopens) only while the app socket's buffer is below its high-water
+  mark; a slow app reader therefore stalls the peer at one stream window.
+* app → peer: `send()` writes what the stream and connection windows allow and keeps
+  the rest in a per-stream buffer; the handler pauses reading its app socket until
+  `stream_drained()`. When the TLS socket itself is backed up (`pause_writing`), every
+  stream's app reading is paused too.
+
+Mapping: app FIN ↔ END_STREAM, app RST ↔ RST_STREAM(CONNECT_ERROR) (RFC 9113 §8.5).
+
+Liveness: a PING every `keepalive_interval` of silence; no answer within
+`keepalive_timeout` and the connection is declared dead. A GOAWAY stops new streams;
+streams the peer never processed are reported retryable. `drain()` sends our GOAWAY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, cast
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+
+from sidecar.tls import TLSError
+
+from .channel import SecureChannel
+from .metrics import Metrics
+
+logger = logging.getLogger("sidecar.session")
+
+__all__ = ["Session", "SessionSettings", "StreamHandler"]
+
+STREAM_WINDOW = 1 << 20  # 1 MiB per stream: the most a slow reader can make us hold
+CONNECTION_WINDOW = 16 << 20
+MAX_FRAME = 1 << 16
+SERVER_MAX_STREAMS = 1000
+
+
+class StreamHandler(Protocol):
+    """The app side of one stream (implemented by `bridge.Bridge`)."""
+
+    def stream_response(self, status: int) -> None: ...
+    def stream_data(self, data: bytes, flow_length: int) -> None: ...
+    def stream_end(self) -> None: ...
+    def stream_reset(self, code: int, retryable: bool) -> None: ...
+    def stream_drained(self) -> None: ...
+    def session_paused(self, paused: bool) -> None: ...
+
+
+@dataclass
+class SessionSettings:
+    direction: str  # "outbound" (we dial, client role) or "inbound"
+    handshake_timeout: float = 10.0
+    keepalive_interval: float = 20.0
+    keepalive_timeout: float = 10.0
+    max_streams: int = 100
+
+
+@dataclass(slots=True)
+class _Stream:
+    handler: StreamHandler
+    pending: bytearray = field(default_factory=bytearray)
+    end_pending: bool = False
+    sent: int = 0
+    responded: bool = False
+    local_closed: bool = False
+    remote_closed: bool = False
+
+
+RequestCallback = Callable[["Session", int, list[tuple[bytes, bytes]]], None]
+
+
+class Session(asyncio.Protocol):
+    def __init__(
+        self,
+        channel_factory: Callable[[float], SecureChannel],
+        settings: SessionSettings,
+        metrics: Metrics,
+        *,
+        on_request: RequestCallback | None = None,
+        on_state: Callable[[Session], None] | None = None,
+    ) -> None:
+        self._channel_factory = channel_factory
+        self.settings = settings
+        self.metrics = metrics
+        self.client = settings.direction == "outbound"
+        self._on_request = on_request
+        self._on_state = on_state
+        self._loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = self._loop.create_future()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self._transport: asyncio.Transport | None = None
+        self._channel: SecureChannel | None = None
+        self._h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=self.client, header_encoding=None)
+        )
+        self.streams: dict[int, _Stream] = {}
+        self.peer_id: str | None = None
+        self.negotiated_group: int | None = None
+        self.write_paused = False
+        self.goaway_received = False
+        self.draining = False
+        self.dead = False
+        self._batch = False
+        self._started = time.monotonic()
+        self.last_active = self._started
+        self._last_rx = self._started
+        self._timer: asyncio.TimerHandle | None = None
+        self._ping_sent: float | None = None
+        self.streams_opened = 0
+        self.peername: str = ""
+
+    # --- state for the pool ----------------------------------------------------------
+
+    @property
+    def handshake_done(self) -> bool:
+        return self.ready.done() and not self.ready.cancelled() and self.ready.exception() is None
+
+    def can_open(self) -> bool:
+        if self.dead or self.goaway_received or self.draining or not self.handshake_done:
+            return False
+        limit = min(self.settings.max_streams, self._h2.remote_settings.max_concurrent_streams)
+        return len(self.streams) < limit and self._h2.highest_outbound_stream_id < (1 << 30)
+
+    @property
+    def active_streams(self) -> int:
+        return len(self.streams)
+
+    # --- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        peer = transport.get_extra_info("peername")
+        self.peername = f"{peer[0]}:{peer[1]}" if peer else ""
+        now = time.time()
+        try:
+            self._channel = self._channel_factory(now)
+        except Exception as exc:  # noqa: BLE001 - no identity yet: refuse this connection
+            logger.warning("cannot start TLS: %s", exc)
+            self._fail(exc)
+            return
+        first = self._channel.initial()
+        if first:
+            transport.write(first)
+        self._timer = self._loop.call_later(self.settings.handshake_timeout, self._tick)
+
+    def data_received(self, data: bytes) -> None:
+        channel = self._channel
+        if channel is None or self.dead:
+            return
+        self._last_rx = time.monotonic()
+        try:
+            received, out = channel.receive(data, time.time())
+        except TLSError as exc:
+            self._write_raw(channel.pending())
+            self._fail(exc, reason=exc.alert.name)
+            return
+        if out:
+            self._write_raw(out)
+        if received.handshake is not None:
+            self._handshake_complete(received.handshake.peer_spiffe_id)
+        if received.plaintext:
+            payload = (
+                received.plaintext[0]
+                if len(received.plaintext) == 1
+                else b"".join(received.plaintext)
+            )
+            self._receive_h2(payload)
+        if received.closed:
+            if not self.ready.done():
+                reason = f"peer alert {received.peer_alert}" if received.peer_alert else "eof"
+                self._fail(ConnectionResetError(reason), reason=received.peer_alert or "eof")
+            else:
+                self._lost(None)
+
+    def eof_received(self) -> bool | None:
+        self.data_received(b"") if self._channel is not None else None
+        return False
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for stream in list(self.streams.values()):
+            stream.handler.session_paused(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for stream in list(self.streams.values()):
+            stream.handler.session_paused(False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self._fail(exc or ConnectionResetError("closed during the TLS handshake"), "eof")
+        self._lost(exc)
+
+    # --- handshake -----------------------------------------------------------------------
+
+    def _handshake_complete(self, peer_id: str | None) -> None:
+        channel = self._channel
+        assert channel is not None
+        info = channel.negotiated
+        assert info is not None
+        self.peer_id = peer_id
+        self.negotiated_group = info.group
+        self.metrics.handshake_done(
+            info, self.settings.direction, time.monotonic() - self._started
+        )
+        h2c = self._h2
+        h2c.initiate_connection()
+        # Applied by h2 when the peer acknowledges them; the peer honours them from then on.
+        h2c.update_settings(
+            {
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: SERVER_MAX_STREAMS,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            }
+        )
+        h2c.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self._flush()
+        self._cancel_timer()
+        self._timer = self._loop.call_later(self.settings.keepalive_interval, self._tick)
+        self.ready.set_result(None)
+        self._notify()
+
+    def _fail(self, exc: BaseException, reason: str = "error") -> None:
+        if not self.ready.done():
+            self.metrics.handshake_failures.labels(
+                direction=self.settings.direction, reason=reason
+            ).inc()
+            logger.info("TLS handshake with %s failed: %s", self.peername, exc)
+            self.ready.set_exception(exc)
+            self.ready.exception()  # nobody may await it (an inbound session)
+        self.dead = True
+        if self._transport is not None:
+            self._transport.close()
+
+    # --- h2 ------------------------------------------------------------------------------
+
+    def _receive_h2(self, payload: bytes) -> None:
+        self._batch = True
+        try:
+            try:
+                events = self._h2.receive_data(payload)
+            except h2.exceptions.ProtocolError as exc:
+                logger.info("HTTP/2 protocol error from %s: %s", self.peername, exc)
+                self._flush_now()  # h2 queued a GOAWAY
+                self.abort_all(ErrorCodes.PROTOCOL_ERROR)
+                if self._transport is not None:
+                    self._transport.close()
+                return
+            for event in events:
+                self._dispatch(event)
+        finally:
+            self._batch = False
+        self._flush_now()
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)  # type: ignore[arg-type]
+            if stream is None:
+                # A stream we already finished (reset/refused): give the window back.
+                self._h2.acknowledge_received_data(
+                    event.flow_controlled_length,  # type: ignore[arg-type]
+                    event.stream_id,  # type: ignore[arg-type]
+                )
+                return
+            if event.data:
+                stream.handler.stream_data(event.data, event.flow_controlled_length)  # type: ignore[arg-type]
+            elif event.flow_controlled_length:
+                self.ack(event.stream_id, event.flow_controlled_length)  # type: ignore[arg-type]
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id == 0:
+                for stream_id in list(self.streams):
+                    self._drain(stream_id)
+            else:
+                self._drain(event.stream_id)  # type: ignore[arg-type]
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams.get(event.stream_id)  # type: ignore[arg-type]
+            if stream is not None:
+                stream.remote_closed = True
+                stream.handler.stream_end()
+                self._maybe_forget(event.stream_id)  # type: ignore[arg-type]
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self.streams.pop(event.stream_id, None)  # type: ignore[arg-type]
+            if stream is not None:
+                retryable = (
+                    event.error_code == ErrorCodes.REFUSED_STREAM
+                    and stream.sent == 0
+                    and not stream.responded
+                )
+                stream.handler.stream_reset(int(event.error_code or 0), retryable)
+                self._notify()
+        elif isinstance(event, h2.events.ResponseReceived):
+            stream = self.streams.get(event.stream_id)  # type: ignore[arg-type]
+            if stream is not None:
+                stream.responded = True
+                status = _status(event.headers)  # type: ignore[arg-type]
+                stream.handler.stream_response(status)
+        elif isinstance(event, h2.events.RequestReceived):
+            if self.draining:
+                self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)  # type: ignore[arg-type]
+            elif self._on_request is not None:
+                self._on_request(self, event.stream_id, list(event.headers or ()))  # type: ignore[arg-type]
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._goaway(event.last_stream_id)
+        elif isinstance(event, h2.events.PingAckReceived):
+            self._ping_sent = None
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+                for stream_id in list(self.streams):
+                    self._drain(stream_id)
+            self._notify()
+
+    def _goaway(self, last_stream_id: int | None) -> None:
+        self.goaway_received = True
+        last = last_stream_id if last_stream_id is not None else (1 << 31)
+        for stream_id in [s for s in self.streams if s > last]:
+            stream = self.streams.pop(stream_id)
+            # RFC 9113 §6.8: streams above last_stream_id were never processed.
+            stream.handler.stream_reset(int(ErrorCodes.REFUSED_STREAM), stream.sent == 0)
+        self._notify()
+        if not self.streams and self._transport is not None:
+            self.close()
+
+    # --- stream API (for bridges, the pool and the inbound server) -----------------------
+
+    def open_stream(self, authority: str, handler: StreamHandler) -> int:
+        stream_id: int = self._h2.get_next_available_stream_id()
+        self._h2.send_headers(stream_id, [(b":method", b"CONNECT"), (b":authority", authority.encode())])
+        self.streams[stream_id] = _Stream(handler)
+        self.streams_opened += 1
+        self.last_active = time.monotonic()
+        self._flush()
+        return stream_id
+
+    def accept_stream(self, stream_id: int, handler: StreamHandler) -> None:
+        self.streams[stream_id] = _Stream(handler, responded=True)
+        self.streams_opened += 1
+        self.last_active = time.monotonic()
+
+    def respond(self, stream_id: int, status: int, *, end: bool = False) -> None:
+        if self.dead:
+            return
+        try:
+            self._h2.send_headers(stream_id, [(b":status", str(status).encode())], end_stream=end)
+        except h2.exceptions.H2Error:
+            return
+        if end:
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream.local_closed = True
+                self._maybe_forget(stream_id)
+        self._flush()
+
+    def refuse(self, stream_id: int, status: int) -> None:
+        """A final status, then RST_STREAM(NO_ERROR): we will not read the request body
+        (RFC 9113 §8.1 allows a complete response before the request ends)."""
+        self.streams.pop(stream_id, None)
+        if self.dead:
+            return
+        try:
+            self._h2.send_headers(
+                stream_id, [(b":status", str(status).encode())], end_stream=True
+            )
+            self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+        except h2.exceptions.H2Error:
+            pass
+        self._flush()
+        self._notify()
+
+    def send(self, stream_id: int, data: bytes) -> bool:
+        """Queue app bytes; True if all went out, False if some wait for window."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.local_closed or self.dead:
+            return True
+        stream.sent += len(data)
+        self.last_active = time.monotonic()
+        if stream.pending:
+            stream.pending += data
+            return False
+        rest = self._send_now(stream_id, memoryview(data))
+        if rest:
+            stream.pending += rest
+            self._flush()
+            return False
+        self._flush()
+        return True
+
+    def _send_now(self, stream_id: int, view: memoryview) -> memoryview:
+        h2c = self._h2
+        while view:
+            window = h2c.local_flow_control_window(stream_id)
+            if window <= 0:
+                break
+            size = min(window, h2c.max_outbound_frame_size, len(view))
+            h2c.send_data(stream_id, view[:size])
+            view = view[size:]
+        return view
+
+    def _drain(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or (not stream.pending and not stream.end_pending):
+            return
+        try:
+            if stream.pending:
+                rest = self._send_now(stream_id, memoryview(bytes(stream.pending)))
+                stream.pending = bytearray(rest)
+            if stream.pending:
+                return
+            if stream.end_pending:
+                stream.end_pending = False
+                self._end_now(stream_id, stream)
+        except h2.exceptions.H2Error:
+            return
+        self._flush()
+        stream.handler.stream_drained()
+
+    def end(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.local_closed or self.dead:
+            return
+        if stream.pending:
+            stream.end_pending = True
+            return
+        self._end_now(stream_id, stream)
+        self._flush()
+
+    def _end_now(self, stream_id: int, stream: _Stream) -> None:
+        try:
+            self._h2.end_stream(stream_id)
+        except h2.exceptions.H2Error:
+            pass
+        stream.local_closed = True
+        self._maybe_forget(stream_id)
+
+    def reset(self, stream_id: int, code: int = ErrorCodes.CONNECT_ERROR) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is None or self.dead:
+            return
+        try:
+            self._h2.reset_stream(stream_id, code)
+        except h2.exceptions.H2Error:
+            pass
+        self._flush()
+        self._notify()
+
+    def ack(self, stream_id: int, length: int) -> None:
+        if self.dead or not length:
+            return
+        try:
+            self._h2.acknowledge_received_data(length, stream_id)
+        except h2.exceptions.H2Error:
+            return
+        self._flush()
+
+    def _maybe_forget(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.local_closed and stream.remote_closed:
+            del self.streams[stream_id]
+            self.last_active = time.monotonic()
+            self._notify()
+            if (self.goaway_received or self.draining) and not self.streams:
+                self._loop.call_soon(self.close)
+
+    # --- output ------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if not self._batch:
+            self._flush_now()
+
+    def _flush_now(self) -> None:
+        data = self._h2.data_to_send()
+        if data and self._channel is not None:
+            self._write_raw(self._channel.seal(data))
+
+    def _write_raw(self, data: bytes) -> None:
+        transport = self._transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Send GOAWAY: no new streams; close once the open ones finished."""
+        if self.draining or self.dead:
+            return
+        self.draining = True
+        if self.handshake_done:
+            self._h2.close_connection(last_stream_id=self._h2.highest_inbound_stream_id)
+            self._flush()
+        self._notify()
+        if not self.streams:
+            self.close()
+
+    def close(self) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        if self.handshake_done and not self.draining:
+            self.draining = True
+            self._h2.close_connection()
+            self._flush()
+        if self._channel is not None:
+            self._write_raw(self._channel.close())
+        self._transport.close()
+
+    def abort_all(self, code: int) -> None:
+        for stream_id, stream in list(self.streams.items()):
+            del self.streams[stream_id]
+            stream.handler.stream_reset(code, False)
+
+    def _lost(self, exc: BaseException | None) -> None:
+        if self.closed.done():
+            return
+        self.dead = True
+        self._cancel_timer()
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            # Dead before any app byte went out: the opener may retry it elsewhere.
+            stream.handler.stream_reset(
+                int(ErrorCodes.CONNECT_ERROR), stream.sent == 0 and not stream.responded
+            )
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+        self.closed.set_result(None)
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._on_state is not None:
+            self._on_state(self)
+
+    # --- timers --------------------------------------------------------------------------
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self.dead:
+            return
+        if not self.ready.done():
+            self._fail(TimeoutError("TLS handshake timed out"), "timeout")
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        now = time.monotonic()
+        interval = self.settings.keepalive_interval
+        if self._ping_sent is not None:
+            if now - self._ping_sent >= self.settings.keepalive_timeout:
+                logger.info("connection to %s missed its keepalive: closing", self.peername)
+                if self._transport is not None:
+                    self._transport.abort()
+                return
+            delay = self._ping_sent + self.settings.keepalive_timeout - now
+        elif now - self._last_rx >= interval:
+            self._ping_sent = now
+            self._h2.ping(os.urandom(8))
+            self._flush()
+            delay = self.settings.keepalive_timeout
+        else:
+            delay = self._last_rx + interval - now
+        self._timer = self._loop.call_later(max(delay, 0.05), self._tick)
+
+
+def _status(headers: list[tuple[bytes, bytes]]) -> int:
+    for name, value in headers:
+        if name == b":status":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0

@@ -1,0 +1,250 @@
+"""Real processes on loopback: SVID files, `trellis sidecar` processes, an echo app.
+
+Every process started here is registered with a `Procs` that the fixtures stop (SIGTERM,
+then SIGKILL) whatever the test did; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca import RootAuthority, TrustDomain
+
+REPO = Path(__file__).resolve().parents[3]
+ECHO = Path(__file__).resolve().parent / "echo_app.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Pki:
+    """A trust domain's root + intermediate writing svid.pem/svid.key/bundle.pem dirs."""
+
+    def __init__(self, trust_domain: str = "example.org") -> None:
+        now = dt.datetime.now(dt.UTC)
+        self.trust_domain = trust_domain
+        self.root = RootAuthority.create(TrustDomain(trust_domain), now=now)
+        self.intermediate = self.root.issue_intermediate("test", now=now)
+
+    def write(self, directory: Path, spiffe_id: str, extra_roots: Sequence[Any] = ()) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        svid = self.intermediate.issue_x509_svid(
+            spiffe_id, key.public_key(), now=dt.datetime.now(dt.UTC)
+        )
+        (directory / "svid.pem").write_bytes(svid.chain_pem())
+        (directory / "svid.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        roots = [self.root.certificate, *extra_roots]
+        (directory / "bundle.pem").write_bytes(
+            b"".join(r.public_bytes(serialization.Encoding.PEM) for r in roots)
+        )
+        return directory
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+@dataclass
+class Procs:
+    workdir: Path
+    running: list[Proc] = field(default_factory=list)
+
+    def start(self, name: str, argv: Sequence[str], **kwargs: Any) -> Proc:
+        log = self.workdir / f"{name}.log"
+        handle = log.open("wb")
+        popen = subprocess.Popen(
+            list(argv), stdout=handle, stderr=subprocess.STDOUT, env=env(), **kwargs
+        )
+        handle.close()
+        proc = Proc(name, popen, log)
+        self.running.append(proc)
+        return proc
+
+    def stop(self, proc: Proc, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if proc.popen.poll() is None:
+            proc.popen.send_signal(sig)
+            try:
+                proc.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait(timeout=5)
+        return int(proc.popen.returncode)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.running):
+            self.stop(proc)
+        self.running.clear()
+
+
+@dataclass
+class Sidecar:
+    proc: Proc
+    admin_port: int
+    inbound_port: int
+    config: dict[str, Any]
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.admin_port}{path}"
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url(path), timeout=5) as response:  # noqa: S310
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metrics(self) -> dict[str, float]:
+        status, text = self.get("/metrics")
+        assert status == 200
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    def metric(self, name: str) -> float:
+        return self.metrics().get(name, 0.0)
+
+    def describe(self) -> dict[str, Any]:
+        status, text = self.get("/config")
+        assert status == 200
+        return dict(json.loads(text))
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        def ready() -> bool:
+            if not self.proc.alive():
+                raise AssertionError(f"sidecar exited: {self.proc.output()}")
+            try:
+                return self.get("/readyz")[0] == 200
+            except OSError:
+                return False
+
+        wait_for(ready, timeout, f"sidecar {self.proc.name} ready")
+
+
+def start_sidecar(
+    procs: Procs,
+    name: str,
+    config: dict[str, Any],
+    *,
+    extra_args: Sequence[str] = (),
+    wait: bool = True,
+    **kwargs: Any,
+) -> Sidecar:
+    admin_port = free_port()
+    config = dict(config)
+    config.setdefault("admin", f"127.0.0.1:{admin_port}")
+    inbound = dict(config.get("inbound") or {})
+    inbound.setdefault("listen", f"127.0.0.1:{free_port()}")
+    config["inbound"] = inbound
+    path = procs.workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = [sys.executable, "-m", "trellis", "sidecar", "--config", str(path), *extra_args]
+    proc = procs.start(name, argv, **kwargs)
+    inbound_port = int(str(inbound["listen"]).rpartition(":")[2])
+    sidecar = Sidecar(proc, admin_port, inbound_port, config)
+    if wait:
+        sidecar.wait_ready()
+    return sidecar
+
+
+def start_echo(procs: Procs, port: int | None = None, name: str = "echo") -> int:
+    port = port or free_port()
+    procs.start(name, [sys.executable, str(ECHO), str(port)])
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    wait_for(up, 15, "echo app")
+    return port
+
+
+def roundtrip(port: int, payload: bytes, timeout: float = 30) -> bytes:
+    """Send `payload`, half-close, read until EOF: what the echo app sent back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        view = memoryview(payload)
+        received = bytearray()
+        sock.setblocking(True)
+        # Interleave sends and receives so neither side's buffers fill (large payloads).
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        sent_eof = False
+        deadline = time.monotonic() + timeout
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"roundtrip: {len(received)}/{len(payload)} bytes back")
+            for key, events in sel.select(timeout=1):
+                if events & selectors.EVENT_WRITE and not sent_eof:
+                    if view:
+                        n = sock.send(view[: 1 << 20])
+                        view = view[n:]
+                    if not view:
+                        sock.shutdown(socket.SHUT_WR)
+                        sent_eof = True
+                        sel.modify(sock, selectors.EVENT_READ)
+                if events & selectors.EVENT_READ:
+                    chunk = sock.recv(1 << 20)
+                    if not chunk:
+                        sel.close()
+                        return bytes(received)
+                    received += chunk
