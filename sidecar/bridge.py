@@ -16,10 +16,11 @@ abort) → RST_STREAM(CONNECT_ERROR); RST_STREAM → an RST to the app (SO_LINGE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
-from typing import cast
 from collections.abc import Callable
+from typing import cast
 
 from h2.errors import ErrorCodes
 
@@ -39,6 +40,7 @@ class Bridge(asyncio.Protocol):
         *,
         on_retry: Callable[[Bridge], bool] | None = None,
         on_done: Callable[[Bridge, str], None] | None = None,
+        on_connected: Callable[[], None] | None = None,
     ) -> None:
         self.metrics = metrics
         self.direction = direction  # "outbound": the app dialled us
@@ -59,6 +61,7 @@ class Bridge(asyncio.Protocol):
         self._counted = False
         self._on_retry = on_retry
         self._on_done = on_done
+        self._on_connected = on_connected
         self.bytes_up = 0
         self.bytes_down = 0
         self.retries = 0
@@ -101,11 +104,11 @@ class Bridge(asyncio.Protocol):
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
         self.metrics.app_connections.labels(direction=self.direction).inc()
+        if self._on_connected is not None:
+            self._on_connected()  # inbound: the 200 must precede any reply byte
         if "unattached" in self._paused:
             self._set_reading(False)
         # Inbound: stream bytes that arrived while we dialled the app.
@@ -233,10 +236,8 @@ class Bridge(asyncio.Protocol):
             return
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-            except OSError:
-                pass
         transport.abort()
 
     def _check_done(self) -> None:

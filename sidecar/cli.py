@@ -53,9 +53,7 @@ def register(commands: Any) -> None:
     p.add_argument("--config", type=Path, help="YAML configuration file")
     p.add_argument("--mode", choices=("explicit", "transparent"))
     p.add_argument("--inbound-port", type=_port, help="mTLS listener port (default 15008)")
-    p.add_argument(
-        "--outbound-port", type=_port, help="transparent listener port (default 15001)"
-    )
+    p.add_argument("--outbound-port", type=_port, help="transparent listener port (default 15001)")
     p.add_argument("--admin-port", type=_port_or_off, help="admin port or off (default 15000)")
     p.add_argument(
         "--listen-host", help="host for the inbound and admin listeners (default 0.0.0.0)"
@@ -69,9 +67,7 @@ def register(commands: Any) -> None:
     )
     p.add_argument("--spiffe-id", help="which of the agent's SVIDs to use (default: the first)")
     p.add_argument("--drain-timeout", type=float, help="seconds to finish streams on SIGTERM")
-    p.add_argument(
-        "--log-level", default="warning", choices=("debug", "info", "warning", "error")
-    )
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     p.set_defaults(handler=cmd_sidecar)
     sub = p.add_subparsers(dest="sidecar_command", metavar="SUBCOMMAND")
     ipt = sub.add_parser(
@@ -111,14 +107,16 @@ def build_config(args: argparse.Namespace) -> SidecarConfig:
         parse_address(f"{host}:1", "--listen-host")
         inbound = dataclasses.replace(inbound, listen=Address(host, inbound.listen.port))
     if args.inbound_port is not None:
-        inbound = dataclasses.replace(inbound, listen=Address(inbound.listen.host, args.inbound_port))
+        inbound = dataclasses.replace(
+            inbound, listen=Address(inbound.listen.host, args.inbound_port)
+        )
     changes["inbound"] = inbound
     if args.outbound_port is not None:
         changes["outbound"] = Address(config.outbound.host, args.outbound_port)
     if args.admin_port == 0:
         changes["admin"] = None
     elif args.admin_port is not None:
-        admin_host = host or (config.admin.host if config.admin else "0.0.0.0")  # noqa: S104
+        admin_host = host or (config.admin.host if config.admin else "0.0.0.0")
         changes["admin"] = Address(admin_host, args.admin_port)
     if args.policy is not None:
         changes["policy_file"] = args.policy

@@ -95,7 +95,7 @@ class InboundTarget:
 
 @dataclass(frozen=True, slots=True)
 class InboundConfig:
-    listen: Address = Address("0.0.0.0", 15008)  # noqa: S104 - a pod's inbound port
+    listen: Address = Address("0.0.0.0", 15008)
     default_app_host: str = "127.0.0.1"
     strict: bool = False
     targets: Mapping[int, InboundTarget] = field(default_factory=dict)
@@ -131,7 +131,7 @@ class SidecarConfig:
     workload_api_socket: str | None = None
     svid_dir: str | None = None
     spiffe_id: SpiffeId | None = None
-    admin: Address | None = Address("0.0.0.0", 15000)  # noqa: S104 - kubelet probes it
+    admin: Address | None = Address("0.0.0.0", 15000)
     outbound: Address = Address("127.0.0.1", 15001)
     inbound: InboundConfig = field(default_factory=InboundConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
@@ -219,7 +219,7 @@ def _inbound(raw: Any) -> InboundConfig:
     section = _mapping(raw, "inbound", {"listen", "default_app_host", "strict", "targets"})
     base = InboundConfig()
     listen = (
-        parse_address(section["listen"], "inbound.listen", "0.0.0.0")  # noqa: S104
+        parse_address(section["listen"], "inbound.listen", "0.0.0.0")
         if "listen" in section
         else base.listen
     )
@@ -307,7 +307,8 @@ def _pool(raw: Any) -> PoolConfig:
         pool = replace(pool, max_streams_per_connection=value)
     for name in ("idle_timeout", "keepalive_interval", "keepalive_timeout", "connect_timeout"):
         if name in section:
-            pool = replace(pool, **{name: _duration(section[name], f"pool.{name}")})
+            seconds: Any = _duration(section[name], f"pool.{name}")
+            pool = replace(pool, **{name: seconds})
     return pool
 
 
@@ -337,7 +338,9 @@ def parse_config(raw: Any) -> SidecarConfig:
     admin: Address | None = config.admin
     if "admin" in top:
         admin = (
-            None if top["admin"] in ("off", None) else parse_address(top["admin"], "admin", "0.0.0.0")  # noqa: S104
+            None
+            if top["admin"] in ("off", None)
+            else parse_address(top["admin"], "admin", "0.0.0.0")
         )
     strings: dict[str, str | None] = {}
     for name in ("workload_api_socket", "svid_dir", "policy_file", "pod_labels_file"):

@@ -218,9 +218,7 @@ def _td_name(key: str) -> str:
 class WorkloadApiWatcher:
     """Streams SVIDs and bundles from the agent into an `Identity`, forever."""
 
-    def __init__(
-        self, target: str, identity: Identity, spiffe_id: SpiffeId | None = None
-    ) -> None:
+    def __init__(self, target: str, identity: Identity, spiffe_id: SpiffeId | None = None) -> None:
         self.target = target
         self.identity = identity
         self.spiffe_id = spiffe_id
@@ -246,7 +244,7 @@ class WorkloadApiWatcher:
             delay = min(delay * 2, 5.0)
 
     def _stream(self, channel: grpc.aio.Channel, method: str, request: Any, response: Any) -> Any:
-        call = channel.unary_stream(
+        call: Any = channel.unary_stream(
             method_path(method),
             request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=response.FromString,

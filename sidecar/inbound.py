@@ -77,7 +77,9 @@ class Inbound:
             self._session, listen.host, listen.port, reuse_address=True, backlog=1024
         )
 
-    def _request(self, session: Session, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def _request(
+        self, session: Session, stream_id: int, headers: list[tuple[bytes, bytes]]
+    ) -> None:
         request = parse_connect(headers)
         if isinstance(request, Refusal):
             self._refuse(session, stream_id, request.status, request.reason)
@@ -99,7 +101,11 @@ class Inbound:
             self.metrics.streams.labels(direction="inbound", outcome="refused").inc()
             return
         self.metrics.policy.labels(decision="allow").inc()
-        bridge = Bridge(self.metrics, "inbound")
+        def connected() -> None:
+            if stream_id in session.streams:
+                session.respond(stream_id, 200)
+
+        bridge = Bridge(self.metrics, "inbound", on_connected=connected)
         session.accept_stream(stream_id, bridge)
         bridge.attach(session, stream_id)
         task = asyncio.get_running_loop().create_task(
@@ -119,9 +125,6 @@ class Inbound:
             if stream_id in session.streams:
                 session.refuse(stream_id, 503)
             bridge.refuse()
-            return
-        if stream_id in session.streams:
-            session.respond(stream_id, 200)
 
     def _refuse(self, session: Session, stream_id: int, status: int, reason: str) -> None:
         logger.info("refused CONNECT on %s: %d %s", session.peername, status, reason)

@@ -50,7 +50,9 @@ class Metrics:
         self.tls_cipher_suite = Counter(
             "tls_cipher_suite", "Handshakes by cipher suite.", ["suite"], registry=r
         )
-        self.tls_group = Counter("tls_group", "Handshakes by key-exchange group.", ["group"], registry=r)
+        self.tls_group = Counter(
+            "tls_group", "Handshakes by key-exchange group.", ["group"], registry=r
+        )
         self.tls_early_data = Counter(
             "tls_early_data", "0-RTT data offered, by outcome.", ["outcome"], registry=r
         )
@@ -76,8 +78,7 @@ class Metrics:
         )
         self.app_connections = Counter(
             "trellis_sidecar_app_connections",
-            "Plaintext connections accepted from the local app (outbound) or made to it "
-            "(inbound).",
+            "Plaintext connections accepted from the local app (outbound) or made to it (inbound).",
             ["direction"],
             registry=r,
         )

@@ -43,7 +43,9 @@ Resolver = Callable[[socket.socket], tuple[tuple[Address, ...], tuple[SpiffeId, 
 
 class _OutboundBridge(Bridge):
     def __init__(self, outbound: Outbound, resolve: Resolver) -> None:
-        super().__init__(outbound.metrics, "outbound", on_retry=outbound.retry, on_done=outbound.done)
+        super().__init__(
+            outbound.metrics, "outbound", on_retry=outbound.retry, on_done=outbound.done
+        )
         self._outbound = outbound
         self._resolve = resolve
         self.route: tuple[tuple[Address, ...], tuple[SpiffeId, ...], str] | None = None
@@ -54,7 +56,9 @@ class _OutboundBridge(Bridge):
         try:
             self.route = self._resolve(sock)
         except OSError as exc:
-            logger.warning("no original destination for %s: %s", transport.get_extra_info("peername"), exc)
+            logger.warning(
+                "no original destination for %s: %s", transport.get_extra_info("peername"), exc
+            )
             self.refuse()
             return
         self._outbound.start(self)

@@ -103,7 +103,9 @@ class Authorizer:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "ports": {str(p): [str(r) for r in rules] for p, rules in sorted(self.per_port.items())},
+            "ports": {
+                str(p): [str(r) for r in rules] for p, rules in sorted(self.per_port.items())
+            },
             "any_port": None if self.any_port is None else [str(r) for r in self.any_port],
         }
 
@@ -186,7 +188,7 @@ def parse_pod_labels(text: str) -> dict[str, str]:
             continue
         key, sep, value = line.partition("=")
         if not sep or not key:
-            raise PolicyError(f"pod-labels line {number}", f"expected key=\"value\", got {line!r}")
+            raise PolicyError(f"pod-labels line {number}", f'expected key="value", got {line!r}')
         if value.startswith('"'):
             try:
                 parsed = json.loads(value)

@@ -124,7 +124,10 @@ class Pool:
         failures = self._failures
         while True:
             action, index = choose(
-                self._views(), self._waiting, self._connecting, self.config.max_streams_per_connection
+                self._views(),
+                self._waiting,
+                self._connecting,
+                self.config.max_streams_per_connection,
             )
             if action == "use":
                 session = self.sessions[index]
@@ -176,7 +179,7 @@ class Pool:
                 self.config.connect_timeout,
             )
             await asyncio.wait_for(asyncio.shield(session.ready), self.config.connect_timeout)
-        except (OSError, TimeoutError, ConnectionError, Exception) as exc:  # noqa: BLE001
+        except (OSError, TimeoutError, ConnectionError, Exception) as exc:
             self._failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
             logger.info("dial %s failed: %s", self.endpoint, self.last_error)

@@ -223,9 +223,7 @@ class Sidecar:
                 for u in config.upstreams
             ],
             "inbound": {
-                "targets": {
-                    str(p): str(t.app) for p, t in sorted(config.inbound.targets.items())
-                },
+                "targets": {str(p): str(t.app) for p, t in sorted(config.inbound.targets.items())},
                 "strict": config.inbound.strict,
                 "connections": len(self.inbound.sessions),
                 "streams": self.inbound.active_streams,

@@ -27,6 +27,7 @@ streams the peer never processed are reported retryable. `drain()` sends our GOA
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -155,16 +156,14 @@ class Session(asyncio.Protocol):
         self._transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
         peer = transport.get_extra_info("peername")
         self.peername = f"{peer[0]}:{peer[1]}" if peer else ""
         now = time.time()
         try:
             self._channel = self._channel_factory(now)
-        except Exception as exc:  # noqa: BLE001 - no identity yet: refuse this connection
+        except Exception as exc:
             logger.warning("cannot start TLS: %s", exc)
             self._fail(exc)
             return
@@ -230,9 +229,7 @@ class Session(asyncio.Protocol):
         assert info is not None
         self.peer_id = peer_id
         self.negotiated_group = info.group
-        self.metrics.handshake_done(
-            info, self.settings.direction, time.monotonic() - self._started
-        )
+        self.metrics.handshake_done(info, self.settings.direction, time.monotonic() - self._started)
         h2c = self._h2
         h2c.initiate_connection()
         # Applied by h2 when the peer acknowledges them; the peer honours them from then on.
@@ -244,6 +241,9 @@ class Session(asyncio.Protocol):
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
             }
         )
+        # h2 re-reads its inbound frame limit only at the start of receive_data(), so a
+        # SETTINGS ACK and a large frame in one read would fail: accept our size at once.
+        h2c.max_inbound_frame_size = MAX_FRAME
         h2c.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self._flush()
         self._cancel_timer()
@@ -285,32 +285,32 @@ class Session(asyncio.Protocol):
 
     def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.DataReceived):
-            stream = self.streams.get(event.stream_id)  # type: ignore[arg-type]
+            stream = self.streams.get(event.stream_id)
             if stream is None:
                 # A stream we already finished (reset/refused): give the window back.
                 self._h2.acknowledge_received_data(
-                    event.flow_controlled_length,  # type: ignore[arg-type]
-                    event.stream_id,  # type: ignore[arg-type]
+                    event.flow_controlled_length,
+                    event.stream_id,
                 )
                 return
             if event.data:
-                stream.handler.stream_data(event.data, event.flow_controlled_length)  # type: ignore[arg-type]
+                stream.handler.stream_data(event.data, event.flow_controlled_length)
             elif event.flow_controlled_length:
-                self.ack(event.stream_id, event.flow_controlled_length)  # type: ignore[arg-type]
+                self.ack(event.stream_id, event.flow_controlled_length)
         elif isinstance(event, h2.events.WindowUpdated):
             if event.stream_id == 0:
                 for stream_id in list(self.streams):
                     self._drain(stream_id)
             else:
-                self._drain(event.stream_id)  # type: ignore[arg-type]
+                self._drain(event.stream_id)
         elif isinstance(event, h2.events.StreamEnded):
-            stream = self.streams.get(event.stream_id)  # type: ignore[arg-type]
+            stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream.remote_closed = True
                 stream.handler.stream_end()
-                self._maybe_forget(event.stream_id)  # type: ignore[arg-type]
+                self._maybe_forget(event.stream_id)
         elif isinstance(event, h2.events.StreamReset):
-            stream = self.streams.pop(event.stream_id, None)  # type: ignore[arg-type]
+            stream = self.streams.pop(event.stream_id, None)
             if stream is not None:
                 retryable = (
                     event.error_code == ErrorCodes.REFUSED_STREAM
@@ -320,16 +320,16 @@ class Session(asyncio.Protocol):
                 stream.handler.stream_reset(int(event.error_code or 0), retryable)
                 self._notify()
         elif isinstance(event, h2.events.ResponseReceived):
-            stream = self.streams.get(event.stream_id)  # type: ignore[arg-type]
+            stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream.responded = True
-                status = _status(event.headers)  # type: ignore[arg-type]
+                status = _status(event.headers)
                 stream.handler.stream_response(status)
         elif isinstance(event, h2.events.RequestReceived):
             if self.draining:
-                self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)  # type: ignore[arg-type]
+                self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
             elif self._on_request is not None:
-                self._on_request(self, event.stream_id, list(event.headers or ()))  # type: ignore[arg-type]
+                self._on_request(self, event.stream_id, list(event.headers or ()))
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._goaway(event.last_stream_id)
         elif isinstance(event, h2.events.PingAckReceived):
@@ -355,7 +355,9 @@ class Session(asyncio.Protocol):
 
     def open_stream(self, authority: str, handler: StreamHandler) -> int:
         stream_id: int = self._h2.get_next_available_stream_id()
-        self._h2.send_headers(stream_id, [(b":method", b"CONNECT"), (b":authority", authority.encode())])
+        self._h2.send_headers(
+            stream_id, [(b":method", b"CONNECT"), (b":authority", authority.encode())]
+        )
         self.streams[stream_id] = _Stream(handler)
         self.streams_opened += 1
         self.last_active = time.monotonic()
@@ -388,9 +390,7 @@ class Session(asyncio.Protocol):
         if self.dead:
             return
         try:
-            self._h2.send_headers(
-                stream_id, [(b":status", str(status).encode())], end_stream=True
-            )
+            self._h2.send_headers(stream_id, [(b":status", str(status).encode())], end_stream=True)
             self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
         except h2.exceptions.H2Error:
             pass
@@ -455,10 +455,8 @@ class Session(asyncio.Protocol):
         self._flush()
 
     def _end_now(self, stream_id: int, stream: _Stream) -> None:
-        try:
+        with contextlib.suppress(h2.exceptions.H2Error):
             self._h2.end_stream(stream_id)
-        except h2.exceptions.H2Error:
-            pass
         stream.local_closed = True
         self._maybe_forget(stream_id)
 
@@ -466,10 +464,8 @@ class Session(asyncio.Protocol):
         stream = self.streams.pop(stream_id, None)
         if stream is None or self.dead:
             return
-        try:
+        with contextlib.suppress(h2.exceptions.H2Error):
             self._h2.reset_stream(stream_id, code)
-        except h2.exceptions.H2Error:
-            pass
         self._flush()
         self._notify()
 

@@ -140,7 +140,7 @@ class Sidecar:
 
     def get(self, path: str) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(self.url(path), timeout=5) as response:  # noqa: S310
+            with urllib.request.urlopen(self.url(path), timeout=5) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
@@ -233,7 +233,7 @@ def roundtrip(port: int, payload: bytes, timeout: float = 30) -> bytes:
         while True:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"roundtrip: {len(received)}/{len(payload)} bytes back")
-            for key, events in sel.select(timeout=1):
+            for _key, events in sel.select(timeout=1):
                 if events & selectors.EVENT_WRITE and not sent_eof:
                     if view:
                         n = sock.send(view[: 1 << 20])
@@ -248,3 +248,57 @@ def roundtrip(port: int, payload: bytes, timeout: float = 30) -> bytes:
                         sel.close()
                         return bytes(received)
                     received += chunk
+
+
+@dataclass
+class Pair:
+    """client app → sidecar A (upstream port) → sidecar B → echo app."""
+
+    a: Sidecar
+    b: Sidecar
+    upstream_port: int
+    echo_port: int
+
+
+def start_pair(
+    procs: Procs,
+    pki: Pki,
+    *,
+    client_id: str,
+    server_id: str,
+    allow: list[dict[str, str]] | None,
+    client_pki: Pki | None = None,
+    client_extra_roots: Sequence[Any] = (),
+    pool: dict[str, Any] | None = None,
+    wait_client: bool = True,
+) -> Pair:
+    workdir = procs.workdir
+    echo = start_echo(procs)
+    target: dict[str, Any] = {"app": f"127.0.0.1:{echo}"}
+    if allow is not None:
+        target["allow"] = allow
+    b_dir = pki.write(workdir / "svid-b", server_id)
+    b = start_sidecar(
+        procs,
+        "sidecar-b",
+        {"svid_dir": str(b_dir), "inbound": {"targets": {8080: target}}},
+        extra_args=["--log-level", "info"],
+    )
+    a_dir = (client_pki or pki).write(workdir / "svid-a", client_id, client_extra_roots)
+    upstream = free_port()
+    config: dict[str, Any] = {
+        "svid_dir": str(a_dir),
+        "upstreams": [
+            {
+                "name": "echo",
+                "listen": f"127.0.0.1:{upstream}",
+                "target": "echo.default:8080",
+                "endpoints": [f"127.0.0.1:{b.inbound_port}"],
+                "spiffe_ids": [server_id],
+            }
+        ],
+    }
+    if pool:
+        config["pool"] = pool
+    a = start_sidecar(procs, "sidecar-a", config, extra_args=["--log-level", "info"], wait=wait_client)
+    return Pair(a, b, upstream, echo)
