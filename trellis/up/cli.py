@@ -117,6 +117,8 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if args.base_dir is not None and not args.base_dir.is_dir():
+        raise CliError(f"--base-dir {args.base_dir} is not a directory")
     config = MeshConfig(
         trust_domain=args.trust_domain,
         svid_ttl=args.svid_ttl,

@@ -33,7 +33,7 @@ import yaml
 
 from ca.spiffeid import SpiffeId, TrustDomain
 from trellis.up.identity import Workload, create_authorities, workload_executable, write_entries
-from trellis.up.processes import Child, StartupError, free_ports, port_open, spawn
+from trellis.up.processes import Child, StartupError, free_ports, spawn
 from trellis.up.status import SidecarInfo, StatusView
 
 __all__ = ["Mesh", "MeshConfig", "StartupError"]
@@ -245,8 +245,6 @@ class Mesh:
                 "ready (holding an SVID)",
                 timeout,
             )
-        if not port_open(host, ports["load_upstream"]):
-            raise self.children["sidecar-load"].failure("is not listening on its upstream port")
 
         if config.start_load:
             load = self._spawn(

@@ -141,30 +141,39 @@ def _left(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h left"
 
 
-def _svid_from_config(config: dict[str, Any] | None) -> tuple[str | None, float | None, str | None]:
-    """(spiffe id, notAfter as a UNIX time, serial) from a sidecar's ``/config``, if shown."""
-    if not config:
-        return None, None, None
-    svid = config.get("svid")
-    if not isinstance(svid, dict):
-        return None, None, None
-    spiffe_id = svid.get("spiffe_id")
-    serial = svid.get("serial")
-    expiry: float | None = None
-    for key in ("not_after", "expires_at", "expiry"):
-        raw = svid.get(key)
-        if isinstance(raw, int | float):
-            expiry = float(raw)
-        elif isinstance(raw, str):
-            with contextlib.suppress(ValueError):
-                expiry = dt.datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
-        if expiry is not None:
-            break
-    return (
+@dataclass(frozen=True, slots=True)
+class _Svid:
+    spiffe_id: str | None = None
+    not_after: float | None = None  # UNIX time
+    serial: str | None = None
+    generation: int | None = None  # how many SVIDs the sidecar has held (rotations + 1)
+
+
+def _svid_from_config(config: dict[str, Any] | None) -> _Svid:
+    """The SVID a sidecar's ``/config`` reports under ``identity`` (sidecar/__init__.py)."""
+    identity = (config or {}).get("identity")
+    if not isinstance(identity, dict):
+        return _Svid()
+    spiffe_id, serial = identity.get("spiffe_id"), identity.get("serial")
+    generation = identity.get("generation")
+    not_after: float | None = None
+    raw = identity.get("not_after")
+    if isinstance(raw, str):
+        with contextlib.suppress(ValueError):
+            parsed = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=dt.UTC)
+            not_after = parsed.timestamp()
+    return _Svid(
         spiffe_id if isinstance(spiffe_id, str) else None,
-        expiry,
-        str(serial) if serial is not None else None,
+        not_after,
+        serial if isinstance(serial, str) else None,
+        generation if isinstance(generation, int) else None,
     )
+
+
+def _plural(count: float, word: str) -> str:
+    return f"{_n(count)} {word}" + ("" if int(count) == 1 else "s")
 
 
 def _ms(seconds: float) -> str:
@@ -181,15 +190,17 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
     # -- identities ------------------------------------------------------------------
     for index, sidecar in enumerate(view.sidecars):
         samples = m.get(f"sidecar-{sidecar.name}")
-        spiffe_id, expiry, serial = _svid_from_config(now.configs.get(sidecar.name))
+        svid = _svid_from_config(now.configs.get(sidecar.name))
+        expiry = svid.not_after
         if expiry is None and samples is not None:
-            gauge = samples.sum("trellis_sidecar_svid_expiry_timestamp_seconds")
-            expiry = gauge or None
+            expiry = samples.sum("trellis_sidecar_svid_expiry_timestamp_seconds") or None
         ttl = _left(expiry - now.at) if expiry is not None else "no SVID yet"
-        serial_text = f", serial {serial[:12]}" if serial else ""
+        detail = f", serial {svid.serial[:12]}" if svid.serial else ""
+        if svid.generation:
+            detail += f", SVID #{svid.generation}"
         head = "identity " if index == 0 else "         "
         lines.append(
-            f" {head} {sidecar.name:<5} {spiffe_id or sidecar.spiffe_id}  {ttl}{serial_text}"
+            f" {head} {sidecar.name:<5} {svid.spiffe_id or sidecar.spiffe_id}  {ttl}{detail}"
         )
     # -- TLS -----------------------------------------------------------------------------
     groups: dict[str, float] = {}
@@ -237,7 +248,8 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
         lines.append(" traffic   load generator not answering")
     per = f" ({handshakes / app_connections:.2f} per app connection)" if app_connections else ""
     lines.append(
-        f" pooling   {_n(handshakes)} TLS handshakes for {_n(app_connections)} app connections"
+        f" pooling   {_plural(handshakes, 'TLS handshake')} for"
+        f" {_plural(app_connections, 'app connection')}"
         f" {view.caller}→{view.callee}{per}"
     )
     callee = m.get(f"sidecar-{view.callee}")

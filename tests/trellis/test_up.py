@@ -1,0 +1,194 @@
+"""``trellis up`` as a real process: the mesh comes up, carries traffic, and leaves nothing.
+
+Each run is wrapped in a small supervisor process that makes itself a child subreaper
+(``PR_SET_CHILD_SUBREAPER``): any process ``trellis up`` started and failed to reap would be
+re-parented to the supervisor instead of init, so "no child processes remain" is checked
+exactly, not by guessing at command lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trellis.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+_SUPERVISOR = textwrap.dedent(
+    """
+    import ctypes, json, os, signal, subprocess, sys, time
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    argv, interrupt_after = json.loads(sys.argv[1]), float(sys.argv[2])
+    up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if interrupt_after:
+        # Ctrl-C once the status shows traffic: wait for a line with requests > 0.
+        lines = []
+        for line in up.stdout:
+            lines.append(line)
+            if " traffic " in line and not line.split("traffic")[1].strip().startswith("0 "):
+                break
+        up.send_signal(signal.SIGINT)
+        out, err = up.communicate(timeout=60)
+        out = "".join(lines) + out
+    else:
+        out, err = up.communicate(timeout=120)
+    time.sleep(0.5)
+    orphans = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\\0", b" ")
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == os.getpid():
+            orphans.append(cmdline.decode(errors="replace"))
+    for _ in orphans:
+        try:
+            os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+    print(json.dumps({"rc": up.returncode, "out": out, "err": err, "orphans": orphans}))
+    """
+)
+
+
+def _supervised(args: list[str], *, interrupt_after: float = 0.0) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "trellis", "up", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", _SUPERVISOR, json.dumps(argv), str(interrupt_after)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    report: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
+    return report
+
+
+def _last_status(out: str) -> str:
+    blocks = [b for b in out.split("\n\n") if b.startswith("trellis up")]
+    assert blocks, out
+    return blocks[-1]
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(cmdline)
+    return found
+
+
+def test_up_runs_the_mesh_for_its_duration_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    report = _supervised(
+        ["--duration", "12s", "--svid-ttl", "10s", "--base-dir", str(base), "--rate", "40"]
+    )
+    out = report["out"]
+    assert report["rc"] == 0, report["err"]
+    status = _last_status(out)
+
+    # Identities, each with a remaining TTL, read from the sidecars themselves.
+    assert re.search(r"load\s+spiffe://example.org/ns/demo/sa/load\s+\d+s left", status), status
+    assert re.search(r"echo\s+spiffe://example.org/ns/demo/sa/echo\s+\d+s left", status), status
+    # The hybrid post-quantum group was negotiated.
+    assert "X25519MLKEM768" in status
+    # Traffic flowed through both sidecars, none of it failed.
+    traffic = re.search(r"traffic\s+([\d,]+) requests.*?, ([\d,]+) errors", status)
+    assert traffic is not None, status
+    assert int(traffic.group(1).replace(",", "")) > 0
+    assert traffic.group(2) == "0", status
+    # Pooling: a handful of handshakes for the load generator's app connections.
+    pooling = re.search(r"pooling\s+(\d+) TLS handshakes? for (\d+) app connections?", status)
+    assert pooling is not None and 1 <= int(pooling.group(1)) <= int(pooling.group(2)), status
+    assert re.search(r"policy\s+echo admits only load: [1-9][\d,]* allowed, 0 denied", status)
+    # With a 10 s TTL the agent has rotated the workload SVIDs at least once by now.
+    assert re.search(r"issuance\s+CA issued \d+ X509-SVIDs .*agent: .*rotation [1-9]", status), (
+        status
+    )
+    for name in ("ca", "agent", "sidecar-load", "sidecar-echo", "echo", "load"):
+        assert re.search(rf"{name}\s+http://127\.0\.0\.1:\d+/metrics\n", status + "\n"), name
+    assert "not answering" not in status
+    assert "load generator: " in out and ", 0 errors" in out.split("load generator: ")[1]
+
+    # Nothing left: no process, no run directory, no socket, no key.
+    assert report["orphans"] == []
+    assert list(base.iterdir()) == []
+    assert _processes_mentioning(str(base)) == []
+
+
+def test_ctrl_c_stops_everything_cleanly(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    report = _supervised(["--base-dir", str(base), "--interval", "500ms"], interrupt_after=1)
+    assert report["rc"] == 0, report["err"]
+    assert "stopped 6 processes; removed " in report["out"]
+    assert report["orphans"] == []
+    assert list(base.iterdir()) == []
+
+
+def test_a_mesh_that_cannot_start_says_which_process_failed_and_cleans_up(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    # Hold the first port of the range, the CA server's: it cannot bind, and says so.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        report = _supervised(
+            ["--base-dir", str(base), "--port-base", str(port), "--duration", "5s"]
+        )
+    assert report["rc"] == 1
+    assert report["err"].count("trellis: error: ca ") == 1, report["err"]
+    assert report["orphans"] == []
+    assert list(base.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--svid-ttl", "1s"], "must be between 10s and 24h"),
+        (["--svid-ttl", "soon"], "invalid duration"),
+        (["--duration=-3s"], "invalid duration"),
+        (["--port-base", "80"], "must be 0 (ports the kernel picks) or 1024.."),
+        (["--rate", "0"], "must be a request rate"),
+        (["--trust-domain", "Not A Domain"], "--trust-domain"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ],
+)
+def test_a_bad_flag_is_one_clear_error(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["up", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("error:") == 1
+
+
+def test_a_missing_base_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["up", "--base-dir", str(tmp_path / "nope"), "--duration", "1s"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"trellis: error: --base-dir {tmp_path / 'nope'} is not a directory\n"
