@@ -247,6 +247,9 @@ class LoadGenerator:
         self.config = config
         self.stats = LoadStats()
         self._stopping = asyncio.Event()
+        # A bounded run keeps every latency for its report; an endless one (trellis up)
+        # only the recent ones, so memory stays flat however long it runs.
+        self._keep_all = config.duration is not None
         self._latencies: list[float] = []
         self._payload = os.urandom(config.size)
         host_header = f"{config.host}:{config.port}"
@@ -291,7 +294,7 @@ class LoadGenerator:
             ok=stats.ok,
             errors=dict(stats.errors),
             connections_opened=stats.connections_opened,
-            latency_ms=_summary_ms(self._latencies),
+            latency_ms=_summary_ms(self._latencies if self._keep_all else list(stats.latencies)),
         )
 
     async def _dispatch(self, queue: asyncio.Queue[float | None], start: float, end: float) -> None:
@@ -348,7 +351,8 @@ class LoadGenerator:
             return None
         latency = asyncio.get_running_loop().time() - intended
         stats.ok += 1
-        self._latencies.append(latency)
+        if self._keep_all:
+            self._latencies.append(latency)
         stats.latencies.append(latency)
         if not keep_alive:
             connection.close()

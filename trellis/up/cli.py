@@ -146,12 +146,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         error = CliError(str(exc))
     finally:
         load = mesh.children.get("load")
-        run_dir = mesh.run_dir
         # Ctrl-C pressed again during the shutdown must not skip the cleanup.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            statuses = mesh.stop()
+            mesh.stop()
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, previous)
@@ -162,7 +161,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     report = _final_report(load)
     if report:
         print(report)
-    print(f"stopped {len(statuses)} processes; removed {run_dir}")
+    removed = f"; removed {mesh.removed}" if mesh.removed is not None else ""
+    print(f"stopped {len(mesh.stopped)} processes{removed}")
     return 0
 
 

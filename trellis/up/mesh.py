@@ -82,6 +82,8 @@ class Mesh:
         self.children: dict[str, Child] = {}
         self.ports: dict[str, int] = {}
         self.workloads: dict[str, Workload] = {}
+        self.stopped: dict[str, int] = {}  # exit statuses of every child stopped so far
+        self.removed: Path | None = None  # the run directory, once deleted
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -110,8 +112,10 @@ class Mesh:
         for name in reversed(list(self.children)):
             statuses[name] = self.children[name].stop()
         self.children.clear()
+        self.stopped.update(statuses)
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.removed = self.run_dir
             self.run_dir = None
         return statuses
 
