@@ -48,7 +48,6 @@ class Bridge(asyncio.Protocol):
         self.session: Session | None = None
         self.stream_id = 0
         self._paused: set[str] = {"unattached"}
-        self._reading_paused = False
         self._early: list[bytes] = []  # app bytes read before the stream existed
         self._early_eof = False
         self._inbound_early: list[tuple[bytes, int]] = []  # stream data before the app socket
@@ -128,6 +127,8 @@ class Bridge(asyncio.Protocol):
     def _up(self, data: bytes) -> None:
         session = self.session
         assert session is not None
+        if self._paused:
+            self._set_reading(False)
         self.bytes_up += len(data)
         self._bytes_out.inc(len(data))
         if not session.send(self.stream_id, data):
@@ -266,11 +267,13 @@ class Bridge(asyncio.Protocol):
             self._set_reading(True)
 
     def _set_reading(self, on: bool) -> None:
+        # Ask the transport, not a cached flag: uvloop may start reading an accepted
+        # socket after connection_made() paused it.
         transport = self.transport
-        if transport is None or transport.is_closing() or self._reading_paused == (not on):
+        if transport is None or transport.is_closing():
             return
-        self._reading_paused = not on
-        if on:
-            transport.resume_reading()
-        else:
-            transport.pause_reading()
+        if on != transport.is_reading():
+            if on:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()

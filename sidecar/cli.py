@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,8 @@ def build_config(args: argparse.Namespace) -> SidecarConfig:
 
 
 def _install_uvloop() -> None:
+    if os.environ.get("TRELLIS_NO_UVLOOP"):
+        return
     try:
         import uvloop
     except ImportError:

@@ -101,6 +101,7 @@ class Inbound:
             self.metrics.streams.labels(direction="inbound", outcome="refused").inc()
             return
         self.metrics.policy.labels(decision="allow").inc()
+
         def connected() -> None:
             if stream_id in session.streams:
                 session.respond(stream_id, 200)

@@ -331,7 +331,7 @@ class Session(asyncio.Protocol):
             elif self._on_request is not None:
                 self._on_request(self, event.stream_id, list(event.headers or ()))
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self._goaway(event.last_stream_id)
+            self._goaway(event.last_stream_id, int(event.error_code or 0))
         elif isinstance(event, h2.events.PingAckReceived):
             self._ping_sent = None
         elif isinstance(event, h2.events.RemoteSettingsChanged):
@@ -340,8 +340,20 @@ class Session(asyncio.Protocol):
                     self._drain(stream_id)
             self._notify()
 
-    def _goaway(self, last_stream_id: int | None) -> None:
+    def _reopen_after_goaway(self) -> None:
+        # h2 moves to CLOSED on sending or receiving GOAWAY and then refuses DATA even on
+        # the streams GOAWAY lets finish (RFC 9113 §6.8); keep the connection open for
+        # them -- new streams are refused by `can_open()` and `RequestReceived` instead.
+        self._h2.state_machine.state = (
+            h2.connection.ConnectionState.CLIENT_OPEN
+            if self.client
+            else h2.connection.ConnectionState.SERVER_OPEN
+        )
+
+    def _goaway(self, last_stream_id: int | None, error_code: int) -> None:
         self.goaway_received = True
+        if error_code == 0:
+            self._reopen_after_goaway()
         last = last_stream_id if last_stream_id is not None else (1 << 31)
         for stream_id in [s for s in self.streams if s > last]:
             stream = self.streams.pop(stream_id)
@@ -407,7 +419,13 @@ class Session(asyncio.Protocol):
         if stream.pending:
             stream.pending += data
             return False
-        rest = self._send_now(stream_id, memoryview(data))
+        try:
+            rest = self._send_now(stream_id, memoryview(data))
+        except h2.exceptions.H2Error as exc:
+            logger.info("stream %d on %s cannot send: %s", stream_id, self.peername, exc)
+            self.streams.pop(stream_id, None)
+            self._loop.call_soon(stream.handler.stream_reset, int(ErrorCodes.CANCEL), False)
+            return True
         if rest:
             stream.pending += rest
             self._flush()
@@ -512,6 +530,7 @@ class Session(asyncio.Protocol):
         self.draining = True
         if self.handshake_done:
             self._h2.close_connection(last_stream_id=self._h2.highest_inbound_stream_id)
+            self._reopen_after_goaway()
             self._flush()
         self._notify()
         if not self.streams:

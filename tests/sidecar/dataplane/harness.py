@@ -300,5 +300,77 @@ def start_pair(
     }
     if pool:
         config["pool"] = pool
-    a = start_sidecar(procs, "sidecar-a", config, extra_args=["--log-level", "info"], wait=wait_client)
+    a = start_sidecar(
+        procs, "sidecar-a", config, extra_args=["--log-level", "info"], wait=wait_client
+    )
     return Pair(a, b, upstream, echo)
+
+
+class RawClient:
+    """A blocking mTLS + HTTP/2 client (the Trellis engine and h2 on a plain socket), for
+    sending what a well-behaved sidecar never would."""
+
+    def __init__(self, port: int, svid_dir: Path) -> None:
+        import h2.config
+        import h2.connection
+
+        from sidecar.identity import Identity, load_svid_dir
+        from sidecar.tls import ClientConnection
+
+        identity = Identity()
+        identity.update(*load_svid_dir(svid_dir))
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.tls = ClientConnection(identity.client_config(()), server_name=None, now=time.time())
+        self.sock.sendall(self.tls.data_to_send())
+        while not self.tls.handshake_complete:
+            self._pump()
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.h2.initiate_connection()
+        self.flush()
+        self.events: list[Any] = []
+
+    def _pump(self) -> list[bytes]:
+        data = self.sock.recv(1 << 16)
+        self.tls.receive_data(data, now=time.time())
+        out = self.tls.data_to_send()
+        if out:
+            self.sock.sendall(out)
+        from sidecar.tls import ApplicationData
+
+        if not data:
+            raise ConnectionResetError("peer closed")
+        return [e.data for e in self.tls.events() if isinstance(e, ApplicationData)]
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            self.send_plaintext(data)
+
+    def send_plaintext(self, data: bytes) -> None:
+        self.tls.send_application_data(data)
+        self.sock.sendall(self.tls.data_to_send())
+
+    def receive_events(self) -> list[Any]:
+        events = []
+        for chunk in self._pump():
+            events.extend(self.h2.receive_data(chunk))
+        self.flush()
+        return events
+
+    def request(self, headers: list[tuple[str, str]], timeout: float = 10) -> int:
+        import h2.events
+
+        stream_id = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(stream_id, headers)
+        self.flush()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.receive_events():
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream_id:
+                    return int(dict(event.headers)[b":status"])
+                if isinstance(event, h2.events.StreamReset) and event.stream_id == stream_id:
+                    return -int(event.error_code)
+        raise TimeoutError("no response")
+
+    def close(self) -> None:
+        self.sock.close()

@@ -83,7 +83,9 @@ def test_a_peer_from_another_trust_domain_is_refused_at_the_handshake(
         if not back:
             raise ConnectionResetError("closed without data")
     b = pair.b.metrics()
-    failures = {k: v for k, v in b.items() if k.startswith("trellis_sidecar_tls_handshake_failures_total")}
+    failures = {
+        k: v for k, v in b.items() if k.startswith("trellis_sidecar_tls_handshake_failures_total")
+    }
     assert sum(failures.values()) >= 1, failures
     assert b['trellis_sidecar_tls_handshakes_total{direction="inbound"}'] == 0
     assert b['trellis_sidecar_policy_decisions_total{decision="allow"}'] == 0
@@ -117,7 +119,9 @@ def test_a_thousand_app_connections_cost_at_most_four_handshakes(procs: Procs, p
     handshakes = a['trellis_sidecar_tls_handshakes_total{direction="outbound"}']
     assert a['trellis_sidecar_app_connections_total{direction="outbound"}'] == 1000
     assert 1 <= handshakes <= 4
-    assert pair.b.metrics()['trellis_sidecar_tls_handshakes_total{direction="inbound"}'] == handshakes
+    assert (
+        pair.b.metrics()['trellis_sidecar_tls_handshakes_total{direction="inbound"}'] == handshakes
+    )
 
 
 def test_half_close_reaches_the_app_and_the_reply_still_comes_back(procs: Procs, pki: Pki) -> None:
