@@ -1,0 +1,209 @@
+"""Configuration: YAML and flags become frozen values; bad input names its field."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar.cli import build_config
+from sidecar.config import (
+    Address,
+    ConfigError,
+    SidecarConfig,
+    check_consistency,
+    load_yaml,
+    parse_upstreams_flag,
+)
+from trellis.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[2]
+
+FULL = """
+mode: explicit
+svid_dir: /tmp/svid
+admin: 127.0.0.1:15900
+inbound:
+  listen: 127.0.0.1:15908
+  strict: true
+  targets:
+    8080:
+      app: 127.0.0.1:18080
+      allow:
+        - exact: spiffe://example.org/ns/default/sa/client
+        - prefix: spiffe://example.org/ns/tools
+upstreams:
+  - name: echo
+    listen: 127.0.0.1:9001
+    target: echo.default:8080
+    endpoints: [127.0.0.1:15008, "[::1]:15008"]
+    spiffe_ids: [spiffe://example.org/ns/default/sa/echo]
+pool:
+  max_streams_per_connection: 50
+  idle_timeout: 90s
+drain_timeout: 3s
+"""
+
+
+def test_a_full_yaml_document_becomes_typed_frozen_values() -> None:
+    config = load_yaml(FULL)
+    assert config.admin == Address("127.0.0.1", 15900)
+    assert config.inbound.listen == Address("127.0.0.1", 15908)
+    target = config.inbound.targets[8080]
+    assert target.app == Address("127.0.0.1", 18080)
+    assert target.allow is not None and [str(r) for r in target.allow] == [
+        "exact:spiffe://example.org/ns/default/sa/client",
+        "prefix:spiffe://example.org/ns/tools",
+    ]
+    assert config.inbound.app_for(8080) == Address("127.0.0.1", 18080)
+    assert config.inbound.app_for(9090) is None  # strict
+    upstream = config.upstreams[0]
+    assert upstream.endpoints == (Address("127.0.0.1", 15008), Address("::1", 15008))
+    assert str(upstream.endpoints[1]) == "[::1]:15008"
+    assert [str(i) for i in upstream.spiffe_ids] == ["spiffe://example.org/ns/default/sa/echo"]
+    assert config.pool.max_streams_per_connection == 50
+    assert config.pool.idle_timeout == 90.0
+    assert config.drain_timeout == 3.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.mode = "transparent"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("mode: sideways", "mode"),
+        ("colour: blue", "colour"),
+        ("inbound: {listen: 'nonsense'}", "inbound.listen"),
+        ("inbound: {targets: {http: {}}}", "inbound.targets.http"),
+        ("inbound: {targets: {8080: {app: 'x:99999'}}}", "inbound.targets.8080.app"),
+        ("inbound: {targets: {8080: {allow: [{exact: 'http://x'}]}}}", "inbound.targets.8080.allow[0].exact"),
+        ("inbound: {targets: {8080: {allow: [{maybe: 'spiffe://a/b'}]}}}", "inbound.targets.8080.allow[0]"),
+        ("upstreams: [{listen: 9001, target: 'a:1'}]", "upstreams[0].endpoints"),
+        ("upstreams: [{listen: 9001, target: 'a:1', endpoints: []}]", "upstreams[0].endpoints"),
+        ("upstreams: [{listen: 9001, target: 'a:1', endpoints: ['b']}]", "upstreams[0].endpoints[0]"),
+        ("upstreams: [{listen: 9001, target: 'a:1', endpoints: ['b:1'], spiffe_ids: ['nope']}]", "upstreams[0].spiffe_ids[0]"),
+        ("pool: {idle_timeout: soon}", "pool.idle_timeout"),
+        ("pool: {max_streams_per_connection: 0}", "pool.max_streams_per_connection"),
+        ("drain_timeout: -1", "drain_timeout"),
+        ("[1, 2]", ""),
+    ],
+)  # fmt: skip
+def test_a_bad_value_is_refused_naming_its_field(text: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_yaml(text)
+    assert info.value.field == field, str(info.value)
+
+
+def test_malformed_yaml_is_refused_in_words() -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml("inbound: [")
+
+
+def test_two_listeners_on_one_address_are_refused() -> None:
+    config = load_yaml(
+        "admin: 127.0.0.1:9001\nupstreams: [{listen: 9001, target: 'a:1', endpoints: ['b:1']}]"
+    )
+    with pytest.raises(ConfigError) as info:
+        check_consistency(config)
+    assert info.value.field == "upstreams[0].listen"
+
+
+def test_the_injector_upstreams_flag_dials_the_service_sidecar_on_the_inbound_port() -> None:
+    (upstream,) = parse_upstreams_flag("api.default:8080=9001", 15008)
+    assert upstream.listen == Address("127.0.0.1", 9001)
+    assert upstream.target == "api.default:8080"
+    assert upstream.endpoints == (Address("api.default", 15008),)
+    assert upstream.spiffe_ids == ()
+    with pytest.raises(ConfigError, match="used twice"):
+        parse_upstreams_flag("a:1=9001,b:2=9001", 15008)
+    with pytest.raises(ConfigError, match="SERVICE:PORT=LOCAL_PORT"):
+        parse_upstreams_flag("a:1", 15008)
+
+
+def test_the_injector_command_line_parses_into_a_config(tmp_path: Path) -> None:
+    # Exactly what mesh_operator/injection.py writes into the pod.
+    args = build_parser().parse_args(
+        [
+            "sidecar",
+            "--mode=explicit",
+            "--outbound-port=15001",
+            "--inbound-port=15008",
+            "--admin-port=15000",
+            "--policy=/etc/trellis/policy/policy.json",
+            "--pod-labels=/etc/trellis/podinfo/labels",
+            "--upstreams=api.default:8080=9001",
+        ]
+    )
+    config = build_config(args)
+    assert isinstance(config, SidecarConfig)
+    assert config.inbound.listen == Address("0.0.0.0", 15008)
+    assert config.admin == Address("0.0.0.0", 15000)
+    assert config.policy_file == "/etc/trellis/policy/policy.json"
+    assert config.upstreams[0].listen.port == 9001
+    transparent = build_config(
+        build_parser().parse_args(["sidecar", "--mode=transparent", "--admin-port=off"])
+    )
+    assert transparent.mode == "transparent" and transparent.admin is None
+    assert transparent.outbound == Address("127.0.0.1", 15001)
+
+
+def test_the_injector_iptables_command_line_is_accepted() -> None:
+    args = build_parser().parse_args(
+        [
+            "sidecar",
+            "iptables",
+            "--proxy-uid=1337",
+            "--outbound-port=15001",
+            "--inbound-port=15008",
+            "--exclude-inbound-ports=15000",
+            "--exclude-outbound-ports=5432,6379",
+        ]
+    )
+    assert args.proxy_uid == 1337 and args.exclude_outbound_ports == [5432, 6379]
+
+
+def _trellis(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trellis", *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def test_the_cli_refuses_a_bad_config_file_in_one_line_naming_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstreams: [{listen: 9001, target: 'a:1', endpoints: ['b:http']}]\n")
+    result = _trellis("sidecar", "--config", str(bad))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "trellis: error: sidecar configuration: upstreams[0].endpoints[0]: "
+        "port 'http' in 'b:http' is not a number"
+    ]
+    missing = _trellis("sidecar", "--config", str(tmp_path / "absent.yaml"))
+    assert missing.returncode == 1 and "--config" in missing.stderr
+    flag = _trellis("sidecar", "--inbound-port=70000")
+    assert flag.returncode == 2 and "--inbound-port" in flag.stderr
+    assert "Traceback" not in result.stderr + missing.stderr + flag.stderr
+
+
+def test_without_an_identity_source_the_sidecar_says_so(tmp_path: Path) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "SPIFFE_ENDPOINT_SOCKET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "trellis", "sidecar", "--admin-port=off", "--inbound-port=1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "no identity source" in result.stderr and "Traceback" not in result.stderr
