@@ -29,7 +29,8 @@ _SUPERVISOR = textwrap.dedent(
     import ctypes, json, os, signal, subprocess, sys, time
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-    argv, interrupt_after = json.loads(sys.argv[1]), float(sys.argv[2])
+    argv, interrupt_after, base = json.loads(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+    files = []
     up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if interrupt_after:
         # Ctrl-C once the status shows traffic: wait for a line with requests > 0.
@@ -38,6 +39,18 @@ _SUPERVISOR = textwrap.dedent(
             lines.append(line)
             if " traffic " in line and not line.split("traffic")[1].strip().startswith("0 "):
                 break
+        # While it runs: what the run directory holds, and how it is protected.
+        for top, dirs, names in os.walk(base):
+            for name in dirs + names:
+                path = os.path.join(top, name)
+                if os.path.islink(path):
+                    continue
+                st = os.stat(path)
+                secret = False
+                if os.path.isfile(path):
+                    with open(path, "rb") as f:
+                        secret = b"PRIVATE KEY" in f.read(1 << 20)
+                files.append([os.path.relpath(path, base), st.st_mode & 0o777, secret])
         up.send_signal(signal.SIGINT)
         out, err = up.communicate(timeout=60)
         out = "".join(lines) + out
@@ -60,16 +73,17 @@ _SUPERVISOR = textwrap.dedent(
             os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
-    print(json.dumps({"rc": up.returncode, "out": out, "err": err, "orphans": orphans}))
+    report = {"rc": up.returncode, "out": out, "err": err, "orphans": orphans, "files": files}
+    print(json.dumps(report))
     """
 )
 
 
-def _supervised(args: list[str], *, interrupt_after: float = 0.0) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "trellis", "up", *args]
+def _supervised(base: Path, args: list[str], *, interrupt_after: float = 0.0) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "trellis", "up", "--base-dir", str(base), *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-c", _SUPERVISOR, json.dumps(argv), str(interrupt_after)],
+        [sys.executable, "-c", _SUPERVISOR, json.dumps(argv), str(interrupt_after), str(base)],
         capture_output=True,
         text=True,
         timeout=180,
@@ -102,9 +116,7 @@ def _processes_mentioning(text: str) -> list[str]:
 def test_up_runs_the_mesh_for_its_duration_and_leaves_nothing_behind(tmp_path: Path) -> None:
     base = tmp_path / "base"
     base.mkdir()
-    report = _supervised(
-        ["--duration", "12s", "--svid-ttl", "10s", "--base-dir", str(base), "--rate", "40"]
-    )
+    report = _supervised(base, ["--duration", "12s", "--svid-ttl", "10s", "--rate", "40"])
     out = report["out"]
     assert report["rc"] == 0, report["err"]
     status = _last_status(out)
@@ -141,8 +153,18 @@ def test_up_runs_the_mesh_for_its_duration_and_leaves_nothing_behind(tmp_path: P
 def test_ctrl_c_stops_everything_cleanly(tmp_path: Path) -> None:
     base = tmp_path / "base"
     base.mkdir()
-    report = _supervised(["--base-dir", str(base), "--interval", "500ms"], interrupt_after=1)
+    report = _supervised(base, ["--interval", "500ms"], interrupt_after=1)
     assert report["rc"] == 0, report["err"]
+    # While it ran: one private run directory; the root key nowhere; every key 0600.
+    files = {path: (mode, secret) for path, mode, secret in report["files"]}
+    (run_dir,) = [p for p in files if "/" not in p]
+    assert files[run_dir][0] == 0o700
+    assert not any(p.endswith("root.key") for p in files)
+    assert f"{run_dir}/ca/root.crt" in files
+    keys = sorted(p for p, (_, secret) in files.items() if secret)
+    assert f"{run_dir}/ca/clusters/local/intermediate.key" in keys
+    assert all(files[p][0] == 0o600 for p in keys), {p: oct(files[p][0]) for p in keys}
+    assert files[f"{run_dir}/join-token"][0] == 0o600
     assert "stopped 6 processes; removed " in report["out"]
     assert report["orphans"] == []
     assert list(base.iterdir()) == []
@@ -156,9 +178,7 @@ def test_a_mesh_that_cannot_start_says_which_process_failed_and_cleans_up(tmp_pa
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        report = _supervised(
-            ["--base-dir", str(base), "--port-base", str(port), "--duration", "5s"]
-        )
+        report = _supervised(base, ["--port-base", str(port), "--duration", "5s"])
     assert report["rc"] == 1
     assert report["err"].count("trellis: error: ca ") == 1, report["err"]
     assert report["orphans"] == []
