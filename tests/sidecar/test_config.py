@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (tables of cases read best one per line)
 """Configuration: YAML and flags become frozen values; bad input names its field."""
 
 from __future__ import annotations

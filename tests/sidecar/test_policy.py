@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (tables of cases read best one per line)
 """Authorisation decisions are pure: rules, defaults, the operator's document."""
 
 from __future__ import annotations
