@@ -114,15 +114,16 @@ def test_svids_rotate_under_continuous_traffic_with_zero_failed_requests(procs: 
     wait_for(socket.is_socket, 40, "the agent's socket")
     endpoint = f"unix://{socket}"
     echo = start_echo(procs)
+    target = {"app": f"127.0.0.1:{echo}", "allow": [{"exact": CLIENT}]}
     b = start_sidecar(
         procs,
         "sidecar-b",
         {
             "workload_api_socket": endpoint,
             "spiffe_id": ECHO,
-            "inbound": {"targets": {8080: {"app": f"127.0.0.1:{echo}", "allow": [{"exact": CLIENT}]}}},
+            "inbound": {"targets": {8080: target}},
         },
-    )  # fmt: skip
+    )
     upstream = free_port()
     a = start_sidecar(
         procs,
