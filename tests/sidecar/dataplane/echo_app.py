@@ -1,6 +1,6 @@
 """A TCP echo app for the data-plane tests: echoes every byte, half-closes on EOF.
 
-`python echo_app.py PORT` listens on 127.0.0.1:PORT.
+`python echo_app.py PORT [HOST]` listens on HOST:PORT (default 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ class Echo(asyncio.Protocol):
         self.transport.resume_reading()
 
 
-async def main(port: int) -> None:
+async def main(port: int, host: str) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Echo, "127.0.0.1", port, backlog=1024)
+    server = await loop.create_server(Echo, host, port, backlog=1024)
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1])))
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"))
