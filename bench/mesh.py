@@ -105,7 +105,7 @@ def main() -> int:
     rates = [float(r) for r in args.rates.split(",") if r]
 
     started = time.monotonic()
-    config = MeshConfig(svid_ttl=dt.timedelta(hours=1), start_load=False)
+    config = MeshConfig(svid_ttl=dt.timedelta(hours=1), start_load=False, probe_policy=False)
     result: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),

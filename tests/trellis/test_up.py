@@ -134,12 +134,18 @@ def test_up_runs_the_mesh_for_its_duration_and_leaves_nothing_behind(tmp_path: P
     # Pooling: a handful of handshakes for the load generator's app connections.
     pooling = re.search(r"pooling\s+(\d+) TLS handshakes? for (\d+) app connections?", status)
     assert pooling is not None and 1 <= int(pooling.group(1)) <= int(pooling.group(2)), status
-    assert re.search(r"policy\s+echo admits only load: [1-9][\d,]* allowed, 0 denied", status)
+    # ... and refuses the third sidecar's identity, which the status shows.
+    assert re.search(
+        r"policy\s+echo admits only load: [1-9][\d,]* allowed, 1 denied;"
+        r" intruder's call refused",
+        status,
+    ), status
+    assert re.search(r"intruder\s+spiffe://example.org/ns/demo/sa/intruder\s+\d+s left", status)
     # With a 10 s TTL the agent has rotated the workload SVIDs at least once by now.
     assert re.search(r"issuance\s+CA issued \d+ X509-SVIDs .*agent: .*rotation [1-9]", status), (
         status
     )
-    for name in ("ca", "agent", "sidecar-load", "sidecar-echo", "echo", "load"):
+    for name in ("ca", "agent", "sidecar-load", "sidecar-echo", "sidecar-intruder", "echo", "load"):
         assert re.search(rf"{name}\s+http://127\.0\.0\.1:\d+/metrics\n", status + "\n"), name
     assert "not answering" not in status
     assert "load generator: " in out and ", 0 errors" in out.split("load generator: ")[1]
@@ -165,7 +171,7 @@ def test_ctrl_c_stops_everything_cleanly(tmp_path: Path) -> None:
     assert f"{run_dir}/ca/clusters/local/intermediate.key" in keys
     assert all(files[p][0] == 0o600 for p in keys), {p: oct(files[p][0]) for p in keys}
     assert files[f"{run_dir}/join-token"][0] == 0o600
-    assert "stopped 6 processes; removed " in report["out"]
+    assert "stopped 7 processes; removed " in report["out"]
     assert report["orphans"] == []
     assert list(base.iterdir()) == []
 
@@ -195,6 +201,7 @@ def test_a_mesh_that_cannot_start_says_which_process_failed_and_cleans_up(tmp_pa
         (["--rate", "0"], "must be a request rate"),
         (["--trust-domain", "Not A Domain"], "--trust-domain"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--host", "0.0.0.0"], "is not a loopback address"),
     ],
 )
 def test_a_bad_flag_is_one_clear_error(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import ipaddress
 import signal
 import sys
 import time
@@ -56,6 +57,17 @@ def _trust_domain(text: str) -> TrustDomain:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _loopback(text: str) -> str:
+    try:
+        address = ipaddress.IPv4Address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from exc
+    if not address.is_loopback:
+        # The echo server and every admin endpoint speak plaintext: keep them on loopback.
+        raise argparse.ArgumentTypeError(f"{text!r} is not a loopback address (127.0.0.0/8)")
+    return text
+
+
 def _rate(text: str) -> float:
     try:
         value = float(text)
@@ -103,7 +115,7 @@ def register(commands: Any) -> None:
         "--port-base", type=_port_base, default=0,
         help=f"use ports BASE..BASE+{_PORTS_USED - 1} (default: ports the kernel picks)",
     )  # fmt: skip
-    p.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
+    p.add_argument("--host", type=_loopback, default="127.0.0.1", help="loopback address to bind")
     p.add_argument("--trust-domain", type=_trust_domain, default=TrustDomain("example.org"))
     p.add_argument("--rate", type=_rate, default=50.0, help="demo requests/s (default 50)")
     p.add_argument("--connections", type=_small_count, default=4, help="load generator's")

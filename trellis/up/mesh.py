@@ -22,6 +22,7 @@ import contextlib
 import datetime as dt
 import os
 import shutil
+import socket
 import tempfile
 import urllib.request
 from dataclasses import dataclass, field
@@ -54,6 +55,9 @@ _PORT_NAMES = (
     "load_inbound",
     "load_upstream",
     "load_metrics",
+    "intruder_admin",
+    "intruder_inbound",
+    "intruder_upstream",
 )
 ECHO_TARGET_PORT = 8080  # the port behind the echo sidecar that the CONNECT names
 
@@ -69,6 +73,8 @@ class MeshConfig:
     connections: int = 4
     size: int = 1024
     start_load: bool = True
+    # A third sidecar, "intruder", calls the echo server once: its refusal shows the policy.
+    probe_policy: bool = True
     startup_timeout: float = 60.0
 
     def spiffe_id(self, name: str) -> SpiffeId:
@@ -84,6 +90,7 @@ class Mesh:
         self.workloads: dict[str, Workload] = {}
         self.stopped: dict[str, int] = {}  # exit statuses of every child stopped so far
         self.removed: Path | None = None  # the run directory, once deleted
+        self.policy_probe: str | None = None  # what became of the intruder's call
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -140,8 +147,10 @@ class Mesh:
             "agent": self.url("agent_admin"),
             "sidecar-load": self.url("load_admin"),
             "sidecar-echo": self.url("echo_admin"),
-            "echo": self.url("echo"),
         }
+        if "sidecar-intruder" in self.children:
+            metrics["sidecar-intruder"] = self.url("intruder_admin")
+        metrics["echo"] = self.url("echo")
         if "load" in self.children:
             metrics["load"] = self.url("load_metrics")
         return StatusView(
@@ -152,9 +161,13 @@ class Mesh:
                 SidecarInfo(
                     name, str(self.workloads[name].spiffe_id), self.url(f"{name}_admin", "")
                 )
-                for name in ("load", "echo")
+                for name in self._sidecar_names()
             ),
+            policy_probe=self.policy_probe,
         )
+
+    def _sidecar_names(self) -> tuple[str, ...]:
+        return ("load", "echo", "intruder") if self.config.probe_policy else ("load", "echo")
 
     def pid(self, name: str) -> int:
         return self.children[name].pid
@@ -186,7 +199,7 @@ class Mesh:
         host, ports, timeout = config.host, self.ports, config.startup_timeout
 
         root_cert = create_authorities(run_dir / "ca", config.trust_domain, CLUSTER)
-        for name in ("load", "echo"):
+        for name in self._sidecar_names():
             executable = workload_executable(
                 run_dir / "workloads" / name, f"trellis-sidecar-{name}"
             )
@@ -233,22 +246,25 @@ class Mesh:
         echo.wait_event("ready", timeout)
 
         env = {"SPIFFE_ENDPOINT_SOCKET": f"unix://{socket_path}"}
-        for name in ("echo", "load"):
+        for name in self._sidecar_names():  # started together, then awaited: faster
             path = run_dir / f"sidecar-{name}.yaml"
             path.write_text(
                 yaml.safe_dump(self._sidecar_config(name, socket_path), sort_keys=False)
             )
-            sidecar = self._spawn(
+            self._spawn(
                 f"sidecar-{name}",
                 sidecar_argv(path),
                 env=env,
                 executable=self.workloads[name].executable,
             )
-            sidecar.wait_until(
+        for name in self._sidecar_names():
+            self.children[f"sidecar-{name}"].wait_until(
                 lambda name=name: _http_ok(self.url(f"{name}_admin", "/readyz")),  # type: ignore[misc]
                 "ready (holding an SVID)",
                 timeout,
             )
+        if config.probe_policy:
+            self.policy_probe = probe(host, ports["intruder_upstream"])
 
         if config.start_load:
             load = self._spawn(
@@ -298,16 +314,16 @@ class Mesh:
                     }
                 },
             }
-        else:
+        else:  # load, intruder: callers of the echo server
             config["inbound"] = {
-                "listen": f"{host}:{ports['load_inbound']}",
+                "listen": f"{host}:{ports[f'{name}_inbound']}",
                 "strict": True,
                 "targets": {},
             }
             config["upstreams"] = [
                 {
                     "name": "echo",
-                    "listen": f"{host}:{ports['load_upstream']}",
+                    "listen": f"{host}:{ports[f'{name}_upstream']}",
                     "target": f"echo.demo:{ECHO_TARGET_PORT}",
                     "endpoints": [f"{host}:{ports['echo_inbound']}"],
                     "spiffe_ids": [echo_id],
@@ -318,6 +334,31 @@ class Mesh:
 
 def sidecar_argv(config_path: Path) -> list[str]:
     return ["sidecar", "--config", str(config_path)]
+
+
+def probe(host: str, port: int) -> str:
+    """Call the echo server through ``host:port`` once; say what happened, in words."""
+    body = b"who goes there?"
+    request = b"POST /echo HTTP/1.1\r\nHost: echo\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    try:
+        with socket.create_connection((host, port), timeout=5.0) as s:
+            s.sendall(request)
+            answer = s.recv(64)
+    except ConnectionResetError:
+        return "refused (connection reset)"
+    except TimeoutError:
+        return "no answer within 5s"
+    except OSError as exc:
+        return f"failed: {exc.strerror or exc}"
+    if not answer:
+        return "refused (connection closed)"
+    if answer.startswith(b"HTTP/1.1 200"):
+        return "ADMITTED: the policy did not hold"
+    status_line = answer.split(b"\r\n")[0].decode("ascii", "replace")
+    return f"answered {status_line!r}"
 
 
 def _http_ok(url: str) -> bool:

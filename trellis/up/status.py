@@ -103,6 +103,7 @@ class StatusView:
     sidecars: tuple[SidecarInfo, ...]
     caller: str = "load"  # the sidecar whose outbound side carries the demo traffic
     callee: str = "echo"
+    policy_probe: str | None = None  # what became of a call from an identity not allowed
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +201,7 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
             detail += f", SVID #{svid.generation}"
         head = "identity " if index == 0 else "         "
         lines.append(
-            f" {head} {sidecar.name:<5} {svid.spiffe_id or sidecar.spiffe_id}  {ttl}{detail}"
+            f" {head} {sidecar.name:<8} {svid.spiffe_id or sidecar.spiffe_id}  {ttl}{detail}"
         )
     # -- TLS -----------------------------------------------------------------------------
     groups: dict[str, float] = {}
@@ -256,9 +257,10 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
     if callee is not None:
         allowed = callee.sum("trellis_sidecar_policy_decisions_total", decision="allow")
         denied = callee.sum("trellis_sidecar_policy_decisions_total", decision="deny")
+        probe = f"; intruder's call {view.policy_probe}" if view.policy_probe else ""
         lines.append(
             f" policy    {view.callee} admits only {view.caller}: {_n(allowed)} allowed,"
-            f" {_n(denied)} denied"
+            f" {_n(denied)} denied{probe}"
         )
     # -- issuance ------------------------------------------------------------------------
     ca, agent = m.get("ca"), m.get("agent")
@@ -285,5 +287,5 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
     for index, (name, url) in enumerate(view.metrics.items()):
         head = "metrics  " if index == 0 else "         "
         state = "" if m.get(name) is not None else "  (not answering)"
-        lines.append(f" {head} {name:<13} {url}{state}")
+        lines.append(f" {head} {name:<16} {url}{state}")
     return "\n".join(lines)
