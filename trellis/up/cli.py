@@ -141,7 +141,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         connections=args.connections,
         size=args.size,
     )
-    mesh = Mesh(config)
+    mesh = Mesh(config, progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     live = sys.stdout.isatty()
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     error: CliError | None = None

@@ -25,6 +25,7 @@ import shutil
 import socket
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -82,8 +83,9 @@ class MeshConfig:
 
 
 class Mesh:
-    def __init__(self, config: MeshConfig) -> None:
+    def __init__(self, config: MeshConfig, progress: Callable[[str], None] | None = None) -> None:
         self.config = config
+        self._progress = progress or (lambda line: None)
         self.run_dir: Path | None = None
         self.children: dict[str, Child] = {}
         self.ports: dict[str, int] = {}
@@ -199,6 +201,10 @@ class Mesh:
         host, ports, timeout = config.host, self.ports, config.startup_timeout
 
         root_cert = create_authorities(run_dir / "ca", config.trust_domain, CLUSTER)
+        self._progress(
+            f"root and cluster intermediate for {config.trust_domain.name} created"
+            f" (root key in memory only, dropped), run dir {run_dir}"
+        )
         for name in self._sidecar_names():
             executable = workload_executable(
                 run_dir / "workloads" / name, f"trellis-sidecar-{name}"
@@ -221,8 +227,9 @@ class Mesh:
                 "--join-token", NODE, "--join-token-ttl", "5m",
             ],
         )  # fmt: skip
-        ca.wait_event("ready", timeout)
+        ready = ca.wait_event("ready", timeout)
         token = ca.wait_event("join-token", timeout)["token"]
+        self._progress(f"CA server (pid {ca.pid}) serving on {ready.get('listen')}")
         token_file = run_dir / "join-token"
         token_file.touch(mode=0o600)
         token_file.write_text(str(token))
@@ -238,12 +245,14 @@ class Mesh:
                 "--sync-interval", "1s", "--backoff-cap", "2s",
             ],
         )  # fmt: skip
+        # The echo server needs nothing from the others: it starts while the agent attests.
+        echo = self._spawn("echo", ["demo", "echo", "--listen", f"{host}:{ports['echo']}"])
         agent.wait_until(
             lambda: _http_ok(self.url("agent_admin", "/readyz")), "ready (first sync)", timeout
         )
-
-        echo = self._spawn("echo", ["demo", "echo", "--listen", f"{host}:{ports['echo']}"])
+        self._progress(f"agent (pid {agent.pid}) attested as node {NODE!r}, Workload API ready")
         echo.wait_event("ready", timeout)
+        self._progress(f"echo server (pid {echo.pid}) on {host}:{ports['echo']}")
 
         env = {"SPIFFE_ENDPOINT_SOCKET": f"unix://{socket_path}"}
         for name in self._sidecar_names():  # started together, then awaited: faster
@@ -263,6 +272,10 @@ class Mesh:
                 "ready (holding an SVID)",
                 timeout,
             )
+            sidecar = self.children[f"sidecar-{name}"]
+            self._progress(
+                f"sidecar for {name} (pid {sidecar.pid}) ready as {self.workloads[name].spiffe_id}"
+            )
         if config.probe_policy:
             self.policy_probe = probe(host, ports["intruder_upstream"])
 
@@ -277,6 +290,7 @@ class Mesh:
                 ],
             )  # fmt: skip
             load.wait_event("ready", timeout)
+            self._progress(f"load generator (pid {load.pid}) sending {config.rate:g} req/s")
 
     def _spawn(
         self,
