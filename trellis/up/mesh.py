@@ -301,7 +301,13 @@ class Mesh:
         executable: Path | None = None,
     ) -> Child:
         assert self.run_dir is not None
-        child = spawn(name, argv, self.run_dir / "logs", env, executable=executable)
+        try:
+            child = spawn(name, argv, self.run_dir / "logs", env, executable=executable)
+        except OSError as exc:
+            hint = ""
+            if executable is not None and isinstance(exc, PermissionError):
+                hint = f" (is {self.run_dir.parent} mounted noexec? choose another --base-dir)"
+            raise StartupError(f"cannot start {name}: {exc.strerror or exc}{hint}") from exc
         self.children[name] = child
         return child
 
