@@ -89,7 +89,7 @@ def test_the_status_shows_identities_group_traffic_pooling_policy_issuance_and_e
     assert "echo     spiffe://example.org/ns/demo/sa/echo  no SVID yet" in text
     assert "X25519MLKEM768 (2 handshakes)" in text
     assert "1,253 requests (50/s), 3 errors (timeout 3), latency p50 2.1 ms p99 6.3 ms" in text
-    assert "2 TLS handshakes for 8 app connections load→echo (0.25 per app connection)" in text
+    assert "2 TLS handshakes for 8 app connections load->echo (0.25 per app connection)" in text
     assert "echo admits only load: 8 allowed, 0 denied" in text
     assert "CA issued 5 X509-SVIDs (agent 1, workload 4); agent: initial 2, rotation 2" in text
     assert "sidecar-echo     http://127.0.0.1:4/metrics" in text

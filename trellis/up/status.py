@@ -185,8 +185,8 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
     """The status block: a dozen lines, each a fact read from a process."""
     m = now.metrics
     lines = [
-        f"trellis up · {view.trust_domain} · up {_clock(now.elapsed)} · Ctrl-C stops"
-        f" · run dir {view.run_dir}"
+        f"trellis up | {view.trust_domain} | up {_clock(now.elapsed)} | Ctrl-C stops"
+        f" | run dir {view.run_dir}"
     ]
     # -- identities ------------------------------------------------------------------
     for index, sidecar in enumerate(view.sidecars):
@@ -251,7 +251,7 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
     lines.append(
         f" pooling   {_plural(handshakes, 'TLS handshake')} for"
         f" {_plural(app_connections, 'app connection')}"
-        f" {view.caller}→{view.callee}{per}"
+        f" {view.caller}->{view.callee}{per}"
     )
     callee = m.get(f"sidecar-{view.callee}")
     if callee is not None:
