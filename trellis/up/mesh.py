@@ -6,9 +6,13 @@ Start order, each step waiting for the previous one to say it is ready:
 2. ``trellis ca serve`` with the entries and a join token for node ``local``;
 3. ``trellis agent``, attesting with that token (read from a 0600 file, not argv);
 4. ``trellis demo echo`` (plaintext, loopback only);
-5. the echo sidecar (inbound: admits only the load generator's SPIFFE ID), then the load
-   sidecar (one explicit upstream: the echo sidecar, which must present the echo ID),
-   each from its own interpreter copy so the agent tells them apart (see ``identity``);
+5. the sidecars, started together, each from its own interpreter copy so the agent
+   tells them apart (see ``identity``): echo's (inbound: admits only the load
+   generator's SPIFFE ID), load's (one explicit upstream: the echo sidecar, which must
+   present the echo ID) and, unless ``probe_policy`` is off, an "intruder" configured
+   like load's but with an identity the policy does not admit; once all are ready the
+   intruder's upstream is called once (``probe``) and what happened is kept for the
+   status;
 6. ``trellis demo load`` against the load sidecar's upstream port (unless the caller,
    like ``bench/mesh.py``, drives the traffic itself).
 
