@@ -27,6 +27,7 @@ streams the peer never processed are reported retryable. `drain()` sends our GOA
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import logging
 import os
@@ -41,6 +42,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 from h2.errors import ErrorCodes
 
 from sidecar.tls import TLSError
@@ -49,6 +51,19 @@ from .channel import SecureChannel
 from .metrics import Metrics
 
 logger = logging.getLogger("sidecar.session")
+
+
+def _raw_data_repr(data: bytes | None) -> str:
+    if not data:
+        return "None"
+    shown = binascii.hexlify(data[:11]).decode("ascii")
+    return "<hex:" + (shown[:20] + "..." if len(shown) > 20 else shown) + ">"
+
+
+# h2 formats repr(frame) for its (no-op) trace log on every received frame, and
+# hyperframe's repr hex-encodes the whole payload only to keep 20 characters of it: a
+# 64 KiB DATA frame cost ~0.1 ms. Same output, computed from the first 11 bytes.
+hyperframe.frame._raw_data_repr = _raw_data_repr
 
 __all__ = ["Session", "SessionSettings", "StreamHandler"]
 

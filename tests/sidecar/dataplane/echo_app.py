@@ -1,6 +1,7 @@
 """A TCP echo app for the data-plane tests: echoes every byte, half-closes on EOF.
 
-`python echo_app.py PORT [HOST]` listens on HOST:PORT (default 127.0.0.1).
+`python echo_app.py PORT [HOST [echo|sink]]` listens on HOST:PORT (default 127.0.0.1);
+`sink` discards what it reads and answers EOF with the byte count.
 """
 
 from __future__ import annotations
@@ -28,12 +29,31 @@ class Echo(asyncio.Protocol):
         self.transport.resume_reading()
 
 
-async def main(port: int, host: str) -> None:
+class Sink(asyncio.Protocol):
+    """Reads and discards; answers its peer's EOF with the byte count."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.count = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.count += len(data)
+
+    def eof_received(self) -> bool:
+        self.transport.write(str(self.count).encode())
+        self.transport.write_eof()
+        return True
+
+
+async def main(port: int, host: str, mode: str) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Echo, host, port, backlog=1024)
+    factory = Sink if mode == "sink" else Echo
+    server = await loop.create_server(factory, host, port, backlog=1024)
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"))
+    host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
+    asyncio.run(main(int(sys.argv[1]), host, sys.argv[3] if len(sys.argv) > 3 else "echo"))

@@ -184,9 +184,9 @@ def start_sidecar(
     wait: bool = True,
     **kwargs: Any,
 ) -> Sidecar:
-    admin_port = free_port()
     config = dict(config)
-    config.setdefault("admin", f"127.0.0.1:{admin_port}")
+    config.setdefault("admin", f"127.0.0.1:{free_port()}")
+    admin_port = int(str(config["admin"]).rpartition(":")[2])
     inbound = dict(config.get("inbound") or {})
     inbound.setdefault("listen", f"127.0.0.1:{free_port()}")
     config["inbound"] = inbound
