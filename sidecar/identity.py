@@ -84,25 +84,18 @@ class Identity:
         svid: Svid | None = None,
         bundles: Mapping[str, Sequence[x509.Certificate]] | None = None,
     ) -> None:
+        """A new SVID and/or the full bundle set (each Workload API message carries the
+        whole state, so bundles replace rather than merge: a root dropped upstream stops
+        being trusted here). Applies to the next handshake; live connections keep theirs."""
         if svid is not None:
             self.svid = svid
         if bundles is not None:
-            merged = dict(self.bundles)
-            merged.update({td: tuple(certs) for td, certs in bundles.items()})
-            self.bundles = merged
+            self.bundles = {td: tuple(certs) for td, certs in bundles.items()}
         self.generation += 1
         self._server = None
         self._clients = {}
         if self._on_change is not None:
             self._on_change()
-
-    def replace_bundles(self, bundles: Mapping[str, Sequence[x509.Certificate]]) -> None:
-        """The full bundle set (FetchX509Bundles sends all of it every time)."""
-        own = self.trust_domain
-        kept = {own.name: self.bundles[own.name]} if own and own.name in self.bundles else {}
-        kept.update({td: tuple(c) for td, c in bundles.items()})
-        self.bundles = {}
-        self.update(bundles=kept)
 
     def _base(self) -> tuple[Svid, dict[str, tuple[x509.Certificate, ...]]]:
         if self.svid is None or not self.bundles:

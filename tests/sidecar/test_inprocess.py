@@ -1,0 +1,197 @@
+"""The data path in one event loop, where a peer can be made to misbehave on cue:
+a pooled connection that dies before any byte of a stream was sent is retried on a fresh
+one; a peer that stops answering PINGs is declared dead; rotation reaches new handshakes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sidecar.config import Address, InboundConfig, InboundTarget, PoolConfig, load_yaml
+from sidecar.identity import Identity, load_svid_dir
+from sidecar.inbound import Inbound
+from sidecar.metrics import Metrics
+from sidecar.policy import Authorizer
+from sidecar.pool import Pool
+from sidecar.runtime import Sidecar
+from sidecar.session import Session
+
+from .dataplane.conftest import CLIENT, ECHO
+from .dataplane.harness import Pki, free_port
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class _Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool:
+        self.transport.write_eof()  # type: ignore[attr-defined]
+        return True
+
+
+class _FlakyInbound(Inbound):
+    """Kills the TLS connection carrying the first CONNECT it sees, before answering."""
+
+    killed = 0
+
+    def _request(
+        self, session: Session, stream_id: int, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        if not self.killed:
+            self.killed += 1
+            assert session._transport is not None
+            session._transport.abort()
+            return
+        super()._request(session, stream_id, headers)
+
+
+@contextlib.asynccontextmanager
+async def _server(
+    pki: Pki, workdir: Path, inbound_cls: type[Inbound] = Inbound
+) -> AsyncIterator[Inbound]:
+    loop = asyncio.get_running_loop()
+    echo = await loop.create_server(_Echo, "127.0.0.1", 0)
+    echo_port = echo.sockets[0].getsockname()[1]
+    identity = Identity()
+    identity.update(*load_svid_dir(pki.write(workdir / "server", ECHO)))
+    config = InboundConfig(
+        listen=Address("127.0.0.1", free_port()),
+        targets={8080: InboundTarget(8080, Address("127.0.0.1", echo_port), None)},
+    )
+    inbound = inbound_cls(config, identity, Metrics(), lambda: Authorizer())
+    await inbound.start()
+    try:
+        yield inbound
+    finally:
+        inbound.drain()
+        echo.close()
+
+
+async def _client_sidecar(pki: Pki, workdir: Path, server_port: int) -> tuple[Sidecar, int]:
+    upstream = free_port()
+    config = load_yaml(
+        f"""
+svid_dir: {pki.write(workdir / "client", CLIENT)}
+admin: "off"
+inbound: {{listen: "127.0.0.1:{free_port()}"}}
+upstreams:
+  - {{name: echo, listen: "127.0.0.1:{upstream}", target: "echo:8080",
+      endpoints: ["127.0.0.1:{server_port}"], spiffe_ids: ["{ECHO}"]}}
+"""
+    )
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    return sidecar, upstream
+
+
+async def _exchange(port: int, payload: bytes, delay: float = 0.0) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await asyncio.sleep(delay)
+    writer.write(payload)
+    writer.write_eof()
+    data = await reader.read()
+    writer.close()
+    return data
+
+
+def test_a_stream_whose_connection_dies_before_its_first_byte_is_retried_on_a_fresh_one() -> None:
+    pki = Pki()
+
+    async def scenario() -> None:
+        workdir = Path(tempfile.mkdtemp())
+        async with _server(pki, workdir, _FlakyInbound) as inbound:
+            sidecar, upstream = await _client_sidecar(pki, workdir, inbound.config.listen.port)
+            try:
+                # The app waits before writing, so the stream has sent nothing when its
+                # connection is killed: the sidecar must retry, the app must not notice.
+                assert await _exchange(upstream, b"hello", delay=0.3) == b"hello"
+                assert isinstance(inbound, _FlakyInbound) and inbound.killed == 1
+                metrics = sidecar.metrics
+                retried = metrics.streams.labels(direction="outbound", outcome="retried")
+                assert retried._value.get() == 1
+                handshakes = metrics.handshakes.labels(direction="outbound")._value.get()
+                assert handshakes == 2
+            finally:
+                await sidecar.drain()
+
+    run(scenario())
+
+
+def test_a_peer_that_stops_answering_pings_is_declared_dead_and_left() -> None:
+    pki = Pki()
+
+    async def scenario() -> None:
+        workdir = Path(tempfile.mkdtemp())
+        async with _server(pki, workdir) as inbound:
+            identity = Identity()
+            identity.update(*load_svid_dir(pki.write(workdir / "client", CLIENT)))
+            config = PoolConfig(keepalive_interval=0.2, keepalive_timeout=0.3)
+            pool = Pool(inbound.config.listen, (), identity, Metrics(), config)
+            await pool._dial()
+            (session,) = pool.sessions
+            # An answering peer keeps the connection through several PING rounds.
+            await asyncio.sleep(1.0)
+            assert not session.dead
+            # Freeze the server side: nothing it receives is read, so no PING ACK.
+            for peer in inbound.sessions:
+                assert peer._transport is not None
+                peer._transport.pause_reading()
+            await asyncio.wait_for(asyncio.shield(session.closed), 3)
+            assert session.dead and pool.sessions == []
+
+    run(scenario())
+
+
+def test_a_new_svid_is_used_by_the_next_handshake_and_old_connections_keep_running() -> None:
+    pki = Pki()
+
+    async def scenario() -> None:
+        workdir = Path(tempfile.mkdtemp())
+        async with _server(pki, workdir) as inbound:
+            sidecar, upstream = await _client_sidecar(pki, workdir, inbound.config.listen.port)
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", upstream)
+                writer.write(b"before")
+                assert await reader.readexactly(6) == b"before"
+                old = sidecar.identity.svid
+                assert old is not None
+                sidecar.identity.update(*load_svid_dir(pki.write(workdir / "client2", CLIENT)))
+                new = sidecar.identity.svid
+                assert new is not None and new.serial != old.serial
+                # Force the next stream onto a new connection: close the pooled one's
+                # admission (as GOAWAY would) without touching its open stream.
+                (pool,) = sidecar.pools.pools.values()
+                (first,) = pool.sessions
+                first.goaway_received = True
+                assert await _exchange(upstream, b"after") == b"after"
+                second = [s for s in pool.sessions if s is not first]
+                assert len(second) == 1
+                peers = {s.peer_id for s in inbound.sessions}
+                assert peers == {CLIENT}
+                # The stream on the first connection still works.
+                writer.write(b"still")
+                assert await reader.readexactly(5) == b"still"
+                writer.close()
+                # The server saw the old leaf on the first connection, the new on the second.
+                seen = {
+                    s._channel._tls._state.peer.chain[0].serial_number  # type: ignore[attr-defined]
+                    for s in inbound.sessions
+                }
+                assert seen == {old.serial, new.serial}
+            finally:
+                await sidecar.drain()
+
+    run(scenario())
