@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +103,14 @@ def _last_status(out: str) -> str:
     return blocks[-1]
 
 
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A base dir short enough for the agent's Unix socket (sun_path is 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="tr-up-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _processes_mentioning(text: str) -> list[str]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -113,9 +124,8 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_up_runs_the_mesh_for_its_duration_and_leaves_nothing_behind(tmp_path: Path) -> None:
-    base = tmp_path / "base"
-    base.mkdir()
+def test_up_runs_the_mesh_for_its_duration_and_leaves_nothing_behind(short_dir: Path) -> None:
+    base = short_dir
     report = _supervised(base, ["--duration", "12s", "--svid-ttl", "10s", "--rate", "40"])
     out = report["out"]
     assert report["rc"] == 0, report["err"]
@@ -156,9 +166,8 @@ def test_up_runs_the_mesh_for_its_duration_and_leaves_nothing_behind(tmp_path: P
     assert _processes_mentioning(str(base)) == []
 
 
-def test_ctrl_c_stops_everything_cleanly(tmp_path: Path) -> None:
-    base = tmp_path / "base"
-    base.mkdir()
+def test_ctrl_c_stops_everything_cleanly(short_dir: Path) -> None:
+    base = short_dir
     report = _supervised(base, ["--interval", "500ms"], interrupt_after=1)
     assert report["rc"] == 0, report["err"]
     # While it ran: one private run directory; the root key nowhere; every key 0600.
@@ -176,9 +185,8 @@ def test_ctrl_c_stops_everything_cleanly(tmp_path: Path) -> None:
     assert list(base.iterdir()) == []
 
 
-def test_a_mesh_that_cannot_start_says_which_process_failed_and_cleans_up(tmp_path: Path) -> None:
-    base = tmp_path / "base"
-    base.mkdir()
+def test_a_mesh_that_cannot_start_says_which_process_failed_and_cleans_up(short_dir: Path) -> None:
+    base = short_dir
     # Hold the first port of the range, the CA server's: it cannot bind, and says so.
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))

@@ -189,6 +189,8 @@ class Mesh:
         base = config.base_dir
         if base is not None and not base.is_dir():
             raise StartupError(f"--base-dir {base} is not a directory")
+        if base is None and len(tempfile.gettempdir().encode()) > _MAX_SOCKET_PATH - 40:
+            base = Path("/tmp")  # noqa: S108 ($TMPDIR too deep for a socket; mkdtemp is 0700)
         run_dir = Path(tempfile.mkdtemp(prefix="trellis-up-", dir=base)).resolve()
         self.run_dir = run_dir  # mkdtemp: mode 0700, so everything below is private
         socket_path = run_dir / "agent.sock"
@@ -197,8 +199,8 @@ class Mesh:
                 f"the run directory {run_dir} is too deep for a Unix socket path;"
                 " choose a shorter --base-dir"
             )
-        logs = run_dir / "logs"
-        logs.mkdir()
+        (run_dir / "logs").mkdir()
+        (run_dir / "tmp").mkdir()
         self.ports = dict(
             zip(_PORT_NAMES, free_ports(len(_PORT_NAMES), config.port_base), strict=True)
         )
@@ -305,6 +307,9 @@ class Mesh:
         executable: Path | None = None,
     ) -> Child:
         assert self.run_dir is not None
+        # Whatever temporary files or sockets a child makes land in the run dir, which is
+        # short enough for socket paths and removed at the end.
+        env = {"TMPDIR": str(self.run_dir / "tmp"), **(env or {})}
         try:
             child = spawn(name, argv, self.run_dir / "logs", env, executable=executable)
         except OSError as exc:
