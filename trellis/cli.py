@@ -7,6 +7,7 @@ Every subcommand reports a refused input as one line on stderr and a non-zero ex
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -20,36 +21,36 @@ class CliError(Exception):
 Handler = Callable[[argparse.Namespace], int]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ca import cli as ca_cli
+# Each top-level command lives with its package; a command line that names one loads only
+# that package's CLI (the others pull in grpc, kopf, aiohttp, ... and cost a second of start-up).
+_COMMAND_MODULES: dict[str, str] = {
+    "ca": "ca.cli",
+    "agent": "ca.agent.cli",
+    "svid": "ca.agent.cli",
+    "sidecar": "sidecar.cli",
+    "debug": "sidecar.debug_cli",
+    "operator": "mesh_operator.cli",
+    "up": "trellis.up.cli",
+    "demo": "trellis.demo.cli",
+}
 
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for every command, or only for ``command`` when it is a known one."""
     parser = argparse.ArgumentParser(prog="trellis", description="Trellis service mesh")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    ca_cli.register(commands)
-    from ca.agent import cli as agent_cli
-
-    agent_cli.register(commands)
-    from mesh_operator import cli as operator_cli
-
-    operator_cli.register(commands)
-    from sidecar import debug_cli
-
-    debug_cli.register(commands)
-    from trellis.demo import cli as demo_cli
-
-    demo_cli.register(commands)
-    from sidecar import cli as sidecar_cli
-
-    sidecar_cli.register(commands)
-    from trellis.up import cli as up_cli
-
-    up_cli.register(commands)
+    wanted = (
+        [_COMMAND_MODULES[command]] if command in _COMMAND_MODULES else _COMMAND_MODULES.values()
+    )
+    for module in dict.fromkeys(wanted):
+        importlib.import_module(module).register(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(arguments[0] if arguments else None)
+    args = parser.parse_args(arguments)
     handler: Handler = args.handler
     try:
         return handler(args)
