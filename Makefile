@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= .trellis-demo
-DEBIAN_PACKAGES := openssl curl ca-certificates prometheus
+DEBIAN_PACKAGES := openssl curl ca-certificates prometheus iptables iproute2
 
 .PHONY: setup system-deps up test lint typecheck unit bench clean
 
@@ -18,7 +18,7 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  fi; \
 	else \
-	  for p in openssl curl prometheus promtool; do command -v $$p >/dev/null || { echo "missing $$p: install it (Debian: apt-get install $$p)"; exit 1; }; done; \
+	  for p in openssl curl prometheus promtool iptables ip; do command -v $$p >/dev/null || { echo "missing $$p: install it (Debian: apt-get install $$p)"; exit 1; }; done; \
 	fi
 
 $(BIN)/.installed: pyproject.toml
