@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 DEMO   ?= .trellis-demo
 DEBIAN_PACKAGES := openssl curl ca-certificates prometheus iptables iproute2
 
-.PHONY: setup system-deps up test lint typecheck unit bench clean
+.PHONY: setup system-deps up ca-demo test lint typecheck unit bench clean
 
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -29,9 +29,15 @@ $(BIN)/.installed: pyproject.toml
 
 setup: system-deps $(BIN)/.installed
 
-# The main job. Until `trellis up` exists: a root, a cluster intermediate and a workload
-# SVID, printed by `trellis ca inspect`. The root passphrase lives only in this shell.
+# The main job: the whole mesh on this machine (CA, agent, echo server and load generator
+# behind their sidecars) with a live status, until Ctrl-C. `make up UP_ARGS="--duration 30s"`.
+UP_ARGS ?=
 up: setup
+	$(BIN)/trellis up $(UP_ARGS)
+
+# The CA on its own: a root, a cluster intermediate and a workload SVID, inspected.
+# The root passphrase lives only in this shell.
+ca-demo: setup
 	@rm -rf $(DEMO)
 	@export TRELLIS_ROOT_PASSPHRASE="$$(head -c 24 /dev/urandom | base64)"; \
 	set -e; \
@@ -56,7 +62,7 @@ unit: setup
 test: lint typecheck unit
 
 bench: setup
-	$(BIN)/python bench/ca_issuance.py
+	for b in ca_issuance ca_server workload_api tls_handshake mesh; do $(BIN)/python bench/$$b.py; done
 
 clean:
 	rm -rf $(VENV) $(DEMO) .mypy_cache .pytest_cache .ruff_cache
