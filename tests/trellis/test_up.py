@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -32,11 +33,11 @@ _SUPERVISOR = textwrap.dedent(
     import ctypes, json, os, signal, subprocess, sys, time
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-    argv, interrupt_after, base = json.loads(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+    argv, signum, base = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     files = []
     up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if interrupt_after:
-        # Ctrl-C once the status shows traffic: wait for a line with requests > 0.
+    if signum:
+        # Signal once the status shows traffic: wait for a line with requests > 0.
         lines = []
         for line in up.stdout:
             lines.append(line)
@@ -54,12 +55,20 @@ _SUPERVISOR = textwrap.dedent(
                     with open(path, "rb") as f:
                         secret = b"PRIVATE KEY" in f.read(1 << 20)
                 files.append([os.path.relpath(path, base), st.st_mode & 0o777, secret])
-        up.send_signal(signal.SIGINT)
+        up.send_signal(signum)
         out, err = up.communicate(timeout=60)
         out = "".join(lines) + out
     else:
         out, err = up.communicate(timeout=120)
-    time.sleep(0.5)
+    time.sleep(1.0)
+    # Reap what was re-parented here and has exited (zombies are not leftovers) ...
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                break
+        except ChildProcessError:
+            break
+    # ... then anything still here is a process trellis up left running.
     orphans = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -71,22 +80,24 @@ _SUPERVISOR = textwrap.dedent(
             continue
         if int(stat[stat.rindex(")") + 2 :].split()[1]) == os.getpid():
             orphans.append(cmdline.decode(errors="replace"))
-    for _ in orphans:
+    for pid in [int(e) for e in os.listdir("/proc") if e.isdigit()]:
         try:
-            os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
+            stat = open(f"/proc/{pid}/stat").read()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == os.getpid():
+            os.kill(pid, signal.SIGKILL)  # do not leak what the test found
     report = {"rc": up.returncode, "out": out, "err": err, "orphans": orphans, "files": files}
     print(json.dumps(report))
     """
 )
 
 
-def _supervised(base: Path, args: list[str], *, interrupt_after: float = 0.0) -> dict[str, Any]:
+def _supervised(base: Path, args: list[str], *, signal_when_busy: int = 0) -> dict[str, Any]:
     argv = [sys.executable, "-m", "trellis", "up", "--base-dir", str(base), *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-c", _SUPERVISOR, json.dumps(argv), str(interrupt_after), str(base)],
+        [sys.executable, "-c", _SUPERVISOR, json.dumps(argv), str(signal_when_busy), str(base)],
         capture_output=True,
         text=True,
         timeout=180,
@@ -168,7 +179,7 @@ def test_up_runs_the_mesh_for_its_duration_and_leaves_nothing_behind(short_dir: 
 
 def test_ctrl_c_stops_everything_cleanly(short_dir: Path) -> None:
     base = short_dir
-    report = _supervised(base, ["--interval", "500ms"], interrupt_after=1)
+    report = _supervised(base, ["--interval", "500ms"], signal_when_busy=signal.SIGINT)
     assert report["rc"] == 0, report["err"]
     # While it ran: one private run directory; the root key nowhere; every key 0600.
     files = {path: (mode, secret) for path, mode, secret in report["files"]}
@@ -183,6 +194,16 @@ def test_ctrl_c_stops_everything_cleanly(short_dir: Path) -> None:
     assert "stopped 7 processes; removed " in report["out"]
     assert report["orphans"] == []
     assert list(base.iterdir()) == []
+
+
+def test_even_a_killed_trellis_up_leaves_no_process_running(short_dir: Path) -> None:
+    # SIGKILL gives trellis up no chance to clean up; its children get SIGKILL from the
+    # kernel as it dies (PR_SET_PDEATHSIG). Only the run directory stays, as it must.
+    report = _supervised(short_dir, ["--interval", "500ms"], signal_when_busy=signal.SIGKILL)
+    assert report["rc"] == -signal.SIGKILL
+    assert report["orphans"] == []
+    (leftover,) = short_dir.iterdir()
+    assert leftover.name.startswith("trellis-up-")
 
 
 def test_a_mesh_that_cannot_start_says_which_process_failed_and_cleans_up(short_dir: Path) -> None:
