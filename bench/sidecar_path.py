@@ -171,6 +171,7 @@ def main() -> None:
             "echo_app": procs.running[0].popen.pid,
         }
         asyncio.run(pingpong(ports["echo"], 100, 0.5))  # warm: the pool's first handshake
+        bulk(ports["sink"], 1)
 
         direct = asyncio.run(pingpong(echo, args.rate, args.seconds))
         before = {k: cpu_seconds(p) for k, p in pids.items()}
@@ -186,10 +187,19 @@ def main() -> None:
                 k: round(v / mesh["messages"] * 1000, 4) for k, v in spent.items()
             },
         }
+        direct_bulk = bulk(sink, args.bulk_mib)
+        before = {k: cpu_seconds(p) for k, p in pids.items()}
+        mesh_bulk = bulk(ports["sink"], args.bulk_mib)
+        spent = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
         result["bulk"] = {
             "mib": args.bulk_mib,
-            "direct_MB_s": bulk(sink, args.bulk_mib),
-            "mesh_MB_s": bulk(ports["sink"], args.bulk_mib),
+            "direct_MB_s": direct_bulk,
+            "mesh_MB_s": mesh_bulk,
+            "cpu_s_per_GB": {
+                k: round(v / (args.bulk_mib << 20) * 1e9, 3)
+                for k, v in spent.items()
+                if k.startswith("sidecar")
+            },
         }
         handshakes_before = client.metric(
             'trellis_sidecar_tls_handshakes_total{direction="outbound"}'

@@ -41,8 +41,10 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import hyperframe.frame
+from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from h2.errors import ErrorCodes
 
 from sidecar.tls import TLSError
@@ -58,6 +60,40 @@ def _raw_data_repr(data: bytes | None) -> str:
         return "None"
     shown = binascii.hexlify(data[:11]).decode("ascii")
     return "<hex:" + (shown[:20] + "..." if len(shown) > 20 else shown) + ">"
+
+
+class _FrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer, less one copy: the frame body is parsed from a view of the
+    buffer instead of a sliced copy (hyperframe copies what it keeps out of the view with
+    `tobytes()`, so no view outlives the call and the buffer can shrink afterwards)."""
+
+    def __next__(self) -> hyperframe.frame.Frame:
+        data = self._data
+        if len(data) < 9:
+            raise StopIteration
+        try:
+            frame, length = hyperframe.frame.Frame.parse_frame_header(memoryview(data)[:9])
+        except (InvalidDataError, InvalidFrameError) as err:
+            raise h2.exceptions.ProtocolError(
+                f"Received frame with invalid header: {err!s}"
+            ) from err
+        if len(data) < length + 9:
+            raise StopIteration
+        self._validate_frame_length(length)
+        view = memoryview(data)
+        body = view[9 : 9 + length]
+        try:
+            frame.parse_body(body)
+        except InvalidDataError as err:
+            raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from err
+        except InvalidFrameError as err:
+            raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from err
+        finally:
+            body.release()
+            view.release()
+        del data[: 9 + length]
+        new_frame = self._update_header_buffer(frame)
+        return new_frame if new_frame is not None else self.__next__()
 
 
 # h2 formats repr(frame) for its (no-op) trace log on every received frame, and
@@ -131,6 +167,7 @@ class Session(asyncio.Protocol):
         self._h2 = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=self.client, header_encoding=None)
         )
+        self._h2.incoming_buffer = _FrameBuffer(server=not self.client)
         self.streams: dict[int, _Stream] = {}
         self.peer_id: str | None = None
         self.negotiated_group: int | None = None
@@ -203,12 +240,7 @@ class Session(asyncio.Protocol):
         if received.handshake is not None:
             self._handshake_complete(received.handshake.peer_spiffe_id)
         if received.plaintext:
-            payload = (
-                received.plaintext[0]
-                if len(received.plaintext) == 1
-                else b"".join(received.plaintext)
-            )
-            self._receive_h2(payload)
+            self._receive_h2(received.plaintext)
         if received.closed:
             if not self.ready.done():
                 reason = f"peer alert {received.peer_alert}" if received.peer_alert else "eof"
@@ -280,11 +312,15 @@ class Session(asyncio.Protocol):
 
     # --- h2 ------------------------------------------------------------------------------
 
-    def _receive_h2(self, payload: bytes) -> None:
+    def _receive_h2(self, records: list[bytes]) -> None:
         self._batch = True
         try:
             try:
-                events = self._h2.receive_data(payload)
+                # Record by record: joining first would copy every byte once more, and
+                # memory bandwidth is what bulk transfer runs out of first.
+                events: list[h2.events.Event] = []
+                for record in records:
+                    events += self._h2.receive_data(record)
             except h2.exceptions.ProtocolError as exc:
                 logger.info("HTTP/2 protocol error from %s: %s", self.peername, exc)
                 self._flush_now()  # h2 queued a GOAWAY
