@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import ipaddress
 import signal
@@ -180,6 +181,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _run(mesh: Mesh, duration: dt.timedelta | None, interval: float, live: bool) -> str:
     view = mesh.status_view()
+    if duration is not None:
+        view = dataclasses.replace(view, stop_after=duration.total_seconds())
     started = time.monotonic()
     end = started + duration.total_seconds() if duration is not None else float("inf")
     before: Snapshot | None = None

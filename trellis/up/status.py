@@ -104,6 +104,7 @@ class StatusView:
     caller: str = "load"  # the sidecar whose outbound side carries the demo traffic
     callee: str = "echo"
     policy_probe: str | None = None  # what became of a call from an identity not allowed
+    stop_after: float | None = None  # --duration, seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +186,9 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
     """The status block: a dozen lines, each a fact read from a process."""
     m = now.metrics
     lines = [
-        f"trellis up | {view.trust_domain} | up {_clock(now.elapsed)} | Ctrl-C stops"
+        f"trellis up | {view.trust_domain} | up {_clock(now.elapsed)}"
+        + (f" of {_clock(view.stop_after)}" if view.stop_after is not None else "")
+        + " | Ctrl-C stops"
         f" | run dir {view.run_dir}"
     ]
     # -- identities ------------------------------------------------------------------
