@@ -83,8 +83,8 @@ def test_the_status_shows_identities_group_traffic_pooling_policy_issuance_and_e
     text = render(VIEW, _snapshot(at, ok=1250), _snapshot(at - 1.0))
     assert "up 00:01:15" in text
     assert (
-        "load     spiffe://example.org/ns/demo/sa/load  41s left, serial abcdef012345, SVID #3"
-        in text
+        "load     spiffe://example.org/ns/demo/sa/load  41s left, serial abcdef012345,"
+        " identity update 3" in text
     )
     assert "echo     spiffe://example.org/ns/demo/sa/echo  no SVID yet" in text
     assert "X25519MLKEM768 (2 handshakes)" in text

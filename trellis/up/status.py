@@ -148,7 +148,7 @@ class _Svid:
     spiffe_id: str | None = None
     not_after: float | None = None  # UNIX time
     serial: str | None = None
-    generation: int | None = None  # how many SVIDs the sidecar has held (rotations + 1)
+    generation: int | None = None  # the sidecar's count of SVID/bundle updates received
 
 
 def _svid_from_config(config: dict[str, Any] | None) -> _Svid:
@@ -201,7 +201,7 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
         ttl = _left(expiry - now.at) if expiry is not None else "no SVID yet"
         detail = f", serial {svid.serial[:12]}" if svid.serial else ""
         if svid.generation:
-            detail += f", SVID #{svid.generation}"
+            detail += f", identity update {svid.generation}"
         head = "identity " if index == 0 else "         "
         lines.append(
             f" {head} {sidecar.name:<8} {svid.spiffe_id or sidecar.spiffe_id}  {ttl}{detail}"
