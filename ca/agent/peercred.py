@@ -51,6 +51,14 @@ log = logging.getLogger("trellis.agent.peercred")
 
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 DEFAULT_MAX_CONNECTIONS = 4096
+# sun_path holds 108 bytes; the per-connection paths add "/trellis-wl-XXXXXXXX/cNNNNNNN".
+_MAX_TEMP_DIR_CHARS = 70
+
+
+def _short_temp_dir() -> str:
+    """$TMPDIR when socket paths under it fit in sun_path, else /tmp."""
+    candidate = tempfile.gettempdir()
+    return candidate if len(candidate.encode()) <= _MAX_TEMP_DIR_CHARS else "/tmp"  # noqa: S108
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -152,7 +160,7 @@ class UdsFront:
         self._start_time = start_time
         self._max = max_connections
         # mkdtemp creates the directory 0700: only the agent's user can reach grpcio.
-        self._dir = Path(tempfile.mkdtemp(prefix="trellis-wl-"))
+        self._dir = Path(tempfile.mkdtemp(prefix="trellis-wl-", dir=_short_temp_dir()))
         self.internal_path = self._dir / "grpc.sock"
         self._counter = itertools.count(1)
         self._splices: set[_Splice] = set()
