@@ -10,7 +10,7 @@ same four calls, so the pool and the HTTP/2 layer above stay as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from sidecar.tls import (
     AlertReceived,
@@ -48,7 +48,7 @@ class SecureChannel(Protocol):
         Raises `TLSError` (its alert is in `pending()`) on a protocol failure."""
         ...
 
-    def seal(self, plaintext: bytes) -> bytes: ...
+    def seal(self, plaintext: bytes | bytearray) -> bytes: ...
 
     def close(self) -> bytes: ...
 
@@ -96,11 +96,12 @@ class EngineChannel:
                 result.peer_alert = desc.name if isinstance(desc, AlertDescription) else str(desc)
         return result, tls.data_to_send()
 
-    def seal(self, plaintext: bytes) -> bytes:
+    def seal(self, plaintext: bytes | bytearray) -> bytes:
         tls = self._tls
         if tls.write_closed:
             return b""
-        tls.send_application_data(plaintext)
+        # The engine only takes a memoryview of it, so a bytearray is as good as bytes.
+        tls.send_application_data(cast(bytes, plaintext))
         return tls.data_to_send()
 
     def close(self) -> bytes:

@@ -44,8 +44,8 @@ import h2.exceptions
 import h2.frame_buffer
 import h2.settings
 import hyperframe.frame
-from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from h2.errors import ErrorCodes
+from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 
 from sidecar.tls import TLSError
 
@@ -563,7 +563,17 @@ class Session(asyncio.Protocol):
             self._flush_now()
 
     def _flush_now(self) -> None:
-        data = self._h2.data_to_send()
+        h2c = self._h2
+        # h2's public data_to_send() copies its bytearray into bytes; the TLS layer only
+        # reads it (AEAD from a view), so take the buffer itself and leave h2 a new one.
+        pending = getattr(h2c, "_data_to_send", None)
+        if isinstance(pending, bytearray):
+            if not pending:
+                return
+            h2c._data_to_send = bytearray()
+            data: bytes | bytearray = pending
+        else:
+            data = h2c.data_to_send()
         if data and self._channel is not None:
             self._write_raw(self._channel.seal(data))
 

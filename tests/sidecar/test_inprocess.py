@@ -195,3 +195,73 @@ def test_a_new_svid_is_used_by_the_next_handshake_and_old_connections_keep_runni
                 await sidecar.drain()
 
     run(scenario())
+
+
+def test_the_operator_policy_file_and_pod_labels_decide_and_are_reloaded_on_change(
+    tmp_path: Path,
+) -> None:
+    import json
+    import os
+
+    from ca.spiffeid import SpiffeId
+
+    policy = tmp_path / "policy.json"
+    labels = tmp_path / "labels"
+    labels.write_text('app="api"\n')
+
+    def document(allow: list[dict[str, str]]) -> str:
+        return json.dumps(
+            {
+                "kind": "SidecarPolicy",
+                "policies": [
+                    {
+                        "name": "p",
+                        "selector": {"matchLabels": {"app": "api"}},
+                        "ports": [8080],
+                        "allow": allow,
+                    }
+                ],
+            }
+        )  # fmt: skip
+
+    policy.write_text(document([{"exact": CLIENT}]))
+    config = load_yaml(f"policy_file: {policy}\npod_labels_file: {labels}\nadmin: 'off'\n")
+    sidecar = Sidecar(config)
+    client = SpiffeId(CLIENT)
+    assert sidecar._authorizer.decide(client, 8080, None).allowed
+    assert not sidecar._authorizer.decide(SpiffeId(ECHO), 8080, None).allowed
+    policy.write_text(document([]))
+    stat = policy.stat()
+    os.utime(policy, (stat.st_atime + 5, stat.st_mtime + 5))
+    sidecar._reload_policy()
+    assert not sidecar._authorizer.decide(client, 8080, None).allowed
+
+
+def test_without_an_svid_the_sidecar_is_alive_but_not_ready() -> None:
+    from aiohttp import ClientSession
+
+    async def scenario() -> None:
+        admin = free_port()
+        workdir = Path(tempfile.mkdtemp())
+        config = load_yaml(
+            f"workload_api_socket: unix://{workdir}/absent.sock\n"
+            f"admin: 127.0.0.1:{admin}\ninbound: {{listen: '127.0.0.1:{free_port()}'}}\n"
+        )
+        sidecar = Sidecar(config)
+        await sidecar.start()
+        try:
+            async with ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{admin}/healthz") as response:
+                    assert response.status == 200
+                await asyncio.sleep(0.5)
+                async with http.get(f"http://127.0.0.1:{admin}/readyz") as response:
+                    assert response.status == 503
+                    assert "no valid SVID" in await response.text()
+                async with http.get(f"http://127.0.0.1:{admin}/config") as response:
+                    body = await response.json()
+                    assert body["identity"]["spiffe_id"] is None
+                    assert body["workload_api"]["last_error"]
+        finally:
+            await sidecar.drain()
+
+    run(scenario())
