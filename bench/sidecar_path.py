@@ -1,12 +1,14 @@
 """The sidecar data path alone: raw TCP through two `trellis sidecar` processes vs direct.
 
-    python3 bench/sidecar_path.py [--seconds 4] [--rate 1000] [--bulk-mib 256] [--profile DIR]
+    python3 bench/sidecar_path.py [--seconds 4] [--rate 1000] [--connections 8]
+                                  [--bulk-mib 256] [--profile DIR]
 
 No HTTP, no CA: SVIDs from files, a TCP echo app and a TCP sink app (the data-plane tests'
 `echo_app.py`), so what is measured is the sidecars' own cost. Each figure has its baseline
 from the same run, the same client against the app directly:
 
-* `pingpong`: one 1 KiB message out and back on each of 8 persistent connections, paced to
+* `pingpong`: one 1 KiB message out and back on each of `--connections` persistent
+  connections (one TLS connection carries them all), paced to
   `--rate` messages/s in total: p50/p99 round-trip, and CPU seconds per 1,000 messages of
   each sidecar (utime+stime from /proc, the app's own as the floor).
 * `bulk`: one connection writing `--bulk-mib` MiB to the sink: MB/s.
@@ -109,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--bulk-mib", type=int, default=256)
     parser.add_argument("--profile", type=Path)
     args = parser.parse_args()
@@ -173,9 +176,9 @@ def main() -> None:
         asyncio.run(pingpong(ports["echo"], 100, 0.5))  # warm: the pool's first handshake
         bulk(ports["sink"], 1)
 
-        direct = asyncio.run(pingpong(echo, args.rate, args.seconds))
+        direct = asyncio.run(pingpong(echo, args.rate, args.seconds, args.connections))
         before = {k: cpu_seconds(p) for k, p in pids.items()}
-        mesh = asyncio.run(pingpong(ports["echo"], args.rate, args.seconds))
+        mesh = asyncio.run(pingpong(ports["echo"], args.rate, args.seconds, args.connections))
         spent = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
         result["pingpong"] = {
             "offered_per_s": args.rate,
