@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import h2.exceptions
+
 from ca.spiffeid import SpiffeId
 
 from .bridge import Bridge
@@ -131,7 +133,13 @@ class Pool:
             )
             if action == "use":
                 session = self.sessions[index]
-                stream_id = session.open_stream(authority, bridge)
+                try:
+                    stream_id = session.open_stream(authority, bridge)
+                except h2.exceptions.H2Error as exc:
+                    # The connection stopped taking streams between the check and now.
+                    logger.debug("session to %s refused a stream: %s", self.endpoint, exc)
+                    session.goaway_received = True
+                    continue
                 bridge.attach(session, stream_id)
                 return
             if action == "dial":

@@ -329,7 +329,12 @@ class Session(asyncio.Protocol):
                     self._transport.close()
                 return
             for event in events:
-                self._dispatch(event)
+                try:
+                    self._dispatch(event)
+                except h2.exceptions.H2Error as exc:
+                    # A stream that raced to a close (e.g. reset while we answered it):
+                    # that stream's business only, never the connection's.
+                    logger.debug("h2 refused an action on %s: %s", self.peername, exc)
         finally:
             self._batch = False
         self._flush_now()
@@ -590,8 +595,9 @@ class Session(asyncio.Protocol):
             return
         self.draining = True
         if self.handshake_done:
-            self._h2.close_connection(last_stream_id=self._h2.highest_inbound_stream_id)
-            self._reopen_after_goaway()
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self._h2.close_connection(last_stream_id=self._h2.highest_inbound_stream_id)
+                self._reopen_after_goaway()
             self._flush()
         self._notify()
         if not self.streams:
@@ -602,7 +608,8 @@ class Session(asyncio.Protocol):
             return
         if self.handshake_done and not self.draining:
             self.draining = True
-            self._h2.close_connection()
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self._h2.close_connection()
             self._flush()
         if self._channel is not None:
             self._write_raw(self._channel.close())
@@ -660,7 +667,8 @@ class Session(asyncio.Protocol):
             delay = self._ping_sent + self.settings.keepalive_timeout - now
         elif now - self._last_rx >= interval:
             self._ping_sent = now
-            self._h2.ping(os.urandom(8))
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self._h2.ping(os.urandom(8))
             self._flush()
             delay = self.settings.keepalive_timeout
         else:
