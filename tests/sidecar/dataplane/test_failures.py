@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -221,3 +222,76 @@ def test_a_slow_reader_never_makes_the_sidecars_buffer_without_bound(
     assert sent < 128 << 20, "the sidecars accepted everything: no backpressure"
     for name, rss in after.items():
         assert rss - before[name] < 48 * 1024, (name, before[name], rss)
+
+
+class _RecordingApp(threading.Thread):
+    """Accepts connections and records how each one ended: 'fin' or 'rst'."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.endings: list[str] = []
+
+    def run(self) -> None:
+        self.server.settimeout(15)
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            try:
+                while conn.recv(65536):
+                    pass
+                self.endings.append("fin")
+            except ConnectionResetError:
+                self.endings.append("rst")
+            except OSError as exc:
+                self.endings.append(f"error {exc!r}")
+
+
+def test_an_app_reset_arrives_as_a_reset_and_a_fin_as_a_fin(procs: Procs, pki: Pki) -> None:
+    app = _RecordingApp()
+    app.start()
+    b = start_sidecar(
+        procs,
+        "sidecar-b",
+        {
+            "svid_dir": str(pki.write(procs.workdir / "svid-b", ECHO)),
+            "inbound": {"targets": {8080: {"app": f"127.0.0.1:{app.port}"}}},
+        },
+    )
+    upstream = free_port()
+    start_sidecar(
+        procs,
+        "sidecar-a",
+        {
+            "svid_dir": str(pki.write(procs.workdir / "svid-a", CLIENT)),
+            "upstreams": [
+                {
+                    "name": "app",
+                    "listen": f"127.0.0.1:{upstream}",
+                    "target": "app:8080",
+                    "endpoints": [f"127.0.0.1:{b.inbound_port}"],
+                    "spiffe_ids": [ECHO],
+                }
+            ],
+        },
+    )
+    with socket.create_connection(("127.0.0.1", upstream), timeout=10) as graceful:
+        graceful.sendall(b"bye")
+        graceful.shutdown(socket.SHUT_WR)
+        wait_for(lambda: len(app.endings) == 1, 10, "the FIN at the app")
+    abrupt = socket.create_connection(("127.0.0.1", upstream), timeout=10)
+    abrupt.sendall(b"oops")
+    time.sleep(0.3)  # the stream exists and the app connection is up
+    abrupt.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    abrupt.close()  # RST
+    wait_for(lambda: len(app.endings) == 2, 10, "the RST at the app")
+    app.server.close()
+    assert app.endings == ["fin", "rst"]
