@@ -95,6 +95,7 @@ class Pool:
         self._channel_factory = channel_factory or _engine_channel
         self._connecting = 0
         self._waiting = 0
+        self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
         self._failures = 0
         self.last_error: str | None = None
@@ -143,7 +144,12 @@ class Pool:
                 bridge.attach(session, stream_id)
                 return
             if action == "dial":
-                asyncio.get_running_loop().create_task(self._dial())
+                # Counted now, not when the task first runs: every open() in this loop
+                # iteration must see the dial in flight, or each would start its own.
+                self._connecting += 1
+                task = asyncio.get_running_loop().create_task(self._dial(counted=True))
+                self._tasks.add(task)  # the loop holds tasks weakly
+                task.add_done_callback(self._tasks.discard)
             elif self._failures != failures and not self._connecting:
                 raise NoEndpoint(f"{self.endpoint}: {self.last_error}")
             remaining = deadline - time.monotonic()
@@ -160,8 +166,9 @@ class Pool:
             if self._failures != failures and not self._connecting and not self._views():
                 raise NoEndpoint(f"{self.endpoint}: {self.last_error}")
 
-    async def _dial(self) -> None:
-        self._connecting += 1
+    async def _dial(self, counted: bool = False) -> None:
+        if not counted:
+            self._connecting += 1
         self.dials += 1
         loop = asyncio.get_running_loop()
         settings = SessionSettings(
