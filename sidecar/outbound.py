@@ -31,11 +31,15 @@ SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
-    """The address the app dialled before the REDIRECT (IPv4 `struct sockaddr_in`)."""
+    """The address the app dialled before the REDIRECT: `struct sockaddr_in` from
+    SO_ORIGINAL_DST, or `sockaddr_in6` from IP6T_SO_ORIGINAL_DST (same number, SOL_IPV6)."""
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port = struct.unpack_from("!H", raw, 2)[0]
-    host = socket.inet_ntoa(raw[4:8])
-    return host, port
+    return socket.inet_ntoa(raw[4:8]), port
 
 
 Resolver = Callable[[socket.socket], tuple[tuple[Address, ...], tuple[SpiffeId, ...], str]]
