@@ -64,6 +64,15 @@ Admin (aiohttp, `--admin-port`)
     `trellis_sidecar_connect_requests_rejected_total{status}`,
     `trellis_sidecar_svid_expiry_timestamp_seconds`, `trellis_sidecar_svid_updates_total`.
 
+Pooling (YAML `pool`): one pool per (endpoint, expected SPIFFE IDs); at most
+`max_streams_per_connection` (100) streams per TLS connection, a new connection only when
+every live one is full and dials in flight cannot absorb the waiting streams; idle
+connections close after `idle_timeout` (60 s); a PING after `keepalive_interval` (20 s) of
+silence, dead if unanswered within `keepalive_timeout` (10 s); GOAWAY stops new streams
+and lets open ones finish; a stream whose connection died before any of its bytes was sent
+is retried (twice at most) on a fresh connection. Flow control: 1 MiB stream window,
+16 MiB connection window, data acknowledged only while the app socket accepts writes.
+
 SIGTERM/SIGINT: /readyz → 503, listeners close, every TLS connection gets GOAWAY, open
 streams finish up to `--drain-timeout` (default 10 s), then exit 0.
 
