@@ -61,10 +61,11 @@ async def pingpong(port: int, rate: float, seconds: float, conns: int = 8) -> di
     latencies: list[float] = []
     interval = conns / rate
 
-    async def one() -> None:
+    async def one(index: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         message = os.urandom(1024)
-        start = time.perf_counter()
+        # Staggered, so the connections' messages interleave instead of arriving in bursts.
+        start = time.perf_counter() + index * interval / conns
         sent = 0
         while time.perf_counter() - start < seconds:
             due = start + sent * interval
@@ -79,7 +80,7 @@ async def pingpong(port: int, rate: float, seconds: float, conns: int = 8) -> di
         writer.close()
 
     began = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(conns)))
+    await asyncio.gather(*(one(i) for i in range(conns)))
     elapsed = time.perf_counter() - began
     latencies.sort()
     n = len(latencies)
