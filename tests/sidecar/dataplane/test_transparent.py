@@ -66,8 +66,9 @@ def _curl(ns: str, url: str) -> str:
 
 
 def test_a_redirected_app_connection_reaches_the_peer_via_its_original_destination(
-    procs: Procs, pki: Pki, netns: str
+    netns: str, procs: Procs, pki: Pki
 ) -> None:
+    # `netns` first: fixtures tear down in reverse, so the processes stop before it goes.
     work = procs.workdir
     rules = subprocess.run(
         _in(
