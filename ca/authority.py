@@ -35,6 +35,7 @@ from ca.x509svid import (
     CLOCK_SKEW,
     DEFAULT_X509_SVID_TTL,
     MAX_X509_SVID_TTL,
+    SIGNING_KEY_USAGE,
     X509Svid,
     leaf_extensions,
     spiffe_id_of,
@@ -68,20 +69,6 @@ def _signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | None:
     if isinstance(key, rsa.RSAPrivateKey):
         return hashes.SHA256()
     return None  # Ed25519 and ML-DSA sign the message itself
-
-
-def _ca_key_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=False,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
 
 
 def _utc(now: dt.datetime) -> dt.datetime:
@@ -154,7 +141,7 @@ class RootAuthority:
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(now + ttl)
             .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
+            .add_extension(SIGNING_KEY_USAGE, critical=True)
             .add_extension(
                 x509.SubjectAlternativeName(
                     [x509.UniformResourceIdentifier(trust_domain.id_string())]
@@ -224,7 +211,7 @@ class RootAuthority:
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
+            .add_extension(SIGNING_KEY_USAGE, critical=True)
             .add_extension(
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(td.id_string())]),
                 critical=False,

@@ -21,7 +21,9 @@ from ca.spiffeid import SpiffeId, SpiffeIdError
 __all__ = [
     "CLOCK_SKEW",
     "DEFAULT_X509_SVID_TTL",
+    "LEAF_KEY_USAGE",
     "MAX_X509_SVID_TTL",
+    "SIGNING_KEY_USAGE",
     "SvidError",
     "X509Svid",
     "check_leaf",
@@ -161,7 +163,7 @@ def leaf_extensions(
     names.extend(x509.DNSName(n) for n in dns_names)
     return [
         (x509.BasicConstraints(ca=False, path_length=None), True),
-        (_LEAF_KEY_USAGE, True),
+        (LEAF_KEY_USAGE, True),
         (_LEAF_EKU, False),
         (x509.SubjectAlternativeName(names), False),
         (subject_key_identifier, False),
@@ -169,7 +171,8 @@ def leaf_extensions(
     ]
 
 
-_LEAF_KEY_USAGE = x509.KeyUsage(
+# X509-SVID §4.3: a leaf signs handshakes only; a signing certificate signs certificates and CRLs.
+LEAF_KEY_USAGE = x509.KeyUsage(
     digital_signature=True,
     content_commitment=False,
     key_encipherment=False,
@@ -182,4 +185,15 @@ _LEAF_KEY_USAGE = x509.KeyUsage(
 )
 _LEAF_EKU = x509.ExtendedKeyUsage(
     [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+)
+SIGNING_KEY_USAGE = x509.KeyUsage(
+    digital_signature=False,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
 )
