@@ -211,6 +211,7 @@ class Bridge(asyncio.Protocol):
             self.detach_for_retry()
             if self._on_retry(self):
                 return
+        self._return_window()
         self.session = None
         self._rst_app()
         self._done("reset")
@@ -250,12 +251,22 @@ class Bridge(asyncio.Protocol):
         if self._finished:
             return
         self._finished = True
+        self._return_window()
         if self._counted:
             self._counted = False
             self.metrics.streams_active.labels(direction=self.direction).dec()
         self.metrics.streams.labels(direction=self.direction, outcome=outcome).inc()
         if self._on_done is not None:
             self._on_done(self, outcome)
+
+    def _return_window(self) -> None:
+        """Bytes the peer sent that will never reach the app still count against the
+        connection's window: acknowledge them, or every such stream shrinks it for good."""
+        leftover = self._unacked + sum(length for _, length in self._inbound_early)
+        self._unacked = 0
+        self._inbound_early = []
+        if leftover and self.session is not None and self.stream_id:
+            self.session.ack(self.stream_id, leftover)
 
     def _pause(self, reason: str) -> None:
         self._paused.add(reason)

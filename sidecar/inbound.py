@@ -39,6 +39,7 @@ class Inbound:
         *,
         keepalive_interval: float = 20.0,
         keepalive_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -50,6 +51,7 @@ class Inbound:
             "inbound", keepalive_interval=keepalive_interval, keepalive_timeout=keepalive_timeout
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        self._connect_timeout = connect_timeout
 
     def _channel(self, now: float) -> SecureChannel:
         return EngineChannel(self.identity.server_config(), client=False, now=now)
@@ -120,8 +122,10 @@ class Inbound:
     ) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.create_connection(lambda: bridge, host, port)
-        except OSError as exc:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: bridge, host, port), self._connect_timeout
+            )
+        except (OSError, TimeoutError) as exc:
             logger.info("local app %s:%d unreachable: %s", host, port, exc)
             if stream_id in session.streams:
                 session.refuse(stream_id, 503)

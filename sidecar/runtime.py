@@ -56,6 +56,7 @@ class Sidecar:
             lambda: self._authorizer,
             keepalive_interval=config.pool.keepalive_interval,
             keepalive_timeout=config.pool.keepalive_timeout,
+            connect_timeout=config.pool.connect_timeout,
         )
         self.outbound = Outbound(self.pools, self.metrics, config.inbound.listen.port)
         self.watcher: WorkloadApiWatcher | None = None

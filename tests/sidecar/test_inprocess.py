@@ -265,3 +265,66 @@ def test_without_an_svid_the_sidecar_is_alive_but_not_ready() -> None:
             await sidecar.drain()
 
     run(scenario())
+
+
+class _SlowFailingInbound(Inbound):
+    """Dials port 9999's app slowly and fails: stream data piles up meanwhile."""
+
+    async def _dial(
+        self, session: Session, stream_id: int, bridge: Any, host: str, port: int
+    ) -> None:
+        if port == 9999:
+            await asyncio.sleep(0.3)
+            port = free_port()  # nothing listens there: refused
+        await super()._dial(session, stream_id, bridge, host, port)
+
+
+def test_bytes_for_a_stream_that_failed_still_give_the_connection_its_window_back() -> None:
+    pki = Pki()
+
+    async def scenario() -> None:
+        workdir = Path(tempfile.mkdtemp())
+        async with _server(pki, workdir, _SlowFailingInbound) as inbound:
+            inbound.config = InboundConfig(
+                listen=inbound.config.listen,
+                targets={
+                    **inbound.config.targets,
+                    9999: InboundTarget(9999, Address("127.0.0.1", 9999), None),
+                },
+            )
+            doomed, good = free_port(), free_port()
+            server = inbound.config.listen.port
+            config = load_yaml(
+                f"""
+svid_dir: {pki.write(workdir / "client", CLIENT)}
+admin: "off"
+inbound: {{listen: "127.0.0.1:{free_port()}"}}
+upstreams:
+  - {{name: doomed, listen: "127.0.0.1:{doomed}", target: "x:9999",
+      endpoints: ["127.0.0.1:{server}"], spiffe_ids: ["{ECHO}"]}}
+  - {{name: good, listen: "127.0.0.1:{good}", target: "echo:8080",
+      endpoints: ["127.0.0.1:{server}"], spiffe_ids: ["{ECHO}"]}}
+"""
+            )
+            sidecar = Sidecar(config)
+            await sidecar.start()
+            try:
+                chunk = b"z" * (900 << 10)
+
+                async def doomed_stream() -> None:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", doomed)
+                    writer.write(chunk)
+                    with contextlib.suppress(ConnectionError):
+                        await reader.read()
+                    writer.close()
+
+                # 20 x 900 KiB > the 16 MiB connection window: leaked, it would be gone.
+                await asyncio.gather(*(doomed_stream() for _ in range(20)))
+                payload = b"y" * (2 << 20)
+                assert await asyncio.wait_for(_exchange(good, payload), 10) == payload
+                (pool,) = sidecar.pools.pools.values()
+                assert len(pool.sessions) == 1  # the same connection carried it all
+            finally:
+                await sidecar.drain()
+
+    run(scenario(), timeout=60)
