@@ -184,6 +184,8 @@ class Bridge(asyncio.Protocol):
         if transport is None:
             if self.direction == "inbound" and not self._finished:
                 self._inbound_early.append((data, flow_length))
+            elif self.session is not None:
+                self.session.ack(self.stream_id, flow_length)  # nobody to deliver to
             return
         self.bytes_down += len(data)
         self._bytes_in.inc(len(data))
