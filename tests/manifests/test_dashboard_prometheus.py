@@ -164,6 +164,11 @@ async def drive_issuance(mesh: Mesh) -> tuple[int, int]:
     host = mesh.config.host
     listen = f"{host}:{mesh.ports['ca']}"
     attest = f"{host}:{mesh.ports['ca_attest']}"
+    spent = (mesh.run_dir / "join-token").read_text()
+    async with CaClient(listen, attest_address=attest, trust_roots=roots) as stranger:
+        # First, so that this refusal's series has samples before the panels look at it.
+        with pytest.raises(CaError):  # the agent's join token, used once: join-token-reused
+            await stranger.attest_with_join_token(spent)
     issued = 0
     async with CaClient(listen, trust_roots=roots, agent_svid=agent_svid) as client:
         for _ in range(LOAD_BATCHES):
@@ -173,10 +178,6 @@ async def drive_issuance(mesh: Mesh) -> tuple[int, int]:
             with pytest.raises(CaError):  # no such entry: entry-not-authorized
                 await client.batch_new_x509_svids([("db", generate_private_key(KeyAlgorithm.P256))])
             await asyncio.sleep(0.4)
-    spent = (mesh.run_dir / "join-token").read_text()
-    async with CaClient(listen, attest_address=attest, trust_roots=roots) as stranger:
-        with pytest.raises(CaError):  # the agent's join token, used once: join-token-reused
-            await stranger.attest_with_join_token(spent)
     return issued, LOAD_BATCHES + 1
 
 
