@@ -26,7 +26,8 @@ node ``local``): X509- and JWT-SVIDs for the load workload's entry, plus refusal
 unknown entry: ``entry-not-authorized``; the agent's spent join token:
 ``join-token-reused``). Then:
 
-* every panel's query (CA, agent and sidecar TLS) returns data;
+* every panel's query (CA, agent and sidecar TLS) returns data: at least one row with a
+  finite value (a quantile over an empty window is a NaN row, not data);
 * the sidecar TLS panels return the right kind of data: X25519MLKEM768's share of
   handshakes > 0, TLS 1.3 among the versions, a TLS 1.3 cipher suite, a finite positive
   handshake duration p95, a resumption ratio in [0, 1] (0 today: no resumption exists
