@@ -28,6 +28,7 @@ __all__ = [
     "X509Svid",
     "check_leaf",
     "check_signing_certificate",
+    "load_der_chain",
     "spiffe_id_of",
 ]
 
@@ -93,6 +94,34 @@ def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
         raise SvidError(
             "uri-san-not-spiffe-id", f"URI SAN is not a valid SPIFFE ID: {exc}"
         ) from exc
+
+
+def load_der_chain(data: bytes) -> list[x509.Certificate]:
+    """Certificates from concatenated DER: how the Workload API carries chains and bundles.
+
+    Raises ``ValueError`` when the bytes are not a sequence of whole DER certificates.
+    """
+    certs = []
+    offset = 0
+    while offset < len(data):
+        # A DER SEQUENCE: 0x30, then a short-form length or 0x80|n and n length bytes.
+        if data[offset] != 0x30 or offset + 2 > len(data):
+            raise ValueError("not a DER certificate sequence")
+        first = data[offset + 1]
+        if first < 0x80:
+            header, length = 2, first
+        else:
+            count = first & 0x7F
+            if not 0 < count <= 4:
+                raise ValueError("unsupported DER length encoding")
+            header = 2 + count
+            length = int.from_bytes(data[offset + 2 : offset + header], "big")
+        end = offset + header + length
+        if end > len(data):
+            raise ValueError("truncated DER certificate")
+        certs.append(x509.load_der_x509_certificate(data[offset:end]))
+        offset = end
+    return certs
 
 
 def _extension(

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ca.spiffeid import SpiffeId, TrustDomain
 from ca.workload import HEADER_KEY, HEADER_VALUE, method_path, workload_pb2
+from ca.x509svid import SvidError, load_der_chain, spiffe_id_of
 from sidecar.tls import TLSConfig
 from sidecar.tls.signatures import PrivateKey
 
@@ -160,30 +161,17 @@ class Identity:
 
 def split_der(data: bytes) -> list[x509.Certificate]:
     """Certificates from concatenated DER (the Workload API's chain/bundle encoding)."""
-    certs = []
-    offset = 0
-    while offset < len(data):
-        if data[offset] != 0x30 or offset + 2 > len(data):
-            raise IdentityError("not a DER certificate sequence")
-        first = data[offset + 1]
-        if first < 0x80:
-            header, length = 2, first
-        else:
-            count = first & 0x7F
-            header = 2 + count
-            length = int.from_bytes(data[offset + 2 : offset + header], "big")
-        end = offset + header + length
-        certs.append(x509.load_der_x509_certificate(data[offset:end]))
-        offset = end
-    return certs
+    try:
+        return load_der_chain(data)
+    except ValueError as exc:
+        raise IdentityError(str(exc)) from exc
 
 
 def _spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    if len(uris) != 1:
-        raise IdentityError("an SVID has exactly one URI SAN")
-    return SpiffeId(uris[0])
+    try:
+        return spiffe_id_of(cert)
+    except SvidError as exc:
+        raise IdentityError(f"not an SVID: {exc}") from exc
 
 
 def _private_key(key: Any) -> PrivateKey:

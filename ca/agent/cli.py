@@ -28,7 +28,7 @@ from ca.server.client import CaClient
 from ca.server.entries import EntryError, YamlFileEntrySource
 from ca.spiffeid import TrustDomain
 from ca.store import CaStore, StoreError
-from ca.x509svid import SvidError, X509Svid, spiffe_id_of
+from ca.x509svid import SvidError, X509Svid, load_der_chain, spiffe_id_of
 from trellis.cli import CliError
 from trellis.durations import parse_duration
 
@@ -250,29 +250,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _pem_chain(der_concatenated: bytes) -> tuple[list[x509.Certificate], bytes]:
-    certs = _split_der(der_concatenated)
+    certs = load_der_chain(der_concatenated)
     return certs, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-
-
-def _split_der(data: bytes) -> list[x509.Certificate]:
-    """Certificates from concatenated DER (the Workload API's chain and bundle encoding)."""
-    certs = []
-    offset = 0
-    while offset < len(data):
-        # DER SEQUENCE header: 0x30, then a short or long-form length.
-        if data[offset] != 0x30 or offset + 2 > len(data):
-            raise ValueError("not a DER certificate sequence")
-        first = data[offset + 1]
-        if first < 0x80:
-            header, length = 2, first
-        else:
-            count = first & 0x7F
-            header = 2 + count
-            length = int.from_bytes(data[offset + 2 : offset + header], "big")
-        end = offset + header + length
-        certs.append(x509.load_der_x509_certificate(data[offset:end]))
-        offset = end
-    return certs
 
 
 def _key_pem(pkcs8_der: bytes) -> bytes:

@@ -194,3 +194,25 @@ def test_roots_of_other_key_types_sign_working_hierarchies(
     )
     verified = verify_x509_svid(svid.chain, {root.trust_domain: [root.certificate]}, now=now)
     assert str(verified.spiffe_id) == "spiffe://alt.test/w"
+
+
+def test_concatenated_der_chain_round_trips_and_refuses_malformed_bytes(
+    intermediate: IntermediateAuthority, now: dt.datetime
+) -> None:
+    from ca.x509svid import load_der_chain
+
+    svid = intermediate.issue_x509_svid(
+        WEB, ec.generate_private_key(ec.SECP256R1()).public_key(), now=now
+    )
+    joined = b"".join(svid.chain_der())
+    assert load_der_chain(joined) == list(svid.chain)
+    assert load_der_chain(b"") == []
+    for bad in (
+        joined[:-1],
+        b"\x31" + joined[1:],
+        b"\x30",
+        b"\x30\x85\x01\x02\x03\x04\x05",
+        joined + b"\x00",
+    ):
+        with pytest.raises(ValueError):
+            load_der_chain(bad)

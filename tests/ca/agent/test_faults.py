@@ -18,16 +18,16 @@ from typing import Any
 
 import grpc.aio
 
-from ca.agent.cli import _split_der
 from ca.agent.rotator import load_agent_state
 from ca.agent.upstream import InProcessUpstream
 from ca.workload import workload_pb2 as pb
+from ca.x509svid import load_der_chain
 from tests.ca.agent.conftest import LiveCa, entry, make_upstream, run, running_agent
 from tests.ca.agent.test_workload_api import _next, _stream, _target
 
 
 def _serial(response: Any) -> int:
-    return _split_der(response.svids[0].x509_svid)[0].serial_number
+    return load_der_chain(response.svids[0].x509_svid)[0].serial_number
 
 
 def _get(port: int, path: str) -> tuple[int, dict[str, Any]]:
@@ -69,7 +69,7 @@ def test_ca_down_longer_than_a_rotation_period_then_back_serves_throughout_and_r
             upstream.available = True
             rotated = await _next(stream, timeout=5)  # recovers with no restart
             facts["rotated"] = _serial(rotated) != _serial(first)
-            cert = _split_der(first.svids[0].x509_svid)[0]
+            cert = load_der_chain(first.svids[0].x509_svid)[0]
             facts["before_expiry"] = dt.datetime.now(dt.UTC) < cert.not_valid_after_utc
             await asyncio.sleep(0.3)
             facts["health_up"] = await asyncio.to_thread(_get, port, "/healthz")

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives import serialization
 
 from ca import JwtAuthority, verify_x509_svid
 from ca.agent import Agent
-from ca.agent.cli import _split_der
 from ca.workload import HEADER_KEY, HEADER_VALUE, method_path, workload_pb2
+from ca.x509svid import load_der_chain
 from tests.ca.agent.conftest import WEB, LiveCa, entry, make_upstream, run, running_agent
 
 HEADER = ((HEADER_KEY, HEADER_VALUE),)
@@ -88,8 +88,8 @@ def test_fetch_x509_svid_serves_the_cached_svid_its_key_and_the_bundle(
     response = run(main())
     (svid,) = response.svids
     assert svid.spiffe_id == WEB
-    chain = _split_der(svid.x509_svid)
-    roots = _split_der(svid.bundle)
+    chain = load_der_chain(svid.x509_svid)
+    roots = load_der_chain(svid.bundle)
     assert len(chain) == 2  # leaf and intermediate: a leaf alone gives "verify error 21"
     verified = verify_x509_svid(chain, lambda td: roots, now=dt.datetime.now(dt.UTC))
     assert str(verified.spiffe_id) == WEB
@@ -272,7 +272,7 @@ def test_the_x509_stream_sends_the_rotated_svid_before_the_old_one_expires(
             first = await _next(stream)
             second = await _next(stream, timeout=5)
             stream.cancel()
-            return [_split_der(r.svids[0].x509_svid)[0] for r in (first, second)]
+            return [load_der_chain(r.svids[0].x509_svid)[0] for r in (first, second)]
 
     old, new = run(main())
     assert old.serial_number != new.serial_number
