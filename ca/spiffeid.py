@@ -188,6 +188,17 @@ class SpiffeId:
     def member_of(self, trust_domain: TrustDomain) -> bool:
         return self._trust_domain == trust_domain
 
+    def is_under(self, prefix: SpiffeId) -> bool:
+        """Whether this ID is ``prefix`` or below it, by whole path segments.
+
+        ``spiffe://td/ns/web`` covers ``spiffe://td/ns/web/x`` but not ``.../ns/webhook``;
+        a bare trust domain ID covers every ID of that domain.
+        """
+        if self._trust_domain != prefix._trust_domain:
+            return False
+        base = prefix._path
+        return not base or self._path == base or self._path.startswith(base + "/")
+
     def __str__(self) -> str:
         return self._uri
 

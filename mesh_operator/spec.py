@@ -304,13 +304,8 @@ class AllowedCaller:
     prefix: bool
 
     def allows(self, caller: SpiffeId) -> bool:
-        if not self.prefix:
-            return caller == self.spiffe_id
-        if caller.trust_domain != self.spiffe_id.trust_domain:
-            return False
         # A prefix matches whole path segments: /ns/web does not allow /ns/webhook.
-        base = self.spiffe_id.path.rstrip("/")
-        return caller.path == base or caller.path.startswith(base + "/")
+        return caller.is_under(self.spiffe_id) if self.prefix else caller == self.spiffe_id
 
     def to_dict(self) -> dict[str, str]:
         return {"prefix" if self.prefix else "exact": str(self.spiffe_id)}

@@ -50,12 +50,7 @@ class CallerRule:
     prefix: bool
 
     def allows(self, caller: SpiffeId) -> bool:
-        if not self.prefix:
-            return caller == self.spiffe_id
-        if caller.trust_domain != self.spiffe_id.trust_domain:
-            return False
-        base = self.spiffe_id.path.rstrip("/")
-        return not base or caller.path == base or caller.path.startswith(base + "/")
+        return caller.is_under(self.spiffe_id) if self.prefix else caller == self.spiffe_id
 
     def __str__(self) -> str:
         return f"{'prefix' if self.prefix else 'exact'}:{self.spiffe_id}"

@@ -120,3 +120,21 @@ def test_spiffe_id_parts_and_membership() -> None:
 def test_non_strings_are_a_type_error_not_a_parse_error() -> None:
     with pytest.raises(TypeError):
         SpiffeId(b"spiffe://example.org/a")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("candidate", "prefix", "expected"),
+    [
+        ("spiffe://td/ns/web", "spiffe://td/ns/web", True),
+        ("spiffe://td/ns/web/x", "spiffe://td/ns/web", True),
+        ("spiffe://td/ns/webhook", "spiffe://td/ns/web", False),
+        ("spiffe://td/ns", "spiffe://td/ns/web", False),
+        ("spiffe://td/anything", "spiffe://td", True),
+        ("spiffe://other/ns/web", "spiffe://td/ns/web", False),
+        ("spiffe://other/ns/web", "spiffe://td", False),
+    ],
+)
+def test_is_under_matches_whole_path_segments_within_one_trust_domain(
+    candidate: str, prefix: str, expected: bool
+) -> None:
+    assert SpiffeId(candidate).is_under(SpiffeId(prefix)) is expected
