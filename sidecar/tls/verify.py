@@ -102,6 +102,16 @@ def _leaf_eku(cert: x509.Certificate) -> x509.ExtendedKeyUsage | None:
         return None
 
 
+def _has_name_constraints(cert: x509.Certificate) -> bool:
+    try:
+        cert.extensions.get_extension_for_class(x509.NameConstraints)
+    except x509.ExtensionNotFound:
+        return False
+    except ValueError:
+        return False  # malformed extensions: the path builder reports them
+    return True
+
+
 def _eku_validator(required: x509.ObjectIdentifier) -> Callable[..., None]:
     def check(_policy: object, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
         # RFC 5280 §4.2.1.12: an absent EKU places no restriction.
@@ -126,6 +136,9 @@ class SpiffeVerifier:
     ) -> None:
         self._stores = {td: Store(list(roots)) for td, roots in trust_bundles.items() if roots}
         self._roots = {td: frozenset(roots) for td, roots in trust_bundles.items()}
+        self._constrained_roots = {
+            td for td, roots in trust_bundles.items() if any(map(_has_name_constraints, roots))
+        }
         self._policy = policy
         self._ee_policies = {
             True: ExtensionPolicy.webpki_defaults_ee().may_be_present(
@@ -262,21 +275,25 @@ class SpiffeVerifier:
         store = self._stores.get(trust_domain)
         if store is None:
             raise TLSError(AlertDescription.unknown_ca, f"no trust bundle for {trust_domain}")
-        verifier = self._verifier(trust_domain, store, now, peer_is_server)
-        try:
-            built = list(verifier.verify(leaf, certs[1:]).chain)
-        except VerificationError as exc:
-            if "unsupported name constraint" not in str(exc):
+        if any(_has_name_constraints(cert) for cert in certs[1:]) or trust_domain in (
+            self._constrained_roots
+        ):
+            # cryptography's path builder refuses URI name constraints, which is exactly
+            # what a Trellis cluster intermediate carries (X509-SVID §4.2); ca.verify walks
+            # that short path itself, with every signature still checked by OpenSSL. Routed
+            # up front so a production chain is validated once, not failed and redone.
+            built = self._verify_name_constrained(certs, trust_domain, now, peer_is_server)
+        else:
+            verifier = self._verifier(trust_domain, store, now, peer_is_server)
+            try:
+                built = list(verifier.verify(leaf, certs[1:]).chain)
+            except VerificationError as exc:
                 alert = _classify(str(exc))
                 if alert == AlertDescription.certificate_expired and any(
                     now < cert.not_valid_before_utc for cert in certs
                 ):
                     alert = AlertDescription.bad_certificate  # not yet valid
                 raise TLSError(alert, str(exc)) from exc
-            # cryptography's path builder refuses URI name constraints, which is exactly
-            # what a Trellis cluster intermediate carries (X509-SVID §4.2); ca.verify walks
-            # that short path itself, with every signature still checked by OpenSSL.
-            built = self._verify_name_constrained(certs, trust_domain, now, peer_is_server)
         roots = self._roots[trust_domain]
         # RFC 8446 §4.2.3: signature_algorithms_cert constrains signatures on the chain
         # (the trust anchor's self-signature is exempt).
