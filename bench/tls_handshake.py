@@ -22,12 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 from OpenSSL._util import lib
 
+from ca import KeyAlgorithm, RootAuthority, TrustDomain
 from sidecar.tls import (
     CipherSuite,
     ClientConnection,
@@ -41,76 +40,19 @@ NOW = dt.datetime.now(dt.UTC)
 TD = "example.org"
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
 def _pki() -> tuple[
     x509.Certificate, list[tuple[list[x509.Certificate], ec.EllipticCurvePrivateKey]]
 ]:
-    def ca(
-        subject: str,
-        key: ec.EllipticCurvePrivateKey,
-        issuer: x509.Name,
-        ikey: ec.EllipticCurvePrivateKey,
-        pl: int,
-    ) -> x509.Certificate:
-        return (
-            x509.CertificateBuilder()
-            .subject_name(_name(subject))
-            .issuer_name(issuer)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - dt.timedelta(days=1))
-            .not_valid_after(NOW + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(True, pl), True)
-            .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ikey.public_key()), False
-            )
-            .sign(ikey, hashes.SHA256())
-        )
-
-    rk, ik = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    root = ca("root", rk, _name("root"), rk, 1)
-    inter = ca("intermediate", ik, root.subject, rk, 0)
+    """The chains production uses: P-256 SVIDs from the project's CA (root, then a
+    name-constrained cluster intermediate), so both sides validate what a sidecar does."""
+    root = RootAuthority.create(TrustDomain(TD), now=NOW, key_algorithm=KeyAlgorithm.P256)
+    inter = root.issue_intermediate("bench", now=NOW)
     leaves = []
     for sa in ("server", "client"):
-        k = ec.generate_private_key(ec.SECP256R1())
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(inter.subject)
-            .public_key(k.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - dt.timedelta(hours=1))
-            .not_valid_after(NOW + dt.timedelta(hours=1))
-            .add_extension(x509.BasicConstraints(False, None), True)
-            .add_extension(
-                x509.KeyUsage(True, False, False, False, False, False, False, False, False), True
-            )
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(f"spiffe://{TD}/ns/default/sa/{sa}")]
-                ),
-                True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                False,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ik.public_key()), False
-            )
-            .sign(ik, hashes.SHA256())
-        )
-        leaves.append(([leaf, inter], k))
-    return root, leaves
+        key = ec.generate_private_key(ec.SECP256R1())
+        svid = inter.issue_x509_svid(f"spiffe://{TD}/ns/default/sa/{sa}", key.public_key(), now=NOW)
+        leaves.append((list(svid.chain), key))
+    return root.certificate, leaves
 
 
 ROOT, ((SERVER_CHAIN, SERVER_KEY), (CLIENT_CHAIN, CLIENT_KEY)) = _pki()
