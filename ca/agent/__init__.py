@@ -6,6 +6,8 @@ Public surface (import from ``ca.agent``):
 * ``Upstream``, ``InProcessUpstream``, ``GrpcUpstream``, ``UpstreamUnavailable``,
   ``UpstreamRefused`` — what the agent needs from its CA, in-process or over gRPC.
 * ``SvidCache``, ``JwtCache``, ``rotation_time`` — the sans-I/O cache and schedule.
+* ``Batcher`` (``BatchQueueFull``, ``BatcherClosed``) — group commit: coalesces concurrent
+  signing needs into few ``BatchNewX509SVID`` calls, at most two in flight.
 * ``Rotator`` — the asyncio shell that attests, syncs, rotates and watches the bundle.
 * ``WorkloadApi`` — the ``SpiffeWorkloadAPI`` servicer; ``UdsFront`` — the Unix socket
   front that records SO_PEERCRED for every connection.
@@ -13,8 +15,8 @@ Public surface (import from ``ca.agent``):
   workload attestation; ``ca.agent.k8s`` adds Kubernetes pod selectors.
 * ``WorkloadClient`` — a small blocking Workload API client (``trellis svid fetch``).
 
-Layering: ``cache``/``backoff``/``attestation``/``k8s`` (pure) ← ``rotator``/``peercred``/
-``workload_api`` (I/O shells) ← ``agent`` ← ``cli``.
+Layering: ``cache``/``backoff``/``attestation``/``k8s`` (pure) ← ``batcher`` ←
+``rotator``/``peercred``/``workload_api`` (I/O shells) ← ``agent`` ← ``cli``.
 """
 
 from ca.agent.agent import Agent, AgentConfig
@@ -25,6 +27,7 @@ from ca.agent.attestation import (
     WorkloadAttestor,
     WorkloadAttributes,
 )
+from ca.agent.batcher import Batcher, BatcherClosed, BatchQueueFull
 from ca.agent.cache import JwtCache, SvidCache, rotation_time
 from ca.agent.client import WorkloadApiError, WorkloadClient
 from ca.agent.grpc_upstream import GrpcUpstream
@@ -42,6 +45,9 @@ from ca.agent.workload_api import WorkloadApi, WorkloadApiConfig
 __all__ = [
     "Agent",
     "AgentConfig",
+    "BatchQueueFull",
+    "Batcher",
+    "BatcherClosed",
     "GrpcUpstream",
     "InProcessUpstream",
     "JwtCache",

@@ -117,4 +117,5 @@ class Agent:
             self._server = None
         if self.admin is not None:
             await self.admin.close()
+        await self.rotator.issuer.close()
         await self.rotator.upstream.close()

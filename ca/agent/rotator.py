@@ -5,8 +5,10 @@ SVID from ``--data-dir`` if one is still valid, else node attestation), then run
 loops until cancelled:
 
 * the sync loop: renew the agent SVID at half-life; fetch this node's entries; get
-  X509-SVIDs for every entry ``SvidCache.due`` names (one batch call, fresh key per SVID);
-  drop expired SVIDs; sleep until the next rotation, expiry or sync interval;
+  X509-SVIDs for every entry ``SvidCache.due`` names (fresh key per SVID) through the
+  agent's ``Batcher``, which sends them in as few ``BatchNewX509SVID`` calls as it can,
+  at most two at a time; drop expired SVIDs; sleep until the next rotation, expiry or
+  sync interval;
 * the bundle loop: follow ``Upstream.watch_bundle`` and put every new bundle in the cache.
 
 When the CA is unreachable both loops back off (capped exponential, full jitter) and the
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ca.agent.backoff import Backoff
+from ca.agent.batcher import Batcher
 from ca.agent.cache import JwtCache, SvidCache, rotation_time
 from ca.agent.metrics import AgentMetrics
 from ca.agent.upstream import Upstream, UpstreamError, UpstreamRefused, UpstreamUnavailable
@@ -36,6 +39,7 @@ from ca.bundle import BundleError, TrustBundle, load_pem_certificates
 from ca.keys import (
     KeyAlgorithm,
     KeyMaterialError,
+    PrivateKey,
     generate_private_key,
     load_private_key,
     private_key_pem,
@@ -51,7 +55,13 @@ __all__ = ["AgentFatalError", "Rotator", "RotatorConfig", "load_agent_state"]
 log = logging.getLogger("trellis.agent")
 
 Clock = Callable[[], dt.datetime]
+# CSRs per BatchNewX509SVID call: under the server's --max-batch (1,000) and, for every key
+# type the CA accepts, its --max-request-bytes (1 MiB).
 MAX_BATCH = 100
+# BatchNewX509SVID calls in flight at once: one being signed while the next is on the wire.
+MAX_IN_FLIGHT = 2
+# Signing requests that may wait for a call; beyond this the round fails and backs off.
+MAX_WAITING = 10_000
 
 
 def _utcnow() -> dt.datetime:
@@ -121,6 +131,12 @@ class Rotator:
         self.clock = clock
         self._rng = rng or random.Random()  # noqa: S311 (jitter, not secrets)
         self.cache = SvidCache(self._rng, self.config.jitter)
+        self.issuer: Batcher[tuple[str, PrivateKey], X509Svid] = Batcher(
+            lambda requests: self.upstream.batch_new_x509_svids(requests),
+            max_batch=MAX_BATCH,
+            max_in_flight=MAX_IN_FLIGHT,
+            max_pending=MAX_WAITING,
+        )
         self.jwt_cache = JwtCache()
         self.node: str | None = None
         self._agent_rotate_at: dt.datetime | None = None
@@ -244,8 +260,8 @@ class Rotator:
             self.jwt_cache.forget_entries(self.cache.entries)
             self._notify()
         due = self.cache.due(self.clock())
-        for start in range(0, len(due), MAX_BATCH):
-            await self._issue(due[start : start + MAX_BATCH])
+        if due:
+            await self._issue(due)
         self._succeeded()
         self.last_sync = self.clock()
         self.synced.set()
@@ -258,18 +274,24 @@ class Rotator:
             else "reissue"
             for e in entries
         ]  # fmt: skip
-        try:
-            svids = await self.upstream.batch_new_x509_svids(
-                [(e.entry_id, k) for e, k in zip(entries, keys, strict=True)]
-            )
-        except UpstreamError as exc:
-            self._failed("batch_new_x509_svids", exc)
-            raise
+        outcomes = await asyncio.gather(
+            *(self.issuer.submit((e.entry_id, k)) for e, k in zip(entries, keys, strict=True)),
+            return_exceptions=True,
+        )
+        # A failed call fails only the entries it carried: keep what the others signed.
         now = self.clock()
-        for entry, key, svid, kind in zip(entries, keys, svids, kinds, strict=True):
-            if self.cache.store(entry.entry_id, svid.chain, key, now=now) is not None:
+        failure: UpstreamError | None = None
+        for entry, key, outcome, kind in zip(entries, keys, outcomes, kinds, strict=True):
+            if isinstance(outcome, UpstreamError):
+                failure = failure or outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome  # a bug, not a CA answer: do not hide it
+            elif self.cache.store(entry.entry_id, outcome.chain, key, now=now) is not None:
                 self.metrics.rotations.labels(kind).inc()
         self._notify()
+        if failure is not None:
+            self._failed("batch_new_x509_svids", failure)
+            raise failure
 
     async def _sleep(self, seconds: float) -> None:
         self._wake.clear()
