@@ -78,7 +78,7 @@ streams finish up to `--drain-timeout` (default 10 s), then exit 0.
 
 Modules: `config` (YAML/flags → frozen values), `policy` (authorisation), `hbone`
 (CONNECT parsing), `identity` (SVIDs, bundles, Workload API), `channel` (the TLS layer
-under HTTP/2, swappable for kTLS), `session` (one TLS+h2 connection), `bridge` (app
-socket ↔ stream), `pool` (outbound pools), `inbound`, `outbound`, `admin`, `metrics`,
+under HTTP/2, swappable for kTLS), `h2tunnel` (HTTP/2 for CONNECT streams, sans-I/O),
+`session` (one TLS + HTTP/2 connection), `bridge` (app socket ↔ stream), `pool` (outbound pools), `inbound`, `outbound`, `admin`, `metrics`,
 `runtime` (wiring, drain), `iptables`, `cli`.
 """

@@ -22,8 +22,7 @@ import struct
 from collections.abc import Callable
 from typing import cast
 
-from h2.errors import ErrorCodes
-
+from .h2tunnel import ErrorCode
 from .metrics import Metrics
 from .session import Session
 
@@ -50,7 +49,8 @@ class Bridge(asyncio.Protocol):
         self._paused: set[str] = {"unattached"}
         self._early: list[bytes] = []  # app bytes read before the stream existed
         self._early_eof = False
-        self._inbound_early: list[tuple[bytes, int]] = []  # stream data before the app socket
+        # Stream data that arrived before the app socket was connected.
+        self._inbound_early: list[tuple[bytes | memoryview, int]] = []
         self._inbound_end = False
         self._app_write_paused = False
         self._unacked = 0
@@ -64,8 +64,7 @@ class Bridge(asyncio.Protocol):
         self.bytes_up = 0
         self.bytes_down = 0
         self.retries = 0
-        self._bytes_in = metrics.bytes_in
-        self._bytes_out = metrics.bytes_out
+        self._bytes = metrics.bytes
 
     # --- attaching ---------------------------------------------------------------------
 
@@ -130,7 +129,7 @@ class Bridge(asyncio.Protocol):
         if self._paused:
             self._set_reading(False)
         self.bytes_up += len(data)
-        self._bytes_out.inc(len(data))
+        self._bytes.outbound += len(data)
         if not session.send(self.stream_id, data):
             self._pause("window")
 
@@ -159,7 +158,7 @@ class Bridge(asyncio.Protocol):
         session = self.session
         if session is not None:
             if exc is not None or not self._app_eof:
-                session.reset(self.stream_id, ErrorCodes.CONNECT_ERROR)
+                session.reset(self.stream_id, ErrorCode.CONNECT_ERROR)
                 self._done("reset")
             else:
                 session.end(self.stream_id)
@@ -175,11 +174,11 @@ class Bridge(asyncio.Protocol):
             # its connection reset, as from a firewall, not a half-open socket.
             outcome = "refused" if status == 403 else "error"
             if self.session is not None:
-                self.session.reset(self.stream_id, ErrorCodes.CANCEL)
+                self.session.reset(self.stream_id, ErrorCode.CANCEL)
             self._rst_app()
             self._done(outcome)
 
-    def stream_data(self, data: bytes, flow_length: int) -> None:
+    def stream_data(self, data: bytes | memoryview, flow_length: int) -> None:
         transport = self.transport
         if transport is None:
             if self.direction == "inbound" and not self._finished:
@@ -188,7 +187,7 @@ class Bridge(asyncio.Protocol):
                 self.session.ack(self.stream_id, flow_length)  # nobody to deliver to
             return
         self.bytes_down += len(data)
-        self._bytes_in.inc(len(data))
+        self._bytes.inbound += len(data)
         transport.write(data)
         if self._app_write_paused:
             self._unacked += flow_length

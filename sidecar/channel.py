@@ -43,12 +43,17 @@ class SecureChannel(Protocol):
 
     def initial(self) -> bytes: ...
 
-    def receive(self, data: bytes, now: float) -> tuple[ChannelInput, bytes]:
+    def receive(self, data: bytes, now: float | None) -> tuple[ChannelInput, bytes]:
         """Feed wire bytes (b"" for EOF); returns the input and wire bytes to send.
+        `now` (for certificate validity) may be None once the handshake is complete.
         Raises `TLSError` (its alert is in `pending()`) on a protocol failure."""
         ...
 
     def seal(self, plaintext: bytes | bytearray) -> bytes: ...
+
+    def seal_parts(self, parts: list[bytes | memoryview]) -> bytes:
+        """Like `seal` for the concatenation of `parts` (frame headers and payload views)."""
+        ...
 
     def close(self) -> bytes: ...
 
@@ -75,13 +80,13 @@ class EngineChannel:
     def initial(self) -> bytes:
         return self._tls.data_to_send()
 
-    def receive(self, data: bytes, now: float) -> tuple[ChannelInput, bytes]:
+    def receive(self, data: bytes, now: float | None) -> tuple[ChannelInput, bytes]:
         tls = self._tls
         # `now` matters only for certificate validity, i.e. during the handshake.
         tls.receive_data(data, now=None if self._done else now)
         result = ChannelInput([])
         for event in tls.events():
-            if isinstance(event, ApplicationData):
+            if type(event) is ApplicationData:
                 result.plaintext.append(event.data)
             elif isinstance(event, HandshakeComplete):
                 self._done = True
@@ -102,6 +107,13 @@ class EngineChannel:
             return b""
         # The engine only takes a memoryview of it, so a bytearray is as good as bytes.
         tls.send_application_data(cast(bytes, plaintext))
+        return tls.data_to_send()
+
+    def seal_parts(self, parts: list[bytes | memoryview]) -> bytes:
+        tls = self._tls
+        if tls.write_closed:
+            return b""
+        tls.send_application_parts(parts)
         return tls.data_to_send()
 
     def close(self) -> bytes:

@@ -21,13 +21,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import h2.exceptions
-
 from ca.spiffeid import SpiffeId
 
 from .bridge import Bridge
 from .channel import EngineChannel, SecureChannel
 from .config import Address, PoolConfig
+from .h2tunnel import H2StateError
 from .identity import Identity
 from .metrics import Metrics
 from .session import Session, SessionSettings
@@ -136,7 +135,7 @@ class Pool:
                 session = self.sessions[index]
                 try:
                     stream_id = session.open_stream(authority, bridge)
-                except h2.exceptions.H2Error as exc:
+                except H2StateError as exc:
                     # The connection stopped taking streams between the check and now.
                     logger.debug("session to %s refused a stream: %s", self.endpoint, exc)
                     session.goaway_received = True

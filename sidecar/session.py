@@ -3,13 +3,14 @@
 Theory of operation
 -------------------
 `Session` is the asyncio protocol on the TCP socket. Wire bytes go through a
-`SecureChannel` (the TLS engine) to an `h2` connection; h2's events are dispatched to the
-`StreamHandler` of each stream (a `Bridge` to one app TCP connection). Writes go the
-other way: handler → h2 → channel → the socket, flushed once per inbound batch.
+`SecureChannel` (the TLS engine) to an `H2Tunnel` (`h2tunnel.py`, HTTP/2 for CONNECT
+streams), whose callbacks reach the `StreamHandler` of each stream (a `Bridge` to one app
+TCP connection). Writes go the other way: handler → HTTP/2 frames → channel → the socket,
+flushed once per inbound batch.
 
 Flow control is end-to-end and bounded:
 
-* peer → app: received DATA is written to the app socket, and acknowledged to h2 (so
+* peer → app: received DATA is written to the app socket, and acknowledged (so
   the peer's window reopens) only while the app socket's buffer is below its high-water
   mark; a slow app reader therefore stalls the peer at one stream window.
 * app → peer: `send()` writes what the stream and connection windows allow and keeps
@@ -19,15 +20,15 @@ Flow control is end-to-end and bounded:
 
 Mapping: app FIN ↔ END_STREAM, app RST ↔ RST_STREAM(CONNECT_ERROR) (RFC 9113 §8.5).
 
-Liveness: a PING every `keepalive_interval` of silence; no answer within
-`keepalive_timeout` and the connection is declared dead. A GOAWAY stops new streams;
+Liveness: a PING after `keepalive_interval` of silence (as seen by the keepalive timer,
+so between one and two intervals after the last input); no input within
+`keepalive_timeout` of it and the connection is declared dead. A GOAWAY stops new streams;
 streams the peer never processed are reported retryable. `drain()` sends our GOAWAY.
 """
 
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextlib
 import logging
 import os
@@ -37,69 +38,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.frame_buffer
-import h2.settings
-import hyperframe.frame
-from h2.errors import ErrorCodes
-from hyperframe.exceptions import InvalidDataError, InvalidFrameError
-
 from sidecar.tls import TLSError
 
 from .channel import SecureChannel
+from .h2tunnel import ErrorCode, H2ProtocolError, H2StateError, H2Tunnel, Setting
 from .metrics import Metrics
 
 logger = logging.getLogger("sidecar.session")
-
-
-def _raw_data_repr(data: bytes | None) -> str:
-    if not data:
-        return "None"
-    shown = binascii.hexlify(data[:11]).decode("ascii")
-    return "<hex:" + (shown[:20] + "..." if len(shown) > 20 else shown) + ">"
-
-
-class _FrameBuffer(h2.frame_buffer.FrameBuffer):
-    """h2's frame buffer, less one copy: the frame body is parsed from a view of the
-    buffer instead of a sliced copy (hyperframe copies what it keeps out of the view with
-    `tobytes()`, so no view outlives the call and the buffer can shrink afterwards)."""
-
-    def __next__(self) -> hyperframe.frame.Frame:
-        data = self._data
-        if len(data) < 9:
-            raise StopIteration
-        try:
-            frame, length = hyperframe.frame.Frame.parse_frame_header(memoryview(data)[:9])
-        except (InvalidDataError, InvalidFrameError) as err:
-            raise h2.exceptions.ProtocolError(
-                f"Received frame with invalid header: {err!s}"
-            ) from err
-        if len(data) < length + 9:
-            raise StopIteration
-        self._validate_frame_length(length)
-        view = memoryview(data)
-        body = view[9 : 9 + length]
-        try:
-            frame.parse_body(body)
-        except InvalidDataError as err:
-            raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from err
-        except InvalidFrameError as err:
-            raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from err
-        finally:
-            body.release()
-            view.release()
-        del data[: 9 + length]
-        new_frame = self._update_header_buffer(frame)
-        return new_frame if new_frame is not None else self.__next__()
-
-
-# h2 formats repr(frame) for its (no-op) trace log on every received frame, and
-# hyperframe's repr hex-encodes the whole payload only to keep 20 characters of it: a
-# 64 KiB DATA frame cost ~0.1 ms. Same output, computed from the first 11 bytes.
-hyperframe.frame._raw_data_repr = _raw_data_repr
 
 __all__ = ["Session", "SessionSettings", "StreamHandler"]
 
@@ -113,7 +58,7 @@ class StreamHandler(Protocol):
     """The app side of one stream (implemented by `bridge.Bridge`)."""
 
     def stream_response(self, status: int) -> None: ...
-    def stream_data(self, data: bytes, flow_length: int) -> None: ...
+    def stream_data(self, data: bytes | memoryview, flow_length: int) -> None: ...
     def stream_end(self) -> None: ...
     def stream_reset(self, code: int, retryable: bool) -> None: ...
     def stream_drained(self) -> None: ...
@@ -164,10 +109,14 @@ class Session(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._transport: asyncio.Transport | None = None
         self._channel: SecureChannel | None = None
-        self._h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=self.client, header_encoding=None)
+        self._h2 = H2Tunnel(
+            self,
+            client=self.client,
+            stream_window=STREAM_WINDOW,
+            connection_window=CONNECTION_WINDOW,
+            max_frame=MAX_FRAME,
+            max_concurrent_streams=SERVER_MAX_STREAMS,
         )
-        self._h2.incoming_buffer = _FrameBuffer(server=not self.client)
         self.streams: dict[int, _Stream] = {}
         self.peer_id: str | None = None
         self.negotiated_group: int | None = None
@@ -178,7 +127,9 @@ class Session(asyncio.Protocol):
         self._batch = False
         self._started = time.monotonic()
         self.last_active = self._started
-        self._last_rx = self._started
+        self._last_rx = self._started  # as of the last keepalive tick that saw input
+        self._rx_seen = False
+        self._established = False
         self._timer: asyncio.TimerHandle | None = None
         self._ping_sent: float | None = None
         self.streams_opened = 0
@@ -193,8 +144,8 @@ class Session(asyncio.Protocol):
     def can_open(self) -> bool:
         if self.dead or self.goaway_received or self.draining or not self.handshake_done:
             return False
-        limit = min(self.settings.max_streams, self._h2.remote_settings.max_concurrent_streams)
-        return len(self.streams) < limit and self._h2.highest_outbound_stream_id < (1 << 30)
+        limit = min(self.settings.max_streams, self._h2.remote_max_streams)
+        return len(self.streams) < limit and self._h2.next_stream_id < (1 << 30)
 
     @property
     def active_streams(self) -> int:
@@ -228,9 +179,10 @@ class Session(asyncio.Protocol):
         channel = self._channel
         if channel is None or self.dead:
             return
-        self._last_rx = time.monotonic()
+        self._rx_seen = True
         try:
-            received, out = channel.receive(data, time.time())
+            # The clock matters only for certificate validity, i.e. until the handshake.
+            received, out = channel.receive(data, None if self._established else time.time())
         except TLSError as exc:
             self._write_raw(channel.pending())
             self._fail(exc, reason=exc.alert.name)
@@ -275,23 +227,10 @@ class Session(asyncio.Protocol):
         info = channel.negotiated
         assert info is not None
         self.peer_id = peer_id
+        self._established = True
         self.negotiated_group = info.group
         self.metrics.handshake_done(info, self.settings.direction, time.monotonic() - self._started)
-        h2c = self._h2
-        h2c.initiate_connection()
-        # Applied by h2 when the peer acknowledges them; the peer honours them from then on.
-        h2c.update_settings(
-            {
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: SERVER_MAX_STREAMS,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            }
-        )
-        # h2 re-reads its inbound frame limit only at the start of receive_data(), so a
-        # SETTINGS ACK and a large frame in one read would fail: accept our size at once.
-        h2c.max_inbound_frame_size = MAX_FRAME
-        h2c.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self._h2.start()
         self._flush()
         self._cancel_timer()
         self._timer = self._loop.call_later(self.settings.keepalive_interval, self._tick)
@@ -310,111 +249,93 @@ class Session(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
-    # --- h2 ------------------------------------------------------------------------------
+    # --- HTTP/2 ------------------------------------------------------------------------
 
     def _receive_h2(self, records: list[bytes]) -> None:
         self._batch = True
         try:
-            try:
-                # Record by record: joining first would copy every byte once more, and
-                # memory bandwidth is what bulk transfer runs out of first.
-                events: list[h2.events.Event] = []
-                for record in records:
-                    events += self._h2.receive_data(record)
-            except h2.exceptions.ProtocolError as exc:
-                logger.info("HTTP/2 protocol error from %s: %s", self.peername, exc)
-                self._flush_now()  # h2 queued a GOAWAY
-                self.abort_all(ErrorCodes.PROTOCOL_ERROR)
-                if self._transport is not None:
-                    self._transport.close()
-                return
-            for event in events:
-                try:
-                    self._dispatch(event)
-                except h2.exceptions.H2Error as exc:
-                    # A stream that raced to a close (e.g. reset while we answered it):
-                    # that stream's business only, never the connection's.
-                    logger.debug("h2 refused an action on %s: %s", self.peername, exc)
+            # Record by record: joining first would copy every byte once more, and
+            # memory bandwidth is what bulk transfer runs out of first.
+            for record in records:
+                self._h2.receive(record)
+        except H2ProtocolError as exc:
+            logger.info("HTTP/2 protocol error from %s: %s", self.peername, exc)
+            self._batch = False
+            self._flush_now()  # the GOAWAY
+            self.abort_all(ErrorCode.PROTOCOL_ERROR)
+            if self._transport is not None:
+                self._transport.close()
+            return
         finally:
             self._batch = False
         self._flush_now()
 
-    def _dispatch(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.DataReceived):
-            stream = self.streams.get(event.stream_id)
-            if stream is None:
-                # A stream we already finished (reset/refused): give the window back.
-                self._h2.acknowledge_received_data(
-                    event.flow_controlled_length,
-                    event.stream_id,
-                )
-                return
-            if event.data:
-                stream.handler.stream_data(event.data, event.flow_controlled_length)
-            elif event.flow_controlled_length:
-                self.ack(event.stream_id, event.flow_controlled_length)
-        elif isinstance(event, h2.events.WindowUpdated):
-            if event.stream_id == 0:
-                for stream_id in list(self.streams):
-                    self._drain(stream_id)
-            else:
-                self._drain(event.stream_id)
-        elif isinstance(event, h2.events.StreamEnded):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.remote_closed = True
-                stream.handler.stream_end()
-                self._maybe_forget(event.stream_id)
-        elif isinstance(event, h2.events.StreamReset):
-            stream = self.streams.pop(event.stream_id, None)
-            if stream is not None:
-                retryable = (
-                    event.error_code == ErrorCodes.REFUSED_STREAM
-                    and stream.sent == 0
-                    and not stream.responded
-                )
-                stream.handler.stream_reset(int(event.error_code or 0), retryable)
-                self._notify()
-        elif isinstance(event, h2.events.ResponseReceived):
-            stream = self.streams.get(event.stream_id)
+    # H2Tunnel's listener: called from inside `_receive_h2`.
+
+    def h2_headers(
+        self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool
+    ) -> None:
+        if self.client:
+            stream = self.streams.get(stream_id)
             if stream is not None:
                 stream.responded = True
-                status = _status(event.headers)
-                stream.handler.stream_response(status)
-        elif isinstance(event, h2.events.RequestReceived):
-            if self.draining:
-                self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
-            elif self._on_request is not None:
-                self._on_request(self, event.stream_id, list(event.headers or ()))
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self._goaway(event.last_stream_id, int(event.error_code or 0))
-        elif isinstance(event, h2.events.PingAckReceived):
-            self._ping_sent = None
-        elif isinstance(event, h2.events.RemoteSettingsChanged):
-            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                for stream_id in list(self.streams):
-                    self._drain(stream_id)
+                stream.handler.stream_response(_status(headers))
+        elif self.draining or self._on_request is None:
+            self._h2.reset(stream_id, ErrorCode.REFUSED_STREAM)
+        else:
+            self._on_request(self, stream_id, headers)
+
+    def h2_data(self, stream_id: int, data: memoryview, flow_length: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            # A stream we already finished (reset/refused): give the window back.
+            self._h2.ack(stream_id, flow_length)
+        elif data:
+            stream.handler.stream_data(data, flow_length)
+        else:
+            self.ack(stream_id, flow_length)
+
+    def h2_end(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.remote_closed = True
+            stream.handler.stream_end()
+            self._maybe_forget(stream_id)
+
+    def h2_reset(self, stream_id: int, code: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            retryable = (
+                code == ErrorCode.REFUSED_STREAM and stream.sent == 0 and not stream.responded
+            )
+            stream.handler.stream_reset(code, retryable)
             self._notify()
 
-    def _reopen_after_goaway(self) -> None:
-        # h2 moves to CLOSED on sending or receiving GOAWAY and then refuses DATA even on
-        # the streams GOAWAY lets finish (RFC 9113 §6.8); keep the connection open for
-        # them -- new streams are refused by `can_open()` and `RequestReceived` instead.
-        self._h2.state_machine.state = (
-            h2.connection.ConnectionState.CLIENT_OPEN
-            if self.client
-            else h2.connection.ConnectionState.SERVER_OPEN
-        )
+    def h2_window(self, stream_id: int) -> None:
+        if stream_id == 0:
+            for sid in list(self.streams):
+                self._drain(sid)
+        else:
+            self._drain(stream_id)
 
-    def _goaway(self, last_stream_id: int | None, error_code: int) -> None:
+    def h2_goaway(self, last_stream_id: int, code: int, debug: bytes) -> None:
+        self._goaway(last_stream_id, code)
+
+    def h2_ping_ack(self, payload: bytes) -> None:
+        self._ping_sent = None
+
+    def h2_settings(self, changed: dict[int, int]) -> None:
+        if Setting.INITIAL_WINDOW_SIZE in changed:
+            for stream_id in list(self.streams):
+                self._drain(stream_id)
+        self._notify()
+
+    def _goaway(self, last_stream_id: int, error_code: int) -> None:
         self.goaway_received = True
-        if error_code == 0:
-            self._reopen_after_goaway()
-        last = last_stream_id if last_stream_id is not None else (1 << 31)
-        for stream_id in [s for s in self.streams if s > last]:
+        for stream_id in [s for s in self.streams if s > last_stream_id]:
             stream = self.streams.pop(stream_id)
             # RFC 9113 §6.8: streams above last_stream_id were never processed.
-            stream.handler.stream_reset(int(ErrorCodes.REFUSED_STREAM), stream.sent == 0)
+            stream.handler.stream_reset(ErrorCode.REFUSED_STREAM, stream.sent == 0)
         self._notify()
         if not self.streams and self._transport is not None:
             self.close()
@@ -422,9 +343,8 @@ class Session(asyncio.Protocol):
     # --- stream API (for bridges, the pool and the inbound server) -----------------------
 
     def open_stream(self, authority: str, handler: StreamHandler) -> int:
-        stream_id: int = self._h2.get_next_available_stream_id()
-        self._h2.send_headers(
-            stream_id, [(b":method", b"CONNECT"), (b":authority", authority.encode())]
+        stream_id = self._h2.open_stream(
+            [(b":method", b"CONNECT"), (b":authority", authority.encode())]
         )
         self.streams[stream_id] = _Stream(handler)
         self.streams_opened += 1
@@ -442,7 +362,7 @@ class Session(asyncio.Protocol):
             return
         try:
             self._h2.send_headers(stream_id, [(b":status", str(status).encode())], end_stream=end)
-        except h2.exceptions.H2Error:
+        except H2StateError:
             return
         if end:
             stream = self.streams.get(stream_id)
@@ -459,8 +379,8 @@ class Session(asyncio.Protocol):
             return
         try:
             self._h2.send_headers(stream_id, [(b":status", str(status).encode())], end_stream=True)
-            self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
-        except h2.exceptions.H2Error:
+            self._h2.reset(stream_id, ErrorCode.NO_ERROR)
+        except H2StateError:
             pass
         self._flush()
         self._notify()
@@ -471,16 +391,15 @@ class Session(asyncio.Protocol):
         if stream is None or stream.local_closed or self.dead:
             return True
         stream.sent += len(data)
-        self.last_active = time.monotonic()
         if stream.pending:
             stream.pending += data
             return False
         try:
             rest = self._send_now(stream_id, memoryview(data))
-        except h2.exceptions.H2Error as exc:
+        except H2StateError as exc:
             logger.info("stream %d on %s cannot send: %s", stream_id, self.peername, exc)
             self.streams.pop(stream_id, None)
-            self._loop.call_soon(stream.handler.stream_reset, int(ErrorCodes.CANCEL), False)
+            self._loop.call_soon(stream.handler.stream_reset, ErrorCode.CANCEL, False)
             return True
         if rest:
             stream.pending += rest
@@ -490,15 +409,8 @@ class Session(asyncio.Protocol):
         return True
 
     def _send_now(self, stream_id: int, view: memoryview) -> memoryview:
-        h2c = self._h2
-        while view:
-            window = h2c.local_flow_control_window(stream_id)
-            if window <= 0:
-                break
-            size = min(window, h2c.max_outbound_frame_size, len(view))
-            h2c.send_data(stream_id, view[:size])
-            view = view[size:]
-        return view
+        # The frames keep views of `view` until the next flush: it must be immutable.
+        return view[self._h2.send_data(stream_id, view) :]
 
     def _drain(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
@@ -513,7 +425,7 @@ class Session(asyncio.Protocol):
             if stream.end_pending:
                 stream.end_pending = False
                 self._end_now(stream_id, stream)
-        except h2.exceptions.H2Error:
+        except H2StateError:
             return
         self._flush()
         stream.handler.stream_drained()
@@ -529,27 +441,23 @@ class Session(asyncio.Protocol):
         self._flush()
 
     def _end_now(self, stream_id: int, stream: _Stream) -> None:
-        with contextlib.suppress(h2.exceptions.H2Error):
+        with contextlib.suppress(H2StateError):
             self._h2.end_stream(stream_id)
         stream.local_closed = True
         self._maybe_forget(stream_id)
 
-    def reset(self, stream_id: int, code: int = ErrorCodes.CONNECT_ERROR) -> None:
+    def reset(self, stream_id: int, code: int = ErrorCode.CONNECT_ERROR) -> None:
         stream = self.streams.pop(stream_id, None)
         if stream is None or self.dead:
             return
-        with contextlib.suppress(h2.exceptions.H2Error):
-            self._h2.reset_stream(stream_id, code)
+        self._h2.reset(stream_id, code)
         self._flush()
         self._notify()
 
     def ack(self, stream_id: int, length: int) -> None:
         if self.dead or not length:
             return
-        try:
-            self._h2.acknowledge_received_data(length, stream_id)
-        except h2.exceptions.H2Error:
-            return
+        self._h2.ack(stream_id, length)
         self._flush()
 
     def _maybe_forget(self, stream_id: int) -> None:
@@ -568,19 +476,8 @@ class Session(asyncio.Protocol):
             self._flush_now()
 
     def _flush_now(self) -> None:
-        h2c = self._h2
-        # h2's public data_to_send() copies its bytearray into bytes; the TLS layer only
-        # reads it (AEAD from a view), so take the buffer itself and leave h2 a new one.
-        pending = getattr(h2c, "_data_to_send", None)
-        if isinstance(pending, bytearray):
-            if not pending:
-                return
-            h2c._data_to_send = bytearray()
-            data: bytes | bytearray = pending
-        else:
-            data = h2c.data_to_send()
-        if data and self._channel is not None:
-            self._write_raw(self._channel.seal(data))
+        if self._h2.has_output and self._channel is not None:
+            self._write_raw(self._channel.seal_parts(self._h2.take_output()))
 
     def _write_raw(self, data: bytes) -> None:
         transport = self._transport
@@ -595,9 +492,7 @@ class Session(asyncio.Protocol):
             return
         self.draining = True
         if self.handshake_done:
-            with contextlib.suppress(h2.exceptions.H2Error):
-                self._h2.close_connection(last_stream_id=self._h2.highest_inbound_stream_id)
-                self._reopen_after_goaway()
+            self._h2.goaway()
             self._flush()
         self._notify()
         if not self.streams:
@@ -608,8 +503,7 @@ class Session(asyncio.Protocol):
             return
         if self.handshake_done and not self.draining:
             self.draining = True
-            with contextlib.suppress(h2.exceptions.H2Error):
-                self._h2.close_connection()
+            self._h2.goaway()
             self._flush()
         if self._channel is not None:
             self._write_raw(self._channel.close())
@@ -629,7 +523,7 @@ class Session(asyncio.Protocol):
         for stream in streams.values():
             # Dead before any app byte went out: the opener may retry it elsewhere.
             stream.handler.stream_reset(
-                int(ErrorCodes.CONNECT_ERROR), stream.sent == 0 and not stream.responded
+                ErrorCode.CONNECT_ERROR, stream.sent == 0 and not stream.responded
             )
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
@@ -658,6 +552,12 @@ class Session(asyncio.Protocol):
             return
         now = time.monotonic()
         interval = self.settings.keepalive_interval
+        if self._rx_seen:
+            # Input since the last tick (noted with a flag: reading the clock on every
+            # read costs more than the keepalive's precision is worth).
+            self._rx_seen = False
+            self._last_rx = now
+            self._ping_sent = None
         if self._ping_sent is not None:
             if now - self._ping_sent >= self.settings.keepalive_timeout:
                 logger.info("connection to %s missed its keepalive: closing", self.peername)
@@ -667,8 +567,7 @@ class Session(asyncio.Protocol):
             delay = self._ping_sent + self.settings.keepalive_timeout - now
         elif now - self._last_rx >= interval:
             self._ping_sent = now
-            with contextlib.suppress(h2.exceptions.H2Error):
-                self._h2.ping(os.urandom(8))
+            self._h2.ping(os.urandom(8))
             self._flush()
             delay = self.settings.keepalive_timeout
         else:

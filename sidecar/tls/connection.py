@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from .alerts import AlertDescription, AlertLevel, LocalProtocolError, TLSError
@@ -242,20 +242,53 @@ class Connection:
         return out
 
     def send_application_data(self, data: bytes) -> None:
+        self.send_application_parts((data,))
+
+    def send_application_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+        """`send_application_data` for the concatenation of `parts` (e.g. HTTP/2 frame
+        headers and payload views), without joining them first: each record's plaintext
+        is assembled from the pieces it covers in the one join sealing needs anyway."""
         state = self._state
         if not isinstance(state, Traffic):
             raise LocalProtocolError("handshake not complete")
         if self._write_closed or self._failed is not None:
             raise LocalProtocolError("connection closed for writing")
-        view = memoryview(data)
-        for start in range(0, len(view), MAX_PLAINTEXT):
+        pieces: list[bytes | memoryview] = []
+        room = MAX_PLAINTEXT
+        for part in parts:
+            if len(part) > room:
+                view = memoryview(part)
+                while len(view) > room:
+                    pieces.append(view[:room])
+                    view = view[room:]
+                    self._seal_application(state, pieces, MAX_PLAINTEXT)
+                    pieces = []
+                    room = MAX_PLAINTEXT
+                part = view
+            if part:
+                pieces.append(part)
+                room -= len(part)
+                if not room:
+                    self._seal_application(state, pieces, MAX_PLAINTEXT)
+                    pieces = []
+                    room = MAX_PLAINTEXT
+        if pieces:
+            self._seal_application(state, pieces, MAX_PLAINTEXT - room)
+
+    def _seal_application(
+        self, state: Traffic, pieces: list[bytes | memoryview], length: int
+    ) -> None:
+        write = self._write
+        assert write is not None
+        limit = self._key_update_limit or state.params.record_limit
+        if write.seq >= limit:
+            # RFC 8446 §5.5: rekey before the AEAD's safety limit.
+            self._update_write_key(state, request_peer=False)
             write = self._write
             assert write is not None
-            limit = self._key_update_limit or state.params.record_limit
-            if write.seq >= limit:
-                # RFC 8446 §5.5: rekey before the AEAD's safety limit.
-                self._update_write_key(state, request_peer=False)
-            self._seal(ContentType.application_data, view[start : start + MAX_PLAINTEXT])
+        self._out += write.seal_pieces(
+            ContentType.application_data, pieces, length, self._padding(length)
+        )
 
     def update_key(self, request_peer_update: bool = True) -> None:
         """Send a KeyUpdate (RFC 8446 §4.6.3) and switch to the next write secret."""
@@ -329,12 +362,14 @@ class Connection:
         if write is None:
             self._out.append(plaintext_record(content_type, bytes(fragment)))
             return
-        padding = 0
+        self._out += write.seal_parts(content_type, fragment, self._padding(len(fragment)))
+
+    def _padding(self, length: int) -> int:
         block = self._config.record_padding
-        if block:
-            inner = len(fragment) + 1
-            padding = min(-inner % block, MAX_PLAINTEXT + 1 - inner)
-        self._out += write.seal_parts(content_type, fragment, padding)
+        if not block:
+            return 0
+        inner = length + 1
+        return min(-inner % block, MAX_PLAINTEXT + 1 - inner)
 
     def _set_write_keys(self, params: SuiteParams, keys: TrafficKeys) -> None:
         self._flush_handshake()

@@ -68,15 +68,24 @@ class RecordProtection:
         self, content_type: int, fragment: bytes | memoryview, padding: int = 0
     ) -> tuple[bytes, bytes]:
         """(header, ciphertext) of one record; the caller joins them once, with others."""
+        return self.seal_pieces(content_type, [fragment], len(fragment), padding)
+
+    def seal_pieces(
+        self,
+        content_type: int,
+        pieces: list[bytes | memoryview],
+        length: int,
+        padding: int = 0,
+    ) -> tuple[bytes, bytes]:
+        """`seal_parts` for a fragment given as pieces totalling `length` bytes: the inner
+        plaintext is assembled in the one join the AEAD needs anyway."""
         # RFC 8446 §5.2: TLSInnerPlaintext = content || ContentType || zeros.
-        inner = (
-            b"".join((fragment, _TYPE_BYTE[content_type], bytes(padding)))
-            if padding
-            else (b"".join((fragment, _TYPE_BYTE[content_type])))
-        )
-        header = _HEADERS.get(len(inner)) or b"\x17\x03\x03" + (len(inner) + TAG_LENGTH).to_bytes(
-            2, "big"
-        )
+        pieces.append(_TYPE_BYTE[content_type])
+        if padding:
+            pieces.append(bytes(padding))
+        inner = b"".join(pieces)
+        size = length + 1 + padding
+        header = _HEADERS.get(size) or b"\x17\x03\x03" + (size + TAG_LENGTH).to_bytes(2, "big")
         return header, self._aead.encrypt(self._next_nonce(), inner, header)
 
     def open(self, header: bytes, payload: bytes | memoryview) -> tuple[int, bytes]:
