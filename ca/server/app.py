@@ -265,7 +265,13 @@ class CaServer:
         self._update_authority_metrics()
         self.metrics.entries(len(self.entries.current()))
         self._tasks.append(asyncio.create_task(self._maintain()))
-        log_event(logging.INFO, "ca-server-started", cluster=cfg.cluster, **self.addresses)
+        log_event(
+            logging.INFO,
+            "ca-server-started",
+            cluster=cfg.cluster,
+            sign_workers=cfg.sign_workers,
+            **self.addresses,
+        )
         return dict(self.addresses)
 
     async def _serve_http(

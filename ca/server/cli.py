@@ -47,6 +47,18 @@ def _address(text: str) -> str:
     return text
 
 
+def _sign_workers(text: str) -> str | int:
+    from ca.server.signer import MAX_SIGN_WORKERS
+
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) > MAX_SIGN_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not 'auto' or a number of worker processes from 0 to {MAX_SIGN_WORKERS}"
+        )
+    return int(text)
+
+
 def _optional_address(text: str) -> str | None:
     return None if text in ("", "off", "none") else _address(text)
 
@@ -110,9 +122,11 @@ def register(ca_commands: Any) -> None:
     )
     p.add_argument(
         "--sign-workers",
-        type=int,
-        default=0,
-        help="sign in N worker processes (0: on the event loop)",
+        type=_sign_workers,
+        default="auto",
+        metavar="auto|N",
+        help="check and sign CSRs in N worker processes; 0 signs on the event loop; auto "
+        "(the default) is one per usable core when there are several, else 0",
     )
     p.add_argument("--poll-interval", type=float, default=1.0, help="reload check, seconds")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -154,6 +168,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from ca.server.app import CaServer, ServerConfig
     from ca.server.service import ServiceConfig, TokenReviewer
+    from ca.server.signer import auto_sign_workers
     from ca.store import StoreError
 
     handler = logging.StreamHandler(sys.stderr)
@@ -193,7 +208,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         service=service,
         poll_interval=args.poll_interval,
         token_reviewer=reviewer,
-        sign_workers=args.sign_workers,
+        sign_workers=auto_sign_workers() if args.sign_workers == "auto" else args.sign_workers,
     )
 
     def ready(addresses: dict[str, str], tokens: dict[str, str]) -> None:

@@ -6,16 +6,30 @@ millisecond per SVID on a small machine) and Python runs it under one GIL. With
 and TLS; each worker loads the intermediate key from the CA directory itself, so key
 material never crosses a pipe. Only CSRs go in and DER chains come out.
 
+Workers never outlive the server: they ask the kernel for SIGKILL when it dies (even by
+SIGKILL, which runs no shutdown code), and they are born ignoring SIGINT, so a Ctrl-C in
+a terminal, which reaches the whole process group, is handled once, by the server's
+orderly stop.
+
+``auto_sign_workers`` is ``trellis ca serve``'s default: one worker per usable core when
+there is more than one, else none (on one core a worker only adds pickling and a context
+switch to every batch).
+
 ``sign_batch`` is the pure core both signers share: values in, values out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import datetime as dt
 import multiprocessing
+import os
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -25,6 +39,7 @@ from typing import Protocol
 from ca.authority import IntermediateAuthority, IssuanceError, load_csr
 
 __all__ = [
+    "MAX_SIGN_WORKERS",
     "InlineSigner",
     "ProcessPoolSigner",
     "SignFailure",
@@ -32,8 +47,11 @@ __all__ = [
     "Signed",
     "Signer",
     "SignerUnavailable",
+    "auto_sign_workers",
     "sign_batch",
 ]
+
+MAX_SIGN_WORKERS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,12 +128,47 @@ class InlineSigner:
 
 # -- worker processes -----------------------------------------------------------------------
 
+
+def auto_sign_workers() -> int:
+    """Worker processes for this host: one per usable core if there are several, else 0."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return min(cores, MAX_SIGN_WORKERS) if cores > 1 else 0
+
+
 _WORKER_AUTHORITY: IntermediateAuthority | None = None
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _worker_init(ca_dir: str, cluster: str) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # no prctl (not Linux): only close() ends workers
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(0)  # the server died before the request took effect
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may change signal handlers
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+
+
+def _worker_init(ca_dir: str, cluster: str, parent_pid: int) -> None:
     from ca.store import CaStore
 
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _WORKER_AUTHORITY
     _WORKER_AUTHORITY = CaStore(Path(ca_dir)).load_intermediate(cluster)
 
@@ -135,22 +188,26 @@ class ProcessPoolSigner:
     a fork). Large batches are split so every worker gets a share."""
 
     def __init__(self, ca_dir: Path, cluster: str, workers: int) -> None:
-        if workers < 1:
-            raise ValueError("at least one signing worker is needed")
+        if not 1 <= workers <= MAX_SIGN_WORKERS:
+            raise ValueError(f"signing workers must number 1 to {MAX_SIGN_WORKERS}, not {workers}")
         self.workers = workers
         self._pool = ProcessPoolExecutor(
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_worker_init,
-            initargs=(str(ca_dir), cluster),
+            initargs=(str(ca_dir), cluster, os.getpid()),
         )
 
     async def start(self) -> None:
         """Spawn every worker now rather than on the first request."""
         loop = asyncio.get_running_loop()
-        ready = await asyncio.gather(
-            *(loop.run_in_executor(self._pool, _worker_ready) for _ in range(self.workers))
-        )
+        # Each submission here spawns a worker (synchronously). With SIGINT ignored
+        # meanwhile, workers start with it ignored (an ignored signal stays ignored across
+        # exec, and Python then installs no KeyboardInterrupt handler), so a Ctrl-C cannot
+        # interrupt one that is still importing and print its traceback.
+        with _sigint_ignored():
+            waiting = [loop.run_in_executor(self._pool, _worker_ready) for _ in range(self.workers)]
+        ready = await asyncio.gather(*waiting)
         if not all(ready):
             raise SignerUnavailable("a signing worker failed to load the intermediate")
 
@@ -170,6 +227,10 @@ class ProcessPoolSigner:
             if part and isinstance(part[-1], SignFailure):
                 break
         return results
+
+    def pids(self) -> list[int]:
+        """The worker processes' IDs (for tests and diagnostics)."""
+        return sorted(self._pool._processes or {})
 
     async def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,177 @@
+"""`trellis ca serve --sign-workers`: the automatic default, refused values, and that the
+signing worker processes never outlive the server (SIGTERM, SIGINT or SIGKILL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ca.server import signer
+from ca.server.signer import MAX_SIGN_WORKERS, ProcessPoolSigner, auto_sign_workers
+
+from .test_serve_process import listen_args, serve, trellis
+
+
+def descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for child in map(int, children):
+            found += [child, *descendants(child)]
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a dead orphan waits for init to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+def workers_of(pid: int) -> list[int]:
+    return [p for p in descendants(pid) if "multiprocessing.spawn" in cmdline(p)]
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+def kill_leftovers(pids: list[int]) -> None:
+    for pid in pids:  # do not leak what a failing test found
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_auto_is_one_worker_per_usable_core_when_there_are_several(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(signer.os, "sched_getaffinity", lambda pid: {0})
+    assert auto_sign_workers() == 0
+    monkeypatch.setattr(signer.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert auto_sign_workers() == 2
+    monkeypatch.setattr(signer.os, "sched_getaffinity", lambda pid: set(range(500)))
+    assert auto_sign_workers() == MAX_SIGN_WORKERS
+
+
+@pytest.mark.parametrize("bad", ["-1", "two", "1.5", "", str(MAX_SIGN_WORKERS + 1), "0x2"])
+def test_a_bad_worker_count_is_one_clear_error(ca_dir: Path, bad: str) -> None:
+    result = trellis("ca", "serve", *listen_args(ca_dir, "--sign-workers", bad), check=False)
+    assert result.returncode == 2
+    assert "is not 'auto' or a number of worker processes from 0 to 64" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_pool_of_an_impossible_size_is_refused_in_the_library_too(tmp_path: Path) -> None:
+    for bad in (0, MAX_SIGN_WORKERS + 1):
+        with pytest.raises(ValueError, match="signing workers must number 1 to 64"):
+            ProcessPoolSigner(tmp_path, "west", bad)
+
+
+def test_on_one_core_the_default_signs_on_the_event_loop(ca_dir: Path) -> None:
+    def one_core() -> None:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trellis", "ca", "serve", *listen_args(ca_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=one_core,
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline()  # ready
+        found = descendants(process.pid)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert '"sign_workers": 0' in (process.stderr.read() if process.stderr else "")
+    assert [p for p in found if "multiprocessing.spawn" in cmdline(p)] == []
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+def test_workers_stop_with_the_server_on_an_orderly_stop(ca_dir: Path, how: int) -> None:
+    with serve(*listen_args(ca_dir, "--sign-workers", "2")) as (process, _, _):
+        workers = workers_of(process.pid)
+        every = descendants(process.pid)
+        try:
+            assert len(workers) == 2
+            process.send_signal(how)
+            assert process.wait(timeout=30) == 0
+            wait_until(lambda: not any(running(p) for p in every), "workers gone")
+        finally:
+            kill_leftovers(every)
+        stderr = process.stderr.read() if process.stderr else ""
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+
+
+def test_workers_do_not_outlive_a_killed_server(ca_dir: Path) -> None:
+    with serve(*listen_args(ca_dir, "--sign-workers", "2")) as (process, _, _):
+        workers = workers_of(process.pid)
+        every = descendants(process.pid)
+        try:
+            assert len(workers) == 2
+            process.kill()  # SIGKILL: no shutdown code runs in the server
+            process.wait(timeout=30)
+            wait_until(lambda: not any(running(p) for p in every), "workers gone")
+        finally:
+            kill_leftovers(every)
+
+
+def test_ctrl_c_in_a_terminal_stops_server_and_workers_once_without_tracebacks(
+    ca_dir: Path,
+) -> None:
+    # A terminal's Ctrl-C sends SIGINT to the whole foreground process group.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trellis", "ca", "serve",
+         *listen_args(ca_dir, "--sign-workers", "2")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    every: list[int] = []
+    try:
+        assert process.stdout is not None and process.stdout.readline()  # ready
+        every = descendants(process.pid)
+        assert len(workers_of(process.pid)) == 2
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+        wait_until(lambda: not any(running(p) for p in every), "workers gone")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        kill_leftovers(every)
+    stderr = process.stderr.read() if process.stderr else ""
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert stderr.count('"event": "ca-server-stopped"') == 1
