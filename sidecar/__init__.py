@@ -62,6 +62,8 @@ Admin (aiohttp, `--admin-port`)
     `trellis_sidecar_bytes_total{direction="in|out"}` (in: mesh → app),
     `trellis_sidecar_policy_decisions_total{decision="allow|deny"}`,
     `trellis_sidecar_connect_requests_rejected_total{status}`,
+    `trellis_sidecar_connections_closed_by_us_total{reason="protocol_error|abuse|
+    peer_not_reading|keepalive_timeout"}`,
     `trellis_sidecar_svid_expiry_timestamp_seconds`, `trellis_sidecar_svid_updates_total`.
 
 Pooling (YAML `pool`): one pool per (endpoint, expected SPIFFE IDs); at most
@@ -79,6 +81,7 @@ streams finish up to `--drain-timeout` (default 10 s), then exit 0.
 Modules: `config` (YAML/flags → frozen values), `policy` (authorisation), `hbone`
 (CONNECT parsing), `identity` (SVIDs, bundles, Workload API), `channel` (the TLS layer
 under HTTP/2, swappable for kTLS), `h2tunnel` (HTTP/2 for CONNECT streams, sans-I/O),
-`session` (one TLS + HTTP/2 connection), `bridge` (app socket ↔ stream), `pool` (outbound pools), `inbound`, `outbound`, `admin`, `metrics`,
-`runtime` (wiring, drain), `iptables`, `cli`.
+`session` (one TLS + HTTP/2 connection), `bridge` (app socket ↔ stream), `pool`
+(outbound pools), `inbound`, `outbound`, `admin`, `metrics`, `runtime` (wiring, drain),
+`iptables`, `cli`.
 """

@@ -20,6 +20,11 @@ Shape:
   header, so each fits one TLS record. Local misuse (a closed stream) raises
   `H2StateError`.
 
+Abuse: a peer that resets more of the streams it opened than it completes (by
+`RESET_BUDGET`) gets GOAWAY(ENHANCE_YOUR_CALM). Floods of control frames that make us
+answer (PING, SETTINGS) are bounded by the session, which closes a connection whose peer
+stops reading its answers.
+
 Flow control: we enforce the windows we advertise (a peer overrunning one gets
 FLOW_CONTROL_ERROR) and reopen them only when the caller `ack()`s consumed bytes, in
 WINDOW_UPDATEs batched to a quarter of the window, so a slow app reader stalls its peer
@@ -51,6 +56,9 @@ MIN_MAX_FRAME = 1 << 14
 MAX_MAX_FRAME = (1 << 24) - 1
 MAX_HEADER_BLOCK = 64 << 10
 MAX_STREAM_ID = (1 << 31) - 1
+# Streams the peer may open and then reset, net of the streams it completes, before we
+# call it an attack (CVE-2023-44487, "rapid reset": each opened stream costs us a dial).
+RESET_BUDGET = 200
 
 _HEADER = struct.Struct(">BHBBL")
 _U32 = struct.Struct(">L")
@@ -227,6 +235,7 @@ class H2Tunnel:
         self.goaway_sent = False
         self.goaway_received = False
         self._inbound_open = 0
+        self._reset_budget = RESET_BUDGET
         self._encoder = hpack.Encoder()
         self._decoder = hpack.Decoder()
         self._decoder.max_header_list_size = MAX_HEADER_BLOCK
@@ -404,7 +413,13 @@ class H2Tunnel:
         stream = self.streams[stream_id]
         stream.local_closed = True
         if stream.remote_closed:
-            self._forget(stream_id)
+            self._completed(stream_id)
+
+    def _completed(self, stream_id: int) -> None:
+        """Both sides ended the stream cleanly."""
+        self._forget(stream_id)
+        if self._reset_budget < RESET_BUDGET:
+            self._reset_budget += 1
 
     def _forget(self, stream_id: int) -> None:
         if self.streams.pop(stream_id, None) is not None and (stream_id & 1) != self._local_bit:
@@ -546,7 +561,7 @@ class H2Tunnel:
             return
         stream.remote_closed = True
         if stream.local_closed:
-            self._forget(stream_id)
+            self._completed(stream_id)
         self.listener.h2_end(stream_id)
 
     def _on_headers(self, stream_id: int, flags: int, body: memoryview) -> None:
@@ -657,6 +672,12 @@ class H2Tunnel:
                 raise H2ProtocolError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on an idle stream")
             return
         self._forget(stream_id)
+        if (stream_id & 1) != self._local_bit:
+            self._reset_budget -= 1
+            if self._reset_budget < 0:
+                raise H2ProtocolError(
+                    ErrorCode.ENHANCE_YOUR_CALM, "the peer resets the streams it opens"
+                )
         self.listener.h2_reset(stream_id, _U32.unpack(body)[0])
 
     def _on_settings(self, stream_id: int, flags: int, body: memoryview) -> None:

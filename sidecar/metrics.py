@@ -129,6 +129,13 @@ class Metrics:
         )
         self.bytes = ByteCounts()
         r.register(self.bytes)
+        self.connections_closed = Counter(
+            "trellis_sidecar_connections_closed_by_us",
+            "TLS connections we closed because of the peer: protocol_error, abuse "
+            "(rapid reset), peer_not_reading (answers piling up), keepalive_timeout.",
+            ["reason"],
+            registry=r,
+        )
         self.policy = Counter(
             "trellis_sidecar_policy_decisions",
             "Inbound authorisation decisions.",
@@ -149,6 +156,8 @@ class Metrics:
         self.svid_updates = Counter(
             "trellis_sidecar_svid_updates", "SVIDs or bundles received.", registry=r
         )
+        for reason in ("protocol_error", "abuse", "peer_not_reading", "keepalive_timeout"):
+            self.connections_closed.labels(reason=reason)
         for decision in ("allow", "deny"):
             self.policy.labels(decision=decision)
         for direction in ("inbound", "outbound"):

@@ -72,6 +72,10 @@ class SessionSettings:
     keepalive_interval: float = 20.0
     keepalive_timeout: float = 10.0
     max_streams: int = 100
+    # Past this much unsent output while the peer does not read, the peer is only making
+    # us answer (PING/SETTINGS floods): app reading stops at the transport's high-water
+    # mark, so legitimate data never gets near it.
+    max_write_buffer: int = 32 << 20
 
 
 @dataclass(slots=True)
@@ -260,6 +264,10 @@ class Session(asyncio.Protocol):
                 self._h2.receive(record)
         except H2ProtocolError as exc:
             logger.info("HTTP/2 protocol error from %s: %s", self.peername, exc)
+            abuse = exc.code == ErrorCode.ENHANCE_YOUR_CALM
+            self.metrics.connections_closed.labels(
+                reason="abuse" if abuse else "protocol_error"
+            ).inc()
             self._batch = False
             self._flush_now()  # the GOAWAY
             self.abort_all(ErrorCode.PROTOCOL_ERROR)
@@ -483,6 +491,17 @@ class Session(asyncio.Protocol):
         transport = self._transport
         if data and transport is not None and not transport.is_closing():
             transport.write(data)
+            if (
+                self.write_paused
+                and transport.get_write_buffer_size() > self.settings.max_write_buffer
+            ):
+                logger.warning(
+                    "%s does not read what it makes us send (%d bytes queued): closing",
+                    self.peername,
+                    transport.get_write_buffer_size(),
+                )
+                self.metrics.connections_closed.labels(reason="peer_not_reading").inc()
+                transport.abort()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -561,6 +580,7 @@ class Session(asyncio.Protocol):
         if self._ping_sent is not None:
             if now - self._ping_sent >= self.settings.keepalive_timeout:
                 logger.info("connection to %s missed its keepalive: closing", self.peername)
+                self.metrics.connections_closed.labels(reason="keepalive_timeout").inc()
                 if self._transport is not None:
                     self._transport.abort()
                 return

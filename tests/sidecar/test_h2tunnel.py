@@ -516,3 +516,28 @@ def test_settings_are_acknowledged_and_h2_sees_our_limits() -> None:
     tunnel.receive(client.data_to_send())
     acks = [f for f in frames(out(tunnel)) if f.type == 4 and "ACK" in f.flags]
     assert len(acks) == 1
+
+
+def test_rapid_reset_exhausts_the_budget_and_completed_streams_refill_it() -> None:
+    from sidecar.h2tunnel import RESET_BUDGET
+
+    tunnel, rec = opened_server(max_concurrent_streams=1000)
+    encoder = hpack.Encoder()
+    sid = 1
+    # A peer that completes as many streams as it resets is within budget for good.
+    for _ in range(RESET_BUDGET * 2):
+        tunnel.receive(frame(1, 0x4, sid, encoder.encode(CONNECT)))
+        tunnel.receive(frame(3, 0, sid, struct.pack(">L", ErrorCode.CANCEL)))
+        tunnel.receive(frame(1, 0x4 | 0x1, sid + 2, encoder.encode(CONNECT)))
+        tunnel.send_headers(sid + 2, [(b":status", b"200")], end_stream=True)
+        sid += 4
+    tunnel.take_output()
+    # One that only opens and resets is cut off once the budget is spent.
+    with pytest.raises(H2ProtocolError) as info:
+        for _ in range(RESET_BUDGET + 1):
+            tunnel.receive(frame(1, 0x4, sid, encoder.encode(CONNECT)))
+            tunnel.receive(frame(3, 0, sid, struct.pack(">L", ErrorCode.CANCEL)))
+            sid += 2
+    assert info.value.code == ErrorCode.ENHANCE_YOUR_CALM
+    assert goaway_code(out(tunnel)) == ErrorCode.ENHANCE_YOUR_CALM
+    assert len(rec.resets) >= RESET_BUDGET * 2 + RESET_BUDGET

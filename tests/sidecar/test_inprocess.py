@@ -155,6 +155,56 @@ def test_a_peer_that_stops_answering_pings_is_declared_dead_and_left() -> None:
     run(scenario())
 
 
+def test_a_peer_flooding_pings_without_reading_the_answers_is_cut_off() -> None:
+    """Each PING makes us queue an ACK; a peer that never reads them would grow our
+    output without bound. Past `max_write_buffer` the connection is aborted."""
+    import socket
+    import struct
+    import time
+
+    from .dataplane.harness import RawClient
+
+    pki = Pki()
+    ping = struct.pack(">BHBBL", 0, 8, 6, 0, 0) + b"12345678"
+    record = ping * ((1 << 14) // len(ping))
+
+    def flood(port: int, svid_dir: Path) -> tuple[int, bool]:
+        raw = RawClient(port, svid_dir)
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        deadline = time.monotonic() + 20
+        sent = 0
+        try:
+            while sent < 5000 and time.monotonic() < deadline:
+                raw.send_plaintext(record)  # and never read a byte
+                sent += 1
+        except OSError:
+            return sent, True
+        finally:
+            raw.close()
+        return sent, False
+
+    async def scenario() -> None:
+        workdir = Path(tempfile.mkdtemp())
+        async with _server(pki, workdir) as inbound:
+            inbound._settings.max_write_buffer = 256 << 10
+            svid_dir = pki.write(workdir / "client", CLIENT)
+            sent, cut_off = await asyncio.to_thread(flood, inbound.config.listen.port, svid_dir)
+            assert cut_off, f"{sent} records of PINGs and the connection is still open"
+            closed = inbound.metrics.connections_closed.labels(reason="peer_not_reading")
+            assert closed._value.get() == 1
+            # The listener still serves a well-behaved client.
+            good = await asyncio.to_thread(RawClient, inbound.config.listen.port, svid_dir)
+            try:
+                status = await asyncio.to_thread(
+                    good.request, [(":method", "CONNECT"), (":authority", "echo:8080")]
+                )
+                assert status == 200
+            finally:
+                good.close()
+
+    run(scenario(), timeout=60)
+
+
 def test_a_new_svid_is_used_by_the_next_handshake_and_old_connections_keep_running() -> None:
     pki = Pki()
 

@@ -77,6 +77,42 @@ def test_bad_connect_requests_get_400_class_answers_and_nothing_else_is_affected
     assert b.proc.alive()
 
 
+def test_rapid_reset_gets_goaway_and_spares_other_connections(procs: Procs, pki: Pki) -> None:
+    """CVE-2023-44487: open a stream, reset it, repeat. Every CONNECT makes the sidecar
+    dial its app, so past a budget the connection is closed with ENHANCE_YOUR_CALM."""
+    import h2.errors
+    import h2.events
+
+    b, _ = _strict_server(procs, pki)
+    client_dir = pki.write(procs.workdir / "svid-raw", CLIENT)
+    good = RawClient(b.inbound_port, client_dir)
+    attacker = RawClient(b.inbound_port, client_dir)
+    goaway: list[Any] = []
+    try:
+        with pytest.raises((ConnectionResetError, OSError)):
+            for _ in range(1000):
+                stream_id = attacker.h2.get_next_available_stream_id()
+                attacker.h2.send_headers(
+                    stream_id, [(":method", "CONNECT"), (":authority", "echo:8080")]
+                )
+                attacker.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+                attacker.flush()
+            while True:  # the sidecar closes the connection: reading ends in a reset/EOF
+                goaway += [
+                    e
+                    for e in attacker.receive_events()
+                    if isinstance(e, h2.events.ConnectionTerminated)
+                ]
+        # The GOAWAY may be lost to the TCP reset that closing with unread input causes.
+        assert all(e.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM for e in goaway)
+        assert good.request([(":method", "CONNECT"), (":authority", "echo:8080")]) == 200
+    finally:
+        good.close()
+        attacker.close()
+    assert b.metrics()['trellis_sidecar_connections_closed_by_us_total{reason="abuse"}'] == 1
+    assert b.proc.alive()
+
+
 def test_plaintext_on_the_mtls_port_fails_the_handshake_only(procs: Procs, pki: Pki) -> None:
     b, _ = _strict_server(procs, pki)
     with socket.create_connection(("127.0.0.1", b.inbound_port), timeout=5) as sock:
