@@ -62,7 +62,7 @@ unit: setup
 test: lint typecheck unit
 
 bench: setup
-	for b in ca_issuance ca_server workload_api tls_handshake mesh; do $(BIN)/python bench/$$b.py; done
+	for b in ca_issuance ca_server workload_api tls_handshake mesh sidecar_path; do $(BIN)/python bench/$$b.py; done
 
 clean:
 	rm -rf $(VENV) $(DEMO) .mypy_cache .pytest_cache .ruff_cache
