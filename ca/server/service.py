@@ -49,6 +49,7 @@ from ca.server.metrics import CaMetrics
 from ca.server.ratelimit import RateLimiter
 from ca.server.signer import (
     InlineSigner,
+    Signed,
     Signer,
     SignerUnavailable,
     SignFailure,
@@ -382,10 +383,15 @@ class CaService:
             results = await self.signer.sign(sign_requests, now.timestamp())
         except SignerUnavailable as exc:
             raise Refusal(grpc.StatusCode.UNAVAILABLE, "signer-unavailable", str(exc)) from exc
-        messages = []
-        for result, e in zip(results, entries, strict=False):
+        # Refuse before counting anything: SVIDs signed ahead of a refused CSR are dropped
+        # with the batch and were never issued.
+        signed: list[Signed] = []
+        for result in results:
             if isinstance(result, SignFailure):
                 raise self._issuance_refusal(result.reason, result.detail)
+            signed.append(result)
+        messages = []
+        for result, e in zip(signed, entries, strict=False):
             self.metrics.x509_issued(result.seconds)
             messages.append(
                 ca_pb2.X509SVID(
