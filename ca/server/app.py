@@ -214,7 +214,9 @@ class CaServer:
                 node, now=time.time(), ttl=cfg.join_token_ttl.total_seconds()
             )
         if cfg.sign_workers > 0:
-            signer = ProcessPoolSigner(cfg.ca_dir, cfg.cluster, cfg.sign_workers)
+            signer = ProcessPoolSigner(
+                cfg.ca_dir, cfg.cluster, cfg.sign_workers, inline=self.intermediate
+            )
             await signer.start()
             self.service.signer = signer
         limit = max(GRPC_HARD_LIMIT, 2 * cfg.service.max_request_bytes)
@@ -375,7 +377,10 @@ class CaServer:
         # Workers load the intermediate once; new workers load the new one. Until they are
         # up, the old workers keep signing with the old (still valid) intermediate.
         signer = ProcessPoolSigner(
-            self.config.ca_dir, self.config.cluster, self.config.sign_workers
+            self.config.ca_dir,
+            self.config.cluster,
+            self.config.sign_workers,
+            inline=self.intermediate,
         )
         await signer.start()
         old, self.service.signer = self.service.signer, signer

@@ -525,24 +525,42 @@ def test_signing_in_worker_processes_gives_the_same_svids_and_refusals(
 ) -> None:
     from dataclasses import replace
 
+    from ca.server.signer import ProcessPoolSigner
+
     async def scenario() -> None:
-        config = replace(server_config(ca_dir, entries_file), sign_workers=1)
+        config = replace(server_config(ca_dir, entries_file), sign_workers=2)
         async with serving(config) as server:
+            signer = server.service.signer
+            assert isinstance(signer, ProcessPoolSigner)
             client = await attested(server, "node-a")
-            svids = await client.batch_new_x509_svids([("web", key()), ("everywhere", key())])
+            # 20 CSRs: split between both workers, answered in request order.
+            wanted = [("web", key()), ("everywhere", key())] * 10
+            svids = await client.batch_new_x509_svids(wanted)  # type: ignore[arg-type]
             now = dt.datetime.now(dt.UTC)
             assert [
                 str(verify_x509_svid(s.chain, roots(server), now=now).spiffe_id) for s in svids
             ] == [
                 "spiffe://example.org/ns/default/sa/web",
                 "spiffe://example.org/ns/default/sa/logger",
-            ]
+            ] * 10
+            assert (signer.batches_in_workers, signer.batches_inline) == (1, 0)
+            # One CSR while the workers are idle: signed on the event loop, same profile.
+            (alone,) = await client.batch_new_x509_svids([("web", key())])  # type: ignore[list-item]
+            assert str(verify_x509_svid(alone.chain, roots(server), now=now).spiffe_id) == (
+                "spiffe://example.org/ns/default/sa/web"
+            )
+            assert (signer.batches_in_workers, signer.batches_inline) == (1, 1)
+            # A stolen SPIFFE ID is refused on either path, and the whole batch with it.
             stolen = build_csr(key(), "spiffe://example.org/ns/default/sa/db")  # type: ignore[arg-type]
-            with pytest.raises(CaError) as refused:
-                await client.batch_sign_csrs([("web", stolen)])
-            assert refused.value.code == "PERMISSION_DENIED"
-            assert rejected(server, "csr-spiffe-id-mismatch") == 1
-            assert server.metrics.value("trellis_ca_x509_svid_issued_total", kind="workload") == 2
+            honest = build_csr(key())  # type: ignore[arg-type]
+            for batch in ([("web", stolen)], [("web", honest)] * 9 + [("web", stolen)]):
+                with pytest.raises(CaError) as refused:
+                    await client.batch_sign_csrs(batch)
+                assert refused.value.code == "PERMISSION_DENIED"
+            assert (signer.batches_in_workers, signer.batches_inline) == (2, 2)
+            assert rejected(server, "csr-spiffe-id-mismatch") == 2
+            issued = server.metrics.value("trellis_ca_x509_svid_issued_total", kind="workload")
+            assert issued == 21
             await client.close()
 
     run(scenario())
