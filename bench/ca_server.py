@@ -7,6 +7,8 @@ then measures:
 * ``single``: X509-SVIDs/s with N agents each keeping several one-CSR calls in flight;
 * ``latency``: p50/p99 of one-CSR calls at fixed offered loads (open loop: requests are
   sent on schedule whether or not earlier ones have finished);
+* ``latency ... agent_batched``: the same arrivals through each agent's ``Batcher`` (the
+  agent's group commit, ``ca.agent.batcher``), p50/p99 from arrival to response;
 * ``in_process``: ``IntermediateAuthority.issue_x509_svid_from_csr`` on the same CSRs in
   this process, the ceiling that the gRPC figures are compared with (``ratio``).
 
@@ -14,6 +16,7 @@ CSRs are made before timing starts (an agent makes them off the CA's critical pa
 the client's cost is the gRPC call alone. Client and server share the machine's cores.
 
     python bench/ca_server.py [--agents 8] [--duration 5] [--loads 250,500,1000]
+                              [--sign-workers auto|N]
 """
 
 from __future__ import annotations
@@ -42,12 +45,16 @@ from ca import (  # noqa: E402
     TrustDomain,
     generate_private_key,
 )
+from ca.agent.batcher import Batcher  # noqa: E402
+from ca.agent.rotator import MAX_BATCH, MAX_IN_FLIGHT  # noqa: E402
+from ca.agent.upstream import UpstreamError  # noqa: E402
 from ca.server.client import CaClient, CaError, build_csr  # noqa: E402
 from ca.store import CaStore  # noqa: E402
 
 CLUSTER = "bench"
 SERVER_PID = [0]
-SIGN_WORKERS = [0]
+SIGN_WORKERS = ["auto"]
+LOAD_AT_START: list[float] = []
 ENTRIES = """\
 entries:
   - id: workload
@@ -92,9 +99,14 @@ def start_server(directory: Path, agents: int) -> tuple[subprocess.Popen[str], d
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (Linux)."""
+    """utime + stime of a process and its live descendants (the server's signing
+    workers), from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += cpu_seconds(int(child))
+    return total
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -202,58 +214,63 @@ async def open_loop(
     }
 
 
-async def open_loop_coalesced(
-    clients: list[CaClient], csrs: list[bytes], rate: float, duration: float, flush: float
+async def open_loop_batched(
+    clients: list[CaClient], csrs: list[bytes], rate: float, duration: float, in_flight: int
 ) -> dict[str, Any]:
-    """The same offered load, but each agent sends what fell due in the last ``flush``
-    seconds as one batch (an agent renewing many SVIDs does exactly this). Latency runs
-    from each SVID's scheduled arrival to its response, so it includes the wait for the
-    next flush."""
+    """The same open-loop arrivals (round-robin over the agents), but each SVID goes
+    through its agent's ``Batcher`` -- the agent's own group commit, the class its rotator
+    uses: at most ``MAX_IN_FLIGHT`` calls in flight per agent, what arrives meanwhile rides
+    the next call, no timer. Latency runs from an SVID's scheduled arrival to its response,
+    so it includes any wait for a free call slot."""
+    batchers: list[Batcher[tuple[str, bytes], Any]] = [
+        Batcher(c.batch_sign_csrs, max_batch=MAX_BATCH, max_in_flight=in_flight) for c in clients
+    ]
     latencies: list[float] = []
-    errors = 0
-    per_agent = rate / len(clients)
+    codes: dict[str, int] = {}
+    total = int(rate * duration)
     tasks: list[asyncio.Task[None]] = []
-    start = time.perf_counter()
 
-    async def send(client: CaClient, due: list[float], offset: int) -> None:
-        nonlocal errors
-        requests = [("workload", csrs[(offset + k) % len(csrs)]) for k in range(len(due))]
+    async def one(batcher: Batcher[tuple[str, bytes], Any], csr: bytes, arrival: float) -> None:
         try:
-            await client.batch_sign_csrs(requests)
-        except CaError:  # a bench counts failures instead of stopping
-            errors += len(due)
+            await batcher.submit(("workload", csr))
+        except (CaError, UpstreamError) as exc:  # a bench counts failures instead of stopping
+            code = exc.code if isinstance(exc, CaError) else exc.reason
+            codes[code] = codes.get(code, 0) + 1
             return
-        done = time.perf_counter()
-        latencies.extend(done - t for t in due)
+        latencies.append(time.perf_counter() - arrival)
 
-    async def agent(index: int, client: CaClient) -> None:
-        # arrivals spread evenly, each agent's schedule offset so flushes do not align
-        phase = index / len(clients) / per_agent
-        arrivals = [start + phase + k / per_agent for k in range(int(per_agent * duration))]
-        position = 0
-        while position < len(arrivals):
-            await asyncio.sleep(flush)
-            now = time.perf_counter()
-            due = []
-            while position < len(arrivals) and arrivals[position] <= now:
-                due.append(arrivals[position])
-                position += 1
-            if due:
-                tasks.append(asyncio.create_task(send(client, due, position)))
-
-    await asyncio.gather(*(agent(i, c) for i, c in enumerate(clients)))
+    server_cpu = cpu_seconds(SERVER_PID[0])
+    client_cpu = time.process_time()
+    start = time.perf_counter()
+    for index in range(total):
+        arrival = start + index / rate
+        delay = arrival - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        batcher = batchers[index % len(batchers)]
+        tasks.append(asyncio.create_task(one(batcher, csrs[index % len(csrs)], arrival)))
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - start
+    server_cpu = cpu_seconds(SERVER_PID[0]) - server_cpu
+    client_cpu = time.process_time() - client_cpu
+    calls = sum(b.calls_sent for b in batchers)
+    items = sum(b.items_sent for b in batchers)
+    for batcher in batchers:
+        await batcher.close()
     return {
         "offered_per_second": rate,
-        "flush_ms": flush * 1000,
+        "calls_in_flight_per_agent": in_flight,
         "svids": len(latencies),
-        "calls": len(tasks),
+        "calls": calls,
+        "mean_batch": round(items / calls, 2) if calls else None,
         "completed_per_second": round(len(latencies) / elapsed, 1),
-        "errors": errors,
+        "errors": sum(codes.values()),
+        "error_codes": codes,
         "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
         "max_ms": round(max(latencies) * 1000, 2) if latencies else None,
+        "server_cpu_us_per_svid": round(1e6 * server_cpu / max(len(latencies), 1), 1),
+        "client_cpu_us_per_svid": round(1e6 * client_cpu / max(len(latencies), 1), 1),
     }
 
 
@@ -284,8 +301,8 @@ async def run_grpc(ready: dict[str, Any], roots: bytes, csrs: list[bytes], args:
         latency.append(await open_loop(clients, csrs, rate, args.latency_duration))
         await asyncio.sleep(0.5)
         coalesced.append(
-            await open_loop_coalesced(
-                clients, csrs, rate, args.latency_duration, args.flush_ms / 1000
+            await open_loop_batched(
+                clients, csrs, rate, args.latency_duration, args.batched_in_flight
             )
         )
         await asyncio.sleep(0.5)
@@ -315,13 +332,19 @@ def main() -> None:
     parser.add_argument("--latency-duration", type=float, default=5.0)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--in-flight", type=int, default=8, help="single-CSR calls per agent")
-    parser.add_argument("--sign-workers", type=int, default=0, help="server --sign-workers")
-    parser.add_argument("--flush-ms", type=float, default=10.0, help="agent-batched mode")
+    parser.add_argument("--sign-workers", default="auto", help="server --sign-workers")
+    parser.add_argument(
+        "--batched-in-flight",
+        type=int,
+        default=MAX_IN_FLIGHT,
+        help="agent-batched mode: calls in flight per agent (the agent's own: %(default)s)",
+    )
     parser.add_argument(
         "--loads", type=lambda s: [float(x) for x in s.split(",")], default=[250, 500, 1000]
     )
     args = parser.parse_args()
     SIGN_WORKERS[0] = args.sign_workers
+    LOAD_AT_START[:] = [round(x, 2) for x in os.getloadavg()]
 
     directory = Path(tempfile.mkdtemp(prefix="trellis-bench-ca-"))
     process = None
@@ -344,9 +367,12 @@ def main() -> None:
             "benchmark": "ca_server",
             "machine": {
                 "cpus": os.cpu_count(),
+                "load_average_at_start": LOAD_AT_START,
+                "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
                 "python": platform.python_version(),
                 "platform": platform.platform(),
             },
+            "server_sign_workers": SIGN_WORKERS[0],
             "in_process": in_process,
             "grpc_batch": batch,
             "grpc_single": single,
