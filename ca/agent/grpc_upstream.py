@@ -55,10 +55,13 @@ class GrpcUpstream:
         self._closing: set[asyncio.Task[None]] = set()
         self.reconnects = 0
 
-    def _translate(self, exc: CaError) -> UpstreamError:
+    def _translate(self, exc: CaError, used: CaClient | None = None) -> UpstreamError:
         if not exc.retryable:
             return UpstreamRefused(exc.code.lower().replace("_", "-"), str(exc))
-        if exc.code == "UNAVAILABLE":
+        # Calls overlap (a signing call, workloads' JWT-SVID calls, a caller's own
+        # Batcher with several in flight): only the first failure from a channel
+        # replaces it; later ones must not discard its successor.
+        if exc.code == "UNAVAILABLE" and (used is None or used is self.client):
             old = self.client
             self.client = self._factory(old.agent_svid, self.trust_roots)
             self.reconnects += 1
@@ -106,10 +109,11 @@ class GrpcUpstream:
     async def batch_new_x509_svids(
         self, requests: Sequence[tuple[str, PrivateKey]]
     ) -> list[X509Svid]:
+        client = self.client
         try:
-            return await self.client.batch_new_x509_svids(requests)
+            return await client.batch_new_x509_svids(requests)
         except CaError as exc:
-            raise self._translate(exc) from exc
+            raise self._translate(exc, client) from exc
 
     async def new_jwt_svid(self, entry_id: str, audience: Sequence[str]) -> JwtSvidToken:
         try:

@@ -6,6 +6,7 @@ A stand-in for ``CaClient`` records what the adapter does; the real client again
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,6 +34,10 @@ class FakeClient:
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
+
+    async def batch_new_x509_svids(self, requests: Any) -> Any:
+        await asyncio.sleep(0)  # both calls are in flight before either fails
+        return await self.fetch_entries()
 
     async def watch_bundle(self) -> AsyncIterator[TrustBundle]:
         for bundle in self.script:
@@ -92,3 +97,21 @@ def test_new_roots_in_the_bundle_become_the_clients_trust_roots_once(live_ca: Li
     assert len(run(main())) == 3
     assert made[0].set_roots == [rotated]
     assert upstream.trust_roots is rotated
+
+
+def test_two_calls_failing_on_one_channel_replace_it_once(live_ca: LiveCa) -> None:
+    down = CaError(grpc.StatusCode.UNAVAILABLE, "down")
+    upstream, made = _upstream(live_ca, [down, down, "ok"])
+
+    async def main() -> Any:
+        outcomes = await asyncio.gather(
+            upstream.batch_new_x509_svids([]),
+            upstream.batch_new_x509_svids([]),
+            return_exceptions=True,
+        )
+        assert all(isinstance(o, UpstreamUnavailable) for o in outcomes)
+        return await upstream.batch_new_x509_svids([])
+
+    assert run(main()) == "ok"
+    assert len(made) == 2 and made[0].closed and not made[1].closed
+    assert upstream.reconnects == 1
