@@ -7,7 +7,7 @@ Public surface (import from ``ca.agent``):
   ``UpstreamRefused`` — what the agent needs from its CA, in-process or over gRPC.
 * ``SvidCache``, ``JwtCache``, ``rotation_time`` — the sans-I/O cache and schedule.
 * ``Batcher`` (``BatchQueueFull``, ``BatcherClosed``) — group commit: coalesces concurrent
-  signing needs into few ``BatchNewX509SVID`` calls, at most two in flight.
+  signing needs into few ``BatchNewX509SVID`` calls, one in flight at a time.
 * ``Rotator`` — the asyncio shell that attests, syncs, rotates and watches the bundle.
 * ``WorkloadApi`` — the ``SpiffeWorkloadAPI`` servicer; ``UdsFront`` — the Unix socket
   front that records SO_PEERCRED for every connection.

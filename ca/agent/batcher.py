@@ -72,7 +72,7 @@ class Batcher(Generic[T, R]):
         send: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
         *,
         max_batch: int = 100,
-        max_in_flight: int = 2,
+        max_in_flight: int = 1,
         max_pending: int = 10_000,
     ) -> None:
         self._send = send

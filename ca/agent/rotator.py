@@ -7,7 +7,7 @@ loops until cancelled:
 * the sync loop: renew the agent SVID at half-life; fetch this node's entries; get
   X509-SVIDs for every entry ``SvidCache.due`` names (fresh key per SVID) through the
   agent's ``Batcher``, which sends them in as few ``BatchNewX509SVID`` calls as it can,
-  at most two at a time; drop expired SVIDs; sleep until the next rotation, expiry or
+  one at a time; drop expired SVIDs; sleep until the next rotation, expiry or
   sync interval;
 * the bundle loop: follow ``Upstream.watch_bundle`` and put every new bundle in the cache.
 
@@ -58,8 +58,10 @@ Clock = Callable[[], dt.datetime]
 # CSRs per BatchNewX509SVID call: under the server's --max-batch (1,000) and, for every key
 # type the CA accepts, its --max-request-bytes (1 MiB).
 MAX_BATCH = 100
-# BatchNewX509SVID calls in flight at once: one being signed while the next is on the wire.
-MAX_IN_FLIGHT = 2
+# BatchNewX509SVID calls in flight at once. One: every call costs the CA about 1 ms of gRPC
+# CPU whatever it carries, and a second call in flight halves the batches under load (8
+# agents at 1,000 SVIDs/s: p99 63-72 ms with one, 90-123 ms with two; bench/ca_server.py).
+MAX_IN_FLIGHT = 1
 # Signing requests that may wait for a call; beyond this the round fails and backs off.
 MAX_WAITING = 10_000
 
