@@ -85,7 +85,7 @@ class EngineChannel:
         # `now` matters only for certificate validity, i.e. during the handshake.
         tls.receive_data(data, now=None if self._done else now)
         result = ChannelInput([])
-        for event in tls.events():
+        for event in tls.take_events():
             if type(event) is ApplicationData:
                 result.plaintext.append(event.data)
             elif isinstance(event, HandshakeComplete):

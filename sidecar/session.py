@@ -403,22 +403,19 @@ class Session(asyncio.Protocol):
             stream.pending += data
             return False
         try:
-            rest = self._send_now(stream_id, memoryview(data))
+            # The frames keep views of `data` until the next flush: it must be immutable.
+            sent = self._h2.send_data(stream_id, memoryview(data))
         except H2StateError as exc:
             logger.info("stream %d on %s cannot send: %s", stream_id, self.peername, exc)
             self.streams.pop(stream_id, None)
             self._loop.call_soon(stream.handler.stream_reset, ErrorCode.CANCEL, False)
             return True
-        if rest:
-            stream.pending += rest
-            self._flush()
+        if not self._batch:
+            self._flush_now()
+        if sent < len(data):
+            stream.pending += memoryview(data)[sent:]
             return False
-        self._flush()
         return True
-
-    def _send_now(self, stream_id: int, view: memoryview) -> memoryview:
-        # The frames keep views of `view` until the next flush: it must be immutable.
-        return view[self._h2.send_data(stream_id, view) :]
 
     def _drain(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
@@ -426,8 +423,9 @@ class Session(asyncio.Protocol):
             return
         try:
             if stream.pending:
-                rest = self._send_now(stream_id, memoryview(bytes(stream.pending)))
-                stream.pending = bytearray(rest)
+                pending = bytes(stream.pending)  # immutable while its frames wait
+                sent = self._h2.send_data(stream_id, memoryview(pending))
+                stream.pending = bytearray(memoryview(pending)[sent:])
             if stream.pending:
                 return
             if stream.end_pending:

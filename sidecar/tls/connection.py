@@ -210,14 +210,28 @@ class Connection:
             self._emit(ConnectionClosed(clean=False))
             return
         try:
-            self._reader.feed(data)
+            reader = self._reader
+            reader.feed(data)
+            events = self._events
             while not self._read_closed and self._failed is None:
-                record = self._reader.next_record()
+                record = reader.next_record()
                 if record is None:
                     break
-                self._handle_record(*record)
-            self._reader.compact()
-            self._flush_handshake()
+                content_type, fragment, encrypted = record
+                if (
+                    content_type == ContentType.application_data
+                    and encrypted
+                    and not self._hs_in
+                    and isinstance(self._state, Traffic)
+                ):
+                    # The traffic phase's one common case, without the dispatch below.
+                    if fragment:
+                        events.append(ApplicationData(fragment))
+                    continue
+                self._handle_record(content_type, fragment, encrypted)
+            reader.compact()
+            if self._hs_out:
+                self._flush_handshake()
         except TLSError as exc:
             self._fail(exc)
             raise
@@ -235,6 +249,12 @@ class Connection:
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
+
+    def take_events(self) -> list[Event]:
+        """Every pending event at once (what `events()` yields, without a generator)."""
+        taken = list(self._events)
+        self._events.clear()
+        return taken
 
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
