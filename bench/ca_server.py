@@ -109,6 +109,13 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def system_busy_seconds() -> float:
+    """CPU time every process on the machine has used (/proc/stat, all cores)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -354,7 +361,14 @@ def main() -> None:
         in_process = in_process_rate(store, csrs, min(args.duration, 3.0))
         process, ready = start_server(directory, args.agents)
         roots = store.root_cert_path.read_bytes()
+        # Whatever else ran meanwhile: all CPU used on the machine minus this benchmark's
+        # own (client and server with its workers), in cores. Figures taken while this is
+        # well above 0 were measured on a loaded machine.
+        busy, ours, began = system_busy_seconds(), cpu_seconds(process.pid), time.perf_counter()
+        client_began = time.process_time()
         batch, single, latency, coalesced = asyncio.run(run_grpc(ready, roots, csrs, args))
+        ours = cpu_seconds(process.pid) - ours + time.process_time() - client_began
+        others = (system_busy_seconds() - busy - ours) / (time.perf_counter() - began)
         metrics = server_metrics(ready["metrics_listen"])
         mean_sign_us = (
             1e6 * metrics["sign_seconds_sum"] / metrics["sign_count"]
@@ -369,6 +383,7 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "load_average_at_start": LOAD_AT_START,
                 "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+                "other_processes_cpu_cores": round(others, 2),
                 "python": platform.python_version(),
                 "platform": platform.platform(),
             },
