@@ -126,7 +126,8 @@ def register(ca_commands: Any) -> None:
         default="auto",
         metavar="auto|N",
         help="check and sign CSRs in N worker processes; 0 signs on the event loop; auto "
-        "(the default) is one per usable core when there are several, else 0",
+        "(the default) is one per usable core (CPU affinity, cgroup CPU quota) when there "
+        "are several, else 0",
     )
     p.add_argument("--poll-interval", type=float, default=1.0, help="reload check, seconds")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

@@ -11,9 +11,9 @@ SIGKILL, which runs no shutdown code), and they are born ignoring SIGINT, so a C
 a terminal, which reaches the whole process group, is handled once, by the server's
 orderly stop.
 
-``auto_sign_workers`` is ``trellis ca serve``'s default: one worker per usable core when
-there is more than one, else none (on one core a worker only adds pickling and a context
-switch to every batch).
+``auto_sign_workers`` is ``trellis ca serve``'s default: one worker per usable core (in
+the CPU affinity and within the cgroup's CPU quota) when there is more than one, else
+none (on one core a worker only adds a hand-over to every batch).
 
 ``sign_batch`` is the pure core both signers share: values in, values out.
 """
@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import ctypes
 import datetime as dt
+import math
 import multiprocessing
 import os
 import signal
@@ -48,7 +49,9 @@ __all__ = [
     "Signer",
     "SignerUnavailable",
     "auto_sign_workers",
+    "cgroup_cpu_limit",
     "sign_batch",
+    "sign_workers_for",
 ]
 
 MAX_SIGN_WORKERS = 64
@@ -130,13 +133,60 @@ class InlineSigner:
 # -- worker processes -----------------------------------------------------------------------
 
 
+def cgroup_cpu_limit(
+    cgroup_root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")
+) -> float | None:
+    """The CPU quota of this process's cgroup in cores (a pod's ``limits.cpu``), or None.
+
+    cgroup v2: ``cpu.max`` ("QUOTA PERIOD", or "max PERIOD" for none) in the process's own
+    cgroup (``0::/path`` in ``/proc/self/cgroup``; inside a cgroup namespace that is the
+    root). cgroup v1: ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota -1 for none).
+    Anything unreadable or malformed counts as no limit.
+    """
+    try:
+        own = next(
+            (line[3:] for line in self_cgroup.read_text().splitlines() if line.startswith("0::")),
+            "/",
+        )
+    except OSError:
+        own = "/"
+    for directory in (cgroup_root / own.lstrip("/"), cgroup_root):
+        try:
+            quota, period = (directory / "cpu.max").read_text().split()
+        except (OSError, ValueError):
+            continue
+        if quota == "max":
+            return None
+        try:
+            return int(quota) / int(period) if int(period) > 0 and int(quota) > 0 else None
+        except ValueError:
+            return None
+    for v1 in (cgroup_root / "cpu,cpuacct", cgroup_root / "cpu"):
+        try:
+            quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+            period_us = int((v1 / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    return None
+
+
+def sign_workers_for(cores: int, cpu_limit: float | None) -> int:
+    """One worker per usable core -- in the affinity (``cores``) and within the cgroup's
+    quota (a pod limited to 2 CPUs on a 64-core node gets 2, not 64) -- if there are
+    several, else 0."""
+    if cpu_limit is not None:
+        cores = min(cores, max(1, math.ceil(cpu_limit)))
+    return min(cores, MAX_SIGN_WORKERS) if cores > 1 else 0
+
+
 def auto_sign_workers() -> int:
-    """Worker processes for this host: one per usable core if there are several, else 0."""
+    """``sign_workers_for`` this process's CPU affinity and cgroup CPU quota."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return min(cores, MAX_SIGN_WORKERS) if cores > 1 else 0
+    return sign_workers_for(cores, cgroup_cpu_limit())
 
 
 _WORKER_AUTHORITY: IntermediateAuthority | None = None

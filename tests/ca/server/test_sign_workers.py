@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from ca.server import signer
-from ca.server.signer import MAX_SIGN_WORKERS, ProcessPoolSigner, auto_sign_workers
+from ca.server.signer import (
+    MAX_SIGN_WORKERS,
+    ProcessPoolSigner,
+    auto_sign_workers,
+    cgroup_cpu_limit,
+    sign_workers_for,
+)
 
 from .test_serve_process import listen_args, serve, trellis
 
@@ -72,12 +78,56 @@ def kill_leftovers(pids: list[int]) -> None:
 def test_auto_is_one_worker_per_usable_core_when_there_are_several(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(signer, "cgroup_cpu_limit", lambda: None)
     monkeypatch.setattr(signer.os, "sched_getaffinity", lambda pid: {0})
     assert auto_sign_workers() == 0
     monkeypatch.setattr(signer.os, "sched_getaffinity", lambda pid: {0, 1})
     assert auto_sign_workers() == 2
     monkeypatch.setattr(signer.os, "sched_getaffinity", lambda pid: set(range(500)))
     assert auto_sign_workers() == MAX_SIGN_WORKERS
+    monkeypatch.setattr(signer, "cgroup_cpu_limit", lambda: 2.0)  # a pod's limits.cpu: "2"
+    assert auto_sign_workers() == 2
+
+
+@pytest.mark.parametrize(
+    ("cores", "limit", "workers"),
+    [(64, 2.0, 2), (64, 1.5, 2), (64, 1.0, 0), (64, 0.1, 0), (4, 16.0, 4), (1, None, 0)],
+)
+def test_a_cgroup_cpu_quota_caps_the_automatic_worker_count(
+    cores: int, limit: float | None, workers: int
+) -> None:
+    assert sign_workers_for(cores, limit) == workers
+
+
+def _cgroup(tmp_path: Path, own: str, files: dict[str, str]) -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    self_cgroup = tmp_path / "self-cgroup"
+    self_cgroup.write_text(f"0::{own}\n")
+    return root, self_cgroup
+
+
+@pytest.mark.parametrize(
+    ("own", "files", "limit"),
+    [
+        ("/", {"cpu.max": "200000 100000\n"}, 2.0),  # inside a cgroup namespace
+        ("/kubepods/pod1/ctr", {"kubepods/pod1/ctr/cpu.max": "150000 100000\n"}, 1.5),
+        ("/", {"cpu.max": "max 100000\n"}, None),
+        ("/", {"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),
+        ("/", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ("/", {}, None),
+        ("/", {"cpu.max": "lots\n"}, None),
+        ("/", {"cpu.max": "100000 0\n"}, None),
+        ("/", {"cpu.max": "abc def\n"}, None),
+    ],
+)
+def test_the_cgroup_cpu_quota_is_read_from_v2_or_v1_and_nonsense_means_no_limit(
+    tmp_path: Path, own: str, files: dict[str, str], limit: float | None
+) -> None:
+    root, self_cgroup = _cgroup(tmp_path, own, files)
+    assert cgroup_cpu_limit(root, self_cgroup) == limit
 
 
 @pytest.mark.parametrize("bad", ["-1", "two", "1.5", "", str(MAX_SIGN_WORKERS + 1), "0x2"])
