@@ -332,6 +332,12 @@ def server_metrics(address: str) -> dict[str, float]:
     return wanted
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=8)
@@ -342,7 +348,7 @@ def main() -> None:
     parser.add_argument("--sign-workers", default="auto", help="server --sign-workers")
     parser.add_argument(
         "--batched-in-flight",
-        type=int,
+        type=positive_int,
         default=MAX_IN_FLIGHT,
         help="agent-batched mode: calls in flight per agent (the agent's own: %(default)s)",
     )
