@@ -4,7 +4,8 @@ One ``Rotator`` per agent. ``run()`` establishes the agent's identity (a persist
 SVID from ``--data-dir`` if one is still valid, else node attestation), then runs two
 loops until cancelled:
 
-* the sync loop: renew the agent SVID at half-life; fetch this node's entries; get
+* the sync loop: renew the agent SVID at half-life; fetch this node's entries (at most
+  once per sync interval: a wake-up for a rotation alone skips the fetch); get
   X509-SVIDs for every entry ``SvidCache.due`` names (fresh key per SVID) through the
   agent's ``Batcher``, which sends them in as few ``BatchNewX509SVID`` calls as it can,
   one at a time; drop expired SVIDs; sleep until the next rotation, expiry or
@@ -152,6 +153,8 @@ class Rotator:
         self.unreachable_since: dt.datetime | None = None
         self.last_error: str | None = None
         self.last_sync: dt.datetime | None = None
+        self._entries_fetched: dt.datetime | None = None
+        self._refetch = True
         self.synced = asyncio.Event()
         self.identity_ready = asyncio.Event()
         if initial_bundle is not None:
@@ -250,17 +253,33 @@ class Rotator:
 
     # -- the sync loop ------------------------------------------------------------------------
 
-    async def sync_once(self) -> None:
-        """One round: renew if due, fetch entries, issue what is due. Raises ``UpstreamError``."""
+    def _fetch_due(self, now: dt.datetime) -> bool:
+        # A wake-up for a rotation alone need not re-read every entry of the node: under
+        # steady rotations that doubled the CA calls (and the agent's parsing) for nothing.
+        fetched = self._entries_fetched
+        return (
+            self._refetch
+            or fetched is None
+            or (now - fetched).total_seconds() >= self.config.sync_interval
+        )
+
+    async def sync_once(self, *, fetch: bool = True) -> None:
+        """One round: renew if due, fetch entries (unless ``fetch`` is False), issue what is
+        due. Raises ``UpstreamError``."""
         await self._renew_if_due(self.clock())
-        try:
-            entries = await self.upstream.fetch_entries()
-        except UpstreamError as exc:
-            self._failed("fetch_entries", exc)
-            raise
-        if self.cache.set_entries(entries.entries, entries.revision):
-            self.jwt_cache.forget_entries(self.cache.entries)
-            self._notify()
+        if fetch:
+            # Set before the call: a poke() while it is in flight asks for another fetch.
+            self._refetch = False
+            try:
+                entries = await self.upstream.fetch_entries()
+            except UpstreamError as exc:
+                self._refetch = True
+                self._failed("fetch_entries", exc)
+                raise
+            self._entries_fetched = self.clock()
+            if self.cache.set_entries(entries.entries, entries.revision):
+                self.jwt_cache.forget_entries(self.cache.entries)
+                self._notify()
         due = self.cache.due(self.clock())
         if due:
             await self._issue(due)
@@ -301,7 +320,8 @@ class Rotator:
             await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, seconds))
 
     def poke(self) -> None:
-        """Run the sync loop now (tests, SIGHUP)."""
+        """Run the sync loop now, entries included (tests, SIGHUP)."""
+        self._refetch = True
         self._wake.set()
 
     def _next_delay(self, failed: bool) -> float:
@@ -313,17 +333,22 @@ class Rotator:
             delay = min(delay, max(0.0, (wake - now).total_seconds()) + 0.001)
         if self._agent_rotate_at is not None and not failed:
             delay = min(delay, max(0.0, (self._agent_rotate_at - now).total_seconds()))
+        if self._entries_fetched is not None and not failed:
+            # Entries stay at most one sync interval old even when rotations wake us between.
+            since = (now - self._entries_fetched).total_seconds()
+            delay = min(delay, max(0.0, self.config.sync_interval - since))
         return delay
 
     async def sync_loop(self) -> None:
         while True:
             failed = False
             try:
-                await self.sync_once()
+                await self.sync_once(fetch=self._fetch_due(self.clock()))
                 self._backoff.reset()
             except UpstreamRefused as exc:
                 # E.g. an entry deleted between fetch and sign: refetch soon.
                 log.info("CA refused: %s", exc)
+                self._refetch = True
                 failed = True
             except UpstreamUnavailable:
                 failed = True
