@@ -225,3 +225,54 @@ def test_ctrl_c_in_a_terminal_stops_server_and_workers_once_without_tracebacks(
     stderr = process.stderr.read() if process.stderr else ""
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert stderr.count('"event": "ca-server-stopped"') == 1
+
+
+def test_a_dead_worker_fails_its_calls_and_the_survivor_signs_on(ca_dir: Path) -> None:
+    """A worker killed mid-batch fails the batch it held with SignerUnavailable (never a
+    hang); the next batches go to the other worker; with none left, calls fail at once.
+    A CA directory that cannot be loaded fails start(), leaving no worker behind."""
+    import asyncio
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ca.server.client import build_csr
+    from ca.server.signer import Signed, SignerUnavailable, SignFailure, SignRequest
+
+    from .conftest import CLUSTER
+
+    web = "spiffe://example.org/ns/default/sa/web"
+
+    def request(in_csr: str | None = None) -> SignRequest:
+        return SignRequest(build_csr(ec.generate_private_key(ec.SECP256R1()), in_csr), web, 600)
+
+    async def scenario() -> None:
+        pool = ProcessPoolSigner(ca_dir, CLUSTER, 2)
+        await pool.start()
+        try:
+            now = time.time()
+            batch = [request() for _ in range(40)]
+            first, second = pool._pool
+            signing = asyncio.ensure_future(pool.sign(batch, now))
+            await asyncio.sleep(0)  # both chunks are on their way
+            os.kill(first.process.pid, signal.SIGKILL)
+            with pytest.raises(SignerUnavailable):
+                await asyncio.wait_for(signing, 30)
+            results = await asyncio.wait_for(pool.sign(batch[:10], now), 30)
+            assert len(results) == 10 and all(isinstance(r, Signed) for r in results)
+            stolen = request("spiffe://example.org/ns/default/sa/db")
+            refused = await pool.sign([stolen] * 3, now)
+            assert [type(r) for r in refused] == [SignFailure]
+            os.kill(second.process.pid, signal.SIGKILL)
+            second.process.join(10)
+            with pytest.raises(SignerUnavailable):
+                await asyncio.wait_for(pool.sign(batch[:10], now), 30)
+        finally:
+            await pool.close()
+        assert not any(w.process.is_alive() for w in pool._pool)
+
+        broken = ProcessPoolSigner(ca_dir, "no-such-cluster", 1)
+        with pytest.raises(SignerUnavailable, match="cannot load the intermediate"):
+            await asyncio.wait_for(broken.start(), 60)
+        assert not any(w.process.is_alive() for w in broken._pool)
+
+    asyncio.run(scenario())
