@@ -236,10 +236,27 @@ def _worker_main(conn: Connection, ca_dir: str, cluster: str, parent_pid: int) -
             return
         requests, now = message
         try:
-            reply: tuple[str, Any] = ("ok", sign_batch(authority, requests, now))
+            results = sign_batch(authority, [SignRequest(*r) for r in requests], now)
+            reply: tuple[str, Any] = ("ok", [_result_to_wire(r) for r in results])
         except Exception as exc:  # a bug, not a bad CSR (those are SignFailures)
             reply = ("error", f"{type(exc).__name__}: {exc}")
         conn.send(reply)
+
+
+# Plain tuples on the pipe: pickling the dataclasses cost ~30 us per call on the event
+# loop, against ~3 us for the same values as tuples.
+_WireResult = tuple[bool, Any, Any, Any]
+
+
+def _result_to_wire(result: Signed | SignFailure) -> _WireResult:
+    if isinstance(result, Signed):
+        return (True, result.chain_der, result.expires_at, result.seconds)
+    return (False, result.reason, result.detail, None)
+
+
+def _result_from_wire(wire: _WireResult) -> Signed | SignFailure:
+    ok, a, b, c = wire
+    return Signed(a, b, c) if ok else SignFailure(a, b)
 
 
 class _Worker:
@@ -359,7 +376,9 @@ class ProcessPoolSigner:
         worker = min(alive, key=lambda w: len(w.waiting))
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
-            worker.conn.send((list(chunk), now))
+            worker.conn.send(
+                ([(r.csr, r.spiffe_id, r.ttl_seconds, r.dns_names) for r in chunk], now)
+            )
         except OSError:
             self._lost(worker)
             return self._submit(chunk, now)
@@ -380,15 +399,15 @@ class ProcessPoolSigner:
         chunks = [requests[i : i + size] for i in range(0, len(requests), size)]
         self._outstanding += 1
         try:
-            parts: list[list[Signed | SignFailure]] = await asyncio.gather(
+            parts: list[list[_WireResult]] = await asyncio.gather(
                 *(self._submit(chunk, now) for chunk in chunks)
             )
         finally:
             self._outstanding -= 1
         results: list[Signed | SignFailure] = []
         for part in parts:
-            results.extend(part)
-            if part and isinstance(part[-1], SignFailure):
+            results.extend(map(_result_from_wire, part))
+            if results and isinstance(results[-1], SignFailure):
                 break
         return results
 
