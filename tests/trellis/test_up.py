@@ -204,6 +204,45 @@ def test_even_a_killed_trellis_up_leaves_no_process_running(short_dir: Path) -> 
     assert report["orphans"] == []
     (leftover,) = short_dir.iterdir()
     assert leftover.name.startswith("trellis-up-")
+    # The next start removes it: its owner is gone.
+    from trellis.up.mesh import remove_stale_run_dirs
+
+    assert remove_stale_run_dirs(short_dir) == [leftover]
+    assert list(short_dir.iterdir()) == []
+
+
+def test_only_run_dirs_whose_owner_is_gone_are_removed(tmp_path: Path) -> None:
+    from trellis.up.mesh import OWNER_FILE, remove_stale_run_dirs
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dirs = {}
+        for name, owner in (
+            ("trellis-up-stale", str(finished.pid)),
+            ("trellis-up-live", str(alive.pid)),
+            ("trellis-up-garbled", "not a pid"),
+            ("trellis-up-unowned", None),
+            ("elsewhere", str(finished.pid)),
+        ):
+            path = dirs[name] = tmp_path / name
+            (path / "ca").mkdir(parents=True)
+            if owner is not None:
+                (path / OWNER_FILE).write_text(owner + "\n")
+        (tmp_path / "trellis-up-file").write_text(str(finished.pid))
+        assert remove_stale_run_dirs(tmp_path) == [dirs["trellis-up-stale"]]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "elsewhere",
+            "trellis-up-file",
+            "trellis-up-garbled",
+            "trellis-up-live",
+            "trellis-up-unowned",
+        ]
+        assert remove_stale_run_dirs(tmp_path / "missing") == []
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_a_mesh_that_cannot_start_says_which_process_failed_and_cleans_up(short_dir: Path) -> None:

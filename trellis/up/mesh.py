@@ -191,8 +191,11 @@ class Mesh:
             raise StartupError(f"--base-dir {base} is not a directory")
         if base is None and len(tempfile.gettempdir().encode()) > _MAX_SOCKET_PATH - 40:
             base = Path("/tmp")  # noqa: S108 ($TMPDIR too deep for a socket; mkdtemp is 0700)
-        run_dir = Path(tempfile.mkdtemp(prefix="trellis-up-", dir=base)).resolve()
+        for stale in remove_stale_run_dirs(Path(base or tempfile.gettempdir())):
+            self._progress(f"removed {stale}, left by a trellis up that was killed")
+        run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=base)).resolve()
         self.run_dir = run_dir  # mkdtemp: mode 0700, so everything below is private
+        (run_dir / OWNER_FILE).write_text(f"{os.getpid()}\n")
         socket_path = run_dir / "agent.sock"
         if len(str(socket_path).encode()) > _MAX_SOCKET_PATH:
             raise StartupError(
@@ -397,3 +400,43 @@ def _http_ok(url: str) -> bool:
     ):
         return bool(response.status == 200)
     return False
+
+
+RUN_DIR_PREFIX = "trellis-up-"
+OWNER_FILE = "owner.pid"
+
+
+def remove_stale_run_dirs(base: Path) -> list[Path]:
+    """Remove run directories under ``base`` whose ``trellis up`` is gone.
+
+    A ``kill -9`` of ``trellis up`` takes its processes with it (they die with their
+    parent) but leaves its run directory, CA files included. Each run directory names its
+    owner's pid; one of ours (same uid) whose owner no longer runs is removed by the next
+    start. Directories without that file, or not ours, are left alone."""
+    removed: list[Path] = []
+    try:
+        candidates = sorted(base.glob(RUN_DIR_PREFIX + "*"))
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            if not path.is_dir() or path.is_symlink() or path.stat().st_uid != os.getuid():
+                continue
+            owner = int((path / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if owner == os.getpid() or _running(owner):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
