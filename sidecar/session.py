@@ -73,8 +73,9 @@ class SessionSettings:
     keepalive_timeout: float = 10.0
     max_streams: int = 100
     # Past this much unsent output while the peer does not read, the peer is only making
-    # us answer (PING/SETTINGS floods): app reading stops at the transport's high-water
-    # mark, so legitimate data never gets near it.
+    # us answer (PING/SETTINGS floods). Legitimate data stays below it: app reading stops
+    # at the transport's high-water mark, and DATA in flight is bounded by the peer's
+    # connection window (16 MiB between Trellis sidecars, half this).
     max_write_buffer: int = 32 << 20
 
 
