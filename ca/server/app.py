@@ -29,6 +29,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,14 +38,21 @@ import grpc
 import grpc.aio
 from aiohttp import web
 
+from ca.bundle import TrustBundle
 from ca.keys import KeyAlgorithm, generate_private_key, private_key_pem
 from ca.server.attestation import JoinTokenRegistry
 from ca.server.entries import EntrySource, StaticEntrySource, YamlFileEntrySource
+from ca.server.federation import (
+    FederationConfigError,
+    FederationFetcher,
+    load_federation_file,
+)
 from ca.server.grpc_shell import BundleWatch, make_handler
 from ca.server.metrics import CaMetrics
 from ca.server.service import CaService, ServiceConfig, TokenReviewer, log_event
 from ca.server.signer import ProcessPoolSigner
 from ca.server.tokens import JoinTokenStore
+from ca.spiffeid import TrustDomain
 from ca.store import CaStore, StoreError
 from ca.x509svid import X509Svid
 
@@ -70,6 +78,7 @@ class ServerConfig:
     bundle_listen: str | None = "127.0.0.1:8443"
     metrics_listen: str | None = None
     entries_path: Path | None = None
+    federation_path: Path | None = None
     join_token_nodes: tuple[str, ...] = ()
     join_token_ttl: dt.timedelta = dt.timedelta(hours=1)
     service: ServiceConfig = field(default_factory=ServiceConfig)
@@ -106,6 +115,15 @@ class CaServer:
             )
         self.entries = entries
         self.metrics = CaMetrics(self.trust_domain.name, config.cluster)
+        # The first load raises FederationConfigError: never start on a broken file.
+        self._federation_stamp = self._federation_mtime()
+        self.federation = FederationFetcher(
+            load_federation_file(config.federation_path, own=self.trust_domain)
+            if config.federation_path is not None
+            else (),
+            on_change=self._federated_changed,
+            metric=self.metrics.federation_fetch,
+        )
         self.token_store = JoinTokenStore(store.cluster_dir(config.cluster))
         self.join_tokens = JoinTokenRegistry(
             lookup=self.token_store.lookup, on_redeemed=self.token_store.remove
@@ -266,6 +284,7 @@ class CaServer:
             )
         self._update_authority_metrics()
         self.metrics.entries(len(self.entries.current()))
+        self.federation.start()
         self._tasks.append(asyncio.create_task(self._maintain()))
         log_event(
             logging.INFO,
@@ -333,6 +352,32 @@ class CaServer:
             self.metrics.authority_expiry("root", latest)
         self.metrics.authority_expiry("server_svid", self._creds.svid.expires_at.timestamp())
 
+    def _federation_mtime(self) -> tuple[int, int, int] | None:
+        if self.config.federation_path is None:
+            return None
+        try:
+            st = self.config.federation_path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _reload_federation(self) -> None:
+        assert self.config.federation_path is not None
+        try:
+            relationships = load_federation_file(self.config.federation_path, own=self.trust_domain)
+        except FederationConfigError as exc:
+            log_event(logging.ERROR, "federation-reload-failed", error=str(exc))
+            return
+        self.federation.replace(relationships)
+        log_event(
+            logging.INFO,
+            "federation-reloaded",
+            trust_domains=[r.trust_domain.name for r in relationships],
+        )
+
+    def _federated_changed(self, bundles: Mapping[TrustDomain, TrustBundle]) -> None:
+        self.bundles.publish_federated(tuple(bundles[td] for td in sorted(bundles, key=str)))
+
     def _intermediate_mtime(self) -> int | None:
         try:
             path = self.store.cluster_dir(self.config.cluster) / "intermediate.crt"
@@ -387,7 +432,12 @@ class CaServer:
         await old.close()
 
     def maintain_once(self) -> None:
-        """One round of reloads: entries, bundle, intermediate, server SVID, gauges."""
+        """One round of reloads: entries, federation, bundle, intermediate, server SVID,
+        gauges."""
+        federation_stamp = self._federation_mtime()
+        if federation_stamp != self._federation_stamp:
+            self._federation_stamp = federation_stamp
+            self._reload_federation()
         stamp = self._intermediate_mtime()
         if stamp != self._intermediate_stamp:
             self._intermediate_stamp = stamp
@@ -435,6 +485,7 @@ class CaServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        await self.federation.close()
         self.bundles.close()
         if self._grpc is not None:
             await self._grpc.stop(grace)

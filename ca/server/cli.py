@@ -95,6 +95,17 @@ def register(ca_commands: Any) -> None:
     p.add_argument("--metrics-listen", type=_optional_address, default=None)
     p.add_argument("--entries", type=Path, help="registration entries (YAML), reloaded on change")
     p.add_argument(
+        "--federation",
+        type=Path,
+        metavar="FILE",
+        help="federated trust domains (YAML or JSON, reloaded on change): "
+        "{trustDomains: [{trustDomain, bundleEndpointURL, bundleEndpointSPIFFEID, "
+        "bootstrapBundle}]}; each foreign bundle is fetched over HTTPS from its endpoint, "
+        "authenticated as an SVID of bundleEndpointSPIFFEID (https_spiffe) against "
+        "bootstrapBundle (a SPIFFE bundle or PEM roots, inline or a file path) or the "
+        "latest bundle fetched, and sent to agents for entries that federate with it",
+    )
+    p.add_argument(
         "--join-token",
         action="append",
         default=[],
@@ -168,6 +179,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ca.server.app import CaServer, ServerConfig
+    from ca.server.federation import FederationConfigError
     from ca.server.service import ServiceConfig, TokenReviewer
     from ca.server.signer import auto_sign_workers
     from ca.store import StoreError
@@ -204,6 +216,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         bundle_listen=args.bundle_listen,
         metrics_listen=args.metrics_listen,
         entries_path=args.entries,
+        federation_path=args.federation,
         join_token_nodes=tuple(args.join_token),
         join_token_ttl=args.join_token_ttl,
         service=service,
@@ -225,6 +238,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
+    except FederationConfigError as exc:
+        raise CliError(f"--federation {args.federation}: {exc}") from exc
     except (StoreError, EntryError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     except OSError as exc:

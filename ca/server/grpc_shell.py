@@ -32,6 +32,8 @@ class BundleWatch:
 
     def __init__(self, bundle: TrustBundle) -> None:
         self.current = bundle
+        # Foreign trust domains' bundles (federation), sorted by trust domain.
+        self.federated: tuple[TrustBundle, ...] = ()
         self.closed = False
         self._changed = asyncio.Event()
 
@@ -44,6 +46,13 @@ class BundleWatch:
         if bundle.same_content(self.current) and bundle.sequence == self.current.sequence:
             return
         self.current = bundle
+        self._wake()
+
+    def publish_federated(self, bundles: tuple[TrustBundle, ...]) -> None:
+        self.federated = bundles
+        self._wake()
+
+    def _wake(self) -> None:
         event, self._changed = self._changed, asyncio.Event()
         event.set()
 

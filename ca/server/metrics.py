@@ -67,6 +67,12 @@ class CaMetrics:
             base,
             registry=self.registry,
         )
+        self._federation = Counter(
+            "trellis_ca_federation_fetch_total",
+            "Fetches of federated trust domains' bundles, by outcome (ok or why refused)",
+            [*base, "federated_trust_domain", "outcome"],
+            registry=self.registry,
+        )
         self._x509_workload = self._x509.labels(**self._base, kind="workload")
         self._sign_workload = self._sign.labels(**self._base, kind="workload")
         self._jwt_child = self._jwt.labels(**self._base)
@@ -97,6 +103,14 @@ class CaMetrics:
 
     def entry_reload_failed(self) -> None:
         self._entry_reload_errors.labels(**self._base).inc()
+
+    def federation_fetch(self, federated_trust_domain: str, outcome: str) -> None:
+        # Both labels are bounded: trust domains come from the configuration, outcomes from
+        # a fixed set (ok, unreachable, endpoint-unauthenticated, http-status, too-large,
+        # malformed, wrong-trust-domain).
+        self._federation.labels(
+            **self._base, federated_trust_domain=federated_trust_domain, outcome=outcome
+        ).inc()
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 if absent): for tests and the bench."""
