@@ -10,7 +10,10 @@ from the same run, the same client against the app directly:
 * `pingpong`: one 1 KiB message out and back on each of `--connections` persistent
   connections (one TLS connection carries them all), paced to
   `--rate` messages/s in total: p50/p99 round-trip, and CPU seconds per 1,000 messages of
-  each sidecar (utime+stime from /proc, the app's own as the floor).
+  each sidecar (utime+stime from /proc, the app's own as the floor). `relay_floor`: the
+  same schedule through two bare uvloop relays (`bench/relay.py`: the same reads, writes
+  and wake-ups per message, no TLS, HTTP/2, policy or metrics), i.e. what any Python
+  proxy pays here before doing anything.
 * `bulk`: one connection writing `--bulk-mib` MiB to the sink: MB/s.
 * `pooling`: TLS handshakes per app connection after 200 short connections.
 
@@ -178,6 +181,25 @@ def main() -> None:
         bulk(ports["sink"], 1)
 
         direct = asyncio.run(pingpong(echo, args.rate, args.seconds, args.connections))
+        relay_ports = [free_port(), free_port()]
+        relays = [
+            procs.start(
+                f"relay-{i}",
+                [sys.executable, str(REPO / "bench" / "relay.py"), str(port), str(target)],
+            )
+            for i, (port, target) in enumerate(
+                zip(relay_ports, [relay_ports[1], echo], strict=True)
+            )
+        ]
+        for port in relay_ports:
+            wait_for(lambda port=port: _listening(port), 15, "relay")  # type: ignore[misc]
+        asyncio.run(pingpong(relay_ports[0], 100, 0.5))
+        before = {f"relay_{i}": cpu_seconds(r.popen.pid) for i, r in enumerate(relays)}
+        relayed = asyncio.run(pingpong(relay_ports[0], args.rate, args.seconds, args.connections))
+        relay_cpu = {
+            name: round((cpu_seconds(r.popen.pid) - before[name]) / relayed["messages"] * 1000, 4)
+            for name, r in zip(before, relays, strict=True)
+        }
         before = {k: cpu_seconds(p) for k, p in pids.items()}
         mesh = asyncio.run(pingpong(ports["echo"], args.rate, args.seconds, args.connections))
         spent = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
@@ -189,6 +211,12 @@ def main() -> None:
             "added_p99_ms": round(mesh["p99_ms"] - direct["p99_ms"], 3),
             "cpu_s_per_1000_messages": {
                 k: round(v / mesh["messages"] * 1000, 4) for k, v in spent.items()
+            },
+            "relay_floor": {
+                **relayed,
+                "added_p50_ms": round(relayed["p50_ms"] - direct["p50_ms"], 3),
+                "added_p99_ms": round(relayed["p99_ms"] - direct["p99_ms"], 3),
+                "cpu_s_per_1000_messages": relay_cpu,
             },
         }
         direct_bulk = bulk(sink, args.bulk_mib)
