@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from ca.agent.upstream import UpstreamError, UpstreamRefused, UpstreamUnavailable
 from ca.bundle import TrustBundle
 from ca.keys import PrivateKey
-from ca.server.client import AgentIdentity, CaClient, CaError, JwtSvidToken
+from ca.server.client import AgentIdentity, BundleUpdate, CaClient, CaError, JwtSvidToken
 from ca.server.entries import EntrySet
 from ca.x509svid import X509Svid
 
@@ -121,9 +121,10 @@ class GrpcUpstream:
         except CaError as exc:
             raise self._translate(exc) from exc
 
-    async def watch_bundle(self) -> AsyncIterator[TrustBundle]:
+    async def watch_bundle(self) -> AsyncIterator[BundleUpdate]:
         try:
-            async for bundle in self.client.watch_bundle():
+            async for update in self.client.watch_bundles():
+                bundle = update.bundle
                 roots = {c.fingerprint(hashes.SHA256()) for c in bundle.x509_authorities}
                 known = {c.fingerprint(hashes.SHA256()) for c in self.trust_roots.x509_authorities}
                 if roots and roots != known:
@@ -131,7 +132,7 @@ class GrpcUpstream:
                     # watch resumes on the new one (re-sending this same bundle).
                     self.trust_roots = bundle
                     self.client.set_trust_roots(bundle)
-                yield bundle
+                yield update
         except CaError as exc:
             raise self._translate(exc) from exc
 

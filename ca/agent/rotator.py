@@ -361,8 +361,15 @@ class Rotator:
     async def bundle_loop(self) -> None:
         while True:
             try:
-                async for bundle in self.upstream.watch_bundle():
+                async for update in self.upstream.watch_bundle():
                     self._bundle_backoff.reset()
+                    bundle = update.bundle
+                    if self.cache.set_federated(update.federated):
+                        log.info(
+                            "federated bundles updated: %s",
+                            ", ".join(b.trust_domain.name for b in update.federated) or "none",
+                        )
+                        self._notify()
                     if self.cache.set_bundle(bundle):
                         self.metrics.bundle_updates.inc()
                         log.info("trust bundle updated (sequence %d)", bundle.sequence)

@@ -26,13 +26,14 @@ from ca.authority import IntermediateAuthority, IssuanceError
 from ca.bundle import TrustBundle
 from ca.jwtsvid import JwtAuthority, JwtSvidError
 from ca.keys import KeyAlgorithm, PrivateKey, generate_private_key
-from ca.server.client import AgentIdentity, JwtSvidToken
+from ca.server.client import AgentIdentity, BundleUpdate, JwtSvidToken
 from ca.server.entries import EntrySet, EntrySource, RegistrationEntry
 from ca.spiffeid import SpiffeId, TrustDomain
 from ca.x509svid import X509Svid
 
 __all__ = [
     "AgentIdentity",
+    "BundleUpdate",
     "InProcessUpstream",
     "JwtSvidToken",
     "Upstream",
@@ -83,7 +84,9 @@ class Upstream(Protocol):
 
     async def new_jwt_svid(self, entry_id: str, audience: Sequence[str]) -> JwtSvidToken: ...
 
-    def watch_bundle(self) -> AsyncIterator[TrustBundle]: ...
+    def watch_bundle(self) -> AsyncIterator[BundleUpdate]:
+        """The bundle (with the federated ones) now and on every change of either."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -117,6 +120,7 @@ class InProcessUpstream:
         self._intermediate = intermediate
         self._jwt = jwt_authority
         self._bundle = bundle
+        self._federated: tuple[TrustBundle, ...] = ()
         self._source: EntrySource | None = None
         if isinstance(entries, EntrySet):
             self._entries = entries
@@ -151,6 +155,10 @@ class InProcessUpstream:
 
     def set_bundle(self, bundle: TrustBundle) -> None:
         self._bundle = bundle
+        self._bundle_changed.set()
+
+    def set_federated(self, bundles: Sequence[TrustBundle]) -> None:
+        self._federated = tuple(bundles)
         self._bundle_changed.set()
 
     @property
@@ -244,11 +252,11 @@ class InProcessUpstream:
             raise UpstreamRefused(exc.reason, str(exc)) from exc
         return JwtSvidToken(svid.spiffe_id, svid.token, svid.expiry)
 
-    async def watch_bundle(self) -> AsyncIterator[TrustBundle]:
+    async def watch_bundle(self) -> AsyncIterator[BundleUpdate]:
         self._enter("watch_bundle")
         while True:
             self._bundle_changed.clear()
-            yield self._bundle
+            yield BundleUpdate(self._bundle, self._federated)
             await self._bundle_changed.wait()
             if not self._available:
                 raise UpstreamUnavailable("unavailable", "CA is unavailable")

@@ -60,6 +60,7 @@ from ca.x509svid import X509Svid
 __all__ = [
     "DEFAULT_SERVER_NAME",
     "AgentIdentity",
+    "BundleUpdate",
     "CaClient",
     "CaError",
     "JwtSvidToken",
@@ -101,6 +102,14 @@ class AgentIdentity:
     node_name: str
     svid: X509Svid
     bundle: TrustBundle
+
+
+@dataclass(frozen=True)
+class BundleUpdate:
+    """One WatchBundle message: the trust domain's own bundle and the federated ones."""
+
+    bundle: TrustBundle
+    federated: tuple[TrustBundle, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -375,6 +384,12 @@ class CaClient:
     async def watch_bundle(self) -> AsyncIterator[TrustBundle]:
         """The trust bundle at once, then on every change. Ends only by raising ``CaError``
         (e.g. UNAVAILABLE when the CA goes away: back off and call again) or when closed."""
+        async for update in self.watch_bundles():
+            yield update.bundle
+
+    async def watch_bundles(self) -> AsyncIterator[BundleUpdate]:
+        """Like ``watch_bundle``, with the federated trust domains' bundles alongside (a
+        message is also sent when only those change)."""
         while not self._closed:
             channel = self._main_channel()
             call: grpc.aio.UnaryStreamMultiCallable[Any, ca_pb2.Bundle] = channel.unary_stream(
@@ -386,11 +401,15 @@ class CaClient:
             try:
                 async for message in stream:
                     try:
-                        yield bundle_from_proto(message)
-                    except BundleError as exc:
+                        update = BundleUpdate(
+                            bundle_from_proto(message),
+                            tuple(bundle_from_proto(f) for f in message.federated),
+                        )
+                    except (BundleError, ValueError) as exc:
                         raise CaError(
                             grpc.StatusCode.INTERNAL, f"CA sent an unreadable bundle: {exc}"
                         ) from exc
+                    yield update
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.CANCELLED and self._channel is not channel:
                     continue  # our own channel swap after renewal: resume on the new one

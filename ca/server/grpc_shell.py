@@ -143,7 +143,9 @@ def make_handler(service: CaService, bundles: BundleWatch) -> grpc.GenericRpcHan
             return
         log_event(logging.DEBUG, "bundle-watch", node=node)
         async for bundle in bundles.updates():
-            yield bundle_to_proto(bundle)
+            message = bundle_to_proto(bundle)
+            message.federated.extend(bundle_to_proto(f) for f in bundles.federated)
+            yield message
 
     def unary(
         fn: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]],

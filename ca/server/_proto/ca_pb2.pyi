@@ -18,16 +18,18 @@ class X509SVID(_message.Message):
     def __init__(self, spiffe_id: _Optional[str] = ..., cert_chain: _Optional[_Iterable[bytes]] = ..., expires_at: _Optional[int] = ...) -> None: ...
 
 class Bundle(_message.Message):
-    __slots__ = ("trust_domain", "spiffe_bundle_json", "x509_authorities", "sequence")
+    __slots__ = ("trust_domain", "spiffe_bundle_json", "x509_authorities", "sequence", "federated")
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     SPIFFE_BUNDLE_JSON_FIELD_NUMBER: _ClassVar[int]
     X509_AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    FEDERATED_FIELD_NUMBER: _ClassVar[int]
     trust_domain: str
     spiffe_bundle_json: bytes
     x509_authorities: _containers.RepeatedScalarFieldContainer[bytes]
     sequence: int
-    def __init__(self, trust_domain: _Optional[str] = ..., spiffe_bundle_json: _Optional[bytes] = ..., x509_authorities: _Optional[_Iterable[bytes]] = ..., sequence: _Optional[int] = ...) -> None: ...
+    federated: _containers.RepeatedCompositeFieldContainer[Bundle]
+    def __init__(self, trust_domain: _Optional[str] = ..., spiffe_bundle_json: _Optional[bytes] = ..., x509_authorities: _Optional[_Iterable[bytes]] = ..., sequence: _Optional[int] = ..., federated: _Optional[_Iterable[_Union[Bundle, _Mapping]]] = ...) -> None: ...
 
 class JoinTokenAttestation(_message.Message):
     __slots__ = ("token",)

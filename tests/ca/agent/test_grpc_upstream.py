@@ -17,7 +17,7 @@ import pytest
 from ca import RootAuthority, TrustBundle
 from ca.agent.grpc_upstream import GrpcUpstream
 from ca.agent.upstream import UpstreamRefused, UpstreamUnavailable
-from ca.server.client import CaError
+from ca.server.client import BundleUpdate, CaError
 from tests.ca.agent.conftest import TD, LiveCa, run
 
 
@@ -39,9 +39,9 @@ class FakeClient:
         await asyncio.sleep(0)  # both calls are in flight before either fails
         return await self.fetch_entries()
 
-    async def watch_bundle(self) -> AsyncIterator[TrustBundle]:
+    async def watch_bundles(self) -> AsyncIterator[BundleUpdate]:
         for bundle in self.script:
-            yield bundle
+            yield BundleUpdate(bundle)
 
     def set_trust_roots(self, roots: TrustBundle) -> None:
         self.set_roots.append(roots)
@@ -92,7 +92,7 @@ def test_new_roots_in_the_bundle_become_the_clients_trust_roots_once(live_ca: Li
     upstream, made = _upstream(live_ca, [live_ca.bundle, rotated, rotated])
 
     async def main() -> list[TrustBundle]:
-        return [b async for b in upstream.watch_bundle()]
+        return [u.bundle async for u in upstream.watch_bundle()]
 
     assert len(run(main())) == 3
     assert made[0].set_roots == [rotated]

@@ -11,6 +11,7 @@ import datetime as dt
 import os
 import socket
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca import JwtAuthority, verify_x509_svid
+from ca import JwtAuthority, RootAuthority, TrustBundle, TrustDomain, verify_x509_svid
 from ca.agent import Agent
+from ca.server.entries import RegistrationEntry
 from ca.workload import HEADER_KEY, HEADER_VALUE, method_path, workload_pb2
 from ca.x509svid import load_der_chain
 from tests.ca.agent.conftest import WEB, LiveCa, entry, make_upstream, run, running_agent
@@ -402,3 +404,50 @@ def test_closed_connections_leave_no_credentials_or_socket_files_behind(
     connections, peers, private = run(main())
     assert (connections, peers) == (0, 0)
     assert private == ["grpc.sock"]  # bound client paths are unlinked right after connect
+
+
+def test_federated_bundles_from_the_ca_reach_only_entries_that_federate_with_them(
+    live_ca: LiveCa, short_dir: Path
+) -> None:
+    partner_root = RootAuthority.create(TrustDomain("partner.org"), now=dt.datetime.now(dt.UTC))
+    partner = TrustBundle(TrustDomain("partner.org"), (partner_root.certificate,))
+    partner_der = partner_root.certificate.public_bytes(serialization.Encoding.DER)
+    federating = replace(entry(), federates_with=(TrustDomain("partner.org"),))
+
+    async def main(e: RegistrationEntry) -> tuple[Any, Any, Any]:
+        upstream = make_upstream(live_ca, [e])
+        async with (
+            running_agent(upstream, short_dir) as agent,
+            grpc.aio.insecure_channel(_target(agent)) as channel,
+        ):
+            svids = _stream(channel, "FetchX509SVID", pb.X509SVIDRequest(), pb.X509SVIDResponse)
+            before = await _next(svids)
+            upstream.set_federated([partner])
+            await asyncio.wait_for(
+                _until(lambda: TrustDomain("partner.org") in agent.rotator.cache.federated), 10
+            )
+            if e.federates_with:
+                after = await _next(svids)  # the stream re-sends on the change
+            else:
+                after = await _stream_first(
+                    channel, "FetchX509SVID", pb.X509SVIDRequest(), pb.X509SVIDResponse
+                )
+            bundles = await _stream_first(
+                channel, "FetchX509Bundles", pb.X509BundlesRequest(), pb.X509BundlesResponse
+            )
+            svids.cancel()
+            return before, after, bundles
+
+    before, after, bundles = run(main(federating))
+    assert dict(before.federated_bundles) == {}
+    assert dict(after.federated_bundles) == {"spiffe://partner.org": partner_der}
+    assert bundles.bundles["spiffe://partner.org"] == partner_der
+
+    before, after, bundles = run(main(entry()))
+    assert dict(after.federated_bundles) == {}
+    assert "spiffe://partner.org" not in bundles.bundles
+
+
+async def _until(check: Any) -> None:
+    while not check():
+        await asyncio.sleep(0.02)

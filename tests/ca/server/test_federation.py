@@ -31,7 +31,7 @@ from ca.server.federation import (
 )
 from ca.store import CaStore
 
-from .conftest import CLUSTER, PASSPHRASE, eventually, run, server_config, serving
+from .conftest import CLUSTER, PASSPHRASE, attested, run, server_config, serving
 
 PARTNER = TrustDomain("partner.org")
 PARTNER_CA_ID = SpiffeId(f"spiffe://partner.org/trellis/ca/{CLUSTER}")
@@ -275,7 +275,7 @@ def test_the_last_good_bundle_is_kept_while_the_endpoint_is_down(
     assert len(published) == 1 and set(published[0]) == {PARTNER}
 
 
-def test_a_served_ca_fetches_its_federated_bundles_and_counts_the_outcome(
+def test_a_served_ca_fetches_federated_bundles_and_streams_them_to_agents_on_every_change(
     partner_store: CaStore, ca_dir: Path, tmp_path: Path
 ) -> None:
     async def body() -> None:
@@ -292,9 +292,15 @@ def test_a_served_ca_fetches_its_federated_bundles_and_counts_the_outcome(
             )
             config = replace(server_config(ca_dir), federation_path=path)
             async with serving(config) as server:
-                await eventually(lambda: len(server.bundles.federated) == 1)
-                (got,) = server.bundles.federated
+                client = await attested(server, "node-a")
+                updates = client.watch_bundles()
+                update = await anext(updates)
+                while not update.federated:  # the first message may precede the first fetch
+                    update = await anext(updates)
+                (got,) = update.federated
+                assert got.trust_domain == PARTNER
                 assert got.same_content(partner.bundles.current)
+                assert update.bundle.same_content(server.bundles.current)
                 assert (
                     server.metrics.value(
                         "trellis_ca_federation_fetch_total",
@@ -305,7 +311,9 @@ def test_a_served_ca_fetches_its_federated_bundles_and_counts_the_outcome(
                 )
                 # The file changes: partner.org leaves, and so does its bundle.
                 path.write_text(json.dumps({"trustDomains": []}))
-                await eventually(lambda: server.bundles.federated == ())
+                assert (await anext(updates)).federated == ()
+                await updates.aclose()
+                await client.close()
 
     run(body())
 
