@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,7 @@ class Mesh:
     def endpoint(self) -> str:
         return f"unix://{self.socket_path}"
 
-    def start_ca(self, *, mint_token: bool) -> None:
+    def start_ca(self, *, mint_token: bool, extra: Sequence[str] = ()) -> None:
         args = [
             "ca", "serve", "--dir", str(self.workdir / "ca"), "--cluster", "west",
             "--listen", f"127.0.0.1:{self.ca_port}",
@@ -97,7 +97,7 @@ class Mesh:
         ]  # fmt: skip
         if mint_token:
             args += ["--join-token", "node-a"]
-        self.ca = _trellis(*args)
+        self.ca = _trellis(*args, *extra)
         assert self.ca.stdout is not None
         for line in self.ca.stdout:
             event = json.loads(line)

@@ -342,3 +342,46 @@ def test_serve_refuses_a_bad_federation_file_in_one_line_naming_the_field(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert "trustDomains[0] (partner.org).bundleEndpointURL" in lines[0]
+
+
+def test_a_served_ca_logs_and_counts_an_endpoint_with_the_wrong_spiffe_id(
+    partner_store: CaStore, ca_dir: Path, tmp_path: Path
+) -> None:
+    import time
+    import urllib.request
+
+    from .test_serve_process import listen_args, serve
+
+    partner_args = listen_args(partner_store.root_dir, "--sign-workers", "0")
+    with serve(*partner_args) as (_, partner_ready, _):
+        path = tmp_path / "federation.yaml"
+        wrong_id = "spiffe://partner.org/not-the-bundle-endpoint"
+        path.write_text(
+            json.dumps(
+                _doc(
+                    bundleEndpointURL=f"https://{partner_ready['bundle_listen']}/",
+                    bundleEndpointSPIFFEID=wrong_id,
+                    bootstrapBundle=str(partner_store.root_cert_path),
+                )
+            )
+        )
+        args = listen_args(ca_dir, "--federation", str(path), "--sign-workers", "0")
+        with serve(*args) as (process, ready, _):
+            url = f"http://{ready['metrics_listen']}/metrics"
+            wanted = 'outcome="endpoint-unauthenticated"'
+            deadline = time.monotonic() + 30
+            metrics = ""
+            while wanted not in metrics and time.monotonic() < deadline:
+                time.sleep(0.1)
+                with urllib.request.urlopen(url, timeout=5) as answer:
+                    metrics = answer.read().decode()
+            assert wanted in metrics
+            assert 'outcome="ok"' not in metrics
+            process.terminate()
+            process.wait(timeout=10)
+            assert process.stderr is not None
+            logs = [json.loads(line) for line in process.stderr.read().splitlines() if line]
+    refused = [e for e in logs if e.get("event") == "federation-fetch-failed"]
+    assert refused and refused[0]["federated_trust_domain"] == "partner.org"
+    assert refused[0]["reason"] == "endpoint-unauthenticated"
+    assert wrong_id in refused[0]["error"]
