@@ -7,7 +7,10 @@ Public surface:
   ``EntrySet``, ``EntrySource``, ``StaticEntrySource``, ``YamlFileEntrySource``,
   ``parse_entries``, ``parse_entries_yaml``, ``load_entries_file``, ``EntryError``.
 * ``ca.server.client`` — ``CaClient`` (what the node agent uses), ``AgentIdentity``,
-  ``JwtSvidToken``, ``CaError``, ``build_csr``.
+  ``BundleUpdate``, ``JwtSvidToken``, ``CaError``, ``build_csr``.
+* ``ca.server.federation`` — the ``--federation`` document (``parse_federation``,
+  ``load_federation_file``, ``FederationRelationship``) and fetching foreign bundles over
+  https_spiffe (``fetch_bundle``, ``FederationFetcher``, ``FetchError``).
 * ``ca.server.wire`` — conversions between these values and the ``trellis.ca.v1`` messages.
 * ``ca.server.service`` / ``ca.server.app`` — the gRPC service and the process around it.
 

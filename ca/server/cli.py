@@ -91,7 +91,13 @@ def register(ca_commands: Any) -> None:
         default="127.0.0.1:8082",
         help="server-auth TLS gRPC for AttestAgent (agents without an SVID yet)",
     )
-    p.add_argument("--bundle-listen", type=_optional_address, default="127.0.0.1:8443")
+    p.add_argument(
+        "--bundle-listen",
+        type=_optional_address,
+        default="127.0.0.1:8443",
+        help="HTTPS bundle endpoint other trust domains federate with (https_spiffe: "
+        "served with this CA's own SVID, spiffe://<td>/trellis/ca/<cluster>); off disables",
+    )
     p.add_argument("--metrics-listen", type=_optional_address, default=None)
     p.add_argument("--entries", type=Path, help="registration entries (YAML), reloaded on change")
     p.add_argument(

@@ -355,8 +355,8 @@ class FederationFetcher:
             self._spawn(td)
 
     def _spawn(self, td: TrustDomain) -> None:
-        self._wake[td] = asyncio.Event()
-        self._tasks[td] = asyncio.get_running_loop().create_task(self._loop(td))
+        wake = self._wake[td] = asyncio.Event()
+        self._tasks[td] = asyncio.get_running_loop().create_task(self._loop(td, wake))
 
     def replace(self, relationships: Sequence[FederationRelationship]) -> None:
         """A reloaded configuration: start, stop or restart the loops that changed."""
@@ -365,6 +365,7 @@ class FederationFetcher:
         for td, old in list(self._relationships.items()):
             if new.get(td) != old:
                 task = self._tasks.pop(td, None)
+                self._wake.pop(td, None)
                 if task is not None:
                     task.cancel()
                 if td not in new and self.bundles.pop(td, None) is not None:
@@ -424,7 +425,7 @@ class FederationFetcher:
             self._on_change(dict(self.bundles))
         return min(max(float(bundle.refresh_hint), self._min_refresh), self._max_refresh)
 
-    async def _loop(self, td: TrustDomain) -> None:
+    async def _loop(self, td: TrustDomain, wake: asyncio.Event) -> None:
         failures = 0
         while True:
             try:
@@ -434,8 +435,8 @@ class FederationFetcher:
                 failures += 1
                 delay = min(self._min_refresh / 8 * 2 ** (failures - 1), MAX_BACKOFF)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake[td].wait(), delay)
-            self._wake[td].clear()
+                await asyncio.wait_for(wake.wait(), delay)
+            wake.clear()
 
     def poke(self) -> None:
         """Fetch every trust domain now (tests, and a configuration reload)."""
