@@ -297,13 +297,17 @@ async def fetch_bundle(
                 raise FetchError("http-status", f"endpoint answered HTTP {response.status}")
             if response.content_length is not None and response.content_length > max_bytes:
                 raise FetchError("too-large", f"bundle is {response.content_length} bytes")
-            body = await response.content.read(max_bytes + 1)
-            if len(body) > max_bytes:
-                raise FetchError("too-large", f"bundle is over {max_bytes} bytes")
+            # StreamReader.read(n) returns what is buffered, not n bytes: read to the end,
+            # but never hold more than the limit (a chunked answer has no length).
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise FetchError("too-large", f"bundle is over {max_bytes} bytes")
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise FetchError("unreachable", f"{type(exc).__name__}: {exc}") from exc
     try:
-        bundle = TrustBundle.from_json(rel.trust_domain, body)
+        bundle = TrustBundle.from_json(rel.trust_domain, bytes(body))
     except BundleError as exc:
         raise FetchError("malformed", str(exc)) from exc
     if not bundle.x509_authorities and not bundle.jwt_authorities:

@@ -59,10 +59,10 @@ def relationship(
 
 @asynccontextmanager
 async def partner_endpoint(
-    store: CaStore, tmp_path: Path, body: bytes, status: int = 200
+    store: CaStore, tmp_path: Path, body: bytes, status: int = 200, *, chunked: bool = False
 ) -> AsyncIterator[str]:
     """An HTTPS server presenting a real partner.org SVID (the CA's own ID) that answers
-    every GET with ``body`` and ``status``."""
+    every GET with ``body`` and ``status`` (``chunked``: without a Content-Length)."""
     intermediate = store.load_intermediate(CLUSTER)
     key = generate_private_key(KeyAlgorithm.P256)
     svid = intermediate.issue_x509_svid(
@@ -77,8 +77,16 @@ async def partner_endpoint(
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tmp_path / "ep.crt", tmp_path / "ep.key")
 
-    async def answer(request: web.Request) -> web.Response:
-        return web.Response(body=body, status=status, content_type="application/json")
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if not chunked:
+            return web.Response(body=body, status=status, content_type="application/json")
+        response = web.StreamResponse(status=status)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(body), 1000):
+            await response.write(body[start : start + 1000])
+        await response.write_eof()
+        return response
 
     app = web.Application()
     app.router.add_get("/", answer)
@@ -212,6 +220,7 @@ def test_an_endpoint_that_does_not_chain_to_the_bootstrap_bundle_is_refused(
     [
         ("example", 200, "wrong-trust-domain"),
         ("oversized", 200, "too-large"),
+        ("oversized-chunked", 200, "too-large"),
         ("malformed", 200, "malformed"),
         ("partner", 404, "http-status"),
         ("partner", 500, "http-status"),
@@ -229,12 +238,16 @@ def test_a_bad_answer_from_an_authenticated_endpoint_is_refused(
     bodies = {
         "example": session_ca.load_bundle().to_json(),  # example.org's roots, not partner's
         "oversized": partner_bundle.to_json() + b" " * 5000,
+        "oversized-chunked": partner_bundle.to_json() + b" " * 5000,
         "malformed": b'{"keys": [{"use": "x509-svid", "x5c": ["not base64!"]}]}',
         "partner": partner_bundle.to_json(),
     }
 
     async def body() -> None:
-        async with partner_endpoint(partner_store, tmp_path, bodies[served], status) as url:
+        chunked = served.endswith("-chunked")
+        async with partner_endpoint(
+            partner_store, tmp_path, bodies[served], status, chunked=chunked
+        ) as url:
             rel = relationship(url, partner_bundle)
             with pytest.raises(FetchError) as caught:
                 await fetch(rel, max_bytes=4096)
@@ -385,3 +398,16 @@ def test_a_served_ca_logs_and_counts_an_endpoint_with_the_wrong_spiffe_id(
     assert refused and refused[0]["federated_trust_domain"] == "partner.org"
     assert refused[0]["reason"] == "endpoint-unauthenticated"
     assert wrong_id in refused[0]["error"]
+
+
+def test_a_large_bundle_arriving_in_many_reads_is_read_whole(
+    partner_store: CaStore, tmp_path: Path
+) -> None:
+    partner_bundle = partner_store.load_bundle()
+    body_bytes = partner_bundle.to_json().rstrip() + b" " * 300_000 + b"\n"
+
+    async def body() -> TrustBundle:
+        async with partner_endpoint(partner_store, tmp_path, body_bytes) as url:
+            return await fetch(relationship(url, partner_bundle))
+
+    assert run(body()).same_content(partner_bundle)
