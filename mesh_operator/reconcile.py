@@ -510,6 +510,7 @@ def federation_document(specs: list[FederatedTrustDomainSpec]) -> dict[str, Any]
                 "trustDomain": s.trust_domain.name,
                 "bundleEndpointURL": s.bundle_endpoint_url,
                 "bundleEndpointSPIFFEID": str(s.bundle_endpoint_spiffe_id),
+                "bootstrapBundle": s.bootstrap_bundle,
             }
             for s in sorted(specs, key=lambda s: s.trust_domain.name)
         ]

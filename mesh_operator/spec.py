@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from ca.bundle import BundleError, TrustBundle, load_pem_certificates
 from ca.jwtsvid import DEFAULT_JWT_SVID_TTL, MAX_JWT_SVID_TTL
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from ca.x509svid import DEFAULT_X509_SVID_TTL, MAX_X509_SVID_TTL
@@ -388,6 +389,35 @@ class FederatedTrustDomainSpec:
     trust_domain: TrustDomain
     bundle_endpoint_url: str
     bundle_endpoint_spiffe_id: SpiffeId
+    # The foreign domain's bundle (SPIFFE bundle JSON or PEM roots) as written in the
+    # spec: the CA needs it to authenticate the endpoint before its first fetch.
+    bootstrap_bundle: str
+
+
+MAX_BOOTSTRAP_BUNDLE_BYTES = 256 * 1024
+
+
+def _bootstrap_bundle(spec: Mapping[str, Any], trust_domain: TrustDomain) -> str:
+    field = "spec.bootstrapBundle"
+    raw = spec.get("bootstrapBundle")
+    if not isinstance(raw, str) or not raw.strip():
+        raise SpecError(
+            field,
+            f"required: {trust_domain}'s bundle (SPIFFE bundle JSON or PEM roots); the "
+            "https_spiffe profile needs it to authenticate the endpoint before the first fetch",
+        )
+    if len(raw.encode()) > MAX_BOOTSTRAP_BUNDLE_BYTES:
+        raise SpecError(field, f"longer than {MAX_BOOTSTRAP_BUNDLE_BYTES} bytes")
+    try:
+        if raw.lstrip().startswith("{"):
+            bundle = TrustBundle.from_json(trust_domain, raw)
+        else:
+            bundle = TrustBundle(trust_domain, tuple(load_pem_certificates(raw.encode())))
+    except BundleError as exc:
+        raise SpecError(field, str(exc)) from exc
+    if not bundle.x509_authorities:
+        raise SpecError(field, "holds no X.509 authority")
+    return raw
 
 
 def parse_federated_trust_domain(obj: Any) -> FederatedTrustDomainSpec:
@@ -421,4 +451,5 @@ def parse_federated_trust_domain(obj: Any) -> FederatedTrustDomainSpec:
             f"{endpoint_id} is not in {trust_domain}; https_spiffe endpoints present an ID "
             "of the domain whose bundle they serve",
         )
-    return FederatedTrustDomainSpec(ref, trust_domain, url, endpoint_id)
+    bootstrap = _bootstrap_bundle(spec, trust_domain)
+    return FederatedTrustDomainSpec(ref, trust_domain, url, endpoint_id, bootstrap)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import yaml
+from cryptography.hazmat.primitives import serialization
 
+from ca import RootAuthority
 from ca.server.entries import Selector, parse_entries_yaml
 from ca.spiffeid import SpiffeId, TrustDomain
 from mesh_operator.reconcile import (
@@ -16,6 +19,15 @@ from mesh_operator.reconcile import (
     reconcile_federation,
     reconcile_identities,
 )
+
+
+def _partner_root_pem() -> str:
+    root = RootAuthority.create(TrustDomain("partner.example"), now=dt.datetime.now(dt.UTC))
+    return root.certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
+PARTNER_ROOT_PEM = _partner_root_pem()
+
 
 TD = TrustDomain("example.org")
 
@@ -198,6 +210,7 @@ def test_federation_names_must_resolve_to_a_federated_trust_domain() -> None:
             "trustDomain": "partner.example",
             "bundleEndpointURL": "https://b.partner.example",
             "bundleEndpointSPIFFEID": "spiffe://partner.example/ca",
+            "bootstrapBundle": PARTNER_ROOT_PEM,
         },
     }
     templates = {"t": cwi("t", federatesWith=["partner.example", "ghost.example"])}
@@ -257,3 +270,24 @@ def test_reconciling_twice_gives_identical_results() -> None:
     first, second = reconcile_identities(snap), reconcile_identities(snap)
     assert first.entries.revision == second.entries.revision
     assert first.statuses == second.statuses
+
+
+def test_the_federation_document_is_what_ca_serve_reads() -> None:
+    from ca.server.federation import parse_federation
+    from mesh_operator.reconcile import federation_document
+
+    fed = {
+        "metadata": {"name": "partner"},
+        "spec": {
+            "trustDomain": "partner.example",
+            "bundleEndpointURL": "https://b.partner.example:8443/",
+            "bundleEndpointSPIFFEID": "spiffe://partner.example/trellis/ca/east",
+            "bootstrapBundle": PARTNER_ROOT_PEM,
+        },
+    }
+    specs, _ = reconcile_federation(snapshot(federations={"partner": fed}))
+    (rel,) = parse_federation(federation_document(specs), own=TD)
+    assert rel.trust_domain == TrustDomain("partner.example")
+    assert rel.bundle_endpoint_url == "https://b.partner.example:8443/"
+    assert str(rel.bundle_endpoint_spiffe_id) == "spiffe://partner.example/trellis/ca/east"
+    assert rel.bootstrap.to_pem().decode() == PARTNER_ROOT_PEM

@@ -6,7 +6,9 @@ import datetime as dt
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
+from ca import RootAuthority, TrustDomain
 from ca.spiffeid import SpiffeId
 from mesh_operator.errors import SpecError
 from mesh_operator.selectors import LabelSelector
@@ -17,6 +19,14 @@ from mesh_operator.spec import (
     parse_federated_trust_domain,
     parse_identity_template,
 )
+
+
+def _partner_root_pem() -> str:
+    root = RootAuthority.create(TrustDomain("partner.example"), now=dt.datetime.now(dt.UTC))
+    return root.certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
+PARTNER_ROOT_PEM = _partner_root_pem()
 
 
 def template(**spec: Any) -> dict[str, Any]:
@@ -178,6 +188,7 @@ def test_a_federated_domain_must_serve_its_bundle_from_its_own_id_over_https() -
             "trustDomain": "partner.example",
             "bundleEndpointURL": "https://bundle.partner.example",
             "bundleEndpointSPIFFEID": "spiffe://partner.example/ca",
+            "bootstrapBundle": PARTNER_ROOT_PEM,
         },
     }
     assert parse_federated_trust_domain(good).trust_domain.name == "partner.example"
@@ -187,3 +198,18 @@ def test_a_federated_domain_must_serve_its_bundle_from_its_own_id_over_https() -
     foreign = {**good, "spec": {**good["spec"], "bundleEndpointSPIFFEID": "spiffe://evil.org/ca"}}
     with pytest.raises(SpecError, match=r"not in partner\.example"):
         parse_federated_trust_domain(foreign)
+
+
+def test_a_federated_domain_needs_a_readable_bootstrap_bundle_of_its_own_roots() -> None:
+    spec = {
+        "trustDomain": "partner.example",
+        "bundleEndpointURL": "https://bundle.partner.example",
+        "bundleEndpointSPIFFEID": "spiffe://partner.example/ca",
+    }
+    for bad in (None, "", "-----BEGIN CERTIFICATE-----\nnot base64\n", '{"keys": []}'):
+        obj = {"metadata": {"name": "partner"}, "spec": {**spec, "bootstrapBundle": bad}}
+        with pytest.raises(SpecError) as caught:
+            parse_federated_trust_domain(obj)
+        assert caught.value.field == "spec.bootstrapBundle"
+    ok = {"metadata": {"name": "partner"}, "spec": {**spec, "bootstrapBundle": PARTNER_ROOT_PEM}}
+    assert parse_federated_trust_domain(ok).bootstrap_bundle == PARTNER_ROOT_PEM
