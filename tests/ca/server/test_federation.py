@@ -31,7 +31,7 @@ from ca.server.federation import (
 )
 from ca.store import CaStore
 
-from .conftest import CLUSTER, PASSPHRASE, attested, run, server_config, serving
+from .conftest import CLUSTER, PASSPHRASE, attested, eventually, run, server_config, serving
 
 PARTNER = TrustDomain("partner.org")
 PARTNER_CA_ID = SpiffeId(f"spiffe://partner.org/trellis/ca/{CLUSTER}")
@@ -411,3 +411,32 @@ def test_a_large_bundle_arriving_in_many_reads_is_read_whole(
             return await fetch(relationship(url, partner_bundle))
 
     assert run(body()).same_content(partner_bundle)
+
+
+def test_the_refresh_loop_follows_a_partner_root_rotation_and_publishes_it(
+    partner_store: CaStore,
+) -> None:
+    published: list[dict[TrustDomain, TrustBundle]] = []
+    new_root = RootAuthority.create(PARTNER, now=dt.datetime.now(dt.UTC))
+
+    async def body() -> None:
+        config = replace(server_config(partner_store.root_dir), entries_path=None)
+        async with serving(config) as partner:
+            url = f"https://{partner.addresses['bundle_listen']}/"
+            fetcher = FederationFetcher(
+                [relationship(url, partner_store.load_bundle())],
+                on_change=lambda b: published.append(dict(b)),
+                metric=lambda td, outcome: None,
+            )
+            fetcher.start()
+            try:
+                await eventually(lambda: PARTNER in fetcher.bundles)
+                rotated = partner.bundles.current.with_x509_authorities([new_root.certificate])
+                partner.bundles.publish(rotated)
+                fetcher.poke()  # instead of waiting out the refresh hint
+                await eventually(lambda: fetcher.bundles[PARTNER].same_content(rotated))
+            finally:
+                await fetcher.close()
+
+    run(body())
+    assert [len(p[PARTNER].x509_authorities) for p in published] == [1, 2]
