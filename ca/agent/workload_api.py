@@ -381,10 +381,26 @@ class WorkloadApi:
             message.svid = token.token
         return response
 
-    def _jwt_bundles(self) -> dict[str, bytes]:
+    def _trust_bundles_for(
+        self, entries: Sequence[RegistrationEntry]
+    ) -> dict[TrustDomain, TrustBundle]:
+        """The own bundle plus the federated ones the caller's entries federate with (a
+        workload that federates with nobody must not trust, or validate for, a partner)."""
+        cache = self.rotator.cache
+        found = {
+            td: cache.federated[td]
+            for entry in entries
+            for td in entry.federates_with
+            if td in cache.federated
+        }
+        if cache.bundle is not None:
+            found[cache.bundle.trust_domain] = cache.bundle
+        return found
+
+    def _jwt_bundles(self, entries: Sequence[RegistrationEntry]) -> dict[str, bytes]:
         return {
             td.id_string(): bundle.jwks_json()
-            for td, bundle in self.rotator.cache.trust_bundles().items()
+            for td, bundle in self._trust_bundles_for(entries).items()
         }
 
     async def fetch_jwt_bundles(
@@ -396,7 +412,9 @@ class WorkloadApi:
             version = self.rotator.cache.version
             if not self._entries(caller) and not self.config.allow_unauthenticated_verifiers:
                 raise _Abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
-            response = workload_pb2.JWTBundlesResponse(bundles=self._jwt_bundles())
+            response = workload_pb2.JWTBundlesResponse(
+                bundles=self._jwt_bundles(self._entries(caller))
+            )
             payload = response.SerializeToString(deterministic=True)
             if response.bundles and payload != last:
                 last = payload
@@ -410,8 +428,8 @@ class WorkloadApi:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
         if not request.svid:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
-        await self._admit(context, verifier=True)
-        bundles = self.rotator.cache.trust_bundles()
+        caller = await self._admit(context, verifier=True)
+        bundles = self._trust_bundles_for(self._entries(caller))
 
         def keys(td: TrustDomain) -> dict[str, PublicKey] | None:
             bundle = bundles.get(td)

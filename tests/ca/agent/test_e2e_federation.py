@@ -114,6 +114,7 @@ def test_a_workload_whose_entry_federates_with_partner_org_gets_its_bundle_and_o
         with WorkloadClient(federation.mesh.endpoint) as raw:
             response = raw.fetch_x509_svid()
         assert list(response.federated_bundles) == ["spiffe://partner.org"]
+        assert client.fetch_jwt_bundles().get_bundle_for_trust_domain(partner_td) is not None
 
         # The same workload, once its entry no longer federates: the bundle goes away.
         federation.entries.write_text(_entries(federates=False))
@@ -121,5 +122,6 @@ def test_a_workload_whose_entry_federates_with_partner_org_gets_its_bundle_and_o
         with WorkloadClient(federation.mesh.endpoint) as raw:
             assert dict(raw.fetch_x509_svid().federated_bundles) == {}
             assert "spiffe://partner.org" not in raw.fetch_x509_bundles().bundles
+        assert client.fetch_jwt_bundles().get_bundle_for_trust_domain(partner_td) is None
     finally:
         client.close()

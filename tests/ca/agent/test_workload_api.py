@@ -21,7 +21,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca import JwtAuthority, RootAuthority, TrustBundle, TrustDomain, verify_x509_svid
+from ca import (
+    JwtAuthority,
+    RootAuthority,
+    SpiffeId,
+    TrustBundle,
+    TrustDomain,
+    verify_x509_svid,
+)
 from ca.agent import Agent
 from ca.server.entries import RegistrationEntry
 from ca.workload import HEADER_KEY, HEADER_VALUE, method_path, workload_pb2
@@ -410,11 +417,22 @@ def test_federated_bundles_from_the_ca_reach_only_entries_that_federate_with_the
     live_ca: LiveCa, short_dir: Path
 ) -> None:
     partner_root = RootAuthority.create(TrustDomain("partner.org"), now=dt.datetime.now(dt.UTC))
-    partner = TrustBundle(TrustDomain("partner.org"), (partner_root.certificate,))
+    partner_jwt = JwtAuthority.generate()
+    partner = TrustBundle(
+        TrustDomain("partner.org"),
+        (partner_root.certificate,),
+        {partner_jwt.key_id: partner_jwt.public_key},
+    )
+    partner_token = partner_jwt.sign(
+        SpiffeId("spiffe://partner.org/ns/shop/sa/client"),
+        ["web"],
+        now=dt.datetime.now(dt.UTC),
+        ttl=dt.timedelta(minutes=5),
+    ).token
     partner_der = partner_root.certificate.public_bytes(serialization.Encoding.DER)
     federating = replace(entry(), federates_with=(TrustDomain("partner.org"),))
 
-    async def main(e: RegistrationEntry) -> tuple[Any, Any, Any]:
+    async def main(e: RegistrationEntry) -> tuple[Any, Any, Any, Any, Any]:
         upstream = make_upstream(live_ca, [e])
         async with (
             running_agent(upstream, short_dir) as agent,
@@ -435,17 +453,31 @@ def test_federated_bundles_from_the_ca_reach_only_entries_that_federate_with_the
             bundles = await _stream_first(
                 channel, "FetchX509Bundles", pb.X509BundlesRequest(), pb.X509BundlesResponse
             )
+            jwt_bundles = await _stream_first(
+                channel, "FetchJWTBundles", pb.JWTBundlesRequest(), pb.JWTBundlesResponse
+            )
+            validate = pb.ValidateJWTSVIDRequest(audience="web", svid=partner_token)
+            try:
+                validated = await _unary(
+                    channel, "ValidateJWTSVID", validate, pb.ValidateJWTSVIDResponse
+                )
+            except grpc.aio.AioRpcError as exc:
+                validated = exc.code()
             svids.cancel()
-            return before, after, bundles
+            return before, after, bundles, jwt_bundles, validated
 
-    before, after, bundles = run(main(federating))
+    before, after, bundles, jwt_bundles, validated = run(main(federating))
     assert dict(before.federated_bundles) == {}
     assert dict(after.federated_bundles) == {"spiffe://partner.org": partner_der}
     assert bundles.bundles["spiffe://partner.org"] == partner_der
+    assert set(jwt_bundles.bundles) == {"spiffe://example.org", "spiffe://partner.org"}
+    assert validated.spiffe_id == "spiffe://partner.org/ns/shop/sa/client"
 
-    before, after, bundles = run(main(entry()))
+    before, after, bundles, jwt_bundles, validated = run(main(entry()))
     assert dict(after.federated_bundles) == {}
     assert "spiffe://partner.org" not in bundles.bundles
+    assert set(jwt_bundles.bundles) == {"spiffe://example.org"}
+    assert validated == grpc.StatusCode.INVALID_ARGUMENT  # no bundle for partner.org
 
 
 async def _until(check: Any) -> None:
