@@ -20,9 +20,10 @@ for the others and that caller's result is dropped. The queue is bounded: beyond
 ``UpstreamUnavailable``, instead of letting a backlog grow without limit while the CA is
 slow. ``close()`` fails whatever waits and cancels the calls in flight.
 
-``max_batch`` must not exceed what the CA accepts in one request: ``trellis ca serve
---max-batch`` (1,000 by default) CSRs and ``--max-request-bytes`` (1 MiB by default). The
-agent's 100 stays under both even for ML-DSA-65 keys (CSRs of about 5.5 KB).
+``max_batch`` bounds the agent's side; the CA's own limit (``trellis ca serve
+--max-batch``, 1,000 by default, possibly lower) is learnt at run time, and ``GrpcUpstream``
+splits a batch above it into several calls. The agent's 100 stays under the CA's
+``--max-request-bytes`` (1 MiB by default) even for ML-DSA-65 keys (CSRs of about 5.5 KB).
 """
 
 from __future__ import annotations

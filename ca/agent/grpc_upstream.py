@@ -11,6 +11,13 @@ own reconnection attempts (1 s growing by 1.6x towards 120 s) and fails calls fa
 meanwhile, so a CA that comes back would stay unreached long after the agent's own capped
 backoff says "retry now"; SVIDs could expire in that gap. A new channel connects at once.
 
+The CA tells the client how many CSRs it accepts in one BatchNewX509SVID call
+(``CaClient.max_batch``, from attestation, renewal and every FetchEntries);
+``batch_new_x509_svids`` splits the agent's batches to fit. Without that, a CA started
+with ``--max-batch`` below the agent's batch size would refuse the batch with
+RESOURCE_EXHAUSTED -- a retryable code, so the same oversized batch would go out again
+after every backoff, forever.
+
 When the bundle's X.509 roots change (root rotation), the client is told to trust the new
 set (``CaClient.set_trust_roots``) and later clients are built with it, so the agent
 keeps reaching a CA whose certificate chains to the new root.
@@ -64,6 +71,7 @@ class GrpcUpstream:
         if exc.code == "UNAVAILABLE" and (used is None or used is self.client):
             old = self.client
             self.client = self._factory(old.agent_svid, self.trust_roots)
+            self.client.max_batch = old.max_batch  # the same CA; a restart re-tells it
             self.reconnects += 1
             task = asyncio.get_running_loop().create_task(old.close())
             self._closing.add(task)
@@ -110,10 +118,21 @@ class GrpcUpstream:
         self, requests: Sequence[tuple[str, PrivateKey]]
     ) -> list[X509Svid]:
         client = self.client
+        limit = client.max_batch
+        chunks = (
+            [requests[start : start + limit] for start in range(0, len(requests), limit)]
+            if limit is not None and len(requests) > limit
+            else [requests]
+        )
+        signed: list[X509Svid] = []
         try:
-            return await client.batch_new_x509_svids(requests)
+            # One call after another: the batcher already keeps the CA's per-call cost low,
+            # and a refused chunk fails the whole batch as a single call would have.
+            for chunk in chunks:
+                signed += await client.batch_new_x509_svids(chunk)
         except CaError as exc:
             raise self._translate(exc, client) from exc
+        return signed
 
     async def new_jwt_svid(self, entry_id: str, audience: Sequence[str]) -> JwtSvidToken:
         try:

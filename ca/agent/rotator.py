@@ -56,8 +56,9 @@ __all__ = ["AgentFatalError", "Rotator", "RotatorConfig", "load_agent_state"]
 log = logging.getLogger("trellis.agent")
 
 Clock = Callable[[], dt.datetime]
-# CSRs per BatchNewX509SVID call: under the server's --max-batch (1,000) and, for every key
-# type the CA accepts, its --max-request-bytes (1 MiB).
+# CSRs per batch: under the server's default --max-batch (1,000; a lower one is learnt from
+# the CA and the batch split to fit, see grpc_upstream.py) and, for every key type the CA
+# accepts, its --max-request-bytes (1 MiB).
 MAX_BATCH = 100
 # BatchNewX509SVID calls in flight at once. One: every call costs the CA about 1 ms of gRPC
 # CPU whatever it carries, and a second call in flight halves the batches under load (8

@@ -40,6 +40,14 @@ def _duration(text: str) -> dt.timedelta:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _batch_limit(text: str) -> int:
+    # Agents learn this limit from the CA (a uint32 on the wire) and split their batches
+    # to fit; 0 would refuse every batch.
+    if not text.isdigit() or not 1 <= int(text) <= 100_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of CSRs from 1 to 100000")
+    return int(text)
+
+
 def _address(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
@@ -123,7 +131,12 @@ def register(ca_commands: Any) -> None:
     p.add_argument("--agent-rate", type=float, default=200.0, help="SVIDs/s per agent")
     p.add_argument("--agent-burst", type=float, default=2000.0)
     p.add_argument("--max-request-bytes", type=int, default=1024 * 1024)
-    p.add_argument("--max-batch", type=int, default=1000)
+    p.add_argument(
+        "--max-batch",
+        type=_batch_limit,
+        default=1000,
+        help="most CSRs in one BatchNewX509SVID call; agents are told and split to fit",
+    )
     p.add_argument(
         "--k8s-psat",
         action="store_true",

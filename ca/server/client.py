@@ -188,8 +188,14 @@ class CaClient:
         self._retired: list[grpc.aio.Channel] = []
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.max_batch: int | None = None
 
     # -- state -------------------------------------------------------------------------
+
+    def _learn_max_batch(self, advertised: int) -> None:
+        # 0: a CA from before the field, which says nothing; keep what we knew.
+        if advertised > 0:
+            self.max_batch = advertised
 
     @property
     def agent_svid(self) -> X509Svid | None:
@@ -288,6 +294,7 @@ class CaClient:
                 channel, "AttestAgent", request, ca_pb2.AttestAgentResponse
             )
         identity = self._accept(response.node_name, response.svid, response.bundle, key)
+        self._learn_max_batch(response.max_batch)
         return identity
 
     def _accept(
@@ -323,7 +330,9 @@ class CaClient:
             self._main_channel(), "RenewAgent", request, ca_pb2.RenewAgentResponse
         )
         node = self._node_name or self._node_from_svid(response.svid.spiffe_id)
-        return self._accept(node, response.svid, response.bundle, key)
+        identity = self._accept(node, response.svid, response.bundle, key)
+        self._learn_max_batch(response.max_batch)
+        return identity
 
     @staticmethod
     def _node_from_svid(spiffe_id: str) -> str:
@@ -332,7 +341,12 @@ class CaClient:
     # -- workload identities -----------------------------------------------------------
 
     async def batch_sign_csrs(self, requests: Sequence[tuple[str, bytes]]) -> list[X509Svid]:
-        """Sign DER CSRs for ``(entry_id, csr)`` pairs; SVIDs come back without keys."""
+        """Sign DER CSRs for ``(entry_id, csr)`` pairs; SVIDs come back without keys.
+
+        One call, however many pairs: a CA refuses more than ``max_batch`` (learnt from
+        attestation, renewal or FetchEntries) with RESOURCE_EXHAUSTED. ``GrpcUpstream``
+        splits to fit.
+        """
         message = ca_pb2.BatchNewX509SVIDRequest(
             requests=[ca_pb2.X509SVIDRequest(entry_id=e, csr=c) for e, c in requests]
         )
@@ -376,6 +390,7 @@ class CaClient:
             ca_pb2.FetchEntriesRequest(),
             ca_pb2.FetchEntriesResponse,
         )
+        self._learn_max_batch(response.max_batch)
         try:
             return EntrySet(tuple(entry_from_proto(e) for e in response.entries))
         except EntryError as exc:

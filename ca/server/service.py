@@ -302,7 +302,10 @@ class CaService:
         self._agent_issued(node, svid)
         log_event(logging.INFO, "agent-attested", node=node, method=method, peer=peer)
         return ca_pb2.AttestAgentResponse(
-            node_name=node, svid=svid_to_proto(svid), bundle=bundle_to_proto(self.bundle())
+            node_name=node,
+            svid=svid_to_proto(svid),
+            bundle=bundle_to_proto(self.bundle()),
+            max_batch=self.config.max_batch,
         )
 
     async def _attest_psat(self, token: str) -> str:
@@ -339,7 +342,9 @@ class CaService:
         self._agent_issued(node, svid)
         log_event(logging.INFO, "agent-renewed", node=node)
         return ca_pb2.RenewAgentResponse(
-            svid=svid_to_proto(svid), bundle=bundle_to_proto(self.bundle())
+            svid=svid_to_proto(svid),
+            bundle=bundle_to_proto(self.bundle()),
+            max_batch=self.config.max_batch,
         )
 
     def _entry_for(self, entry_id: str, node: str) -> RegistrationEntry:
@@ -430,5 +435,7 @@ class CaService:
         current = self.entries.current()
         mine = current.for_node(node)
         return ca_pb2.FetchEntriesResponse(
-            entries=[entry_to_proto(e) for e in mine], revision=current.revision
+            entries=[entry_to_proto(e) for e in mine],
+            revision=current.revision,
+            max_batch=self.config.max_batch,
         )

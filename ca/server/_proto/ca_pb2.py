@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16trellis/ca/v1/ca.proto\x12\rtrellis.ca.v1\"E\n\x08X509SVID\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x12\n\ncert_chain\x18\x02 \x03(\x0c\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\x90\x01\n\x06\x42undle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x1a\n\x12spiffe_bundle_json\x18\x02 \x01(\x0c\x12\x18\n\x10x509_authorities\x18\x03 \x03(\x0c\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12(\n\tfederated\x18\x05 \x03(\x0b\x32\x15.trellis.ca.v1.Bundle\"%\n\x14JoinTokenAttestation\x12\r\n\x05token\x18\x01 \x01(\t\"#\n\x12K8sPsatAttestation\x12\r\n\x05token\x18\x01 \x01(\t\"\xa2\x01\n\x12\x41ttestAgentRequest\x12\x39\n\njoin_token\x18\x01 \x01(\x0b\x32#.trellis.ca.v1.JoinTokenAttestationH\x00\x12\x35\n\x08k8s_psat\x18\x02 \x01(\x0b\x32!.trellis.ca.v1.K8sPsatAttestationH\x00\x12\x0b\n\x03\x63sr\x18\x03 \x01(\x0c\x42\r\n\x0b\x61ttestation\"v\n\x13\x41ttestAgentResponse\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12%\n\x04svid\x18\x02 \x01(\x0b\x32\x17.trellis.ca.v1.X509SVID\x12%\n\x06\x62undle\x18\x03 \x01(\x0b\x32\x15.trellis.ca.v1.Bundle\" \n\x11RenewAgentRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"b\n\x12RenewAgentResponse\x12%\n\x04svid\x18\x01 \x01(\x0b\x32\x17.trellis.ca.v1.X509SVID\x12%\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x15.trellis.ca.v1.Bundle\"0\n\x0fX509SVIDRequest\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"K\n\x17\x42\x61tchNewX509SVIDRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.trellis.ca.v1.X509SVIDRequest\"B\n\x18\x42\x61tchNewX509SVIDResponse\x12&\n\x05svids\x18\x01 \x03(\x0b\x32\x17.trellis.ca.v1.X509SVID\"7\n\x11NewJWTSVIDRequest\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\"J\n\x12NewJWTSVIDResponse\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\xb6\x01\n\x05\x45ntry\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tselectors\x18\x03 \x03(\t\x12\x1d\n\x15x509_svid_ttl_seconds\x18\x04 \x01(\x03\x12\x1c\n\x14jwt_svid_ttl_seconds\x18\x05 \x01(\x03\x12\x11\n\tdns_names\x18\x06 \x03(\t\x12\x16\n\x0e\x66\x65\x64\x65rates_with\x18\x07 \x03(\t\x12\r\n\x05nodes\x18\x08 \x03(\t\"\x15\n\x13\x46\x65tchEntriesRequest\"O\n\x14\x46\x65tchEntriesResponse\x12%\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x14.trellis.ca.v1.Entry\x12\x10\n\x08revision\x18\x02 \x01(\t\"\x14\n\x12WatchBundleRequest2\x90\x04\n\tCaService\x12T\n\x0b\x41ttestAgent\x12!.trellis.ca.v1.AttestAgentRequest\x1a\".trellis.ca.v1.AttestAgentResponse\x12Q\n\nRenewAgent\x12 .trellis.ca.v1.RenewAgentRequest\x1a!.trellis.ca.v1.RenewAgentResponse\x12\x63\n\x10\x42\x61tchNewX509SVID\x12&.trellis.ca.v1.BatchNewX509SVIDRequest\x1a\'.trellis.ca.v1.BatchNewX509SVIDResponse\x12Q\n\nNewJWTSVID\x12 .trellis.ca.v1.NewJWTSVIDRequest\x1a!.trellis.ca.v1.NewJWTSVIDResponse\x12W\n\x0c\x46\x65tchEntries\x12\".trellis.ca.v1.FetchEntriesRequest\x1a#.trellis.ca.v1.FetchEntriesResponse\x12I\n\x0bWatchBundle\x12!.trellis.ca.v1.WatchBundleRequest\x1a\x15.trellis.ca.v1.Bundle0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16trellis/ca/v1/ca.proto\x12\rtrellis.ca.v1\"E\n\x08X509SVID\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x12\n\ncert_chain\x18\x02 \x03(\x0c\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\x90\x01\n\x06\x42undle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x1a\n\x12spiffe_bundle_json\x18\x02 \x01(\x0c\x12\x18\n\x10x509_authorities\x18\x03 \x03(\x0c\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12(\n\tfederated\x18\x05 \x03(\x0b\x32\x15.trellis.ca.v1.Bundle\"%\n\x14JoinTokenAttestation\x12\r\n\x05token\x18\x01 \x01(\t\"#\n\x12K8sPsatAttestation\x12\r\n\x05token\x18\x01 \x01(\t\"\xa2\x01\n\x12\x41ttestAgentRequest\x12\x39\n\njoin_token\x18\x01 \x01(\x0b\x32#.trellis.ca.v1.JoinTokenAttestationH\x00\x12\x35\n\x08k8s_psat\x18\x02 \x01(\x0b\x32!.trellis.ca.v1.K8sPsatAttestationH\x00\x12\x0b\n\x03\x63sr\x18\x03 \x01(\x0c\x42\r\n\x0b\x61ttestation\"\x89\x01\n\x13\x41ttestAgentResponse\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12%\n\x04svid\x18\x02 \x01(\x0b\x32\x17.trellis.ca.v1.X509SVID\x12%\n\x06\x62undle\x18\x03 \x01(\x0b\x32\x15.trellis.ca.v1.Bundle\x12\x11\n\tmax_batch\x18\x04 \x01(\r\" \n\x11RenewAgentRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"u\n\x12RenewAgentResponse\x12%\n\x04svid\x18\x01 \x01(\x0b\x32\x17.trellis.ca.v1.X509SVID\x12%\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x15.trellis.ca.v1.Bundle\x12\x11\n\tmax_batch\x18\x03 \x01(\r\"0\n\x0fX509SVIDRequest\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"K\n\x17\x42\x61tchNewX509SVIDRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.trellis.ca.v1.X509SVIDRequest\"B\n\x18\x42\x61tchNewX509SVIDResponse\x12&\n\x05svids\x18\x01 \x03(\x0b\x32\x17.trellis.ca.v1.X509SVID\"7\n\x11NewJWTSVIDRequest\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\"J\n\x12NewJWTSVIDResponse\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\xb6\x01\n\x05\x45ntry\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tselectors\x18\x03 \x03(\t\x12\x1d\n\x15x509_svid_ttl_seconds\x18\x04 \x01(\x03\x12\x1c\n\x14jwt_svid_ttl_seconds\x18\x05 \x01(\x03\x12\x11\n\tdns_names\x18\x06 \x03(\t\x12\x16\n\x0e\x66\x65\x64\x65rates_with\x18\x07 \x03(\t\x12\r\n\x05nodes\x18\x08 \x03(\t\"\x15\n\x13\x46\x65tchEntriesRequest\"b\n\x14\x46\x65tchEntriesResponse\x12%\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x14.trellis.ca.v1.Entry\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x11\n\tmax_batch\x18\x03 \x01(\r\"\x14\n\x12WatchBundleRequest2\x90\x04\n\tCaService\x12T\n\x0b\x41ttestAgent\x12!.trellis.ca.v1.AttestAgentRequest\x1a\".trellis.ca.v1.AttestAgentResponse\x12Q\n\nRenewAgent\x12 .trellis.ca.v1.RenewAgentRequest\x1a!.trellis.ca.v1.RenewAgentResponse\x12\x63\n\x10\x42\x61tchNewX509SVID\x12&.trellis.ca.v1.BatchNewX509SVIDRequest\x1a\'.trellis.ca.v1.BatchNewX509SVIDResponse\x12Q\n\nNewJWTSVID\x12 .trellis.ca.v1.NewJWTSVIDRequest\x1a!.trellis.ca.v1.NewJWTSVIDResponse\x12W\n\x0c\x46\x65tchEntries\x12\".trellis.ca.v1.FetchEntriesRequest\x1a#.trellis.ca.v1.FetchEntriesResponse\x12I\n\x0bWatchBundle\x12!.trellis.ca.v1.WatchBundleRequest\x1a\x15.trellis.ca.v1.Bundle0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,30 +41,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_K8SPSATATTESTATION']._serialized_end=333
   _globals['_ATTESTAGENTREQUEST']._serialized_start=336
   _globals['_ATTESTAGENTREQUEST']._serialized_end=498
-  _globals['_ATTESTAGENTRESPONSE']._serialized_start=500
-  _globals['_ATTESTAGENTRESPONSE']._serialized_end=618
-  _globals['_RENEWAGENTREQUEST']._serialized_start=620
-  _globals['_RENEWAGENTREQUEST']._serialized_end=652
-  _globals['_RENEWAGENTRESPONSE']._serialized_start=654
-  _globals['_RENEWAGENTRESPONSE']._serialized_end=752
-  _globals['_X509SVIDREQUEST']._serialized_start=754
-  _globals['_X509SVIDREQUEST']._serialized_end=802
-  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_start=804
-  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_end=879
-  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_start=881
-  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_end=947
-  _globals['_NEWJWTSVIDREQUEST']._serialized_start=949
-  _globals['_NEWJWTSVIDREQUEST']._serialized_end=1004
-  _globals['_NEWJWTSVIDRESPONSE']._serialized_start=1006
-  _globals['_NEWJWTSVIDRESPONSE']._serialized_end=1080
-  _globals['_ENTRY']._serialized_start=1083
-  _globals['_ENTRY']._serialized_end=1265
-  _globals['_FETCHENTRIESREQUEST']._serialized_start=1267
-  _globals['_FETCHENTRIESREQUEST']._serialized_end=1288
-  _globals['_FETCHENTRIESRESPONSE']._serialized_start=1290
-  _globals['_FETCHENTRIESRESPONSE']._serialized_end=1369
-  _globals['_WATCHBUNDLEREQUEST']._serialized_start=1371
-  _globals['_WATCHBUNDLEREQUEST']._serialized_end=1391
-  _globals['_CASERVICE']._serialized_start=1394
-  _globals['_CASERVICE']._serialized_end=1922
+  _globals['_ATTESTAGENTRESPONSE']._serialized_start=501
+  _globals['_ATTESTAGENTRESPONSE']._serialized_end=638
+  _globals['_RENEWAGENTREQUEST']._serialized_start=640
+  _globals['_RENEWAGENTREQUEST']._serialized_end=672
+  _globals['_RENEWAGENTRESPONSE']._serialized_start=674
+  _globals['_RENEWAGENTRESPONSE']._serialized_end=791
+  _globals['_X509SVIDREQUEST']._serialized_start=793
+  _globals['_X509SVIDREQUEST']._serialized_end=841
+  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_start=843
+  _globals['_BATCHNEWX509SVIDREQUEST']._serialized_end=918
+  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_start=920
+  _globals['_BATCHNEWX509SVIDRESPONSE']._serialized_end=986
+  _globals['_NEWJWTSVIDREQUEST']._serialized_start=988
+  _globals['_NEWJWTSVIDREQUEST']._serialized_end=1043
+  _globals['_NEWJWTSVIDRESPONSE']._serialized_start=1045
+  _globals['_NEWJWTSVIDRESPONSE']._serialized_end=1119
+  _globals['_ENTRY']._serialized_start=1122
+  _globals['_ENTRY']._serialized_end=1304
+  _globals['_FETCHENTRIESREQUEST']._serialized_start=1306
+  _globals['_FETCHENTRIESREQUEST']._serialized_end=1327
+  _globals['_FETCHENTRIESRESPONSE']._serialized_start=1329
+  _globals['_FETCHENTRIESRESPONSE']._serialized_end=1427
+  _globals['_WATCHBUNDLEREQUEST']._serialized_start=1429
+  _globals['_WATCHBUNDLEREQUEST']._serialized_end=1449
+  _globals['_CASERVICE']._serialized_start=1452
+  _globals['_CASERVICE']._serialized_end=1980
 # @@protoc_insertion_point(module_scope)

@@ -54,14 +54,16 @@ class AttestAgentRequest(_message.Message):
     def __init__(self, join_token: _Optional[_Union[JoinTokenAttestation, _Mapping]] = ..., k8s_psat: _Optional[_Union[K8sPsatAttestation, _Mapping]] = ..., csr: _Optional[bytes] = ...) -> None: ...
 
 class AttestAgentResponse(_message.Message):
-    __slots__ = ("node_name", "svid", "bundle")
+    __slots__ = ("node_name", "svid", "bundle", "max_batch")
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     SVID_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     svid: X509SVID
     bundle: Bundle
-    def __init__(self, node_name: _Optional[str] = ..., svid: _Optional[_Union[X509SVID, _Mapping]] = ..., bundle: _Optional[_Union[Bundle, _Mapping]] = ...) -> None: ...
+    max_batch: int
+    def __init__(self, node_name: _Optional[str] = ..., svid: _Optional[_Union[X509SVID, _Mapping]] = ..., bundle: _Optional[_Union[Bundle, _Mapping]] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class RenewAgentRequest(_message.Message):
     __slots__ = ("csr",)
@@ -70,12 +72,14 @@ class RenewAgentRequest(_message.Message):
     def __init__(self, csr: _Optional[bytes] = ...) -> None: ...
 
 class RenewAgentResponse(_message.Message):
-    __slots__ = ("svid", "bundle")
+    __slots__ = ("svid", "bundle", "max_batch")
     SVID_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     svid: X509SVID
     bundle: Bundle
-    def __init__(self, svid: _Optional[_Union[X509SVID, _Mapping]] = ..., bundle: _Optional[_Union[Bundle, _Mapping]] = ...) -> None: ...
+    max_batch: int
+    def __init__(self, svid: _Optional[_Union[X509SVID, _Mapping]] = ..., bundle: _Optional[_Union[Bundle, _Mapping]] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class X509SVIDRequest(_message.Message):
     __slots__ = ("entry_id", "csr")
@@ -140,12 +144,14 @@ class FetchEntriesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class FetchEntriesResponse(_message.Message):
-    __slots__ = ("entries", "revision")
+    __slots__ = ("entries", "revision", "max_batch")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[Entry]
     revision: str
-    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., revision: _Optional[str] = ...) -> None: ...
+    max_batch: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., revision: _Optional[str] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class WatchBundleRequest(_message.Message):
     __slots__ = ()

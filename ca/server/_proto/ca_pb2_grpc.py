@@ -87,7 +87,8 @@ class CaServiceServicer:
 
     def BatchNewX509SVID(self, request, context):
         """Workload X509-SVIDs, one per (entry, CSR). All or nothing: if any entry is not for the
-        caller's node the call fails PERMISSION_DENIED and nothing is signed.
+        caller's node the call fails PERMISSION_DENIED and nothing is signed. More CSRs than
+        the CA's max_batch (told in AttestAgent/RenewAgent/FetchEntries): RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

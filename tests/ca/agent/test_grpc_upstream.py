@@ -28,6 +28,8 @@ class FakeClient:
         self.script = script
         self.closed = False
         self.set_roots: list[TrustBundle] = []
+        self.max_batch: int | None = None
+        self.batches: list[list[Any]] = []
 
     async def fetch_entries(self) -> Any:
         outcome = self.script.pop(0)
@@ -36,6 +38,7 @@ class FakeClient:
         return outcome
 
     async def batch_new_x509_svids(self, requests: Any) -> Any:
+        self.batches.append(list(requests))
         await asyncio.sleep(0)  # both calls are in flight before either fails
         return await self.fetch_entries()
 
@@ -101,7 +104,7 @@ def test_new_roots_in_the_bundle_become_the_clients_trust_roots_once(live_ca: Li
 
 def test_two_calls_failing_on_one_channel_replace_it_once(live_ca: LiveCa) -> None:
     down = CaError(grpc.StatusCode.UNAVAILABLE, "down")
-    upstream, made = _upstream(live_ca, [down, down, "ok"])
+    upstream, made = _upstream(live_ca, [down, down, ["ok"]])
 
     async def main() -> Any:
         outcomes = await asyncio.gather(
@@ -112,6 +115,48 @@ def test_two_calls_failing_on_one_channel_replace_it_once(live_ca: LiveCa) -> No
         assert all(isinstance(o, UpstreamUnavailable) for o in outcomes)
         return await upstream.batch_new_x509_svids([])
 
-    assert run(main()) == "ok"
+    assert run(main()) == ["ok"]
     assert len(made) == 2 and made[0].closed and not made[1].closed
     assert upstream.reconnects == 1
+
+
+def test_a_batch_above_the_cas_limit_goes_out_in_chunks_and_comes_back_in_order(
+    live_ca: LiveCa,
+) -> None:
+    upstream, made = _upstream(live_ca, [["a", "b", "c"], ["d", "e", "f"], ["g", "h"]])
+    made[0].max_batch = 3
+    result = run(upstream.batch_new_x509_svids(list("ABCDEFGH")))  # type: ignore[arg-type]
+    assert result == list("abcdefgh")
+    assert made[0].batches == [list("ABC"), list("DEF"), list("GH")]
+
+
+def test_a_batch_within_the_limit_or_with_no_limit_known_is_one_call(live_ca: LiveCa) -> None:
+    upstream, made = _upstream(live_ca, [["a", "b", "c"], ["x"]])
+    made[0].max_batch = 3
+    assert run(upstream.batch_new_x509_svids(list("ABC"))) == list("abc")  # type: ignore[arg-type]
+    made[0].max_batch = None
+    run(upstream.batch_new_x509_svids(list("ABCDE")))  # type: ignore[arg-type]
+    assert made[0].batches == [list("ABC"), list("ABCDE")]
+
+
+def test_a_refused_chunk_fails_the_whole_batch(live_ca: LiveCa) -> None:
+    denied = CaError(grpc.StatusCode.PERMISSION_DENIED, "not yours")
+    upstream, made = _upstream(live_ca, [["a", "b"], denied])
+    made[0].max_batch = 2
+    with pytest.raises(UpstreamRefused):
+        run(upstream.batch_new_x509_svids(list("ABCD")))  # type: ignore[arg-type]
+    assert made[0].batches == [list("AB"), list("CD")]
+
+
+def test_the_learnt_limit_survives_a_channel_replacement(live_ca: LiveCa) -> None:
+    down = CaError(grpc.StatusCode.UNAVAILABLE, "down")
+    upstream, made = _upstream(live_ca, [down, ["a", "b"], ["c"]])
+    made[0].max_batch = 2
+
+    async def main() -> Any:
+        with pytest.raises(UpstreamUnavailable):
+            await upstream.batch_new_x509_svids(list("ABC"))  # type: ignore[arg-type]
+        return await upstream.batch_new_x509_svids(list("ABC"))  # type: ignore[arg-type]
+
+    assert run(main()) == list("abc")
+    assert made[1].max_batch == 2 and made[1].batches == [list("AB"), list("C")]

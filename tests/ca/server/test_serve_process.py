@@ -152,6 +152,16 @@ def test_serve_refuses_a_malformed_entries_file_with_one_clear_line(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "three", "4294967296"])
+def test_serve_refuses_a_batch_limit_agents_could_not_be_told(ca_dir: Path, value: str) -> None:
+    result = trellis("ca", "serve", *listen_args(ca_dir, "--max-batch", value), check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        f"argument --max-batch: {value!r} is not a number of CSRs from 1 to 100000"
+    )
+    assert "Traceback" not in result.stderr
+
+
 def test_serve_refuses_an_unknown_cluster(ca_dir: Path) -> None:
     args = listen_args(ca_dir)
     args[args.index(CLUSTER)] = "east"

@@ -340,6 +340,32 @@ def test_batch_over_the_count_limit_is_resource_exhausted(ca_dir: Path, entries_
     run(scenario())
 
 
+def test_the_batch_limit_is_told_on_attestation_renewal_and_entry_fetches(
+    ca_dir: Path, entries_file: Path
+) -> None:
+    async def scenario() -> None:
+        async with serving(server_config(ca_dir, entries_file, max_batch=3)) as server:
+            client = client_for(server)
+            assert client.max_batch is None
+            token = server.join_tokens.issue("node-a", now=time.time(), ttl=600)
+            await client.attest_with_join_token(token)
+            assert client.max_batch == 3
+            client.max_batch = None
+            await client.renew()
+            assert client.max_batch == 3
+            # A restarted agent with its saved SVID neither attests nor renews first.
+            saved = client_for(server, agent_svid=client.agent_svid)
+            await saved.fetch_entries()
+            assert saved.max_batch == 3
+            # Exactly the limit is accepted.
+            csr = build_csr(key())  # type: ignore[arg-type]
+            assert len(await saved.batch_sign_csrs([("web", csr)] * 3)) == 3
+            await client.close()
+            await saved.close()
+
+    run(scenario())
+
+
 def test_agent_over_its_rate_limit_is_throttled_while_other_agents_are_not(
     ca_dir: Path, entries_file: Path
 ) -> None:
