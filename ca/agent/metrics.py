@@ -27,6 +27,13 @@ class AgentMetrics:
             ["operation", "retryable"],
             registry=r,
         )
+        self.refusals = Counter(
+            "trellis_agent_upstream_refusals_total",
+            "Calls the CA refused (not worth retrying as-is), by operation and reason, e.g. "
+            "permission-denied for a banned node",
+            ["operation", "reason"],
+            registry=r,
+        )
         self.cache_size = Gauge(
             "trellis_agent_svid_cache_size", "X509-SVIDs currently cached", registry=r
         )

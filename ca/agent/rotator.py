@@ -197,6 +197,9 @@ class Rotator:
     def _failed(self, operation: str, exc: UpstreamError) -> None:
         retryable = isinstance(exc, UpstreamUnavailable)
         self.metrics.fetch_errors.labels(operation, "true" if retryable else "false").inc()
+        if not retryable:
+            # reason: a gRPC status name from GrpcUpstream, a fixed label set.
+            self.metrics.refusals.labels(operation, exc.reason).inc()
         if self.upstream_up or self.unreachable_since is None:
             log.warning("CA call %s failed: %s", operation, exc)
             self.unreachable_since = self.clock()

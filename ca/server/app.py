@@ -41,6 +41,7 @@ from aiohttp import web
 from ca.bundle import TrustBundle
 from ca.keys import KeyAlgorithm, generate_private_key, private_key_pem
 from ca.server.attestation import JoinTokenRegistry
+from ca.server.bans import BanListFile
 from ca.server.entries import EntrySource, StaticEntrySource, YamlFileEntrySource
 from ca.server.federation import (
     FederationConfigError,
@@ -79,6 +80,7 @@ class ServerConfig:
     metrics_listen: str | None = None
     entries_path: Path | None = None
     federation_path: Path | None = None
+    banned_agents_path: Path | None = None
     join_token_nodes: tuple[str, ...] = ()
     join_token_ttl: dt.timedelta = dt.timedelta(hours=1)
     service: ServiceConfig = field(default_factory=ServiceConfig)
@@ -124,6 +126,12 @@ class CaServer:
             on_change=self._federated_changed,
             metric=self.metrics.federation_fetch,
         )
+        # The first load raises BanListError: never start without the bans asked for.
+        self.bans = (
+            BanListFile(config.banned_agents_path)
+            if config.banned_agents_path is not None
+            else None
+        )
         self.token_store = JoinTokenStore(store.cluster_dir(config.cluster))
         self.join_tokens = JoinTokenRegistry(
             lookup=self.token_store.lookup, on_redeemed=self.token_store.remove
@@ -137,6 +145,7 @@ class CaServer:
             metrics=self.metrics,
             config=config.service,
             token_reviewer=config.token_reviewer,
+            banned=self.bans.current if self.bans is not None else frozenset,
         )
         self.addresses: dict[str, str] = {}
         self.issued_tokens: dict[str, str] = {}
@@ -442,6 +451,7 @@ class CaServer:
         if stamp != self._intermediate_stamp:
             self._intermediate_stamp = stamp
             self._reload_intermediate()
+        self._reload_bans()
         error = self.entries.refresh(time.time())
         if error is not None:
             self.metrics.entry_reload_failed()
@@ -471,6 +481,25 @@ class CaServer:
             self._rotate_credentials()
         self.service.refresh_agent_gauge()
         self._update_authority_metrics()
+
+    def _reload_bans(self) -> None:
+        if self.bans is None:
+            return
+        before = self.bans.current()
+        error = self.bans.refresh()
+        if error is not None:
+            log_event(logging.ERROR, "banned-agents-reload-failed", error=str(error))
+            return
+        after = self.bans.current()
+        if after != before:
+            log_event(
+                logging.WARNING,
+                "banned-agents-reloaded",
+                banned=sorted(after - before),
+                unbanned=sorted(before - after),
+                total=len(after),
+            )
+            self.bundles.poke()  # end the bundle streams of newly banned agents
 
     async def _maintain(self) -> None:
         while True:

@@ -58,6 +58,11 @@ class AttestationError(Exception):
         super().__init__(detail)
 
 
+def is_node_name(node: str) -> bool:
+    """Whether ``node`` may name a node (and so an agent ID's last segment)."""
+    return bool(_NODE.match(node))
+
+
 def agent_spiffe_id(trust_domain: TrustDomain, node: str) -> SpiffeId:
     if not _NODE.match(node):
         raise AttestationError("bad-node-name", f"{node!r} is not a usable node name")

@@ -1,4 +1,4 @@
-"""``trellis ca serve`` and ``trellis ca token create``.
+"""``trellis ca serve``, ``trellis ca token create`` and ``trellis ca ban``/``unban``.
 
 ``serve`` prints one JSON line per event on stdout: ``{"event": "ready", "listen": ...,
 "attest_listen": ..., "bundle_listen": ..., "metrics_listen": ...}`` once every listener is
@@ -12,6 +12,9 @@ Join tokens, two ways:
   and stores only its SHA-256 under ``DIR/clusters/NAME/join-tokens/``; a running server
   picks it up on first use, no restart needed.
 * ``trellis ca serve ... --join-token NODE`` mints one at start-up (``--join-token-ttl``).
+
+Banning a node: ``trellis ca ban NODE --file FILE`` (``unban`` to lift it) edits the YAML
+list that ``serve --banned-agents FILE`` re-reads within ``--poll-interval``.
 """
 
 from __future__ import annotations
@@ -159,6 +162,12 @@ def register(ca_commands: Any) -> None:
         "(the default) is one per usable core (CPU affinity, cgroup CPU quota) when there "
         "are several, else 0",
     )
+    p.add_argument(
+        "--banned-agents",
+        type=Path,
+        metavar="FILE",
+        help="YAML list of banned node names, re-read on change (trellis ca ban/unban)",
+    )
     p.add_argument("--poll-interval", type=float, default=1.0, help="reload check, seconds")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(handler=cmd_serve)
@@ -172,6 +181,14 @@ def register(ca_commands: Any) -> None:
     p.add_argument("--ttl", type=_duration, default=dt.timedelta(hours=1))
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_token_create)
+
+    for name, verb in (("ban", "cut off"), ("unban", "restore")):
+        p = ca_commands.add_parser(
+            name, help=f"{verb} a node's agent (edits the ca serve --banned-agents file)"
+        )
+        p.add_argument("node", help="the node name, as in its agent ID")
+        p.add_argument("--file", required=True, type=Path, help="the --banned-agents file")
+        p.set_defaults(handler=cmd_ban, ban=name == "ban")
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
@@ -196,8 +213,31 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ban(args: argparse.Namespace) -> int:
+    """Add or remove one node; a missing file is an empty list (``ban`` creates it)."""
+    from ca.server.attestation import is_node_name
+    from ca.server.bans import BanListError, load_ban_list, write_ban_list
+
+    if not is_node_name(args.node):
+        raise CliError(f"{args.node!r} is not a usable node name")
+    try:
+        nodes = load_ban_list(args.file) if args.file.exists() else frozenset()
+        updated = nodes | {args.node} if args.ban else nodes - {args.node}
+        if updated != nodes:
+            write_ban_list(args.file, updated)
+    except BanListError as exc:
+        raise CliError(f"{exc} (fix or remove the file first)") from exc
+    except OSError as exc:
+        raise CliError(f"cannot write {args.file}: {exc.strerror}") from exc
+    state = "banned" if args.ban else "not banned"
+    already = "" if updated != nodes else " (unchanged)"
+    print(f"{args.node}: {state}{already}; {len(updated)} node(s) in {args.file}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ca.server.app import CaServer, ServerConfig
+    from ca.server.bans import BanListError
     from ca.server.federation import FederationConfigError
     from ca.server.service import ServiceConfig, TokenReviewer
     from ca.server.signer import auto_sign_workers
@@ -236,6 +276,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics_listen,
         entries_path=args.entries,
         federation_path=args.federation,
+        banned_agents_path=args.banned_agents,
         join_token_nodes=tuple(args.join_token),
         join_token_ttl=args.join_token_ttl,
         service=service,
@@ -259,6 +300,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(main())
     except FederationConfigError as exc:
         raise CliError(f"--federation {args.federation}: {exc}") from exc
+    except BanListError as exc:
+        raise CliError(f"--banned-agents {exc}") from exc
     except (StoreError, EntryError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     except OSError as exc:

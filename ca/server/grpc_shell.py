@@ -48,6 +48,10 @@ class BundleWatch:
         self.current = bundle
         self._wake()
 
+    def poke(self) -> None:
+        """Wake every stream without a change (they re-check whether their agent is banned)."""
+        self._wake()
+
     def publish_federated(self, bundles: tuple[TrustBundle, ...]) -> None:
         self.federated = bundles
         self._wake()
@@ -142,7 +146,17 @@ def make_handler(service: CaService, bundles: BundleWatch) -> grpc.GenericRpcHan
             await _refuse(service, context, "WatchBundle", refusal, None)
             return
         log_event(logging.DEBUG, "bundle-watch", node=node)
+        sent: tuple[TrustBundle, tuple[TrustBundle, ...]] | None = None
         async for bundle in bundles.updates():
+            try:
+                # A ban ends the stream of an agent already watching (poke() wakes it).
+                service.check_not_banned(node)
+            except Refusal as refusal:
+                await _refuse(service, context, "WatchBundle", refusal, node)
+                return
+            if sent is not None and sent[0] is bundle and sent[1] is bundles.federated:
+                continue  # woken by poke(), nothing new for this agent
+            sent = (bundle, bundles.federated)
             message = bundle_to_proto(bundle)
             message.federated.extend(bundle_to_proto(f) for f in bundles.federated)
             yield message

@@ -10,7 +10,8 @@ Status codes:
 * UNAUTHENTICATED — no client certificate, an agent SVID that does not verify or has
   expired, a forged/replayed/expired join token, a refused PSAT;
 * PERMISSION_DENIED — an entry that does not exist or is not for the caller's node, a CSR
-  naming a SPIFFE ID other than the entry's;
+  naming a SPIFFE ID other than the entry's, a banned node (every call of its agent, and
+  attestation for it: ``bans.py``);
 * INVALID_ARGUMENT — a malformed CSR or one whose signature does not verify, a bad
   audience, an empty batch;
 * RESOURCE_EXHAUSTED — over the caller's rate limit, or a request above the size limits;
@@ -117,6 +118,7 @@ class CaService:
         signer: Signer | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        banned: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         self.intermediate = intermediate
         self.trust_domain = intermediate.trust_domain
@@ -130,6 +132,7 @@ class CaService:
         self.signer: Signer = signer or InlineSigner(intermediate)
         self._clock = clock
         self._monotonic = monotonic
+        self._banned = banned
         self._agent_limiter = RateLimiter(self.config.agent_rate, self.config.agent_burst)
         self._attest_limiter = RateLimiter(self.config.attest_rate, self.config.attest_burst)
         self._agents: dict[str, float] = {}  # node -> expiry of its newest agent SVID
@@ -224,6 +227,19 @@ class CaService:
 
     # -- authentication ------------------------------------------------------------------
 
+    def is_banned(self, node: str) -> bool:
+        return node in self._banned()
+
+    def check_not_banned(self, node: str) -> None:
+        # Checked on every call, after the (cached) SVID check: a ban takes effect on the
+        # next call of an agent already connected, and lifting it needs no new SVID.
+        if self.is_banned(node):
+            raise Refusal(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "agent-banned",
+                f"node {node} is banned at this CA",
+            )
+
     def authenticate(self, chain_pem: bytes | None) -> str:
         """The node of the agent whose SVID chain (PEM, leaf first) the TLS layer received.
 
@@ -244,6 +260,7 @@ class CaService:
             self._auth_roots = roots
         cached = self._auth_cache.get(chain_pem)
         if cached is not None and now < cached[1]:
+            self.check_not_banned(cached[0])
             return cached[0]
         try:
             chain = x509.load_pem_x509_certificates(chain_pem)
@@ -267,6 +284,7 @@ class CaService:
         self._auth_cache[chain_pem] = (node, chain[0].not_valid_after_utc.timestamp())
         if len(self._auth_cache) > 10_000:
             self._auth_cache.popitem(last=False)
+        self.check_not_banned(node)
         return node
 
     # -- RPCs ----------------------------------------------------------------------------
@@ -296,6 +314,9 @@ class CaService:
                 )
         except AttestationError as exc:
             raise Refusal(grpc.StatusCode.UNAUTHENTICATED, exc.reason, str(exc)) from exc
+        # After the proof, not before: only a genuine token or PSAT learns of the ban. A
+        # join token spent here stays spent; an unbanned node needs a new one.
+        self.check_not_banned(node)
         agent_id = agent_spiffe_id(self.trust_domain, node)
         now = self._now()
         svid = self._sign(request.csr, agent_id, self.config.agent_svid_ttl, (), now, "agent")

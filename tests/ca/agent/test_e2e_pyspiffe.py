@@ -83,6 +83,7 @@ class Mesh:
     ca: subprocess.Popen[str] | None = None
     agent: subprocess.Popen[str] | None = None
     join_token: str = ""
+    agent_extra: Sequence[str] = ()
 
     @property
     def endpoint(self) -> str:
@@ -120,7 +121,7 @@ class Mesh:
         ]  # fmt: skip
         if not (self.workdir / "agent-data" / "agent-svid.pem").exists():
             args += ["--join-token", self.join_token]
-        self.agent = _trellis(*args)
+        self.agent = _trellis(*args, *self.agent_extra)
         agent = self.agent
 
         def listening() -> bool:

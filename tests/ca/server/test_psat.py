@@ -279,3 +279,34 @@ def test_psat_refusals_are_unauthenticated_and_an_api_outage_is_unavailable(
                 )
 
     run(scenario())
+
+
+def test_a_banned_node_cannot_attest_with_a_genuine_psat(ca_dir: Path, tmp_path: Path) -> None:
+    from ca.server.bans import write_ban_list
+
+    bans = tmp_path / "banned.yaml"
+    write_ban_list(bans, frozenset({"worker-1"}))
+
+    async def scenario() -> None:
+        async with fake_apiserver(tmp_path) as (fake, kubeconfig):
+            banned, allowed = _projected_token("worker-1"), _projected_token("worker-2")
+            fake.users[banned] = _agent_user("worker-1")
+            fake.users[allowed] = _agent_user("worker-2")
+            reviewer = KubernetesTokenReviewer.from_kubeconfig(kubeconfig)
+            config = replace(
+                server_config(ca_dir), token_reviewer=reviewer, banned_agents_path=bans
+            )
+            async with serving(config) as server:
+                with pytest.raises(CaError) as refused:
+                    await client_for(server).attest_with_psat(banned)
+                assert refused.value.code == "PERMISSION_DENIED"
+                assert (
+                    server.metrics.value(
+                        "trellis_ca_requests_rejected_total", reason="agent-banned"
+                    )
+                    == 1
+                )
+                identity = await client_for(server).attest_with_psat(allowed)
+                assert identity.node_name == "worker-2"
+
+    run(scenario())

@@ -156,8 +156,10 @@ def test_serve_refuses_a_malformed_entries_file_with_one_clear_line(
 def test_serve_refuses_a_batch_limit_agents_could_not_be_told(ca_dir: Path, value: str) -> None:
     result = trellis("ca", "serve", *listen_args(ca_dir, "--max-batch", value), check=False)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].endswith(
-        f"argument --max-batch: {value!r} is not a number of CSRs from 1 to 100000"
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(f"argument --max-batch: {value!r} is not a number of CSRs from 1 to 100000")
     )
     assert "Traceback" not in result.stderr
 
@@ -198,3 +200,53 @@ def test_serve_reports_a_port_in_use_in_one_line_and_leaves_nothing_running(
             last = result.stderr.strip().splitlines()[-1]
             assert last.startswith("trellis: error: cannot start the CA server: cannot listen on")
             assert "Traceback" not in result.stderr
+
+
+def test_ban_and_unban_edit_the_list_and_repeat_harmlessly(tmp_path: Path) -> None:
+    bans = tmp_path / "banned.yaml"
+    assert "node-a: banned; 1 node(s)" in trellis("ca", "ban", "node-a", "--file", str(bans)).stdout
+    trellis("ca", "ban", "node-b", "--file", str(bans))
+    again = trellis("ca", "ban", "node-a", "--file", str(bans)).stdout
+    assert "(unchanged)" in again
+    assert bans.read_text() == "- node-a\n- node-b\n"
+    assert (
+        "node-a: not banned; 1 node(s)"
+        in trellis("ca", "unban", "node-a", "--file", str(bans)).stdout
+    )
+    trellis("ca", "unban", "node-b", "--file", str(bans))
+    assert bans.read_text() == "[]\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["banned.yaml"]  # no temporary left
+
+
+@pytest.mark.parametrize("node", ["bad/node", "", "-dash", "x" * 300])
+def test_ban_refuses_a_bad_node_name_and_writes_nothing(tmp_path: Path, node: str) -> None:
+    bans = tmp_path / "banned.yaml"
+    result = trellis("ca", "ban", node, "--file", str(bans), check=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3
+    assert not bans.exists()
+
+
+def test_ban_refuses_to_rewrite_a_file_it_cannot_read_as_a_ban_list(tmp_path: Path) -> None:
+    bans = tmp_path / "banned.yaml"
+    bans.write_text("banned: [node-a]\n")
+    result = trellis("ca", "unban", "node-a", "--file", str(bans), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"trellis: error: {bans}: must be a YAML list of node names (fix or remove the file first)"
+    ]
+    assert bans.read_text() == "banned: [node-a]\n"
+
+
+def test_serve_refuses_a_bad_ban_list_with_one_line(ca_dir: Path, tmp_path: Path) -> None:
+    bans = tmp_path / "banned.yaml"
+    bans.write_text("- node-a\n- node a\n")
+    result = trellis("ca", "serve", *listen_args(ca_dir, "--banned-agents", str(bans)),
+                     check=False)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"trellis: error: --banned-agents {bans}: [1]: 'node a' is not a node name"
+    ]
+    missing = trellis("ca", "serve", *listen_args(ca_dir, "--banned-agents", str(tmp_path / "x")),
+                      check=False)  # fmt: skip
+    assert missing.returncode == 1 and "cannot read" in missing.stderr

@@ -1,0 +1,239 @@
+"""Banned agents: the file, its reloads, and what a banned node's agent gets over gRPC.
+
+The server runs in-process on the test's loop with a real ``--banned-agents`` file; the
+agents are real ``CaClient``s over mutual TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ca import KeyAlgorithm, generate_private_key
+from ca.server.app import CaServer
+from ca.server.bans import (
+    MAX_BAN_FILE_BYTES,
+    BanListError,
+    BanListFile,
+    load_ban_list,
+    parse_ban_list,
+    write_ban_list,
+)
+from ca.server.client import CaClient, CaError, build_csr
+
+from .conftest import attested, client_for, eventually, run, server_config, serving
+
+REJECTED = "trellis_ca_requests_rejected_total"
+
+
+def banned_count(server: CaServer) -> float:
+    return server.metrics.value(REJECTED, reason="agent-banned")
+
+
+# -- the file ---------------------------------------------------------------------------------
+
+
+def test_a_list_of_node_names_parses_and_an_empty_file_bans_nobody() -> None:
+    assert parse_ban_list("- node-a\n- worker-1.example\n") == {"node-a", "worker-1.example"}
+    assert parse_ban_list("") == frozenset()
+    assert parse_ban_list("[]") == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("- [unclosed\n", "not YAML (line"),
+        ("node-a\n", "must be a YAML list of node names"),
+        ("{banned: [node-a]}\n", "must be a YAML list of node names"),
+        ("- node-a\n- 17\n", "[1]: 17 is not a node name"),
+        ("- ../etc\n", "[0]: '../etc' is not a node name"),
+        ("- 'node a'\n", "[0]: 'node a' is not a node name"),
+        ("- " + "a" * 300 + "\n", "[0]: 'aaaa"),
+        ("- null\n", "[0]: None is not a node name"),
+    ],
+)
+def test_a_bad_ban_list_is_one_error_naming_the_problem(text: str, problem: str) -> None:
+    with pytest.raises(BanListError) as info:
+        parse_ban_list(text, "bans.yaml")
+    message = str(info.value)
+    assert message.startswith("bans.yaml: ") and problem in message
+    assert "\n" not in message
+
+
+def test_an_oversized_or_binary_or_missing_file_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text("- node-a\n" * (MAX_BAN_FILE_BYTES // 9 + 1))
+    with pytest.raises(BanListError, match="larger than"):
+        load_ban_list(big)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"- \xff\xfe\n")
+    with pytest.raises(BanListError, match="not UTF-8"):
+        load_ban_list(binary)
+    with pytest.raises(BanListError, match="cannot read"):
+        load_ban_list(tmp_path / "absent.yaml")
+
+
+def test_a_bad_reload_keeps_the_previous_list_and_a_good_one_replaces_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "bans.yaml"
+    write_ban_list(path, frozenset({"node-a"}))
+    bans = BanListFile(path)
+    assert bans.current() == {"node-a"}
+    path.write_text("- node-a\n- bad/name\n")
+    error = bans.refresh()
+    assert isinstance(error, BanListError) and "bad/name" in str(error)
+    assert bans.current() == {"node-a"}
+    path.unlink()
+    assert isinstance(bans.refresh(), BanListError)
+    assert bans.current() == {"node-a"}
+    write_ban_list(path, frozenset({"node-b"}))
+    assert bans.refresh() is None and bans.current() == {"node-b"}
+
+
+# -- over gRPC --------------------------------------------------------------------------------
+
+
+def _bans(tmp_path: Path, *nodes: str) -> Path:
+    path = tmp_path / "banned.yaml"
+    write_ban_list(path, frozenset(nodes))
+    return path
+
+
+async def _every_call_fails(client: CaClient, code: str) -> None:
+    csr = build_csr(generate_private_key(KeyAlgorithm.P256))
+    calls = [
+        client.renew(),
+        client.batch_sign_csrs([("web", csr)]),
+        client.new_jwt_svid("web", ["db"]),
+        client.fetch_entries(),
+    ]
+    for call in calls:
+        with pytest.raises(CaError) as info:
+            await call
+        assert info.value.code == code and not info.value.retryable
+    with pytest.raises(CaError) as info:
+        async for _ in client.watch_bundle():
+            pass
+    assert info.value.code == code
+
+
+def test_a_banned_agent_is_refused_every_call_counted_and_logged_without_secrets(
+    ca_dir: Path, entries_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bans = _bans(tmp_path)
+
+    async def scenario() -> None:
+        config = replace(server_config(ca_dir, entries_file), banned_agents_path=bans)
+        async with serving(config) as server:
+            banned = await attested(server, "node-a")
+            other = await attested(server, "node-b")
+            await banned.fetch_entries()  # cached authentication must not outlive a ban
+            write_ban_list(bans, frozenset({"node-a"}))
+            await eventually(lambda: server.service.is_banned("node-a"))
+            with caplog.at_level(logging.INFO, logger="trellis"):
+                await _every_call_fails(banned, "PERMISSION_DENIED")
+            assert banned_count(server) == 5
+            assert len((await other.fetch_entries()).entries) == 2  # node-b is untouched
+            await banned.close()
+            await other.close()
+
+    run(scenario())
+    refusals = [r for r in caplog.records if r.getMessage() == "request-refused"]
+    assert len(refusals) == 5
+    assert {r.fields["reason"] for r in refusals} == {"agent-banned"}  # type: ignore[attr-defined]
+    text = "\n".join(str(r.__dict__) for r in caplog.records)
+    assert "PRIVATE KEY" not in text and "CERTIFICATE" not in text
+
+
+def test_a_ban_ends_a_running_bundle_watch_and_an_unban_restores_service(
+    ca_dir: Path, entries_file: Path, tmp_path: Path
+) -> None:
+    bans = _bans(tmp_path)
+
+    async def scenario() -> None:
+        config = replace(server_config(ca_dir, entries_file), banned_agents_path=bans)
+        async with serving(config) as server:
+            client = await attested(server, "node-a")
+            other = await attested(server, "node-b")
+            first = asyncio.Event()
+
+            async def watch(c: CaClient) -> None:
+                async for _ in c.watch_bundle():
+                    first.set()
+
+            watcher = asyncio.create_task(watch(client))
+            bystander = asyncio.create_task(watch(other))
+            await first.wait()
+            write_ban_list(bans, frozenset({"node-a"}))
+            with pytest.raises(CaError) as info:
+                await asyncio.wait_for(watcher, 10)
+            assert info.value.code == "PERMISSION_DENIED"
+            assert not bystander.done()  # the poke does not end other agents' streams
+            write_ban_list(bans, frozenset())
+            await eventually(lambda: not server.service.is_banned("node-a"))
+            # Same agent SVID, same process: no restart, no new attestation.
+            assert len((await client.fetch_entries()).entries) == 2
+            await client.renew()
+            bystander.cancel()
+            await client.close()
+            await other.close()
+
+    run(scenario())
+
+
+def test_a_banned_node_cannot_attest_with_a_join_token(
+    ca_dir: Path, entries_file: Path, tmp_path: Path
+) -> None:
+    bans = _bans(tmp_path, "node-a")
+
+    async def scenario() -> None:
+        config = replace(server_config(ca_dir, entries_file), banned_agents_path=bans)
+        async with serving(config) as server:
+            token = server.join_tokens.issue("node-a", now=time.time(), ttl=600)
+            with pytest.raises(CaError) as info:
+                await client_for(server).attest_with_join_token(token)
+            assert info.value.code == "PERMISSION_DENIED"
+            assert banned_count(server) == 1
+            # A forged token still reads as forged: the ban is told only after the proof.
+            with pytest.raises(CaError) as info:
+                await client_for(server).attest_with_join_token("forged-token")
+            assert info.value.code == "UNAUTHENTICATED"
+            assert banned_count(server) == 1
+
+    run(scenario())
+
+
+def test_a_broken_ban_list_on_reload_keeps_the_bans_in_force(
+    ca_dir: Path, entries_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bans = _bans(tmp_path, "node-a")
+
+    async def scenario() -> None:
+        config = replace(server_config(ca_dir, entries_file), banned_agents_path=bans)
+        async with serving(config) as server:
+            client = await attested(server, "node-b")
+            bans.write_text("- node-a\n- not a node\n")
+            with caplog.at_level(logging.ERROR, logger="trellis"):
+                await eventually(
+                    lambda: any(
+                        r.getMessage() == "banned-agents-reload-failed" for r in caplog.records
+                    )
+                )
+            assert server.service.is_banned("node-a")
+            await client.fetch_entries()
+            await client.close()
+
+    run(scenario())
+
+
+def test_the_server_does_not_start_on_a_bad_ban_list(ca_dir: Path, tmp_path: Path) -> None:
+    bans = tmp_path / "banned.yaml"
+    bans.write_text("banned: node-a\n")
+    with pytest.raises(BanListError, match="must be a YAML list"):
+        CaServer(replace(server_config(ca_dir), banned_agents_path=bans))
