@@ -284,6 +284,7 @@ class WorkloadApi:
             message.x509_svid = svid.chain_der
             message.x509_svid_key = svid.key_der
             message.bundle = bundles.get(svid.entry.spiffe_id.trust_domain, b"")
+            message.hint = svid.entry.hint  # "" (the proto3 default) when the entry has none
         for td, der in self._federated_for(entries).items():
             response.federated_bundles[td.id_string()] = der
         return response

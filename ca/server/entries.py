@@ -22,6 +22,8 @@ The YAML document (local mode; the operator feeds the same values from CRDs)::
         jwt_ttl: 5m                   # JWT-SVID TTL (default 5m)
         dns_names: [web.default.svc]
         federates_with: [partner.org]
+        hint: internal                # optional label sent with the SVID (Workload API
+                                      # X509SVID.hint): tells a workload's SVIDs apart
 
 An entry without ``nodes``/``node`` is accepted only if a ``k8s:node-name`` selector pins
 it to one node; leaving the scope implicit would hand every node every identity.
@@ -69,6 +71,8 @@ ALL_NODES = "*"
 # so no workload entry may request it.
 RESERVED_DNS_NAMES = frozenset({"trellis-ca"})
 MAX_ENTRIES_BYTES = 16 * 1024 * 1024
+# SPIRE allows 1,024; a hint is a short label ("internal", "external"), not a document.
+MAX_HINT_CHARS = 128
 
 # (type, name) -> whether the value has an inner "key:value" part
 SELECTOR_KINDS: Mapping[tuple[str, str], str] = {
@@ -167,6 +171,7 @@ class RegistrationEntry:
     jwt_svid_ttl: dt.timedelta = DEFAULT_JWT_SVID_TTL
     dns_names: tuple[str, ...] = ()
     federates_with: tuple[TrustDomain, ...] = ()
+    hint: str = ""
 
     @classmethod
     def create(
@@ -180,6 +185,7 @@ class RegistrationEntry:
         jwt_svid_ttl: dt.timedelta = DEFAULT_JWT_SVID_TTL,
         dns_names: Iterable[str] = (),
         federates_with: Iterable[TrustDomain | str] = (),
+        hint: str = "",
     ) -> RegistrationEntry:
         """Validate and build an entry (raises ``EntryError`` naming the broken rule)."""
         try:
@@ -219,7 +225,10 @@ class RegistrationEntry:
             raise EntryError(
                 f"id: {entry_id!r} must be 1-128 characters of letters, digits, '-', '_', '.'"
             )
-        return cls(entry_id, sid, parsed, node_set, x509_svid_ttl, jwt_svid_ttl, dns, federated)
+        _check_hint(hint)
+        return cls(
+            entry_id, sid, parsed, node_set, x509_svid_ttl, jwt_svid_ttl, dns, federated, hint
+        )
 
     def matches(self, workload_selectors: Iterable[Selector]) -> bool:
         """True if the workload carries every selector of this entry."""
@@ -255,7 +264,22 @@ class RegistrationEntry:
             doc["dns_names"] = list(self.dns_names)
         if self.federates_with:
             doc["federates_with"] = [t.name for t in self.federates_with]
+        if self.hint:
+            doc["hint"] = self.hint
         return doc
+
+
+def _check_hint(hint: str) -> None:
+    # A label for people and workload code to choose between SVIDs (SPIFFE Workload API,
+    # X509SVID.hint); it is not part of the SVID, so a change re-issues nothing.
+    if not isinstance(hint, str):
+        raise EntryError("hint: expected a string")
+    if len(hint) > MAX_HINT_CHARS:
+        raise EntryError(f"hint: {len(hint)} characters; at most {MAX_HINT_CHARS}")
+    if not hint.isprintable() or hint != hint.strip():
+        raise EntryError(
+            f"hint: {hint[:40]!r} must be printable, without leading or trailing spaces"
+        )
 
 
 def _derived_id(spiffe_id: SpiffeId, selectors: frozenset[Selector]) -> str:
@@ -343,6 +367,7 @@ _FIELDS = frozenset(
         "jwt_ttl",
         "dns_names",
         "federates_with",
+        "hint",
     }
 )
 
@@ -381,6 +406,7 @@ def _parse_entry(raw: Any, where: str, trust_domain: TrustDomain | None) -> Regi
             ),
             dns_names=_string_list(raw.get("dns_names"), f"{where}.dns_names"),
             federates_with=_string_list(raw.get("federates_with"), f"{where}.federates_with"),
+            hint=raw.get("hint", ""),
         )
     except EntryError as exc:
         if str(exc).startswith(where):

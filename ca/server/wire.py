@@ -58,6 +58,7 @@ def entry_to_proto(entry: RegistrationEntry) -> ca_pb2.Entry:
         dns_names=list(entry.dns_names),
         federates_with=[t.name for t in entry.federates_with],
         nodes=sorted(entry.nodes),
+        hint=entry.hint,
     )
 
 
@@ -72,6 +73,7 @@ def entry_from_proto(message: ca_pb2.Entry) -> RegistrationEntry:
         jwt_svid_ttl=dt.timedelta(seconds=message.jwt_svid_ttl_seconds),
         dns_names=list(message.dns_names),
         federates_with=list(message.federates_with),
+        hint=message.hint,
     )
 
 

@@ -120,7 +120,7 @@ class NewJWTSVIDResponse(_message.Message):
     def __init__(self, spiffe_id: _Optional[str] = ..., token: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
 
 class Entry(_message.Message):
-    __slots__ = ("entry_id", "spiffe_id", "selectors", "x509_svid_ttl_seconds", "jwt_svid_ttl_seconds", "dns_names", "federates_with", "nodes")
+    __slots__ = ("entry_id", "spiffe_id", "selectors", "x509_svid_ttl_seconds", "jwt_svid_ttl_seconds", "dns_names", "federates_with", "nodes", "hint")
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     SELECTORS_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class Entry(_message.Message):
     DNS_NAMES_FIELD_NUMBER: _ClassVar[int]
     FEDERATES_WITH_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
+    HINT_FIELD_NUMBER: _ClassVar[int]
     entry_id: str
     spiffe_id: str
     selectors: _containers.RepeatedScalarFieldContainer[str]
@@ -137,7 +138,8 @@ class Entry(_message.Message):
     dns_names: _containers.RepeatedScalarFieldContainer[str]
     federates_with: _containers.RepeatedScalarFieldContainer[str]
     nodes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, entry_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., selectors: _Optional[_Iterable[str]] = ..., x509_svid_ttl_seconds: _Optional[int] = ..., jwt_svid_ttl_seconds: _Optional[int] = ..., dns_names: _Optional[_Iterable[str]] = ..., federates_with: _Optional[_Iterable[str]] = ..., nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+    hint: str
+    def __init__(self, entry_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., selectors: _Optional[_Iterable[str]] = ..., x509_svid_ttl_seconds: _Optional[int] = ..., jwt_svid_ttl_seconds: _Optional[int] = ..., dns_names: _Optional[_Iterable[str]] = ..., federates_with: _Optional[_Iterable[str]] = ..., nodes: _Optional[_Iterable[str]] = ..., hint: _Optional[str] = ...) -> None: ...
 
 class FetchEntriesRequest(_message.Message):
     __slots__ = ()

@@ -483,3 +483,37 @@ def test_federated_bundles_from_the_ca_reach_only_entries_that_federate_with_the
 async def _until(check: Any) -> None:
     while not check():
         await asyncio.sleep(0.02)
+
+
+def test_each_svid_carries_its_entrys_hint_and_a_hint_change_needs_no_new_svid(
+    live_ca: LiveCa, short_dir: Path
+) -> None:
+    other = "spiffe://example.org/ns/default/sa/web-external"
+    internal = replace(entry(entry_id="internal"), hint="internal")
+    external = replace(entry(other, entry_id="external"), hint="external")
+    plain = entry("spiffe://example.org/ns/default/sa/plain", entry_id="plain")
+
+    async def main() -> tuple[pb.X509SVIDResponse, pb.X509SVIDResponse]:
+        upstream = make_upstream(live_ca, [internal, external, plain])
+        async with (
+            running_agent(upstream, short_dir) as agent,
+            grpc.aio.insecure_channel(_target(agent)) as channel,
+        ):
+            stream = _stream(channel, "FetchX509SVID", pb.X509SVIDRequest(), pb.X509SVIDResponse)
+            first: pb.X509SVIDResponse = await _next(stream)
+            upstream.set_entries([replace(internal, hint="mesh"), external, plain])
+            agent.rotator.poke()
+            second: pb.X509SVIDResponse = await _next(stream)
+            stream.cancel()
+            return first, second
+
+    first, second = run(main())
+    assert {s.spiffe_id: s.hint for s in first.svids} == {
+        WEB: "internal",
+        other: "external",
+        "spiffe://example.org/ns/default/sa/plain": "",
+    }
+    assert {s.spiffe_id: s.hint for s in second.svids}[WEB] == "mesh"
+    # The hint is not in the certificate: the same SVID, relabelled.
+    before = {s.spiffe_id: s.x509_svid for s in first.svids}
+    assert all(before[s.spiffe_id] == s.x509_svid for s in second.svids)

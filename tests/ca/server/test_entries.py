@@ -221,3 +221,50 @@ def test_static_source_is_replaceable_for_the_operator_feed() -> None:
     assert len(source.current()) == 0
     source.replace(parse_entries_yaml(ENTRIES_YAML))
     assert len(source.current()) == 3
+
+
+_HINT_ENTRY = "entries: [{id: a, spiffe_id: 'spiffe://example.org/x', selectors: [unix:uid:1], nodes: [n], hint: %s}]"  # noqa: E501
+
+
+def test_a_hint_parses_round_trips_and_changes_the_revision() -> None:
+    with_hint = parse_entries_yaml(_HINT_ENTRY % "'internal mTLS'")
+    (entry,) = with_hint.entries
+    assert entry.hint == "internal mTLS"
+    assert EntrySet((RegistrationEntry.create(**_create_args(entry)),)).revision == (
+        with_hint.revision
+    )
+    assert parse_entries_yaml(_HINT_ENTRY % "''").entries[0].hint == ""
+    assert parse_entries_yaml(_HINT_ENTRY % "other").revision != with_hint.revision
+    without = parse_entries_yaml(_HINT_ENTRY.replace(", hint: %s", ""))
+    assert without.entries[0].hint == "" and "hint" not in without.entries[0].to_dict()
+
+
+def _create_args(entry: RegistrationEntry) -> dict[str, object]:
+    doc = entry.to_dict()
+    return {
+        "spiffe_id": doc["spiffe_id"],
+        "selectors": doc["selectors"],
+        "nodes": doc["nodes"],
+        "entry_id": doc["id"],
+        "hint": doc["hint"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "complaint"),
+    [
+        ("17", "hint: expected a string"),
+        ("[a, b]", "hint: expected a string"),
+        ("'" + "h" * 129 + "'", "hint: 129 characters; at most 128"),
+        ('"two\\nlines"', "must be printable"),
+        ('"bell\\a"', "must be printable"),
+        ('"\\u200binvisible"', "must be printable"),
+        ("' padded'", "without leading or trailing spaces"),
+    ],
+)
+def test_a_bad_hint_is_refused_naming_the_entry(value: str, complaint: str) -> None:
+    with pytest.raises(EntryError) as refused:
+        parse_entries_yaml(_HINT_ENTRY % value, source="e.yaml")
+    message = str(refused.value)
+    assert message.startswith("e.yaml: entries[0].hint: ") and complaint in message
+    assert "\n" not in message
