@@ -11,6 +11,8 @@ Public surface:
 * ``ca.server.federation`` — the ``--federation`` document (``parse_federation``,
   ``load_federation_file``, ``FederationRelationship``) and fetching foreign bundles over
   https_spiffe (``fetch_bundle``, ``FederationFetcher``, ``FetchError``).
+* ``ca.server.bans`` — the ``--banned-agents`` list (``parse_ban_list``, ``load_ban_list``,
+  ``write_ban_list``, ``BanListFile``, ``BanListError``); ``trellis ca ban``/``unban``.
 * ``ca.server.wire`` — conversions between these values and the ``trellis.ca.v1`` messages.
 * ``ca.server.service`` / ``ca.server.app`` — the gRPC service and the process around it.
 
