@@ -80,7 +80,9 @@ def test_kustomize_renders_every_file_once_and_matches_kubectl_when_available() 
     keys = [kustomize.key(d) for d in ours]
     assert len(keys) == len(set(keys))
     listed = {p.relative_to(MANIFESTS).as_posix() for p in MANIFESTS.rglob("*.yaml")}
-    used = set(yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())["resources"])
+    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+    used = set(kustomization["resources"])
+    used |= {f for g in kustomization.get("configMapGenerator", []) for f in g["files"]}
     used |= {f"monitoring/{r}" for r in ("servicemonitor.yaml", "prometheusrule.yaml")}
     leftovers = {p for p in listed - used if not p.startswith("examples/")}
     assert leftovers <= {
@@ -381,3 +383,19 @@ def test_the_structural_check_catches_what_the_api_server_would_refuse() -> None
         "default does not validate",
     ):
         assert words in problems
+
+
+def test_the_ca_mounts_a_ban_list_it_can_parse() -> None:
+    from ca.server.bans import parse_ban_list
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in rendered()}
+    bans = docs[("ConfigMap", "trellis-banned-agents")]
+    assert parse_ban_list(bans["data"]["banned.yaml"]) == frozenset()
+    pod = docs[("Deployment", "trellis-ca")]["spec"]["template"]["spec"]
+    (ca,) = [
+        c for c in pod["containers"] if "--banned-agents=/etc/trellis/bans/banned.yaml" in c["args"]
+    ]
+    assert {"name": "bans", "mountPath": "/etc/trellis/bans", "readOnly": True} in ca[
+        "volumeMounts"
+    ]
+    assert {"name": "bans", "configMap": {"name": "trellis-banned-agents"}} in pod["volumes"]
