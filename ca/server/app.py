@@ -42,7 +42,13 @@ from ca.bundle import TrustBundle
 from ca.keys import KeyAlgorithm, generate_private_key, private_key_pem
 from ca.server.attestation import JoinTokenRegistry
 from ca.server.bans import BanListFile
-from ca.server.entries import EntrySource, StaticEntrySource, YamlFileEntrySource
+from ca.server.entries import (
+    EntrySource,
+    FileStamp,
+    StaticEntrySource,
+    YamlFileEntrySource,
+    file_stamp,
+)
 from ca.server.federation import (
     FederationConfigError,
     FederationFetcher,
@@ -361,14 +367,10 @@ class CaServer:
             self.metrics.authority_expiry("root", latest)
         self.metrics.authority_expiry("server_svid", self._creds.svid.expires_at.timestamp())
 
-    def _federation_mtime(self) -> tuple[int, int, int] | None:
+    def _federation_mtime(self) -> FileStamp | None:
         if self.config.federation_path is None:
             return None
-        try:
-            st = self.config.federation_path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+        return file_stamp(self.config.federation_path)
 
     def _reload_federation(self) -> None:
         assert self.config.federation_path is not None

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from ca.server.attestation import is_node_name
+from ca.server.entries import file_stamp
 
 __all__ = ["BanListError", "BanListFile", "load_ban_list", "parse_ban_list", "write_ban_list"]
 
@@ -90,23 +91,16 @@ class BanListFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._stamp = self._stat()
+        self._stamp = file_stamp(self.path)
         self._nodes = load_ban_list(path)  # the first load raises: never start on a bad file
         self.reloads = 0
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def current(self) -> frozenset[str]:
         return self._nodes
 
     def refresh(self) -> BanListError | None:
         """Re-read the file if it changed; on failure keep the previous list."""
-        stamp = self._stat()
+        stamp = file_stamp(self.path)
         if stamp == self._stamp:
             return None
         self._stamp = stamp

@@ -56,10 +56,12 @@ __all__ = [
     "EntryError",
     "EntrySet",
     "EntrySource",
+    "FileStamp",
     "RegistrationEntry",
     "Selector",
     "StaticEntrySource",
     "YamlFileEntrySource",
+    "file_stamp",
     "load_entries_file",
     "parse_entries",
     "parse_entries_yaml",
@@ -497,6 +499,19 @@ class StaticEntrySource:
         return None
 
 
+FileStamp = tuple[int, int, int]
+
+
+def file_stamp(path: Path) -> FileStamp | None:
+    """(mtime, size, inode) of ``path``, or None if it cannot be read: what changes when a
+    file is rewritten in place or replaced by a rename, which the reloaders compare."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 class YamlFileEntrySource:
     """Entries from a YAML file, re-read when its mtime, size or inode changes.
 
@@ -507,22 +522,15 @@ class YamlFileEntrySource:
     def __init__(self, path: Path, *, trust_domain: TrustDomain | None = None) -> None:
         self.path = path
         self._trust_domain = trust_domain
-        self._stamp = self._stat()
+        self._stamp = file_stamp(self.path)
         self._entries = load_entries_file(path, trust_domain=trust_domain)
         self.reloads = 0
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def current(self) -> EntrySet:
         return self._entries
 
     def refresh(self, now: float) -> EntryError | None:
-        stamp = self._stat()
+        stamp = file_stamp(self.path)
         if stamp == self._stamp:
             return None
         self._stamp = stamp
