@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_e2e_pyspiffe import REPO, WEB, Mesh, _client, _free_port, _make_ca_dir, _stop, _wait_for
+from .test_e2e_pyspiffe import REPO, WEB, Mesh, _client, _free_port, _make_ca_dir, _wait_for
 
 
 def _metric(port: int, name: str, **labels: str) -> float:
@@ -66,9 +66,7 @@ def banning_mesh(tmp_path: Path, short_dir: Path) -> Iterator[tuple[Mesh, Path, 
     try:
         yield mesh, bans, ca_metrics, agent_admin
     finally:
-        for process in (mesh.agent, mesh.ca):
-            if process is not None:
-                _stop(process)
+        mesh.stop()
 
 
 def test_a_banned_agent_is_refused_keeps_its_cache_and_recovers_when_unbanned(

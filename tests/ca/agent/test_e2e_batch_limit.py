@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from spiffe.workloadapi.errors import FetchX509SvidError
 
-from .test_e2e_pyspiffe import Mesh, _client, _make_ca_dir, _stop
+from .test_e2e_pyspiffe import Mesh, _client, _make_ca_dir
 
 IDS = [f"spiffe://example.org/ns/default/sa/w{i}" for i in range(8)]
 
@@ -41,9 +41,7 @@ def small_batch_mesh(tmp_path: Path, short_dir: Path) -> Iterator[Mesh]:
     try:
         yield mesh
     finally:
-        for process in (mesh.agent, mesh.ca):
-            if process is not None:
-                _stop(process)
+        mesh.stop()
 
 
 def test_an_agent_needing_more_svids_than_the_cas_batch_limit_gets_all_of_them(

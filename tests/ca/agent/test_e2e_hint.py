@@ -15,7 +15,7 @@ from spiffe.workloadapi.errors import FetchX509SvidError
 
 from ca.agent.client import WorkloadApiError, WorkloadClient
 
-from .test_e2e_pyspiffe import WEB, Mesh, _client, _make_ca_dir, _stop
+from .test_e2e_pyspiffe import WEB, Mesh, _client, _make_ca_dir
 
 EXTERNAL = "spiffe://example.org/ns/default/sa/web-external"
 
@@ -37,9 +37,7 @@ def hinted_mesh(tmp_path: Path, short_dir: Path) -> Iterator[Mesh]:
     try:
         yield mesh
     finally:
-        for process in (mesh.agent, mesh.ca):
-            if process is not None:
-                _stop(process)
+        mesh.stop()
 
 
 def _until_synced(fetch: Any, errors: tuple[type[Exception], ...]) -> Any:

@@ -139,6 +139,10 @@ class Mesh:
         assert self.agent is not None
         return _stop(self.agent)
 
+    def stop(self) -> list[str]:
+        """Stop whatever still runs, agent first; returns their logs."""
+        return [_stop(p) for p in (self.agent, self.ca) if p is not None]
+
 
 def _make_ca_dir(directory: Path) -> None:
     now = dt.datetime.now(dt.UTC)
@@ -171,10 +175,7 @@ def mesh(tmp_path: Path, short_dir: Path, svid_ttl: int) -> Iterator[Mesh]:
     try:
         yield mesh
     finally:
-        logs = []
-        for process in (mesh.agent, mesh.ca):
-            if process is not None:
-                logs.append(_stop(process))
+        logs = mesh.stop()
         if os.environ.get("TRELLIS_TEST_LOGS"):
             print("\n".join(logs))
 
