@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from .test_e2e_pyspiffe import REPO, WEB, Mesh, _client, _free_port, _make_ca_dir, _wait_for
+from tests.support import free_port, wait_for
+
+from .test_e2e_pyspiffe import REPO, WEB, Mesh, _client, _make_ca_dir
 
 
 def _metric(port: int, name: str, **labels: str) -> float:
@@ -53,7 +55,7 @@ def banning_mesh(tmp_path: Path, short_dir: Path) -> Iterator[tuple[Mesh, Path, 
     )
     bans = tmp_path / "banned.yaml"
     bans.write_text("[]\n")
-    ca_metrics, agent_admin = _free_port(), _free_port()
+    ca_metrics, agent_admin = free_port(), free_port()
     mesh = Mesh(
         tmp_path, short_dir / "agent.sock", agent_extra=["--admin", f"127.0.0.1:{agent_admin}"]
     )
@@ -75,12 +77,12 @@ def test_a_banned_agent_is_refused_keeps_its_cache_and_recovers_when_unbanned(
     mesh, bans, ca_metrics, agent_admin = banning_mesh
     up = "trellis_agent_upstream_up"
     refusals = "trellis_agent_upstream_refusals_total"
-    _wait_for(lambda: _metric(agent_admin, up) == 1, 40, "the agent's first sync")
+    wait_for(lambda: _metric(agent_admin, up) == 1, 40, "the agent's first sync")
     with _client(mesh) as client:
         before = client.fetch_x509_svid()
 
     _ban("ban", bans)
-    _wait_for(
+    wait_for(
         lambda: _metric(agent_admin, refusals, reason="permission-denied") > 0,
         30,
         "the agent to report the CA's refusal",
@@ -93,6 +95,6 @@ def test_a_banned_agent_is_refused_keeps_its_cache_and_recovers_when_unbanned(
     assert during.leaf.serial_number == before.leaf.serial_number
 
     _ban("unban", bans)
-    _wait_for(lambda: _metric(agent_admin, up) == 1, 30, "the agent to reach the CA again")
+    wait_for(lambda: _metric(agent_admin, up) == 1, 30, "the agent to reach the CA again")
     assert mesh.agent is not None and mesh.agent.poll() is None
     assert mesh.ca is not None and mesh.ca.poll() is None

@@ -23,7 +23,8 @@ from spiffe import WorkloadApiClient
 from ca import JwtAuthority, RootAuthority, TrustDomain
 from ca.agent.client import WorkloadClient
 from ca.store import CaStore
-from tests.ca.agent.test_e2e_pyspiffe import Mesh, _stop, _trellis, _wait_for
+from tests.ca.agent.test_e2e_pyspiffe import Mesh, _stop, _trellis
+from tests.support import wait_for
 
 WEB = "spiffe://example.org/ns/default/sa/web"
 PARTNER_ENDPOINT_ID = "spiffe://partner.org/trellis/ca/east"
@@ -106,7 +107,7 @@ def test_a_workload_whose_entry_federates_with_partner_org_gets_its_bundle_and_o
             return bundle is not None
 
         # The example.org CA fetches partner.org's bundle once started; the agent follows.
-        _wait_for(partner_bundle_served, 30, "partner.org's bundle in the X509 context")
+        wait_for(partner_bundle_served, 30, "partner.org's bundle in the X509 context")
         context = client.fetch_x509_context()
         bundle = context.x509_bundle_set.get_bundle_for_trust_domain(partner_td)
         assert bundle is not None and list(bundle.x509_authorities) == [partner_root]
@@ -118,7 +119,7 @@ def test_a_workload_whose_entry_federates_with_partner_org_gets_its_bundle_and_o
 
         # The same workload, once its entry no longer federates: the bundle goes away.
         federation.entries.write_text(_entries(federates=False))
-        _wait_for(lambda: not partner_bundle_served(), 30, "partner.org's bundle to go")
+        wait_for(lambda: not partner_bundle_served(), 30, "partner.org's bundle to go")
         with WorkloadClient(federation.mesh.endpoint) as raw:
             assert dict(raw.fetch_x509_svid().federated_bundles) == {}
             assert "spiffe://partner.org" not in raw.fetch_x509_bundles().bundles

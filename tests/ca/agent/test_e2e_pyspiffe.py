@@ -13,12 +13,11 @@ import datetime as dt
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,25 +27,11 @@ from spiffe import JwtSvid, WorkloadApiClient
 
 from ca import JwtAuthority, RootAuthority, TrustDomain
 from ca.store import CaStore
+from tests.support import free_port, wait_for
 
 WEB = "spiffe://example.org/ns/default/sa/web"
 SVID_TTL = 10  # seconds: rotation at 4-6 s (half-life, ±10% jitter)
 REPO = Path(__file__).resolve().parents[3]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _trellis(*args: str, **kwargs: Any) -> subprocess.Popen[str]:
@@ -78,8 +63,8 @@ class Mesh:
 
     workdir: Path
     socket_path: Path
-    ca_port: int = field(default_factory=_free_port)
-    attest_port: int = field(default_factory=_free_port)
+    ca_port: int = field(default_factory=free_port)
+    attest_port: int = field(default_factory=free_port)
     ca: subprocess.Popen[str] | None = None
     agent: subprocess.Popen[str] | None = None
     join_token: str = ""
@@ -129,7 +114,7 @@ class Mesh:
                 raise AssertionError(f"agent exited: {_stop(agent)}")
             return self.socket_path.is_socket()
 
-        _wait_for(listening, 40, "the agent's socket")
+        wait_for(listening, 40, "the agent's socket")
 
     def stop_ca(self) -> str:
         assert self.ca is not None
@@ -249,7 +234,7 @@ def test_the_stream_delivers_a_rotated_svid_before_the_old_one_expires(mesh: Mes
     with _client(mesh) as client:
         handler = client.stream_x509_contexts(seen.on_success, seen.on_error)
         try:
-            _wait_for(lambda: seen.distinct() >= 2, SVID_TTL + 5, "a rotated SVID")
+            wait_for(lambda: seen.distinct() >= 2, SVID_TTL + 5, "a rotated SVID")
         finally:
             handler.cancel()
     assert seen.arrived[1] < seen.not_after[0], "the rotation came only after the old expired"
@@ -266,7 +251,7 @@ def test_ca_stopped_past_a_rotation_then_restarted_keeps_workloads_valid_through
     with _client(mesh) as client:
         handler = client.stream_x509_contexts(seen.on_success, seen.on_error)
         try:
-            _wait_for(lambda: seen.distinct() >= 1, 15, "the first SVID")
+            wait_for(lambda: seen.distinct() >= 1, 15, "the first SVID")
             mesh.stop_ca()
             # Stay down past the latest possible rotation point (60% of the lifetime).
             issued = seen.not_after[0] - dt.timedelta(seconds=svid_ttl)
@@ -276,7 +261,7 @@ def test_ca_stopped_past_a_rotation_then_restarted_keeps_workloads_valid_through
             assert during.leaf.serial_number == seen.serials[0]  # served from the cache...
             assert during.leaf.not_valid_after_utc > dt.datetime.now(dt.UTC)  # ...still valid
             mesh.start_ca(mint_token=False)  # same CA directory, same ports, no new token
-            _wait_for(lambda: seen.distinct() >= 2, svid_ttl, "a rotation after the CA returned")
+            wait_for(lambda: seen.distinct() >= 2, svid_ttl, "a rotation after the CA returned")
         finally:
             handler.cancel()
     # Workloads held a valid SVID throughout: the new one came before the old expired.
@@ -289,11 +274,11 @@ def test_an_agent_restart_is_survived_by_streaming_clients(mesh: Mesh) -> None:
     with _client(mesh) as client:
         handler = client.stream_x509_contexts(seen.on_success, seen.on_error)
         try:
-            _wait_for(lambda: seen.distinct() >= 1, 15, "the first SVID")
+            wait_for(lambda: seen.distinct() >= 1, 15, "the first SVID")
             mesh.stop_agent()
             mesh.start_agent()  # reuses its agent SVID from --data-dir: no new join token
             # The restarted agent issues fresh SVIDs; the client's stream reconnects.
-            _wait_for(lambda: seen.distinct() >= 2, 20, "an SVID from the restarted agent")
+            wait_for(lambda: seen.distinct() >= 2, 20, "an SVID from the restarted agent")
         finally:
             handler.cancel()
     assert not seen.errors
@@ -309,10 +294,10 @@ def test_an_entry_change_at_the_ca_reaches_the_stream_without_restarts(mesh: Mes
     with _client(mesh) as client:
         handler = client.stream_x509_contexts(on_success, lambda error: None)
         try:
-            _wait_for(lambda: WEB in ids, 15, "the first SVID")
+            wait_for(lambda: WEB in ids, 15, "the first SVID")
             entries = mesh.workdir / "entries.yaml"
             entries.write_text(entries.read_text().replace(WEB, api))
             # The CA re-reads its YAML (1 s poll), the agent re-syncs (1 s), re-issues.
-            _wait_for(lambda: api in ids, 15, "an SVID for the changed entry")
+            wait_for(lambda: api in ids, 15, "an SVID for the changed entry")
         finally:
             handler.cancel()

@@ -29,6 +29,7 @@ from cryptography.x509.oid import NameOID
 
 from ca.server.client import CaError
 from ca.server.k8s import KubernetesTokenReviewer
+from tests.support import free_port
 
 from .conftest import client_for, run, server_config, serving
 
@@ -184,14 +185,6 @@ def _kubeconfig(path: Path, port: int, cert_pem: bytes, bearer: str) -> Path:
     return path
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _agent_user(node: str | None, account: str = AGENT_SA) -> dict[str, Any]:
     extra = {
         "authentication.kubernetes.io/credential-id": ["JTI=0b4f0a2e"],
@@ -263,7 +256,7 @@ def test_psat_refusals_are_unauthenticated_and_an_api_outage_is_unavailable(
                 port = int(cluster["server"].rsplit(":", 1)[1])
                 cert_pem = base64.b64decode(cluster["certificate-authority-data"])
                 wrong = _kubeconfig(tmp_path / "wrong", port, cert_pem, "not-the-ca-credential")
-                down = _kubeconfig(tmp_path / "down", _free_port(), cert_pem, API_BEARER)
+                down = _kubeconfig(tmp_path / "down", free_port(), cert_pem, API_BEARER)
                 for broken, reason in ((wrong, "401"), (down, "failed")):
                     server.service.token_reviewer = KubernetesTokenReviewer.from_kubeconfig(broken)
                     with pytest.raises(CaError) as outage:

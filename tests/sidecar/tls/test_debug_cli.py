@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from tests.support import free_port
 from trellis.cli import main
 
 from .test_interop_system_fixtures import (
@@ -148,12 +149,6 @@ def test_tls_client_against_s_server_limited_to_p256_is_retried_into_it() -> Non
 # --- refusals, in-process ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _server_args(*extra: str) -> list[str]:
     ident = server_svid()
     return ["debug", "tls-server", "--port", "0", "--cert", ident.cert, "--key", ident.key_file,
@@ -221,7 +216,7 @@ def test_a_bundle_root_naming_no_trust_domain_is_refused(
 
 
 def test_an_unreachable_server_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    port = _free_port()
+    port = free_port()
     assert main(["debug", "tls-client", f"https://127.0.0.1:{port}/", "--insecure"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"trellis: error: 127.0.0.1:{port}: ") and err.count("\n") == 1, err
