@@ -10,7 +10,7 @@ same four calls, so the pool and the HTTP/2 layer above stay as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol
 
 from sidecar.tls import (
     AlertReceived,
@@ -49,10 +49,9 @@ class SecureChannel(Protocol):
         Raises `TLSError` (its alert is in `pending()`) on a protocol failure."""
         ...
 
-    def seal(self, plaintext: bytes | bytearray) -> bytes: ...
-
     def seal_parts(self, parts: list[bytes | memoryview]) -> bytes:
-        """Like `seal` for the concatenation of `parts` (frame headers and payload views)."""
+        """Wire bytes carrying the concatenation of `parts` (HTTP/2 frame headers and
+        payload views, which must not change until this returns)."""
         ...
 
     def close(self) -> bytes: ...
@@ -100,14 +99,6 @@ class EngineChannel:
                 desc = event.description
                 result.peer_alert = desc.name if isinstance(desc, AlertDescription) else str(desc)
         return result, tls.data_to_send()
-
-    def seal(self, plaintext: bytes | bytearray) -> bytes:
-        tls = self._tls
-        if tls.write_closed:
-            return b""
-        # The engine only takes a memoryview of it, so a bytearray is as good as bytes.
-        tls.send_application_data(cast(bytes, plaintext))
-        return tls.data_to_send()
 
     def seal_parts(self, parts: list[bytes | memoryview]) -> bytes:
         tls = self._tls
