@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from ca.keys import (
@@ -30,6 +31,7 @@ from ca.keys import (
     check_public_key,
     generate_private_key,
 )
+from ca.leafder import LeafTemplate, random_serial
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from ca.x509svid import (
     CLOCK_SKEW,
@@ -259,6 +261,7 @@ class IntermediateAuthority:
     _aki: x509.AuthorityKeyIdentifier = field(init=False, repr=False)
     _hash: hashes.SHA256 | hashes.SHA384 | None = field(init=False, repr=False)
     _not_after: dt.datetime = field(init=False, repr=False)
+    _leaf_template: LeafTemplate = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         ski = self.certificate.extensions.get_extension_for_oid(
@@ -271,6 +274,19 @@ class IntermediateAuthority:
         )
         object.__setattr__(self, "_hash", _signature_hash(self.private_key))
         object.__setattr__(self, "_not_after", self.certificate.not_valid_after_utc)
+        # The SAN and SKI given here are placeholders: build() puts each leaf's own there.
+        extensions = leaf_extensions(
+            SpiffeId(self.trust_domain.id_string() + "/leaf"),
+            x509.SubjectKeyIdentifier(bytes(20)),
+            self._aki,
+        )
+        template = LeafTemplate(
+            key=self.private_key,
+            issuer=self._issuer_name,
+            subject=_LEAF_SUBJECT,
+            extensions=extensions,
+        )
+        object.__setattr__(self, "_leaf_template", template)
 
     @classmethod
     def load(
@@ -357,19 +373,24 @@ class IntermediateAuthority:
                 f"SVID would expire {not_after:%Y-%m-%d %H:%M:%S} UTC, after its intermediate "
                 f"({self._not_after:%Y-%m-%d %H:%M:%S} UTC); rotate the intermediate",
             )
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_LEAF_SUBJECT)
-            .issuer_name(self._issuer_name)
-            .public_key(checked_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(not_after)
-        )
-        ski = x509.SubjectKeyIdentifier.from_public_key(checked_key)
-        for extension, critical in leaf_extensions(spiffe_id, ski, self._aki, dns_names):
-            builder = builder.add_extension(extension, critical=critical)
-        leaf = builder.sign(self.private_key, self._hash)
+        try:
+            spki = checked_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise IssuanceError("unsupported-key", f"cannot encode the public key: {exc}") from exc
+        try:
+            der = self._leaf_template.build(
+                serial=random_serial(),
+                not_before=now - CLOCK_SKEW,
+                not_after=not_after,
+                spki=spki,
+                uris=(str(spiffe_id),),
+                dns_names=dns_names,
+            )
+        except UnicodeEncodeError as exc:
+            raise IssuanceError(
+                "bad-dns-name", f"DNS names must be ASCII (A-labels): {', '.join(dns_names)}"
+            ) from exc
+        leaf = x509.load_der_x509_certificate(der)
         return X509Svid(spiffe_id, (leaf, self.certificate), private_key)
 
     def _own_spiffe_id(self, spiffe_id: SpiffeId | str) -> SpiffeId:
