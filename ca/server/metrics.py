@@ -73,6 +73,16 @@ class CaMetrics:
             [*base, "federated_trust_domain", "outcome"],
             registry=self.registry,
         )
+        # Freshness, which the counter cannot show: a partner whose fetches keep failing
+        # still counts attempts, but its last good bundle (and any root rotation it missed)
+        # ages. Alert rules compare it with time().
+        self._federation_success = Gauge(
+            "trellis_ca_federation_last_success_timestamp_seconds",
+            "When each federated trust domain's bundle was last fetched successfully (Unix "
+            "seconds; 0 until the first success)",
+            [*base, "federated_trust_domain"],
+            registry=self.registry,
+        )
         self._x509_workload = self._x509.labels(**self._base, kind="workload")
         self._sign_workload = self._sign.labels(**self._base, kind="workload")
         self._jwt_child = self._jwt.labels(**self._base)
@@ -111,6 +121,13 @@ class CaMetrics:
         self._federation.labels(
             **self._base, federated_trust_domain=federated_trust_domain, outcome=outcome
         ).inc()
+        # .labels() creates the series at 0 on a first failure: a partner never fetched
+        # shows up as infinitely stale rather than not at all.
+        last_success = self._federation_success.labels(
+            **self._base, federated_trust_domain=federated_trust_domain
+        )
+        if outcome == "ok":
+            last_success.set_to_current_time()
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 if absent): for tests and the bench."""
