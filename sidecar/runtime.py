@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import gc
 import json
 import logging
 import signal
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from ca.heap import settle_heap
 
 from .admin import start_admin
 from .config import SidecarConfig
@@ -184,12 +185,8 @@ class Sidecar:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         await self.start()
-        # Start-up objects (modules, certificates, configs) never die: keep them out of
-        # every collection, and collect young objects less often -- the data path makes
-        # few cycles, and a full collection is a latency spike on every open stream.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(50_000, 50, 100)
+        # A full collection is a latency spike on every open stream (ca.heap).
+        settle_heap()
         print(json.dumps({"event": "ready-to-serve", **self.ports()}), flush=True)
         await self._stop.wait()
         await self.drain()
