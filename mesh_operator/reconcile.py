@@ -253,10 +253,16 @@ def reconcile_identities(snapshot: ClusterSnapshot) -> IdentityResult:
                 )
             elif draft.template.ref.name != name:
                 owner = draft.template
-                if (owner.x509_svid_ttl, owner.jwt_svid_ttl, owner.federates_with) != (
+                if (
+                    owner.x509_svid_ttl,
+                    owner.jwt_svid_ttl,
+                    owner.federates_with,
+                    owner.hint,
+                ) != (
                     template.x509_svid_ttl,
                     template.jwt_svid_ttl,
                     template.federates_with,
+                    template.hint,
                 ) or draft.dns_names != dns_names:
                     conflicts[name].append(
                         f"pod {pod.key} gets the same entry ({spiffe_id}) from "
@@ -294,6 +300,7 @@ def reconcile_identities(snapshot: ClusterSnapshot) -> IdentityResult:
                     jwt_svid_ttl=template.jwt_svid_ttl,
                     dns_names=draft.dns_names,
                     federates_with=template.federates_with,
+                    hint=template.hint,
                 )
             )
             entry_counts[template.ref.name] += 1

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from ca.bundle import BundleError, TrustBundle, load_pem_certificates
 from ca.jwtsvid import DEFAULT_JWT_SVID_TTL, MAX_JWT_SVID_TTL
+from ca.server.entries import MAX_HINT_CHARS
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from ca.x509svid import DEFAULT_X509_SVID_TTL, MAX_X509_SVID_TTL
 from mesh_operator.errors import SpecError
@@ -186,6 +187,7 @@ class IdentityTemplateSpec:
     jwt_svid_ttl: dt.timedelta
     dns_name_templates: tuple[Template, ...]
     federates_with: tuple[TrustDomain, ...]
+    hint: str = ""
 
 
 def _spec_of(obj: Any, kind: str) -> tuple[ObjectRef, Mapping[str, Any]]:
@@ -233,6 +235,26 @@ def _strings(raw: Any, where: str) -> list[str]:
     if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
         raise SpecError(where, "expected a list of strings")
     return list(raw)
+
+
+def _hint(raw: Any) -> str:
+    # The CA's rule for an entry's hint (ca.server.entries): checked here too, so a bad
+    # hint is refused at admission with the field's name instead of failing every entry the
+    # template renders. The CRD's pattern can only approximate str.isprintable.
+    field = "spec.hint"
+    if raw is None:
+        return ""
+    if not isinstance(raw, str):
+        raise SpecError(field, "expected a string such as internal or external")
+    if len(raw) > MAX_HINT_CHARS:
+        raise SpecError(field, f"{len(raw)} characters; at most {MAX_HINT_CHARS}")
+    if not raw.isprintable() or raw != raw.strip():
+        raise SpecError(
+            field,
+            f"{raw[:40]!r} must be printable characters, without control characters or "
+            "leading or trailing spaces",
+        )
+    return raw
 
 
 def parse_identity_template(obj: Any) -> IdentityTemplateSpec:
@@ -291,6 +313,7 @@ def parse_identity_template(obj: Any) -> IdentityTemplateSpec:
         ),
         dns_name_templates=tuple(dns_templates),
         federates_with=tuple(dict.fromkeys(federated)),
+        hint=_hint(spec.get("hint")),
     )
 
 

@@ -132,6 +132,44 @@ def test_the_entries_document_is_what_the_ca_server_parses() -> None:
     assert parsed.revision == result.entries.revision
 
 
+def test_a_templates_hint_reaches_the_entries_document_the_ca_server_parses() -> None:
+    result = reconcile_identities(
+        snapshot(
+            pod("web-1", app="web"),
+            pod("web-2", node="node-b", app="web"),
+            templates={"default": cwi("default", hint="internal: east")},
+        )
+    )
+    document = entries_document(result.entries)
+    assert [e["hint"] for e in document["entries"]] == ["internal: east"]
+    (entry,) = parse_entries_yaml(yaml.safe_dump(document), trust_domain=TD)
+    assert entry.hint == "internal: east"
+    assert entry.nodes == {"node-a", "node-b"}
+
+
+def test_a_template_without_a_hint_writes_no_hint_field() -> None:
+    result = reconcile_identities(
+        snapshot(pod("web-1", app="web"), templates={"default": cwi("default")})
+    )
+    (raw,) = entries_document(result.entries)["entries"]
+    assert "hint" not in raw
+    (entry,) = parse_entries_yaml(yaml.safe_dump({"entries": [raw]}), trust_domain=TD)
+    assert entry.hint == ""
+
+
+def test_a_bad_hint_reports_the_field_and_issues_nothing() -> None:
+    result = reconcile_identities(
+        snapshot(
+            pod("web-1", app="web"),
+            templates={"bad": cwi("bad", generation=2, hint="bell\a")},
+        )
+    )
+    assert len(result.entries) == 0
+    state, reason, message = conditions(result.statuses["bad"])["Valid"]
+    assert (state, reason) == ("False", "InvalidSpec")
+    assert message.startswith("spec.hint: ") and "must be printable" in message
+
+
 def test_a_bad_template_reports_the_field_and_issues_nothing() -> None:
     result = reconcile_identities(
         snapshot(pod("web-1"), templates={"bad": cwi("bad", generation=7, ttl="48h")})
@@ -187,6 +225,18 @@ def test_the_same_entry_with_different_settings_keeps_the_first_templates() -> N
     )
     (entry,) = result.entries
     assert entry.x509_svid_ttl.total_seconds() == 3600
+    assert "a's settings win" in conditions(result.statuses["b"])["Overlapping"][2]
+
+
+def test_the_same_entry_with_a_different_hint_keeps_the_first_templates() -> None:
+    result = reconcile_identities(
+        snapshot(
+            pod("web-1"),
+            templates={"a": cwi("a", hint="internal"), "b": cwi("b", hint="external")},
+        )
+    )
+    (entry,) = result.entries
+    assert entry.hint == "internal"
     assert "a's settings win" in conditions(result.statuses["b"])["Overlapping"][2]
 
 

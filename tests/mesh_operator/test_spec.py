@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 
 from ca import RootAuthority, TrustDomain
@@ -87,6 +90,14 @@ def test_an_empty_template_gets_the_default_namespace_and_service_account_id() -
         ),
         ({"dnsNameTemplates": ["{trustDomain}.svc"]}, "spec.dnsNameTemplates[0]", "not a DNS name"),
         ({"federatesWith": ["Not A Domain"]}, "spec.federatesWith[0]", ""),
+        ({"hint": "x" * 129}, "spec.hint", "129 characters; at most 128"),
+        ({"hint": "tab\there"}, "spec.hint", "must be printable"),
+        ({"hint": "nul\x00"}, "spec.hint", "must be printable"),
+        ({"hint": "line\u2028break"}, "spec.hint", "must be printable"),
+        ({"hint": " internal"}, "spec.hint", "leading or trailing spaces"),
+        ({"hint": "internal "}, "spec.hint", "leading or trailing spaces"),
+        ({"hint": 7}, "spec.hint", "expected a string"),
+        ({"hint": ["internal"]}, "spec.hint", "expected a string"),
     ],
 )
 def test_template_errors_name_the_field_and_the_fix(
@@ -96,6 +107,53 @@ def test_template_errors_name_the_field_and_the_fix(
         parse_identity_template(template(**spec))
     assert caught.value.field == field
     assert words in caught.value.reason
+
+
+def test_a_hint_is_optional_and_kept_as_written_up_to_128_printable_characters() -> None:
+    assert parse_identity_template(template()).hint == ""
+    assert parse_identity_template(template(hint="")).hint == ""
+    assert parse_identity_template(template(hint="internal")).hint == "internal"
+    longest = "é" * 127 + "x"
+    assert parse_identity_template(template(hint=longest)).hint == longest
+    assert parse_identity_template(template(hint="east / blue")).hint == "east / blue"
+
+
+def _crd_hint_schema() -> dict[str, Any]:
+    path = Path(__file__).resolve().parents[2] / "manifests/crds/clusterworkloadidentities.yaml"
+    crd = yaml.safe_load(path.read_text())
+    (version,) = crd["spec"]["versions"]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    return schema["properties"]["hint"]
+
+
+@pytest.mark.parametrize(
+    "hint",
+    [
+        "",
+        "internal",
+        "a b",
+        "east / blue",
+        "é" * 128,
+        "x" * 129,
+        " a",
+        "a ",
+        "a\tb",
+        "a\x00",
+        "\x85",
+    ],
+)
+def test_the_crd_schema_and_the_parser_agree_on_a_hint(hint: str) -> None:
+    try:
+        jsonschema.validate(hint, _crd_hint_schema())
+        schema_accepts = True
+    except jsonschema.ValidationError:
+        schema_accepts = False
+    try:
+        parse_identity_template(template(hint=hint))
+        parser_accepts = True
+    except SpecError:
+        parser_accepts = False
+    assert schema_accepts == parser_accepts
 
 
 def test_a_label_placeholder_renders_from_the_pods_labels() -> None:
