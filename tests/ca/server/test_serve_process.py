@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -119,22 +118,27 @@ def test_served_process_attests_a_cli_token_signs_and_stops_cleanly_on_sigterm(
             )
             assert 'reason="entry-not-authorized"' in metrics
             assert 'reason="join-token-reused"' in metrics
-            started = time.monotonic()
             process.send_signal(signal.SIGTERM)
-            with pytest.raises(CaError):
+            # The server ends the stream itself as it stops: a clean end, which the client
+            # reports as "bundle stream ended". A stream left to hold the stop until the
+            # grace period runs out is cancelled by grpcio instead ("Cancelling all calls").
+            with pytest.raises(CaError) as ended:
                 await stream.__anext__()
-            await asyncio.to_thread(process.wait, 10)
-            assert time.monotonic() - started < 5
+            assert (ended.value.code, ended.value.detail) == ("UNAVAILABLE", "bundle stream ended")
+            # It exits while this client still holds its connection open.
+            await asyncio.to_thread(process.wait, 60)  # a hang guard, not a measurement
             await client.close()
             await other.close()
 
-        asyncio.run(asyncio.wait_for(agent(), 60))
+        asyncio.run(asyncio.wait_for(agent(), 120))
         assert process.returncode == 0
         assert process.stderr is not None
         logs = process.stderr.read()
     records = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
     events = [r["event"] for r in records]
-    assert "agent-attested" in events and "ca-server-stopping" in events
+    assert "agent-attested" in events
+    stopping = [r for r in records if r["event"] == "ca-server-stopping"]
+    assert [r.get("reason") for r in stopping] == ["signal"]
     assert events[-1] == "ca-server-stopped"
     assert token not in logs and minted["token"] not in logs
     assert "PRIVATE KEY" not in logs
