@@ -3,9 +3,11 @@
 ``/healthz`` is 200 while the agent can serve valid SVIDs, including when the CA is
 unreachable but the cache still holds unexpired SVIDs for every entry (``"status":
 "degraded"``): restarting an agent does not bring a CA back, so a liveness probe must not
-kill it for that. It turns 503 (``"unhealthy"``) only when the agent's own SVID has
-expired or entries lack SVIDs while the CA is unreachable. ``/readyz`` is 200 once the
-first sync with the CA has completed.
+kill it for that. It is 503 ``"starting"`` until the first sync with the CA has completed
+(no entry is known yet, so there is nothing to serve: Workload API calls wait for the sync,
+then get UNAVAILABLE), and 503 ``"unhealthy"`` when the agent's own SVID has expired or
+entries lack SVIDs while the CA is unreachable. ``/readyz`` is 200 once the first sync with
+the CA has completed, like ``"synced"`` in ``/healthz``.
 """
 
 from __future__ import annotations

@@ -100,6 +100,11 @@ def register(commands: Any) -> None:
     p.add_argument(
         "--backoff-cap", type=_seconds, default=30.0, help="longest wait between CA retries"
     )
+    p.add_argument(
+        "--sync-wait", type=_seconds, default=5.0,
+        help="how long a Workload API call made before the first sync with the CA waits for"
+        " it before it is answered UNAVAILABLE (default 5s)",
+    )  # fmt: skip
     p.add_argument("--allow-unauthenticated-verifiers", action="store_true")
     p.add_argument("--local-ca", type=Path, metavar="DIR", help="sign in-process from a CA dir")
     p.add_argument("--cluster", help="cluster intermediate to use with --local-ca")
@@ -233,7 +238,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
             backoff_cap=args.backoff_cap,
         ),
         workload_api=WorkloadApiConfig(
-            allow_unauthenticated_verifiers=args.allow_unauthenticated_verifiers
+            allow_unauthenticated_verifiers=args.allow_unauthenticated_verifiers,
+            sync_wait=args.sync_wait,
         ),
     )
     try:

@@ -411,12 +411,16 @@ class Rotator:
     # -- health ---------------------------------------------------------------------------------
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """(serving?, details). Degraded (CA down, cache still valid) still counts as serving."""
+        """(serving?, details). Degraded (CA down, cache still valid) still counts as serving;
+        "starting" (no successful sync yet: no entry is known, Workload API calls wait and
+        then get UNAVAILABLE) does not."""
         now = self.clock()
         agent = self.upstream.agent_svid
         nearest = self.cache.nearest_expiry()
         missing = [e for e in self.cache.entries if e not in self.cache.svids]
-        if agent is None or agent.expires_at <= now:
+        if not self.synced.is_set():
+            status = "starting"
+        elif agent is None or agent.expires_at <= now:
             status = "unhealthy"
         elif not self.upstream_up:
             status = "degraded" if not missing else "unhealthy"
@@ -424,6 +428,7 @@ class Rotator:
             status = "ok"
         details: dict[str, Any] = {
             "status": status,
+            "synced": self.synced.is_set(),
             "node": self.node,
             "upstream": "reachable" if self.upstream_up else "unreachable",
             "unreachable_since": self.unreachable_since.isoformat()
@@ -440,4 +445,4 @@ class Rotator:
             else None,
             "bundle_sequence": self.cache.bundle.sequence if self.cache.bundle else None,
         }
-        return status != "unhealthy", details
+        return status in ("ok", "degraded"), details

@@ -8,10 +8,16 @@ expect):
    socket by a confused proxy);
 2. the caller is attested from the connection's SO_PEERCRED (``peercred.py``) and /proc
    (``attestation.py``); a caller the kernel cannot vouch for is PERMISSION_DENIED;
-3. the caller's selectors are matched against this node's entries; no entry means
+3. a call that arrives before the agent's first successful sync with its CA waits for
+   that sync (the socket is open from start-up, so a workload started alongside the agent
+   may well call first), then goes on as below; if the sync has not happened within
+   ``WorkloadApiConfig.sync_wait`` (or just before the caller's own deadline, so the caller
+   learns why), the answer is UNAVAILABLE, which clients retry. Never PERMISSION_DENIED:
+   before the sync no entry is known, so "no identity" would be a lie. A caller whose
+   attestation is still pending (a pod the agent has not seen yet) waits the same way;
+4. the caller's selectors are matched against this node's entries; no entry means
    PERMISSION_DENIED ("no identity issued"), also for bundle fetches and JWT validation
-   unless ``allow_unauthenticated_verifiers`` is set;
-4. before the agent's first successful sync it answers UNAVAILABLE, which clients retry.
+   unless ``allow_unauthenticated_verifiers`` is set.
 
 Streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles) send the full current state at
 once, then again whenever it changes (a rotation, a bundle update, an entry change), and
@@ -69,6 +75,11 @@ MAX_AUDIENCES = 32
 MAX_AUDIENCE_LENGTH = 512
 # How long a new X509 stream waits for SVIDs still being signed before sending a partial set.
 FIRST_RESPONSE_GRACE = 2.0
+# A call waiting for the first sync gives up this long before the caller's deadline, so the
+# caller gets UNAVAILABLE with the reason rather than a bare DEADLINE_EXCEEDED.
+DEADLINE_MARGIN = 0.25
+# How often a caller whose attestation is pending is attested again while it waits.
+ATTESTATION_RETRY = 0.05
 
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
@@ -87,7 +98,9 @@ def server_options() -> list[tuple[str, Any]]:
 @dataclass(frozen=True)
 class WorkloadApiConfig:
     allow_unauthenticated_verifiers: bool = False
-    sync_wait: float = 5.0  # how long a call waits for the agent's first sync
+    # How long a call made before the agent's first sync with its CA (or while its own
+    # attestation is pending) waits before it is answered UNAVAILABLE.
+    sync_wait: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -222,22 +235,47 @@ class WorkloadApi:
             raise _Abort(grpc.StatusCode.PERMISSION_DENIED, "caller could not be attested")
         try:
             attributes = self.attestor.attest(credentials)
-        except AttestationPending as exc:
-            raise _Abort(grpc.StatusCode.UNAVAILABLE, f"attestation pending: {exc}") from exc
+        except AttestationPending:
+            raise  # not known yet, which is not "not attestable": ``_attest_by`` waits
         except AttestationError as exc:
             raise _Abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"caller could not be attested: {exc}"
             ) from exc
         return _Caller(credentials, attributes.selectors())
 
-    async def _wait_synced(self) -> None:
-        if self.rotator.synced.is_set():
+    def _deadline(self, context: Context) -> float:
+        """Loop time until which this call may wait for the agent to be able to answer."""
+        budget = self.config.sync_wait
+        remaining = context.time_remaining()
+        if remaining is not None:
+            budget = min(budget, remaining - DEADLINE_MARGIN)
+        return asyncio.get_running_loop().time() + max(0.0, budget)
+
+    async def _attest_by(self, context: Context, deadline: float) -> _Caller:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return self._attest(context)
+            except AttestationPending as exc:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise _Abort(
+                        grpc.StatusCode.UNAVAILABLE, f"attestation pending: {exc}"
+                    ) from exc
+                # Polled: what it waits for (a pod watch event) has no signal of its own here.
+                await asyncio.sleep(min(ATTESTATION_RETRY, left))
+
+    async def _synced_by(self, deadline: float) -> None:
+        synced = self.rotator.synced
+        if synced.is_set():
             return
+        left = deadline - asyncio.get_running_loop().time()
         try:
-            await asyncio.wait_for(self.rotator.synced.wait(), self.config.sync_wait)
+            await asyncio.wait_for(synced.wait(), max(0.0, left))
         except TimeoutError:
             raise _Abort(
-                grpc.StatusCode.UNAVAILABLE, "agent has not synchronised with its CA yet"
+                grpc.StatusCode.UNAVAILABLE,
+                "the agent has not completed its first sync with the CA yet; retry shortly",
             ) from None
 
     def _entries(self, caller: _Caller) -> list[RegistrationEntry]:
@@ -251,8 +289,10 @@ class WorkloadApi:
 
     async def _admit(self, context: Context, *, verifier: bool = False) -> _Caller:
         self._check_header(context)
-        caller = self._attest(context)
-        await self._wait_synced()
+        deadline = self._deadline(context)
+        caller = await self._attest_by(context, deadline)
+        # Only now may "no entry" mean "no identity": before the first sync none is known.
+        await self._synced_by(deadline)
         if not (verifier and self.config.allow_unauthenticated_verifiers):
             self._identified(caller)
         return caller

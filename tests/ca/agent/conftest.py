@@ -93,11 +93,13 @@ async def running_agent(
         rotator=rotator,
     )
     plugins = overrides.pop("plugins", ())
+    wait_synced = overrides.pop("wait_synced", True)  # False: yield before the first sync
     config = replace(config, **overrides)
     agent = Agent(config, upstream, plugins=plugins)
     task = asyncio.create_task(agent.run())
     await agent.started.wait()
-    await asyncio.wait_for(agent.rotator.synced.wait(), 10)
+    if wait_synced:
+        await asyncio.wait_for(agent.rotator.synced.wait(), 10)
     try:
         yield agent
     finally:
