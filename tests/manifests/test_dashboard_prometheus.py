@@ -4,10 +4,15 @@ Processes: the whole mesh of ``trellis up`` started as a library (``trellis.up.m
 ``trellis ca serve``, ``trellis agent`` (node ``local``), the demo echo server and three
 ``trellis sidecar`` processes -- echo's (inbound, admits only load's SPIFFE ID), load's
 (an upstream to echo's sidecar) and an "intruder" whose one call at start-up is refused --
-each holding an SVID from the agent over the Workload API. Debian's ``prometheus`` runs
-with its own config and TSDB in a temporary directory and scrapes the CA, the agent and
-the three sidecars' admin ``/metrics`` every second on loopback. Every port is one the
-kernel picked; every process is stopped (SIGTERM, then SIGKILL) whatever the test did.
+each holding an SVID from the agent over the Workload API. Beside it, what the mesh alone
+never shows: partner.org's ``trellis ca serve`` (its bundle endpoint only), and example.net's
+CA (cluster ``edge``), which federates with partner.org and bans its one node ``stray``
+once that node's ``trellis agent`` has attested -- so the agent's refusal and fetch-error
+series and the CA's federation series exist. Debian's ``prometheus`` runs with its own
+config and TSDB in a temporary directory, loads manifests/prometheus/trellis-rules.yml,
+and scrapes both CAs that sign (local and edge), both agents and the three sidecars' admin
+``/metrics`` every second on loopback. Every port is one the kernel picked; every process
+is stopped (SIGTERM, then SIGKILL) whatever the test did.
 
 Why the traffic starts only once Prometheus scrapes. A sidecar's ``tls_group_total``,
 ``tls_version_total`` and ``tls_cipher_suite_total`` series appear at the first handshake
@@ -26,8 +31,14 @@ node ``local``): X509- and JWT-SVIDs for the load workload's entry, plus refusal
 unknown entry: ``entry-not-authorized``; the agent's spent join token:
 ``join-token-reused``). Then:
 
-* every panel's query (CA, agent and sidecar TLS) returns data: at least one row with a
-  finite value (a quantile over an empty window is a NaN row, not data);
+* every panel's query (CA, federation, agent and sidecar TLS) returns data: at least one
+  row with a finite value (a quantile over an empty window is a NaN row, not data);
+* the agent and federation panels return the right kind of data: the stray agent's
+  ``permission-denied`` refusals and non-retryable fetch errors, an ``ok`` fetch of
+  partner.org and a partner.org bundle younger than the stale alert's 30 minutes;
+* every alert rule evaluates without error over these series; the stray agent's failing
+  calls make ``TrellisAgentFetchErrors`` pending for it (and for no other agent), and
+  ``TrellisFederatedBundleStale`` stays inactive while partner.org's fetches succeed;
 * the sidecar TLS panels return the right kind of data: X25519MLKEM768's share of
   handshakes > 0, TLS 1.3 among the versions, a TLS 1.3 cipher suite, a finite positive
   handshake duration p95, a resumption ratio in [0, 1] (0 today: no resumption exists
@@ -37,7 +48,8 @@ unknown entry: ``entry-not-authorized``; the agent's spent join token:
 * both the load and the echo sidecar completed handshakes Prometheus saw;
 * the issuance-rate panel, evaluated over exactly the load window, times the window equals
   the number of workload SVIDs the test issued (the mesh's SVIDs live an hour: no
-  rotation falls into the window).
+  rotation falls into the window; the panel is read for the mesh's trust domain and
+  cluster, as a user picking them in the dashboard's variables would).
 """
 
 from __future__ import annotations
@@ -63,14 +75,16 @@ from typing import Any
 import pytest
 import yaml
 
-from ca import KeyAlgorithm, generate_private_key
+from ca import KeyAlgorithm, TrustDomain, generate_private_key
 from ca.agent.rotator import load_agent_state
 from ca.server.client import CaClient, CaError
+from trellis.up.identity import create_authorities
 from trellis.up.mesh import CLUSTER, Mesh, MeshConfig
 from trellis.up.processes import Child, free_ports, spawn
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "manifests" / "grafana" / "trellis-mesh.json"
+RULES = REPO / "manifests" / "prometheus" / "trellis-rules.yml"
 ISSUANCE_PANEL = "X509-SVID issuance rate by trust domain and cluster"
 LOAD_BATCHES, BATCH_SIZE = 6, 10
 # More app connections at once than one pooled TLS connection carries streams (the
@@ -79,6 +93,10 @@ BURST_CONNECTIONS = 110
 # Grafana's $__rate_interval for these panels: wide enough to hold the whole test.
 RATE_INTERVAL = "1m"
 SIDECARS = ("load", "echo", "intruder")
+PARTNER = TrustDomain("partner.org")
+EDGE, EDGE_CLUSTER, BANNED_NODE = TrustDomain("example.net"), "edge", "stray"
+# TrellisFederatedBundleStale's threshold (manifests/prometheus/trellis-rules.yml).
+STALE_AFTER = 1800
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
@@ -146,13 +164,96 @@ def panels() -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
 
 
-def grafana(expr: str, rate_interval: str) -> str:
-    """What Grafana sends for an 'All' selection of the template variables."""
+def grafana(expr: str, rate_interval: str, trust_domain: str = ".*", cluster: str = ".*") -> str:
+    """What Grafana sends for a selection of the template variables ('All' by default)."""
     return (
         expr.replace("$__rate_interval", rate_interval)
-        .replace("$trust_domain", ".*")
-        .replace("$cluster", ".*")
+        .replace("$trust_domain", trust_domain)
+        .replace("$cluster", cluster)
     )
+
+
+def http_ok(url: str) -> bool:
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
+        return bool(response.status == 200)
+    return False
+
+
+@contextlib.contextmanager
+def federating_ca_and_a_banned_node(
+    host: str, run_dir: Path, log_dir: Path
+) -> Iterator[tuple[str, str, list[Child]]]:
+    """partner.org's CA (its bundle endpoint only); example.net's CA, cluster edge, which
+    federates with partner.org; and the agent of edge's one node, banned once it has
+    attested (it then keeps calling and being refused). The edge CA's metrics address, the
+    agent's admin address, and the three children."""
+    bundle, listen, attest, metrics, admin = free_ports(5)
+    partner_root = create_authorities(log_dir / "partner", PARTNER, "east")
+    edge_root = create_authorities(log_dir / "edge", EDGE, EDGE_CLUSTER)
+    bans = log_dir / "banned.yaml"
+    bans.write_text("[]\n")
+    federation = log_dir / "federation.yaml"
+    federation.write_text(
+        yaml.safe_dump(
+            {
+                "trustDomains": [
+                    {
+                        "trustDomain": PARTNER.name,
+                        "bundleEndpointURL": f"https://{host}:{bundle}/",
+                        "bundleEndpointSPIFFEID": f"spiffe://{PARTNER.name}/trellis/ca/east",
+                        "bootstrapBundle": str(partner_root),
+                    }
+                ]
+            }
+        )
+    )
+    with contextlib.ExitStack() as stack:
+        partner = stack.enter_context(
+            child(
+                "ca-partner",
+                [
+                    "ca", "serve", "--dir", str(log_dir / "partner"), "--cluster", "east",
+                    "--listen", f"{host}:0", "--attest-listen", f"{host}:0",
+                    "--bundle-listen", f"{host}:{bundle}", "--sign-workers", "0",
+                ],
+                log_dir,
+            )
+        )  # fmt: skip
+        partner.wait_event("ready", 30)
+        edge = stack.enter_context(
+            child(
+                "ca-edge",
+                [
+                    "ca", "serve", "--dir", str(log_dir / "edge"), "--cluster", EDGE_CLUSTER,
+                    "--listen", f"{host}:{listen}", "--attest-listen", f"{host}:{attest}",
+                    "--bundle-listen", "off", "--metrics-listen", f"{host}:{metrics}",
+                    "--federation", str(federation), "--banned-agents", str(bans),
+                    "--join-token", BANNED_NODE, "--join-token-ttl", "5m",
+                    "--poll-interval", "1", "--sign-workers", "0",
+                ],
+                log_dir,
+            )
+        )  # fmt: skip
+        edge.wait_event("ready", 30)
+        token_file = run_dir / "stray-join-token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(str(edge.wait_event("join-token", 30)["token"]))
+        agent = stack.enter_context(
+            child(
+                "agent-stray",
+                [
+                    "agent", "--socket", str(run_dir / "stray.sock"), "--node", BANNED_NODE,
+                    "--ca", f"{host}:{listen}", "--ca-attest", f"{host}:{attest}",
+                    "--trust-bundle", str(edge_root), "--join-token-file", str(token_file),
+                    "--data-dir", str(run_dir / "stray"), "--admin", f"{host}:{admin}",
+                    "--sync-interval", "1s", "--backoff-cap", "2s",
+                ],
+                log_dir,
+            )
+        )  # fmt: skip
+        agent.wait_until(lambda: http_ok(f"http://{host}:{admin}/readyz"), "ready (first sync)", 40)
+        bans.write_text(f"- {BANNED_NODE}\n")  # ca serve re-reads it within --poll-interval
+        yield f"{host}:{metrics}", f"{host}:{admin}", [partner, edge, agent]
 
 
 async def drive_issuance(mesh: Mesh) -> tuple[int, int]:
@@ -218,9 +319,12 @@ def test_every_panel_returns_data_against_a_running_mesh(tmp_path: Path) -> None
         probe_policy=True,
         startup_timeout=40.0,
     )
-    with Mesh(config) as mesh:
+    with Mesh(config) as mesh, contextlib.ExitStack() as stack:
         host = config.host
         assert mesh.run_dir is not None
+        edge_metrics, stray_admin, others = stack.enter_context(
+            federating_ca_and_a_banned_node(host, mesh.run_dir, tmp_path)
+        )
         # The sidecars' Workload API streams stay open (counted when they end): one unary
         # call, from a process no entry matches, gives the agent's request counter a series.
         subprocess.run(
@@ -236,18 +340,16 @@ def test_every_panel_returns_data_against_a_running_mesh(tmp_path: Path) -> None
         )  # fmt: skip
         (port,) = free_ports(1)
         targets = {
-            "trellis-ca": [mesh.url("ca_metrics", "")],
-            "trellis-agent": [mesh.url("agent_admin", "")],
-            "trellis-sidecar": [mesh.url(f"{name}_admin", "") for name in SIDECARS],
+            "trellis-ca": [mesh.url("ca_metrics", "").split("//")[1], edge_metrics],
+            "trellis-agent": [mesh.url("agent_admin", "").split("//")[1], stray_admin],
+            "trellis-sidecar": [mesh.url(f"{name}_admin", "").split("//")[1] for name in SIDECARS],
         }
         scrape = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(RULES)],
             "scrape_configs": [
-                {
-                    "job_name": job,
-                    "static_configs": [{"targets": [url.split("//")[1] for url in urls]}],
-                }
-                for job, urls in targets.items()
+                {"job_name": job, "static_configs": [{"targets": addresses}]}
+                for job, addresses in targets.items()
             ],
         }
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(scrape))
@@ -261,11 +363,13 @@ def test_every_panel_returns_data_against_a_running_mesh(tmp_path: Path) -> None
             tmp_path / "prometheus.log",
         ):
             prom = Prometheus(f"http://{host}:{port}")
-            scraped = len(SIDECARS) + 2
+            scraped = sum(len(addresses) for addresses in targets.values())
 
             def all_up() -> bool:
                 failed = mesh.failed()
                 assert failed is None, failed.failure("stopped")
+                for other in others:
+                    assert other.alive(), other.failure("stopped")
                 try:
                     return len(prom.query("up == 1")["data"]["result"]) == scraped
                 except OSError:
@@ -278,7 +382,8 @@ def test_every_panel_returns_data_against_a_running_mesh(tmp_path: Path) -> None
                 for r in prom.query(handshakes)["data"]["result"]
             }
             assert len(before) == 2 * len(SIDECARS), before
-            workload = 'sum(trellis_ca_x509_svid_issued_total{kind="workload"})'
+            mesh_ca = f'trust_domain="{config.trust_domain.name}", cluster="{CLUSTER}"'
+            workload = f'sum(trellis_ca_x509_svid_issued_total{{{mesh_ca}, kind="workload"}})'
             base = wait_for("the base issuance count", lambda: prom.value(workload))
 
             with child(
@@ -319,13 +424,22 @@ def test_every_panel_returns_data_against_a_running_mesh(tmp_path: Path) -> None
                 time.sleep(1.5)
 
                 # The issuance window: from the last sample at the base to the last sample.
-                raw = prom.query('trellis_ca_x509_svid_issued_total{kind="workload"}[5m]')
+                raw = prom.query(
+                    f'trellis_ca_x509_svid_issued_total{{{mesh_ca}, kind="workload"}}[5m]'
+                )
                 (series,) = raw["data"]["result"]
                 samples = [(float(t), float(v)) for t, v in series["values"]]
                 start = max(t for t, v in samples if v == base)
                 end = samples[-1][0]
                 assert samples[-1][1] == base + issued
                 window_ms = round((end - start) * 1000)
+                # The stray agent is refused on every call: once Prometheus holds its series,
+                # one more scrape gives rate() the two samples it needs.
+                wait_for(
+                    "Prometheus to see the stray agent refused",
+                    lambda: prom.value("sum(trellis_agent_upstream_refusals_total)") is not None,
+                )
+                time.sleep(1.5)
 
                 results: dict[str, list[dict[str, Any]]] = {}
                 for title, expr in panels():
@@ -342,6 +456,7 @@ def test_every_panel_returns_data_against_a_running_mesh(tmp_path: Path) -> None
                     results.setdefault(title, []).extend(rows)
                 assert mesh.failed() is None
                 assert load.alive(), load.log_tail()
+                assert all(other.alive() for other in others)
 
             # Real traffic crossed both sidecars while Prometheus watched.
             after = {
@@ -375,7 +490,10 @@ def test_every_panel_returns_data_against_a_running_mesh(tmp_path: Path) -> None
             assert by("Early data outcomes", "outcome") == {"accepted": 0.0, "rejected": 0.0}
 
             (issuance_expr,) = [e for t, e in panels() if t == ISSUANCE_PANEL]
-            answer = prom.query(grafana(issuance_expr, f"{window_ms}ms"), time=f"{end:.3f}")
+            answer = prom.query(
+                grafana(issuance_expr, f"{window_ms}ms", config.trust_domain.name, CLUSTER),
+                time=f"{end:.3f}",
+            )
             (row,) = answer["data"]["result"]
             assert row["metric"] == {"trust_domain": config.trust_domain.name, "cluster": CLUSTER}
             per_second = float(row["value"][1])
@@ -385,3 +503,38 @@ def test_every_panel_returns_data_against_a_running_mesh(tmp_path: Path) -> None
             assert rejected is not None and rejected >= refused
             reasons = set(by("Rejections by reason", "reason"))
             assert {"entry-not-authorized", "join-token-reused"} <= reasons, reasons
+
+            # The agent and federation panels, fed by the edge CA and its banned node.
+            # (Which call is refused first depends on where the agent's loops stand.)
+            errors = [r["metric"] for r in results["Upstream fetch errors"]]
+            assert any(m["retryable"] == "false" for m in errors), errors
+            refusals = [r["metric"] for r in results["Upstream refusals"]]
+            assert any(m["reason"] == "permission-denied" for m in refusals), refusals
+            outcomes = [r["metric"] for r in results["Federation fetch outcomes"]]
+            ok = {"cluster": EDGE_CLUSTER, "federated_trust_domain": PARTNER.name, "outcome": "ok"}
+            assert ok in outcomes, outcomes
+            (age_row,) = results["Federated bundle age"]
+            assert age_row["metric"] == {
+                "cluster": EDGE_CLUSTER,
+                "federated_trust_domain": "partner.org",
+            }
+            assert 0 <= float(age_row["value"][1]) < STALE_AFTER, age_row
+
+            # Every rule of trellis-rules.yml evaluated over these series without an error.
+            groups = prom.get("/api/v1/rules")["data"]["groups"]
+            rules = {r["name"]: r for g in groups for r in g["rules"]}
+            wanted = {
+                r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]
+            }
+            assert set(rules) == wanted
+            for name, rule in rules.items():
+                assert rule["health"] == "ok" and not rule.get("lastError"), (name, rule)
+            alerts = prom.get("/api/v1/alerts")["data"]["alerts"]
+            failing = {
+                (a["labels"]["instance"], a["state"])
+                for a in alerts
+                if a["labels"]["alertname"] == "TrellisAgentFetchErrors"
+            }
+            assert failing == {(stray_admin, "pending")}, alerts
+            stale = [a for a in alerts if a["labels"]["alertname"] == "TrellisFederatedBundleStale"]
+            assert stale == [], stale

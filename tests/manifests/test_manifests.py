@@ -262,6 +262,9 @@ def test_alert_rules_pass_promtool_and_the_prometheusrule_mirrors_them(tmp_path:
         "TrellisSVIDsCloseToExpiry",
         "TrellisResumptionRatioDropped",
         "TrellisEarlyDataRejectionSpike",
+        "TrellisAgentSVIDCloseToExpiry",
+        "TrellisAgentFetchErrors",
+        "TrellisFederatedBundleStale",
     } <= alerts
 
 
@@ -300,6 +303,7 @@ def exported_metric_names() -> set[str]:
     ca.attested_agents(1)
     ca.entries(1)
     ca.entry_reload_failed()
+    ca.federation_fetch("partner.org", "ok")
     for registry in (ca.registry, AgentMetrics().registry):
         for family in registry.collect():
             suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
@@ -329,6 +333,12 @@ def test_the_dashboard_uses_only_the_metric_names_of_the_contract() -> None:
         "trellis_ca_requests_rejected_total",
         "trellis_ca_authority_expiry_timestamp_seconds",
         "trellis_agent_svid_rotations_total",
+        "trellis_agent_svid_cache_size",
+        "trellis_agent_svid_nearest_expiry_seconds",
+        "trellis_agent_upstream_fetch_errors_total",
+        "trellis_agent_upstream_refusals_total",
+        "trellis_ca_federation_fetch_total",
+        "trellis_ca_federation_last_success_timestamp_seconds",
         "tls_early_data_total",
     ):
         assert metric in used
@@ -338,6 +348,18 @@ def test_the_dashboard_imports_with_a_datasource_variable_and_unique_panel_ids()
     dash = dashboard()
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+    # Grafana pushes an overlapping panel down on import, silently reordering the layout.
+    boxes = [(p["title"], p["gridPos"]) for p in dash["panels"]]
+    for index, (title, a) in enumerate(boxes):
+        assert a["x"] >= 0 and a["x"] + a["w"] <= 24, title
+        for other, b in boxes[index + 1 :]:
+            apart = (
+                a["x"] + a["w"] <= b["x"]
+                or b["x"] + b["w"] <= a["x"]
+                or a["y"] + a["h"] <= b["y"]
+                or b["y"] + b["h"] <= a["y"]
+            )
+            assert apart, f"panels {title!r} and {other!r} overlap"
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     for panel in dash["panels"]:
@@ -350,6 +372,11 @@ def test_the_dashboard_imports_with_a_datasource_variable_and_unique_panel_ids()
         "Rejections by reason",
         "SVID expiry horizon",
         "SVID rotations",
+        "Cached SVIDs and upstream health",
+        "Upstream fetch errors",
+        "Upstream refusals",
+        "Federation fetch outcomes",
+        "Federated bundle age",
         "Handshake duration p95",
         "Resumption ratio",
         "Share of X25519MLKEM768 handshakes",
