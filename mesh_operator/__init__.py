@@ -4,12 +4,14 @@ Layers (higher import lower, never the reverse):
 
 * values: ``errors``, ``selectors``, ``spec`` (the CRDs as frozen values), ``conditions``;
 * sans-I/O cores: ``reconcile`` (CRs + pods → registration entries, sidecar policies,
-  statuses), ``injection`` (pod → JSONPatch), ``admission`` (AdmissionReview in → out),
-  ``webhook_certs`` (serving-certificate plan);
+  statuses), ``bans`` (Node labels → the CA's banned-agents list), ``injection``
+  (pod → JSONPatch), ``admission`` (AdmissionReview in → out), ``webhook_certs``
+  (serving-certificate plan);
 * I/O shells: ``webhook`` (aiohttp HTTPS), ``kube`` (kubernetes client writes),
   ``handlers`` (kopf wiring), ``cli`` (``trellis operator``).
 """
 
+from mesh_operator.bans import BAN_LABEL, ban_list
 from mesh_operator.errors import PermanentOperatorError, SpecError, TemporaryOperatorError
 from mesh_operator.reconcile import (
     ClusterSnapshot,
@@ -30,6 +32,7 @@ from mesh_operator.spec import (
 
 __all__ = [
     "API_VERSION",
+    "BAN_LABEL",
     "GROUP",
     "VERSION",
     "ClusterSnapshot",
@@ -37,6 +40,7 @@ __all__ = [
     "PodView",
     "SpecError",
     "TemporaryOperatorError",
+    "ban_list",
     "compile_policies",
     "entries_document",
     "parse_access_policy",

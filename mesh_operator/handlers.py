@@ -1,9 +1,9 @@
 """The kopf wiring: watch events feed a snapshot; one debounced sync turns it into writes.
 
-Handlers do no reconciling themselves. Every watch event (pods, namespaces and the three
-custom resources) updates ``OperatorState`` and sets ``dirty``; ``sync_loop`` waits for that
-(debounced, so a Deployment rolling 50 pods costs one sync, not 50), runs the pure
-reconcilers over the whole snapshot and writes only what changed:
+Handlers do no reconciling themselves. Every watch event (pods, namespaces, Nodes and the
+three custom resources) updates ``OperatorState`` and sets ``dirty``; ``sync_loop`` waits
+for that (debounced, so a Deployment rolling 50 pods costs one sync, not 50), runs the
+pure reconcilers over the whole snapshot and writes only what changed:
 
 * ``trellis-system/trellis-registration-entries`` (``entries.yaml``): the document
   ``ca.server.entries`` parses; the CA server Deployment mounts it and reads it through its
@@ -11,6 +11,14 @@ reconcilers over the whole snapshot and writes only what changed:
 * ``<namespace>/trellis-policy`` (``policy.json``) per namespace with AccessPolicies,
   mounted by every injected sidecar there; stale ones are deleted;
 * ``trellis-system/trellis-federation`` (``federation.json``);
+* ``trellis-system/trellis-banned-agents`` (``banned.yaml``): the Nodes labelled
+  ``trellis.dev/agent-banned=true`` (``mesh_operator.bans``), the CA's ``--banned-agents``
+  file. Unlike the rest it is computed from a fresh list of the labelled Nodes, not from
+  the watch: before the watch has delivered every Node a ban list would be short, and a
+  short ban list lifts bans, where a short entry list only delays issuance. The Node
+  watch only says when to sync. Problems (odd label values, a list the operator did not
+  write that bans unlabelled Nodes) are logged when they change, and never block the
+  other writes;
 * the ``status`` subresource of each custom resource.
 
 ``ClusterWorkloadIdentity`` carries a finalizer (``@kopf.on.delete``): its deletion is held
@@ -37,9 +45,10 @@ import kopf
 import yaml
 
 from ca.spiffeid import TrustDomain
+from mesh_operator.bans import BAN_LABEL, BAN_LIST_KEY, adoption_problem, ban_list
 from mesh_operator.errors import PermanentOperatorError, TemporaryOperatorError
 from mesh_operator.injection import POLICY_CONFIGMAP
-from mesh_operator.kube import KubeClient
+from mesh_operator.kube import MANAGED_BY, KubeClient
 from mesh_operator.reconcile import (
     ClusterSnapshot,
     ObjectStatus,
@@ -76,6 +85,7 @@ class OperatorConfig:
     namespace: str = "trellis-system"
     entries_config_map: str = "trellis-registration-entries"
     federation_config_map: str = "trellis-federation"
+    banned_agents_config_map: str = "trellis-banned-agents"
     policy_config_map: str = POLICY_CONFIGMAP
     webhook_secret: str = "trellis-webhook-tls"  # noqa: S105 - a Secret name, not a secret
     webhook_service: str = "trellis-operator"
@@ -100,6 +110,10 @@ class OperatorState:
     federations: dict[str, dict[str, Any]] = field(default_factory=dict)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
     pods: dict[str, PodView] = field(default_factory=dict)
+    # Node name -> value of its ban label, for Nodes carrying one: only to tell which
+    # Node events matter (the ban list itself is listed afresh, see the module docstring).
+    node_bans: dict[str, str] = field(default_factory=dict)
+    ban_problems: tuple[str, ...] = ()
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
     syncs: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -120,6 +134,7 @@ class SyncReport:
     entries: int
     config_maps_written: tuple[str, ...]
     statuses_written: tuple[str, ...]
+    ban_problems: tuple[str, ...] = ()
 
 
 def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,6 +164,37 @@ def _status_writes(
         namespace, _, name = key.rpartition("/")
         writes.append((plural, name, namespace or None, new))
     return writes
+
+
+async def _sync_ban_list(config: OperatorConfig, client: KubeClient) -> tuple[bool, list[str]]:
+    """Write the ban list from the labelled Nodes: (written, problems).
+
+    A ``PermanentOperatorError`` (RBAC not re-applied after an upgrade, say) becomes a
+    problem: it must not hold back entries, statuses or a template's finalizer.
+    """
+    name = config.banned_agents_config_map
+    try:
+        bans = ban_list(await asyncio.to_thread(client.node_label_values, BAN_LABEL))
+        problems = list(bans.problems)
+        current = await asyncio.to_thread(client.read_config_map, config.namespace, name)
+        labels = ((current or {}).get("metadata") or {}).get("labels") or {}
+        managed = all(labels.get(k) == v for k, v in MANAGED_BY.items())
+        refused = adoption_problem(current, managed, bans)
+        text = bans.text()
+        if refused is None and len(text.encode()) > MAX_CONFIG_MAP_BYTES:
+            refused = (
+                f"the ban list takes {len(text.encode())} bytes, more than a ConfigMap holds "
+                f"({MAX_CONFIG_MAP_BYTES})"
+            )
+        if refused is not None:
+            problems.append(f"ConfigMap {config.namespace}/{name} left as it is: {refused}")
+            return False, problems
+        written = await asyncio.to_thread(
+            client.apply_config_map, config.namespace, name, {BAN_LIST_KEY: text}
+        )
+        return written, problems
+    except PermanentOperatorError as exc:
+        return False, [f"ConfigMap {config.namespace}/{name} not updated: {exc}"]
 
 
 async def sync_once(
@@ -202,6 +248,13 @@ async def sync_once(
                     client.delete_config_map, namespace, config.policy_config_map
                 )
                 written.append(f"-{namespace}/{config.policy_config_map}")
+        bans_written, ban_problems = await _sync_ban_list(config, client)
+        if bans_written:
+            written.append(f"{config.namespace}/{config.banned_agents_config_map}")
+        if tuple(ban_problems) != state.ban_problems:
+            for problem in ban_problems:
+                log.warning("ban list", extra={"fields": {"problem": problem}})
+            state.ban_problems = tuple(ban_problems)
 
         statuses_written: list[str] = []
         for plural, name, object_namespace, status in (
@@ -213,7 +266,12 @@ async def sync_once(
             where = f"{object_namespace}/" if object_namespace else ""
             statuses_written.append(f"{plural}/{where}{name}")
         state.syncs += 1
-        return SyncReport(len(identities.entries), tuple(written), tuple(statuses_written))
+        return SyncReport(
+            len(identities.entries),
+            tuple(written),
+            tuple(statuses_written),
+            tuple(ban_problems),
+        )
 
 
 async def sync_loop(config: OperatorConfig, state: OperatorState, client: KubeClient) -> None:
@@ -320,6 +378,19 @@ def build_registry(
             state.namespaces.pop(name, None)
         else:
             state.namespaces[name] = {str(k): str(v) for k, v in body.metadata.labels.items()}
+        state.dirty.set()
+
+    @kopf.on.event("", "v1", "nodes", registry=registry)
+    def node_event(type: str | None, body: kopf.Body, name: str, **_: Any) -> None:
+        # No label filter on the handler: kopf would then not call it when the label is
+        # removed, and the ban would never be lifted.
+        value = None if type == "DELETED" else body.metadata.labels.get(BAN_LABEL)
+        if state.node_bans.get(name) == value:
+            return  # heartbeats and status churn change no ban
+        if value is None:
+            state.node_bans.pop(name, None)
+        else:
+            state.node_bans[name] = str(value)
         state.dirty.set()
 
     @kopf.on.event("", "v1", "pods", registry=registry)

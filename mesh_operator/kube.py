@@ -112,6 +112,13 @@ class KubeClient:
         )
         return True
 
+    def read_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The ConfigMap as the API server holds it, or None if there is none."""
+        return self._read(
+            f"read ConfigMap {namespace}/{name}",
+            lambda: self.core.read_namespaced_config_map(name, namespace, _preload_content=False),
+        )
+
     def managed_config_maps(self, name: str) -> list[str]:
         """Namespaces holding a ConfigMap ``name`` that this operator created."""
         selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
@@ -133,6 +140,30 @@ class KubeClient:
         except ApiException as exc:
             if exc.status != 404:
                 raise _translate(exc, f"delete ConfigMap {namespace}/{name}") from exc
+
+    # --- Nodes --------------------------------------------------------------------------
+
+    def node_label_values(self, key: str) -> dict[str, str]:
+        """Node name -> value of label ``key``, for every Node carrying it.
+
+        ``resourceVersion=0`` lets the API server answer from its watch cache instead of
+        reading every Node from etcd: the list is taken on every sync.
+        """
+        listed = _call(
+            "list Nodes",
+            lambda: _json(
+                self.core.list_node(
+                    label_selector=key, resource_version="0", _preload_content=False
+                )
+            ),
+        )
+        values: dict[str, str] = {}
+        for item in listed.get("items") or []:
+            meta = item.get("metadata") or {}
+            labels = meta.get("labels") or {}
+            if key in labels:
+                values[str(meta.get("name", ""))] = str(labels[key])
+        return values
 
     # --- status of our custom resources ------------------------------------------------
 

@@ -3,11 +3,12 @@ the ``kubernetes`` client.
 
 No kube-apiserver, kind, k3s or envtest binary can run on the machines these tests run on,
 so the operator's wiring is exercised against this instead: API discovery (``/api``,
-``/apis``), list with label/field selectors, watch streams (newline-delimited JSON events
-from a ``resourceVersion``), create (with ``generateName``), replace with optimistic
-concurrency (409 on a stale ``resourceVersion``), merge and JSON patches, the ``status``
-subresource (which, as in Kubernetes, ignores everything but ``status``), and deletion
-held by finalizers (``deletionTimestamp`` set; removed when the last finalizer goes).
+``/apis``), list with label (equality and existence) and field selectors, watch streams
+(newline-delimited JSON events from a ``resourceVersion``), create (with ``generateName``),
+replace with optimistic concurrency (409 on a stale ``resourceVersion``), merge and JSON
+patches, the ``status`` subresource (which, as in Kubernetes, ignores everything but
+``status``), and deletion held by finalizers (``deletionTimestamp`` set; removed when the
+last finalizer goes).
 
 Every request is recorded with its User-Agent, so a test can tell which replica wrote what.
 """
@@ -45,6 +46,7 @@ class Kind:
 KINDS = [
     Kind("", "v1", "pods", "Pod", True, status=True),
     Kind("", "v1", "namespaces", "Namespace", False),
+    Kind("", "v1", "nodes", "Node", False, status=True),
     Kind("", "v1", "configmaps", "ConfigMap", True),
     Kind("", "v1", "secrets", "Secret", True),
     Kind("", "v1", "events", "Event", True),
@@ -101,9 +103,13 @@ def _merge(target: Any, patch: Any) -> Any:
 
 
 def _labels_match(selector: str, labels: dict[str, str]) -> bool:
+    """Equality (``key=value``) and existence (``key``) terms, as the operator sends them."""
     for term in filter(None, selector.split(",")):
-        key, _, value = term.partition("=")
-        if labels.get(key) != value:
+        key, equals, value = term.partition("=")
+        if not equals:
+            if key not in labels:
+                return False
+        elif labels.get(key) != value:
             return False
     return True
 
