@@ -73,7 +73,10 @@ def load_ban_list(path: Path) -> frozenset[str]:
 
 def write_ban_list(path: Path, nodes: frozenset[str]) -> None:
     """Replace ``path`` with ``nodes`` (sorted) in one rename."""
-    body = "".join(f"- {node}\n" for node in sorted(nodes)) or "[]\n"
+    # safe_dump quotes the names YAML would read as something else (a node named 123, null,
+    # true, 0x10 or 2024-01-01), which parse_ban_list would refuse as "not a node name": the
+    # CA would then not start, or keep its previous list. An empty list is written "[]".
+    body = yaml.safe_dump(sorted(nodes), default_flow_style=False)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     temporary = Path(name)
     try:

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ca import KeyAlgorithm, generate_private_key
 from ca.server.app import CaServer
+from ca.server.attestation import is_node_name
 from ca.server.bans import (
     MAX_BAN_FILE_BYTES,
     BanListError,
@@ -25,6 +30,7 @@ from ca.server.bans import (
     write_ban_list,
 )
 from ca.server.client import CaClient, CaError, build_csr
+from trellis.cli import main
 
 from .conftest import attested, client_for, eventually, run, server_config, serving
 
@@ -94,6 +100,82 @@ def test_a_bad_reload_keeps_the_previous_list_and_a_good_one_replaces_it(
     assert bans.current() == {"node-a"}
     write_ban_list(path, frozenset({"node-b"}))
     assert bans.refresh() is None and bans.current() == {"node-b"}
+
+
+# Node names the YAML reader takes for something else when written bare: ints in every base
+# YAML 1.1 knows, floats, bools, nulls and dates.
+MISREAD_BARE = [
+    "123", "017", "0x10", "0b101", "1_000", "1.5", "10.0", "0.25",
+    "null", "Null", "NULL", "true", "True", "FALSE", "yes", "No", "on", "OFF",
+    "2024-01-01",
+]  # fmt: skip
+# Numbers or bools to other YAML versions (1.2, or 1.1's y/n), strings to this reader.
+ODD_BUT_READ_AS_STRINGS = ["1e3", "0o17", "y", "n"]
+YAML_LOOKALIKES = MISREAD_BARE + ODD_BUT_READ_AS_STRINGS
+
+
+def test_the_lookalikes_are_node_names_and_the_reader_misreads_them_bare() -> None:
+    # Without this the round-trip tests below could pass with every name written bare.
+    assert all(is_node_name(node) for node in YAML_LOOKALIKES)
+    for node in MISREAD_BARE:
+        assert yaml.safe_load(f"- {node}\n") != [node], node
+        with pytest.raises(BanListError, match="is not a node name"):
+            parse_ban_list(f"- {node}\n")
+
+
+@pytest.mark.parametrize("node", YAML_LOOKALIKES)
+def test_a_number_bool_null_or_date_shaped_node_name_reads_back_as_itself(
+    tmp_path: Path, node: str
+) -> None:
+    path = tmp_path / "bans.yaml"
+    write_ban_list(path, frozenset({node, "node-a"}))
+    assert load_ban_list(path) == {node, "node-a"}
+    assert BanListFile(path).current() == {node, "node-a"}
+
+
+def test_every_lookalike_at_once_round_trips_and_reloads(tmp_path: Path) -> None:
+    path = tmp_path / "bans.yaml"
+    write_ban_list(path, frozenset({"node-a"}))
+    bans = BanListFile(path)
+    write_ban_list(path, frozenset(YAML_LOOKALIKES))
+    assert bans.refresh() is None
+    assert bans.current() == frozenset(YAML_LOOKALIKES)
+
+
+_NODE_NAMES = st.one_of(
+    st.sampled_from(YAML_LOOKALIKES),
+    # Number-, date- and bool-shaped names are where YAML's implicit types live.
+    st.from_regex(r"[0-9][-0-9_.eExXoObB]{0,10}[0-9a-fA-F]", fullmatch=True),
+    st.from_regex(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,30}[A-Za-z0-9])?", fullmatch=True),
+).filter(is_node_name)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.frozensets(_NODE_NAMES, max_size=8))
+def test_any_set_of_node_names_round_trips_through_the_file(nodes: frozenset[str]) -> None:
+    with tempfile.TemporaryDirectory() as directory:  # a fixture's would span the examples
+        path = Path(directory) / "bans.yaml"
+        write_ban_list(path, nodes)
+        assert load_ban_list(path) == nodes
+
+
+def test_ban_and_unban_on_the_command_line_keep_lookalike_names_readable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "banned.yaml"
+    for node in YAML_LOOKALIKES:
+        assert main(["ca", "ban", node, "--file", str(path)]) == 0
+    assert load_ban_list(path) == frozenset(YAML_LOOKALIKES)
+    # The CLI reads the file back before each edit: an unban must find the name it wrote.
+    assert main(["ca", "unban", "123", "--file", str(path)]) == 0
+    assert main(["ca", "ban", "node-a", "--file", str(path)]) == 0
+    assert load_ban_list(path) == (frozenset(YAML_LOOKALIKES) - {"123"}) | {"node-a"}
+    for node in YAML_LOOKALIKES:
+        assert main(["ca", "unban", node, "--file", str(path)]) == 0
+    assert load_ban_list(path) == {"node-a"}
+    out = capsys.readouterr()
+    assert out.err == ""
+    assert "123: not banned; " in out.out
 
 
 # -- over gRPC --------------------------------------------------------------------------------
