@@ -10,7 +10,10 @@ then measures:
 * ``latency ... agent_batched``: the same arrivals through each agent's ``Batcher`` (the
   agent's group commit, ``ca.agent.batcher``), p50/p99 from arrival to response;
 * ``in_process``: ``IntermediateAuthority.issue_x509_svid_from_csr`` on the same CSRs in
-  this process, the ceiling that the gRPC figures are compared with (``ratio``).
+  this process, the ceiling that the gRPC figures are compared with (``ratio``);
+* ``grpc_echo_floor``: the ``single`` closed loop against a grpc.aio server that only
+  answers (plain TCP), i.e. what grpcio's per-call cost alone allows on this machine; the
+  ceiling for ``single``.
 
 CSRs are made before timing starts (an agent makes them off the CA's critical path), so
 the client's cost is the gRPC call alone. Client and server share the machine's cores.
@@ -48,6 +51,7 @@ from ca import (  # noqa: E402
 from ca.agent.batcher import Batcher  # noqa: E402
 from ca.agent.rotator import MAX_BATCH, MAX_IN_FLIGHT  # noqa: E402
 from ca.agent.upstream import UpstreamError  # noqa: E402
+from ca.heap import settle_heap  # noqa: E402
 from ca.server.client import CaClient, CaError, build_csr  # noqa: E402
 from ca.store import CaStore  # noqa: E402
 
@@ -281,6 +285,80 @@ async def open_loop_batched(
     }
 
 
+ECHO_METHOD = "/trellis.bench.Echo/Call"
+
+
+async def echo_server_main() -> None:
+    """``--echo-server``: a grpc.aio server whose one unary method answers each request
+    with a fixed reply the size of one signed SVID chain; prints its port."""
+    import grpc
+
+    reply = b"\x5a" * 1100
+
+    async def call(request: bytes, context: Any) -> bytes:
+        return reply
+
+    def identity(data: bytes) -> bytes:
+        return data
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    handler = grpc.unary_unary_rpc_method_handler(call, identity, identity)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("trellis.bench.Echo", {"Call": handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+
+async def echo_floor(agents: int, in_flight: int, duration: float) -> dict[str, Any]:
+    """What one unary call costs grpcio itself on this machine: the same closed loop as
+    ``single`` (``agents`` channels, ``in_flight`` calls each, a CSR-sized request), against
+    a server that does nothing but answer. Plain TCP, so an upper bound for the mTLS API."""
+    import grpc
+
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--echo-server"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline())
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(agents)]
+        request = b"\xa5" * 300
+        calls = [c.unary_unary(ECHO_METHOD) for c in channels]
+        for call in calls:
+            await call(request)
+        done = 0
+        deadline = time.perf_counter() + duration
+
+        async def worker(call: Any) -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                await call(request)
+                done += 1
+
+        server_cpu, client_cpu = cpu_seconds(process.pid), time.process_time()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(call) for call in calls for _ in range(in_flight)))
+        elapsed = time.perf_counter() - started
+        server_cpu = cpu_seconds(process.pid) - server_cpu
+        client_cpu = time.process_time() - client_cpu
+        for channel in channels:
+            await channel.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    return {
+        "agents": agents,
+        "in_flight_per_agent": in_flight,
+        "calls_per_second": round(done / elapsed, 1),
+        "server_cpu_us_per_call": round(1e6 * server_cpu / max(done, 1), 1),
+        "client_cpu_us_per_call": round(1e6 * client_cpu / max(done, 1), 1),
+        "server_cpu_seconds": round(server_cpu, 3),
+    }
+
+
 def in_process_rate(store: CaStore, csrs: list[bytes], duration: float) -> dict[str, Any]:
     intermediate = store.load_intermediate(CLUSTER)
     spiffe_id = "spiffe://bench.example/ns/default/sa/workload"
@@ -298,6 +376,7 @@ def in_process_rate(store: CaStore, csrs: list[bytes], duration: float) -> dict[
 
 async def run_grpc(ready: dict[str, Any], roots: bytes, csrs: list[bytes], args: Any) -> Any:
     clients = await attest_all(ready, roots)
+    settle_heap()  # as a real agent does once it has started (ca.heap)
     # warm-up: connections, TLS sessions, server caches
     await closed_loop(clients, csrs, 10, 1, 0.5)
     batch = await closed_loop(clients, csrs, args.batch_size, 1, args.duration)
@@ -315,7 +394,8 @@ async def run_grpc(ready: dict[str, Any], roots: bytes, csrs: list[bytes], args:
         await asyncio.sleep(0.5)
     for client in clients:
         await client.close()
-    return batch, single, latency, coalesced
+    floor = await echo_floor(len(clients), args.in_flight, args.duration)
+    return batch, single, latency, coalesced, floor
 
 
 def server_metrics(address: str) -> dict[str, float]:
@@ -355,7 +435,11 @@ def main() -> None:
     parser.add_argument(
         "--loads", type=lambda s: [float(x) for x in s.split(",")], default=[250, 500, 1000]
     )
+    parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.echo_server:
+        asyncio.run(echo_server_main())
+        return
     SIGN_WORKERS[0] = args.sign_workers
     LOAD_AT_START[:] = [round(x, 2) for x in os.getloadavg()]
 
@@ -372,8 +456,9 @@ def main() -> None:
         # well above 0 were measured on a loaded machine.
         busy, ours, began = system_busy_seconds(), cpu_seconds(process.pid), time.perf_counter()
         client_began = time.process_time()
-        batch, single, latency, coalesced = asyncio.run(run_grpc(ready, roots, csrs, args))
+        batch, single, latency, coalesced, floor = asyncio.run(run_grpc(ready, roots, csrs, args))
         ours = cpu_seconds(process.pid) - ours + time.process_time() - client_began
+        ours += floor["server_cpu_seconds"]
         others = (system_busy_seconds() - busy - ours) / (time.perf_counter() - began)
         metrics = server_metrics(ready["metrics_listen"])
         mean_sign_us = (
@@ -397,6 +482,7 @@ def main() -> None:
             "in_process": in_process,
             "grpc_batch": batch,
             "grpc_single": single,
+            "grpc_echo_floor": floor,
             "latency_at_offered_load": latency,
             "latency_at_offered_load_agent_batched": coalesced,
             "server_mean_sign_us": round(mean_sign_us, 1) if mean_sign_us else None,
@@ -405,6 +491,9 @@ def main() -> None:
             ),
             "ratio_single_to_in_process": round(
                 single["svids_per_second"] / in_process["svids_per_second"], 3
+            ),
+            "ratio_single_to_echo_floor": round(
+                single["svids_per_second"] / floor["calls_per_second"], 3
             ),
             "targets": {
                 "grpc_svids_per_second_min": 2000,
