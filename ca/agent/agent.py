@@ -24,7 +24,6 @@ from ca.agent.rotator import Rotator, RotatorConfig
 from ca.agent.upstream import Upstream
 from ca.agent.workload_api import WorkloadApi, WorkloadApiConfig, server_options
 from ca.bundle import TrustBundle
-from ca.heap import settle_heap
 
 __all__ = ["DEFAULT_SOCKET", "Agent", "AgentConfig"]
 
@@ -101,7 +100,6 @@ class Agent:
     async def run(self) -> None:
         try:
             await self.start()
-            settle_heap()  # a full collection would stall every Workload API call (ca.heap)
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.rotator.run())
                 if self.pods is not None and self.config.node:

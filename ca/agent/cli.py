@@ -23,6 +23,7 @@ from ca.agent.rotator import AgentFatalError, RotatorConfig, load_agent_state
 from ca.agent.upstream import InProcessUpstream, Upstream
 from ca.agent.workload_api import WorkloadApiConfig
 from ca.bundle import BundleError, TrustBundle, load_pem_certificates
+from ca.heap import settle_heap
 from ca.keys import write_private_file, write_public_file
 from ca.server.client import CaClient
 from ca.server.entries import EntryError, YamlFileEntrySource
@@ -200,10 +201,18 @@ async def _run_agent(agent: Agent) -> None:
     assert task is not None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
+
+    async def settle_once_started() -> None:
+        await agent.started.wait()
+        settle_heap()  # a full collection would stall every Workload API call (ca.heap)
+
+    settler = asyncio.create_task(settle_once_started())
     try:
         await agent.run()
     except asyncio.CancelledError:
         logging.getLogger("trellis.agent").info("shutting down")
+    finally:
+        settler.cancel()
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
