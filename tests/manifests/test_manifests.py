@@ -1,5 +1,6 @@
 """Every manifest under manifests/: Kubernetes schemas, structural CRDs, example CRs,
-kustomize rendering, Prometheus rules and scrape config, and the dashboard's metric names.
+kustomize rendering, Prometheus rules and scrape config, the dashboard's metric names, and
+how the CA pods read the ConfigMaps the operator keeps.
 
 ``kubernetes-validate`` carries the OpenAPI schemas of Kubernetes releases; the newest one
 it ships is used, strictly (unknown fields are errors). Kinds that are not Kubernetes' own
@@ -24,7 +25,10 @@ import pytest
 import yaml
 
 from ca.agent.metrics import AgentMetrics
+from ca.server.bans import parse_ban_list
 from ca.server.metrics import CaMetrics
+from mesh_operator.bans import BAN_LIST_KEY, ban_list
+from mesh_operator.handlers import ENTRIES_KEY, OperatorConfig
 from mesh_operator.spec import (
     parse_access_policy,
     parse_federated_trust_domain,
@@ -412,17 +416,48 @@ def test_the_structural_check_catches_what_the_api_server_would_refuse() -> None
         assert words in problems
 
 
-def test_the_ca_mounts_a_ban_list_it_can_parse() -> None:
-    from ca.server.bans import parse_ban_list
+# --- the CA and the agent -----------------------------------------------------------------
 
+
+def workload(kind: str, name: str) -> dict[str, Any]:
+    """The pod spec of a rendered Deployment or DaemonSet."""
     docs = {(d["kind"], d["metadata"]["name"]): d for d in rendered()}
-    bans = docs[("ConfigMap", "trellis-banned-agents")]
-    assert parse_ban_list(bans["data"]["banned.yaml"]) == frozenset()
-    pod = docs[("Deployment", "trellis-ca")]["spec"]["template"]["spec"]
-    (ca,) = [
-        c for c in pod["containers"] if "--banned-agents=/etc/trellis/bans/banned.yaml" in c["args"]
-    ]
-    assert {"name": "bans", "mountPath": "/etc/trellis/bans", "readOnly": True} in ca[
-        "volumeMounts"
-    ]
-    assert {"name": "bans", "configMap": {"name": "trellis-banned-agents"}} in pod["volumes"]
+    pod: dict[str, Any] = docs[(kind, name)]["spec"]["template"]["spec"]
+    return pod
+
+
+# ConfigMap the operator keeps -> (its key, the CA flag that reads the mounted file).
+OPERATOR_CONFIG_MAPS = {
+    OperatorConfig.entries_config_map: (ENTRIES_KEY, "--entries"),
+    OperatorConfig.federation_config_map: ("federation.json", "--federation"),
+    OperatorConfig.banned_agents_config_map: (BAN_LIST_KEY, "--banned-agents"),
+}
+
+
+def test_the_manifests_ship_none_of_the_configmaps_the_operator_keeps() -> None:
+    # `kubectl apply -k` would put the shipped copy back over the operator's until its
+    # next sync: for the ban list, lifting every ban meanwhile.
+    shipped = {d["metadata"]["name"] for d in rendered() if d["kind"] == "ConfigMap"}
+    assert "trellis-prometheus" in shipped
+    assert not shipped & set(OPERATOR_CONFIG_MAPS)
+
+
+def test_the_ca_waits_for_the_operator_configmaps_and_reads_each_where_its_flag_says() -> None:
+    pod = workload("Deployment", "trellis-ca")
+    (ca,) = pod["containers"]
+    mounts = {m["name"]: m for m in ca["volumeMounts"]}
+    flags = dict(a.split("=", 1) for a in ca["args"] if a.startswith("--") and "=" in a)
+    for name, (key, flag) in OPERATOR_CONFIG_MAPS.items():
+        (volume,) = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == name]
+        # Not optional: the pod waits for the operator to write it. The CA refuses to start
+        # without its --banned-agents file, and an empty mount would only crash-loop it.
+        assert volume["configMap"] == {"name": name}, name
+        mount = mounts[volume["name"]]
+        assert mount["readOnly"] is True
+        assert flags[flag] == f"{mount['mountPath']}/{key}"
+
+
+def test_the_ban_list_the_operator_writes_is_one_the_ca_parses() -> None:
+    assert parse_ban_list(ban_list({}).text()) == frozenset()
+    labels = {"worker-1": "true", "123": "true", "null": "yes", "node-b": "false"}
+    assert parse_ban_list(ban_list(labels).text()) == {"worker-1", "123", "null"}
