@@ -1,6 +1,6 @@
 """Every manifest under manifests/: Kubernetes schemas, structural CRDs, example CRs,
 kustomize rendering, Prometheus rules and scrape config, the dashboard's metric names, and
-how the CA pods read the ConfigMaps the operator keeps.
+how the CA and agent pods are wired: operator-kept ConfigMaps, probes.
 
 ``kubernetes-validate`` carries the OpenAPI schemas of Kubernetes releases; the newest one
 it ships is used, strictly (unknown fields are errors). Kinds that are not Kubernetes' own
@@ -17,14 +17,18 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from aiohttp import web
 
+from ca.agent.admin import AdminServer
 from ca.agent.metrics import AgentMetrics
+from ca.agent.rotator import Rotator
+from ca.server.app import CaServer
 from ca.server.bans import parse_ban_list
 from ca.server.metrics import CaMetrics
 from mesh_operator.bans import BAN_LIST_KEY, ban_list
@@ -426,6 +430,15 @@ def workload(kind: str, name: str) -> dict[str, Any]:
     return pod
 
 
+def probe_budget(probe: dict[str, Any]) -> int:
+    """Seconds of failures before the kubelet acts (Kubernetes' defaults: 10 s, 3 times)."""
+    return int(probe.get("periodSeconds", 10)) * int(probe.get("failureThreshold", 3))
+
+
+def served_paths(app: web.Application) -> set[str]:
+    return {resource.canonical for resource in app.router.resources()}
+
+
 # ConfigMap the operator keeps -> (its key, the CA flag that reads the mounted file).
 OPERATOR_CONFIG_MAPS = {
     OperatorConfig.entries_config_map: (ENTRIES_KEY, "--entries"),
@@ -461,3 +474,36 @@ def test_the_ban_list_the_operator_writes_is_one_the_ca_parses() -> None:
     assert parse_ban_list(ban_list({}).text()) == frozenset()
     labels = {"worker-1": "true", "123": "true", "null": "yes", "node-b": "false"}
     assert parse_ban_list(ban_list(labels).text()) == {"worker-1", "123", "null"}
+
+
+def test_the_ca_probes_ask_for_paths_it_serves() -> None:
+    (ca,) = workload("Deployment", "trellis-ca")["containers"]
+    ports = {p["name"] for p in ca["ports"]}
+    assert ca["readinessProbe"] == {"tcpSocket": {"port": "grpc"}, "periodSeconds": 5}
+    liveness = ca["livenessProbe"]["httpGet"]
+    assert liveness["port"] in ports
+    # /healthz answers while the process does; the metrics app needs no server to build.
+    assert liveness["path"] == "/healthz"
+    assert liveness["path"] in served_paths(CaServer._metrics_app(cast(CaServer, None)))
+
+
+def test_the_agent_is_ready_after_its_first_sync_and_live_unless_wedged_once_started() -> None:
+    (agent,) = workload("DaemonSet", "trellis-agent")["containers"]
+    ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
+    (admin,) = [a for a in agent["args"] if a.startswith("--admin=")]
+    assert admin.rpartition(":")[2] == str(ports["metrics"])
+    served = served_paths(AdminServer(cast(Rotator, None)).app())
+    readiness, startup, liveness = (
+        agent[k] for k in ("readinessProbe", "startupProbe", "livenessProbe")
+    )
+    for probe in (readiness, startup, liveness):
+        assert probe["httpGet"]["port"] == "metrics"
+        assert probe["httpGet"]["path"] in served
+    assert readiness["httpGet"]["path"] == "/readyz"
+    # /healthz is 503 "starting" until the first sync, so liveness on it must wait for
+    # start-up (the first sync: /readyz), and an agent whose CA is not there yet gets minutes
+    # of retries, not one liveness budget, before a restart that cannot bring the CA back.
+    assert startup["httpGet"]["path"] == "/readyz"
+    assert probe_budget(startup) >= 180 > probe_budget(liveness)
+    # After start-up /healthz stays 200 with the CA unreachable ("degraded").
+    assert liveness["httpGet"]["path"] == "/healthz"
