@@ -51,7 +51,7 @@ from ca import (  # noqa: E402
 from ca.agent.batcher import Batcher  # noqa: E402
 from ca.agent.rotator import MAX_BATCH, MAX_IN_FLIGHT  # noqa: E402
 from ca.agent.upstream import UpstreamError  # noqa: E402
-from ca.heap import settle_heap  # noqa: E402
+from ca.runtime import install_uvloop, settle_heap  # noqa: E402
 from ca.server.client import CaClient, CaError, build_csr  # noqa: E402
 from ca.store import CaStore  # noqa: E402
 
@@ -376,7 +376,7 @@ def in_process_rate(store: CaStore, csrs: list[bytes], duration: float) -> dict[
 
 async def run_grpc(ready: dict[str, Any], roots: bytes, csrs: list[bytes], args: Any) -> Any:
     clients = await attest_all(ready, roots)
-    settle_heap()  # as a real agent does once it has started (ca.heap)
+    settle_heap()  # as a real agent does once it has started (ca.runtime)
     # warm-up: connections, TLS sessions, server caches
     await closed_loop(clients, csrs, 10, 1, 0.5)
     batch = await closed_loop(clients, csrs, args.batch_size, 1, args.duration)
@@ -438,6 +438,7 @@ def main() -> None:
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
+        install_uvloop()  # as ca serve does
         asyncio.run(echo_server_main())
         return
     SIGN_WORKERS[0] = args.sign_workers

@@ -6,11 +6,11 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from ca.runtime import install_uvloop
 from trellis.cli import CliError
 
 from .config import (
@@ -145,16 +145,6 @@ def build_config(args: argparse.Namespace) -> SidecarConfig:
     return check_consistency(dataclasses.replace(config, **changes))
 
 
-def _install_uvloop() -> None:
-    if os.environ.get("TRELLIS_NO_UVLOOP"):
-        return
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 def cmd_sidecar(args: argparse.Namespace) -> int:
     from .runtime import Sidecar, StartupError
 
@@ -167,7 +157,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         config = build_config(args)
     except ConfigError as exc:
         raise CliError(f"sidecar configuration: {exc}") from exc
-    _install_uvloop()
+    install_uvloop()
 
     async def main() -> None:
         sidecar = Sidecar(config)

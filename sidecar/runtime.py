@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ca.heap import settle_heap
+from ca.runtime import settle_heap
 
 from .admin import start_admin
 from .config import SidecarConfig
@@ -185,7 +185,7 @@ class Sidecar:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         await self.start()
-        # A full collection is a latency spike on every open stream (ca.heap).
+        # A full collection is a latency spike on every open stream (ca.runtime).
         settle_heap()
         print(json.dumps({"event": "ready-to-serve", **self.ports()}), flush=True)
         await self._stop.wait()

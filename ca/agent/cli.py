@@ -23,8 +23,8 @@ from ca.agent.rotator import AgentFatalError, RotatorConfig, load_agent_state
 from ca.agent.upstream import InProcessUpstream, Upstream
 from ca.agent.workload_api import WorkloadApiConfig
 from ca.bundle import BundleError, TrustBundle, load_pem_certificates
-from ca.heap import settle_heap
 from ca.keys import write_private_file, write_public_file
+from ca.runtime import settle_heap
 from ca.server.client import CaClient
 from ca.server.entries import EntryError, YamlFileEntrySource
 from ca.spiffeid import TrustDomain
@@ -204,7 +204,7 @@ async def _run_agent(agent: Agent) -> None:
 
     async def settle_once_started() -> None:
         await agent.started.wait()
-        settle_heap()  # a full collection would stall every Workload API call (ca.heap)
+        settle_heap()  # a full collection would stall every Workload API call (ca.runtime)
 
     settler = asyncio.create_task(settle_once_started())
     try:

@@ -39,8 +39,8 @@ import grpc.aio
 from aiohttp import web
 
 from ca.bundle import TrustBundle
-from ca.heap import settle_heap
 from ca.keys import KeyAlgorithm, generate_private_key, private_key_pem
+from ca.runtime import settle_heap
 from ca.server.attestation import JoinTokenRegistry
 from ca.server.bans import BanListFile
 from ca.server.entries import (
@@ -532,7 +532,7 @@ class CaServer:
     async def run(self, *, ready: Any = None) -> None:
         """Start, report readiness, and serve until SIGTERM or SIGINT; then stop gracefully."""
         addresses = await self.start()
-        settle_heap()  # a full collection would stall every call in flight (ca.heap)
+        settle_heap()  # a full collection would stall every call in flight (ca.runtime)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ca.runtime import install_uvloop
 from ca.server.entries import EntryError
 from trellis.cli import CliError
 from trellis.durations import parse_duration
@@ -297,6 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await server.run(ready=ready)
 
     try:
+        install_uvloop()
         asyncio.run(main())
     except FederationConfigError as exc:
         raise CliError(f"--federation {args.federation}: {exc}") from exc

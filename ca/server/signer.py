@@ -27,7 +27,9 @@ import datetime as dt
 import math
 import multiprocessing
 import os
+import pickle
 import signal
+import struct
 import threading
 import time
 from collections import deque
@@ -259,16 +261,51 @@ def _result_from_wire(wire: _WireResult) -> Signed | SignFailure:
     return Signed(a, b, c) if ok else SignFailure(a, b)
 
 
+# The parent's end of each pipe is non-blocking (uvloop makes every fd it watches so, and
+# a blocking read in a callback would stall the loop), so the parent frames messages itself
+# the way multiprocessing.Connection does on the worker's blocking end: a 4-byte signed
+# big-endian length (-1 and an 8-byte length beyond 2 GiB), then the pickle.
+_HEADER = struct.Struct("!i")
+_LONG_HEADER = struct.Struct("!Q")
+
+
+def _frame(message: object) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(body) > 0x7FFFFFFF:
+        return _HEADER.pack(-1) + _LONG_HEADER.pack(len(body)) + body
+    return _HEADER.pack(len(body)) + body
+
+
+def _unframe(buffer: bytearray) -> Iterator[Any]:
+    """Take each complete message off the front of ``buffer``."""
+    while len(buffer) >= _HEADER.size:
+        (size,) = _HEADER.unpack_from(buffer)
+        start = _HEADER.size
+        if size == -1:
+            if len(buffer) < start + _LONG_HEADER.size:
+                return
+            (size,) = _LONG_HEADER.unpack_from(buffer, start)
+            start += _LONG_HEADER.size
+        if len(buffer) < start + size:
+            return
+        # Our own worker process on a socket pair, as Connection.recv would unpickle.
+        message = pickle.loads(buffer[start : start + size])  # noqa: S301
+        del buffer[: start + size]
+        yield message
+
+
 class _Worker:
     """One worker process and the answers it owes, in the order it will give them."""
 
-    __slots__ = ("conn", "dead", "process", "waiting")
+    __slots__ = ("conn", "dead", "inbox", "outbox", "process", "waiting")
 
     def __init__(self, process: multiprocessing.process.BaseProcess, conn: Connection) -> None:
         self.process = process
         self.conn = conn
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.dead = False
+        self.inbox = bytearray()
+        self.outbox = bytearray()  # what the pipe would not take yet
 
 
 class ProcessPoolSigner:
@@ -329,6 +366,7 @@ class ProcessPoolSigner:
                 )
                 process.start()
                 theirs.close()
+                os.set_blocking(ours.fileno(), False)
                 worker = _Worker(process, ours)
                 self._pool.append(worker)
                 loop.add_reader(ours.fileno(), self._readable, worker)
@@ -345,17 +383,59 @@ class ProcessPoolSigner:
 
     def _readable(self, worker: _Worker) -> None:
         try:
-            status, value = worker.conn.recv()
+            while True:
+                data = os.read(worker.conn.fileno(), 1 << 16)
+                if not data:
+                    raise EOFError
+                worker.inbox += data
+                if len(data) < 1 << 16:
+                    break
+        except BlockingIOError:
+            pass
         except (EOFError, OSError):
             self._lost(worker)
             return
-        future = worker.waiting.popleft()
-        if future.done():
-            return  # its caller was cancelled
-        if status == "ok":
-            future.set_result(value)
-        else:
-            future.set_exception(SignerUnavailable(f"signing worker: {value}"))
+        try:
+            answers = list(_unframe(worker.inbox))
+        except (pickle.UnpicklingError, ValueError, EOFError):
+            self._lost(worker)
+            return
+        for status, value in answers:
+            if not worker.waiting:
+                self._lost(worker)  # an answer nobody asked for: the pipe is out of step
+                return
+            future = worker.waiting.popleft()
+            if future.done():
+                continue  # its caller was cancelled
+            if status == "ok":
+                future.set_result(value)
+            else:
+                future.set_exception(SignerUnavailable(f"signing worker: {value}"))
+
+    def _write(self, worker: _Worker, data: bytes) -> None:
+        """Send now what the pipe takes; the rest goes when it is writable again."""
+        if worker.outbox:
+            worker.outbox += data
+            return
+        try:
+            sent = os.write(worker.conn.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            worker.outbox += data[sent:]
+            asyncio.get_running_loop().add_writer(worker.conn.fileno(), self._writable, worker)
+
+    def _writable(self, worker: _Worker) -> None:
+        try:
+            sent = os.write(worker.conn.fileno(), worker.outbox)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._lost(worker)
+            return
+        del worker.outbox[:sent]
+        if not worker.outbox:
+            asyncio.get_running_loop().remove_writer(worker.conn.fileno())
 
     def _lost(self, worker: _Worker) -> None:
         if worker.dead:
@@ -363,6 +443,10 @@ class ProcessPoolSigner:
         worker.dead = True
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+        if worker.outbox:
+            worker.outbox.clear()
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_writer(worker.conn.fileno())
         worker.conn.close()
         while worker.waiting:
             future = worker.waiting.popleft()
@@ -376,8 +460,9 @@ class ProcessPoolSigner:
         worker = min(alive, key=lambda w: len(w.waiting))
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
-            worker.conn.send(
-                ([(r.csr, r.spiffe_id, r.ttl_seconds, r.dns_names) for r in chunk], now)
+            self._write(
+                worker,
+                _frame(([(r.csr, r.spiffe_id, r.ttl_seconds, r.dns_names) for r in chunk], now)),
             )
         except OSError:
             self._lost(worker)
@@ -420,7 +505,7 @@ class ProcessPoolSigner:
         for worker in self._pool:
             if not worker.dead:
                 with contextlib.suppress(OSError):
-                    worker.conn.send(None)
+                    self._write(worker, _frame(None))
         deadline = time.monotonic() + 5
         while any(w.process.is_alive() for w in self._pool) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)

@@ -276,3 +276,70 @@ def test_a_dead_worker_fails_its_calls_and_the_survivor_signs_on(ca_dir: Path) -
         assert not any(w.process.is_alive() for w in broken._pool)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_answers_larger_than_the_pipe_arrive_whole_on_either_event_loop(
+    ca_dir: Path, loop: str
+) -> None:
+    """`ca serve` runs on uvloop, which makes every fd it watches non-blocking: an answer
+    bigger than the socket buffer (300 chains, ~400 KiB) arrives in pieces and a request
+    may not fit the pipe at once. Both ends must reassemble, on asyncio's loop as well."""
+    import asyncio
+
+    import uvloop
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ca.server.client import build_csr
+    from ca.server.signer import Signed, SignRequest
+
+    from .conftest import CLUSTER
+
+    web = "spiffe://example.org/ns/default/sa/web"
+    key = ec.generate_private_key(ec.SECP256R1())
+    # Long DNS names make each request and each answer big.
+    names = tuple(f"n{i}-{'x' * 50}.default.svc" for i in range(12))
+    batch = [SignRequest(build_csr(key), web, 600, names) for _ in range(300)]
+
+    async def scenario() -> None:
+        pool = ProcessPoolSigner(ca_dir, CLUSTER, 1)
+        await pool.start()
+        try:
+            results = await asyncio.wait_for(pool.sign(batch, time.time()), 60)
+            again = await asyncio.wait_for(pool.sign(batch[:5], time.time()), 60)
+        finally:
+            await pool.close()
+        assert len(results) == 300 and all(isinstance(r, Signed) for r in results)
+        assert sum(len(d) for r in results for d in r.chain_der) > 300_000  # type: ignore[union-attr]
+        assert len(again) == 5
+
+    if loop == "uvloop":
+        uvloop.run(scenario())
+    else:
+        asyncio.run(scenario())
+
+
+def test_the_parent_side_framing_matches_multiprocessing_and_waits_for_whole_messages() -> None:
+    from multiprocessing.connection import Pipe
+
+    ours, theirs = Pipe(duplex=True)
+    try:
+        message = ("ok", [(True, (b"\x01" * 70_000,), 1.5, 0.001)])
+        theirs.send(message)  # the worker's end: multiprocessing's own framing
+        raw = bytearray()
+        while len(raw) < 70_000:
+            raw += os.read(ours.fileno(), 1 << 16)
+        buffer = bytearray()
+        got = []
+        for i in range(0, len(raw), 999):  # arrives in pieces
+            buffer += raw[i : i + 999]
+            got += list(signer._unframe(buffer))
+        assert got == [message] and not buffer
+        framed = signer._frame(([("csr", "id", 60.0, ())], 1.0))
+        os.write(ours.fileno(), framed)
+        assert theirs.recv() == ([("csr", "id", 60.0, ())], 1.0)
+        long_form = signer._HEADER.pack(-1) + signer._LONG_HEADER.pack(3) + b"abc"
+        assert list(signer._unframe(bytearray(long_form[:10]))) == []
+    finally:
+        ours.close()
+        theirs.close()
