@@ -547,8 +547,10 @@ async def run_grpc(ready: dict[str, Any], roots: bytes, csrs: list[bytes], args:
         await client.close()
     spread = []
     if args.client_processes > 1:
-        tokens = [ready["tokens"][f"node-{args.agents + i}"] for i in range(args.agents)]
-        for rate in args.loads:
+        for round_, rate in enumerate(args.loads, start=1):
+            # Join tokens are single-use: each round's processes attest agents of their own.
+            first = round_ * args.agents
+            tokens = [ready["tokens"][f"node-{first + i}"] for i in range(args.agents)]
             spread.append(
                 await open_loop_batched_processes(
                     ready,
@@ -624,9 +626,10 @@ def main() -> None:
         store = make_ca(directory)
         csrs = [build_csr(generate_private_key(KeyAlgorithm.P256)) for _ in range(256)]
         in_process = in_process_rate(store, csrs, min(args.duration, 3.0))
-        # Tokens for the agents of this process, and as many for the load-generator
-        # processes of the agent-batched runs.
-        process, ready = start_server(directory, 2 * args.agents)
+        # Tokens for the agents of this process, and as many again for each round of the
+        # load-generator processes.
+        rounds = len(args.loads) if args.client_processes > 1 else 0
+        process, ready = start_server(directory, (1 + rounds) * args.agents)
         roots = store.root_cert_path.read_bytes()
         # Whatever else ran meanwhile: all CPU used on the machine minus this benchmark's
         # own (client and server with its workers), in cores. Figures taken while this is
