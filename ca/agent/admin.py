@@ -1,4 +1,5 @@
-"""The agent's admin HTTP endpoint (aiohttp): ``/healthz``, ``/readyz``, ``/metrics``.
+"""The agent's admin HTTP endpoint (aiohttp): ``/healthz``, ``/readyz``, ``/livez``,
+``/metrics``.
 
 ``/healthz`` is 200 while the agent can serve valid SVIDs, including when the CA is
 unreachable but the cache still holds unexpired SVIDs for every entry (``"status":
@@ -7,7 +8,10 @@ kill it for that. It is 503 ``"starting"`` until the first sync with the CA has 
 (no entry is known yet, so there is nothing to serve: Workload API calls wait for the sync,
 then get UNAVAILABLE), and 503 ``"unhealthy"`` when the agent's own SVID has expired or
 entries lack SVIDs while the CA is unreachable. ``/readyz`` is 200 once the first sync with
-the CA has completed, like ``"synced"`` in ``/healthz``.
+the CA has completed, like ``"synced"`` in ``/healthz``. ``/livez`` is for a liveness
+probe: 503 only when a restart is the cure (the agent's own SVID has expired, which only a
+new attestation fixes), not for an unreachable CA or entries still without SVIDs, where a
+restart would only throw the cache away.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class AdminServer:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/livez", self._livez)
         app.router.add_get("/metrics", self._metrics)
         return app
 
@@ -41,6 +46,10 @@ class AdminServer:
     async def _readyz(self, request: web.Request) -> web.Response:
         ready = self.rotator.synced.is_set()
         return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def _livez(self, request: web.Request) -> web.Response:
+        live, why = self.rotator.live()
+        return web.json_response({"live": live, "reason": why}, status=200 if live else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.rotator.metrics.registry)

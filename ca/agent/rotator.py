@@ -410,6 +410,16 @@ class Rotator:
 
     # -- health ---------------------------------------------------------------------------------
 
+    def live(self) -> tuple[bool, str]:
+        """(would a restart not help?, why). False only once the agent's own SVID has
+        expired: a running agent cannot renew it over mutual TLS, a new process attests
+        again. A CA that is down, or entries without SVIDs, are no reason to restart: that
+        cannot bring the CA back and would throw the cache away."""
+        agent = self.upstream.agent_svid
+        if self.synced.is_set() and (agent is None or agent.expires_at <= self.clock()):
+            return False, "the agent's own SVID has expired; a restart attests again"
+        return True, "ok"
+
     def health(self) -> tuple[bool, dict[str, Any]]:
         """(serving?, details). Degraded (CA down, cache still valid) still counts as serving;
         "starting" (no successful sync yet: no entry is known, Workload API calls wait and

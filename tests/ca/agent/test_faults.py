@@ -96,11 +96,36 @@ def test_svids_that_expire_while_the_ca_stays_down_are_no_longer_served(
             await asyncio.sleep(2.6)
             port = agent.admin.port if agent.admin else 0
             status, body = await asyncio.to_thread(_get, port, "/healthz")
-            return status, body, len(agent.rotator.cache.svids)
+            live = await asyncio.to_thread(_get, port, "/livez")
+            return status, body, len(agent.rotator.cache.svids), live
 
-    status, body, cached = run(main())
+    status, body, cached, live = run(main())
     assert cached == 0
     assert status == 503 and body["status"] == "unhealthy"
+    # Not serving, but a restart would not bring the CA back: liveness stays 200.
+    assert live == (200, {"live": True, "reason": "ok"})
+
+
+def test_livez_asks_for_a_restart_only_once_the_agents_own_svid_has_expired(
+    live_ca: LiveCa, short_dir: Path
+) -> None:
+    async def main() -> tuple[tuple[int, dict[str, Any]], tuple[int, dict[str, Any]]]:
+        upstream = InProcessUpstream(
+            live_ca.intermediate, live_ca.jwt, live_ca.bundle, [entry()],
+            node="node-a", agent_ttl=dt.timedelta(seconds=2),
+        )  # fmt: skip
+        async with running_agent(upstream, short_dir, admin_port=0) as agent:
+            port = agent.admin.port if agent.admin else 0
+            before = await asyncio.to_thread(_get, port, "/livez")
+            upstream.available = False  # no renewal: the agent SVID runs out
+            await asyncio.sleep(2.6)
+            after = await asyncio.to_thread(_get, port, "/livez")
+            return before, after
+
+    before, after = run(main())
+    assert before == (200, {"live": True, "reason": "ok"})
+    assert after[0] == 503 and after[1]["live"] is False
+    assert "own SVID has expired" in after[1]["reason"]
 
 
 def test_the_agent_svid_is_renewed_at_half_life(live_ca: LiveCa, short_dir: Path) -> None:
