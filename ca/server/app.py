@@ -380,7 +380,10 @@ class CaServer:
         except FederationConfigError as exc:
             log_event(logging.ERROR, "federation-reload-failed", error=str(exc))
             return
+        before = {r.trust_domain.name for r in self.federation.relationships}
         self.federation.replace(relationships)
+        for gone in before - {r.trust_domain.name for r in relationships}:
+            self.metrics.federation_forget(gone)
         log_event(
             logging.INFO,
             "federation-reloaded",

@@ -6,6 +6,8 @@ or a node name, so cardinality stays bounded whatever the mesh size.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["CaMetrics"]
@@ -128,6 +130,12 @@ class CaMetrics:
         )
         if outcome == "ok":
             last_success.set_to_current_time()
+
+    def federation_forget(self, federated_trust_domain: str) -> None:
+        """A partner taken out of the federation file: its freshness series goes with it
+        (it would otherwise age forever on the dashboard); its counts stay, as counters do."""
+        with contextlib.suppress(KeyError):
+            self._federation_success.remove(*self._base.values(), federated_trust_domain)
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 if absent): for tests and the bench."""

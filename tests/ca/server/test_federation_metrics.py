@@ -106,3 +106,12 @@ def test_ca_serve_exports_the_partners_last_success_on_its_metrics_endpoint(
 
             wait_for(stamped, 30, "the first successful fetch of partner.org's bundle")
             assert started <= seen[-1] <= time.time()
+
+            # Partner taken out of the file: its series goes, rather than aging forever.
+            path.write_text("trustDomains: []\n")
+
+            def forgotten() -> bool:
+                with urllib.request.urlopen(url, timeout=5) as answer:
+                    return LAST_SUCCESS + "{" not in answer.read().decode()
+
+            wait_for(forgotten, 30, "partner.org's freshness series to go with the partner")
