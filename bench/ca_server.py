@@ -34,6 +34,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -230,20 +231,28 @@ async def open_loop(
     }
 
 
-async def open_loop_batched(
-    clients: list[CaClient], csrs: list[bytes], rate: float, duration: float, in_flight: int
+async def batched_schedule(
+    clients: list[CaClient],
+    csrs: list[bytes],
+    rate: float,
+    duration: float,
+    in_flight: int,
+    *,
+    share: int = 0,
+    shares: int = 1,
+    start: float | None = None,
 ) -> dict[str, Any]:
-    """The same open-loop arrivals (round-robin over the agents), but each SVID goes
-    through its agent's ``Batcher`` -- the agent's own group commit, the class its rotator
-    uses: at most ``MAX_IN_FLIGHT`` calls in flight per agent, what arrives meanwhile rides
-    the next call, no timer. Latency runs from an SVID's scheduled arrival to its response,
-    so it includes any wait for a free call slot."""
+    """Open-loop arrivals at ``rate`` for ``duration`` (every ``shares``-th one from
+    ``share`` on, when several processes split the schedule), round-robin over the agents,
+    each SVID through its agent's ``Batcher`` -- the agent's own group commit, the class its
+    rotator uses: at most ``in_flight`` calls in flight per agent, what arrives meanwhile
+    rides the next call, no timer. Latency runs from an SVID's scheduled arrival to its
+    response, so it includes any wait for a free call slot."""
     batchers: list[Batcher[tuple[str, bytes], Any]] = [
         Batcher(c.batch_sign_csrs, max_batch=MAX_BATCH, max_in_flight=in_flight) for c in clients
     ]
     latencies: list[float] = []
     codes: dict[str, int] = {}
-    total = int(rate * duration)
     tasks: list[asyncio.Task[None]] = []
 
     async def one(batcher: Batcher[tuple[str, bytes], Any], csr: bytes, arrival: float) -> None:
@@ -255,39 +264,68 @@ async def open_loop_batched(
             return
         latencies.append(time.perf_counter() - arrival)
 
-    server_cpu = cpu_seconds(SERVER_PID[0])
     client_cpu = time.process_time()
-    start = time.perf_counter()
-    for index in range(total):
+    start = time.perf_counter() if start is None else start
+    for n, index in enumerate(range(share, int(rate * duration), shares)):
         arrival = start + index / rate
         delay = arrival - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        batcher = batchers[index % len(batchers)]
+        batcher = batchers[n % len(batchers)]
         tasks.append(asyncio.create_task(one(batcher, csrs[index % len(csrs)], arrival)))
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - start
-    server_cpu = cpu_seconds(SERVER_PID[0]) - server_cpu
-    client_cpu = time.process_time() - client_cpu
-    calls = sum(b.calls_sent for b in batchers)
-    items = sum(b.items_sent for b in batchers)
     for batcher in batchers:
         await batcher.close()
+    return {
+        "latencies": latencies,
+        "codes": codes,
+        "calls": sum(b.calls_sent for b in batchers),
+        "items": sum(b.items_sent for b in batchers),
+        "client_cpu": time.process_time() - client_cpu,
+        "elapsed": elapsed,
+    }
+
+
+def batched_report(
+    rate: float, in_flight: int, parts: list[dict[str, Any]], server_cpu: float
+) -> dict[str, Any]:
+    """One result from the ``batched_schedule`` shares of one run."""
+    latencies = [x for part in parts for x in part["latencies"]]
+    codes: dict[str, int] = {}
+    for part in parts:
+        for code, count in part["codes"].items():
+            codes[code] = codes.get(code, 0) + count
+    calls = sum(p["calls"] for p in parts)
+    items = sum(p["items"] for p in parts)
+    client_cpu = sum(p["client_cpu"] for p in parts)
+    done = max(len(latencies), 1)
     return {
         "offered_per_second": rate,
         "calls_in_flight_per_agent": in_flight,
         "svids": len(latencies),
         "calls": calls,
         "mean_batch": round(items / calls, 2) if calls else None,
-        "completed_per_second": round(len(latencies) / elapsed, 1),
+        "completed_per_second": round(len(latencies) / max(p["elapsed"] for p in parts), 1),
         "errors": sum(codes.values()),
         "error_codes": codes,
         "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
         "max_ms": round(max(latencies) * 1000, 2) if latencies else None,
-        "server_cpu_us_per_svid": round(1e6 * server_cpu / max(len(latencies), 1), 1),
-        "client_cpu_us_per_svid": round(1e6 * client_cpu / max(len(latencies), 1), 1),
+        "server_cpu_us_per_svid": round(1e6 * server_cpu / done, 1),
+        "client_cpu_us_per_svid": round(1e6 * client_cpu / done, 1),
+        "client_cpu_seconds": round(client_cpu, 3),
     }
+
+
+async def open_loop_batched(
+    clients: list[CaClient], csrs: list[bytes], rate: float, duration: float, in_flight: int
+) -> dict[str, Any]:
+    """``batched_schedule`` with every agent in this process."""
+    server_cpu = cpu_seconds(SERVER_PID[0])
+    part = await batched_schedule(clients, csrs, rate, duration, in_flight)
+    server_cpu = cpu_seconds(SERVER_PID[0]) - server_cpu
+    return batched_report(rate, in_flight, [part], server_cpu)
 
 
 ECHO_METHOD = "/trellis.bench.Echo/Call"
@@ -372,12 +410,12 @@ def _batched_child(
     rate: float,
     duration: float,
     in_flight: int,
-    index: int,
-    processes: int,
+    share: int,
+    shares: int,
     start_at: float,
 ) -> dict[str, Any]:
     """One load-generator process of ``open_loop_batched_processes``: its own agents
-    (attested with ``tokens``), every ``processes``-th arrival of the shared schedule."""
+    (attested with ``tokens``), its share of the schedule, from wall-clock ``start_at``."""
 
     async def run() -> dict[str, Any]:
         clients = []
@@ -390,50 +428,13 @@ def _batched_child(
         for _ in range(3):  # connections up, caches warm
             await asyncio.gather(*(c.batch_sign_csrs([("workload", csrs[0])]) for c in clients))
         settle_heap()
-        batchers: list[Batcher[tuple[str, bytes], Any]] = [
-            Batcher(c.batch_sign_csrs, max_batch=MAX_BATCH, max_in_flight=in_flight)
-            for c in clients
-        ]
-        latencies: list[float] = []
-        codes: dict[str, int] = {}
-        tasks: list[asyncio.Task[None]] = []
-
-        async def one(batcher: Batcher[tuple[str, bytes], Any], csr: bytes, arrival: float) -> None:
-            try:
-                await batcher.submit(("workload", csr))
-            except (CaError, UpstreamError) as exc:  # counted, not fatal
-                code = exc.code if isinstance(exc, CaError) else exc.reason
-                codes[code] = codes.get(code, 0) + 1
-                return
-            latencies.append(time.perf_counter() - arrival)
-
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        start = time.perf_counter()
-        cpu = time.process_time()
-        mine = range(index, int(rate * duration), processes)
-        for n, arrival_index in enumerate(mine):
-            arrival = start + arrival_index / rate
-            delay = arrival - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            batcher = batchers[n % len(batchers)]
-            tasks.append(
-                asyncio.create_task(one(batcher, csrs[arrival_index % len(csrs)], arrival))
-            )
-        await asyncio.gather(*tasks)
-        result = {
-            "latencies": latencies,
-            "codes": codes,
-            "calls": sum(b.calls_sent for b in batchers),
-            "items": sum(b.items_sent for b in batchers),
-            "client_cpu": time.process_time() - cpu,
-            "elapsed": time.perf_counter() - start,
-        }
-        for batcher in batchers:
-            await batcher.close()
+        start = time.perf_counter() + max(0.0, start_at - time.time())
+        part = await batched_schedule(
+            clients, csrs, rate, duration, in_flight, share=share, shares=shares, start=start
+        )
         for client in clients:
             await client.close()
-        return result
+        return part
 
     return asyncio.run(run())
 
@@ -458,6 +459,7 @@ async def open_loop_batched_processes(
     shares = [tokens[k::processes] for k in range(processes)]
     start_at = time.time() + 6.0  # every child has attested and warmed up by then
     context = multiprocessing.get_context("spawn")
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
         loop = asyncio.get_running_loop()
         futures = [
@@ -481,32 +483,16 @@ async def open_loop_batched_processes(
         server_cpu = cpu_seconds(SERVER_PID[0])
         parts = await asyncio.gather(*futures)
         server_cpu = cpu_seconds(SERVER_PID[0]) - server_cpu
-    latencies = [x for part in parts for x in part["latencies"]]
-    codes: dict[str, int] = {}
-    for part in parts:
-        for code, count in part["codes"].items():
-            codes[code] = codes.get(code, 0) + count
-    calls = sum(p["calls"] for p in parts)
-    items = sum(p["items"] for p in parts)
-    elapsed = max(p["elapsed"] for p in parts)
-    done = max(len(latencies), 1)
+    # The pool's processes are the only children reaped meanwhile: their whole CPU time,
+    # start-up and attestation included, for machine.other_processes_cpu_cores.
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    spent = after.ru_utime + after.ru_stime - reaped.ru_utime - reaped.ru_stime
+    report = batched_report(rate, in_flight, list(parts), server_cpu)
     return {
-        "offered_per_second": rate,
         "load_generator_processes": processes,
         "agents": len(tokens),
-        "calls_in_flight_per_agent": in_flight,
-        "svids": len(latencies),
-        "calls": calls,
-        "mean_batch": round(items / calls, 2) if calls else None,
-        "completed_per_second": round(len(latencies) / elapsed, 1),
-        "errors": sum(codes.values()),
-        "error_codes": codes,
-        "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
-        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
-        "max_ms": round(max(latencies) * 1000, 2) if latencies else None,
-        "server_cpu_us_per_svid": round(1e6 * server_cpu / done, 1),
-        "client_cpu_us_per_svid": round(1e6 * sum(p["client_cpu"] for p in parts) / done, 1),
-        "client_cpu_seconds": round(sum(p["client_cpu"] for p in parts), 3),
+        **report,
+        "load_generator_cpu_seconds": round(spent, 3),
     }
 
 
@@ -640,7 +626,7 @@ def main() -> None:
             run_grpc(ready, roots, csrs, args)
         )
         ours = cpu_seconds(process.pid) - ours + time.process_time() - client_began
-        ours += floor["server_cpu_seconds"] + sum(r["client_cpu_seconds"] for r in spread)
+        ours += floor["server_cpu_seconds"] + sum(r["load_generator_cpu_seconds"] for r in spread)
         others = (system_busy_seconds() - busy - ours) / (time.perf_counter() - began)
         metrics = server_metrics(ready["metrics_listen"])
         mean_sign_us = (
