@@ -436,6 +436,7 @@ def _batched_child(
             await client.close()
         return part
 
+    install_uvloop()  # as the agent does (ca.runtime)
     return asyncio.run(run())
 
 
@@ -622,6 +623,7 @@ def main() -> None:
         # well above 0 were measured on a loaded machine.
         busy, ours, began = system_busy_seconds(), cpu_seconds(process.pid), time.perf_counter()
         client_began = time.process_time()
+        install_uvloop()  # as the agent does (ca.runtime)
         batch, single, latency, coalesced, spread, floor = asyncio.run(
             run_grpc(ready, roots, csrs, args)
         )

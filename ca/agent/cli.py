@@ -24,7 +24,7 @@ from ca.agent.upstream import InProcessUpstream, Upstream
 from ca.agent.workload_api import WorkloadApiConfig
 from ca.bundle import BundleError, TrustBundle, load_pem_certificates
 from ca.keys import write_private_file, write_public_file
-from ca.runtime import settle_heap
+from ca.runtime import install_uvloop, settle_heap
 from ca.server.client import CaClient
 from ca.server.entries import EntryError, YamlFileEntrySource
 from ca.spiffeid import TrustDomain
@@ -253,6 +253,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     )
     try:
         agent = Agent(config, upstream, initial_bundle=bundle)
+        install_uvloop()
         asyncio.run(_run_agent(agent))
     except AgentFatalError as exc:
         raise CliError(str(exc)) from exc

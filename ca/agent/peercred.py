@@ -42,6 +42,7 @@ import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from ca.agent.attestation import PeerCredentials
 
@@ -97,8 +98,8 @@ class _Half(asyncio.Protocol):
         self.pending: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport; uvloop's implement the interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         other = self.other
@@ -193,8 +194,8 @@ class UdsFront:
         half.connection_made = connection_made  # type: ignore[method-assign]
         return half
 
-    def _admit(self, splice: _Splice, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def _admit(self, splice: _Splice, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)  # uvloop's do not subclass it
         if len(self._splices) >= self._max:
             self.refused += 1
             transport.abort()
