@@ -7,7 +7,6 @@ restarting either process.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 
 from tests.support import free_port, wait_for
 
-from .test_e2e_pyspiffe import REPO, WEB, Mesh, _client, _make_ca_dir
+from .test_e2e_pyspiffe import REPO, WEB, Mesh, _client, _make_ca_dir, write_web_entry
 
 
 def _metric(port: int, name: str, **labels: str) -> float:
@@ -46,13 +45,7 @@ def _ban(verb: str, bans: Path) -> None:
 @pytest.fixture
 def banning_mesh(tmp_path: Path, short_dir: Path) -> Iterator[tuple[Mesh, Path, int, int]]:
     _make_ca_dir(tmp_path / "ca")
-    (tmp_path / "entries.yaml").write_text(
-        "entries:\n"
-        "  - id: web\n"
-        f"    spiffe_id: {WEB}\n"
-        f"    selectors: [unix:uid:{os.getuid()}]\n"
-        "    nodes: [node-a]\n"
-    )
+    write_web_entry(tmp_path / "entries.yaml")
     bans = tmp_path / "banned.yaml"
     bans.write_text("[]\n")
     ca_metrics, agent_admin = free_port(), free_port()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import subprocess
 import sys
 import urllib.error
@@ -27,7 +26,7 @@ from ca.agent.client import WorkloadApiError, WorkloadClient
 from tests.support import free_port, wait_for
 
 from .test_e2e_ban import _metric
-from .test_e2e_pyspiffe import REPO, WEB, Mesh, _client, _make_ca_dir
+from .test_e2e_pyspiffe import REPO, WEB, Mesh, _client, _make_ca_dir, write_web_entry
 
 
 def _healthz(port: int) -> tuple[int, dict[str, Any]]:
@@ -42,13 +41,7 @@ def _healthz(port: int) -> tuple[int, dict[str, Any]]:
 def early_mesh(tmp_path: Path, short_dir: Path) -> Iterator[tuple[Mesh, int]]:
     """A CA directory and an agent that is running, but no CA server yet."""
     _make_ca_dir(tmp_path / "ca")
-    (tmp_path / "entries.yaml").write_text(
-        "entries:\n"
-        "  - id: web\n"
-        f"    spiffe_id: {WEB}\n"
-        f"    selectors: [unix:uid:{os.getuid()}]\n"
-        "    nodes: [node-a]\n"
-    )
+    write_web_entry(tmp_path / "entries.yaml")
     token = subprocess.run(
         [sys.executable, "-m", "trellis", "ca", "token", "create", "--dir", str(tmp_path / "ca"),
          "--cluster", "west", "--node", "node-a"],

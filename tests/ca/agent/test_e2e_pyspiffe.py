@@ -142,18 +142,23 @@ def svid_ttl() -> int:
     return SVID_TTL
 
 
+def write_web_entry(path: Path, *extra: str) -> None:
+    """An entries file with one entry, ``web``, for this test process's uid on node-a."""
+    lines = [
+        "entries:",
+        "  - id: web",
+        f"    spiffe_id: {WEB}",
+        f"    selectors: [unix:uid:{os.getuid()}]",
+        "    nodes: [node-a]",
+        *(f"    {line}" for line in extra),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
 @pytest.fixture
 def mesh(tmp_path: Path, short_dir: Path, svid_ttl: int) -> Iterator[Mesh]:
     _make_ca_dir(tmp_path / "ca")
-    (tmp_path / "entries.yaml").write_text(
-        "entries:\n"
-        "  - id: web\n"
-        f"    spiffe_id: {WEB}\n"
-        f"    selectors: [unix:uid:{os.getuid()}]\n"
-        "    nodes: [node-a]\n"
-        f"    ttl: {svid_ttl}s\n"
-        "    jwt_ttl: 5m\n"
-    )
+    write_web_entry(tmp_path / "entries.yaml", f"ttl: {svid_ttl}s", "jwt_ttl: 5m")
     mesh = Mesh(tmp_path, short_dir / "agent.sock")
     mesh.start_ca(mint_token=True)
     mesh.start_agent()
