@@ -4,9 +4,9 @@ Every leaf an intermediate signs differs from the next in five fields only: the 
 number, the validity, the subject public key, its key identifier and the SAN. The rest
 (version, signature algorithm, issuer, subject, four of the six extensions) is the same
 bytes every time. ``cryptography``'s ``CertificateBuilder`` validates and re-encodes all
-of it for each certificate, which cost about 200 us per SVID on a 2-core VM: more than
-the ECDSA signature itself. ``LeafTemplate`` encodes the fixed parts once and splices in
-the five that change.
+of it for each certificate. ``LeafTemplate`` encodes the fixed parts once and splices in
+the five that change: about 80 us less per SVID on a 2-core VM (``bench/ca_issuance.py``:
+2,308 SVIDs/s through the bare builder, 2,814 through Trellis with all its checks).
 
 The output is held byte-for-byte equal to ``CertificateBuilder``'s TBSCertificate for the
 same inputs by the tests (every signing key type, long and short SANs, both time
