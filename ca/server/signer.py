@@ -1,6 +1,6 @@
 """Where workload CSRs are checked and signed: on the event loop, or in worker processes.
 
-Signing is the CA's CPU cost (CSR parse + signature check + leaf signature, about half a
+Signing is the CA's CPU cost (CSR parse + signature check + leaf signature, about a third of a
 millisecond per SVID on a small machine) and Python runs it under one GIL. With
 ``--sign-workers N`` it moves to N worker processes, leaving the event loop free for gRPC
 and TLS; each worker loads the intermediate key from the CA directory itself, so key
