@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -55,6 +55,26 @@ def relationship(
     url: str, bootstrap: TrustBundle, endpoint_id: SpiffeId = PARTNER_CA_ID
 ) -> FederationRelationship:
     return FederationRelationship(PARTNER, url, endpoint_id, bootstrap)
+
+
+@asynccontextmanager
+async def fetching_partner(
+    partner_store: CaStore,
+    on_change: Callable[[Mapping[TrustDomain, TrustBundle]], None],
+    metric: Callable[[str, str], None],
+) -> AsyncIterator[tuple[CaServer, FederationFetcher]]:
+    """A served partner CA (bundle endpoint only) and a fetcher aimed at it, not started:
+    callers fetch by hand or start its loops. The fetcher is closed on the way out."""
+    config = replace(server_config(partner_store.root_dir), entries_path=None)
+    async with serving(config) as partner:
+        url = f"https://{partner.addresses['bundle_listen']}/"
+        fetcher = FederationFetcher(
+            [relationship(url, partner_store.load_bundle())], on_change=on_change, metric=metric
+        )
+        try:
+            yield partner, fetcher
+        finally:
+            await fetcher.close()
 
 
 @asynccontextmanager
@@ -263,25 +283,19 @@ def test_the_last_good_bundle_is_kept_while_the_endpoint_is_down(
     published: list[dict[TrustDomain, TrustBundle]] = []
 
     async def body() -> None:
-        config = replace(server_config(partner_store.root_dir), entries_path=None)
-        async with serving(config) as partner:
-            url = f"https://{partner.addresses['bundle_listen']}/"
-            fetcher = FederationFetcher(
-                [relationship(url, partner_store.load_bundle())],
-                on_change=lambda b: published.append(dict(b)),
-                metric=lambda td, outcome: outcomes.append((td, outcome)),
-            )
+        async with fetching_partner(
+            partner_store,
+            on_change=lambda b: published.append(dict(b)),
+            metric=lambda td, outcome: outcomes.append((td, outcome)),
+        ) as (partner, fetcher):
             # Not started: no refresh loops, each fetch by hand.
-            try:
+            await fetcher.fetch_once(PARTNER)
+            good = fetcher.bundles[PARTNER]
+            await partner.stop(0)
+            with pytest.raises(FetchError) as caught:
                 await fetcher.fetch_once(PARTNER)
-                good = fetcher.bundles[PARTNER]
-                await partner.stop(0)
-                with pytest.raises(FetchError) as caught:
-                    await fetcher.fetch_once(PARTNER)
-                assert caught.value.reason == "unreachable"
-                assert fetcher.bundles[PARTNER] is good
-            finally:
-                await fetcher.close()
+            assert caught.value.reason == "unreachable"
+            assert fetcher.bundles[PARTNER] is good
 
     run(body())
     assert outcomes == [("partner.org", "ok"), ("partner.org", "unreachable")]
@@ -420,23 +434,17 @@ def test_the_refresh_loop_follows_a_partner_root_rotation_and_publishes_it(
     new_root = RootAuthority.create(PARTNER, now=dt.datetime.now(dt.UTC))
 
     async def body() -> None:
-        config = replace(server_config(partner_store.root_dir), entries_path=None)
-        async with serving(config) as partner:
-            url = f"https://{partner.addresses['bundle_listen']}/"
-            fetcher = FederationFetcher(
-                [relationship(url, partner_store.load_bundle())],
-                on_change=lambda b: published.append(dict(b)),
-                metric=lambda td, outcome: None,
-            )
+        async with fetching_partner(
+            partner_store,
+            on_change=lambda b: published.append(dict(b)),
+            metric=lambda td, outcome: None,
+        ) as (partner, fetcher):
             fetcher.start()
-            try:
-                await eventually(lambda: PARTNER in fetcher.bundles)
-                rotated = partner.bundles.current.with_x509_authorities([new_root.certificate])
-                partner.bundles.publish(rotated)
-                fetcher.poke()  # instead of waiting out the refresh hint
-                await eventually(lambda: fetcher.bundles[PARTNER].same_content(rotated))
-            finally:
-                await fetcher.close()
+            await eventually(lambda: PARTNER in fetcher.bundles)
+            rotated = partner.bundles.current.with_x509_authorities([new_root.certificate])
+            partner.bundles.publish(rotated)
+            fetcher.poke()  # instead of waiting out the refresh hint
+            await eventually(lambda: fetcher.bundles[PARTNER].same_content(rotated))
 
     run(body())
     assert [len(p[PARTNER].x509_authorities) for p in published] == [1, 2]

@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from ca.server.federation import FederationFetcher, FetchError
+from ca.server.federation import FetchError
 from ca.server.metrics import CaMetrics
 from ca.store import CaStore
 from tests.support import wait_for
 
-from .conftest import CLUSTER, run, server_config, serving
-from .test_federation import PARTNER, make_partner_dir, relationship
+from .conftest import CLUSTER, run
+from .test_federation import PARTNER, fetching_partner, make_partner_dir
 from .test_serve_process import listen_args, serve
 
 FETCHES = "trellis_ca_federation_fetch_total"
@@ -37,24 +36,16 @@ def test_a_successful_fetch_stamps_the_partner_and_a_failed_one_leaves_the_stamp
     stamps: dict[str, float] = {}
 
     async def body() -> None:
-        config = replace(server_config(partner_store.root_dir), entries_path=None)
-        async with serving(config) as partner:
-            url = f"https://{partner.addresses['bundle_listen']}/"
-            fetcher = FederationFetcher(
-                [relationship(url, partner_store.load_bundle())],
-                on_change=lambda bundles: None,
-                metric=metrics.federation_fetch,
-            )
-            try:
-                stamps["before"] = time.time()
+        async with fetching_partner(
+            partner_store, on_change=lambda bundles: None, metric=metrics.federation_fetch
+        ) as (partner, fetcher):
+            stamps["before"] = time.time()
+            await fetcher.fetch_once(PARTNER)
+            stamps["after"] = time.time()
+            stamps["ok"] = metrics.value(LAST_SUCCESS, federated_trust_domain="partner.org")
+            await partner.stop(0)
+            with pytest.raises(FetchError):
                 await fetcher.fetch_once(PARTNER)
-                stamps["after"] = time.time()
-                stamps["ok"] = metrics.value(LAST_SUCCESS, federated_trust_domain="partner.org")
-                await partner.stop(0)
-                with pytest.raises(FetchError):
-                    await fetcher.fetch_once(PARTNER)
-            finally:
-                await fetcher.close()
 
     run(body())
     assert stamps["before"] <= stamps["ok"] <= stamps["after"]
