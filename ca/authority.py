@@ -262,6 +262,9 @@ class IntermediateAuthority:
     _hash: hashes.SHA256 | hashes.SHA384 | None = field(init=False, repr=False)
     _not_after: dt.datetime = field(init=False, repr=False)
     _leaf_template: LeafTemplate = field(init=False, repr=False)
+    _certificate_der: bytes = field(init=False, repr=False)
+    # Workload IDs already checked by _own_spiffe_id: entries repeat them on every renewal.
+    _checked_ids: dict[str, SpiffeId] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ski = self.certificate.extensions.get_extension_for_oid(
@@ -287,6 +290,8 @@ class IntermediateAuthority:
             extensions=extensions,
         )
         object.__setattr__(self, "_leaf_template", template)
+        object.__setattr__(self, "_certificate_der", self.certificate.public_bytes(Encoding.DER))
+        object.__setattr__(self, "_checked_ids", {})
 
     @classmethod
     def load(
@@ -304,6 +309,11 @@ class IntermediateAuthority:
     def expires_at(self) -> dt.datetime:
         return self._not_after
 
+    @property
+    def certificate_der(self) -> bytes:
+        """This intermediate's certificate, DER: the second element of every chain it issues."""
+        return self._certificate_der
+
     def issue_x509_svid_from_csr(
         self,
         csr: x509.CertificateSigningRequest | bytes,
@@ -314,6 +324,29 @@ class IntermediateAuthority:
         dns_names: Sequence[str] = (),
     ) -> X509Svid:
         """Sign a CSR for ``spiffe_id``; a SAN in the CSR, if any, must name the same ID."""
+        checked_id, public_key = self._check_csr(csr, spiffe_id)
+        return self._sign(checked_id, public_key, now, ttl, dns_names, None)
+
+    def sign_csr_der(
+        self,
+        csr: x509.CertificateSigningRequest | bytes,
+        spiffe_id: SpiffeId | str,
+        *,
+        now: dt.datetime,
+        ttl: dt.timedelta = DEFAULT_X509_SVID_TTL,
+        dns_names: Sequence[str] = (),
+    ) -> tuple[bytes, dt.datetime]:
+        """``issue_x509_svid_from_csr``'s checks and leaf, as the leaf's DER and notAfter.
+
+        For the CA server, which sends DER on: it skips parsing the leaf it has just built
+        and encoding it again (the chain is this DER and ``certificate_der``).
+        """
+        checked_id, public_key = self._check_csr(csr, spiffe_id)
+        return self._sign_der(checked_id, public_key, now, ttl, dns_names)
+
+    def _check_csr(
+        self, csr: x509.CertificateSigningRequest | bytes, spiffe_id: SpiffeId | str
+    ) -> tuple[SpiffeId, PublicKey | object]:
         if isinstance(csr, bytes):
             csr = load_csr(csr)
         spiffe_id = self._own_spiffe_id(spiffe_id)
@@ -334,7 +367,7 @@ class IntermediateAuthority:
             public_key = csr.public_key()
         except (ValueError, UnsupportedAlgorithm) as exc:
             raise IssuanceError("unsupported-key", f"CSR public key: {exc}") from exc
-        return self._sign(spiffe_id, public_key, now, ttl, dns_names, None)
+        return spiffe_id, public_key
 
     def issue_x509_svid(
         self,
@@ -360,6 +393,18 @@ class IntermediateAuthority:
         dns_names: Sequence[str],
         private_key: PrivateKey | None,
     ) -> X509Svid:
+        der, _ = self._sign_der(spiffe_id, public_key, now, ttl, dns_names)
+        leaf = x509.load_der_x509_certificate(der)
+        return X509Svid(spiffe_id, (leaf, self.certificate), private_key)
+
+    def _sign_der(
+        self,
+        spiffe_id: SpiffeId,
+        public_key: PublicKey | object,
+        now: dt.datetime,
+        ttl: dt.timedelta,
+        dns_names: Sequence[str],
+    ) -> tuple[bytes, dt.datetime]:
         _check_ttl(ttl, MAX_X509_SVID_TTL, "X509-SVID")
         try:
             checked_key = check_public_key(public_key)
@@ -390,10 +435,22 @@ class IntermediateAuthority:
             raise IssuanceError(
                 "bad-dns-name", f"DNS names must be ASCII (A-labels): {', '.join(dns_names)}"
             ) from exc
-        leaf = x509.load_der_x509_certificate(der)
-        return X509Svid(spiffe_id, (leaf, self.certificate), private_key)
+        # What the certificate says: build() drops the microseconds, as CertificateBuilder.
+        return der, not_after.replace(microsecond=0)
 
     def _own_spiffe_id(self, spiffe_id: SpiffeId | str) -> SpiffeId:
+        if isinstance(spiffe_id, str):
+            known = self._checked_ids.get(spiffe_id)
+            if known is not None:
+                return known
+        checked = self._check_own_spiffe_id(spiffe_id)
+        if isinstance(spiffe_id, str):
+            if len(self._checked_ids) >= _CHECKED_IDS_MAX:
+                self._checked_ids.clear()  # bounded; entries come back on their next use
+            self._checked_ids[spiffe_id] = checked
+        return checked
+
+    def _check_own_spiffe_id(self, spiffe_id: SpiffeId | str) -> SpiffeId:
         try:
             parsed = SpiffeId(spiffe_id)
         except SpiffeIdError as exc:
@@ -408,5 +465,7 @@ class IntermediateAuthority:
             raise IssuanceError("missing-path", f"{parsed} has no path; workload IDs need one")
         return parsed
 
+
+_CHECKED_IDS_MAX = 10_000
 
 _LEAF_SUBJECT = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Trellis")])
