@@ -55,7 +55,7 @@ from ca.server.federation import (
     FederationFetcher,
     load_federation_file,
 )
-from ca.server.grpc_shell import BundleWatch, make_handler
+from ca.server.grpc_shell import BundleWatch, SigningStreams, make_handler
 from ca.server.metrics import CaMetrics
 from ca.server.service import CaService, ServiceConfig, TokenReviewer, log_event
 from ca.server.signer import ProcessPoolSigner
@@ -116,6 +116,7 @@ class CaServer:
         self._bundle_stamp = self._bundle_mtime()
         self._intermediate_stamp = self._intermediate_mtime()
         self.bundles = BundleWatch(store.load_bundle(self.trust_domain))
+        self.signing_streams = SigningStreams()
         if entries is None:
             entries = (
                 YamlFileEntrySource(config.entries_path, trust_domain=self.trust_domain)
@@ -266,7 +267,9 @@ class CaServer:
             ],
             maximum_concurrent_rpcs=10_000,
         )
-        server.add_generic_rpc_handlers([make_handler(self.service, self.bundles)])
+        server.add_generic_rpc_handlers(
+            [make_handler(self.service, self.bundles, self.signing_streams)]
+        )
         mtls = grpc.dynamic_ssl_server_credentials(
             self._certificate_config(self._creds), self._fetcher("mtls"), True
         )
@@ -506,6 +509,7 @@ class CaServer:
                 total=len(after),
             )
             self.bundles.poke()  # end the bundle streams of newly banned agents
+            self.signing_streams.end_banned(self.service.is_banned)
 
     async def _maintain(self) -> None:
         while True:
@@ -522,6 +526,7 @@ class CaServer:
         self._tasks.clear()
         await self.federation.close()
         self.bundles.close()
+        self.signing_streams.close()
         if self._grpc is not None:
             await self._grpc.stop(grace)
             self._grpc = None

@@ -21,7 +21,7 @@ from ca.server._proto import ca_pb2
 from ca.server.service import CaService, Refusal, log_event
 from ca.server.wire import SERVICE, bundle_to_proto
 
-__all__ = ["BundleWatch", "make_handler"]
+__all__ = ["BundleWatch", "SigningStreams", "make_handler"]
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
@@ -67,6 +67,52 @@ class BundleWatch:
             await waiter.wait()
 
 
+class SigningStreams:
+    """The open StreamX509SVIDs calls, so that a graceful stop and a ban can end them.
+
+    On a stop, a stream waiting for its agent's next request ends at once (OK: nothing of
+    its own is lost); one signing a batch answers it first and then ends. On a ban, the
+    streams of the banned nodes stop waiting and end with the ban's refusal.
+    """
+
+    def __init__(self) -> None:
+        self.closed = False
+        self._reading: dict[asyncio.Task[Any], str] = {}
+        self._recheck: set[asyncio.Task[Any]] = set()
+
+    def close(self) -> None:
+        self.closed = True
+        for task in list(self._reading):
+            task.cancel()
+
+    def end_banned(self, banned: Callable[[str], bool]) -> None:
+        for task, node in list(self._reading.items()):
+            if banned(node):
+                self._recheck.add(task)
+                task.cancel()
+
+    async def read(self, context: grpc.aio.ServicerContext[Any, Any], node: str) -> Any:
+        """The next request; ``grpc.aio.EOF`` when the agent or the CA ends the stream;
+        None when the caller is to check the agent again (a ban came in meanwhile)."""
+        if self.closed:
+            return grpc.aio.EOF
+        task = asyncio.current_task()
+        assert task is not None
+        self._reading[task] = node
+        try:
+            return await context.read()
+        except asyncio.CancelledError:
+            if self.closed:
+                return grpc.aio.EOF
+            if task in self._recheck:
+                task.uncancel()
+                return None
+            raise
+        finally:
+            self._reading.pop(task, None)
+            self._recheck.discard(task)
+
+
 def _peer_host(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     peer = context.peer() or "unknown"
     # "ipv4:127.0.0.1:5000" / "ipv6:[::1]:5000": rate-limit by host, not by port.
@@ -86,7 +132,7 @@ def _client_chain(context: grpc.aio.ServicerContext[Any, Any]) -> bytes | None:
     return leaf[0] + (rest[0] if rest else b"")
 
 
-async def _refuse(
+def _record_refusal(
     service: CaService,
     context: grpc.aio.ServicerContext[Any, Any],
     method: str,
@@ -104,6 +150,16 @@ async def _refuse(
         peer=_peer_host(context),
         detail=refusal.detail,
     )
+
+
+async def _refuse(
+    service: CaService,
+    context: grpc.aio.ServicerContext[Any, Any],
+    method: str,
+    refusal: Refusal,
+    node: str | None,
+) -> None:
+    _record_refusal(service, context, method, refusal, node)
     await context.abort(refusal.code, refusal.detail)
 
 
@@ -126,7 +182,49 @@ def _authenticated(
     return handler
 
 
-def make_handler(service: CaService, bundles: BundleWatch) -> grpc.GenericRpcHandler:
+def make_handler(
+    service: CaService, bundles: BundleWatch, streams: SigningStreams | None = None
+) -> grpc.GenericRpcHandler:
+    streams = streams or SigningStreams()
+
+    async def stream_x509_svids(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        method = "StreamX509SVIDs"
+        chain = _client_chain(context)
+        try:
+            node = service.authenticate(chain)
+        except Refusal as refusal:
+            await _refuse(service, context, method, refusal, None)
+            return
+        log_event(logging.DEBUG, "signing-stream", node=node)
+        while True:
+            message = await streams.read(context, node)
+            if message is grpc.aio.EOF:
+                return
+            try:
+                # Again for every request: the agent SVID may have expired or the node
+                # been banned since the stream opened (cached, a dictionary lookup).
+                service.authenticate(chain)
+            except Refusal as refusal:
+                await _refuse(service, context, method, refusal, node)
+                return
+            if message is None:
+                # Woken by a ban lifted again before this check. The interrupted read
+                # may have lost a request: end the stream (OK), the agent opens another.
+                return
+            try:
+                service.check_size(message.ByteSize())
+                result = await service.batch_new_x509_svid(message.batch, node)
+                reply = ca_pb2.StreamX509SVIDsResponse(id=message.id, svids=result.svids)
+            except Refusal as refusal:
+                _record_refusal(service, context, method, refusal, node)
+                reply = ca_pb2.StreamX509SVIDsResponse(
+                    id=message.id,
+                    code=refusal.code.value[0],
+                    reason=refusal.reason,
+                    detail=refusal.detail,
+                )
+            await context.write(reply)
+
     async def attest(
         request: ca_pb2.AttestAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ca_pb2.AttestAgentResponse:
@@ -186,6 +284,11 @@ def make_handler(service: CaService, bundles: BundleWatch) -> grpc.GenericRpcHan
         "FetchEntries": unary(
             _authenticated(service, "FetchEntries", service.fetch_entries),
             ca_pb2.FetchEntriesRequest,
+        ),
+        "StreamX509SVIDs": grpc.stream_stream_rpc_method_handler(
+            stream_x509_svids,
+            request_deserializer=ca_pb2.StreamX509SVIDsRequest.FromString,
+            response_serializer=lambda m: m.SerializeToString(),
         ),
         "WatchBundle": grpc.unary_stream_rpc_method_handler(
             watch_bundle,

@@ -101,6 +101,28 @@ class BatchNewX509SVIDResponse(_message.Message):
     svids: _containers.RepeatedCompositeFieldContainer[X509SVID]
     def __init__(self, svids: _Optional[_Iterable[_Union[X509SVID, _Mapping]]] = ...) -> None: ...
 
+class StreamX509SVIDsRequest(_message.Message):
+    __slots__ = ("id", "batch")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    batch: BatchNewX509SVIDRequest
+    def __init__(self, id: _Optional[int] = ..., batch: _Optional[_Union[BatchNewX509SVIDRequest, _Mapping]] = ...) -> None: ...
+
+class StreamX509SVIDsResponse(_message.Message):
+    __slots__ = ("id", "code", "reason", "detail", "svids")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    SVIDS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    code: int
+    reason: str
+    detail: str
+    svids: _containers.RepeatedCompositeFieldContainer[X509SVID]
+    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ..., svids: _Optional[_Iterable[_Union[X509SVID, _Mapping]]] = ...) -> None: ...
+
 class NewJWTSVIDRequest(_message.Message):
     __slots__ = ("entry_id", "audience")
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]

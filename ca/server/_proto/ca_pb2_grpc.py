@@ -49,6 +49,11 @@ class CaServiceStub:
                 request_serializer=trellis_dot_ca_dot_v1_dot_ca__pb2.BatchNewX509SVIDRequest.SerializeToString,
                 response_deserializer=trellis_dot_ca_dot_v1_dot_ca__pb2.BatchNewX509SVIDResponse.FromString,
                 _registered_method=True)
+        self.StreamX509SVIDs = channel.stream_stream(
+                '/trellis.ca.v1.CaService/StreamX509SVIDs',
+                request_serializer=trellis_dot_ca_dot_v1_dot_ca__pb2.StreamX509SVIDsRequest.SerializeToString,
+                response_deserializer=trellis_dot_ca_dot_v1_dot_ca__pb2.StreamX509SVIDsResponse.FromString,
+                _registered_method=True)
         self.NewJWTSVID = channel.unary_unary(
                 '/trellis.ca.v1.CaService/NewJWTSVID',
                 request_serializer=trellis_dot_ca_dot_v1_dot_ca__pb2.NewJWTSVIDRequest.SerializeToString,
@@ -94,6 +99,21 @@ class CaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamX509SVIDs(self, request_iterator, context):
+        """BatchNewX509SVID, many times over one long-lived stream. Each request carries an ID
+        chosen by the agent and gets exactly one response with that ID, in request order.
+        A refused batch fails alone: its response carries the status code BatchNewX509SVID
+        would have ended with (PERMISSION_DENIED, RESOURCE_EXHAUSTED, INVALID_ARGUMENT, ...),
+        and the stream goes on. The stream itself ends, with that status, when the caller's
+        agent SVID no longer verifies (UNAUTHENTICATED) or its node is banned
+        (PERMISSION_DENIED), and with OK when the CA shuts down; requests then unanswered were
+        not signed. A message on an open stream costs both sides about a third of a unary
+        call, so agents use this and fall back to BatchNewX509SVID on UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def NewJWTSVID(self, request, context):
         """A JWT-SVID for one entry that runs on the caller's node.
         """
@@ -132,6 +152,11 @@ def add_CaServiceServicer_to_server(servicer, server):
                     servicer.BatchNewX509SVID,
                     request_deserializer=trellis_dot_ca_dot_v1_dot_ca__pb2.BatchNewX509SVIDRequest.FromString,
                     response_serializer=trellis_dot_ca_dot_v1_dot_ca__pb2.BatchNewX509SVIDResponse.SerializeToString,
+            ),
+            'StreamX509SVIDs': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamX509SVIDs,
+                    request_deserializer=trellis_dot_ca_dot_v1_dot_ca__pb2.StreamX509SVIDsRequest.FromString,
+                    response_serializer=trellis_dot_ca_dot_v1_dot_ca__pb2.StreamX509SVIDsResponse.SerializeToString,
             ),
             'NewJWTSVID': grpc.unary_unary_rpc_method_handler(
                     servicer.NewJWTSVID,
@@ -230,6 +255,33 @@ class CaService:
             '/trellis.ca.v1.CaService/BatchNewX509SVID',
             trellis_dot_ca_dot_v1_dot_ca__pb2.BatchNewX509SVIDRequest.SerializeToString,
             trellis_dot_ca_dot_v1_dot_ca__pb2.BatchNewX509SVIDResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamX509SVIDs(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/trellis.ca.v1.CaService/StreamX509SVIDs',
+            trellis_dot_ca_dot_v1_dot_ca__pb2.StreamX509SVIDsRequest.SerializeToString,
+            trellis_dot_ca_dot_v1_dot_ca__pb2.StreamX509SVIDsResponse.FromString,
             options,
             channel_credentials,
             insecure,
