@@ -30,11 +30,16 @@ from .test_e2e_pyspiffe import REPO, WEB, Mesh, _client, _make_ca_dir, write_web
 
 
 def _healthz(port: int) -> tuple[int, dict[str, Any]]:
+    """The status and body of the agent's /healthz; (0, {}) while nothing listens yet."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ConnectionRefusedError):
+            return 0, {}  # the agent process has not bound its admin port yet
+        raise
 
 
 @pytest.fixture
