@@ -4,9 +4,12 @@ Starts a real ``trellis ca serve`` process on loopback, attests N agents with jo
 then measures:
 
 * ``batch``: X509-SVIDs/s with N agents each sending batches of CSRs back to back;
-* ``single``: X509-SVIDs/s with N agents each keeping several one-CSR calls in flight;
-* ``latency``: p50/p99 of one-CSR calls at fixed offered loads (open loop: requests are
-  sent on schedule whether or not earlier ones have finished);
+* ``single``: X509-SVIDs/s with N agents each keeping several one-CSR requests in flight
+  on its signing stream (``StreamX509SVIDs``, which ``CaClient`` uses);
+* ``single_unary``: the same with one unary ``BatchNewX509SVID`` call per CSR, as agents
+  do with a CA that lacks the stream;
+* ``latency``: p50/p99 of one-CSR requests at fixed offered loads (open loop: requests
+  are sent on schedule whether or not earlier ones have finished);
 * ``latency ... agent_batched``: the same arrivals through each agent's ``Batcher`` (the
   agent's group commit, ``ca.agent.batcher``), p50/p99 from arrival to response;
 * ``latency ... agent_batched_processes``: the same again with the agents spread over
@@ -17,7 +20,9 @@ then measures:
   this process, the ceiling that the gRPC figures are compared with (``ratio``);
 * ``grpc_echo_floor``: the ``single`` closed loop against a grpc.aio server that only
   answers (plain TCP), i.e. what grpcio's per-call cost alone allows on this machine; the
-  ceiling for ``single``.
+  ceiling for ``single_unary``;
+* ``grpc_echo_stream_floor``: the same with the requests as messages on one stream per
+  agent, the ceiling for ``single``.
 
 CSRs are made before timing starts (an agent makes them off the CA's critical path), so
 the client's cost is the gRPC call alone. Client and server share the machine's cores.
@@ -329,6 +334,7 @@ async def open_loop_batched(
 
 
 ECHO_METHOD = "/trellis.bench.Echo/Call"
+ECHO_STREAM_METHOD = "/trellis.bench.Echo/Stream"
 
 
 async def echo_server_main() -> None:
@@ -341,13 +347,20 @@ async def echo_server_main() -> None:
     async def call(request: bytes, context: Any) -> bytes:
         return reply
 
+    async def stream(requests: Any, context: Any) -> Any:
+        async for _ in requests:
+            yield reply
+
     def identity(data: bytes) -> bytes:
         return data
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    handler = grpc.unary_unary_rpc_method_handler(call, identity, identity)
+    handlers = {
+        "Call": grpc.unary_unary_rpc_method_handler(call, identity, identity),
+        "Stream": grpc.stream_stream_rpc_method_handler(stream, identity, identity),
+    }
     server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("trellis.bench.Echo", {"Call": handler})]
+        [grpc.method_handlers_generic_handler("trellis.bench.Echo", handlers)]
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -355,10 +368,14 @@ async def echo_server_main() -> None:
     await server.wait_for_termination()
 
 
-async def echo_floor(agents: int, in_flight: int, duration: float) -> dict[str, Any]:
+async def echo_floor(
+    agents: int, in_flight: int, duration: float, *, stream: bool = False
+) -> dict[str, Any]:
     """What one unary call costs grpcio itself on this machine: the same closed loop as
-    ``single`` (``agents`` channels, ``in_flight`` calls each, a CSR-sized request), against
-    a server that does nothing but answer. Plain TCP, so an upper bound for the mTLS API."""
+    ``single_unary`` (``agents`` channels, ``in_flight`` calls each, a CSR-sized request),
+    against a server that does nothing but answer. Plain TCP, so an upper bound for the
+    mTLS API. ``stream``: the requests go as messages on one stream per channel, at most
+    ``in_flight`` unanswered, as ``single`` sends them."""
     import grpc
 
     process = subprocess.Popen(
@@ -369,7 +386,7 @@ async def echo_floor(agents: int, in_flight: int, duration: float) -> dict[str, 
         port = int(process.stdout.readline())
         channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(agents)]
         request = b"\xa5" * 300
-        calls = [c.unary_unary(ECHO_METHOD) for c in channels]
+        calls: list[Any] = [c.unary_unary(ECHO_METHOD) for c in channels]
         for call in calls:
             await call(request)
         done = 0
@@ -381,9 +398,29 @@ async def echo_floor(agents: int, in_flight: int, duration: float) -> dict[str, 
                 await call(request)
                 done += 1
 
+        async def streamer(channel: Any) -> None:
+            call = channel.stream_stream(ECHO_STREAM_METHOD)()
+            credit = asyncio.Semaphore(in_flight)
+
+            async def reader() -> None:
+                nonlocal done
+                while await call.read() is not grpc.aio.EOF:
+                    done += 1
+                    credit.release()
+
+            reading = asyncio.create_task(reader())
+            while time.perf_counter() < deadline:
+                await credit.acquire()
+                await call.write(request)
+            await call.done_writing()
+            await reading
+
         server_cpu, client_cpu = cpu_seconds(process.pid), time.process_time()
         started = time.perf_counter()
-        await asyncio.gather(*(worker(call) for call in calls for _ in range(in_flight)))
+        if stream:
+            await asyncio.gather(*(streamer(channel) for channel in channels))
+        else:
+            await asyncio.gather(*(worker(call) for call in calls for _ in range(in_flight)))
         elapsed = time.perf_counter() - started
         server_cpu = cpu_seconds(process.pid) - server_cpu
         client_cpu = time.process_time() - client_cpu
@@ -519,6 +556,11 @@ async def run_grpc(ready: dict[str, Any], roots: bytes, csrs: list[bytes], args:
     await closed_loop(clients, csrs, 10, 1, 0.5)
     batch = await closed_loop(clients, csrs, args.batch_size, 1, args.duration)
     single = await closed_loop(clients, csrs, 1, args.in_flight, args.duration)
+    for client in clients:
+        client.signing_stream = False
+    single_unary = await closed_loop(clients, csrs, 1, args.in_flight, args.duration)
+    for client in clients:
+        client.signing_stream = True
     latency = []
     coalesced = []
     for rate in args.loads:
@@ -551,7 +593,8 @@ async def run_grpc(ready: dict[str, Any], roots: bytes, csrs: list[bytes], args:
                 )
             )
     floor = await echo_floor(len(clients), args.in_flight, args.duration)
-    return batch, single, latency, coalesced, spread, floor
+    stream_floor = await echo_floor(len(clients), args.in_flight, args.duration, stream=True)
+    return batch, single, single_unary, latency, coalesced, spread, floor, stream_floor
 
 
 def server_metrics(address: str) -> dict[str, float]:
@@ -624,11 +667,11 @@ def main() -> None:
         busy, ours, began = system_busy_seconds(), cpu_seconds(process.pid), time.perf_counter()
         client_began = time.process_time()
         install_uvloop()  # as the agent does (ca.runtime)
-        batch, single, latency, coalesced, spread, floor = asyncio.run(
-            run_grpc(ready, roots, csrs, args)
-        )
+        results = asyncio.run(run_grpc(ready, roots, csrs, args))
+        batch, single, single_unary, latency, coalesced, spread, floor, stream_floor = results
         ours = cpu_seconds(process.pid) - ours + time.process_time() - client_began
-        ours += floor["server_cpu_seconds"] + sum(r["load_generator_cpu_seconds"] for r in spread)
+        ours += floor["server_cpu_seconds"] + stream_floor["server_cpu_seconds"]
+        ours += sum(r["load_generator_cpu_seconds"] for r in spread)
         others = (system_busy_seconds() - busy - ours) / (time.perf_counter() - began)
         metrics = server_metrics(ready["metrics_listen"])
         mean_sign_us = (
@@ -653,7 +696,9 @@ def main() -> None:
             "in_process": in_process,
             "grpc_batch": batch,
             "grpc_single": single,
+            "grpc_single_unary": single_unary,
             "grpc_echo_floor": floor,
+            "grpc_echo_stream_floor": stream_floor,
             "latency_at_offered_load": latency,
             "latency_at_offered_load_agent_batched": coalesced,
             "latency_at_offered_load_agent_batched_processes": spread,
@@ -664,13 +709,20 @@ def main() -> None:
             "ratio_single_to_in_process": round(
                 single["svids_per_second"] / in_process["svids_per_second"], 3
             ),
-            "ratio_single_to_echo_floor": round(
-                single["svids_per_second"] / floor["calls_per_second"], 3
+            "ratio_single_to_echo_stream_floor": round(
+                single["svids_per_second"] / stream_floor["calls_per_second"], 3
+            ),
+            "ratio_single_unary_to_echo_floor": round(
+                single_unary["svids_per_second"] / floor["calls_per_second"], 3
+            ),
+            "ratio_single_to_single_unary": round(
+                single["svids_per_second"] / single_unary["svids_per_second"], 3
             ),
             "targets": {
                 "grpc_svids_per_second_min": 2000,
                 "batch_met": batch["svids_per_second"] >= 2000,
                 "single_met": single["svids_per_second"] >= 2000,
+                "single_unary_met": single_unary["svids_per_second"] >= 2000,
                 "p99_ms_at_1000_per_second_max": 50,
                 "p99_met_single_calls": at_1000 is not None and at_1000["p99_ms"] <= 50,
                 "p99_met_agent_batched": batched_1000 is not None and batched_1000["p99_ms"] <= 50,
