@@ -105,9 +105,7 @@ def sign_batch(
         except IssuanceError as exc:
             results.append(SignFailure(exc.reason, str(exc)))
             break
-        results.append(
-            Signed((leaf, issuer), not_after.timestamp(), time.perf_counter() - started)
-        )
+        results.append(Signed((leaf, issuer), not_after.timestamp(), time.perf_counter() - started))
     return results
 
 

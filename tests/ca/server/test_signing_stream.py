@@ -91,7 +91,7 @@ def test_many_requests_in_flight_on_one_stream_each_get_their_own_answer(
             # Some of them refused, scattered among the rest.
             entries = ["db" if n % 7 == 3 else "web" for n in range(len(requests))]
             results = await asyncio.gather(
-                *(client.batch_sign_csrs([(e, c)]) for e, c in zip(entries, requests)),
+                *(client.batch_sign_csrs([(e, c)]) for e, c in zip(entries, requests, strict=True)),
                 return_exceptions=True,
             )
             for entry, request, result in zip(entries, requests, results, strict=True):
@@ -204,13 +204,13 @@ def test_a_late_answer_after_the_deadline_is_dropped_and_the_stream_goes_on(
                 await release.wait()
                 return await sign(*args)
 
-            server.service.signer.sign = slow_sign  # type: ignore[method-assign]
+            setattr(server.service.signer, "sign", slow_sign)  # noqa: B010
             client.timeout = 0.3
             with pytest.raises(CaError) as late:
                 await client.batch_sign_csrs([("web", csr())])
             assert late.value.code == "DEADLINE_EXCEEDED"
             release.set()
-            server.service.signer.sign = sign  # type: ignore[method-assign]
+            setattr(server.service.signer, "sign", sign)  # noqa: B010
             client.timeout = 10
             fresh = csr()
             [svid] = await client.batch_sign_csrs([("web", fresh)])
@@ -234,7 +234,7 @@ def test_a_ca_without_the_stream_is_asked_with_unary_calls(
             self.inner = inner
 
         def service(self, details: grpc.HandlerCallDetails) -> Any:
-            if details.method == f"/{SERVICE}/StreamX509SVIDs":  # type: ignore[attr-defined]
+            if details.method == f"/{SERVICE}/StreamX509SVIDs":
                 return None
             return self.inner.service(details)
 
@@ -295,7 +295,7 @@ def test_a_client_closed_with_requests_in_flight_fails_them_as_cancelled(
                 await release.wait()
                 return await sign(*args)
 
-            server.service.signer.sign = slow_sign  # type: ignore[method-assign]
+            setattr(server.service.signer, "sign", slow_sign)  # noqa: B010
             pending = asyncio.create_task(client.batch_sign_csrs([("web", csr())]))
             await eventually(lambda: client._stream is not None and bool(client._stream._waiting))
             await client.close()
@@ -303,5 +303,92 @@ def test_a_client_closed_with_requests_in_flight_fails_them_as_cancelled(
                 await pending
             assert closed.value.code == "CANCELLED"
             release.set()
+
+    run(scenario())
+
+
+def test_an_agent_svid_that_expires_while_the_stream_is_open_ends_it(
+    ca_dir: Path, entries_file: Path
+) -> None:
+    """TLS checked the certificate when the connection opened; the CA checks it again
+    for every request, so a stream cannot outlive the SVID that opened it."""
+
+    async def scenario() -> None:
+        async with serving(server_config(ca_dir, entries_file)) as server:
+            client = await attested(server, "node-a")
+            await client.batch_sign_csrs([("web", csr())])
+            stream = client._stream
+            svid = client.agent_svid
+            assert stream is not None and svid is not None
+            after_expiry = svid.expires_at.timestamp() + 60
+            server.service._clock = lambda: after_expiry
+            with pytest.raises(CaError) as refused:
+                await client.batch_sign_csrs([("web", csr())])
+            assert refused.value.code == "UNAUTHENTICATED"
+            assert stream.broken is not None  # the stream ended, not just the request
+            assert server.metrics.value(REJECTED, reason="agent-svid-expired") == 1
+            assert server.metrics.value(ISSUED, kind="workload") == 1
+            await client.close()
+
+    run(scenario())
+
+
+def test_a_stream_without_an_agent_svid_is_unauthenticated(
+    ca_dir: Path, entries_file: Path
+) -> None:
+    async def scenario() -> None:
+        async with serving(server_config(ca_dir, entries_file)) as server:
+            agent = await attested(server, "node-a")
+            svid = agent.agent_svid
+            assert svid is not None
+            on_attest_port = CaClient(  # grpc never asks for a client certificate there
+                server.addresses["attest_listen"],
+                trust_roots=server.store.root_cert_path.read_bytes(),
+                agent_svid=svid,
+            )
+            with pytest.raises(CaError) as refused:
+                await on_attest_port.batch_sign_csrs([("web", csr())])
+            assert refused.value.code == "UNAUTHENTICATED"
+            assert on_attest_port.signing_stream  # a refusal, not a missing method
+            assert server.metrics.value(REJECTED, reason="no-client-certificate") == 1
+            assert len(await agent.batch_sign_csrs([("web", csr())])) == 1
+            for c in (agent, on_attest_port):
+                await c.close()
+
+    run(scenario())
+
+
+def test_a_repeated_request_id_is_answered_twice_and_never_confused(
+    ca_dir: Path, entries_file: Path
+) -> None:
+    """IDs are the agent's business: the CA answers each request, replayed or not, under
+    the ID it came with (a replayed request is signed again, for the same node's entry)."""
+    from ca.server._proto import ca_pb2
+
+    async def scenario() -> None:
+        async with serving(server_config(ca_dir, entries_file)) as server:
+            client = await attested(server, "node-a")
+            raw: Any = client._main_channel().stream_stream(
+                f"/{SERVICE}/StreamX509SVIDs",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=ca_pb2.StreamX509SVIDsResponse.FromString,
+            )()
+            batch = ca_pb2.BatchNewX509SVIDRequest(
+                requests=[ca_pb2.X509SVIDRequest(entry_id="web", csr=csr())]
+            )
+            refused = ca_pb2.BatchNewX509SVIDRequest(
+                requests=[ca_pb2.X509SVIDRequest(entry_id="db", csr=csr())]
+            )
+            for message in (batch, batch, refused):
+                await raw.write(ca_pb2.StreamX509SVIDsRequest(id=7, batch=message))
+            await raw.done_writing()
+            answers = [await raw.read() for _ in range(3)]
+            assert [a.id for a in answers] == [7, 7, 7]
+            assert [a.code for a in answers] == [0, 0, grpc.StatusCode.PERMISSION_DENIED.value[0]]
+            assert answers[2].reason == "entry-not-authorized" and not answers[2].svids
+            assert answers[0].svids[0].cert_chain != answers[1].svids[0].cert_chain
+            assert await raw.read() is grpc.aio.EOF
+            assert await raw.code() == grpc.StatusCode.OK
+            await client.close()
 
     run(scenario())
