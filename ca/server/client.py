@@ -45,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -539,7 +539,7 @@ class CaClient:
         async for update in self.watch_bundles():
             yield update.bundle
 
-    async def watch_bundles(self) -> AsyncIterator[BundleUpdate]:
+    async def watch_bundles(self) -> AsyncGenerator[BundleUpdate, None]:
         """Like ``watch_bundle``, with the federated trust domains' bundles alongside (a
         message is also sent when only those change)."""
         while not self._closed:
