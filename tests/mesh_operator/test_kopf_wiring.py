@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,7 +89,17 @@ class Replica:
 
     async def stop(self) -> int:
         self.loop.call_soon_threadsafe(self.stop_event.set)
-        code = await asyncio.wait_for(asyncio.wrap_future(self.result), 15)
+        try:
+            code = await asyncio.wait_for(asyncio.wrap_future(self.result), 15)
+        except TimeoutError:
+            # It normally stops within 10 ms; once in a loaded CI run it did not within
+            # 15 s. Say where every thread and this replica's tasks were, for next time.
+            print(f"replica did not stop; threads and {self.thread.name}'s tasks:")
+            for ident, frame in sys._current_frames().items():
+                print(f"thread {ident}:\n{''.join(traceback.format_stack(frame))}")
+            for task in asyncio.all_tasks(self.loop):
+                task.print_stack(file=sys.stdout)
+            raise
         self.thread.join(5)
         return code
 
