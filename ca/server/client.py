@@ -150,10 +150,14 @@ class _SigningStream:
 
     def _expire(self, request_id: int) -> None:
         answer = self._waiting.pop(request_id, None)
-        if answer is not None and not answer.done():
-            answer.set_exception(
-                CaError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer on the signing stream")
-            )
+        if answer is None or answer.done():
+            return
+        answer.set_exception(
+            CaError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer on the signing stream")
+        )
+        # The CA answers a stream's requests in order, so the ones behind this would wait
+        # just as long: give up on the stream, and let the next request open another.
+        self._abandon(CaError(grpc.StatusCode.UNAVAILABLE, "the signing stream stalled"))
 
     def retire(self) -> None:
         """Take no new requests; end the call once the ones in flight are answered."""
@@ -173,7 +177,10 @@ class _SigningStream:
                 await self._call.done_writing()  # unless the call is already over
 
     def cancel(self) -> None:
-        self._break(CaError(grpc.StatusCode.CANCELLED, "the client has been closed"))
+        self._abandon(CaError(grpc.StatusCode.CANCELLED, "the client has been closed"))
+
+    def _abandon(self, error: CaError) -> None:
+        self._break(error)
         self._call.cancel()
         self._reader.cancel()
 

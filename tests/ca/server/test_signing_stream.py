@@ -189,7 +189,7 @@ def test_shutdown_ends_an_idle_stream_itself_and_the_agent_reconnects_elsewhere(
     run(scenario())
 
 
-def test_a_late_answer_after_the_deadline_is_dropped_and_the_stream_goes_on(
+def test_a_request_past_its_deadline_fails_and_the_next_one_gets_a_fresh_stream(
     ca_dir: Path, entries_file: Path
 ) -> None:
     async def scenario() -> None:
@@ -218,7 +218,8 @@ def test_a_late_answer_after_the_deadline_is_dropped_and_the_stream_goes_on(
                 Encoding.DER, PublicFormat.SubjectPublicKeyInfo
             )
             assert leaf == spki(fresh)  # not the late answer to the other CSR
-            assert client._stream is stream
+            assert client._stream is not stream  # the stalled one was given up
+            assert stream is not None and stream.broken is not None
             await client.close()
 
     run(scenario())
