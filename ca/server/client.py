@@ -134,6 +134,8 @@ class _SigningStream:
         deadline = loop.call_later(timeout, self._expire, request_id)
         try:
             async with self._write_lock:
+                if self.broken is not None:  # broke while this request waited to be written
+                    raise self.broken
                 await self._call.write(ca_pb2.StreamX509SVIDsRequest(id=request_id, batch=batch))
             return await answer
         except grpc.aio.AioRpcError as exc:  # the write found the call over
@@ -145,6 +147,8 @@ class _SigningStream:
         finally:
             deadline.cancel()
             self._waiting.pop(request_id, None)
+            if answer.done() and not answer.cancelled():
+                answer.exception()  # failed by _break; raised here in another form if at all
             if self._retired and not self._waiting:
                 self._finish()
 
