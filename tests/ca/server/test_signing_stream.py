@@ -37,6 +37,20 @@ def csr() -> bytes:
     return build_csr(generate_private_key(KeyAlgorithm.P256))
 
 
+def hold_signing(server: ca.server.app.CaServer) -> tuple[asyncio.Event, Callable[[], None]]:
+    """Make the server's signer wait for the event before signing; call the other to undo."""
+    release = asyncio.Event()
+    signer = server.service.signer
+    sign = signer.sign
+
+    async def held(*args: Any) -> Any:
+        await release.wait()
+        return await sign(*args)
+
+    setattr(signer, "sign", held)  # noqa: B010
+    return release, lambda: setattr(signer, "sign", sign)
+
+
 def spki(data: bytes) -> bytes:
     from cryptography import x509
 
@@ -197,20 +211,13 @@ def test_a_request_past_its_deadline_fails_and_the_next_one_gets_a_fresh_stream(
             client = await attested(server, "node-a")
             await client.batch_sign_csrs([("web", csr())])
             stream = client._stream
-            release = asyncio.Event()
-            sign = server.service.signer.sign
-
-            async def slow_sign(*args: Any) -> Any:
-                await release.wait()
-                return await sign(*args)
-
-            setattr(server.service.signer, "sign", slow_sign)  # noqa: B010
+            release, restore = hold_signing(server)
             client.timeout = 0.3
             with pytest.raises(CaError) as late:
                 await client.batch_sign_csrs([("web", csr())])
             assert late.value.code == "DEADLINE_EXCEEDED"
             release.set()
-            setattr(server.service.signer, "sign", sign)  # noqa: B010
+            restore()
             client.timeout = 10
             fresh = csr()
             [svid] = await client.batch_sign_csrs([("web", fresh)])
@@ -289,14 +296,7 @@ def test_a_client_closed_with_requests_in_flight_fails_them_as_cancelled(
     async def scenario() -> None:
         async with serving(server_config(ca_dir, entries_file)) as server:
             client: CaClient = await attested(server, "node-a")
-            release = asyncio.Event()
-            sign = server.service.signer.sign
-
-            async def slow_sign(*args: Any) -> Any:
-                await release.wait()
-                return await sign(*args)
-
-            setattr(server.service.signer, "sign", slow_sign)  # noqa: B010
+            release, _ = hold_signing(server)
             pending = asyncio.create_task(client.batch_sign_csrs([("web", csr())]))
             await eventually(lambda: client._stream is not None and bool(client._stream._waiting))
             await client.close()
