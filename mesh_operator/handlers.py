@@ -277,8 +277,11 @@ async def sync_once(
 async def sync_loop(config: OperatorConfig, state: OperatorState, client: KubeClient) -> None:
     """Sync after every burst of changes, and every ``resync_interval`` regardless."""
     while True:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for returns instead of raising when
+        # it is cancelled just as the event fires, and this loop would then never stop.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(state.dirty.wait(), timeout=config.resync_interval)
+            async with asyncio.timeout(config.resync_interval):
+                await state.dirty.wait()
         await asyncio.sleep(config.debounce)
         state.dirty.clear()
         try:

@@ -157,7 +157,10 @@ class Pool:
             changed = self._changed
             self._waiting += 1
             try:
-                await asyncio.wait_for(changed.wait(), remaining)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for returns instead of
+                # raising when it is cancelled just as the event fires.
+                async with asyncio.timeout(remaining):
+                    await changed.wait()
             except TimeoutError:
                 pass
             finally:

@@ -320,8 +320,11 @@ class Rotator:
 
     async def _sleep(self, seconds: float) -> None:
         self._wake.clear()
+        # asyncio.timeout, not wait_for: on 3.11 wait_for returns instead of raising when
+        # it is cancelled just as the event fires, and the loop would never stop.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, seconds))
+            async with asyncio.timeout(max(0.0, seconds)):
+                await self._wake.wait()
 
     def poke(self) -> None:
         """Run the sync loop now, entries included (tests, SIGHUP)."""

@@ -353,7 +353,8 @@ class WorkloadApi:
                 remaining = grace_until - loop.time()
                 if remaining > 0:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(rotator.wait_for_change(version), remaining)
+                        async with asyncio.timeout(remaining):  # see Rotator._sleep
+                            await rotator.wait_for_change(version)
                     continue
             await rotator.wait_for_change(version)
 

@@ -439,7 +439,8 @@ class FederationFetcher:
                 failures += 1
                 delay = min(self._min_refresh / 8 * 2 ** (failures - 1), MAX_BACKOFF)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), delay)
+                async with asyncio.timeout(delay):  # not wait_for: see Rotator._sleep
+                    await wake.wait()
             wake.clear()
 
     def poke(self) -> None:

@@ -53,3 +53,37 @@ def test_a_poke_refetches_the_entries_between_sync_intervals(
 
     fetches, known = run(main())
     assert fetches == 2 and known
+
+
+def test_a_sync_loop_cancelled_as_it_is_woken_stops() -> None:
+    """On Python 3.11 ``asyncio.wait_for`` swallows a cancellation that arrives just after
+    the awaited event fired; the loop's sleep would then return, and the loop go on for
+    ever (the agent's stop would hang). This sets up exactly that order of events."""
+    from typing import Any
+
+    from ca.agent.rotator import RotatorConfig
+    from ca.agent.upstream import UpstreamUnavailable
+
+    class DownUpstream:
+        agent_svid = None  # never attested
+
+        def __getattr__(self, name: str) -> Any:  # every call: the CA is unreachable
+            async def down(*args: Any, **kwargs: Any) -> Any:
+                raise UpstreamUnavailable("down", "the test's CA is down")
+
+            return down
+
+    async def main() -> bool:
+        config = RotatorConfig(sync_interval=60, backoff_base=30, backoff_cap=60, jitter=0)
+        rotator = Rotator(DownUpstream(), config=config)  # type: ignore[arg-type]
+        loop_task = asyncio.create_task(rotator.sync_loop())
+        await asyncio.sleep(0.1)  # the first sync failed; it backs off for 30 s
+        rotator.poke()
+        await asyncio.sleep(0)  # the wake-up's waiter has run; the loop has not seen it yet
+        loop_task.cancel()
+        await asyncio.wait([loop_task], timeout=10)
+        stopped = loop_task.cancelled()
+        loop_task.cancel()  # were it still running
+        return stopped
+
+    assert run(main())
