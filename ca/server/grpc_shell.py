@@ -23,6 +23,8 @@ from ca.server.wire import SERVICE, bundle_to_proto
 
 __all__ = ["BundleWatch", "SigningStreams", "make_handler"]
 
+_SIGNING_STREAM = "StreamX509SVIDs"
+
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
 
@@ -188,7 +190,7 @@ def make_handler(
     streams = streams or SigningStreams()
 
     async def stream_x509_svids(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        method = "StreamX509SVIDs"
+        method = _SIGNING_STREAM
         chain = _client_chain(context)
         try:
             node = service.authenticate(chain)
@@ -196,6 +198,16 @@ def make_handler(
             await _refuse(service, context, method, refusal, None)
             return
         log_event(logging.DEBUG, "signing-stream", node=node)
+        service.metrics.signing_stream_opened()
+        try:
+            await serve_signing_stream(context, chain, node)
+        finally:
+            service.metrics.signing_stream_closed()
+
+    async def serve_signing_stream(
+        context: grpc.aio.ServicerContext[Any, Any], chain: bytes | None, node: str
+    ) -> None:
+        method = _SIGNING_STREAM
         while True:
             message = await streams.read(context, node)
             if message is grpc.aio.EOF:
@@ -285,7 +297,7 @@ def make_handler(
             _authenticated(service, "FetchEntries", service.fetch_entries),
             ca_pb2.FetchEntriesRequest,
         ),
-        "StreamX509SVIDs": grpc.stream_stream_rpc_method_handler(
+        _SIGNING_STREAM: grpc.stream_stream_rpc_method_handler(
             stream_x509_svids,
             request_deserializer=ca_pb2.StreamX509SVIDsRequest.FromString,
             response_serializer=lambda m: m.SerializeToString(),

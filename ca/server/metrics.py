@@ -57,6 +57,12 @@ class CaMetrics:
             base,
             registry=self.registry,
         )
+        self._signing_streams = Gauge(
+            "trellis_ca_signing_streams",
+            "Open StreamX509SVIDs streams (about one per connected agent)",
+            base,
+            registry=self.registry,
+        )
         self._entry_reload_errors = Counter(
             "trellis_ca_entries_reload_errors_total",
             "Entry source reloads that failed (the previous entries stay in force)",
@@ -109,6 +115,12 @@ class CaMetrics:
 
     def attested_agents(self, count: int) -> None:
         self._agents.labels(**self._base).set(count)
+
+    def signing_stream_opened(self) -> None:
+        self._signing_streams.labels(**self._base).inc()
+
+    def signing_stream_closed(self) -> None:
+        self._signing_streams.labels(**self._base).dec()
 
     def entries(self, count: int) -> None:
         self._entries.labels(**self._base).set(count)

@@ -309,6 +309,7 @@ def exported_metric_names() -> set[str]:
     ca.rejected("r")
     ca.authority_expiry("intermediate", 1.0)
     ca.attested_agents(1)
+    ca.signing_stream_opened()
     ca.entries(1)
     ca.entry_reload_failed()
     ca.federation_fetch("partner.org", "ok")

@@ -31,6 +31,7 @@ from .conftest import attested, eventually, run, server_config, serving
 
 REJECTED = "trellis_ca_requests_rejected_total"
 ISSUED = "trellis_ca_x509_svid_issued_total"
+STREAMS = "trellis_ca_signing_streams"
 
 
 def csr() -> bytes:
@@ -174,7 +175,9 @@ def test_renewal_moves_to_a_new_stream_and_the_old_one_ends(
             # The old stream was half-closed by the agent, so the CA ended it: only the
             # new one is still waiting for requests.
             await eventually(lambda: len(server.signing_streams._reading) == 1)
+            assert server.metrics.value(STREAMS) == 1
             await client.close()
+            await eventually(lambda: server.metrics.value(STREAMS) == 0)
 
     run(scenario())
 
