@@ -59,7 +59,7 @@ class CaMetrics:
         )
         self._signing_streams = Gauge(
             "trellis_ca_signing_streams",
-            "Open StreamX509SVIDs streams (about one per connected agent)",
+            "Open StreamX509SVIDs streams (one per agent signing since its start or renewal)",
             base,
             registry=self.registry,
         )
