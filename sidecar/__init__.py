@@ -17,7 +17,7 @@ Command line (stable; the injector and `trellis up` depend on it)
                     [--drain-timeout SECONDS] [--log-level warning]
     trellis sidecar iptables --proxy-uid 1337 [--outbound-port 15001] [--inbound-port 15008]
                     [--exclude-inbound-ports 15000,...] [--exclude-outbound-ports ...]
-                    [--no-inbound-capture] [--dry-run]
+                    [--no-inbound-capture] [--ipv6 auto|on|off] [--dry-run]
 
 Flags override the YAML file (`sidecar.config` documents every key). Identity comes from
 the Workload API (`$SPIFFE_ENDPOINT_SOCKET` or `--workload-api-socket`; `--spiffe-id`
@@ -25,12 +25,16 @@ picks one SVID when the agent offers several) or, for local tests, `--svid-dir` 
 leaf+intermediate, svid.key, bundle.pem). `--upstreams svc.ns:8080=9001` binds
 127.0.0.1:9001 and sends each connection to svc.ns's sidecar (svc.ns:<inbound port>) as
 `CONNECT svc.ns:8080`, accepting any peer of our own trust domain. Transparent mode
-listens on 127.0.0.1:<outbound port> and reads SO_ORIGINAL_DST (after `trellis sidecar
-iptables`); the stream goes to <original IP>:<inbound port> with `:authority` = the
-original destination. Inbound, a CONNECT to host:PORT goes to 127.0.0.1:PORT (or the
-YAML `inbound.targets.PORT.app`). A bad flag or config value exits 1 with one line naming
-the field. Start-up prints one JSON line `{"event": "ready-to-serve", "inbound": ...,
-"admin": ..., "outbound": ..., "upstreams": {name: addr}}` on stdout once listening.
+listens on 127.0.0.1:<outbound port> and [::1]:<outbound port> and reads SO_ORIGINAL_DST
+(after `trellis sidecar iptables`, which installs the same rules with iptables and, when
+it is installed, ip6tables: `--ipv6 auto|on|off`); the stream goes to <original
+IP>:<inbound port> with `:authority` = the original destination. Its inbound listener
+also takes the IPv6 twin of its address (`::` for 0.0.0.0, `::1` for 127.0.0.1); a host
+without IPv6 gets a warning and IPv4 alone. Inbound, a CONNECT to host:PORT goes to
+127.0.0.1:PORT (or the YAML `inbound.targets.PORT.app`). A bad flag or config value
+exits 1 with one line naming the field. Start-up prints one JSON line
+`{"event": "ready-to-serve", "inbound": ..., "admin": ..., "outbound": ...,
+"upstreams": {name: addr}}` on stdout once listening.
 
 Policy: YAML `inbound.targets.PORT.allow` ([{exact: ID} | {prefix: ID}]) plus the
 operator's `--policy` document filtered by `--pod-labels` (reloaded when either file

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,13 @@ def register(commands: Any) -> None:
         "--no-inbound-capture",
         action="store_true",
         help="redirect only outbound traffic (leave inbound ports alone)",
+    )
+    ipt.add_argument(
+        "--ipv6",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="install the same rules with ip6tables: auto (the default) when it is installed, "
+        "warning otherwise; on fails without it; off leaves IPv6 uncaptured",
     )
     ipt.add_argument("--dry-run", action="store_true", help="print the iptables commands only")
     ipt.set_defaults(handler=cmd_iptables)
@@ -183,12 +191,27 @@ def cmd_iptables(args: argparse.Namespace) -> int:
         exclude_outbound_ports=args.exclude_outbound_ports,
         capture_inbound=not args.no_inbound_capture,
     )
+    binaries = ["iptables"]
+    have_ip6tables = shutil.which("ip6tables") is not None
+    if args.ipv6 == "on" and not have_ip6tables:
+        # Before anything is applied: half a redirect (IPv4 only) is what --ipv6 on forbids.
+        raise CliError("ip6tables not found (install the iptables package)")
+    if args.ipv6 != "off" and have_ip6tables:
+        binaries.append("ip6tables")
+    elif args.ipv6 == "auto":
+        print(
+            "warning: ip6tables is not installed; IPv6 connections will not be captured "
+            "(install the iptables package, or pass --ipv6 off to say that is intended)",
+            file=sys.stderr,
+        )
     if args.dry_run:
-        for rule in rules:
-            print("iptables " + " ".join(rule))
+        for binary in binaries:
+            for rule in rules:
+                print(f"{binary} " + " ".join(rule))
         return 0
     try:
-        iptables.apply(rules)
+        for binary in binaries:
+            iptables.apply(rules, binary)
     except RuntimeError as exc:
         raise CliError(str(exc)) from exc
     return 0

@@ -17,9 +17,10 @@ from ca.spiffeid import SpiffeId, SpiffeIdError
 
 from .bridge import Bridge
 from .channel import EngineChannel, SecureChannel
-from .config import InboundConfig
+from .config import Address, InboundConfig
 from .hbone import Refusal, parse_connect
 from .identity import Identity
+from .listen import listen_if_ipv6
 from .metrics import Metrics
 from .policy import Authorizer
 from .session import Session, SessionSettings
@@ -46,7 +47,7 @@ class Inbound:
         self.metrics = metrics
         self.authorizer = authorizer
         self.sessions: set[Session] = set()
-        self.server: asyncio.Server | None = None
+        self.servers: list[asyncio.Server] = []
         self._settings = SessionSettings(
             "inbound", keepalive_interval=keepalive_interval, keepalive_timeout=keepalive_timeout
         )
@@ -73,11 +74,20 @@ class Inbound:
             self.sessions.discard(session)
             self.metrics.inbound_connections.dec()
 
-    async def start(self) -> None:
+    async def start(self, ipv6_twin: Address | None = None) -> None:
+        """Listen on ``config.listen``; transparent mode also on its IPv6 twin (where
+        ip6tables redirects), when the host has IPv6."""
+        loop = asyncio.get_running_loop()
         listen = self.config.listen
-        self.server = await asyncio.get_running_loop().create_server(
-            self._session, listen.host, listen.port, reuse_address=True, backlog=1024
+        self.servers.append(
+            await loop.create_server(
+                self._session, listen.host, listen.port, reuse_address=True, backlog=1024
+            )
         )
+        if ipv6_twin is not None:
+            server = await listen_if_ipv6(loop, self._session, ipv6_twin)
+            if server is not None:
+                self.servers.append(server)
 
     def _request(
         self, session: Session, stream_id: int, headers: list[tuple[bytes, bytes]]
@@ -137,8 +147,8 @@ class Inbound:
         session.refuse(stream_id, status)
 
     def drain(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         for session in list(self.sessions):
             session.drain()
 

@@ -8,6 +8,10 @@ and the sidecar's own inbound port is redirected to the inbound port.
 
 Inbound capture in a pod means mTLS-only access: plaintext from outside the mesh would
 land on the TLS port and fail the handshake, which is the point.
+
+The plan names no address, so the same rules serve iptables and ip6tables; in transparent
+mode the sidecar listens on the IPv6 twin of its loopback and wildcard addresses too
+(``::1``, ``::``), where ip6tables' REDIRECT delivers.
 """
 
 from __future__ import annotations
@@ -75,4 +79,4 @@ def apply(rules: Sequence[Sequence[str]], binary: str = "iptables") -> None:
         if result.returncode != 0:
             if "-N" in rule and "exists" in result.stderr:
                 continue
-            raise RuntimeError(f"iptables {' '.join(rule)}: {result.stderr.strip()}")
+            raise RuntimeError(f"{binary} {' '.join(rule)}: {result.stderr.strip()}")

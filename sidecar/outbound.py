@@ -19,7 +19,8 @@ from collections.abc import Callable
 from ca.spiffeid import SpiffeId
 
 from .bridge import Bridge
-from .config import Address, UpstreamConfig
+from .config import Address, UpstreamConfig, ipv6_twin
+from .listen import listen_if_ipv6
 from .metrics import Metrics
 from .pool import PoolSet
 
@@ -94,7 +95,8 @@ class Outbound:
             target = Address(host, port)
             return (Address(host, self.inbound_port),), (), str(target)
 
-        server = await asyncio.get_running_loop().create_server(
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
             lambda: _OutboundBridge(self, resolve),
             listen.host,
             listen.port,
@@ -102,6 +104,11 @@ class Outbound:
             backlog=1024,
         )
         self.servers.append(server)
+        twin = ipv6_twin(listen)  # where ip6tables redirects the app's IPv6 connections
+        if twin is not None:
+            server6 = await listen_if_ipv6(loop, lambda: _OutboundBridge(self, resolve), twin)
+            if server6 is not None:
+                self.servers.append(server6)
 
     def start(self, bridge: _OutboundBridge) -> None:
         self.bridges.add(bridge)

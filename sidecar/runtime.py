@@ -24,7 +24,7 @@ from aiohttp import web
 from ca.runtime import settle_heap
 
 from .admin import start_admin
-from .config import SidecarConfig
+from .config import SidecarConfig, ipv6_twin
 from .identity import Identity, IdentityError, WorkloadApiWatcher, load_svid_dir
 from .inbound import Inbound
 from .metrics import Metrics
@@ -152,7 +152,8 @@ class Sidecar:
                 )
             self.watcher = WorkloadApiWatcher(target, self.identity, config.spiffe_id)
             self._tasks.append(asyncio.create_task(self.watcher.run()))
-        await self.inbound.start()
+        transparent = config.mode == "transparent"
+        await self.inbound.start(ipv6_twin(config.inbound.listen) if transparent else None)
         for upstream in config.upstreams:
             await self.outbound.listen_upstream(upstream)
         if config.mode == "transparent":

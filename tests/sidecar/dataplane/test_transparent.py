@@ -25,7 +25,8 @@ from .harness import Pki, Procs, wait_for
 CLIENT_SCRIPT = """
 import socket, sys
 payload = sys.argv[1].encode() * 1000
-with socket.create_connection(("127.0.0.2", 18080), timeout=10) as s:
+host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.2"
+with socket.create_connection((host, 18080), timeout=10) as s:
     s.sendall(payload)
     s.shutdown(socket.SHUT_WR)
     data = b""
@@ -37,8 +38,8 @@ print("echoed" if data == payload else f"mismatch {len(data)}")
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    if shutil.which("iptables") is None:
-        pytest.fail("iptables is not installed (Debian package iptables)")
+    if shutil.which("iptables") is None or shutil.which("ip6tables") is None:
+        pytest.fail("iptables/ip6tables are not installed (Debian package iptables)")
     name = f"trellis-test-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
@@ -131,3 +132,72 @@ def test_a_redirected_app_connection_reaches_the_peer_via_its_original_destinati
     assert 'trellis_sidecar_policy_decisions_total{decision="allow"} 1.0' in b
     pools = _curl(netns, "http://127.0.0.1:15000/config")
     assert "127.0.0.2:15008" in pools  # dialled the original destination's sidecar
+
+
+def test_an_ipv6_app_connection_is_redirected_too(netns: str, procs: Procs, pki: Pki) -> None:
+    """The same, over IPv6: ``fd00::2`` on the namespace's loopback plays the remote pod.
+    The rules go in with ip6tables as well, and sidecar A's transparent listener has an IPv6
+    twin on ``[::1]:15001``, where ip6tables' REDIRECT delivers."""
+    work = procs.workdir
+    subprocess.run(
+        _in(netns, "ip", "-6", "addr", "add", "fd00::2/128", "dev", "lo", "nodad"), check=True
+    )
+    rules = subprocess.run(
+        _in(
+            netns, sys.executable, "-m", "trellis", "sidecar", "iptables", "--proxy-uid=0",
+            "--outbound-port=15001", "--inbound-port=15008", "--exclude-inbound-ports=15000",
+        ),
+        capture_output=True, text=True, timeout=30, check=False,
+        env={**os.environ, "PYTHONPATH": str(ECHO_APP.parents[3])},
+    )  # fmt: skip
+    assert rules.returncode == 0 and "warning" not in rules.stderr, rules.stderr
+    listed = subprocess.run(
+        _in(netns, "ip6tables", "-t", "nat", "-S"), capture_output=True, text=True, check=True
+    ).stdout
+    assert "-A TRELLIS_OUTPUT -p tcp -j REDIRECT --to-ports 15001" in listed
+
+    procs.start("echo", _in(netns, sys.executable, str(ECHO_APP), "18080", "fd00::2"))
+    configs = {
+        "b": {
+            "svid_dir": str(pki.write(work / "svid-b", ECHO)),
+            "admin": "127.0.0.2:15000",
+            "inbound": {"listen": "[fd00::2]:15008", "default_app_host": "fd00::2"},
+        },
+        "a": {
+            "mode": "transparent",
+            "svid_dir": str(pki.write(work / "svid-a", CLIENT)),
+            "admin": "127.0.0.1:15000",
+            "outbound": "127.0.0.1:15001",
+            "inbound": {"listen": "127.0.0.1:15008"},
+        },
+    }
+    for name, config in configs.items():
+        path = work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        procs.start(
+            f"sidecar-{name}",
+            _in(netns, sys.executable, "-m", "trellis", "sidecar", "--config", str(path)),
+        )
+
+    def ready() -> bool:
+        try:
+            return all(
+                _curl(netns, f"http://{host}:15000/readyz").strip() == "ready"
+                for host in ("127.0.0.1", "127.0.0.2")
+            )
+        except subprocess.CalledProcessError:
+            return False
+
+    wait_for(ready, 30, "both sidecars ready in the namespace")
+    client = subprocess.run(
+        _in(
+            netns, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            sys.executable, "-c", CLIENT_SCRIPT, "six", "fd00::2",
+        ),
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert client.stdout.strip() == "echoed", client.stderr
+    a = _curl(netns, "http://127.0.0.1:15000/metrics")
+    assert 'trellis_sidecar_streams_total{direction="outbound",outcome="ok"} 1.0' in a
+    pools = _curl(netns, "http://127.0.0.1:15000/config")
+    assert "[fd00::2]:15008" in pools  # dialled the original IPv6 destination's sidecar
