@@ -86,13 +86,6 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def ipv6_twin(address: Address) -> Address | None:
-    """Where ip6tables' REDIRECT delivers what iptables' delivers to ``address``: ``::1``
-    for IPv4 loopback, ``::`` for the IPv4 wildcard, same port; None for other hosts."""
-    twin = {"127.0.0.1": "::1", "0.0.0.0": "::"}.get(address.host)
-    return Address(twin, address.port) if twin else None
-
-
 @dataclass(frozen=True, slots=True)
 class InboundTarget:
     port: int

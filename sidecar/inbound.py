@@ -17,10 +17,10 @@ from ca.spiffeid import SpiffeId, SpiffeIdError
 
 from .bridge import Bridge
 from .channel import EngineChannel, SecureChannel
-from .config import Address, InboundConfig
+from .config import InboundConfig
 from .hbone import Refusal, parse_connect
 from .identity import Identity
-from .listen import listen_if_ipv6
+from .listen import listen_twin
 from .metrics import Metrics
 from .policy import Authorizer
 from .session import Session, SessionSettings
@@ -74,7 +74,7 @@ class Inbound:
             self.sessions.discard(session)
             self.metrics.inbound_connections.dec()
 
-    async def start(self, ipv6_twin: Address | None = None) -> None:
+    async def start(self, *, ipv6_twin: bool = False) -> None:
         """Listen on ``config.listen``; transparent mode also on its IPv6 twin (where
         ip6tables redirects), when the host has IPv6."""
         loop = asyncio.get_running_loop()
@@ -84,10 +84,8 @@ class Inbound:
                 self._session, listen.host, listen.port, reuse_address=True, backlog=1024
             )
         )
-        if ipv6_twin is not None:
-            server = await listen_if_ipv6(loop, self._session, ipv6_twin)
-            if server is not None:
-                self.servers.append(server)
+        if ipv6_twin and (twin := await listen_twin(loop, self._session, listen)) is not None:
+            self.servers.append(twin)
 
     def _request(
         self, session: Session, stream_id: int, headers: list[tuple[bytes, bytes]]

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from ca.spiffeid import SpiffeId
 
 from .bridge import Bridge
-from .config import Address, UpstreamConfig, ipv6_twin
-from .listen import listen_if_ipv6
+from .config import Address, UpstreamConfig
+from .listen import listen_twin
 from .metrics import Metrics
 from .pool import PoolSet
 
@@ -104,11 +104,10 @@ class Outbound:
             backlog=1024,
         )
         self.servers.append(server)
-        twin = ipv6_twin(listen)  # where ip6tables redirects the app's IPv6 connections
+        # ...and where ip6tables redirects the app's IPv6 connections.
+        twin = await listen_twin(loop, lambda: _OutboundBridge(self, resolve), listen)
         if twin is not None:
-            server6 = await listen_if_ipv6(loop, lambda: _OutboundBridge(self, resolve), twin)
-            if server6 is not None:
-                self.servers.append(server6)
+            self.servers.append(twin)
 
     def start(self, bridge: _OutboundBridge) -> None:
         self.bridges.add(bridge)

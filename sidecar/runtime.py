@@ -24,7 +24,7 @@ from aiohttp import web
 from ca.runtime import settle_heap
 
 from .admin import start_admin
-from .config import SidecarConfig, ipv6_twin
+from .config import SidecarConfig
 from .identity import Identity, IdentityError, WorkloadApiWatcher, load_svid_dir
 from .inbound import Inbound
 from .metrics import Metrics
@@ -152,8 +152,7 @@ class Sidecar:
                 )
             self.watcher = WorkloadApiWatcher(target, self.identity, config.spiffe_id)
             self._tasks.append(asyncio.create_task(self.watcher.run()))
-        transparent = config.mode == "transparent"
-        await self.inbound.start(ipv6_twin(config.inbound.listen) if transparent else None)
+        await self.inbound.start(ipv6_twin=config.mode == "transparent")
         for upstream in config.upstreams:
             await self.outbound.listen_upstream(upstream)
         if config.mode == "transparent":

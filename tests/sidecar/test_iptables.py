@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from sidecar.config import Address, ipv6_twin
+from sidecar.config import Address
 from sidecar.iptables import plan
-from sidecar.listen import listen_if_ipv6
+from sidecar.listen import ipv6_twin, listen_if_ipv6
 from trellis.cli import main
 
 
