@@ -190,12 +190,11 @@ def make_handler(
     streams = streams or SigningStreams()
 
     async def stream_x509_svids(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        method = _SIGNING_STREAM
         chain = _client_chain(context)
         try:
             node = service.authenticate(chain)
         except Refusal as refusal:
-            await _refuse(service, context, method, refusal, None)
+            await _refuse(service, context, _SIGNING_STREAM, refusal, None)
             return
         log_event(logging.DEBUG, "signing-stream", node=node)
         service.metrics.signing_stream_opened()
@@ -207,7 +206,6 @@ def make_handler(
     async def serve_signing_stream(
         context: grpc.aio.ServicerContext[Any, Any], chain: bytes | None, node: str
     ) -> None:
-        method = _SIGNING_STREAM
         while True:
             message = await streams.read(context, node)
             if message is grpc.aio.EOF:
@@ -217,7 +215,7 @@ def make_handler(
                 # been banned since the stream opened (cached, a dictionary lookup).
                 service.authenticate(chain)
             except Refusal as refusal:
-                await _refuse(service, context, method, refusal, node)
+                await _refuse(service, context, _SIGNING_STREAM, refusal, node)
                 return
             if message is None:
                 # Woken by a ban lifted again before this check. The interrupted read
@@ -228,7 +226,7 @@ def make_handler(
                 result = await service.batch_new_x509_svid(message.batch, node)
                 reply = ca_pb2.StreamX509SVIDsResponse(id=message.id, svids=result.svids)
             except Refusal as refusal:
-                _record_refusal(service, context, method, refusal, node)
+                _record_refusal(service, context, _SIGNING_STREAM, refusal, node)
                 reply = ca_pb2.StreamX509SVIDsResponse(
                     id=message.id,
                     code=refusal.code.value[0],
