@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,9 @@ from ca.keys import KeyAlgorithm, PrivateKey, PublicKey, generate_private_key
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 
 __all__ = [
+    "CLOCK_SKEW_LEEWAY",
     "DEFAULT_JWT_SVID_TTL",
+    "MAX_JSON_DEPTH",
     "MAX_JWT_SVID_TTL",
     "MAX_TOKEN_BYTES",
     "JwtAuthority",
@@ -38,11 +41,37 @@ __all__ = [
 DEFAULT_JWT_SVID_TTL = dt.timedelta(minutes=5)
 MAX_JWT_SVID_TTL = dt.timedelta(hours=24)
 MAX_TOKEN_BYTES = 8 * 1024
+# Clock skew tolerated between issuer and validator, for "not yet" checks only (nbf, iat):
+# exp is never stretched, so a stolen token lives no longer than its issuer allowed.
+CLOCK_SKEW_LEEWAY = dt.timedelta(seconds=30)
+# JWT-SVID headers and claims are flat documents; deeper JSON is refused before any of it
+# reaches code that recurses (json's own decoder, protobuf's Struct, which a peer's
+# decoder caps at 100 levels).
+MAX_JSON_DEPTH = 16
+# NumericDate (RFC 7519 §2) bounds: a datetime can represent up to the year 9999.
+_MAX_NUMERIC_DATE = 253402300799
+# A JSON integer longer than this cannot be a NumericDate or any claim we carry; bounding
+# it keeps int() and protobuf's double conversion away from numbers of any size.
+_MAX_INT_DIGITS = 20
 
 _EC_ALGS: dict[str, tuple[hashes.HashAlgorithm, str, int]] = {
     "ES256": (hashes.SHA256(), "secp256r1", 32),
     "ES384": (hashes.SHA384(), "secp384r1", 48),
     "ES512": (hashes.SHA512(), "secp521r1", 66),
+}
+# Group orders n of the NIST curves (SEC 2 §2.4.2, §2.5.1, §2.6.1), for the low-S rule.
+_ORDERS: dict[str, int] = {
+    "secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    "secp384r1": int(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF"
+        "581A0DB248B0A77AECEC196ACCC52973",
+        16,
+    ),
+    "secp521r1": int(
+        "01FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFA51868783BF2F966B7FCC"
+        "0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
+        16,
+    ),
 }
 _RSA_HASHES: dict[str, hashes.HashAlgorithm] = {
     "RS256": hashes.SHA256(),
@@ -138,6 +167,10 @@ class JwtAuthority:
         hash_alg, _, size = _EC_ALGS[alg]
         assert isinstance(self.private_key, ec.EllipticCurvePrivateKey)
         r, s = decode_dss_signature(self.private_key.sign(signing_input, ec.ECDSA(hash_alg)))
+        # Low-S: (r, s) and (r, n - s) both verify; emitting only s <= n/2 keeps our tokens
+        # acceptable to validators that refuse the malleable twin (as this module does).
+        order = _ORDERS[self.private_key.curve.name]
+        s = min(s, order - s)
         signature = r.to_bytes(size, "big") + s.to_bytes(size, "big")
         token = f"{signing_input.decode()}.{b64url(signature)}"
         return JwtSvid(
@@ -145,14 +178,67 @@ class JwtAuthority:
         )
 
 
+def _refuse_constant(name: str) -> Any:
+    # Python's json accepts NaN, Infinity and -Infinity, which RFC 8259 §6 does not.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError(f"integer of {len(text)} digits")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value (iterative: the value may be deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level <= MAX_JSON_DEPTH:
+                children = item.values() if isinstance(item, dict) else item
+                stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def _decode_json(part: str, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(b64url_decode(part))
+        value = json.loads(
+            b64url_decode(part),
+            parse_constant=_refuse_constant,
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+        )
+    except RecursionError as exc:  # the C decoder recurses once per level
+        raise JwtSvidError("malformed", f"{what} nests deeper than {MAX_JSON_DEPTH}") from exc
     except (JwkError, ValueError, UnicodeDecodeError) as exc:
-        raise JwtSvidError("malformed", f"{what} is not base64url JSON") from exc
+        raise JwtSvidError("malformed", f"{what} is not base64url JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise JwtSvidError("malformed", f"{what} is not a JSON object")
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise JwtSvidError("malformed", f"{what} nests deeper than {MAX_JSON_DEPTH}")
     return value
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    """A NumericDate claim (RFC 7519 §2): seconds since the epoch, finite, in range."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    # bool is an int in Python; JSON true is not a date.
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise JwtSvidError("bad-claim", f"{name} claim is not a NumericDate")
+    if not 0 <= value <= _MAX_NUMERIC_DATE:
+        raise JwtSvidError("bad-claim", f"{name} claim {value!r} is out of range")
+    return float(value)
 
 
 def _verify_signature(alg: str, key: PublicKey, signing_input: bytes, signature: bytes) -> None:
@@ -163,9 +249,13 @@ def _verify_signature(alg: str, key: PublicKey, signing_input: bytes, signature:
                 raise JwtSvidError("key-mismatch", f"key {key_type(key)} cannot verify {alg}")
             if len(signature) != 2 * size:
                 raise JwtSvidError("bad-signature", f"{alg} signature must be {2 * size} bytes")
-            der = encode_dss_signature(
-                int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
-            )
+            r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+            # Refuse the malleable twin (r, n - s): one token, one accepted encoding. This is
+            # the low-S rule (as in Bitcoin's BIP 62 and libsecp256k1); RFC 7518 §3.4 fixes
+            # the length, not which of the two s values.
+            if s > _ORDERS[curve] // 2:
+                raise JwtSvidError("non-canonical-signature", f"{alg} signature has a high S")
+            der = encode_dss_signature(r, s)
             key.verify(der, signing_input, ec.ECDSA(hash_alg))
         elif alg in _RSA_HASHES:
             if not isinstance(key, rsa.RSAPublicKey):
@@ -234,11 +324,21 @@ def validate_jwt_svid(
         raise JwtSvidError("malformed", "signature is not base64url") from exc
     _verify_signature(alg, trusted[kid], f"{parts[0]}.{parts[1]}".encode(), signature)
     # Only now are the claims trustworthy.
-    exp = claims.get("exp")
-    if not isinstance(exp, int | float) or isinstance(exp, bool):
+    exp = _numeric_date(claims, "exp")
+    if exp is None:
         raise JwtSvidError("missing-expiry", "exp claim is missing")
-    if now.timestamp() >= exp:
+    instant = now.timestamp()
+    if instant >= exp:
         raise JwtSvidError("expired", "token has expired")
+    # RFC 7519 §4.1.5: not before nbf; iat in the future means the issuer's clock or the
+    # token is wrong. Both with the skew leeway, neither optional once present.
+    leeway = CLOCK_SKEW_LEEWAY.total_seconds()
+    nbf = _numeric_date(claims, "nbf")
+    if nbf is not None and instant + leeway < nbf:
+        raise JwtSvidError("not-yet-valid", "token is not valid yet (nbf is in the future)")
+    iat = _numeric_date(claims, "iat")
+    if iat is not None and instant + leeway < iat:
+        raise JwtSvidError("issued-in-future", "token was issued in the future (iat)")
     aud = claims.get("aud")
     audiences = (aud,) if isinstance(aud, str) else tuple(aud) if isinstance(aud, list) else ()
     if not audiences or not all(isinstance(a, str) for a in audiences):
