@@ -30,6 +30,7 @@ from ca.keys import (
     write_private_file,
     write_public_file,
 )
+from ca.server.entries import RESERVED_PATH_PREFIX
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from ca.store import CaStore, StoreError, read_passphrase, utcnow
 from ca.verify import VerificationError, verify_x509_svid
@@ -107,6 +108,7 @@ def register(commands: Any) -> None:
     p.add_argument("--csr", type=Path, help="sign this PKCS#10 CSR instead of generating a key")
     p.add_argument("--key-type", type=_key_algorithm, default=KeyAlgorithm.P256)
     p.add_argument("--dns", action="append", default=[], help="extra DNS SAN (repeatable)")
+    _add_reserved_path_argument(p)
     p.set_defaults(handler=cmd_issue)
 
     p = sub.add_parser("jwt", help="issue a JWT-SVID and print it")
@@ -115,6 +117,7 @@ def register(commands: Any) -> None:
     p.add_argument("--spiffe-id", required=True, type=_spiffe_id)
     p.add_argument("--audience", required=True, action="append")
     p.add_argument("--ttl", type=_duration, default=DEFAULT_JWT_SVID_TTL)
+    _add_reserved_path_argument(p)
     p.set_defaults(handler=cmd_jwt)
 
     p = sub.add_parser("bundle", help="print the trust bundle")
@@ -133,6 +136,28 @@ def register(commands: Any) -> None:
     from ca.server import cli as server_cli  # `ca serve`, `ca token` (issue 4)
 
     server_cli.register(sub)
+
+
+def _add_reserved_path_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-reserved-path",
+        action="store_true",
+        help=f"issue an ID under {RESERVED_PATH_PREFIX}, the agents' and CAs' own paths (the CA"
+        " takes spiffe://TD/trellis/agent/NODE for NODE's attested agent)",
+    )
+
+
+def _refuse_reserved_path(args: argparse.Namespace) -> None:
+    """An ID under /trellis/ is an agent's or a CA's: the CA server believes an X509-SVID
+    for /trellis/agent/NODE is NODE's attested agent, so minting one by hand bypasses node
+    attestation. Only an explicit flag does it."""
+    spiffe_id: SpiffeId = args.spiffe_id
+    if spiffe_id.path.startswith(RESERVED_PATH_PREFIX) and not args.allow_reserved_path:
+        raise CliError(
+            f"{spiffe_id} is under {RESERVED_PATH_PREFIX}, reserved for agents and CAs (the CA"
+            " accepts /trellis/agent/NODE as NODE's agent); pass --allow-reserved-path to"
+            " issue it anyway"
+        )
 
 
 def _refusal(exc: Exception) -> CliError:
@@ -193,6 +218,7 @@ def _stage(directory: Path, files: dict[str, tuple[bytes, bool]]) -> None:
 
 
 def cmd_issue(args: argparse.Namespace) -> int:
+    _refuse_reserved_path(args)
     try:
         store = CaStore(args.dir)
         intermediate = store.load_intermediate(args.cluster)
@@ -227,6 +253,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_jwt(args: argparse.Namespace) -> int:
+    _refuse_reserved_path(args)
     try:
         store = CaStore(args.dir)
         intermediate = store.load_intermediate(args.cluster)

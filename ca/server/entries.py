@@ -52,6 +52,7 @@ from trellis.durations import parse_duration
 __all__ = [
     "ALL_NODES",
     "RESERVED_DNS_NAMES",
+    "RESERVED_PATH_PREFIX",
     "SELECTOR_KINDS",
     "EntryError",
     "EntrySet",
@@ -72,6 +73,9 @@ ALL_NODES = "*"
 # The CA server's own certificate carries this DNS name; clients expect it (see client.py),
 # so no workload entry may request it.
 RESERVED_DNS_NAMES = frozenset({"trellis-ca"})
+# Agents (/trellis/agent/NODE, which the CA takes as NODE's attested agent) and CAs live
+# here; an entry for such an ID would let a workload act as an agent.
+RESERVED_PATH_PREFIX = "/trellis/"
 MAX_ENTRIES_BYTES = 16 * 1024 * 1024
 # SPIRE allows 1,024; a hint is a short label ("internal", "external"), not a document.
 MAX_HINT_CHARS = 128
@@ -196,8 +200,10 @@ class RegistrationEntry:
             raise EntryError(f"spiffe_id: {exc}") from exc
         if not sid.path:
             raise EntryError(f"spiffe_id: {sid} has no path; workload IDs need one")
-        if sid.path.startswith("/trellis/"):
-            raise EntryError(f"spiffe_id: {sid} is under /trellis/, reserved for agents and CAs")
+        if sid.path.startswith(RESERVED_PATH_PREFIX):
+            raise EntryError(
+                f"spiffe_id: {sid} is under {RESERVED_PATH_PREFIX}, reserved for agents and CAs"
+            )
         parsed = frozenset(s if isinstance(s, Selector) else parse_selector(s) for s in selectors)
         if not parsed:
             raise EntryError("selectors: an entry needs at least one selector")

@@ -282,3 +282,27 @@ def test_inspect_reports_a_chain_that_does_not_verify(
     assert (
         main(["ca", "inspect", str(out / "svid.pem"), "--bundle", str(ca_dir / "bundle.json")]) == 0
     )
+
+
+AGENT = "spiffe://example.org/trellis/agent/node-a"
+
+
+def test_an_agent_identity_is_not_issued_without_the_reserved_path_flag(
+    ca_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CA server takes any SVID of its trust domain for /trellis/agent/NODE as NODE's
+    attested agent, so `ca issue` (and `ca jwt`) mint one only when asked in so many words."""
+    from ca.server.attestation import node_of_agent
+    from ca.spiffeid import TrustDomain
+    from ca.x509svid import spiffe_id_of
+
+    out = tmp_path / "agent"
+    for spiffe_id in (AGENT, "spiffe://example.org/trellis/ca"):
+        refuse(issue_args(ca_dir, out, "--spiffe-id", spiffe_id), capsys, "--allow-reserved-path")
+        jwt = ["ca", "jwt", "--dir", str(ca_dir), "--cluster", "west", "--audience", "ca"]
+        refuse([*jwt, "--spiffe-id", spiffe_id], capsys, "reserved for agents and CAs")
+    assert not out.exists()
+
+    assert main(issue_args(ca_dir, out, "--spiffe-id", AGENT, "--allow-reserved-path")) == 0
+    leaf = x509.load_pem_x509_certificates((out / "svid.pem").read_bytes())[0]
+    assert node_of_agent(spiffe_id_of(leaf), TrustDomain("example.org")) == "node-a"
