@@ -32,7 +32,7 @@ from ca.keys import (
 )
 from ca.server.entries import RESERVED_PATH_PREFIX
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
-from ca.store import CaStore, StoreError, read_passphrase, utcnow
+from ca.store import CaStore, StoreError, read_key_passphrase, read_passphrase, utcnow
 from ca.verify import VerificationError, verify_x509_svid
 from ca.x509svid import DEFAULT_X509_SVID_TTL, SvidError, spiffe_id_of
 from trellis.cli import CliError
@@ -79,6 +79,24 @@ def _spiffe_id(text: str) -> SpiffeId:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+_KEY_PROTECTION_HELP = (
+    "encrypt (ca intermediate) or open the cluster's intermediate and JWT keys with the"
+    " passphrase in FILE (default: $TRELLIS_KEY_PASSPHRASE; neither: unencrypted keys, for"
+    " Kubernetes, where the Secret holding them is the cluster's protection)"
+)
+
+
+def add_key_passphrase_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--key-passphrase-file", type=Path, metavar="FILE", help=_KEY_PROTECTION_HELP
+    )
+
+
+def open_store(directory: Path, key_passphrase_file: Path | None) -> CaStore:
+    """The CA directory, with the key passphrase from the flag or the environment."""
+    return CaStore(directory, key_passphrase=read_key_passphrase(key_passphrase_file))
+
+
 def register(commands: Any) -> None:
     ca = commands.add_parser("ca", help="certificate authority (local mode)")
     sub = ca.add_subparsers(dest="ca_command", metavar="CA_COMMAND", required=True)
@@ -97,6 +115,7 @@ def register(commands: Any) -> None:
     p.add_argument("--ttl", type=_duration, default=DEFAULT_INTERMEDIATE_TTL)
     p.add_argument("--key-type", type=_key_algorithm, default=KeyAlgorithm.P256)
     p.add_argument("--passphrase-file", type=Path)
+    add_key_passphrase_argument(p)
     p.set_defaults(handler=cmd_intermediate)
 
     p = sub.add_parser("issue", help="issue an X509-SVID from a cluster intermediate")
@@ -109,6 +128,7 @@ def register(commands: Any) -> None:
     p.add_argument("--key-type", type=_key_algorithm, default=KeyAlgorithm.P256)
     p.add_argument("--dns", action="append", default=[], help="extra DNS SAN (repeatable)")
     _add_reserved_path_argument(p)
+    add_key_passphrase_argument(p)
     p.set_defaults(handler=cmd_issue)
 
     p = sub.add_parser("jwt", help="issue a JWT-SVID and print it")
@@ -118,6 +138,7 @@ def register(commands: Any) -> None:
     p.add_argument("--audience", required=True, action="append")
     p.add_argument("--ttl", type=_duration, default=DEFAULT_JWT_SVID_TTL)
     _add_reserved_path_argument(p)
+    add_key_passphrase_argument(p)
     p.set_defaults(handler=cmd_jwt)
 
     p = sub.add_parser("bundle", help="print the trust bundle")
@@ -184,7 +205,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_intermediate(args: argparse.Namespace) -> int:
     try:
-        store = CaStore(args.dir)
+        store = open_store(args.dir, args.key_passphrase_file)
         store.root_certificate()  # a missing directory is reported before a missing passphrase
         root = store.load_root(read_passphrase(args.passphrase_file))
         intermediate = root.issue_intermediate(
@@ -195,9 +216,10 @@ def cmd_intermediate(args: argparse.Namespace) -> int:
         raise _refusal(exc) from exc
     except OSError as exc:
         raise CliError(f"cannot write to {args.dir}: {exc.strerror}") from exc
+    protection = "encrypted" if store.key_passphrase is not None else "unencrypted"
     print(
         f"intermediate for cluster {args.cluster} written to {store.cluster_dir(args.cluster)}"
-        f" (expires {intermediate.expires_at:%Y-%m-%d %H:%M} UTC)"
+        f" (keys {protection}, 0600; expires {intermediate.expires_at:%Y-%m-%d %H:%M} UTC)"
     )
     return 0
 
@@ -220,7 +242,7 @@ def _stage(directory: Path, files: dict[str, tuple[bytes, bool]]) -> None:
 def cmd_issue(args: argparse.Namespace) -> int:
     _refuse_reserved_path(args)
     try:
-        store = CaStore(args.dir)
+        store = open_store(args.dir, args.key_passphrase_file)
         intermediate = store.load_intermediate(args.cluster)
         bundle = store.load_bundle(intermediate.trust_domain)
         now = utcnow()
@@ -255,7 +277,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
 def cmd_jwt(args: argparse.Namespace) -> int:
     _refuse_reserved_path(args)
     try:
-        store = CaStore(args.dir)
+        store = open_store(args.dir, args.key_passphrase_file)
         intermediate = store.load_intermediate(args.cluster)
         if args.spiffe_id.trust_domain != intermediate.trust_domain:
             raise IssuanceError(

@@ -22,6 +22,7 @@ __all__ = [
     "PublicKey",
     "describe_public_key",
     "generate_private_key",
+    "is_encrypted_pem",
     "load_private_key",
     "private_key_pem",
     "write_private_file",
@@ -153,6 +154,12 @@ def load_private_key(
     ):
         raise KeyMaterialError(f"{what} has unsupported type {type(key).__name__}")
     return key
+
+
+def is_encrypted_pem(data: bytes) -> bool:
+    """Whether a PEM private key is passphrase-protected: encrypted PKCS#8 (RFC 5958 §3,
+    ``ENCRYPTED PRIVATE KEY``) or a legacy OpenSSL ``Proc-Type: 4,ENCRYPTED`` header."""
+    return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data or b"Proc-Type: 4,ENCRYPTED" in data
 
 
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:

@@ -8,13 +8,20 @@ DIR/clusters/NAME/intermediate.crt    the cluster intermediate (public)
 DIR/clusters/NAME/intermediate.key    its key, 0600 (the cluster's Secret in Kubernetes)
 DIR/clusters/NAME/jwt.key             the cluster's JWT-SVID signing key, 0600
 ```
+
+The root key is always encrypted (``$TRELLIS_ROOT_PASSPHRASE`` or ``--passphrase-file``).
+The cluster keys are encrypted when a key passphrase is given (``$TRELLIS_KEY_PASSPHRASE``
+or ``--key-passphrase-file``), which local mode should use: on a shared disk 0600 guards a
+key only from other users, not from root, a backup or a copied directory. Unencrypted
+cluster keys stay accepted, because in Kubernetes they come from a Secret, which is the
+cluster's own protection (RBAC, optional encryption at rest) and has no passphrase to give.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -25,6 +32,8 @@ from ca.bundle import BundleError, TrustBundle, load_pem_certificates
 from ca.jwtsvid import JwtAuthority
 from ca.keys import (
     KeyMaterialError,
+    PrivateKey,
+    is_encrypted_pem,
     load_private_key,
     private_key_pem,
     write_private_file,
@@ -33,9 +42,17 @@ from ca.keys import (
 from ca.spiffeid import TrustDomain
 from ca.x509svid import SvidError, spiffe_id_of
 
-__all__ = ["CaStore", "StoreError", "read_passphrase"]
+__all__ = [
+    "KEY_PASSPHRASE_ENV",
+    "CaStore",
+    "StoreError",
+    "load_protected_key",
+    "read_key_passphrase",
+    "read_passphrase",
+]
 
 PASSPHRASE_ENV = "TRELLIS_ROOT_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
+KEY_PASSPHRASE_ENV = "TRELLIS_KEY_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
 MIN_PASSPHRASE = 8
 
 
@@ -43,23 +60,50 @@ class StoreError(Exception):
     """The CA directory is missing something or holds something unreadable."""
 
 
-def read_passphrase(passphrase_file: Path | None) -> bytes:
-    """The root passphrase: from a file if given, else ``$TRELLIS_ROOT_PASSPHRASE``."""
-    if passphrase_file is not None:
+def _passphrase(file: Path | None, env_name: str, what: str) -> bytes | None:
+    if file is not None:
         try:
-            value = passphrase_file.read_bytes().rstrip(b"\r\n")
+            value = file.read_bytes().rstrip(b"\r\n")
         except OSError as exc:
-            raise StoreError(
-                f"cannot read passphrase file {passphrase_file}: {exc.strerror}"
-            ) from exc
+            raise StoreError(f"cannot read passphrase file {file}: {exc.strerror}") from exc
     else:
-        env = os.environ.get(PASSPHRASE_ENV)
+        env = os.environ.get(env_name)
         if env is None:
-            raise StoreError(f"no root passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file")
+            return None
         value = env.encode()
     if len(value) < MIN_PASSPHRASE:
-        raise StoreError(f"the root passphrase must be at least {MIN_PASSPHRASE} characters")
+        raise StoreError(f"the {what} passphrase must be at least {MIN_PASSPHRASE} characters")
     return value
+
+
+def read_passphrase(passphrase_file: Path | None) -> bytes:
+    """The root passphrase: from a file if given, else ``$TRELLIS_ROOT_PASSPHRASE``."""
+    value = _passphrase(passphrase_file, PASSPHRASE_ENV, "root")
+    if value is None:
+        raise StoreError(f"no root passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file")
+    return value
+
+
+def read_key_passphrase(passphrase_file: Path | None) -> bytes | None:
+    """The passphrase of the cluster and agent keys: from ``--key-passphrase-file`` if
+    given, else ``$TRELLIS_KEY_PASSPHRASE``, else None (keys are written unencrypted)."""
+    return _passphrase(passphrase_file, KEY_PASSPHRASE_ENV, "key")
+
+
+def load_protected_key(data: bytes, passphrase: bytes | None, *, what: str) -> PrivateKey:
+    """A key whose encryption is opt-in (cluster intermediate, JWT, agent).
+
+    An encrypted key needs the passphrase. An unencrypted one loads with or without it, so
+    turning a passphrase on needs no migration step: the next write encrypts the key.
+    Raises ``KeyMaterialError`` whose one line names ``what`` (which should hold the path).
+    """
+    if not is_encrypted_pem(data):
+        return load_private_key(data, what=what)
+    if passphrase is None:
+        raise KeyMaterialError(
+            f"{what} is encrypted: set {KEY_PASSPHRASE_ENV} or pass --key-passphrase-file"
+        )
+    return load_private_key(data, passphrase, what=what)
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -86,6 +130,9 @@ def _pem(cert: x509.Certificate) -> bytes:
 @dataclass(frozen=True)
 class CaStore:
     root_dir: Path
+    # Encrypts the cluster keys this store writes and opens the encrypted ones it reads;
+    # None writes them unencrypted (and still reads unencrypted ones). Never in a repr.
+    key_passphrase: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def root_cert_path(self) -> Path:
@@ -137,33 +184,46 @@ class CaStore:
     def save_intermediate(self, intermediate: IntermediateAuthority, jwt: JwtAuthority) -> None:
         directory = self.cluster_dir(intermediate.cluster)
         write_private_file(
-            directory / "intermediate.key", private_key_pem(intermediate.private_key)
+            directory / "intermediate.key",
+            private_key_pem(intermediate.private_key, self.key_passphrase),
         )
-        write_private_file(directory / "jwt.key", private_key_pem(jwt.private_key))
+        write_private_file(
+            directory / "jwt.key", private_key_pem(jwt.private_key, self.key_passphrase)
+        )
         write_public_file(directory / "intermediate.crt", _pem(intermediate.certificate))
         bundle = self.load_bundle_or_none(intermediate.trust_domain) or TrustBundle(
             intermediate.trust_domain
         )
         self.save_bundle(bundle.with_jwt_authority(jwt.key_id, jwt.public_key))
 
-    def load_intermediate(self, cluster: str) -> IntermediateAuthority:
+    def _cluster_key(self, path: Path, what: str) -> PrivateKey:
+        try:
+            return load_protected_key(_read(path, what), self.key_passphrase, what=f"{what} {path}")
+        except KeyMaterialError as exc:
+            raise StoreError(str(exc)) from exc
+
+    def intermediate_certificate(self, cluster: str) -> x509.Certificate:
+        """The cluster's intermediate certificate alone: proves the cluster exists without
+        opening its key (which may need a passphrase)."""
         directory = self.cluster_dir(cluster)
         if not directory.is_dir():
             raise StoreError(f"no intermediate for cluster {cluster!r} (expected {directory})")
-        cert = _one_cert(directory / "intermediate.crt", "intermediate certificate")
+        return _one_cert(directory / "intermediate.crt", "intermediate certificate")
+
+    def load_intermediate(self, cluster: str) -> IntermediateAuthority:
+        cert = self.intermediate_certificate(cluster)
+        key = self._cluster_key(self.cluster_dir(cluster) / "intermediate.key", "intermediate key")
         try:
-            key = load_private_key(
-                _read(directory / "intermediate.key", "intermediate key"), what="intermediate key"
-            )
             return IntermediateAuthority.load(cert, key, cluster)
         except (KeyMaterialError, SvidError) as exc:
             raise StoreError(str(exc)) from exc
 
     def load_jwt_authority(self, cluster: str) -> JwtAuthority:
         path = self.cluster_dir(cluster) / "jwt.key"
+        key = self._cluster_key(path, "JWT key")
         try:
-            return JwtAuthority.from_key(load_private_key(_read(path, "JWT key"), what="JWT key"))
-        except (KeyMaterialError, ValueError) as exc:
+            return JwtAuthority.from_key(key)
+        except ValueError as exc:
             raise StoreError(f"{path}: {exc}") from exc
 
     # -- bundle -------------------------------------------------------------------------

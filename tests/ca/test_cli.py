@@ -306,3 +306,73 @@ def test_an_agent_identity_is_not_issued_without_the_reserved_path_flag(
     assert main(issue_args(ca_dir, out, "--spiffe-id", AGENT, "--allow-reserved-path")) == 0
     leaf = x509.load_pem_x509_certificates((out / "svid.pem").read_bytes())[0]
     assert node_of_agent(spiffe_id_of(leaf), TrustDomain("example.org")) == "node-a"
+
+
+KEY_PASS = "cluster key passphrase"
+
+
+def test_a_key_passphrase_encrypts_the_intermediate_and_jwt_keys_and_issues_with_them(
+    ca_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Local mode: ``ca intermediate`` with a key passphrase writes both cluster keys as
+    encrypted PKCS#8 (0600), and ``ca issue`` / ``ca jwt`` open them with the same one, from
+    the environment or a file."""
+    secret = tmp_path / "key-pass"
+    secret.write_text(f"{KEY_PASS}\n")
+    made = trellis("ca", "intermediate", "--dir", str(ca_dir), "--cluster", "sealed",
+                   env={"TRELLIS_KEY_PASSPHRASE": KEY_PASS})  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert "keys encrypted" in made.stdout
+    for name in ("intermediate.key", "jwt.key"):
+        path = ca_dir / "clusters/sealed" / name
+        assert mode(path) == 0o600
+        assert path.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        assert KEY_PASS.encode() not in path.read_bytes()
+    out = tmp_path / "web"
+    issue = ["ca", "issue", "--dir", str(ca_dir), "--cluster", "sealed", "--out", str(out)]
+    assert main([*issue, "--spiffe-id", WEB, "--key-passphrase-file", str(secret)]) == 0
+    chain = x509.load_pem_x509_certificates((out / "svid.pem").read_bytes())
+    assert chain[1] == x509.load_pem_x509_certificate(
+        (ca_dir / "clusters/sealed/intermediate.crt").read_bytes()
+    )
+    capsys.readouterr()
+    jwt = ["ca", "jwt", "--dir", str(ca_dir), "--cluster", "sealed", "--audience", "db"]
+    assert main([*jwt, "--spiffe-id", WEB, "--key-passphrase-file", str(secret)]) == 0
+    assert capsys.readouterr().out.count(".") == 2  # header.payload.signature
+
+
+def test_an_encrypted_intermediate_without_or_with_a_wrong_passphrase_is_one_line_naming_it(
+    ca_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("TRELLIS_KEY_PASSPHRASE", KEY_PASS)
+    assert main(["ca", "intermediate", "--dir", str(ca_dir), "--cluster", "locked"]) == 0
+    monkeypatch.delenv("TRELLIS_KEY_PASSPHRASE")
+    key = ca_dir / "clusters/locked/intermediate.key"
+    out = tmp_path / "nothing"
+    issue = ["ca", "issue", "--dir", str(ca_dir), "--cluster", "locked", "--out", str(out)]
+    refuse(
+        [*issue, "--spiffe-id", WEB],
+        capsys,
+        f"intermediate key {key} is encrypted: set TRELLIS_KEY_PASSPHRASE"
+        " or pass --key-passphrase-file",
+    )
+    monkeypatch.setenv("TRELLIS_KEY_PASSPHRASE", "not the key passphrase")
+    refuse([*issue, "--spiffe-id", WEB], capsys, f"cannot decrypt intermediate key {key}")
+    jwt = ["ca", "jwt", "--dir", str(ca_dir), "--cluster", "locked", "--audience", "db"]
+    refuse([*jwt, "--spiffe-id", WEB], capsys, f"cannot decrypt intermediate key {key}")
+    monkeypatch.setenv("TRELLIS_KEY_PASSPHRASE", "short")
+    refuse([*issue, "--spiffe-id", WEB], capsys, "the key passphrase must be at least 8")
+    assert not out.exists()
+
+
+def test_unencrypted_cluster_keys_stay_accepted_with_or_without_a_key_passphrase(
+    ca_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys mounted from a Kubernetes Secret are unencrypted: a passphrase set for other
+    keys does not lock them out."""
+    assert b"ENCRYPTED" not in (ca_dir / "clusters/west/intermediate.key").read_bytes()
+    monkeypatch.setenv("TRELLIS_KEY_PASSPHRASE", KEY_PASS)
+    assert main(issue_args(ca_dir, tmp_path / "a", "--spiffe-id", WEB)) == 0
+    monkeypatch.delenv("TRELLIS_KEY_PASSPHRASE")
+    assert main(issue_args(ca_dir, tmp_path / "b", "--spiffe-id", WEB)) == 0
