@@ -28,8 +28,8 @@ from .events import (
 )
 from .keylog import keylog_line
 from .keyschedule import TrafficKeys, next_traffic_secret, resumption_psk, traffic_keys
+from .limits import MAX_HANDSHAKE_MESSAGE, Stall
 from .messages import (
-    MAX_HANDSHAKE_MESSAGE,
     HandshakeType,
     KeyUpdate,
     KeyUpdateRequest,
@@ -175,6 +175,7 @@ class Connection:
         self._ccs_received = False
         self._ccs_sent = False
         self._handshake_started = False
+        self._stall = Stall()
         self.client_random = b""
         self._key_update_limit = config.key_update_after_records
 
@@ -221,12 +222,14 @@ class Connection:
                 if (
                     content_type == ContentType.application_data
                     and encrypted
+                    and fragment
                     and not self._hs_in
                     and isinstance(self._state, Traffic)
                 ):
                     # The traffic phase's one common case, without the dispatch below.
-                    if fragment:
-                        events.append(ApplicationData(fragment))
+                    events.append(ApplicationData(fragment))
+                    if self._stall.active:
+                        self._stall.progress()
                     continue
                 self._handle_record(content_type, fragment, encrypted)
             reader.compact()
@@ -429,6 +432,7 @@ class Connection:
         self._emit(KeyUpdated("write", requested=False))
 
     def _peer_key_update(self, state: Traffic, message: KeyUpdate) -> None:
+        self._stall.key_update()
         state.read_secret = next_traffic_secret(state.params, state.read_secret)
         self._set_read_keys(state.params, traffic_keys(state.params, state.read_secret))
         requested = message.request_update == KeyUpdateRequest.update_requested
@@ -456,6 +460,9 @@ class Connection:
                 )
             if fragment:
                 self._emit(ApplicationData(fragment))
+                self._stall.progress()
+            else:
+                self._stall.empty_record()
         elif content_type == ContentType.change_cipher_spec:
             # RFC 8446 §5: a single byte 0x01, only while the handshake is in progress.
             if (
@@ -472,6 +479,9 @@ class Connection:
             raise TLSError(AlertDescription.unexpected_message, f"record type {content_type}")
 
     def _handle_alert(self, fragment: bytes) -> None:
+        if not fragment:
+            # RFC 8446 §5.1: zero-length fragments of Alert type MUST NOT be sent.
+            raise TLSError(AlertDescription.unexpected_message, "empty alert record")
         if len(fragment) != 2:
             raise TLSError(AlertDescription.decode_error, "alert is not two bytes")
         level, description = fragment[0], fragment[1]
@@ -488,7 +498,9 @@ class Connection:
             self._read_closed = True
             self._emit(ConnectionClosed(clean=True))
         elif description == AlertDescription.user_canceled:
-            return
+            # RFC 8446 §6.1: close_notify should follow; a peer that sends user_canceled
+            # over and over instead is spending our CPU (CVE-2016-8610).
+            self._stall.warning_alert()
         else:
             # RFC 8446 §6.2: every other alert is fatal, whatever its level says.
             self._read_closed = True
@@ -506,3 +518,7 @@ class Connection:
             raw = bytes(buf[: 4 + length])
             del buf[: 4 + length]
             self._state = self._state.handle(self, raw[0], raw[4:], raw)
+            if self._reader.pre_auth_budget is not None and isinstance(self._state, Traffic):
+                # The peer authenticated (its Finished verified): from here on its
+                # records are bounded by what the application reads, not by a budget.
+                self._reader.pre_auth_budget = None

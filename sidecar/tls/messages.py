@@ -24,8 +24,6 @@ HELLO_RETRY_REQUEST_RANDOM = hashlib.sha256(b"HelloRetryRequest").digest()
 DOWNGRADE_TLS12 = b"DOWNGRD\x01"
 DOWNGRADE_TLS11 = b"DOWNGRD\x00"
 
-MAX_HANDSHAKE_MESSAGE = 1 << 17
-
 
 class HandshakeType(IntEnum):
     client_hello = 1

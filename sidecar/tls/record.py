@@ -3,7 +3,8 @@
 `RecordProtection` holds one direction's key: the AEAD object is built once per key
 and the per-record nonce is the IV XOR the 64-bit sequence number (§5.3).
 `RecordReader` splits the inbound byte stream into records and applies the length
-and content-type rules; the connection decides what each content type means.
+and content-type rules, and charges each record against the budget a peer has before
+it authenticated (`limits.py`); the connection decides what each content type means.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from cryptography.exceptions import InvalidTag
 
 from .alerts import AlertDescription, TLSError
 from .keyschedule import TrafficKeys
+from .limits import PRE_AUTH_BYTES
 from .suites import IV_LENGTH, TAG_LENGTH, SuiteParams
 
 
@@ -119,14 +121,18 @@ class RecordReader:
 
     Consumed bytes are dropped lazily (`compact`), so a burst of many records is not
     re-copied once per record.
+
+    `pre_auth_budget` is what the peer may still send, in record bytes with headers,
+    until the connection sets it to None once the handshake completed.
     """
 
-    __slots__ = ("_buffer", "_pos", "protection")
+    __slots__ = ("_buffer", "_pos", "pre_auth_budget", "protection")
 
     def __init__(self) -> None:
         self._buffer = b""
         self._pos = 0
         self.protection: RecordProtection | None = None
+        self.pre_auth_budget: int | None = PRE_AUTH_BYTES
 
     def feed(self, data: bytes) -> None:
         if self._pos >= len(self._buffer):
@@ -158,7 +164,18 @@ class RecordReader:
         if length > limit:
             raise TLSError(AlertDescription.record_overflow, "record over the length limit")
         end = pos + HEADER_LENGTH + length
-        if len(buf) < end:
+        budget = self.pre_auth_budget
+        if budget is not None:
+            # Refused at the header, before the record's bytes are even awaited.
+            if HEADER_LENGTH + length > budget:
+                raise TLSError(
+                    AlertDescription.unexpected_message,
+                    f"more than {PRE_AUTH_BYTES} bytes of records before the handshake completed",
+                )
+            if len(buf) < end:
+                return None
+            self.pre_auth_budget = budget - HEADER_LENGTH - length
+        elif len(buf) < end:
             return None
         self._pos = end
         # RFC 8446 §5: change_cipher_spec is never encrypted, even after keys are set.

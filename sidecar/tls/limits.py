@@ -1,0 +1,86 @@
+"""How much work a peer may make the engine do: before it authenticated, and without progress.
+
+A TLS peer can make a receiver spend CPU without ever finishing a handshake or sending a
+byte of application data. The classic case is CVE-2016-8610 ("SSL Death Alert"): OpenSSL
+looped over warning alerts during the handshake for as long as the peer sent them. The
+same class covers empty records, KeyUpdates with nothing in between, handshake messages
+cut into one-byte records and oversized declared lengths. Each is bounded here:
+
+* every handshake message is at most `MAX_HANDSHAKE_MESSAGE` bytes (rustls and Go stop at
+  64 KiB too; an X509-SVID chain is a few KiB);
+* until the handshake completes the peer may send at most `PRE_AUTH_BYTES` bytes of
+  records, headers included, so one-byte records exhaust it six times faster than whole
+  ones and the number of records processed before authentication is bounded as well;
+* `Stall` counts the records in a row that brought no application data: warning alerts,
+  zero-length application data records and KeyUpdates. The limits are BoringSSL's
+  (kMaxWarningAlerts, kMaxEmptyRecords, kMaxKeyUpdates), which rustls and OpenSSL share
+  in substance; one record past a limit is `unexpected_message`.
+
+The engine stays sans-I/O: these are counts of what arrived, never clocks.
+"""
+
+from __future__ import annotations
+
+from .alerts import AlertDescription, TLSError
+
+# RFC 8446 §4 allows 2^24-1; nothing a Trellis peer sends comes close to 64 KiB (the
+# largest is a Certificate with leaf and intermediate), and a ClientHello whose
+# extensions fill their whole 2^16-1 vector is an attack, not a client.
+MAX_HANDSHAKE_MESSAGE = 1 << 16
+# Record bytes (headers included) a peer may send before the handshake completes. A
+# ClientHello with a post-quantum share is about 1.5 KiB and a client flight a few KiB;
+# 128 KiB leaves room for one maximal message in whole records and no more.
+PRE_AUTH_BYTES = 1 << 17
+# RFC 8446 §6.1: user_canceled is followed by close_notify, so one is all a peer needs.
+MAX_WARNING_ALERTS = 4
+# RFC 8446 §5.1 allows zero-length application data (as traffic-analysis cover).
+MAX_EMPTY_RECORDS = 32
+# RFC 8446 §4.6.3: a KeyUpdate without data between is legal but only ever needed once.
+MAX_KEY_UPDATES = 32
+
+
+def _stalled(what: str, limit: int) -> TLSError:
+    return TLSError(
+        AlertDescription.unexpected_message, f"more than {limit} {what} without application data"
+    )
+
+
+class Stall:
+    """Records in a row from the peer that brought no application data, by kind.
+
+    `active` is true while any count is non-zero, so the traffic path can test one
+    attribute per record and call `progress()` only when there is something to reset.
+    """
+
+    __slots__ = ("active", "empty_records", "key_updates", "warning_alerts")
+
+    def __init__(self) -> None:
+        self.active = False
+        self.warning_alerts = 0
+        self.empty_records = 0
+        self.key_updates = 0
+
+    def progress(self) -> None:
+        """Application data arrived: the peer is doing real work again."""
+        self.active = False
+        self.warning_alerts = 0
+        self.empty_records = 0
+        self.key_updates = 0
+
+    def warning_alert(self) -> None:
+        self.active = True
+        self.warning_alerts += 1
+        if self.warning_alerts > MAX_WARNING_ALERTS:
+            raise _stalled("warning alerts", MAX_WARNING_ALERTS)
+
+    def empty_record(self) -> None:
+        self.active = True
+        self.empty_records += 1
+        if self.empty_records > MAX_EMPTY_RECORDS:
+            raise _stalled("empty records", MAX_EMPTY_RECORDS)
+
+    def key_update(self) -> None:
+        self.active = True
+        self.key_updates += 1
+        if self.key_updates > MAX_KEY_UPDATES:
+            raise _stalled("KeyUpdates", MAX_KEY_UPDATES)
