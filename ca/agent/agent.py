@@ -19,7 +19,7 @@ from ca.agent.admin import AdminServer
 from ca.agent.attestation import SelectorPlugin, UnixAttestor, WorkloadAttestor
 from ca.agent.k8s import InClusterConfig, PodAttestor, PodIndex, watch_pods
 from ca.agent.metrics import AgentMetrics
-from ca.agent.peercred import PeerRegistry, UdsFront
+from ca.agent.peercred import PeerRegistry, UdsFront, remove_stale_front_dirs
 from ca.agent.rotator import Rotator, RotatorConfig
 from ca.agent.upstream import Upstream
 from ca.agent.workload_api import WorkloadApi, WorkloadApiConfig, server_options
@@ -72,7 +72,7 @@ class Agent:
             config.socket_path,
             mode=config.socket_mode,
             registry=self.peers,
-            start_time=unix.start_time,
+            snapshot=unix.snapshot,
         )
         self.api = WorkloadApi(self.rotator, self.peers, self.attestor, config=config.workload_api)
         self.admin = (
@@ -85,6 +85,8 @@ class Agent:
 
     async def start(self) -> None:
         """Bind everything; SVIDs arrive as the rotator syncs (callers wait or get UNAVAILABLE)."""
+        for stale in remove_stale_front_dirs(self.front.temp_base):
+            log.info("removed %s, left by an agent that no longer runs", stale)
         server = grpc.aio.server(options=server_options())
         server.add_generic_rpc_handlers((self.api.generic_handler(),))
         server.add_insecure_port(self.front.internal_address)

@@ -10,7 +10,11 @@ grpc/grpc#28755), and Python exposes neither a socket mutator nor "serve this fd
 inodes would be racy and needs the server-side fd grpcio hides.
 
 What is done instead. The agent accepts connections on the public socket itself (asyncio),
-reads SO_PEERCRED (plus the pid's start time, to detect pid reuse later), then opens a
+reads SO_PEERCRED, takes a pidfd for the connecting process (``SO_PEERPIDFD``, Linux 6.5+,
+which names the very process that called ``connect()``; else ``pidfd_open`` on its pid,
+backed by the start time) and has the attestor snapshot what that process runs
+(``attestation.UnixAttestor.snapshot``: the binding of a connection to one process and
+one program, and the race that remains, are described there), then opens a
 connection to grpcio's real listener, which lives in a private 0700 directory only the
 agent can enter. Before connecting, that outgoing socket is *bound to a unique path* in the
 same directory, so grpcio reports it as the peer: ``context.peer() == "unix:/…/c17"``. The
@@ -24,18 +28,23 @@ Safety properties: an unknown peer string (a connection that did not come throug
 front, or a grpcio that one day stops reporting bound paths) finds no credentials and is
 refused (fail closed; a test pins grpcio's peer format). Nobody but the agent can connect
 to the internal listener (0700 directory), and the bound client paths are unlinked right
-after connecting, so nothing accumulates. The splice costs about 0.1 ms per call
-(bench/workload_api.py: a bare grpcio echo, direct vs through this front), well inside
-the Workload API's 5 ms budget.
+after connecting, so nothing accumulates; the pidfd is closed with the connection. The
+private directory records its owner (pid, start time, pid namespace): an agent killed with
+``kill -9`` leaves it behind, and the next agent to start removes those whose owner no
+longer runs (``remove_stale_front_dirs``), never a live agent's. The splice costs about
+0.1 ms per call (bench/workload_api.py: a bare grpcio echo, direct vs through this front),
+well inside the Workload API's 5 ms budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
+import select
 import shutil
 import socket
 import struct
@@ -44,9 +53,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-from ca.agent.attestation import PeerCredentials
+from ca.agent.attestation import AttestationError, PeerCredentials, process_start_time
 
-__all__ = ["PeerRegistry", "UdsFront", "peer_credentials"]
+__all__ = [
+    "FRONT_DIR_PREFIX",
+    "PeerProcess",
+    "PeerRegistry",
+    "UdsFront",
+    "peer_credentials",
+    "remove_stale_front_dirs",
+]
 
 log = logging.getLogger("trellis.agent.peercred")
 
@@ -62,11 +78,100 @@ def _short_temp_dir() -> str:
     return candidate if len(candidate.encode()) <= _MAX_TEMP_DIR_CHARS else "/tmp"  # noqa: S108
 
 
+# include/uapi/asm-generic/socket.h (Linux 6.5); Python 3.11's socket module lacks the name.
+_SO_PEERPIDFD = 77
+FRONT_DIR_PREFIX = "trellis-wl-"
+_OWNER_FILE = "owner"
+
+
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process that connected ``sock`` (Linux SO_PEERCRED)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, gid = _UCRED.unpack(raw)
     return pid, uid, gid
+
+
+class PeerProcess:
+    """A pidfd for the process that connected: whether *it* still runs (``LiveProcess``).
+
+    A pid names whichever process holds it now; a pidfd names one process for good and
+    becomes readable when that process exits (pidfd_open(2)), zombie or reaped, so a
+    newcomer that reuses the pid can never pass for it.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    @classmethod
+    def of(cls, sock: socket.socket, pid: int) -> PeerProcess:
+        """The connecting process: SO_PEERPIDFD, else ``pidfd_open(pid)`` (kernels < 6.5,
+        where the pid could in principle have been reused before this; the start time
+        read right after is the check for that)."""
+        try:
+            fd = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            fd = os.pidfd_open(pid)
+        os.set_inheritable(fd, False)
+        return cls(fd)
+
+    def running(self) -> bool:
+        if self._fd < 0:
+            return False  # the connection is gone: nothing on it may be served any more
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        return not poller.poll(0)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return str(Path("/proc/self/ns/pid").readlink())
+    except OSError:
+        return None
+
+
+def _owner_record() -> str:
+    pid = os.getpid()
+    return f"{pid} {process_start_time(pid)} {_pid_namespace()}\n"
+
+
+def remove_stale_front_dirs(base: Path) -> list[Path]:
+    """Remove the private directories under ``base`` of agents that no longer run.
+
+    ``kill -9`` gives an agent no chance to remove its directory. Each names its owner
+    (pid, start time, pid namespace); one of ours (same uid, not a symlink) whose owner
+    is not running (no such pid, or a pid reused by a process started at another time) is
+    removed. Directories without a readable record (being created right now, or made by
+    an older agent) and those of another pid namespace, whose pids mean nothing here, are
+    left alone: a live agent's directory is never removed.
+    """
+    removed: list[Path] = []
+    try:
+        candidates = sorted(base.glob(FRONT_DIR_PREFIX + "*"))
+    except OSError:
+        return removed
+    namespace = _pid_namespace()
+    for path in candidates:
+        try:
+            if path.is_symlink() or not path.is_dir() or path.stat().st_uid != os.geteuid():
+                continue
+            pid_text, started, owner_namespace = (path / _OWNER_FILE).read_text().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue
+        if owner_namespace != str(namespace) or started == "None":
+            continue
+        if pid == os.getpid() or str(process_start_time(pid)) == started:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 class PeerRegistry:
@@ -132,6 +237,7 @@ class _Splice:
         self.client.other = self.backend
         self.backend.other = self.client
         self.peer_key: str | None = None
+        self.process: PeerProcess | None = None
         self.done = False
 
     def closed(self, half: _Half) -> None:
@@ -152,16 +258,20 @@ class UdsFront:
         *,
         mode: int = 0o666,
         registry: PeerRegistry | None = None,
-        start_time: Callable[[int], int | None] | None = None,
+        snapshot: Callable[[PeerCredentials], PeerCredentials] | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.path = path
         self.mode = mode
         self.registry = registry if registry is not None else PeerRegistry()
-        self._start_time = start_time
+        # Attests a caller at accept time (``UnixAttestor.snapshot``); raises
+        # AttestationError for one that cannot be, whose connection is then refused.
+        self._snapshot = snapshot
         self._max = max_connections
         # mkdtemp creates the directory 0700: only the agent's user can reach grpcio.
-        self._dir = Path(tempfile.mkdtemp(prefix="trellis-wl-", dir=_short_temp_dir()))
+        self.temp_base = Path(_short_temp_dir())
+        self._dir = Path(tempfile.mkdtemp(prefix=FRONT_DIR_PREFIX, dir=self.temp_base))
+        (self._dir / _OWNER_FILE).write_text(_owner_record())
         self.internal_path = self._dir / "grpc.sock"
         self._counter = itertools.count(1)
         self._splices: set[_Splice] = set()
@@ -203,13 +313,23 @@ class UdsFront:
         sock = transport.get_extra_info("socket")
         try:
             pid, uid, gid = peer_credentials(sock)
+            process = PeerProcess.of(sock, pid)
         except OSError as exc:
-            log.warning("cannot read SO_PEERCRED: %s", exc)
+            log.warning("cannot identify the process behind a connection: %s", exc)
             self.refused += 1
             transport.abort()
             return
-        started = self._start_time(pid) if self._start_time is not None else None
-        credentials = PeerCredentials(pid, uid, gid, started)
+        credentials = PeerCredentials(pid, uid, gid, process=process)
+        if self._snapshot is not None:
+            try:
+                credentials = self._snapshot(credentials)
+            except AttestationError as exc:
+                log.warning("refused a connection from pid %d (uid %d): %s", pid, uid, exc)
+                process.close()
+                self.refused += 1
+                transport.abort()
+                return
+        splice.process = process
         transport.pause_reading()  # until the backend is connected
         self._splices.add(splice)
         self.accepted += 1
@@ -254,6 +374,8 @@ class UdsFront:
         self._splices.discard(splice)
         if splice.peer_key is not None:
             self.registry.remove(splice.peer_key)
+        if splice.process is not None:
+            splice.process.close()
 
     @property
     def connections(self) -> int:

@@ -6,8 +6,11 @@ expect):
 1. metadata ``workload.spiffe.io: true`` must be present, else INVALID_ARGUMENT (the header
    proves the request was made deliberately by a Workload API client, not smuggled into the
    socket by a confused proxy);
-2. the caller is attested from the connection's SO_PEERCRED (``peercred.py``) and /proc
-   (``attestation.py``); a caller the kernel cannot vouch for is PERMISSION_DENIED;
+2. the caller is attested from the connection's SO_PEERCRED (``peercred.py``) and what
+   the agent read of it in /proc when it accepted the connection (``attestation.py``);
+   a caller the kernel cannot vouch for, or that is no longer the process and program
+   that connected (it exited, or it executed another program since), is
+   PERMISSION_DENIED, and the refusal is logged;
 3. a call that arrives before the agent's first successful sync with its CA waits for
    that sync (the socket is open from start-up, so a workload started alongside the agent
    may well call first), then goes on as below; if the sync has not happened within
@@ -22,7 +25,8 @@ expect):
 Streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles) send the full current state at
 once, then again whenever it changes (a rotation, a bundle update, an entry change), and
 never send the same state twice. The match is redone on every change: when an entry
-disappears the stream ends with PERMISSION_DENIED.
+disappears, or the caller is no longer the process and program that connected, the stream
+ends with PERMISSION_DENIED.
 """
 
 from __future__ import annotations
@@ -238,10 +242,22 @@ class WorkloadApi:
         except AttestationPending:
             raise  # not known yet, which is not "not attestable": ``_attest_by`` waits
         except AttestationError as exc:
-            raise _Abort(
-                grpc.StatusCode.PERMISSION_DENIED, f"caller could not be attested: {exc}"
-            ) from exc
+            raise self._refused(credentials, exc) from exc
         return _Caller(credentials, attributes.selectors())
+
+    @staticmethod
+    def _refused(credentials: PeerCredentials, exc: AttestationError) -> _Abort:
+        log.warning(
+            "refused a call from pid %d (uid %d): %s", credentials.pid, credentials.uid, exc
+        )
+        return _Abort(grpc.StatusCode.PERMISSION_DENIED, f"caller could not be attested: {exc}")
+
+    def _still_connected(self, caller: _Caller) -> None:
+        """Before a stream sends again: the caller is still what connected (see above)."""
+        try:
+            self.attestor.verify(caller.credentials)
+        except AttestationError as exc:
+            raise self._refused(caller.credentials, exc) from exc
 
     def _deadline(self, context: Context) -> float:
         """Loop time until which this call may wait for the agent to be able to answer."""
@@ -340,6 +356,7 @@ class WorkloadApi:
         grace_until = loop.time() + FIRST_RESPONSE_GRACE
         while True:
             version = rotator.cache.version
+            self._still_connected(caller)
             entries = self._identified(caller)
             response = self._x509_response(entries)
             complete = response is not None and len(response.svids) == len(entries)
@@ -365,6 +382,7 @@ class WorkloadApi:
         last: bytes | None = None
         while True:
             version = self.rotator.cache.version
+            self._still_connected(caller)
             entries = self._entries(caller)
             if not entries and not self.config.allow_unauthenticated_verifiers:
                 raise _Abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
@@ -452,6 +470,7 @@ class WorkloadApi:
         last: bytes | None = None
         while True:
             version = self.rotator.cache.version
+            self._still_connected(caller)
             if not self._entries(caller) and not self.config.allow_unauthenticated_verifiers:
                 raise _Abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
             response = workload_pb2.JWTBundlesResponse(

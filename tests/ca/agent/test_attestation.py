@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,19 @@ def test_an_unregistered_uid_matches_nothing() -> None:
 
 def test_the_real_proc_describes_this_very_process() -> None:
     attestor = UnixAttestor()
-    me = PeerCredentials(os.getpid(), os.getuid(), os.getgid(), attestor.start_time(os.getpid()))
+    me = attestor.snapshot(PeerCredentials(os.getpid(), os.getuid(), os.getgid()))
+    assert me.start_time == attestor.start_time(os.getpid())
     attrs = attestor.attest(me)
     assert attrs.exe_path == os.path.realpath(f"/proc/{os.getpid()}/exe")
     assert attrs.cgroups  # every Linux process is in at least one cgroup
+
+
+def test_a_caller_never_snapshot_at_accept_has_no_path_selector(tmp_path: Path) -> None:
+    # Fail closed: the path is only ever the one read when the connection was accepted.
+    _fake_proc(tmp_path, 4242, 777, "0::/\n")
+    attrs = UnixAttestor(tmp_path).attest(PeerCredentials(4242, 1000, 1000, start_time=777))
+    assert attrs.exe_path is None
+    assert not any(s.name == "path" for s in attrs.selectors())
 
 
 def _fake_proc(root: Path, pid: int, start_time: int, cgroup: str) -> None:
@@ -69,10 +79,40 @@ def test_a_pid_reused_since_connecting_is_refused(tmp_path: Path) -> None:
     _fake_proc(tmp_path, 4242, 777, "0::/user.slice\n")
     attestor = UnixAttestor(tmp_path)
     assert attestor.start_time(4242) == 777
-    ok = attestor.attest(PeerCredentials(4242, 1000, 1000, start_time=777))
+    connected = attestor.snapshot(PeerCredentials(4242, 1000, 1000))
+    ok = attestor.attest(connected)
     assert ok.exe_path == "/usr/bin/true"
     with pytest.raises(AttestationError, match="reused"):
-        attestor.attest(PeerCredentials(4242, 1000, 1000, start_time=778))
+        attestor.attest(replace(connected, start_time=778))
+
+
+def test_a_caller_that_executed_another_program_since_it_connected_is_refused(
+    tmp_path: Path,
+) -> None:
+    _fake_proc(tmp_path, 4242, 777, "0::/\n")
+    attestor = UnixAttestor(tmp_path)
+    connected = attestor.snapshot(PeerCredentials(4242, 1000, 1000))
+    exe = tmp_path / "4242" / "exe"
+    exe.unlink()
+    exe.symlink_to("/usr/bin/false")  # what an exec does to /proc/<pid>/exe
+    with pytest.raises(AttestationError, match="runs /usr/bin/false, not /usr/bin/true"):
+        attestor.attest(connected)
+
+
+def test_a_caller_whose_process_exited_is_refused_even_while_its_pid_lingers(
+    tmp_path: Path,
+) -> None:
+    class Exited:
+        def running(self) -> bool:
+            return False
+
+    _fake_proc(tmp_path, 4242, 777, "0::/\n")
+    attestor = UnixAttestor(tmp_path)
+    connected = attestor.snapshot(PeerCredentials(4242, 1000, 1000))
+    with pytest.raises(AttestationError, match="exited since it connected"):
+        attestor.attest(replace(connected, process=Exited()))
+    with pytest.raises(AttestationError, match="exited before it could be attested"):
+        attestor.snapshot(PeerCredentials(4242, 1000, 1000, process=Exited()))
 
 
 def test_a_caller_that_exited_cannot_be_attested(tmp_path: Path) -> None:

@@ -410,7 +410,7 @@ def test_closed_connections_leave_no_credentials_or_socket_files_behind(
 
     connections, peers, private = run(main())
     assert (connections, peers) == (0, 0)
-    assert private == ["grpc.sock"]  # bound client paths are unlinked right after connect
+    assert private == ["grpc.sock", "owner"]  # bound client paths are unlinked at once
 
 
 def test_federated_bundles_from_the_ca_reach_only_entries_that_federate_with_them(
