@@ -21,9 +21,11 @@ Shape:
   `H2StateError`.
 
 Abuse: a peer that resets more of the streams it opened than it completes (by
-`RESET_BUDGET`) gets GOAWAY(ENHANCE_YOUR_CALM). Floods of control frames that make us
-answer (PING, SETTINGS) are bounded by the session, which closes a connection whose peer
-stops reading its answers.
+`RESET_BUDGET`) gets GOAWAY(ENHANCE_YOUR_CALM). A header block is bounded in bytes
+(`MAX_HEADER_BLOCK`, encoded and decoded) and in frames (`MAX_CONTINUATIONS`), and
+gathered in time linear in its frames. Floods of control frames that make us answer (PING,
+SETTINGS) are bounded by the session, which closes a connection whose peer stops reading
+its answers.
 
 Flow control: we enforce the windows we advertise (a peer overrunning one gets
 FLOW_CONTROL_ERROR) and reopen them only when the caller `ack()`s consumed bytes, in
@@ -54,7 +56,14 @@ DEFAULT_WINDOW = 65535
 MAX_WINDOW = (1 << 31) - 1
 MIN_MAX_FRAME = 1 << 14
 MAX_MAX_FRAME = (1 << 24) - 1
+# The most a header block may take, encoded and decoded (we advertise it as
+# SETTINGS_MAX_HEADER_LIST_SIZE, RFC 9113 §6.5.2); a CONNECT request needs about 50 bytes.
 MAX_HEADER_BLOCK = 64 << 10
+# CONTINUATION frames one header block may span. Empty ones cost the sender 9 bytes and
+# add nothing to the block's size, so only a count bounds them (the CONTINUATION floods
+# of 2024: CVE-2024-27316, CVE-2024-28182, CVE-2023-45288); nghttp2 also allows 8. A
+# block of MAX_HEADER_BLOCK bytes needs 4 at the smallest frame size.
+MAX_CONTINUATIONS = 8
 MAX_STREAM_ID = (1 << 31) - 1
 # Streams the peer may open and then reset, net of the streams it completes, before we
 # call it an attack (CVE-2023-44487, "rapid reset": each opened stream costs us a dial).
@@ -144,6 +153,20 @@ class _Stream:
         self.local_closed = False
         self.remote_closed = False
         self.responded = False  # client: response headers seen; server: sent
+
+
+class _HeaderBlock:
+    """A header block still waiting for END_HEADERS: its fragments and running totals, so
+    each CONTINUATION costs the same however many came before it."""
+
+    __slots__ = ("continuations", "flags", "fragments", "size", "stream_id")
+
+    def __init__(self, stream_id: int, flags: int, fragment: bytes) -> None:
+        self.stream_id = stream_id
+        self.flags = flags  # of the HEADERS frame (END_STREAM)
+        self.fragments = [fragment]
+        self.size = len(fragment)
+        self.continuations = 0
 
 
 _CONNECTION_HEADERS = frozenset(
@@ -243,8 +266,7 @@ class H2Tunnel:
         self._buffer = b""
         self._preface_pending = not client
         self._settings_seen = False
-        # A header block in progress: (stream id, fragments, flags of its HEADERS).
-        self._continuation: tuple[int, list[bytes], int] | None = None
+        self._continuation: _HeaderBlock | None = None  # a header block in progress
         self._closed = False
 
     # --- output ------------------------------------------------------------------------
@@ -579,21 +601,31 @@ class H2Tunnel:
         if flags & END_HEADERS:
             self._on_header_block(stream_id, flags, bytes(fragment))
         else:
-            self._continuation = (stream_id, [bytes(fragment)], flags)
+            self._continuation = _HeaderBlock(stream_id, flags, bytes(fragment))
 
     def _on_continuation(self, stream_id: int, flags: int, body: memoryview) -> None:
         pending = self._continuation
-        if pending is None or pending[0] != stream_id:
+        if pending is None or pending.stream_id != stream_id:
             raise H2ProtocolError(ErrorCode.PROTOCOL_ERROR, "unexpected CONTINUATION")
-        pending[1].append(bytes(body))
-        if sum(map(len, pending[1])) > MAX_HEADER_BLOCK:
+        # RFC 9113 §10.5.1 lets us close the connection rather than decode a block we
+        # will not take; both bounds hold before the fragment is even kept.
+        pending.continuations += 1
+        if pending.continuations > MAX_CONTINUATIONS:
+            raise H2ProtocolError(
+                ErrorCode.ENHANCE_YOUR_CALM,
+                f"header block in more than {MAX_CONTINUATIONS} CONTINUATION frames",
+            )
+        pending.size += len(body)
+        if pending.size > MAX_HEADER_BLOCK:
             raise H2ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+        pending.fragments.append(bytes(body))
         if flags & END_HEADERS:
             self._continuation = None
-            self._on_header_block(stream_id, pending[2], b"".join(pending[1]))
+            self._on_header_block(stream_id, pending.flags, b"".join(pending.fragments))
 
     def _on_header_block(self, stream_id: int, flags: int, block: bytes) -> None:
-        # Decode first, whatever becomes of the stream: HPACK state is connection-wide.
+        # Decode first, whatever becomes of the stream: HPACK state is connection-wide. The
+        # decoder stops once the decoded list passes MAX_HEADER_BLOCK (what we advertise).
         try:
             headers = [(bytes(n), bytes(v)) for n, v in self._decoder.decode(block, raw=True)]
         except hpack.HPACKError as exc:

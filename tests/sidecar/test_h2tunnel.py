@@ -541,3 +541,72 @@ def test_rapid_reset_exhausts_the_budget_and_completed_streams_refill_it() -> No
     assert info.value.code == ErrorCode.ENHANCE_YOUR_CALM
     assert goaway_code(out(tunnel)) == ErrorCode.ENHANCE_YOUR_CALM
     assert len(rec.resets) >= RESET_BUDGET * 2 + RESET_BUDGET
+
+
+# --- header blocks: bounded in frames, bytes and table size updates -------------------
+
+
+def test_a_continuation_flood_is_cut_off_at_the_frame_bound_whole_or_byte_at_a_time() -> None:
+    """CONTINUATION floods (CVE-2024-27316 and kin): empty frames add no bytes to the
+    block, so only a count stops them. Fed whole, a thousand are refused in one call;
+    fed one byte at a time, the connection error comes with the last byte of the first
+    frame past `MAX_CONTINUATIONS`, not one byte later."""
+    from sidecar.h2tunnel import MAX_CONTINUATIONS
+
+    opening = frame(1, 0, 1, header_block(CONNECT))  # HEADERS without END_HEADERS
+    empty = frame(9, 0, 1)
+
+    whole, rec = opened_server()
+    with pytest.raises(H2ProtocolError) as info:
+        whole.receive(opening + empty * 1000)
+    assert info.value.code == ErrorCode.ENHANCE_YOUR_CALM
+    assert goaway_code(out(whole)) == ErrorCode.ENHANCE_YOUR_CALM
+    assert rec.headers == []
+
+    split, _ = opened_server()
+    wire = opening + empty * (MAX_CONTINUATIONS + 10)
+    cut = len(opening) + len(empty) * (MAX_CONTINUATIONS + 1)
+    for i in range(len(wire)):
+        try:
+            split.receive(wire[i : i + 1])
+        except H2ProtocolError as exc:
+            assert exc.code == ErrorCode.ENHANCE_YOUR_CALM
+            break
+    else:
+        raise AssertionError("the flood was never refused")
+    assert i + 1 == cut
+    assert goaway_code(out(split)) == ErrorCode.ENHANCE_YOUR_CALM
+
+
+def test_a_header_block_in_the_most_continuations_allowed_is_accepted() -> None:
+    from sidecar.h2tunnel import MAX_CONTINUATIONS
+
+    block = header_block([*CONNECT, (b"x-pad", b"p" * 40)])
+    size = -(-len(block) // (MAX_CONTINUATIONS + 1))
+    pieces = [block[i * size : (i + 1) * size] for i in range(MAX_CONTINUATIONS + 1)]
+    wire = frame(1, 0, 1, pieces[0])
+    for n, piece in enumerate(pieces[1:], start=1):
+        wire += frame(9, 0x4 if n == MAX_CONTINUATIONS else 0, 1, piece)
+    whole, whole_rec = opened_server()
+    whole.receive(wire)
+    split, split_rec = opened_server()
+    for i in range(len(wire)):
+        split.receive(wire[i : i + 1])
+    assert [h[0] for h in whole_rec.headers] == [1]
+    assert whole_rec.headers == split_rec.headers
+
+
+def test_a_header_list_inflating_past_the_advertised_limit_is_a_compression_error() -> None:
+    """An HPACK bomb: 1-byte references to a static entry decode to 42 bytes each. We
+    advertise SETTINGS_MAX_HEADER_LIST_SIZE and the decoder stops past it."""
+    from sidecar.h2tunnel import MAX_HEADER_BLOCK
+
+    ours = next(f for f in frames(out(server(keep_start=True)[0])) if f.type == 4)
+    assert ours.settings[h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE] == MAX_HEADER_BLOCK
+    tunnel, rec = opened_server()
+    bomb = b"\x82" * (MAX_HEADER_BLOCK // 42 + 10)  # ":method: GET", 42 bytes decoded
+    assert len(bomb) < MAX_HEADER_BLOCK // 40
+    with pytest.raises(H2ProtocolError) as info:
+        tunnel.receive(frame(1, 0x4, 1, bomb))
+    assert info.value.code == ErrorCode.COMPRESSION_ERROR
+    assert rec.headers == []
