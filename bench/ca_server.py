@@ -100,6 +100,7 @@ def start_server(directory: Path, agents: int) -> tuple[subprocess.Popen[str], d
     ]  # fmt: skip
     for index in range(agents):
         args += ["--join-token", f"node-{index}"]
+    args.append("--print-join-tokens")
     process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=REPO)
     SERVER_PID[0] = process.pid
     assert process.stdout is not None

@@ -95,6 +95,9 @@ class ServerConfig:
     poll_interval: float = 1.0
     token_reviewer: TokenReviewer | None = None
     sign_workers: int = 0  # 0: sign on the event loop; N: in N worker processes
+    # Opens an encrypted intermediate and JWT key (trellis ca intermediate with a key
+    # passphrase); None for unencrypted ones, e.g. from a Kubernetes Secret.
+    key_passphrase: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class _Credentials:
 class CaServer:
     def __init__(self, config: ServerConfig, *, entries: EntrySource | None = None) -> None:
         self.config = config
-        store = CaStore(config.ca_dir)
+        store = CaStore(config.ca_dir, key_passphrase=config.key_passphrase)
         self.store = store
         self.intermediate = store.load_intermediate(config.cluster)
         self.trust_domain = self.intermediate.trust_domain
@@ -250,7 +253,11 @@ class CaServer:
             )
         if cfg.sign_workers > 0:
             signer = ProcessPoolSigner(
-                cfg.ca_dir, cfg.cluster, cfg.sign_workers, inline=self.intermediate
+                cfg.ca_dir,
+                cfg.cluster,
+                cfg.sign_workers,
+                inline=self.intermediate,
+                key_passphrase=cfg.key_passphrase,
             )
             await signer.start()
             self.service.signer = signer
@@ -444,6 +451,7 @@ class CaServer:
             self.config.cluster,
             self.config.sign_workers,
             inline=self.intermediate,
+            key_passphrase=self.config.key_passphrase,
         )
         await signer.start()
         old, self.service.signer = self.service.signer, signer

@@ -2,16 +2,25 @@
 
 ``serve`` prints one JSON line per event on stdout: ``{"event": "ready", "listen": ...,
 "attest_listen": ..., "bundle_listen": ..., "metrics_listen": ...}`` once every listener is
-bound (ports may be 0: the line says which were chosen), and one
-``{"event": "join-token", "node": ..., "token": ...}`` per ``--join-token NODE``. Logs are
-JSON lines on stderr and never carry tokens or key material.
+bound (ports may be 0: the line says which were chosen), and, only with
+``--print-join-tokens``, one ``{"event": "join-token", "node": ..., "token": ...}`` per
+``--join-token NODE``. Logs are JSON lines on stderr and never carry tokens or key material.
 
 Join tokens, two ways:
 
-* ``trellis ca token create --dir DIR --cluster NAME --node NODE [--ttl 1h]`` prints a token
+* ``trellis ca token create --dir DIR --cluster NAME --node NODE [--ttl 1h] [--out FILE]``
+  prints a token (its output, the one thing it was asked for) or writes it to FILE (0600),
   and stores only its SHA-256 under ``DIR/clusters/NAME/join-tokens/``; a running server
   picks it up on first use, no restart needed.
-* ``trellis ca serve ... --join-token NODE`` mints one at start-up (``--join-token-ttl``).
+* ``trellis ca serve ... --join-token NODE --print-join-tokens`` mints one at start-up
+  (``--join-token-ttl``) and prints it. A server's stdout usually ends up in a log that
+  outlives the token's use (journald, ``kubectl logs``, a CI transcript), so ``serve``
+  prints a token only when ``--print-join-tokens`` says so, and refuses ``--join-token``
+  without it rather than mint tokens nobody can read.
+
+The cluster's intermediate and JWT keys are opened with ``--key-passphrase-file`` or
+``$TRELLIS_KEY_PASSPHRASE`` when they were written encrypted (``trellis ca intermediate``
+with the same passphrase); unencrypted keys, as mounted from a Kubernetes Secret, need none.
 
 Banning a node: ``trellis ca ban NODE --file FILE`` (``unban`` to lift it) edits the YAML
 list that ``serve --banned-agents FILE`` re-reads within ``--poll-interval``.
@@ -29,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ca.cli import add_key_passphrase_argument
 from ca.runtime import install_uvloop
 from ca.server.entries import EntryError
 from trellis.cli import CliError
@@ -128,7 +138,13 @@ def register(ca_commands: Any) -> None:
         action="append",
         default=[],
         metavar="NODE",
-        help="mint a join token for NODE at start-up and print it (repeatable)",
+        help="mint a join token for NODE at start-up (repeatable; needs --print-join-tokens)",
+    )
+    p.add_argument(
+        "--print-join-tokens",
+        action="store_true",
+        help="print the --join-token tokens on stdout (and so into whatever keeps it: "
+        "prefer trellis ca token create --out FILE)",
     )
     p.add_argument("--join-token-ttl", type=_duration, default=dt.timedelta(hours=1))
     p.add_argument("--agent-ttl", type=_duration, default=dt.timedelta(hours=1))
@@ -171,6 +187,7 @@ def register(ca_commands: Any) -> None:
     )
     p.add_argument("--poll-interval", type=float, default=1.0, help="reload check, seconds")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_key_passphrase_argument(p)
     p.set_defaults(handler=cmd_serve)
 
     token = ca_commands.add_parser("token", help="join tokens for node attestation")
@@ -180,6 +197,13 @@ def register(ca_commands: Any) -> None:
     p.add_argument("--cluster", required=True)
     p.add_argument("--node", required=True)
     p.add_argument("--ttl", type=_duration, default=dt.timedelta(hours=1))
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="write the token to FILE (mode 0600) for trellis agent --join-token-file, "
+        "instead of printing it",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_token_create)
 
@@ -193,13 +217,16 @@ def register(ca_commands: Any) -> None:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from ca.server.attestation import AttestationError
+    from ca.keys import write_private_file
+    from ca.server.attestation import AttestationError, hash_join_token
     from ca.server.tokens import JoinTokenStore
     from ca.store import CaStore, StoreError
 
     store = CaStore(args.dir)
     try:
-        store.load_intermediate(args.cluster)  # the cluster must exist
+        store.intermediate_certificate(args.cluster)  # the cluster must exist; no key needed
+        if args.out is not None and args.out.is_dir():
+            raise CliError(f"--out {args.out} is a directory; give a file name")
         token, expires_at = JoinTokenStore(store.cluster_dir(args.cluster)).create(
             args.node, ttl=args.ttl.total_seconds()
         )
@@ -207,10 +234,23 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     except OSError as exc:
         raise CliError(f"cannot write the token: {exc.strerror}") from exc
-    if args.json:
-        print(json.dumps({"node": args.node, "token": token, "expires_at": int(expires_at)}))
+    doc: dict[str, Any] = {"node": args.node, "expires_at": int(expires_at)}
+    if args.out is None:
+        # The command's own output, the one place a token is asked for.
+        doc["token"] = token
     else:
+        try:
+            write_private_file(args.out, f"{token}\n".encode())
+        except OSError as exc:
+            JoinTokenStore(store.cluster_dir(args.cluster)).remove(hash_join_token(token))
+            raise CliError(f"cannot write the token to {args.out}: {exc.strerror}") from exc
+        doc["file"] = str(args.out)
+    if args.json:
+        print(json.dumps(doc))
+    elif args.out is None:
         print(token)
+    else:
+        print(f"join token for node {args.node} written to {args.out} (0600)")
     return 0
 
 
@@ -242,8 +282,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ca.server.federation import FederationConfigError
     from ca.server.service import ServiceConfig, TokenReviewer
     from ca.server.signer import auto_sign_workers
-    from ca.store import StoreError
+    from ca.store import StoreError, read_key_passphrase
 
+    if args.join_token and not args.print_join_tokens:
+        raise CliError(
+            "--join-token mints tokens that only --print-join-tokens shows (on stdout, and"
+            " in any log that keeps it); add it, or use trellis ca token create --out FILE"
+        )
+    try:
+        key_passphrase = read_key_passphrase(args.key_passphrase_file)
+    except StoreError as exc:
+        raise CliError(str(exc)) from exc
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter())
     root = logging.getLogger("trellis")
@@ -284,6 +333,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         poll_interval=args.poll_interval,
         token_reviewer=reviewer,
         sign_workers=auto_sign_workers() if args.sign_workers == "auto" else args.sign_workers,
+        key_passphrase=key_passphrase,
     )
 
     def ready(addresses: dict[str, str], tokens: dict[str, str]) -> None:

@@ -4,7 +4,9 @@ Signing is the CA's CPU cost (CSR parse + signature check + leaf signature, abou
 millisecond per SVID on a small machine) and Python runs it under one GIL. With
 ``--sign-workers N`` it moves to N worker processes, leaving the event loop free for gRPC
 and TLS; each worker loads the intermediate key from the CA directory itself, so key
-material never crosses a pipe. Only CSRs go in and DER chains come out.
+material never crosses a pipe (only the key's passphrase, when it has one, goes to each
+worker once, in the spawn pipe's start-up message, never in argv or the environment).
+Only CSRs go in and DER chains come out.
 
 Workers never outlive the server: they ask the kernel for SIGKILL when it dies (even by
 SIGKILL, which runs no shutdown code), and they are born ignoring SIGINT, so a Ctrl-C in
@@ -214,7 +216,13 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
-def _worker_main(conn: Connection, ca_dir: str, cluster: str, parent_pid: int) -> None:
+def _worker_main(
+    conn: Connection,
+    ca_dir: str,
+    cluster: str,
+    parent_pid: int,
+    key_passphrase: bytes | None = None,
+) -> None:
     """A signing worker: load the intermediate, say ready, then answer each
     ``(requests, now)`` with ``("ok", results)`` in order until ``None`` or EOF."""
     from ca.store import CaStore
@@ -222,7 +230,7 @@ def _worker_main(conn: Connection, ca_dir: str, cluster: str, parent_pid: int) -
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        authority = CaStore(Path(ca_dir)).load_intermediate(cluster)
+        authority = CaStore(Path(ca_dir), key_passphrase=key_passphrase).load_intermediate(cluster)
     except Exception as exc:
         conn.send(("error", f"cannot load the intermediate: {type(exc).__name__}: {exc}"))
         return
@@ -332,6 +340,7 @@ class ProcessPoolSigner:
         *,
         inline: IntermediateAuthority | None = None,
         inline_max: int = 2,
+        key_passphrase: bytes | None = None,
     ) -> None:
         if not 1 <= workers <= MAX_SIGN_WORKERS:
             raise ValueError(f"signing workers must number 1 to {MAX_SIGN_WORKERS}, not {workers}")
@@ -340,6 +349,7 @@ class ProcessPoolSigner:
         self._cluster = cluster
         self._inline = inline
         self._inline_max = inline_max
+        self._key_passphrase = key_passphrase
         self._outstanding = 0
         self._pool: list[_Worker] = []
         self._closed = False
@@ -358,7 +368,13 @@ class ProcessPoolSigner:
                 ours, theirs = context.Pipe(duplex=True)
                 process = context.Process(
                     target=_worker_main,
-                    args=(theirs, str(self._ca_dir), self._cluster, os.getpid()),
+                    args=(
+                        theirs,
+                        str(self._ca_dir),
+                        self._cluster,
+                        os.getpid(),
+                        self._key_passphrase,
+                    ),
                     name="trellis-ca-signer",
                     daemon=True,
                 )

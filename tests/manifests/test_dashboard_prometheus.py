@@ -228,7 +228,7 @@ def federating_ca_and_a_banned_node(
                     "--listen", f"{host}:{listen}", "--attest-listen", f"{host}:{attest}",
                     "--bundle-listen", "off", "--metrics-listen", f"{host}:{metrics}",
                     "--federation", str(federation), "--banned-agents", str(bans),
-                    "--join-token", BANNED_NODE, "--join-token-ttl", "5m",
+                    "--join-token", BANNED_NODE, "--join-token-ttl", "5m", "--print-join-tokens",
                     "--poll-interval", "1", "--sign-workers", "0",
                 ],
                 log_dir,

@@ -3,8 +3,9 @@
 Start order, each step waiting for the previous one to say it is ready:
 
 1. the ephemeral authorities (``identity.create_authorities``): root in memory only;
-2. ``trellis ca serve`` with the entries and a join token for node ``local``;
-3. ``trellis agent``, attesting with that token (read from a 0600 file, not argv);
+2. ``trellis ca serve`` with the entries, and a join token for node ``local`` made here
+   (only its hash in the CA directory, the token in a 0600 file: never argv or a log);
+3. ``trellis agent``, attesting with that token (``--join-token-file``);
 4. ``trellis demo echo`` (plaintext, loopback only);
 5. the sidecars, started together, each from its own interpreter copy so the agent
    tells them apart (see ``identity``): echo's (inbound: admits only the load
@@ -37,6 +38,8 @@ from typing import Any
 
 import yaml
 
+from ca.keys import write_private_file
+from ca.server.tokens import JoinTokenStore
 from ca.spiffeid import SpiffeId, TrustDomain
 from trellis.up.identity import Workload, create_authorities, workload_executable, write_entries
 from trellis.up.processes import Child, StartupError, free_ports, spawn
@@ -233,15 +236,13 @@ class Mesh:
                 "--bundle-listen", "off",
                 "--metrics-listen", f"{host}:{ports['ca_metrics']}",
                 "--entries", str(entries), "--poll-interval", "1",
-                "--join-token", NODE, "--join-token-ttl", "5m",
             ],
         )  # fmt: skip
-        ready = ca.wait_event("ready", timeout)
-        token = ca.wait_event("join-token", timeout)["token"]
-        self._progress(f"CA server (pid {ca.pid}) serving on {ready.get('listen')}")
+        token, _ = JoinTokenStore(run_dir / "ca" / "clusters" / CLUSTER).create(NODE, ttl=300)
         token_file = run_dir / "join-token"
-        token_file.touch(mode=0o600)
-        token_file.write_text(str(token))
+        write_private_file(token_file, token.encode())
+        ready = ca.wait_event("ready", timeout)
+        self._progress(f"CA server (pid {ca.pid}) serving on {ready.get('listen')}")
 
         agent = self._spawn(
             "agent",

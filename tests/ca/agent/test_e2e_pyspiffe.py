@@ -26,6 +26,7 @@ import pytest
 from spiffe import JwtSvid, WorkloadApiClient
 
 from ca import JwtAuthority, RootAuthority, TrustDomain
+from ca.keys import write_private_file
 from ca.store import CaStore
 from tests.support import free_port, wait_for
 
@@ -34,8 +35,10 @@ SVID_TTL = 10  # seconds: rotation at 4-6 s (half-life, ±10% jitter)
 REPO = Path(__file__).resolve().parents[3]
 
 
-def _trellis(*args: str, **kwargs: Any) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _trellis(
+    *args: str, extra_env: dict[str, str] | None = None, **kwargs: Any
+) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "trellis", *args],
         stdout=subprocess.PIPE,
@@ -69,6 +72,10 @@ class Mesh:
     agent: subprocess.Popen[str] | None = None
     join_token: str = ""
     agent_extra: Sequence[str] = ()
+    agent_env: dict[str, str] = field(default_factory=dict)
+    # How the agent gets its join token: "file" (--join-token-file), "env"
+    # ($TRELLIS_JOIN_TOKEN) or "argv" (--join-token, which warns that ps shows it).
+    token_via: str = "file"
 
     @property
     def endpoint(self) -> str:
@@ -82,7 +89,7 @@ class Mesh:
             "--bundle-listen", "off", "--entries", str(self.workdir / "entries.yaml"),
         ]  # fmt: skip
         if mint_token:
-            args += ["--join-token", "node-a"]
+            args += ["--join-token", "node-a", "--print-join-tokens"]
         self.ca = _trellis(*args, *extra)
         assert self.ca.stdout is not None
         for line in self.ca.stdout:
@@ -104,9 +111,17 @@ class Mesh:
             "--data-dir", str(self.workdir / "agent-data"), "--admin", "off",
             "--sync-interval", "1s", "--backoff-cap", "1s",
         ]  # fmt: skip
+        env = dict(self.agent_env)
         if not (self.workdir / "agent-data" / "agent-svid.pem").exists():
-            args += ["--join-token", self.join_token]
-        self.agent = _trellis(*args, *self.agent_extra)
+            if self.token_via == "file":
+                token_file = self.workdir / "join-token"
+                write_private_file(token_file, self.join_token.encode())
+                args += ["--join-token-file", str(token_file)]
+            elif self.token_via == "env":
+                env["TRELLIS_JOIN_TOKEN"] = self.join_token
+            else:
+                args += ["--join-token", self.join_token]
+        self.agent = _trellis(*args, *self.agent_extra, extra_env=env)
         agent = self.agent
 
         def listening() -> bool:

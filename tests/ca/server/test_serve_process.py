@@ -1,5 +1,6 @@
 """`trellis ca serve` as a real process: CLI-made join tokens, gRPC mTLS, metrics over
-HTTP, JSON logs without secrets, SIGTERM, and start-up refusals."""
+HTTP, JSON logs without secrets, SIGTERM, start-up refusals, tokens printed only when
+asked, and cluster keys encrypted at rest."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def test_served_process_attests_a_cli_token_signs_and_stops_cleanly_on_sigterm(
 ) -> None:
     entries = tmp_path / "entries.yaml"
     entries.write_text(ENTRIES_YAML)
-    with serve(*listen_args(ca_dir, "--entries", str(entries), "--join-token", "node-b")) as (
+    minting = ("--join-token", "node-b", "--print-join-tokens")
+    with serve(*listen_args(ca_dir, "--entries", str(entries), *minting)) as (
         process,
         ready,
         _,
@@ -254,3 +256,95 @@ def test_serve_refuses_a_bad_ban_list_with_one_line(ca_dir: Path, tmp_path: Path
     missing = trellis("ca", "serve", *listen_args(ca_dir, "--banned-agents", str(tmp_path / "x")),
                       check=False)  # fmt: skip
     assert missing.returncode == 1 and "cannot read" in missing.stderr
+
+
+def test_serve_refuses_to_mint_join_tokens_it_was_not_asked_to_print(ca_dir: Path) -> None:
+    """A server's stdout ends up in logs that outlive a token's use: without
+    --print-join-tokens, --join-token is refused and no token reaches stdout."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trellis", "ca", "serve",
+         *listen_args(ca_dir, "--join-token", "node-b")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        out, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()  # still serving: it minted the token
+        out, err = process.communicate(timeout=10)
+    assert "tjt_" not in out and "tjt_" not in err
+    assert process.returncode == 1
+    assert err.strip().splitlines() == [
+        "trellis: error: --join-token mints tokens that only --print-join-tokens shows (on"
+        " stdout, and in any log that keeps it); add it, or use trellis ca token create"
+        " --out FILE"
+    ]
+
+
+def test_token_create_writes_the_token_to_a_0600_file_and_prints_no_token(
+    ca_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "node-a.token"
+    made = trellis("ca", "token", "create", "--dir", str(ca_dir), "--cluster", CLUSTER,
+                   "--node", "node-a", "--out", str(out), "--json")  # fmt: skip
+    token = out.read_text().strip()
+    assert token.startswith("tjt_")
+    assert os.stat(out).st_mode & 0o777 == 0o600
+    assert token not in made.stdout and token not in made.stderr
+    assert json.loads(made.stdout)["file"] == str(out)
+    assert len(os.listdir(ca_dir / "clusters" / CLUSTER / "join-tokens")) == 1
+
+
+KEY_PASS = b"cluster key passphrase"
+
+
+def test_serve_opens_an_encrypted_intermediate_only_with_its_key_passphrase(
+    ca_dir: Path, tmp_path: Path
+) -> None:
+    """Cluster keys written encrypted (ca intermediate with a key passphrase): serve
+    refuses in one line naming the key without the passphrase or with a wrong one, and with
+    it signs, in a worker process too (three CSRs are more than the event loop signs
+    itself), for a token made without it."""
+    from ca.store import CaStore
+
+    plain = CaStore(ca_dir)
+    intermediate, jwt = plain.load_intermediate(CLUSTER), plain.load_jwt_authority(CLUSTER)
+    CaStore(ca_dir, key_passphrase=KEY_PASS).save_intermediate(intermediate, jwt)
+    key = ca_dir / "clusters" / CLUSTER / "intermediate.key"
+    assert key.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    secret = tmp_path / "key-pass"
+    secret.write_bytes(KEY_PASS + b"\n")
+    wrong = tmp_path / "wrong-pass"
+    wrong.write_text("not the key passphrase\n")
+    for extra, expected in (
+        ((), f"intermediate key {key} is encrypted: set TRELLIS_KEY_PASSPHRASE"),
+        (("--key-passphrase-file", str(wrong)), f"cannot decrypt intermediate key {key}"),
+    ):
+        result = trellis("ca", "serve", *listen_args(ca_dir, *extra), check=False)
+        assert result.returncode == 1
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert expected in result.stderr
+    made = trellis("ca", "token", "create", "--dir", str(ca_dir), "--cluster", CLUSTER,
+                   "--node", "node-a", "--ttl", "5m")  # fmt: skip
+    token = made.stdout.strip()
+    entries = tmp_path / "entries.yaml"
+    entries.write_text(ENTRIES_YAML)
+    args = listen_args(ca_dir, "--entries", str(entries), "--sign-workers", "1",
+                       "--key-passphrase-file", str(secret))  # fmt: skip
+    with serve(*args) as (process, ready, _):
+
+        async def agent() -> None:
+            client = CaClient(ready["listen"], attest_address=ready["attest_listen"],
+                              trust_roots=(ca_dir / "root.crt").read_bytes())  # fmt: skip
+            assert (await client.attest_with_join_token(token)).node_name == "node-a"
+            keys = [("web", generate_private_key(KeyAlgorithm.P256)) for _ in range(3)]
+            svids = await client.batch_new_x509_svids(keys)
+            assert {str(s.spiffe_id) for s in svids} == {"spiffe://example.org/ns/default/sa/web"}
+            await client.close()
+
+        asyncio.run(asyncio.wait_for(agent(), 60))
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        assert process.stderr is not None
+        logs = process.stderr.read()
+    assert process.returncode == 0, logs
+    assert KEY_PASS.decode() not in logs and "PRIVATE KEY" not in logs

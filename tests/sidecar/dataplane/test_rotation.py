@@ -49,6 +49,7 @@ def _start_ca(procs: Procs) -> tuple[int, int, str]:
             "--cluster", "west", "--listen", f"127.0.0.1:{ca_port}",
             "--attest-listen", f"127.0.0.1:{attest_port}", "--bundle-listen", "off",
             "--entries", str(work / "entries.yaml"), "--join-token", "node-a",
+            "--print-join-tokens",
         ],
     )  # fmt: skip
     token: list[str] = []
