@@ -119,11 +119,14 @@ def _negotiate(conn: Connection, ch: ClientHello, ext: ClientHelloExtensions) ->
     if not ext.supported_groups or ext.key_shares is None:
         raise TLSError(AlertDescription.missing_extension, "no supported_groups/key_share")
     shared = dict(ext.key_shares)
+    # A set, not the client's list: a 64 KiB ClientHello holds thousands of shares and
+    # groups, and one list scan per share was quadratic work before authentication.
+    offered = frozenset(ext.supported_groups)
     for group in shared:
-        if group not in ext.supported_groups:
+        if group not in offered:
             # RFC 8446 §4.2.8: every share must be for an offered group.
             raise _illegal("key share for a group not in supported_groups")
-    mutual = [g for g in config.groups if g in ext.supported_groups]
+    mutual = [g for g in config.groups if g in offered]
     if not mutual:
         raise TLSError(AlertDescription.handshake_failure, "no common group")
     # Post-quantum first: when the client supports a hybrid group we prefer but sent

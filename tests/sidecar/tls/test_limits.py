@@ -27,6 +27,12 @@ from sidecar.tls import (
     ServerConnection,
     TLSError,
 )
+from sidecar.tls.extensions import (
+    ClientHelloExtensions,
+    ExtensionType,
+    push_client_key_shares,
+    push_uint16_list,
+)
 from sidecar.tls.limits import (
     MAX_EMPTY_RECORDS,
     MAX_HANDSHAKE_MESSAGE,
@@ -318,6 +324,50 @@ def test_a_handshake_whose_every_record_carries_one_byte_still_completes(
     client.send_application_data(b"after")
     server.receive_data(client.data_to_send())
     assert ApplicationData(b"after") in drain(server)
+
+
+class _CountedScans(tuple[int, ...]):
+    """The client's parsed supported_groups, counting `in` tests over it."""
+
+    scans = 0
+
+    def __contains__(self, item: object) -> bool:
+        _CountedScans.scans += 1
+        return super().__contains__(item)
+
+
+def test_thousands_of_key_shares_are_not_each_checked_by_a_scan_of_supported_groups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """7,900 one-byte shares and 11,901 groups fit in one 64 KiB ClientHello; one scan
+    of the group list per share made the server compare about 60 million integers
+    before authentication. Tests never time CPU, so the scans are counted: the parsed
+    group list is wrapped to count them (the only stand-in here); the bytes are real."""
+    hello = _client_hello()
+    keep = {ExtensionType.supported_versions, ExtensionType.signature_algorithms}
+    shared = [0x2000 + i for i in range(7_900)]
+    groups = [0x8000 + i for i in range(4_000)] + shared + [0x001D]  # x25519 last
+    extensions = (
+        *((t, d) for t, d in hello.extensions if t in keep),
+        (ExtensionType.supported_groups, push_uint16_list(groups)),
+        (ExtensionType.key_share, push_client_key_shares((g, b"\x01") for g in shared)),
+    )
+    message = push_client_hello(replace(hello, extensions=extensions))
+    assert len(message) <= MAX_HANDSHAKE_MESSAGE
+    parse = ClientHelloExtensions.parse
+
+    def counted(raw: tuple[tuple[int, bytes], ...]) -> ClientHelloExtensions:
+        ext = parse(raw)
+        return replace(ext, supported_groups=_CountedScans(ext.supported_groups))
+
+    monkeypatch.setattr(ClientHelloExtensions, "parse", counted)
+    _CountedScans.scans = 0
+    server = ServerConnection(server_config(), now=NOW)
+    for start in range(0, len(message), 1 << 14):
+        chunk = message[start : start + (1 << 14)]
+        server.receive_data(plaintext_record(ContentType.handshake, chunk))
+    assert server.data_to_send()[:1] == bytes((ContentType.handshake,))  # a HelloRetryRequest
+    assert _CountedScans.scans < len(server_config().groups) + 1
 
 
 # --- what an earlier probe found bounded, kept that way -----------------------------
