@@ -20,12 +20,13 @@ Shape:
   header, so each fits one TLS record. Local misuse (a closed stream) raises
   `H2StateError`.
 
-Abuse: a peer that resets more of the streams it opened than it completes (by
-`RESET_BUDGET`) gets GOAWAY(ENHANCE_YOUR_CALM). A header block is bounded in bytes
-(`MAX_HEADER_BLOCK`, encoded and decoded) and in frames (`MAX_CONTINUATIONS`), and
-gathered in time linear in its frames. Floods of control frames that make us answer (PING,
-SETTINGS) are bounded by the session, which closes a connection whose peer stops reading
-its answers.
+Abuse: a peer whose streams fail more often than they complete (by `RESET_BUDGET`) gets
+GOAWAY(ENHANCE_YOUR_CALM); a stream fails when the peer resets it, when we reset it before
+answering, or when we answer it 4xx (a policy refusal), so a peer the policy refuses is cut
+off like one we serve. A header block is bounded in bytes (`MAX_HEADER_BLOCK`, encoded and
+decoded) and in frames (`MAX_CONTINUATIONS`), and gathered in time linear in its frames.
+Floods of control frames that make us answer (PING, SETTINGS) are bounded by the session,
+which closes a connection whose peer stops reading its answers.
 
 Flow control: we enforce the windows we advertise (a peer overrunning one gets
 FLOW_CONTROL_ERROR) and reopen them only when the caller `ack()`s consumed bytes, in
@@ -65,8 +66,10 @@ MAX_HEADER_BLOCK = 64 << 10
 # block of MAX_HEADER_BLOCK bytes needs 4 at the smallest frame size.
 MAX_CONTINUATIONS = 8
 MAX_STREAM_ID = (1 << 31) - 1
-# Streams the peer may open and then reset, net of the streams it completes, before we
-# call it an attack (CVE-2023-44487, "rapid reset": each opened stream costs us a dial).
+# Streams the peer may open that then fail (reset by either side before an answer, or
+# refused 4xx), net of the streams it completes, before we call it an attack
+# (CVE-2023-44487, "rapid reset": an accepted stream costs us a dial, a refused one a
+# policy decision and a log line, and neither is bounded by MAX_CONCURRENT_STREAMS).
 RESET_BUDGET = 200
 
 _HEADER = struct.Struct(">BHBBL")
@@ -145,7 +148,14 @@ class Listener(Protocol):
 
 
 class _Stream:
-    __slots__ = ("local_closed", "recv_window", "remote_closed", "responded", "send_window")
+    __slots__ = (
+        "local_closed",
+        "recv_window",
+        "refused",
+        "remote_closed",
+        "responded",
+        "send_window",
+    )
 
     def __init__(self, send_window: int, recv_window: int) -> None:
         self.send_window = send_window
@@ -153,6 +163,7 @@ class _Stream:
         self.local_closed = False
         self.remote_closed = False
         self.responded = False  # client: response headers seen; server: sent
+        self.refused = False  # server: answered 4xx, a failure for the reset budget
 
 
 class _HeaderBlock:
@@ -336,6 +347,11 @@ class H2Tunnel:
     ) -> None:
         stream = self._open(stream_id)
         stream.responded = True
+        if (stream_id & 1) != self._local_bit:
+            # RFC 9110 §15.5: a 4xx says the request was at fault (403 policy, 404 no
+            # target, 400/405 malformed CONNECT): the stream counts as a failed one.
+            status = next((v for n, v in headers if n == b":status"), b"")
+            stream.refused = status.startswith(b"4")
         self._send_header_block(stream_id, headers, end_stream)
         if end_stream:
             self._close_local(stream_id)
@@ -393,6 +409,16 @@ class H2Tunnel:
         """RST_STREAM; a stream we no longer know is reset anyway (the peer may not be done)."""
         if self._closed:
             return
+        stream = self.streams.get(stream_id)
+        if (
+            stream is not None
+            and (stream_id & 1) != self._local_bit
+            and (stream.refused or not stream.responded)
+        ):
+            # A peer's stream we end before answering it, or after refusing it: it did no
+            # work, like one the peer resets. The budget is checked on the peer's next
+            # stream, inside `receive()`, where a connection error can be raised.
+            self._reset_budget -= 1
         self._forget(stream_id)
         self._frame(RST_STREAM, 0, stream_id, _U32.pack(code))
 
@@ -438,9 +464,13 @@ class H2Tunnel:
             self._completed(stream_id)
 
     def _completed(self, stream_id: int) -> None:
-        """Both sides ended the stream cleanly."""
+        """Both sides ended the stream cleanly: a credit to the reset budget, unless we
+        refused it."""
+        stream = self.streams.get(stream_id)
         self._forget(stream_id)
-        if self._reset_budget < RESET_BUDGET:
+        if stream is not None and stream.refused:
+            self._reset_budget -= 1
+        elif self._reset_budget < RESET_BUDGET:
             self._reset_budget += 1
 
     def _forget(self, stream_id: int) -> None:
@@ -643,11 +673,17 @@ class H2Tunnel:
             self.highest_inbound = stream_id
             if self.goaway_sent:
                 return  # RFC 9113 §6.8: streams after our GOAWAY are ignored
+            if self._reset_budget < 0:
+                raise H2ProtocolError(
+                    ErrorCode.ENHANCE_YOUR_CALM, "the peer's streams keep failing"
+                )
             if self._inbound_open >= self._local_max_streams:
+                self._reset_budget -= 1  # over the limit we advertised: a failed stream
                 self._frame(RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.REFUSED_STREAM))
                 return
             problem = _header_error(headers, request=True)
             if problem is not None:
+                self._reset_budget -= 1
                 self._frame(RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.PROTOCOL_ERROR))
                 return
             self.streams[stream_id] = _Stream(

@@ -610,3 +610,74 @@ def test_a_header_list_inflating_past_the_advertised_limit_is_a_compression_erro
         tunnel.receive(frame(1, 0x4, 1, bomb))
     assert info.value.code == ErrorCode.COMPRESSION_ERROR
     assert rec.headers == []
+
+
+# --- refused streams spend the reset budget -------------------------------------------
+
+
+class Refuser(Recorder):
+    """Answers every request the way the inbound side answers a policy refusal
+    (`Session.refuse`): a final status with END_STREAM, then RST_STREAM(NO_ERROR)."""
+
+    def __init__(self, status: bytes) -> None:
+        super().__init__()
+        self.status = status
+        self.tunnel: H2Tunnel | None = None
+
+    def h2_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        super().h2_headers(stream_id, headers, end)
+        assert self.tunnel is not None
+        self.tunnel.send_headers(stream_id, [(b":status", self.status)], end_stream=True)
+        self.tunnel.reset(stream_id, ErrorCode.NO_ERROR)
+
+
+def refusing_server(status: bytes) -> tuple[H2Tunnel, Refuser]:
+    rec = Refuser(status)
+    tunnel = H2Tunnel(rec, client=False, max_concurrent_streams=1000)
+    rec.tunnel = tunnel
+    tunnel.start()
+    tunnel.receive(PREFACE + settings_frame())
+    tunnel.take_output()
+    return tunnel, rec
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        P("headers-then-reset", id="headers-then-reset"),
+        P("headers-only", id="headers-only"),
+        P("headers-with-end-stream", id="headers-with-end-stream"),
+    ],
+)
+def test_a_refused_peer_opening_streams_in_a_loop_is_cut_off(shape: str) -> None:
+    """Rapid reset (CVE-2023-44487) by a peer the policy refuses: every stream is answered
+    403 at once, so it never counts against MAX_CONCURRENT_STREAMS, and the peer's own
+    RST_STREAM (if any) arrives for a stream already gone. Refusals spend the budget."""
+    from sidecar.h2tunnel import RESET_BUDGET
+
+    tunnel, rec = refusing_server(b"403")
+    encoder = hpack.Encoder()
+    flags = 0x4 | (0x1 if shape == "headers-with-end-stream" else 0)
+    with pytest.raises(H2ProtocolError) as info:
+        for n in range(RESET_BUDGET * 10):
+            sid = 2 * n + 1
+            wire = frame(1, flags, sid, encoder.encode(CONNECT))
+            if shape == "headers-then-reset":
+                wire += frame(3, 0, sid, struct.pack(">L", ErrorCode.CANCEL))
+            tunnel.receive(wire)
+    assert info.value.code == ErrorCode.ENHANCE_YOUR_CALM
+    assert goaway_code(out(tunnel)) == ErrorCode.ENHANCE_YOUR_CALM
+    assert len(rec.headers) == RESET_BUDGET + 1
+
+
+def test_answers_that_are_our_fault_do_not_spend_the_reset_budget() -> None:
+    """A 503 (the local app is down) is not the peer's doing: a peer that keeps asking is
+    still served."""
+    from sidecar.h2tunnel import RESET_BUDGET
+
+    tunnel, rec = refusing_server(b"503")
+    encoder = hpack.Encoder()
+    for n in range(RESET_BUDGET * 3):
+        tunnel.receive(frame(1, 0x4, 2 * n + 1, encoder.encode(CONNECT)))
+    assert len(rec.headers) == RESET_BUDGET * 3
+    assert not [f for f in frames(out(tunnel)) if f.type == 7]

@@ -1,6 +1,6 @@
-"""HTTP/2 abuse over real mTLS to a real inbound sidecar: CONTINUATION floods. The
-attackers hold SVIDs of the trust domain, since these attacks land after the handshake;
-the policy runs only once a header block is whole.
+"""HTTP/2 abuse over real mTLS to a real inbound sidecar: CONTINUATION floods and rapid
+reset by a peer the policy refuses. The attackers hold SVIDs of the trust domain, since
+these attacks land after the handshake; the policy runs only once a header block is whole.
 
 Every attack is bounded in frames and every read in time; the assertions are about what
 the sidecar answered and counted, never about how fast."""
@@ -16,13 +16,14 @@ import h2.errors
 import h2.events
 import hpack
 
-from sidecar.h2tunnel import MAX_CONTINUATIONS
+from sidecar.h2tunnel import MAX_CONTINUATIONS, RESET_BUDGET
 
 from .conftest import CLIENT, ECHO, INTRUDER
 from .harness import Pki, Procs, RawClient, Sidecar, start_echo, start_sidecar
 
 CONNECT = [(":method", "CONNECT"), (":authority", "echo:8080")]
 ABUSE = 'trellis_sidecar_connections_closed_by_us_total{reason="abuse"}'
+DENIED = 'trellis_sidecar_policy_decisions_total{decision="deny"}'
 
 
 def _server(procs: Procs, pki: Pki) -> Sidecar:
@@ -124,4 +125,48 @@ def test_a_continuation_flood_gets_goaway_long_before_it_is_all_sent(
         good.close()
         attacker.close()
     assert b.metrics()[ABUSE] == 1
+    assert b.proc.alive()
+
+
+def test_a_refused_identity_resetting_its_streams_is_cut_off_as_abuse(
+    procs: Procs, pki: Pki
+) -> None:
+    """Rapid reset (CVE-2023-44487) by an identity the policy refuses: HEADERS then
+    RST_STREAM, up to 5,000 times. Each stream is answered 403 at once, so none counts
+    against the stream limit; the sidecar still closes the connection with
+    GOAWAY(ENHANCE_YOUR_CALM) after exactly `RESET_BUDGET` + 1 refusals, counts it as
+    abuse, and keeps serving the allowed client."""
+    b = _server(procs, pki)
+    good = RawClient(b.inbound_port, pki.write(procs.workdir / "svid-client", CLIENT))
+    attacker = RawClient(b.inbound_port, pki.write(procs.workdir / "svid-intruder", INTRUDER))
+    events: list[Any] = []
+    closed = False
+    try:
+        for _ in range(5000 // 50):
+            try:
+                for _ in range(50):
+                    stream_id = attacker.h2.get_next_available_stream_id()
+                    attacker.h2.send_headers(stream_id, CONNECT)
+                    attacker.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+                attacker.flush()
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+                break
+            more, closed = _answers(attacker, 0)
+            events += more
+            if closed or _goaways(more):
+                break
+        more, closed_later = _answers(attacker, 5)
+        events += more
+        goaways = _goaways(events)
+        assert goaways, "no GOAWAY"
+        assert goaways[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        assert closed or closed_later, "the connection stayed open"
+        assert good.request(CONNECT) == 200
+    finally:
+        good.close()
+        attacker.close()
+    metrics = b.metrics()
+    assert metrics[ABUSE] == 1
+    assert metrics[DENIED] == RESET_BUDGET + 1
     assert b.proc.alive()
