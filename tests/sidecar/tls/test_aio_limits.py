@@ -123,3 +123,29 @@ def test_a_thousand_half_open_connections_do_not_stop_a_handshake_and_time_out_a
     assert all(outcome in (b"", None) for outcome in outcomes)
     timeouts = [str(e) for e in seen if isinstance(e, TimeoutError)]
     assert timeouts == ["TLS handshake did not complete within 10s"] * 1_000
+
+
+def test_user_canceled_then_close_notify_during_the_handshake_closes_before_the_timeout() -> None:
+    # RFC 8446 §6.1: user_canceled is followed by close_notify; after it nothing more is
+    # read, so the server must not hold the socket until its handshake timeout.
+    goodbye = b"".join(
+        plaintext_record(ContentType.alert, bytes((AlertLevel.warning, description)))
+        for description in (AlertDescription.user_canceled, AlertDescription.close_notify)
+    )
+
+    def exchange(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_WAIT) as sock:
+            sock.sendall(goodbye)
+            answer = bytearray()
+            while chunk := sock.recv(4096):  # a socket timeout here fails the test
+                answer += chunk
+            return bytes(answer)
+
+    async def scenario() -> tuple[bytes, list[object]]:
+        async with tls_echo_server(server_svid().config(), handshake_timeout=60) as (port, seen):
+            answer = await asyncio.to_thread(exchange, port)
+        return answer, seen
+
+    answer, seen = run(scenario(), timeout=60)
+    assert answer == b""  # closed at once, with nothing to say before keys exist
+    assert [type(e).__name__ for e in seen] == ["ConnectionResetError"]
