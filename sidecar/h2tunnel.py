@@ -24,7 +24,8 @@ Abuse: a peer whose streams fail more often than they complete (by `RESET_BUDGET
 GOAWAY(ENHANCE_YOUR_CALM); a stream fails when the peer resets it, when we reset it before
 answering, or when we answer it 4xx (a policy refusal), so a peer the policy refuses is cut
 off like one we serve. A header block is bounded in bytes (`MAX_HEADER_BLOCK`, encoded and
-decoded) and in frames (`MAX_CONTINUATIONS`), and gathered in time linear in its frames.
+decoded) and in frames (`MAX_CONTINUATIONS`), gathered in time linear in its frames, and
+opens with at most two HPACK table size updates.
 Floods of control frames that make us answer (PING, SETTINGS) are bounded by the session,
 which closes a connection whose peer stops reading its answers.
 
@@ -65,6 +66,10 @@ MAX_HEADER_BLOCK = 64 << 10
 # of 2024: CVE-2024-27316, CVE-2024-28182, CVE-2023-45288); nghttp2 also allows 8. A
 # block of MAX_HEADER_BLOCK bytes needs 4 at the smallest frame size.
 MAX_CONTINUATIONS = 8
+# RFC 7541 §4.2: a header block starts with at most two dynamic table size updates (the
+# smallest size since the last block, then the final one). hpack spends about six times
+# as much on one of these bytes as on a Huffman-coded one.
+MAX_TABLE_SIZE_UPDATES = 2
 MAX_STREAM_ID = (1 << 31) - 1
 # Streams the peer may open that then fail (reset by either side before an answer, or
 # refused 4xx), net of the streams it completes, before we call it an attack
@@ -184,6 +189,26 @@ _CONNECTION_HEADERS = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
 )
 _REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path", b":protocol"))
+
+
+def _table_size_updates(block: bytes) -> int:
+    """How many dynamic table size updates (RFC 7541 §6.3: `001` + a 5-bit-prefix integer)
+    open `block`, counting at most one past the limit. An integer longer than any table
+    size ends the count: the decoder reports it."""
+    count = pos = 0
+    end = len(block)
+    while pos < end and block[pos] & 0xE0 == 0x20 and count <= MAX_TABLE_SIZE_UPDATES:
+        count += 1
+        prefix = block[pos] & 0x1F
+        pos += 1
+        if prefix == 0x1F:
+            stop = min(end, pos + 5)  # 5 continuation bytes carry 35 bits: beyond 2^32
+            while pos < stop and block[pos] & 0x80:
+                pos += 1
+            if pos == stop:
+                break
+            pos += 1
+    return count
 
 
 def _header_error(headers: list[tuple[bytes, bytes]], request: bool) -> str | None:
@@ -654,6 +679,11 @@ class H2Tunnel:
             self._on_header_block(stream_id, pending.flags, b"".join(pending.fragments))
 
     def _on_header_block(self, stream_id: int, flags: int, block: bytes) -> None:
+        if _table_size_updates(block) > MAX_TABLE_SIZE_UPDATES:
+            raise H2ProtocolError(
+                ErrorCode.COMPRESSION_ERROR,
+                f"more than {MAX_TABLE_SIZE_UPDATES} table size updates (RFC 7541 §4.2)",
+            )
         # Decode first, whatever becomes of the stream: HPACK state is connection-wide. The
         # decoder stops once the decoded list passes MAX_HEADER_BLOCK (what we advertise).
         try:

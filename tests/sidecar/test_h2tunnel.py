@@ -612,6 +612,29 @@ def test_a_header_list_inflating_past_the_advertised_limit_is_a_compression_erro
     assert rec.headers == []
 
 
+@pytest.mark.parametrize(
+    ("updates", "accepted"),
+    [
+        P(b"\x20\x3f\xe1\x1f", True, id="two"),  # 0, then 4096: what RFC 7541 §4.2 allows
+        P(b"\x20\x3f\xe1\x1f\x20", False, id="three"),
+        P(b"\x20" * 16_000, False, id="sixteen-thousand"),
+    ],
+)
+def test_a_header_block_opens_with_at_most_two_table_size_updates(
+    updates: bytes, accepted: bool
+) -> None:
+    tunnel, rec = opened_server()
+    wire = frame(1, 0x4, 1, updates + header_block(CONNECT))
+    if accepted:
+        tunnel.receive(wire)
+        assert [h[0] for h in rec.headers] == [1]
+        return
+    with pytest.raises(H2ProtocolError) as info:
+        tunnel.receive(wire)
+    assert info.value.code == ErrorCode.COMPRESSION_ERROR
+    assert rec.headers == []
+
+
 # --- refused streams spend the reset budget -------------------------------------------
 
 
