@@ -11,7 +11,8 @@ Command line (stable; the injector and `trellis up` depend on it)
 
     trellis sidecar [--config FILE] [--mode explicit|transparent]
                     [--inbound-port 15008] [--outbound-port 15001] [--admin-port 15000|off]
-                    [--listen-host 0.0.0.0] [--policy policy.json] [--pod-labels FILE]
+                    [--health-port 15020|off] [--listen-host 0.0.0.0] [--app-ports 8080,...]
+                    [--policy policy.json] [--pod-labels FILE]
                     [--upstreams SERVICE:PORT=LOCAL,...] [--svid-dir DIR]
                     [--workload-api-socket unix:///path] [--spiffe-id ID]
                     [--drain-timeout SECONDS] [--log-level warning]
@@ -30,19 +31,29 @@ listens on 127.0.0.1:<outbound port> and [::1]:<outbound port> and reads SO_ORIG
 it is installed, ip6tables: `--ipv6 auto|on|off`); the stream goes to <original
 IP>:<inbound port> with `:authority` = the original destination. Its inbound listener
 also takes the IPv6 twin of its address (`::` for 0.0.0.0, `::1` for 127.0.0.1); a host
-without IPv6 gets a warning and IPv4 alone. Inbound, a CONNECT to host:PORT goes to
-127.0.0.1:PORT (or the YAML `inbound.targets.PORT.app`). A bad flag or config value
-exits 1 with one line naming the field. Start-up prints one JSON line
-`{"event": "ready-to-serve", "inbound": ..., "admin": ..., "outbound": ...,
+without IPv6 gets a warning and IPv4 alone. Inbound forwards only to declared ports: a
+CONNECT to host:PORT goes to 127.0.0.1:PORT when `--app-ports` lists PORT (the injector
+passes the pod's TCP containerPorts), or to the YAML `inbound.targets.PORT.app`; any
+other port is refused with 404, whoever the caller, so the sidecar is never a proxy to
+the rest of the pod or node. A target on one of the sidecar's own ports (admin, health,
+inbound, outbound, an upstream listener) is a configuration error. A bad flag or config
+value exits 1 with one line naming the field. Start-up prints one JSON line
+`{"event": "ready-to-serve", "inbound": ..., "admin": ..., "health": ..., "outbound": ...,
 "upstreams": {name: addr}}` on stdout once listening.
 
 Policy: YAML `inbound.targets.PORT.allow` ([{exact: ID} | {prefix: ID}]) plus the
 operator's `--policy` document filtered by `--pod-labels` (reloaded when either file
-changes). A port no rule covers admits any caller of our own trust domain; an empty allow
-list refuses everyone. Refusal = HTTP/2 403 on that stream (never a silent drop).
+changes). A declared port no rule covers admits any caller of our own trust domain; an
+empty allow list refuses everyone. Refusal = HTTP/2 403 on that stream (never a silent
+drop); an undeclared port is 404 before any policy.
 
-Admin (aiohttp, `--admin-port`)
--------------------------------
+Admin (aiohttp, `--admin-port`, 127.0.0.1 only) and health (`--health-port`)
+---------------------------------------------------------------------------
+The admin listener binds a loopback address (a YAML `admin` elsewhere is refused): it
+serves `/config` without authentication. The health listener, off unless configured
+(the injector uses 15020 on the pod's address), serves `/metrics`, `/healthz` and
+`/readyz` only; any other path there is 404.
+
 * `GET /healthz` — 200 while the process runs.
 * `GET /readyz` — 200 once an unexpired SVID and a bundle are held and listeners are
   bound; 503 with the reason otherwise, and while draining (SIGTERM).
@@ -65,7 +76,8 @@ Admin (aiohttp, `--admin-port`)
     `trellis_sidecar_streams_total{direction,outcome="ok|reset|refused|error|retried"}`,
     `trellis_sidecar_bytes_total{direction="in|out"}` (in: mesh → app),
     `trellis_sidecar_policy_decisions_total{decision="allow|deny"}`,
-    `trellis_sidecar_connect_requests_rejected_total{status}`,
+    `trellis_sidecar_connect_requests_rejected_total{status}` (CONNECTs refused before
+    policy: 400/405 malformed, 404 for a port that is not a declared target),
     `trellis_sidecar_connections_closed_by_us_total{reason="protocol_error|abuse|
     peer_not_reading|keepalive_timeout"}`,
     `trellis_sidecar_svid_expiry_timestamp_seconds`, `trellis_sidecar_svid_updates_total`.

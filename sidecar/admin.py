@@ -1,19 +1,55 @@
-"""The admin HTTP server (aiohttp): /metrics, /healthz, /readyz, /config."""
+"""The sidecar's HTTP endpoints (aiohttp), on two listeners.
+
+* admin (loopback only): `/metrics`, `/healthz`, `/readyz`, `/config`. `/config` tells
+  the workload's identity, policy and peers to whoever asks, so nothing off the host may.
+* health (the pod's address): `/metrics`, `/healthz`, `/readyz` and nothing else, for the
+  kubelet's probes and Prometheus (Istio splits its 15000 and 15020 the same way). Any
+  other path is 404.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .config import Address
+
 if TYPE_CHECKING:
     from .runtime import Sidecar
 
-__all__ = ["start_admin"]
+__all__ = ["AdminServers", "start_admin"]
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
-async def start_admin(sidecar: Sidecar, host: str, port: int) -> web.AppRunner:
+class AdminServers:
+    """The running admin and health listeners; `cleanup` stops both."""
+
+    def __init__(self) -> None:
+        self.runners: list[web.AppRunner] = []
+
+    async def add(self, routes: dict[str, Handler], address: Address) -> None:
+        app = web.Application()
+        for path, handler in routes.items():
+            app.router.add_get(path, handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        self.runners.append(runner)
+        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+        await site.start()
+
+    async def cleanup(self) -> None:
+        for runner in self.runners:
+            await runner.cleanup()
+        self.runners.clear()
+
+
+async def start_admin(
+    sidecar: Sidecar, admin: Address | None, health: Address | None
+) -> AdminServers:
     async def metrics(_request: web.Request) -> web.Response:
         body = generate_latest(sidecar.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -28,13 +64,14 @@ async def start_admin(sidecar: Sidecar, host: str, port: int) -> web.AppRunner:
     async def config(_request: web.Request) -> web.Response:
         return web.json_response(sidecar.describe())
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/config", config)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
-    return runner
+    probes: dict[str, Handler] = {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz}
+    servers = AdminServers()
+    try:
+        if admin is not None:
+            await servers.add({**probes, "/config": config}, admin)
+        if health is not None:
+            await servers.add(probes, health)
+    except BaseException:
+        await servers.cleanup()
+        raise
+    return servers

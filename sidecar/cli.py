@@ -17,6 +17,7 @@ from trellis.cli import CliError
 from .config import (
     Address,
     ConfigError,
+    InboundTarget,
     SidecarConfig,
     check_consistency,
     load_yaml,
@@ -56,9 +57,25 @@ def register(commands: Any) -> None:
     p.add_argument("--mode", choices=("explicit", "transparent"))
     p.add_argument("--inbound-port", type=_port, help="mTLS listener port (default 15008)")
     p.add_argument("--outbound-port", type=_port, help="transparent listener port (default 15001)")
-    p.add_argument("--admin-port", type=_port_or_off, help="admin port or off (default 15000)")
     p.add_argument(
-        "--listen-host", help="host for the inbound and admin listeners (default 0.0.0.0)"
+        "--admin-port",
+        type=_port_or_off,
+        help="admin port on 127.0.0.1 (/config and the rest), or off (default 15000)",
+    )
+    p.add_argument(
+        "--health-port",
+        type=_port_or_off,
+        help="port on --listen-host for /metrics, /healthz and /readyz only, or off "
+        "(default off; the injector uses 15020)",
+    )
+    p.add_argument(
+        "--listen-host", help="host for the inbound and health listeners (default 0.0.0.0)"
+    )
+    p.add_argument(
+        "--app-ports",
+        type=_ports,
+        help="PORT,... the app serves on 127.0.0.1, reachable through the mesh; a CONNECT "
+        "for any port neither here nor in inbound.targets is refused (404)",
     )
     p.add_argument("--policy", help="the operator's policy.json (SidecarPolicy document)")
     p.add_argument("--pod-labels", help="downward-API labels file the policy selectors match")
@@ -115,6 +132,8 @@ def build_config(args: argparse.Namespace) -> SidecarConfig:
     if host is not None:
         parse_address(f"{host}:1", "--listen-host")
         inbound = dataclasses.replace(inbound, listen=Address(host, inbound.listen.port))
+        if config.health is not None:
+            changes["health"] = Address(host, config.health.port)
     if args.inbound_port is not None:
         inbound = dataclasses.replace(
             inbound, listen=Address(inbound.listen.host, args.inbound_port)
@@ -125,8 +144,14 @@ def build_config(args: argparse.Namespace) -> SidecarConfig:
     if args.admin_port == 0:
         changes["admin"] = None
     elif args.admin_port is not None:
-        admin_host = host or (config.admin.host if config.admin else "0.0.0.0")
+        # Never --listen-host: the admin port stays on loopback (see sidecar.admin).
+        admin_host = config.admin.host if config.admin else "127.0.0.1"
         changes["admin"] = Address(admin_host, args.admin_port)
+    if args.health_port == 0:
+        changes["health"] = None
+    elif args.health_port is not None:
+        health_host = host or (config.health.host if config.health else "0.0.0.0")
+        changes["health"] = Address(health_host, args.health_port)
     if args.policy is not None:
         changes["policy_file"] = args.policy
     if args.pod_labels is not None:
@@ -150,7 +175,24 @@ def build_config(args: argparse.Namespace) -> SidecarConfig:
         if args.drain_timeout < 0:
             raise ConfigError("--drain-timeout", "must not be negative")
         changes["drain_timeout"] = args.drain_timeout
-    return check_consistency(dataclasses.replace(config, **changes))
+    config = dataclasses.replace(config, **changes)
+    if args.app_ports:
+        config = _with_app_ports(config, args.app_ports)
+    return check_consistency(config)
+
+
+def _with_app_ports(config: SidecarConfig, ports: list[int]) -> SidecarConfig:
+    """``--app-ports``: each port a target on 127.0.0.1 with the policy's rules, unless
+    the YAML declares it already (with its own app address or allow list)."""
+    own = config.own_ports()
+    targets = dict(config.inbound.targets)
+    for port in ports:
+        if (what := own.get(port)) is not None:
+            raise ConfigError(
+                "--app-ports", f"{port} is the sidecar's own {what} port, which is never forwarded"
+            )
+        targets.setdefault(port, InboundTarget(port, Address("127.0.0.1", port), None))
+    return dataclasses.replace(config, inbound=dataclasses.replace(config.inbound, targets=targets))
 
 
 def cmd_sidecar(args: argparse.Namespace) -> int:

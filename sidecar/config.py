@@ -10,13 +10,12 @@ YAML (``--config FILE``; every key optional)::
     workload_api_socket: unix:///run/spiffe/workload/agent.sock  # default: $SPIFFE_ENDPOINT_SOCKET
     svid_dir: /path                     # svid.pem, svid.key, bundle.pem instead of the Workload API
     spiffe_id: spiffe://example.org/x   # which SVID to use when the agent offers several
-    admin: 127.0.0.1:15000              # or "off"
+    admin: 127.0.0.1:15000              # loopback only, or "off"; serves /config too
+    health: 0.0.0.0:15020               # default off: /metrics, /healthz, /readyz only
     outbound: 127.0.0.1:15001           # the transparent listener (mode: transparent)
     inbound:
       listen: 0.0.0.0:15008
-      default_app_host: 127.0.0.1       # ports without a target entry go to this host
-      strict: false                     # true: only the ports listed below are reachable
-      targets:
+      targets:                          # the only ports a CONNECT may reach
         8080:
           app: 127.0.0.1:18080          # where the local app listens for target port 8080
           allow:                        # omitted: same trust domain; [] refuses everyone
@@ -35,10 +34,24 @@ YAML (``--config FILE``; every key optional)::
       keepalive_timeout: 10s
       connect_timeout: 5s
     drain_timeout: 10s
+
+Inbound forwards to the declared targets and nothing else: a CONNECT for any other port
+is answered 404, whoever asks, so a caller of the trust domain cannot use the sidecar as a
+proxy to whatever else listens in the pod or on the node (the agent's admin port, the
+CA's ports, other sidecars). A target whose app is one of the sidecar's own listeners is
+refused here, since a stream into the admin port or an upstream listener would turn the
+sidecar against itself. The former `inbound.strict` and `inbound.default_app_host` keys,
+which forwarded every undeclared port, are refused with what to write instead.
+
+The admin listener serves `/config` (identity, policy, pools) without authentication, so
+it binds a loopback address only; `health` is the listener for the pod's address, with
+only what kubelet probes and Prometheus need (as Istio keeps 15000 local and serves
+15020 on the pod IP).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -59,7 +72,10 @@ __all__ = [
     "PoolConfig",
     "SidecarConfig",
     "UpstreamConfig",
+    "check_consistency",
+    "is_loopback",
     "load_yaml",
+    "loopback_admin",
     "parse_address",
     "parse_config",
     "parse_upstreams_flag",
@@ -96,15 +112,12 @@ class InboundTarget:
 @dataclass(frozen=True, slots=True)
 class InboundConfig:
     listen: Address = Address("0.0.0.0", 15008)
-    default_app_host: str = "127.0.0.1"
-    strict: bool = False
     targets: Mapping[int, InboundTarget] = field(default_factory=dict)
 
     def app_for(self, port: int) -> Address | None:
+        """The app behind target ``port``; None for a port nobody declared."""
         target = self.targets.get(port)
-        if target is not None:
-            return target.app
-        return None if self.strict else Address(self.default_app_host, port)
+        return None if target is None else target.app
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +144,8 @@ class SidecarConfig:
     workload_api_socket: str | None = None
     svid_dir: str | None = None
     spiffe_id: SpiffeId | None = None
-    admin: Address | None = Address("0.0.0.0", 15000)
+    admin: Address | None = Address("127.0.0.1", 15000)
+    health: Address | None = None
     outbound: Address = Address("127.0.0.1", 15001)
     inbound: InboundConfig = field(default_factory=InboundConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
@@ -152,6 +166,20 @@ class SidecarConfig:
         if raw.startswith("unix:"):
             return raw
         return f"unix:{raw}"
+
+    def own_ports(self) -> dict[int, str]:
+        """The ports the sidecar itself listens on, each with what it is: never a target."""
+        ports: dict[int, str] = {}
+        for upstream in self.upstreams:
+            ports[upstream.listen.port] = f"upstream {upstream.name!r} listener"
+        if self.mode == "transparent":
+            ports[self.outbound.port] = "outbound"
+        ports[self.inbound.listen.port] = "inbound"
+        if self.health is not None:
+            ports[self.health.port] = "health"
+        if self.admin is not None:
+            ports[self.admin.port] = "admin"
+        return ports
 
 
 # --- field parsers --------------------------------------------------------------------
@@ -215,20 +243,28 @@ def _mapping(raw: Any, where: str, allowed: set[str]) -> Mapping[str, Any]:
     return raw
 
 
+# Keys that once made undeclared ports reachable; each refusal says what to write instead.
+_REMOVED_INBOUND = {
+    "strict": "removed: only the ports under inbound.targets are reachable, always; "
+    "delete this key",
+    "default_app_host": "removed: undeclared ports are never forwarded; list each port "
+    "under inbound.targets (with app: HOST:PORT for an app on another host)",
+}
+
+
 def _inbound(raw: Any) -> InboundConfig:
-    section = _mapping(raw, "inbound", {"listen", "default_app_host", "strict", "targets"})
+    if isinstance(raw, Mapping):
+        for key, why in _REMOVED_INBOUND.items():
+            if key in raw:
+                raise ConfigError(f"inbound.{key}", why)
+    section = _mapping(raw, "inbound", {"listen", "targets"})
     base = InboundConfig()
     listen = (
         parse_address(section["listen"], "inbound.listen", "0.0.0.0")
         if "listen" in section
         else base.listen
     )
-    host = section.get("default_app_host", base.default_app_host)
-    if not isinstance(host, str) or not host:
-        raise ConfigError("inbound.default_app_host", "expected a host name or address")
-    strict = section.get("strict", False)
-    if not isinstance(strict, bool):
-        raise ConfigError("inbound.strict", "expected true or false")
+    host = "127.0.0.1"  # an app named by port alone listens on the pod's loopback
     targets_raw = section.get("targets") or {}
     if not isinstance(targets_raw, Mapping):
         raise ConfigError("inbound.targets", "expected a mapping of target port to settings")
@@ -250,7 +286,7 @@ def _inbound(raw: Any) -> InboundConfig:
         except PolicyError as exc:
             raise ConfigError(exc.field, str(exc).split(": ", 1)[-1]) from exc
         targets[port] = InboundTarget(port, app, allow)
-    return InboundConfig(listen, host, strict, targets)
+    return InboundConfig(listen, targets)
 
 
 def _upstreams(raw: Any) -> tuple[UpstreamConfig, ...]:
@@ -318,6 +354,7 @@ _TOP = {
     "svid_dir",
     "spiffe_id",
     "admin",
+    "health",
     "outbound",
     "inbound",
     "upstreams",
@@ -340,7 +377,14 @@ def parse_config(raw: Any) -> SidecarConfig:
         admin = (
             None
             if top["admin"] in ("off", None)
-            else parse_address(top["admin"], "admin", "0.0.0.0")
+            else loopback_admin(parse_address(top["admin"], "admin", "127.0.0.1"), "admin")
+        )
+    health: Address | None = config.health
+    if "health" in top:
+        health = (
+            None
+            if top["health"] in ("off", None)
+            else parse_address(top["health"], "health", "0.0.0.0")
         )
     strings: dict[str, str | None] = {}
     for name in ("workload_api_socket", "svid_dir", "policy_file", "pod_labels_file"):
@@ -354,6 +398,7 @@ def parse_config(raw: Any) -> SidecarConfig:
         svid_dir=strings["svid_dir"],
         spiffe_id=_spiffe_id(top["spiffe_id"], "spiffe_id") if "spiffe_id" in top else None,
         admin=admin,
+        health=health,
         outbound=(
             parse_address(top["outbound"], "outbound", "127.0.0.1")
             if "outbound" in top
@@ -370,6 +415,28 @@ def parse_config(raw: Any) -> SidecarConfig:
         policy_file=strings["policy_file"],
         pod_labels_file=strings["pod_labels_file"],
     )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_admin(address: Address, where: str) -> Address:
+    """The admin address, refused unless it is a loopback one: /config tells anyone who
+    reaches it the workload's identity, policy and peers, with no authentication."""
+    if not is_loopback(address.host):
+        raise ConfigError(
+            where,
+            f"{address} is not a loopback address: the admin port serves /config without "
+            "authentication; bind it to 127.0.0.1 and use health (--health-port) for "
+            "/metrics and the probes on the pod's address",
+        )
+    return address
 
 
 def load_yaml(text: str, source: str = "config") -> SidecarConfig:
@@ -412,7 +479,7 @@ def parse_upstreams_flag(text: str, inbound_port: int) -> tuple[UpstreamConfig, 
 
 
 def check_consistency(config: SidecarConfig) -> SidecarConfig:
-    """Cross-field rules: no two listeners on one address."""
+    """Cross-field rules: no two listeners on one address, no target on our own ports."""
     seen: dict[tuple[str, int], str] = {}
 
     def claim(address: Address | None, what: str) -> None:
@@ -424,9 +491,17 @@ def check_consistency(config: SidecarConfig) -> SidecarConfig:
         seen[key] = what
 
     claim(config.admin, "admin")
+    claim(config.health, "health")
     claim(config.inbound.listen, "inbound.listen")
     if config.mode == "transparent":
         claim(config.outbound, "outbound")
     for index, upstream in enumerate(config.upstreams):
         claim(upstream.listen, f"upstreams[{index}].listen")
+    own = config.own_ports()
+    for port, target in sorted(config.inbound.targets.items()):
+        if (what := own.get(target.app.port)) is not None:
+            raise ConfigError(
+                f"inbound.targets.{port}",
+                f"{target.app} is the sidecar's own {what} port, which is never forwarded",
+            )
     return config

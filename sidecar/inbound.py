@@ -1,17 +1,23 @@
 """The inbound side: mTLS on 15008, CONNECT streams authorised, then the local app.
 
 Per stream: parse the CONNECT (`hbone`), find the app address for the target port
-(`InboundConfig.app_for`; unknown under `strict` → 404), authorise the peer's SPIFFE ID
-for that port (`policy.Authorizer`; refusal → 403 and `trellis_sidecar_policy_decisions
-{decision="deny"}`), and only then dial the app. The app unreachable → 503. Every refusal
-is an HTTP status on that stream alone; the connection and its other streams go on.
+(`InboundConfig.app_for`: only declared targets; any other port → 404 and
+`trellis_sidecar_connect_requests_rejected_total{status="404"}`), authorise the peer's
+SPIFFE ID for that port (`policy.Authorizer`; refusal → 403 and
+`trellis_sidecar_policy_decisions{decision="deny"}`), and only then dial the app. The app
+unreachable → 503. Every refusal is an HTTP status on that stream alone; the connection
+and its other streams go on.
+
+The sidecar's own ports are refused here as well as in the configuration
+(`check_consistency`): a config built in code skips that check, and a stream into the
+admin port or an upstream listener would let a caller act through the sidecar.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from ca.spiffeid import SpiffeId, SpiffeIdError
 
@@ -41,8 +47,10 @@ class Inbound:
         keepalive_interval: float = 20.0,
         keepalive_timeout: float = 10.0,
         connect_timeout: float = 5.0,
+        own_ports: Collection[int] = (),
     ) -> None:
         self.config = config
+        self.own_ports = frozenset(own_ports)
         self.identity = identity
         self.metrics = metrics
         self.authorizer = authorizer
@@ -95,7 +103,7 @@ class Inbound:
             self._refuse(session, stream_id, request.status, request.reason)
             return
         app = self.config.app_for(request.port)
-        if app is None:
+        if app is None or app.port in self.own_ports:
             self._refuse(session, stream_id, 404, f"no local target for port {request.port}")
             return
         caller: SpiffeId | None

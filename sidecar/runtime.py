@@ -19,11 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from ca.runtime import settle_heap
 
-from .admin import start_admin
+from .admin import AdminServers, start_admin
 from .config import SidecarConfig
 from .identity import Identity, IdentityError, WorkloadApiWatcher, load_svid_dir
 from .inbound import Inbound
@@ -58,12 +56,13 @@ class Sidecar:
             keepalive_interval=config.pool.keepalive_interval,
             keepalive_timeout=config.pool.keepalive_timeout,
             connect_timeout=config.pool.connect_timeout,
+            own_ports=config.own_ports(),
         )
         self.outbound = Outbound(self.pools, self.metrics, config.inbound.listen.port)
         self.watcher: WorkloadApiWatcher | None = None
         self.listening = False
         self.draining = False
-        self._admin: web.AppRunner | None = None
+        self._admin: AdminServers | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
 
@@ -135,8 +134,7 @@ class Sidecar:
 
     async def start(self) -> None:
         config = self.config
-        if config.admin is not None:
-            self._admin = await start_admin(self, config.admin.host, config.admin.port)
+        self._admin = await start_admin(self, config.admin, config.health)
         if config.svid_dir is not None:
             try:
                 svid, bundles = load_svid_dir(config.svid_dir)
@@ -166,6 +164,7 @@ class Sidecar:
         return {
             "inbound": str(config.inbound.listen),
             "admin": str(config.admin) if config.admin else None,
+            "health": str(config.health) if config.health else None,
             "outbound": str(config.outbound) if config.mode == "transparent" else None,
             "upstreams": {u.name: str(u.listen) for u in config.upstreams},
         }
@@ -229,7 +228,6 @@ class Sidecar:
             ],
             "inbound": {
                 "targets": {str(p): str(t.app) for p, t in sorted(config.inbound.targets.items())},
-                "strict": config.inbound.strict,
                 "connections": len(self.inbound.sessions),
                 "streams": self.inbound.active_streams,
                 "policy": self._authorizer.describe(),

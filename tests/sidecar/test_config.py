@@ -29,7 +29,6 @@ svid_dir: /tmp/svid
 admin: 127.0.0.1:15900
 inbound:
   listen: 127.0.0.1:15908
-  strict: true
   targets:
     8080:
       app: 127.0.0.1:18080
@@ -60,7 +59,7 @@ def test_a_full_yaml_document_becomes_typed_frozen_values() -> None:
         "prefix:spiffe://example.org/ns/tools",
     ]
     assert config.inbound.app_for(8080) == Address("127.0.0.1", 18080)
-    assert config.inbound.app_for(9090) is None  # strict
+    assert config.inbound.app_for(9090) is None  # not declared: never forwarded
     upstream = config.upstreams[0]
     assert upstream.endpoints == (Address("127.0.0.1", 15008), Address("::1", 15008))
     assert str(upstream.endpoints[1]) == "[::1]:15008"
@@ -89,6 +88,9 @@ def test_a_full_yaml_document_becomes_typed_frozen_values() -> None:
         ("pool: {idle_timeout: soon}", "pool.idle_timeout"),
         ("pool: {max_streams_per_connection: 0}", "pool.max_streams_per_connection"),
         ("drain_timeout: -1", "drain_timeout"),
+        ("admin: 0.0.0.0:15000", "admin"),
+        ("admin: 10.0.0.7:15000", "admin"),
+        ("health: 'nowhere'", "health"),
         ("[1, 2]", ""),
     ],
 )  # fmt: skip
@@ -112,6 +114,83 @@ def test_two_listeners_on_one_address_are_refused() -> None:
     assert info.value.field == "upstreams[0].listen"
 
 
+@pytest.mark.parametrize(
+    ("key", "instead"),
+    [
+        ("strict: false", "only the ports under inbound.targets are reachable"),
+        ("strict: true", "delete this key"),
+        ("default_app_host: 127.0.0.1", "list each port under inbound.targets"),
+    ],
+)
+def test_the_keys_that_forwarded_undeclared_ports_are_refused_saying_what_to_write(
+    key: str, instead: str
+) -> None:
+    with pytest.raises(ConfigError, match=instead) as info:
+        load_yaml(f"inbound:\n  {key}\n  targets: {{8080: {{}}}}\n")
+    assert info.value.field == "inbound." + key.split(":")[0]
+
+
+def test_without_targets_no_port_is_forwarded_and_a_bare_target_is_the_local_app() -> None:
+    assert SidecarConfig().inbound.app_for(8080) is None
+    assert SidecarConfig().inbound.app_for(15000) is None
+    config = load_yaml("inbound: {targets: {8080: {}, 9090: {app: 19090}}}")
+    assert config.inbound.app_for(8080) == Address("127.0.0.1", 8080)
+    assert config.inbound.app_for(9090) == Address("127.0.0.1", 19090)
+    assert config.inbound.app_for(8081) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        ("admin: 127.0.0.1:15000\ninbound: {targets: {15000: {}}}", "admin"),
+        ("admin: 127.0.0.1:15000\ninbound: {targets: {80: {app: 127.0.0.1:15000}}}", "admin"),
+        ("health: 0.0.0.0:15020\ninbound: {targets: {15020: {}}}", "health"),
+        ("inbound: {listen: 0.0.0.0:15008, targets: {15008: {}}}", "inbound"),
+        ("mode: transparent\ninbound: {targets: {15001: {}}}", "outbound"),
+        (
+            "upstreams: [{name: db, listen: 9001, target: 'a:1', endpoints: ['b:1']}]\n"
+            "inbound: {targets: {9001: {}}}",
+            "upstream 'db' listener",
+        ),
+    ],
+)
+def test_a_target_on_the_sidecars_own_port_is_refused(text: str, what: str) -> None:
+    with pytest.raises(ConfigError, match=f"sidecar's own {what} port") as info:
+        check_consistency(load_yaml(text))
+    assert info.value.field.startswith("inbound.targets.")
+
+
+def test_the_app_ports_flag_never_names_the_sidecars_own_ports() -> None:
+    for argv, what in (
+        (["--app-ports=8080,15000"], "admin"),
+        (["--health-port=15020", "--app-ports=15020"], "health"),
+        (["--inbound-port=15008", "--app-ports=15008"], "inbound"),
+    ):
+        with pytest.raises(ConfigError, match=f"own {what} port") as info:
+            build_config(build_parser().parse_args(["sidecar", *argv]))
+        assert info.value.field == "--app-ports"
+
+
+def test_the_admin_port_stays_on_loopback_whatever_the_listen_host() -> None:
+    args = ["sidecar", "--listen-host=10.1.2.3", "--admin-port=15000", "--health-port=15020"]
+    config = build_config(build_parser().parse_args(args))
+    assert config.admin == Address("127.0.0.1", 15000)
+    assert config.health == Address("10.1.2.3", 15020)
+    assert config.inbound.listen == Address("10.1.2.3", 15008)
+    assert build_config(build_parser().parse_args(["sidecar"])).health is None
+
+
+def test_a_yaml_target_keeps_its_app_and_rules_when_app_ports_names_it_too(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("inbound: {targets: {8080: {app: 127.0.0.1:18080, allow: []}}}\n")
+    args = build_parser().parse_args(["sidecar", "--config", str(path), "--app-ports=8080,81"])
+    targets = build_config(args).inbound.targets
+    assert targets[8080].app == Address("127.0.0.1", 18080) and targets[8080].allow == ()
+    assert targets[81].app == Address("127.0.0.1", 81) and targets[81].allow is None
+
+
 def test_the_injector_upstreams_flag_dials_the_service_sidecar_on_the_inbound_port() -> None:
     (upstream,) = parse_upstreams_flag("api.default:8080=9001", 15008)
     assert upstream.listen == Address("127.0.0.1", 9001)
@@ -133,15 +212,23 @@ def test_the_injector_command_line_parses_into_a_config(tmp_path: Path) -> None:
             "--outbound-port=15001",
             "--inbound-port=15008",
             "--admin-port=15000",
+            "--health-port=15020",
             "--policy=/etc/trellis/policy/policy.json",
             "--pod-labels=/etc/trellis/podinfo/labels",
+            "--app-ports=8080,9090",
             "--upstreams=api.default:8080=9001",
         ]
     )
     config = build_config(args)
     assert isinstance(config, SidecarConfig)
     assert config.inbound.listen == Address("0.0.0.0", 15008)
-    assert config.admin == Address("0.0.0.0", 15000)
+    assert config.admin == Address("127.0.0.1", 15000)
+    assert config.health == Address("0.0.0.0", 15020)
+    assert {p: t.app for p, t in config.inbound.targets.items()} == {
+        8080: Address("127.0.0.1", 8080),
+        9090: Address("127.0.0.1", 9090),
+    }
+    assert all(t.allow is None for t in config.inbound.targets.values())  # the policy decides
     assert config.policy_file == "/etc/trellis/policy/policy.json"
     assert config.upstreams[0].listen.port == 9001
     transparent = build_config(
@@ -159,7 +246,7 @@ def test_the_injector_iptables_command_line_is_accepted() -> None:
             "--proxy-uid=1337",
             "--outbound-port=15001",
             "--inbound-port=15008",
-            "--exclude-inbound-ports=15000",
+            "--exclude-inbound-ports=15020",
             "--exclude-outbound-ports=5432,6379",
         ]
     )

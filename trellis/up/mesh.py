@@ -339,7 +339,6 @@ class Mesh:
         if name == "echo":
             config["inbound"] = {
                 "listen": f"{host}:{ports['echo_inbound']}",
-                "strict": True,
                 "targets": {
                     ECHO_TARGET_PORT: {
                         "app": f"{host}:{ports['echo']}",
@@ -350,7 +349,6 @@ class Mesh:
         else:  # load, intruder: callers of the echo server
             config["inbound"] = {
                 "listen": f"{host}:{ports[f'{name}_inbound']}",
-                "strict": True,
                 "targets": {},
             }
             config["upstreams"] = [

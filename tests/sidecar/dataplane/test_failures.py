@@ -26,7 +26,7 @@ from .harness import (
 )
 
 
-def _strict_server(procs: Procs, pki: Pki) -> tuple[Any, int]:
+def _echo_server(procs: Procs, pki: Pki) -> tuple[Any, int]:
     echo = start_echo(procs)
     svid = pki.write(procs.workdir / "svid-b", ECHO)
     b = start_sidecar(
@@ -35,7 +35,6 @@ def _strict_server(procs: Procs, pki: Pki) -> tuple[Any, int]:
         {
             "svid_dir": str(svid),
             "inbound": {
-                "strict": True,
                 "targets": {8080: {"app": f"127.0.0.1:{echo}", "allow": [{"exact": CLIENT}]}},
             },
         },
@@ -46,7 +45,7 @@ def _strict_server(procs: Procs, pki: Pki) -> tuple[Any, int]:
 def test_bad_connect_requests_get_400_class_answers_and_nothing_else_is_affected(
     procs: Procs, pki: Pki
 ) -> None:
-    b, _ = _strict_server(procs, pki)
+    b, _ = _echo_server(procs, pki)
     client_dir = pki.write(procs.workdir / "svid-raw", CLIENT)
     raw = RawClient(b.inbound_port, client_dir)
     try:
@@ -83,7 +82,7 @@ def test_rapid_reset_gets_goaway_and_spares_other_connections(procs: Procs, pki:
     import h2.errors
     import h2.events
 
-    b, _ = _strict_server(procs, pki)
+    b, _ = _echo_server(procs, pki)
     client_dir = pki.write(procs.workdir / "svid-raw", CLIENT)
     good = RawClient(b.inbound_port, client_dir)
     attacker = RawClient(b.inbound_port, client_dir)
@@ -114,7 +113,7 @@ def test_rapid_reset_gets_goaway_and_spares_other_connections(procs: Procs, pki:
 
 
 def test_plaintext_on_the_mtls_port_fails_the_handshake_only(procs: Procs, pki: Pki) -> None:
-    b, _ = _strict_server(procs, pki)
+    b, _ = _echo_server(procs, pki)
     with socket.create_connection(("127.0.0.1", b.inbound_port), timeout=5) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         reply = sock.recv(100)

@@ -76,6 +76,10 @@ class Family:
     tool: str  # iptables or ip6tables
     inbound: str  # sidecar B's inbound listen address
 
+    @property
+    def app_host(self) -> str:
+        return f"[{self.remote}]" if ":" in self.remote else self.remote
+
 
 IPV4 = Family("127.0.0.2", "iptables", "127.0.0.2:15008")
 # ip6tables' REDIRECT of a local connection delivers to ::1, where sidecar A's transparent
@@ -114,7 +118,11 @@ def test_a_redirected_app_connection_reaches_the_peer_via_its_original_destinati
         "b": {
             "svid_dir": str(pki.write(work / "svid-b", ECHO)),
             "admin": "127.0.0.2:15000",
-            "inbound": {"listen": family.inbound, "default_app_host": family.remote},
+            "inbound": {
+                "listen": family.inbound,
+                # The app's port, declared: B forwards nothing else.
+                "targets": {18080: {"app": f"{family.app_host}:18080"}},
+            },
         },
         "a": {
             "mode": "transparent",
