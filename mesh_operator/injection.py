@@ -10,7 +10,13 @@ What gets added (``plan_injection``), in the order the kubelet must run it:
    Always`` (KEP-753, GA in 1.33), so it starts before the app's containers, stays up while
    they run, and does not keep a Job's pod alive. It runs ``trellis sidecar`` as UID 1337
    (the UID the redirect exempts), non-root, read-only root filesystem, ALL capabilities
-   dropped, and is ready when ``/readyz`` on the admin port 15000 says so.
+   dropped, and is ready when ``/readyz`` on the health port 15020 says so. Its inbound
+   side forwards to the ports the pod's containers declare (``--app-ports``, their TCP
+   ``containerPort`` entries) and refuses every other port, so no caller can reach through it
+   to what else listens in the pod. Its admin port (15000, with ``/config``) binds
+   127.0.0.1 only; the health port on the pod's address serves ``/metrics``,
+   ``/healthz`` and ``/readyz`` alone, for the kubelet and Prometheus (container port
+   ``trellis-metrics``), and is the one port the inbound redirect leaves alone.
 3. Volumes: the agent's Workload API socket directory (hostPath from the agent DaemonSet,
    read-only; ``SPIFFE_ENDPOINT_SOCKET`` points at it), the namespace's policy ConfigMap
    (optional: a namespace without AccessPolicies has none), the pod's labels through the
@@ -39,6 +45,7 @@ __all__ = [
     "InjectionDecision",
     "InjectorConfig",
     "UpstreamError",
+    "app_ports",
     "parse_upstreams",
     "plan_injection",
 ]
@@ -71,6 +78,7 @@ class InjectorConfig:
     outbound_port: int = 15001
     inbound_port: int = 15008
     admin_port: int = 15000
+    health_port: int = 15020
     agent_socket_host_dir: str = "/run/trellis/workload"
     socket_mount_path: str = "/run/spiffe/workload"
     socket_name: str = "agent.sock"
@@ -149,7 +157,8 @@ def _init_container(config: InjectorConfig, exclude_ports: str) -> dict[str, Any
         f"--proxy-uid={config.proxy_uid}",
         f"--outbound-port={config.outbound_port}",
         f"--inbound-port={config.inbound_port}",
-        f"--exclude-inbound-ports={config.admin_port}",
+        # The kubelet's probes and Prometheus reach the health port in plaintext.
+        f"--exclude-inbound-ports={config.health_port}",
     ]
     if exclude_ports:
         args.append(f"--exclude-outbound-ports={exclude_ports}")
@@ -176,7 +185,26 @@ def _init_container(config: InjectorConfig, exclude_ports: str) -> dict[str, Any
     }
 
 
-def _sidecar(config: InjectorConfig, upstreams: str | None) -> dict[str, Any]:
+def app_ports(spec: Mapping[str, Any], config: InjectorConfig) -> tuple[int, ...]:
+    """The TCP ``containerPort`` entries of the pod's containers: what the sidecar may forward
+    to. The sidecar's own ports are left out (an app cannot share them anyway)."""
+    own = {config.inbound_port, config.outbound_port, config.admin_port, config.health_port}
+    found: set[int] = set()
+    for container in spec.get("containers") or []:
+        if not isinstance(container, Mapping):
+            continue
+        for entry in container.get("ports") or []:
+            if not isinstance(entry, Mapping) or entry.get("protocol", "TCP") != "TCP":
+                continue
+            port = entry.get("containerPort")
+            if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
+                found.add(port)
+    return tuple(sorted(found - own))
+
+
+def _sidecar(
+    config: InjectorConfig, upstreams: str | None, ports: tuple[int, ...]
+) -> dict[str, Any]:
     mode = "explicit" if upstreams is not None else "transparent"
     args = [
         "sidecar",
@@ -184,9 +212,12 @@ def _sidecar(config: InjectorConfig, upstreams: str | None) -> dict[str, Any]:
         f"--outbound-port={config.outbound_port}",
         f"--inbound-port={config.inbound_port}",
         f"--admin-port={config.admin_port}",
+        f"--health-port={config.health_port}",
         "--policy=/etc/trellis/policy/policy.json",
         "--pod-labels=/etc/trellis/podinfo/labels",
     ]
+    if ports:
+        args.append("--app-ports=" + ",".join(str(p) for p in ports))
     if upstreams is not None:
         args.append(f"--upstreams={upstreams}")
     env: list[dict[str, Any]] = [
@@ -208,20 +239,20 @@ def _sidecar(config: InjectorConfig, upstreams: str | None) -> dict[str, Any]:
         "env": env,
         "ports": [
             {"name": "trellis-in", "containerPort": config.inbound_port, "protocol": "TCP"},
-            {"name": "trellis-admin", "containerPort": config.admin_port, "protocol": "TCP"},
+            {"name": "trellis-metrics", "containerPort": config.health_port, "protocol": "TCP"},
         ],
         "readinessProbe": {
-            "httpGet": {"path": "/readyz", "port": config.admin_port},
+            "httpGet": {"path": "/readyz", "port": config.health_port},
             "periodSeconds": 2,
             "failureThreshold": 3,
         },
         "startupProbe": {
-            "httpGet": {"path": "/readyz", "port": config.admin_port},
+            "httpGet": {"path": "/readyz", "port": config.health_port},
             "periodSeconds": 1,
             "failureThreshold": 60,
         },
         "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": config.admin_port},
+            "httpGet": {"path": "/healthz", "port": config.health_port},
             "periodSeconds": 10,
             "failureThreshold": 3,
         },
@@ -292,7 +323,7 @@ def plan_injection(pod: Mapping[str, Any], config: InjectorConfig) -> InjectionD
         # The CA and agent ports the app itself may need stay reachable without the proxy.
         exclude = str(annotations.get("trellis.dev/exclude-outbound-ports", "")).strip()
         new_init.append(_init_container(config, exclude))
-    new_init.append(_sidecar(config, upstreams))
+    new_init.append(_sidecar(config, upstreams, app_ports(spec, config)))
 
     patch: list[dict[str, Any]] = []
     if "initContainers" not in spec or spec.get("initContainers") is None:

@@ -59,6 +59,72 @@ def test_upstreams_are_parsed_strictly() -> None:
             parse_upstreams(bad)
 
 
+def _injected_sidecar(original: dict[str, Any]) -> dict[str, Any]:
+    injected = jsonpatch.apply_patch(
+        original, list(plan_injection(original, InjectorConfig()).patch)
+    )
+    return next(c for c in injected["spec"]["initContainers"] if c["name"] == SIDECAR_NAME)
+
+
+def test_the_injected_sidecar_forwards_exactly_the_pods_tcp_container_ports() -> None:
+    """The sidecar's inbound targets are the app's declared TCP ports, parsed by the
+    sidecar's own command line; UDP ports and the sidecar's own ports are left out."""
+    from sidecar.cli import build_config
+    from trellis.cli import build_parser
+
+    containers = [
+        {
+            "name": "app",
+            "image": "registry.example/ledger:1.4",
+            "ports": [
+                {"containerPort": 8080, "protocol": "TCP"},
+                {"containerPort": 9090},  # protocol defaults to TCP
+                {"containerPort": 5353, "protocol": "UDP"},
+            ],
+        },
+        {
+            "name": "admin-ui",
+            "image": "registry.example/ui:2",
+            "ports": [{"containerPort": 8443}, {"containerPort": 15000}, {"containerPort": 8080}],
+        },
+    ]
+    sidecar = _injected_sidecar(pod(spec={"containers": containers}))
+    assert "--app-ports=8080,8443,9090" in sidecar["args"]
+    config = build_config(build_parser().parse_args(sidecar["args"]))
+    assert sorted(config.inbound.targets) == [8080, 8443, 9090]
+    assert {str(t.app) for t in config.inbound.targets.values()} == {
+        "127.0.0.1:8080",
+        "127.0.0.1:8443",
+        "127.0.0.1:9090",
+    }
+    assert config.inbound.app_for(15000) is None and config.inbound.app_for(5353) is None
+    assert str(config.admin) == "127.0.0.1:15000"
+    assert str(config.health) == "0.0.0.0:15020"
+    # A pod that declares no port gets a sidecar that forwards nothing.
+    bare = _injected_sidecar(pod(spec={"containers": [{"name": "app", "image": "x"}]}))
+    assert not [a for a in bare["args"] if a.startswith("--app-ports")]
+    assert build_config(build_parser().parse_args(bare["args"])).inbound.targets == {}
+
+
+def test_probes_and_scrapes_use_the_health_port_and_only_it_escapes_the_redirect() -> None:
+    original = pod()
+    injected = jsonpatch.apply_patch(
+        original, list(plan_injection(original, InjectorConfig()).patch)
+    )
+    init, sidecar = injected["spec"]["initContainers"][:2]
+    for probe in ("readinessProbe", "startupProbe", "livenessProbe"):
+        assert sidecar[probe]["httpGet"]["port"] == 15020
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert ports == {"trellis-in": 15008, "trellis-metrics": 15020}  # not the admin port
+    assert "--exclude-inbound-ports=15020" in init["args"]
+    # Prometheus finds the sidecars by that port's name.
+    monitors = (REPO / "manifests/monitoring/servicemonitor.yaml").read_text()
+    assert "- port: trellis-metrics" in monitors
+    scrape = (REPO / "manifests/prometheus/prometheus.yml").read_text()
+    assert "regex: trellis-sidecar;trellis-metrics" in scrape
+    assert "trellis-admin" not in monitors + scrape
+
+
 def test_the_inject_command_prints_the_pod_the_webhook_would_admit(tmp_path: Path) -> None:
     source = tmp_path / "pod.json"
     source.write_text(json.dumps(pod()))

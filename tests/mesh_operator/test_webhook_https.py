@@ -100,7 +100,7 @@ def test_injected_pod_validates_holds_the_sidecar_once_and_reinjection_changes_n
             assert names(injected, "containers") == ["app"]
             sidecar = injected["spec"]["initContainers"][1]
             assert sidecar["restartPolicy"] == "Always"
-            assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 15000}
+            assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 15020}
             security = sidecar["securityContext"]
             assert security["runAsNonRoot"] and security["readOnlyRootFilesystem"]
             assert security["capabilities"] == {"drop": ["ALL"]}
