@@ -1,4 +1,4 @@
-"""Key exchange groups: X25519MLKEM768, SecP256r1MLKEM768, X25519, secp256r1, secp384r1.
+"""Key exchange groups: the ML-KEM hybrids, X25519, secp256r1, secp384r1.
 
 Hybrid groups follow draft-ietf-tls-ecdhe-mlkem:
 * X25519MLKEM768 (0x11EC): client share = ML-KEM-768 encapsulation key (1184) ||
@@ -7,6 +7,8 @@ Hybrid groups follow draft-ietf-tls-ecdhe-mlkem:
 * SecP256r1MLKEM768 (0x11EB): the classical part comes first everywhere:
   client share = P-256 point (65) || ek (1184); server share = point (65) || ct (1088);
   shared secret = ECDH secret || ML-KEM secret.
+* SecP384r1MLKEM1024 (0x11ED): the same layout with P-384 (97) and ML-KEM-1024
+  (ek 1568, ct 1568).
 
 Private keys are derived from bytes the caller's RNG returns, so the engine itself
 never draws randomness (ML-KEM encapsulation inside OpenSSL does draw its own).
@@ -17,6 +19,7 @@ X25519 result is `illegal_parameter`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import IntEnum
 
 from cryptography.hazmat.primitives.asymmetric import ec, mlkem, x25519
@@ -32,6 +35,7 @@ class NamedGroup(IntEnum):
     x25519 = 0x001D
     SecP256r1MLKEM768 = 0x11EB
     X25519MLKEM768 = 0x11EC
+    SecP384r1MLKEM1024 = 0x11ED
 
 
 DEFAULT_GROUPS: tuple[NamedGroup, ...] = (
@@ -43,12 +47,46 @@ DEFAULT_KEY_SHARES: tuple[NamedGroup, ...] = (NamedGroup.X25519MLKEM768, NamedGr
 
 MLKEM_EK_LEN = 1184
 MLKEM_CT_LEN = 1088
+MLKEM1024_EK_LEN = 1568
+MLKEM1024_CT_LEN = 1568
 X25519_LEN = 32
 P256_LEN = 65
 P384_LEN = 97
 _CURVES: dict[int, tuple[ec.EllipticCurve, int]] = {
     NamedGroup.secp256r1: (ec.SECP256R1(), P256_LEN),
     NamedGroup.secp384r1: (ec.SECP384R1(), P384_LEN),
+}
+
+
+MLKEMPrivateKey = mlkem.MLKEM768PrivateKey | mlkem.MLKEM1024PrivateKey
+
+
+@dataclass(frozen=True, slots=True)
+class _KemSet:
+    """One ML-KEM parameter set (FIPS 203 §8) as the hybrids use it."""
+
+    name: str
+    ek_len: int
+    ct_len: int
+    private: type[mlkem.MLKEM768PrivateKey] | type[mlkem.MLKEM1024PrivateKey]
+    public: type[mlkem.MLKEM768PublicKey] | type[mlkem.MLKEM1024PublicKey]
+
+
+_MLKEM768 = _KemSet(
+    "ML-KEM-768", MLKEM_EK_LEN, MLKEM_CT_LEN, mlkem.MLKEM768PrivateKey, mlkem.MLKEM768PublicKey
+)
+_MLKEM1024 = _KemSet(
+    "ML-KEM-1024",
+    MLKEM1024_EK_LEN,
+    MLKEM1024_CT_LEN,
+    mlkem.MLKEM1024PrivateKey,
+    mlkem.MLKEM1024PublicKey,
+)
+# The NIST-curve hybrids (draft-ietf-tls-ecdhe-mlkem §4.1): the ECDH part comes first in
+# the shares and in the shared secret, unlike X25519MLKEM768 where ML-KEM comes first.
+_EC_HYBRIDS: dict[int, tuple[NamedGroup, _KemSet]] = {
+    NamedGroup.SecP256r1MLKEM768: (NamedGroup.secp256r1, _MLKEM768),
+    NamedGroup.SecP384r1MLKEM1024: (NamedGroup.secp384r1, _MLKEM1024),
 }
 
 
@@ -103,28 +141,29 @@ def _ec_exchange(private: ec.EllipticCurvePrivateKey, peer: bytes, length: int) 
         raise _illegal("invalid ECDHE point") from exc
 
 
-def _mlkem_private(rng: Rng) -> mlkem.MLKEM768PrivateKey:
-    return mlkem.MLKEM768PrivateKey.from_seed_bytes(rng(64))
+def _mlkem_private(rng: Rng, kem: _KemSet = _MLKEM768) -> MLKEMPrivateKey:
+    # FIPS 203 §7.1: the 64-byte seed (d || z) determines the key pair.
+    return kem.private.from_seed_bytes(rng(64))
 
 
-def _mlkem_encapsulate(ek: bytes) -> tuple[bytes, bytes]:
+def _mlkem_encapsulate(ek: bytes, kem: _KemSet = _MLKEM768) -> tuple[bytes, bytes]:
     """(shared secret, ciphertext); the FIPS 203 key check failing is illegal_parameter."""
-    if len(ek) != MLKEM_EK_LEN:
-        raise _illegal("bad ML-KEM encapsulation key length")
+    if len(ek) != kem.ek_len:
+        raise _illegal(f"bad {kem.name} encapsulation key length")
     try:
-        secret, ciphertext = mlkem.MLKEM768PublicKey.from_public_bytes(ek).encapsulate()
+        secret, ciphertext = kem.public.from_public_bytes(ek).encapsulate()
     except ValueError as exc:
-        raise _illegal("ML-KEM encapsulation key check failed") from exc
+        raise _illegal(f"{kem.name} encapsulation key check failed") from exc
     return secret, ciphertext
 
 
-def _mlkem_decapsulate(private: mlkem.MLKEM768PrivateKey, ct: bytes) -> bytes:
-    if len(ct) != MLKEM_CT_LEN:
-        raise _illegal("bad ML-KEM ciphertext length")
+def _mlkem_decapsulate(private: MLKEMPrivateKey, ct: bytes, kem: _KemSet = _MLKEM768) -> bytes:
+    if len(ct) != kem.ct_len:
+        raise _illegal(f"bad {kem.name} ciphertext length")
     try:
         return private.decapsulate(ct)
     except ValueError as exc:
-        raise _illegal("ML-KEM decapsulation failed") from exc
+        raise _illegal(f"{kem.name} decapsulation failed") from exc
 
 
 # --- client side ----------------------------------------------------------------------
@@ -139,7 +178,7 @@ class ClientKeyShare:
         self.group = group
         self._x: x25519.X25519PrivateKey | None = None
         self._ec: ec.EllipticCurvePrivateKey | None = None
-        self._kem: mlkem.MLKEM768PrivateKey | None = None
+        self._kem: MLKEMPrivateKey | None = None
         if group == NamedGroup.x25519:
             self._x = _x25519_private(rng)
             self.public = self._x.public_key().public_bytes_raw()
@@ -152,9 +191,10 @@ class ClientKeyShare:
             self.public = (
                 self._kem.public_key().public_bytes_raw() + self._x.public_key().public_bytes_raw()
             )
-        elif group == NamedGroup.SecP256r1MLKEM768:
-            self._ec = _ec_private(ec.SECP256R1(), rng)
-            self._kem = _mlkem_private(rng)
+        elif group in _EC_HYBRIDS:
+            curve_group, kem = _EC_HYBRIDS[group]
+            self._ec = _ec_private(_CURVES[curve_group][0], rng)
+            self._kem = _mlkem_private(rng, kem)
             self.public = _ec_public_bytes(self._ec) + self._kem.public_key().public_bytes_raw()
         else:  # pragma: no cover - config validation prevents this
             raise ValueError(f"unsupported group {group!r}")
@@ -175,10 +215,12 @@ class ClientKeyShare:
             kem_ss = _mlkem_decapsulate(self._kem, server_share[:MLKEM_CT_LEN])
             return kem_ss + _x25519_exchange(self._x, server_share[MLKEM_CT_LEN:])
         assert self._ec is not None and self._kem is not None
-        if len(server_share) != P256_LEN + MLKEM_CT_LEN:
-            raise _illegal("bad SecP256r1MLKEM768 server share length")
-        ecdh = _ec_exchange(self._ec, server_share[:P256_LEN], P256_LEN)
-        return ecdh + _mlkem_decapsulate(self._kem, server_share[P256_LEN:])
+        curve_group, kem = _EC_HYBRIDS[group]
+        point_len = _CURVES[curve_group][1]
+        if len(server_share) != point_len + kem.ct_len:
+            raise _illegal(f"bad {group.name} server share length")
+        ecdh = _ec_exchange(self._ec, server_share[:point_len], point_len)
+        return ecdh + _mlkem_decapsulate(self._kem, server_share[point_len:], kem)
 
 
 # --- server side ----------------------------------------------------------------------
@@ -202,11 +244,13 @@ def server_exchange(group: int, client_share: bytes, rng: Rng) -> tuple[bytes, b
         private = _x25519_private(rng)
         x_ss = _x25519_exchange(private, client_share[MLKEM_EK_LEN:])
         return ct + private.public_key().public_bytes_raw(), kem_ss + x_ss
-    if group == NamedGroup.SecP256r1MLKEM768:
-        if len(client_share) != P256_LEN + MLKEM_EK_LEN:
-            raise _illegal("bad SecP256r1MLKEM768 client share length")
-        ec_private = _ec_private(ec.SECP256R1(), rng)
-        ecdh = _ec_exchange(ec_private, client_share[:P256_LEN], P256_LEN)
-        kem_ss, ct = _mlkem_encapsulate(client_share[P256_LEN:])
+    if group in _EC_HYBRIDS:
+        curve_group, kem = _EC_HYBRIDS[group]
+        curve, point_len = _CURVES[curve_group]
+        if len(client_share) != point_len + kem.ek_len:
+            raise _illegal(f"bad {NamedGroup(group).name} client share length")
+        ec_private = _ec_private(curve, rng)
+        ecdh = _ec_exchange(ec_private, client_share[:point_len], point_len)
+        kem_ss, ct = _mlkem_encapsulate(client_share[point_len:], kem)
         return _ec_public_bytes(ec_private) + ct, ecdh + kem_ss
     raise _illegal(f"unsupported group {group}")
