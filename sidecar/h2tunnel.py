@@ -701,12 +701,15 @@ class H2Tunnel:
             if stream_id <= self.highest_inbound:
                 raise H2ProtocolError(ErrorCode.STREAM_CLOSED, "HEADERS on a closed stream")
             self.highest_inbound = stream_id
-            if self.goaway_sent:
-                return  # RFC 9113 §6.8: streams after our GOAWAY are ignored
             if self._reset_budget < 0:
                 raise H2ProtocolError(
                     ErrorCode.ENHANCE_YOUR_CALM, "the peer's streams keep failing"
                 )
+            if self.goaway_sent:
+                # RFC 9113 §6.8: streams after our GOAWAY are ignored. A few cross it in
+                # flight; a peer that keeps opening them only makes us decode headers.
+                self._reset_budget -= 1
+                return
             if self._inbound_open >= self._local_max_streams:
                 self._reset_budget -= 1  # over the limit we advertised: a failed stream
                 self._frame(RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.REFUSED_STREAM))

@@ -459,6 +459,25 @@ def test_streams_after_our_goaway_are_ignored() -> None:
     assert bytes(rec.data[1]) == b"still here"
 
 
+def test_a_peer_that_keeps_opening_streams_after_our_goaway_is_cut_off() -> None:
+    """Streams after our GOAWAY are ignored, but their headers must still be decoded: a
+    peer that keeps sending them while our last streams drain spends the reset budget."""
+    from sidecar.h2tunnel import RESET_BUDGET
+
+    tunnel, rec = opened_server()
+    encoder = hpack.Encoder()
+    tunnel.receive(frame(1, 0x4, 1, encoder.encode(CONNECT)))
+    tunnel.goaway()
+    tunnel.take_output()
+    with pytest.raises(H2ProtocolError) as info:
+        for n in range(1, RESET_BUDGET * 10):
+            tunnel.receive(frame(1, 0x4, 2 * n + 1, encoder.encode(CONNECT)))
+    assert info.value.code == ErrorCode.ENHANCE_YOUR_CALM
+    assert n == RESET_BUDGET + 2
+    assert goaway_code(out(tunnel)) == ErrorCode.ENHANCE_YOUR_CALM
+    assert [h[0] for h in rec.headers] == [1]
+
+
 def test_local_misuse_raises_state_errors() -> None:
     tunnel, _ = opened_server()
     with pytest.raises(H2StateError):
