@@ -31,6 +31,7 @@ from mesh_operator.spec import (
 )
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "MAX_REVIEW_BYTES",
     "AdmissionOutcome",
     "mutate_pod",
@@ -39,6 +40,11 @@ __all__ = [
 
 # The API server caps objects at 1.5 MiB (etcd); a review carries object and oldObject.
 MAX_REVIEW_BYTES = 4 * 1024 * 1024
+# Deeper than any Pod or Trellis resource nests (a Pod's deepest paths are about a dozen
+# levels). json's C decoder recurses once per level and raises RecursionError near the
+# interpreter's limit (1000); anything that walks or prints the object recurses too, so
+# depth is bounded well below that, and checked without recursion.
+MAX_JSON_DEPTH = 100
 _API_VERSION = "admission.k8s.io/v1"
 
 _VALIDATORS: Mapping[str, Callable[[Any], object]] = {
@@ -69,20 +75,45 @@ def _refusal(exc: _Refused) -> AdmissionOutcome:
     return AdmissionOutcome(exc.http_status, {"error": str(exc)})
 
 
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether JSON ``value`` nests deeper than ``limit`` (iteratively: it may be deep)."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            if level > limit:
+                return True
+            stack.extend(
+                (child, level + 1) for child in (item.values() if isinstance(item, dict) else item)
+            )
+    return False
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` for a message, cut short: the value is the caller's and may be large."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _request_of(body: bytes) -> Mapping[str, Any]:
     if len(body) > MAX_REVIEW_BYTES:
         raise _Refused(413, f"AdmissionReview of {len(body)} bytes exceeds {MAX_REVIEW_BYTES}")
+    too_deep = _Refused(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         review = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError as exc:  # raised cleanly by the C decoder, nothing half-built
+        raise too_deep from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int() past 4300 digits
         raise _Refused(400, f"request body is not JSON: {exc}") from exc
+    if _depth_exceeds(review, MAX_JSON_DEPTH):
+        raise too_deep
     if not isinstance(review, dict):
         raise _Refused(400, "request body must be a JSON object (an AdmissionReview)")
     if review.get("kind") != "AdmissionReview" or review.get("apiVersion") != _API_VERSION:
         raise _Refused(
             400,
             f"expected kind AdmissionReview, apiVersion {_API_VERSION}; got kind "
-            f"{review.get('kind')!r}, apiVersion {review.get('apiVersion')!r} (set "
+            f"{_short(review.get('kind'))}, apiVersion {_short(review.get('apiVersion'))} (set "
             "admissionReviewVersions: [v1] in the webhook configuration)",
         )
     request = review.get("request")
@@ -112,6 +143,36 @@ def _deny(uid: str, code: int, message: str) -> AdmissionOutcome:
     )
 
 
+def _pod_shape_error(pod: Mapping[str, Any]) -> str | None:
+    """What makes ``pod`` unlike a Pod in the fields injection reads, or None.
+
+    The API server validates the schema before calling a webhook, so this only meets
+    clients that are not the API server; they get a reason, not a 500."""
+    meta = pod.get("metadata")
+    if meta is not None and not isinstance(meta, Mapping):
+        return "metadata is not an object"
+    for name in ("annotations", "labels"):
+        values = (meta or {}).get(name)
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            return f"metadata.{name} is not an object"
+        for key, value in values.items():
+            if not isinstance(value, str):
+                return f"metadata.{name}[{_short(key)}] is not a string"
+    spec = pod["spec"]
+    for name in ("containers", "initContainers", "volumes"):
+        items = spec.get(name)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            return f"spec.{name} is not a list"
+        for index, item in enumerate(items):
+            if not isinstance(item, Mapping):
+                return f"spec.{name}[{index}] is not an object"
+    return None
+
+
 def mutate_pod(body: bytes, config: InjectorConfig) -> AdmissionOutcome:
     """Answer a pod CREATE review with the injection patch (or none)."""
     try:
@@ -124,7 +185,7 @@ def mutate_pod(body: bytes, config: InjectorConfig) -> AdmissionOutcome:
         return _deny(
             uid,
             400,
-            f"the trellis injector mutates core/v1 Pods only, not {kind!r}; restrict the "
+            f"the trellis injector mutates core/v1 Pods only, not {_short(kind)}; restrict the "
             "MutatingWebhookConfiguration's rules to pods",
         )
     if request.get("operation", "CREATE") != "CREATE":
@@ -134,6 +195,9 @@ def mutate_pod(body: bytes, config: InjectorConfig) -> AdmissionOutcome:
         return _deny(uid, 400, "request.object is not a Pod object")
     if not isinstance(pod.get("spec"), Mapping):
         return _deny(uid, 400, "request.object has no spec")
+    malformed = _pod_shape_error(pod)
+    if malformed is not None:
+        return _deny(uid, 400, f"request.object is not a valid Pod: {malformed}")
     try:
         decision = plan_injection(pod, config)
     except UpstreamError as exc:
@@ -164,7 +228,7 @@ def validate_resource(body: bytes) -> AdmissionOutcome:
             uid,
             400,
             f"the trellis validator checks {', '.join(sorted(_VALIDATORS))} ({GROUP}) only, "
-            f"not {kind!r}",
+            f"not {_short(kind)}",
         )
     if request.get("operation") not in ("CREATE", "UPDATE"):
         return _review(uid, {"allowed": True})
