@@ -341,9 +341,12 @@ class Session(asyncio.Protocol):
 
     def _goaway(self, last_stream_id: int, error_code: int) -> None:
         self.goaway_received = True
-        for stream_id in [s for s in self.streams if s > last_stream_id]:
+        # RFC 9113 §6.8: last_stream_id counts the streams *we* initiated (odd as the
+        # client); those above it were never processed. A client's GOAWAY says nothing
+        # about the streams it opened on a server, which run to their end.
+        parity = 1 if self.client else 0
+        for stream_id in [s for s in self.streams if s > last_stream_id and s % 2 == parity]:
             stream = self.streams.pop(stream_id)
-            # RFC 9113 §6.8: streams above last_stream_id were never processed.
             stream.handler.stream_reset(ErrorCode.REFUSED_STREAM, stream.sent == 0)
         self._notify()
         if not self.streams and self._transport is not None:
