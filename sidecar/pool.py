@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ca.spiffeid import SpiffeId
+from sidecar.tls import TLSError
 
 from .bridge import Bridge
 from .channel import EngineChannel, SecureChannel
 from .config import Address, PoolConfig
 from .h2tunnel import H2StateError
-from .identity import Identity
+from .identity import Identity, IdentityError
 from .metrics import Metrics
 from .session import Session, SessionSettings
 
@@ -116,7 +117,14 @@ class Pool:
         if session.dead and session in self.sessions:
             self.sessions.remove(session)
             self.metrics.pool_connections.dec()
+            if session.peer_alert is not None and not session.streams_opened:
+                self._dial_failed(f"the peer closed with alert {session.peer_alert}")
         self._signal()
+
+    def _dial_failed(self, error: str) -> None:
+        self._failures += 1
+        self.last_error = error
+        logger.info("dial %s failed: %s", self.endpoint, error)
 
     # --- opening streams -----------------------------------------------------------------
 
@@ -165,7 +173,9 @@ class Pool:
                 pass
             finally:
                 self._waiting -= 1
-            if self._failures != failures and not self._connecting and not self._views():
+            # Sessions still finishing their streams (draining) take none of ours.
+            usable = any(view.can_open for view in self._views())
+            if self._failures != failures and not self._connecting and not usable:
                 raise NoEndpoint(f"{self.endpoint}: {self.last_error}")
 
     async def _dial(self, counted: bool = False) -> None:
@@ -196,12 +206,17 @@ class Pool:
                 self.config.connect_timeout,
             )
             await asyncio.wait_for(asyncio.shield(session.ready), self.config.connect_timeout)
-        except (OSError, TimeoutError, ConnectionError, Exception) as exc:
-            self._failures += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            logger.info("dial %s failed: %s", self.endpoint, self.last_error)
+        except (OSError, TimeoutError, TLSError, IdentityError) as exc:
+            # What a dial can raise: the socket (OSError), the handshake (the engine's
+            # TLSError, or a peer gone mid-handshake), no SVID to present, the connect
+            # timeout. Anything else is a bug and propagates as one.
+            self._dial_failed(f"{type(exc).__name__}: {exc}")
         else:
-            if not session.dead:
+            if session.dead:
+                # Refused right after our side finished (the peer distrusts our SVID):
+                # a failed dial, or open() would dial again at once, for ever.
+                self._dial_failed(f"the peer closed at once (alert {session.peer_alert})")
+            else:
                 self.sessions.append(session)
                 self.metrics.pool_connections.inc()
                 self.last_error = None

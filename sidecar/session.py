@@ -139,6 +139,7 @@ class Session(asyncio.Protocol):
         self._ping_sent: float | None = None
         self.streams_opened = 0
         self.peername: str = ""
+        self.peer_alert: str | None = None  # the alert that ended an established connection
 
     # --- state for the pool ----------------------------------------------------------
 
@@ -203,6 +204,9 @@ class Session(asyncio.Protocol):
                 reason = f"peer alert {received.peer_alert}" if received.peer_alert else "eof"
                 self._fail(ConnectionResetError(reason), reason=received.peer_alert or "eof")
             else:
+                # TLS 1.3 clients finish before the server has checked their certificate
+                # (RFC 8446 §4.4.2): a refusal arrives as an alert just after.
+                self.peer_alert = received.peer_alert
                 self._lost(None)
 
     def eof_received(self) -> bool | None:
