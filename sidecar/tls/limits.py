@@ -6,15 +6,15 @@ looped over warning alerts during the handshake for as long as the peer sent the
 same class covers empty records, KeyUpdates with nothing in between, handshake messages
 cut into one-byte records and oversized declared lengths. Each is bounded here:
 
-* every handshake message is at most `MAX_HANDSHAKE_MESSAGE` bytes (rustls and Go stop at
-  64 KiB too; an X509-SVID chain is a few KiB);
+* every handshake message is at most `MAX_HANDSHAKE_MESSAGE` bytes (rustls stops at 64 KiB
+  too, Go for all but Certificate; an X509-SVID chain is a few KiB);
 * until the handshake completes the peer may send at most `PRE_AUTH_BYTES` bytes of
   records, headers included, so one-byte records exhaust it six times faster than whole
   ones and the number of records processed before authentication is bounded as well;
 * `Stall` counts the records in a row that brought no application data: warning alerts,
   zero-length application data records and KeyUpdates. The limits are BoringSSL's
-  (kMaxWarningAlerts, kMaxEmptyRecords, kMaxKeyUpdates), which rustls and OpenSSL share
-  in substance; one record past a limit is `unexpected_message`.
+  (kMaxWarningAlerts, kMaxEmptyRecords, kMaxKeyUpdates), which rustls shares, as OpenSSL
+  does for alerts and empty records; one record past a limit is `unexpected_message`.
 
 The engine stays sans-I/O: these are counts of what arrived, never clocks.
 """
