@@ -79,7 +79,9 @@ serves `/config` without authentication. The health listener, off unless configu
     `trellis_sidecar_connect_requests_rejected_total{status}` (CONNECTs refused before
     policy: 400/405 malformed, 404 for a port that is not a declared target),
     `trellis_sidecar_connections_closed_by_us_total{reason="protocol_error|abuse|
-    peer_not_reading|keepalive_timeout"}`,
+    peer_not_reading|keepalive_timeout|peer_certificate_expired|
+    local_certificate_expired|trust_bundle_changed|identity_withdrawn"}` (the last four
+    drain rather than cut: see Credentials below),
     `trellis_sidecar_svid_expiry_timestamp_seconds`, `trellis_sidecar_svid_updates_total`.
 
 Pooling (YAML `pool`): one pool per (endpoint, expected SPIFFE IDs); at most
@@ -90,6 +92,15 @@ silence, dead if unanswered within `keepalive_timeout` (10 s); GOAWAY stops new 
 and lets open ones finish; a stream whose connection died before any of its bytes was sent
 is retried (twice at most) on a fresh connection. Flow control: 1 MiB stream window,
 16 MiB connection window, data acknowledged only while the app socket accepts writes.
+
+Credentials: no TLS connection, pooled or inbound, takes new streams past the earliest
+notAfter of the chains that authenticated it (the peer's and our own, leaf and
+intermediate). At that time (outbound: 1 s before) it sends GOAWAY and takes no new
+streams -- the pool dials a fresh connection with the current SVID, the inbound side
+answers REFUSED_STREAM -- and its streams in flight get `--drain-timeout` to finish
+before it closes. The same happens when a bundle update means the peer's chain no longer
+verifies (its root was removed), and when our SVID is withdrawn (the Workload API answers
+PERMISSION_DENIED or stops offering it); the sidecar is then not ready until it gets one.
 
 SIGTERM/SIGINT: /readyz → 503, listeners close, every TLS connection gets GOAWAY, open
 streams finish up to `--drain-timeout` (default 10 s), then exit 0.

@@ -2,7 +2,9 @@
 
 `SecureChannel` is the small interface a `Session` needs from whatever protects its
 bytes: the first flight, inbound wire bytes → plaintext + state, plaintext → wire bytes,
-and close. `EngineChannel` drives the sans-I/O engine. A kTLS channel (records done by
+and close; plus, once the handshake is done, the two certificate chains that
+authenticated it (the session drains the connection when either stops being valid).
+`EngineChannel` drives the sans-I/O engine. A kTLS channel (records done by
 the kernel after the handshake) or a resumption-aware one (tickets, 0-RTT) implements the
 same four calls, so the pool and the HTTP/2 layer above stay as they are.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from cryptography import x509
+
 from sidecar.tls import (
     AlertReceived,
     ApplicationData,
@@ -19,6 +23,7 @@ from sidecar.tls import (
     Connection,
     ConnectionClosed,
     HandshakeComplete,
+    PeerCertificate,
     ServerConnection,
     TLSConfig,
 )
@@ -41,6 +46,16 @@ class SecureChannel(Protocol):
     @property
     def negotiated(self) -> HandshakeComplete | None: ...
 
+    @property
+    def peer_chain(self) -> tuple[x509.Certificate, ...]:
+        """The chain the peer presented and the engine verified (empty until then)."""
+        ...
+
+    @property
+    def local_chain(self) -> tuple[x509.Certificate, ...]:
+        """The chain we presented on this connection."""
+        ...
+
     def initial(self) -> bytes: ...
 
     def receive(self, data: bytes, now: float | None) -> tuple[ChannelInput, bytes]:
@@ -62,7 +77,7 @@ class SecureChannel(Protocol):
 class EngineChannel:
     """The Trellis sans-I/O TLS 1.3 engine as a `SecureChannel`."""
 
-    __slots__ = ("_done", "_tls")
+    __slots__ = ("_done", "_local_chain", "_peer_chain", "_tls")
 
     def __init__(self, config: TLSConfig, *, client: bool, now: float) -> None:
         self._tls: Connection = (
@@ -71,10 +86,20 @@ class EngineChannel:
             else ServerConnection(config, now=now)
         )
         self._done = False
+        self._local_chain = tuple(config.certificate_chain)
+        self._peer_chain: tuple[x509.Certificate, ...] = ()
 
     @property
     def negotiated(self) -> HandshakeComplete | None:
         return self._tls.negotiated
+
+    @property
+    def peer_chain(self) -> tuple[x509.Certificate, ...]:
+        return self._peer_chain
+
+    @property
+    def local_chain(self) -> tuple[x509.Certificate, ...]:
+        return self._local_chain
 
     def initial(self) -> bytes:
         return self._tls.data_to_send()
@@ -90,6 +115,10 @@ class EngineChannel:
             elif isinstance(event, HandshakeComplete):
                 self._done = True
                 result.handshake = event
+            elif isinstance(event, PeerCertificate):
+                # Emitted only after the chain verified and CertificateVerify proved
+                # the key: what the session may rely on until the chain's notAfter.
+                self._peer_chain = event.chain
             elif isinstance(event, ConnectionClosed):
                 result.closed = True
             elif isinstance(event, AlertReceived) and event.description not in (

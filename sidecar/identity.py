@@ -3,7 +3,10 @@
 `Identity` is the pure part: it holds the current SVID and bundles and derives the
 engine's `TLSConfig`s from them (cached per generation, so a busy sidecar builds each
 once). Every new handshake asks for a config, so a rotated SVID or bundle applies to the
-next handshake at once while established connections keep the keys they negotiated.
+next handshake at once while established connections keep the keys they negotiated --
+but not for ever: listeners (`subscribe`) hear of every change, and the sessions drain a
+connection whose peer chain no longer verifies against the new bundles, or whose own
+SVID was withdrawn (`withdraw`: the agent no longer issues it).
 
 Sources: `WorkloadApiWatcher` streams FetchX509SVID and FetchX509Bundles from the agent
 (grpc.aio on the Unix socket, `workload.spiffe.io: true` metadata, reconnecting with a
@@ -24,16 +27,24 @@ from typing import Any
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from ca.spiffeid import SpiffeId, TrustDomain
 from ca.workload import HEADER_KEY, HEADER_VALUE, method_path, workload_pb2
 from ca.x509svid import SvidError, load_der_chain, spiffe_id_of
-from sidecar.tls import TLSConfig
-from sidecar.tls.signatures import PrivateKey
+from sidecar.tls import SpiffeVerifier, TLSConfig, TLSError
+from sidecar.tls.signatures import DEFAULT_CERTIFICATE_SIGNATURE_SCHEMES, PrivateKey
 
 logger = logging.getLogger("sidecar.identity")
 
-__all__ = ["Identity", "IdentityError", "Svid", "WorkloadApiWatcher", "load_svid_dir"]
+__all__ = [
+    "Identity",
+    "IdentityChange",
+    "IdentityError",
+    "Svid",
+    "WorkloadApiWatcher",
+    "load_svid_dir",
+]
 
 ALPN = ("h2",)
 
@@ -57,6 +68,14 @@ class Svid:
         return self.chain[0].serial_number
 
 
+@dataclass(frozen=True, slots=True)
+class IdentityChange:
+    """What one `Identity.update` / `withdraw` changed, for its listeners."""
+
+    bundles_changed: bool  # some trust domain's roots differ: re-verify peer chains
+    withdrawn: bool  # the SVID is gone (or names another ID): drain what it authenticated
+
+
 class Identity:
     """Current SVID + bundles; `server_config()` / `client_config(ids)` for new handshakes."""
 
@@ -67,6 +86,12 @@ class Identity:
         self._server: TLSConfig | None = None
         self._clients: dict[tuple[str, ...], TLSConfig] = {}
         self._on_change = on_change
+        self._listeners: list[Callable[[IdentityChange], None]] = []
+        self._verifier: SpiffeVerifier | None = None  # over `bundles`, built when needed
+
+    def subscribe(self, listener: Callable[[IdentityChange], None]) -> None:
+        """Call `listener` after every update (from the event loop that updates)."""
+        self._listeners.append(listener)
 
     @property
     def trust_domain(self) -> TrustDomain | None:
@@ -87,20 +112,74 @@ class Identity:
     ) -> None:
         """A new SVID and/or the full bundle set (each Workload API message carries the
         whole state, so bundles replace rather than merge: a root dropped upstream stops
-        being trusted here). Applies to the next handshake; live connections keep theirs."""
+        being trusted here). Applies to the next handshake; live connections keep theirs
+        unless the listeners find that the change withdraws what authenticated them."""
+        previous = self.svid
+        bundles_changed = False
         if svid is not None:
             self.svid = svid
         if bundles is not None:
-            self.bundles = {td: tuple(certs) for td, certs in bundles.items()}
+            new = {td: tuple(certs) for td, certs in bundles.items()}
+            bundles_changed = new != self.bundles
+            self.bundles = new
+            if bundles_changed:
+                self._verifier = None
+        # An SVID for another SPIFFE ID (the entry was changed under us) withdraws the
+        # old one: connections it authenticated must not outlive it.
+        withdrawn = (
+            previous is not None and svid is not None and svid.spiffe_id != previous.spiffe_id
+        )
+        self._changed(IdentityChange(bundles_changed, withdrawn))
+
+    def withdraw(self) -> None:
+        """The agent no longer issues our SVID (its entry was deleted): no new handshakes,
+        and connections it authenticated drain."""
+        if self.svid is None:
+            return
+        self.svid = None
+        self._changed(IdentityChange(bundles_changed=False, withdrawn=True))
+
+    def _changed(self, change: IdentityChange) -> None:
         self.generation += 1
         self._server = None
         self._clients = {}
         if self._on_change is not None:
             self._on_change()
+        for listener in list(self._listeners):
+            listener(change)
+
+    def presents(self, chain: Sequence[x509.Certificate]) -> bool:
+        """Whether `chain` (what we presented on a connection) is still our identity: an
+        SVID is held and names the same SPIFFE ID (a rotation keeps it; withdrawal or an
+        entry now naming another ID does not)."""
+        svid = self.svid
+        if svid is None or not chain:
+            return False
+        try:
+            return spiffe_id_of(chain[0]) == svid.spiffe_id
+        except SvidError:
+            return False
+
+    def distrust_reason(
+        self, chain: Sequence[x509.Certificate], *, peer_is_server: bool, now: dt.datetime
+    ) -> str | None:
+        """None if a peer's `chain` still verifies against the current bundles, else why
+        not (the engine's verifier, so exactly the handshake's rules apply)."""
+        if not chain:
+            return "no peer chain"
+        verifier = self._verifier
+        if verifier is None:
+            verifier = self._verifier = SpiffeVerifier(self.bundles)
+        der = [cert.public_bytes(Encoding.DER) for cert in chain]
+        try:
+            verifier.verify(der, now, peer_is_server, DEFAULT_CERTIFICATE_SIGNATURE_SCHEMES)
+        except TLSError as exc:
+            return str(exc)
+        return None
 
     def _base(self) -> tuple[Svid, dict[str, tuple[x509.Certificate, ...]]]:
         if self.svid is None or not self.bundles:
-            raise IdentityError("no SVID yet")
+            raise IdentityError("no SVID (not issued yet, or withdrawn)")
         return self.svid, self.bundles
 
     def server_config(self) -> TLSConfig:
@@ -221,6 +300,13 @@ class WorkloadApiWatcher:
             except (grpc.aio.AioRpcError, IdentityError, ValueError) as exc:
                 self.last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 logger.warning("Workload API %s: %s (retrying in %.1fs)", self.target, exc, delay)
+                if (
+                    isinstance(exc, grpc.aio.AioRpcError)
+                    and exc.code() == grpc.StatusCode.PERMISSION_DENIED
+                ):
+                    # Workload API §5: "no identity issued" -- our entry is gone (an agent
+                    # that has not synced yet answers UNAVAILABLE, never this).
+                    self.identity.withdraw()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -245,6 +331,7 @@ class WorkloadApiWatcher:
             if chosen is None:
                 self.last_error = f"the agent offers no SVID for {self.spiffe_id}"
                 logger.warning("%s", self.last_error)
+                self.identity.withdraw()
                 continue
             chain = tuple(split_der(chosen.x509_svid))
             key = serialization.load_der_private_key(chosen.x509_svid_key, None)

@@ -29,7 +29,7 @@ from .identity import Identity
 from .listen import listen_twin
 from .metrics import Metrics
 from .policy import Authorizer
-from .session import Session, SessionSettings
+from .session import Session, SessionSettings, credentials_changed
 
 logger = logging.getLogger("sidecar.inbound")
 
@@ -46,6 +46,7 @@ class Inbound:
         *,
         keepalive_interval: float = 20.0,
         keepalive_timeout: float = 10.0,
+        drain_timeout: float = 10.0,
         connect_timeout: float = 5.0,
         own_ports: Collection[int] = (),
     ) -> None:
@@ -57,10 +58,15 @@ class Inbound:
         self.sessions: set[Session] = set()
         self.servers: list[asyncio.Server] = []
         self._settings = SessionSettings(
-            "inbound", keepalive_interval=keepalive_interval, keepalive_timeout=keepalive_timeout
+            "inbound",
+            keepalive_interval=keepalive_interval,
+            keepalive_timeout=keepalive_timeout,
+            drain_timeout=drain_timeout,
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._connect_timeout = connect_timeout
+        # A connection must not outlive the bundles or the SVID that authenticated it.
+        identity.subscribe(lambda change: credentials_changed(self.sessions, identity, change))
 
     def _channel(self, now: float) -> SecureChannel:
         return EngineChannel(self.identity.server_config(), client=False, now=now)

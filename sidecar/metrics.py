@@ -132,7 +132,10 @@ class Metrics:
         self.connections_closed = Counter(
             "trellis_sidecar_connections_closed_by_us",
             "TLS connections we closed because of the peer: protocol_error, abuse "
-            "(rapid reset), peer_not_reading (answers piling up), keepalive_timeout.",
+            "(rapid reset), peer_not_reading (answers piling up), keepalive_timeout; or "
+            "drained because their credentials ended: peer_certificate_expired, "
+            "local_certificate_expired, trust_bundle_changed (the peer's root left the "
+            "bundle), identity_withdrawn (our SVID is no longer issued).",
             ["reason"],
             registry=r,
         )
@@ -156,7 +159,16 @@ class Metrics:
         self.svid_updates = Counter(
             "trellis_sidecar_svid_updates", "SVIDs or bundles received.", registry=r
         )
-        for reason in ("protocol_error", "abuse", "peer_not_reading", "keepalive_timeout"):
+        for reason in (
+            "protocol_error",
+            "abuse",
+            "peer_not_reading",
+            "keepalive_timeout",
+            "peer_certificate_expired",
+            "local_certificate_expired",
+            "trust_bundle_changed",
+            "identity_withdrawn",
+        ):
             self.connections_closed.labels(reason=reason)
         for decision in ("allow", "deny"):
             self.policy.labels(decision=decision)

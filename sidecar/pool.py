@@ -9,6 +9,11 @@ connections cost ceil(N / max_streams) handshakes, not N.
 
 The channel under each session comes from `channel_factory(now)` -- the Trellis engine
 today; kTLS or resumption-capable channels plug in there.
+
+A pooled session never outlives its credentials (`session.py`): `EXPIRY_LEAD` before the
+earliest notAfter of either chain, or when an identity update withdraws our SVID or drops
+the peer's root, it stops taking streams and the next stream dials a fresh connection
+with the current SVID, while the streams in flight finish.
 """
 
 from __future__ import annotations
@@ -28,13 +33,18 @@ from .bridge import Bridge
 from .channel import EngineChannel, SecureChannel
 from .config import Address, PoolConfig
 from .h2tunnel import H2StateError
-from .identity import Identity, IdentityError
+from .identity import Identity, IdentityChange, IdentityError
 from .metrics import Metrics
-from .session import Session, SessionSettings
+from .session import Session, SessionSettings, credentials_changed
 
 logger = logging.getLogger("sidecar.pool")
 
-__all__ = ["ConnView", "NoEndpoint", "Pool", "PoolSet", "choose", "idle"]
+__all__ = ["EXPIRY_LEAD", "ConnView", "NoEndpoint", "Pool", "PoolSet", "choose", "idle"]
+
+# Outbound sessions retire this long before their credentials' notAfter, the inbound side
+# at the notAfter itself: a new stream never lands on a connection the peer is about to
+# refuse it on (clocks on one host agree; NTP keeps hosts well within this).
+EXPIRY_LEAD = 1.0
 
 
 class NoEndpoint(ConnectionError):
@@ -85,12 +95,15 @@ class Pool:
         config: PoolConfig,
         channel_factory: Callable[[Identity, tuple[SpiffeId, ...], float], SecureChannel]
         | None = None,
+        *,
+        drain_timeout: float = 10.0,
     ) -> None:
         self.endpoint = endpoint
         self.expected = expected
         self.identity = identity
         self.metrics = metrics
         self.config = config
+        self.drain_timeout = drain_timeout
         self.sessions: list[Session] = []
         self._channel_factory = channel_factory or _engine_channel
         self._connecting = 0
@@ -189,6 +202,8 @@ class Pool:
             keepalive_interval=self.config.keepalive_interval,
             keepalive_timeout=self.config.keepalive_timeout,
             max_streams=self.config.max_streams_per_connection,
+            drain_timeout=self.drain_timeout,
+            expiry_lead=EXPIRY_LEAD,
         )
         identity, expected, factory = self.identity, self.expected, self._channel_factory
         try:
@@ -246,6 +261,8 @@ class Pool:
                     "streams": s.active_streams,
                     "streams_opened": s.streams_opened,
                     "open_for_streams": s.can_open(),
+                    "retired": s.retired,
+                    "credentials_expire_at": s.expires_at,
                 }
                 for s in self.sessions
             ],
@@ -263,19 +280,37 @@ def _engine_channel(
 class PoolSet:
     """Every pool of the sidecar, keyed by (endpoint, expected IDs)."""
 
-    def __init__(self, identity: Identity, metrics: Metrics, config: PoolConfig) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        metrics: Metrics,
+        config: PoolConfig,
+        *,
+        drain_timeout: float = 10.0,
+    ) -> None:
         self.identity = identity
         self.metrics = metrics
         self.config = config
+        self.drain_timeout = drain_timeout
         self.pools: dict[tuple[Address, tuple[SpiffeId, ...]], Pool] = {}
         self._rr = itertools.count()
+        identity.subscribe(self._identity_changed)
+
+    def _identity_changed(self, change: IdentityChange) -> None:
+        for pool in self.pools.values():
+            credentials_changed(pool.sessions, self.identity, change)
 
     def pool(self, endpoint: Address, expected: tuple[SpiffeId, ...]) -> Pool:
         key = (endpoint, tuple(sorted(expected, key=str)))
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = Pool(
-                endpoint, key[1], self.identity, self.metrics, self.config
+                endpoint,
+                key[1],
+                self.identity,
+                self.metrics,
+                self.config,
+                drain_timeout=self.drain_timeout,
             )
         return pool
 

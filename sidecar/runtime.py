@@ -47,7 +47,9 @@ class Sidecar:
         self._policy_mtime = self._policy_stamp()
         from .pool import PoolSet
 
-        self.pools = PoolSet(self.identity, self.metrics, config.pool)
+        self.pools = PoolSet(
+            self.identity, self.metrics, config.pool, drain_timeout=config.drain_timeout
+        )
         self.inbound = Inbound(
             config.inbound,
             self.identity,
@@ -55,6 +57,7 @@ class Sidecar:
             lambda: self._authorizer,
             keepalive_interval=config.pool.keepalive_interval,
             keepalive_timeout=config.pool.keepalive_timeout,
+            drain_timeout=config.drain_timeout,
             connect_timeout=config.pool.connect_timeout,
             own_ports=config.own_ports(),
         )

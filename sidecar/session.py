@@ -24,19 +24,35 @@ Liveness: a PING after `keepalive_interval` of silence (as seen by the keepalive
 so between one and two intervals after the last input); no input within
 `keepalive_timeout` of it and the connection is declared dead. A GOAWAY stops new streams;
 streams the peer never processed are reported retryable. `drain()` sends our GOAWAY.
+
+Credentials: a connection carries new streams only while what authenticated it holds.
+At the handshake the session notes the earliest notAfter over both chains (the peer's,
+as the engine verified it, and the one we presented, leaf and intermediates alike) and
+sets one timer for it -- not a per-frame check. When it fires, or when an identity update
+shows that the peer's chain no longer verifies against the new bundles or that our SVID
+was withdrawn, the session *retires*: GOAWAY, no new streams (inbound: REFUSED_STREAM;
+outbound: the pool dials a fresh connection with the current SVID), streams in flight
+get `drain_timeout` to finish, then the connection closes. Each retirement is counted in
+`trellis_sidecar_connections_closed_by_us_total{reason}`. The outbound side retires
+`expiry_lead` before the notAfter, so its last stream never races the inbound side's
+GOAWAY at the notAfter itself (a stream refused after its first bytes went out cannot be
+retried).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
+
+from cryptography import x509
 
 from sidecar.tls import TLSError
 
@@ -44,9 +60,14 @@ from .channel import SecureChannel
 from .h2tunnel import ErrorCode, H2ProtocolError, H2StateError, H2Tunnel, Setting
 from .metrics import Metrics
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from .identity import Identity, IdentityChange
+
 logger = logging.getLogger("sidecar.session")
 
-__all__ = ["Session", "SessionSettings", "StreamHandler"]
+__all__ = ["Session", "SessionSettings", "StreamHandler", "credentials_changed"]
 
 STREAM_WINDOW = 1 << 20  # 1 MiB per stream: the most a slow reader can make us hold
 CONNECTION_WINDOW = 16 << 20
@@ -77,6 +98,11 @@ class SessionSettings:
     # at the transport's high-water mark, and DATA in flight is bounded by the peer's
     # connection window (16 MiB between Trellis sidecars, half this).
     max_write_buffer: int = 32 << 20
+    # After a retirement (credentials expired or withdrawn), how long streams in flight
+    # may still run before the connection closes under them.
+    drain_timeout: float = 10.0
+    # Retire this long before the credentials' notAfter (see the module docstring).
+    expiry_lead: float = 0.0
 
 
 @dataclass(slots=True)
@@ -140,6 +166,10 @@ class Session(asyncio.Protocol):
         self.streams_opened = 0
         self.peername: str = ""
         self.peer_alert: str | None = None  # the alert that ended an established connection
+        self.expires_at: float | None = None  # POSIX time: the chains' earliest notAfter
+        self.retired: str | None = None  # why we stopped taking streams, if we did
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
 
     # --- state for the pool ----------------------------------------------------------
 
@@ -243,8 +273,79 @@ class Session(asyncio.Protocol):
         self._flush()
         self._cancel_timer()
         self._timer = self._loop.call_later(self.settings.keepalive_interval, self._tick)
+        self._schedule_expiry(channel.peer_chain, channel.local_chain)
         self.ready.set_result(None)
         self._notify()
+
+    # --- credentials -----------------------------------------------------------------------
+
+    def _schedule_expiry(
+        self, peer: tuple[x509.Certificate, ...], local: tuple[x509.Certificate, ...]
+    ) -> None:
+        """One timer for the earliest notAfter of either chain (RFC 5280 §4.1.2.5: the
+        certificate is valid through notAfter, and not a second later)."""
+        ends = [(c.not_valid_after_utc.timestamp(), "peer_certificate_expired") for c in peer]
+        ends += [(c.not_valid_after_utc.timestamp(), "local_certificate_expired") for c in local]
+        if not ends:
+            return
+        expires_at, reason = min(ends)
+        self.expires_at = expires_at
+        now = time.time()
+        delay = expires_at - self.settings.expiry_lead - now
+        if delay <= 0:
+            # Born inside the lead window: use it until the notAfter itself rather than
+            # retire at once and have the pool dial again and again.
+            delay = expires_at - now
+        self._expiry_timer = self._loop.call_later(max(delay, 0.0), self.retire, reason)
+
+    def retire(self, reason: str) -> None:
+        """Stop taking new streams (GOAWAY), give the open ones `drain_timeout`, close.
+        `reason` labels `trellis_sidecar_connections_closed_by_us_total`."""
+        if self.dead or self.retired is not None:
+            return
+        self.retired = reason
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        self.metrics.connections_closed.labels(reason=reason).inc()
+        logger.info(
+            "retiring the connection with %s (%s): %d streams in flight",
+            self.peer_id or self.peername,
+            reason,
+            len(self.streams),
+        )
+        self._drain_timer = self._loop.call_later(self.settings.drain_timeout, self._drain_over)
+        self.drain(debug=reason.encode())
+
+    def _drain_over(self) -> None:
+        self._drain_timer = None
+        if self.dead:
+            return
+        if self.streams:
+            logger.info(
+                "closing the connection with %s: %d streams outlived the drain timeout",
+                self.peer_id or self.peername,
+                len(self.streams),
+            )
+        self.abort_all(ErrorCode.CANCEL)
+        self.close()
+
+    def credentials_changed(self, identity: Identity, change: IdentityChange) -> None:
+        """Retire if `change` withdrew the SVID we presented, or the peer's chain no
+        longer verifies against the bundles (a root removed from the trust bundle)."""
+        channel = self._channel
+        if channel is None or not self._established or self.dead or self.retired is not None:
+            return
+        if change.withdrawn and not identity.presents(channel.local_chain):
+            self.retire("identity_withdrawn")
+            return
+        if change.bundles_changed:
+            why = identity.distrust_reason(
+                channel.peer_chain, peer_is_server=self.client, now=dt.datetime.now(dt.UTC)
+            )
+            if why is not None:
+                logger.info("the peer %s is no longer trusted: %s", self.peer_id, why)
+                self.retire("trust_bundle_changed")
 
     def _fail(self, exc: BaseException, reason: str = "error") -> None:
         if not self.ready.done():
@@ -511,13 +612,14 @@ class Session(asyncio.Protocol):
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    def drain(self) -> None:
-        """Send GOAWAY: no new streams; close once the open ones finished."""
+    def drain(self, debug: bytes = b"") -> None:
+        """Send GOAWAY: no new streams; close once the open ones finished. `debug` is
+        the GOAWAY's opaque debug data (RFC 9113 §6.8), here the reason."""
         if self.draining or self.dead:
             return
         self.draining = True
         if self.handshake_done:
-            self._h2.goaway()
+            self._h2.goaway(debug=debug)
             self._flush()
         self._notify()
         if not self.streams:
@@ -544,6 +646,10 @@ class Session(asyncio.Protocol):
             return
         self.dead = True
         self._cancel_timer()
+        for timer in (self._expiry_timer, self._drain_timer):
+            if timer is not None:
+                timer.cancel()
+        self._expiry_timer = self._drain_timer = None
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             # Dead before any app byte went out: the opener may retry it elsewhere.
@@ -609,3 +715,11 @@ def _status(headers: list[tuple[bytes, bytes]]) -> int:
             except ValueError:
                 return 0
     return 0
+
+
+def credentials_changed(
+    sessions: Iterable[Session], identity: Identity, change: IdentityChange
+) -> None:
+    """`Session.credentials_changed` for each of `sessions` (an `Identity` listener)."""
+    for session in list(sessions):
+        session.credentials_changed(identity, change)

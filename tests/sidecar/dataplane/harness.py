@@ -41,11 +41,20 @@ class Pki:
         self.root = RootAuthority.create(TrustDomain(trust_domain), now=now)
         self.intermediate = self.root.issue_intermediate("test", now=now)
 
-    def write(self, directory: Path, spiffe_id: str, extra_roots: Sequence[Any] = ()) -> Path:
+    def write(
+        self,
+        directory: Path,
+        spiffe_id: str,
+        extra_roots: Sequence[Any] = (),
+        ttl: dt.timedelta | None = None,
+    ) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
-        svid = self.intermediate.issue_x509_svid(
-            spiffe_id, key.public_key(), now=dt.datetime.now(dt.UTC)
+        now = dt.datetime.now(dt.UTC)
+        svid = (
+            self.intermediate.issue_x509_svid(spiffe_id, key.public_key(), now=now)
+            if ttl is None
+            else self.intermediate.issue_x509_svid(spiffe_id, key.public_key(), now=now, ttl=ttl)
         )
         (directory / "svid.pem").write_bytes(svid.chain_pem())
         (directory / "svid.key").write_bytes(
