@@ -211,8 +211,9 @@ def test_a_trellis_sidecar_refuses_a_go_spiffetls_server_with_the_wrong_spiffe_i
     wait_for(lambda: bool(server_events(proc, "refused")), 15, "the Go server's view")
     # The sidecar aborts the handshake with access_denied on reading the Go server's
     # certificate. Go reports "bad record MAC", not the alert: the engine sends that alert
-    # in plaintext, before it switches its writes to the handshake keys, while Go's server
-    # already reads the client's records with those keys. The reason is the sidecar's.
+    # in plaintext (RFC 8446 Appendix A.1: a client's K_send becomes the handshake key
+    # only after the server's Finished), while Go's server already reads the client's
+    # records with the handshake key. So the reason is asserted from the sidecar's side.
     assert "unable to complete TLS handshake" in server_events(proc, "refused")[0]["reason"]
     assert server_events(proc, "accepted") == []
     assert f"failed: access_denied: policy refused {GO_ID}" in sidecar.proc.output()
