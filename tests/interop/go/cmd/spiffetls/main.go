@@ -37,7 +37,8 @@ func main() {
 	if len(os.Args) < 2 {
 		emit.Usage("usage: spiffetls client|server [flags]")
 	}
-	flags := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
+	flags := flag.NewFlagSet(os.Args[1], flag.ContinueOnError)
+	flags.SetOutput(io.Discard) // a bad flag is one line (emit.Usage), not the usage text
 	id := flags.String("id", "", "authorize exactly this peer SPIFFE ID (tlsconfig.AuthorizeID)")
 	memberOf := flags.String("member-of", "", "authorize any peer of this trust domain (tlsconfig.AuthorizeMemberOf)")
 	connect := flags.String("connect", "", "client: the sidecar's inbound address")

@@ -45,7 +45,8 @@ func main() {
 	if len(os.Args) < 2 {
 		emit.Usage("usage: tlspeer client|server -dir SVID_DIR [flags]")
 	}
-	flags := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
+	flags := flag.NewFlagSet(os.Args[1], flag.ContinueOnError)
+	flags.SetOutput(io.Discard) // a bad flag is one line (emit.Usage), not the usage text
 	dir := flags.String("dir", "", "directory with svid.pem, svid.key, bundle.pem")
 	groups := flags.String("groups", "", "comma-separated CurvePreferences: "+names())
 	expectID := flags.String("expect-id", "", "refuse a peer whose SPIFFE ID differs")

@@ -13,6 +13,7 @@ import (
 	"context"
 	"encoding/hex"
 	"flag"
+	"io"
 	"os"
 	"sort"
 	"time"
@@ -29,7 +30,8 @@ func main() {
 	if len(os.Args) < 2 {
 		emit.Usage("usage: workload x509|watch|jwt [flags]")
 	}
-	flags := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
+	flags := flag.NewFlagSet(os.Args[1], flag.ContinueOnError)
+	flags.SetOutput(io.Discard) // a bad flag is one line (emit.Usage), not the usage text
 	addr := flags.String("addr", "", "Workload API address (default: $SPIFFE_ENDPOINT_SOCKET)")
 	timeout := flags.Duration("timeout", 20*time.Second, "give up after this long")
 	updates := flags.Int("updates", 2, "watch: distinct SVIDs to wait for")
