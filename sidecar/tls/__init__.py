@@ -30,9 +30,10 @@ Layers, bottom up:
   which only the verifiers in `proofs` create.
 * `connection` — the shared machinery: record dispatch, CCS tolerance, alerts,
   KeyUpdate, close_notify, the event queue and `traffic_secrets()` for kTLS.
-* `limits` — what a peer may make the engine do: 64 KiB per handshake message, 128 KiB
-  of records before the handshake completes, and a few warning alerts, empty records
-  or KeyUpdates in a row without application data (CVE-2016-8610's class).
+* `limits` — what a peer may make the engine do: 64 KiB per handshake message, ten
+  certificates per chain, 128 KiB of records before the handshake completes, and a few
+  warning alerts, empty records or KeyUpdates in a row without application data
+  (CVE-2016-8610's class).
 
 Errors: every protocol failure is a `TLSError` carrying its `AlertDescription`; when
 `receive_data` raises it, the fatal alert is already queued in `data_to_send()` and

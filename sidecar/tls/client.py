@@ -48,6 +48,7 @@ from .keyschedule import (
     finished_verify_data,
     traffic_keys,
 )
+from .limits import check_certificate_entries
 from .messages import (
     DOWNGRADE_TLS11,
     DOWNGRADE_TLS12,
@@ -345,6 +346,7 @@ def _peer_from_certificate(
     cert = pull_certificate(body)
     if cert.request_context:
         raise _illegal("unexpected certificate_request_context")
+    check_certificate_entries(len(cert.entries))
     for entry in cert.entries:
         check_response_extensions(entry.extensions, frozenset(), ALLOWED_IN_CERTIFICATE_ENTRY)
     if not cert.entries:

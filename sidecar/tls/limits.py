@@ -11,6 +11,9 @@ cut into one-byte records and oversized declared lengths. Each is bounded here:
 * until the handshake completes the peer may send at most `PRE_AUTH_BYTES` bytes of
   records, headers included, so one-byte records exhaust it six times faster than whole
   ones and the number of records processed before authentication is bounded as well;
+* a Certificate carries at most `MAX_CERTIFICATE_ENTRIES` certificates, checked before
+  any is parsed: path validation tries each candidate issuer's signature, before the
+  peer has proved it holds any key;
 * `Stall` counts the records in a row that brought no application data: warning alerts,
   zero-length application data records and KeyUpdates. The limits are BoringSSL's
   (kMaxWarningAlerts, kMaxEmptyRecords, kMaxKeyUpdates), which rustls shares, as OpenSSL
@@ -31,12 +34,26 @@ MAX_HANDSHAKE_MESSAGE = 1 << 16
 # ClientHello with a post-quantum share is about 1.5 KiB and a client flight a few KiB;
 # 128 KiB leaves room for one maximal message in whole records and no more.
 PRE_AUTH_BYTES = 1 << 17
+# An X509-SVID chain is a leaf and one or two intermediates; ca.verify walks at most 5
+# issuers and cryptography's builder 8. A 64 KiB Certificate holds 140 decoys named like
+# an intermediate, each one a signature check per level of the walk: tens of milliseconds
+# before the peer has proved anything. Ten entries bound that to a few checks per level.
+MAX_CERTIFICATE_ENTRIES = 10
 # RFC 8446 §6.1: user_canceled is followed by close_notify, so one is all a peer needs.
 MAX_WARNING_ALERTS = 4
 # RFC 8446 §5.1 allows zero-length application data (as traffic-analysis cover).
 MAX_EMPTY_RECORDS = 32
 # RFC 8446 §4.6.3: a KeyUpdate without data between is legal but only ever needed once.
 MAX_KEY_UPDATES = 32
+
+
+def check_certificate_entries(count: int) -> None:
+    """Refuse a chain longer than MAX_CERTIFICATE_ENTRIES before anything in it is parsed."""
+    if count > MAX_CERTIFICATE_ENTRIES:
+        raise TLSError(
+            AlertDescription.bad_certificate,
+            f"{count} certificates in the chain, more than {MAX_CERTIFICATE_ENTRIES}",
+        )
 
 
 def _stalled(what: str, limit: int) -> TLSError:

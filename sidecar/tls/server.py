@@ -31,6 +31,7 @@ from .extensions import (
 from .groups import NamedGroup, server_exchange
 from .keylog import CLIENT_HANDSHAKE, CLIENT_TRAFFIC_0, EXPORTER, SERVER_HANDSHAKE, SERVER_TRAFFIC_0
 from .keyschedule import EarlySecret, MasterSecret, Transcript, finished_verify_data, traffic_keys
+from .limits import check_certificate_entries
 from .messages import (
     HELLO_RETRY_REQUEST_RANDOM,
     TLS13,
@@ -326,6 +327,7 @@ class ExpectClientCertificate(HandshakeState):
         if cert.request_context:
             # RFC 8446 §4.4.2: must echo our (empty) certificate_request_context.
             raise _illegal("certificate_request_context mismatch")
+        check_certificate_entries(len(cert.entries))
         for entry in cert.entries:
             check_response_extensions(entry.extensions, frozenset(), ALLOWED_IN_CERTIFICATE_ENTRY)
         if not cert.entries:

@@ -34,6 +34,7 @@ from sidecar.tls.extensions import (
     push_uint16_list,
 )
 from sidecar.tls.limits import (
+    MAX_CERTIFICATE_ENTRIES,
     MAX_EMPTY_RECORDS,
     MAX_HANDSHAKE_MESSAGE,
     MAX_KEY_UPDATES,
@@ -431,6 +432,28 @@ def test_a_290_certificate_decoy_chain_is_refused_before_any_certificate_is_pars
     assert "too large" in info.value.reason
 
 
-def test_a_decoy_chain_that_fits_in_one_message_still_verifies_to_the_real_intermediate() -> None:
-    _, server = connected_pair(client_config(_decoy_chain(40)))
+def test_a_client_chain_of_more_than_ten_certificates_is_bad_certificate_before_verification() -> (
+    None
+):
+    client = ClientConnection(
+        client_config(_decoy_chain(MAX_CERTIFICATE_ENTRIES - 1)), server_name="x", now=NOW
+    )
+    server = ServerConnection(server_config(), now=NOW)
+    with pytest.raises(TLSError) as info:
+        pump(client, server)
+    assert info.value.alert == A.bad_certificate
+    assert f"more than {MAX_CERTIFICATE_ENTRIES}" in info.value.reason
+
+
+def test_a_server_chain_of_more_than_ten_certificates_is_bad_certificate_at_the_client() -> None:
+    client = ClientConnection(client_config(), server_name="x", now=NOW)
+    server = ServerConnection(server_config(_decoy_chain(MAX_CERTIFICATE_ENTRIES - 1)), now=NOW)
+    with pytest.raises(TLSError) as info:
+        pump(server, client)
+    assert info.value.alert == A.bad_certificate
+    assert f"more than {MAX_CERTIFICATE_ENTRIES}" in info.value.reason
+
+
+def test_a_chain_of_ten_certificates_with_decoys_still_verifies_to_the_real_intermediate() -> None:
+    _, server = connected_pair(client_config(_decoy_chain(MAX_CERTIFICATE_ENTRIES - 2)))
     assert any(isinstance(e, HandshakeComplete) for e in drain(server))
