@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from trellis.up.status import Samples, SidecarInfo, Snapshot, StatusView, render
 
 VIEW = StatusView(
@@ -101,3 +103,9 @@ def test_a_process_that_does_not_answer_is_named_not_hidden() -> None:
     assert "load generator not answering" in text
     assert "CA and agent not answering" in text
     assert text.count("(not answering)") == len(VIEW.metrics)
+
+
+def test_the_status_says_which_uids_the_workloads_run_as() -> None:
+    note = "not root: every workload runs as uid 1000; told apart by unix:path alone"
+    text = render(replace(VIEW, isolation=note), _snapshot(1795694400.0))
+    assert f" uids      {note}" in text.splitlines()

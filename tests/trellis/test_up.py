@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from trellis.cli import main
+from trellis.up import Mesh, MeshConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,8 +118,10 @@ def _last_status(out: str) -> str:
 
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
-    """A base dir short enough for the agent's Unix socket (sun_path is 108 bytes)."""
+    """A base dir short enough for the agent's Unix socket (sun_path is 108 bytes), which
+    other uids may enter (not list), so that each workload can run under its own."""
     path = Path(tempfile.mkdtemp(prefix="tr-up-"))
+    path.chmod(0o711)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -184,7 +188,24 @@ def test_ctrl_c_stops_everything_cleanly(short_dir: Path) -> None:
     # While it ran: one private run directory; the root key nowhere; every key 0600.
     files = {path: (mode, secret) for path, mode, secret in report["files"]}
     (run_dir,) = [p for p in files if "/" not in p]
-    assert files[run_dir][0] == 0o700
+    status = _last_status(report["out"])
+    if "each workload under its own uid" in status:
+        # The workloads' uids may enter it (for the agent's socket and their own
+        # directories), never list it or read anything of the CA's or the agent's.
+        assert files[run_dir][0] == 0o711
+
+        def reachable(path: str) -> bool:  # by a uid that neither owns it nor is root
+            parts = path.split("/")
+            ancestors = ["/".join(parts[:i]) for i in range(1, len(parts))]
+            return all(files[a][0] & 0o001 for a in ancestors) and bool(files[path][0] & 0o004)
+
+        open_to_others = {p for p in files if reachable(p)}
+        shared = {f"{run_dir}/agent.sock"}
+        unexpected = {p for p in open_to_others if p not in shared and "/workloads/apps" not in p}
+        assert unexpected == set()
+        assert not any(files[p][1] for p in open_to_others)
+    else:
+        assert files[run_dir][0] == 0o700
     assert not any(p.endswith("root.key") for p in files)
     assert f"{run_dir}/ca/root.crt" in files
     keys = sorted(p for p, (_, secret) in files.items() if secret)
@@ -287,3 +308,59 @@ def test_a_missing_base_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["up", "--base-dir", str(tmp_path / "nope"), "--duration", "1s"]) == 1
     err = capsys.readouterr().err
     assert err == f"trellis: error: --base-dir {tmp_path / 'nope'} is not a directory\n"
+
+
+def test_each_workload_runs_under_its_own_uid_and_its_entry_names_uid_and_path(
+    short_dir: Path,
+) -> None:
+    """In-process ``Mesh`` (real processes): who each child runs as, and what the entries
+    select. Not root, or no interpreter another uid can run: the status says so, and the
+    entries name this uid, as before."""
+    config = MeshConfig(base_dir=short_dir, start_load=False, probe_policy=False)
+    with Mesh(config) as mesh:
+        assert mesh.run_dir is not None and mesh.isolation is not None
+        entries = yaml.safe_load((mesh.run_dir / "entries.yaml").read_text())["entries"]
+        running = {name: _uid_of(mesh.pid(name)) for name in mesh.children}
+        note = mesh.isolation.note
+        status_line = mesh.status_view().isolation
+    selectors = {e["id"]: e["selectors"] for e in entries}
+    isolated = bool(mesh.isolation.uids)
+    assert isolated == (os.getuid() == 0 and "each workload under its own uid" in note), note
+    assert status_line == note
+    uids = {name: mesh.workloads[name].uid for name in ("load", "echo")}
+    for name, uid in uids.items():
+        assert selectors[f"up-{name}"] == [
+            f"unix:uid:{uid}",
+            f"unix:path:{mesh.workloads[name].executable}",
+        ]
+        assert running[f"sidecar-{name}"] == uid  # and it got its SVID: the mesh started
+    assert running["echo"] == uids["echo"]  # the app shares its sidecar's uid
+    assert running["ca"] == running["agent"] == os.getuid()  # the key holders stay ours
+    if isolated:
+        assert len(set(uids.values())) == 2 and os.getuid() not in uids.values()
+    else:
+        assert set(uids.values()) == {os.getuid()}
+        assert "unix:path alone" in note
+    assert list(short_dir.iterdir()) == []
+
+
+def _uid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for pid {pid}")
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root can give workloads uids")
+def test_a_base_dir_other_uids_cannot_enter_keeps_every_workload_on_our_uid_and_says_why(
+    tmp_path: Path,
+) -> None:
+    from trellis.up.identity import base_interpreter
+    from trellis.up.users import plan_isolation
+
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    isolation = plan_isolation(["load", "echo"], base_interpreter(), closed / "trellis-up-x")
+    assert isolation.uids == {}
+    assert isolation.entry_uid("load") == os.getuid()
+    assert f"({closed} is closed to other users)" in isolation.note

@@ -13,7 +13,10 @@ uid, gid and ``/proc/<pid>/exe`` would all be equal and one entry would match bo
 of the interpreter binary under a per-workload path gives each sidecar a distinct
 ``unix:path`` that only a process started from that file carries, so each gets exactly
 its own SVID over the real Workload API path — no SVID files handed around. The copy is a
-few KiB to a few MiB and lives in the private directory with everything else.
+few KiB to a few MiB and lives in the private directory with everything else. The path is
+not the only selector when ``trellis up`` runs as root: each workload then also runs under
+a uid of its own (``users``) and its entry names both, since a path alone can be borrowed
+by a process that execs the file (``ca/agent/attestation.py``).
 
 In a virtual environment the copy gets a ``pyvenv.cfg`` and a symlink to the
 environment's ``site-packages``, so it imports the same packages as ``trellis`` itself.
@@ -39,7 +42,13 @@ from ca.server.entries import parse_entries_yaml
 from ca.spiffeid import SpiffeId, TrustDomain
 from ca.store import CaStore
 
-__all__ = ["Workload", "create_authorities", "workload_executable", "write_entries"]
+__all__ = [
+    "Workload",
+    "base_interpreter",
+    "create_authorities",
+    "workload_executable",
+    "write_entries",
+]
 
 ROOT_TTL = dt.timedelta(days=2)
 INTERMEDIATE_TTL = dt.timedelta(days=1)
@@ -52,6 +61,7 @@ class Workload:
     name: str
     spiffe_id: SpiffeId
     executable: Path
+    uid: int  # the uid it runs as, which its entry selects beside the path
 
 
 def create_authorities(ca_dir: Path, trust_domain: TrustDomain, cluster: str) -> Path:
@@ -71,17 +81,18 @@ def create_authorities(ca_dir: Path, trust_domain: TrustDomain, cluster: str) ->
     return store.root_cert_path
 
 
-def _base_interpreter() -> Path:
+def base_interpreter() -> Path:
     base = getattr(sys, "_base_executable", None) or sys.executable
     return Path(os.path.realpath(base))
 
 
-def workload_executable(directory: Path, name: str) -> Path:
-    """A private copy of the interpreter at ``directory/bin/name`` that imports Trellis."""
+def workload_executable(directory: Path, name: str, base: Path | None = None) -> Path:
+    """A private copy of the interpreter (``base``: of this version, default the running
+    one's) at ``directory/bin/name`` that imports Trellis."""
     bin_dir = directory / "bin"
     bin_dir.mkdir(parents=True, mode=0o700)
     executable = bin_dir / name
-    base = _base_interpreter()
+    base = base if base is not None else base_interpreter()
     shutil.copy2(base, executable)
     if sys.prefix != sys.base_prefix:
         # A venv: the interpreter finds pyvenv.cfg one directory above itself (PEP 405).
@@ -102,16 +113,14 @@ def workload_executable(directory: Path, name: str) -> Path:
     return executable.resolve()
 
 
-def write_entries(
-    path: Path, workloads: list[Workload], *, node: str, ttl: dt.timedelta, uid: int
-) -> None:
-    """One entry per workload: ``unix:uid`` and the ``unix:path`` of its executable."""
+def write_entries(path: Path, workloads: list[Workload], *, node: str, ttl: dt.timedelta) -> None:
+    """One entry per workload: its ``unix:uid`` and the ``unix:path`` of its executable."""
     doc = {
         "entries": [
             {
                 "id": f"up-{w.name}",
                 "spiffe_id": str(w.spiffe_id),
-                "selectors": [f"unix:uid:{uid}", f"unix:path:{w.executable}"],
+                "selectors": [f"unix:uid:{w.uid}", f"unix:path:{w.executable}"],
                 "nodes": [node],
                 "ttl": f"{max(1, int(ttl.total_seconds()))}s",
             }
@@ -120,4 +129,5 @@ def write_entries(
     }
     text = yaml.safe_dump(doc, sort_keys=False)
     parse_entries_yaml(text)  # refuse here, in words, what the CA would refuse later
+    path.touch(mode=0o600)  # the run directory may be enterable by the workloads' uids
     path.write_text(text)

@@ -7,8 +7,10 @@ Start order, each step waiting for the previous one to say it is ready:
    (only its hash in the CA directory, the token in a 0600 file: never argv or a log);
 3. ``trellis agent``, attesting with that token (``--join-token-file``);
 4. ``trellis demo echo`` (plaintext, loopback only);
-5. the sidecars, started together, each from its own interpreter copy so the agent
-   tells them apart (see ``identity``): echo's (inbound: admits only the load
+5. the sidecars, started together, each from its own interpreter copy and, when
+   ``trellis up`` runs as root, under its workload's own uid, which the echo server and
+   the load generator share with their sidecars, so the agent tells them apart by uid
+   and path (see ``identity`` and ``users``): echo's (inbound: admits only the load
    generator's SPIFFE ID), load's (one explicit upstream: the echo sidecar, which must
    present the echo ID) and, unless ``probe_policy`` is off, an "intruder" configured
    like load's but with an identity the policy does not admit; once all are ready the
@@ -41,9 +43,16 @@ import yaml
 from ca.keys import write_private_file
 from ca.server.tokens import JoinTokenStore
 from ca.spiffeid import SpiffeId, TrustDomain
-from trellis.up.identity import Workload, create_authorities, workload_executable, write_entries
+from trellis.up.identity import (
+    Workload,
+    base_interpreter,
+    create_authorities,
+    workload_executable,
+    write_entries,
+)
 from trellis.up.processes import Child, StartupError, free_ports, spawn
 from trellis.up.status import SidecarInfo, StatusView
+from trellis.up.users import Isolation, hand_over, plan_isolation
 
 __all__ = ["Mesh", "MeshConfig", "StartupError"]
 
@@ -100,6 +109,8 @@ class Mesh:
         self.stopped: dict[str, int] = {}  # exit statuses of every child stopped so far
         self.removed: Path | None = None  # the run directory, once deleted
         self.policy_probe: str | None = None  # what became of the intruder's call
+        self.isolation: Isolation | None = None  # the workloads' uids (see ``users``)
+        self._app_executable: Path | None = None  # the apps' interpreter, when not ours
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -173,6 +184,7 @@ class Mesh:
                 for name in self._sidecar_names()
             ),
             policy_probe=self.policy_probe,
+            isolation=self.isolation.note if self.isolation is not None else None,
         )
 
     def _sidecar_names(self) -> tuple[str, ...]:
@@ -198,6 +210,7 @@ class Mesh:
             self._progress(f"removed {stale}, left by a trellis up that was killed")
         run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=base)).resolve()
         self.run_dir = run_dir  # mkdtemp: mode 0700, so everything below is private
+        (run_dir / OWNER_FILE).touch(mode=0o600)
         (run_dir / OWNER_FILE).write_text(f"{os.getpid()}\n")
         socket_path = run_dir / "agent.sock"
         if len(str(socket_path).encode()) > _MAX_SOCKET_PATH:
@@ -205,8 +218,17 @@ class Mesh:
                 f"the run directory {run_dir} is too deep for a Unix socket path;"
                 " choose a shorter --base-dir"
             )
-        (run_dir / "logs").mkdir()
-        (run_dir / "tmp").mkdir()
+        names = self._sidecar_names()
+        isolation = self.isolation = plan_isolation(names, base_interpreter(), run_dir)
+        self._progress(isolation.note)
+        for private in ("logs", "tmp", "ca"):
+            (run_dir / private).mkdir(mode=0o700)
+        (run_dir / "workloads").mkdir(mode=0o700)
+        if isolation.uids:
+            # The workloads' uids may enter (to reach the agent's socket and their own
+            # directories) but not list it; all else in it stays 0700 / 0600.
+            run_dir.chmod(0o711)
+            (run_dir / "workloads").chmod(0o711)
         self.ports = dict(
             zip(_PORT_NAMES, free_ports(len(_PORT_NAMES), config.port_base), strict=True)
         )
@@ -217,15 +239,28 @@ class Mesh:
             f"root and cluster intermediate for {config.trust_domain.name} created"
             f" (root key in memory only, dropped), run dir {run_dir}"
         )
-        for name in self._sidecar_names():
+        for name in names:
+            directory = run_dir / "workloads" / name
             executable = workload_executable(
-                run_dir / "workloads" / name, f"trellis-sidecar-{name}"
+                directory, f"trellis-sidecar-{name}", isolation.interpreter
             )
-            self.workloads[name] = Workload(name, config.spiffe_id(name), executable)
+            (directory / "tmp").mkdir(mode=0o700)
+            uid = isolation.uid(name)
+            if uid is not None:
+                hand_over([directory], uid)  # its interpreter copy, TMPDIR and config
+                directory.chmod(0o700)
+            self.workloads[name] = Workload(
+                name, config.spiffe_id(name), executable, isolation.entry_uid(name)
+            )
+        if isolation.uids:
+            # The apps cannot run from this interpreter, which another uid may not reach;
+            # they get a copy of their own, whose path no entry names.
+            apps = run_dir / "workloads" / "apps"
+            self._app_executable = workload_executable(apps, "trellis-app", isolation.interpreter)
+            apps.chmod(0o755)
+            (apps / "bin").chmod(0o755)
         entries = run_dir / "entries.yaml"
-        write_entries(
-            entries, list(self.workloads.values()), node=NODE, ttl=config.svid_ttl, uid=os.getuid()
-        )
+        write_entries(entries, list(self.workloads.values()), node=NODE, ttl=config.svid_ttl)
 
         ca = self._spawn(
             "ca",
@@ -256,7 +291,9 @@ class Mesh:
             ],
         )  # fmt: skip
         # The echo server needs nothing from the others: it starts while the agent attests.
-        echo = self._spawn("echo", ["demo", "echo", "--listen", f"{host}:{ports['echo']}"])
+        echo = self._spawn(
+            "echo", ["demo", "echo", "--listen", f"{host}:{ports['echo']}"], workload="echo"
+        )
         agent.wait_until(
             lambda: _http_ok(self.url("agent_admin", "/readyz")), "ready (first sync)", timeout
         )
@@ -266,15 +303,21 @@ class Mesh:
 
         env = {"SPIFFE_ENDPOINT_SOCKET": f"unix://{socket_path}"}
         for name in self._sidecar_names():  # started together, then awaited: faster
-            path = run_dir / f"sidecar-{name}.yaml"
+            directory = run_dir / "workloads" / name
+            path = directory / "sidecar.yaml"
+            path.touch(mode=0o600)
             path.write_text(
                 yaml.safe_dump(self._sidecar_config(name, socket_path), sort_keys=False)
             )
+            uid = isolation.uid(name)
+            if uid is not None:
+                hand_over([path], uid)
             self._spawn(
                 f"sidecar-{name}",
                 sidecar_argv(path),
                 env=env,
                 executable=self.workloads[name].executable,
+                workload=name,
             )
         for name in self._sidecar_names():
             self.children[f"sidecar-{name}"].wait_until(
@@ -298,6 +341,7 @@ class Mesh:
                     "--size", str(config.size),
                     "--metrics-listen", f"{host}:{ports['load_metrics']}",
                 ],
+                workload="load",
             )  # fmt: skip
             load.wait_event("ready", timeout)
             self._progress(f"load generator (pid {load.pid}) sending {config.rate:g} req/s")
@@ -309,13 +353,22 @@ class Mesh:
         *,
         env: dict[str, str] | None = None,
         executable: Path | None = None,
+        workload: str | None = None,
     ) -> Child:
+        """Start a child; one of ``workload``'s runs as its uid, with its own TMPDIR."""
         assert self.run_dir is not None
         # Whatever temporary files or sockets a child makes land in the run dir, which is
         # short enough for socket paths and removed at the end.
-        env = {"TMPDIR": str(self.run_dir / "tmp"), **(env or {})}
+        tmp = self.run_dir / "tmp"
+        user = None
+        if workload is not None:
+            tmp = self.run_dir / "workloads" / workload / "tmp"
+            user = self.isolation.uid(workload) if self.isolation is not None else None
+            if user is not None and executable is None:
+                executable = self._app_executable
+        env = {"TMPDIR": str(tmp), **(env or {})}
         try:
-            child = spawn(name, argv, self.run_dir / "logs", env, executable=executable)
+            child = spawn(name, argv, self.run_dir / "logs", env, executable=executable, user=user)
         except OSError as exc:
             hint = ""
             if executable is not None and isinstance(exc, PermissionError):

@@ -54,6 +54,7 @@ class Child:
         env: Mapping[str, str],
         *,
         executable: Path | None = None,
+        user: int | None = None,
     ) -> None:
         self.name = name
         self.log_path = log_path
@@ -66,7 +67,13 @@ class Child:
             stderr=self._log,
             env=dict(env),
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # only prctl(2) runs in the child before exec
+            # A workload's own uid and gid, and no supplementary groups of ours.
+            user=user,
+            group=user,
+            extra_groups=[] if user is not None else None,
+            # Only prctl(2) runs in the child before exec, after the uid change: changing
+            # the uid clears the parent-death signal (prctl(2), PR_SET_PDEATHSIG).
+            preexec_fn=_die_with_parent,
         )
         self._reader = threading.Thread(target=self._read, name=f"{name}-stdout", daemon=True)
         self._reader.start()
@@ -151,6 +158,7 @@ def spawn(
     env: Mapping[str, str] | None = None,
     *,
     executable: Path | None = None,
+    user: int | None = None,
 ) -> Child:
     return Child(
         name,
@@ -158,6 +166,7 @@ def spawn(
         log_dir / f"{name}.log",
         {**os.environ, **(env or {})},
         executable=executable,
+        user=user,
     )
 
 

@@ -105,6 +105,7 @@ class StatusView:
     callee: str = "echo"
     policy_probe: str | None = None  # what became of a call from an identity not allowed
     stop_after: float | None = None  # --duration, seconds
+    isolation: str | None = None  # which uids the workloads run as, and why
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +207,8 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
         lines.append(
             f" {head} {sidecar.name:<8} {svid.spiffe_id or sidecar.spiffe_id}  {ttl}{detail}"
         )
+    if view.isolation is not None:
+        lines.append(f" uids      {view.isolation}")
     # -- TLS -----------------------------------------------------------------------------
     groups: dict[str, float] = {}
     suites: dict[str, float] = {}
