@@ -1,6 +1,7 @@
-"""Pooled connections end with the SVIDs that authenticated them (two real sidecar
-processes on loopback, SVIDs from a real intermediate with a TTL of seconds, never
-renewed: `--svid-dir` is read once).
+"""Pooled connections end with the SVIDs that authenticated them: two real sidecar
+processes on loopback, with SVIDs from a real intermediate with a TTL of seconds, never
+renewed (`--svid-dir` is read once), or from the real CA and agent, whose entry is then
+deleted.
 
 Before: more than a minute past the peer's notAfter, new app connections still rode the
 old pooled TLS connection while a fresh handshake was refused with certificate_expired.
@@ -13,12 +14,14 @@ import socket
 import time
 from pathlib import Path
 
+import yaml
 from cryptography import x509
 
-from tests.support import free_port
+from tests.support import free_port, wait_for
 
 from .conftest import CLIENT, ECHO
 from .harness import Pki, Procs, RawClient, roundtrip, start_echo, start_sidecar
+from .test_rotation import _agent_argv, _start_ca
 
 TTL = dt.timedelta(seconds=20)
 CLOSED = "trellis_sidecar_connections_closed_by_us_total"
@@ -131,3 +134,70 @@ def test_a_pooled_connection_takes_no_new_streams_past_the_peer_svid_not_after(
     finally:
         in_flight.close()
         raw.close()
+
+
+def test_deleting_the_entry_withdraws_the_svid_and_drains_its_pooled_connection(
+    procs: Procs,
+) -> None:
+    """The real CA, agent and sidecars: the client's registration entry is removed, the
+    agent stops offering its SVID, and the client sidecar drains what that SVID
+    authenticated instead of carrying new streams on it until it expires."""
+    ca_port, attest_port, token = _start_ca(procs)
+    agent_socket = procs.workdir / "agent.sock"
+    procs.start(
+        "agent", [*_agent_argv(procs, ca_port, attest_port, agent_socket), "--join-token", token]
+    )
+    wait_for(agent_socket.is_socket, 40, "the agent's socket")
+    endpoint = f"unix://{agent_socket}"
+    echo = start_echo(procs)
+    b = start_sidecar(
+        procs,
+        "sidecar-b",
+        {
+            "workload_api_socket": endpoint,
+            "spiffe_id": ECHO,
+            "inbound": {"targets": {8080: {"app": f"127.0.0.1:{echo}"}}},
+        },
+    )
+    upstream = free_port()
+    a = start_sidecar(
+        procs,
+        "sidecar-a",
+        {
+            "workload_api_socket": endpoint,
+            "spiffe_id": CLIENT,
+            "upstreams": [
+                {
+                    "name": "echo",
+                    "listen": f"127.0.0.1:{upstream}",
+                    "target": "echo:8080",
+                    "endpoints": [f"127.0.0.1:{b.inbound_port}"],
+                    "spiffe_ids": [ECHO],
+                }
+            ],
+        },
+    )
+    in_flight = socket.create_connection(("127.0.0.1", upstream), timeout=10)
+    try:
+        in_flight.sendall(b"one")
+        assert _read_exactly(in_flight, 3) == b"one"
+
+        entries_file = procs.workdir / "entries.yaml"
+        entries = yaml.safe_load(entries_file.read_text())
+        entries["entries"] = [e for e in entries["entries"] if e["spiffe_id"] != CLIENT]
+        entries_file.write_text(yaml.safe_dump(entries))
+        withdrawn = f'{CLOSED}{{reason="identity_withdrawn"}}'
+        wait_for(lambda: a.metric(withdrawn) == 1, 30, "the client's connection to drain")
+        assert a.get("/readyz")[0] == 503
+
+        try:
+            answer = roundtrip(upstream, b"late", timeout=15)
+        except ConnectionError:
+            answer = b""
+        assert answer == b""
+        in_flight.sendall(b"two")
+        assert _read_exactly(in_flight, 3) == b"two"
+        in_flight.shutdown(socket.SHUT_WR)
+        assert _read_exactly(in_flight, 1) == b""
+    finally:
+        in_flight.close()
