@@ -10,6 +10,7 @@ import datetime as dt
 import tempfile
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from sidecar.identity import load_svid_dir
@@ -216,6 +217,31 @@ def test_a_client_goaway_leaves_the_streams_it_opened_running_on_the_server() ->
                 await asyncio.sleep(0.2)
                 assert await held.echo(b"still") == b"still"
                 assert await held.finish() == b""
+            finally:
+                await sidecar.drain()
+
+    run(scenario())
+
+
+def test_a_stream_that_outlives_the_drain_timeout_is_reset_with_its_connection() -> None:
+    pki = Pki()
+
+    async def scenario() -> None:
+        workdir = Path(tempfile.mkdtemp())
+        async with _server(pki, workdir) as inbound:
+            sidecar, upstream = await _client_sidecar(pki, workdir, inbound.config.listen.port)
+            sidecar.pools.drain_timeout = 0.5
+            try:
+                held = await _Held.open(upstream)
+                (session,) = _only_pool(sidecar)
+                sidecar.identity.withdraw()
+                assert await held.echo(b"still") == b"still"
+                await asyncio.wait_for(asyncio.shield(session.closed), 5)
+                # The app sees its connection reset, not a half-open socket.
+                with pytest.raises(ConnectionResetError):
+                    await asyncio.wait_for(held.reader.read(), 5)
+                held.writer.close()
+                assert _only_pool(sidecar) == []
             finally:
                 await sidecar.drain()
 
