@@ -448,3 +448,29 @@ def test_the_engine_refuses_a_go_client_from_a_foreign_trust_domain(
     *_, line = outcome.go_output.splitlines()
     assert line == "tlspeer: read: remote error: tls: unknown certificate authority"
     assert len(outcome.engine) == 1 and "error" in outcome.engine[0]
+
+
+def test_the_engine_refuses_a_go_client_without_a_certificate_with_certificate_required(
+    go_peers: GoPeers, svids: Path
+) -> None:
+    config = server_config(svid(SERVER_ID, "ecdsa", svids))
+    outcome = go_client_to_engine(go_peers, config, svid(CLIENT_ID, "ecdsa", svids), "-no-cert")
+    assert outcome.go_exit == 1
+    # RFC 8446 §4.4.2.4: an empty client Certificate where one is required.
+    *_, line = outcome.go_output.splitlines()
+    assert line == "tlspeer: read: remote error: tls: certificate required", outcome.go_output
+    assert len(outcome.engine) == 1 and "certificate_required" in outcome.engine[0]["error"]
+
+
+@pytest.mark.parametrize(("client_auth", "seen_by_go"), [("none", ""), ("request", CLIENT_ID)])
+def test_the_engine_connects_to_a_go_server_that_does_not_require_a_client_certificate(
+    go_peers: GoPeers, svids: Path, client_auth: str, seen_by_go: str
+) -> None:
+    config = server_config(svid(CLIENT_ID, "ecdsa", svids))
+    outcome = engine_client_to_go(
+        go_peers, config, svid(SERVER_ID, "ecdsa", svids), "-client-auth", client_auth
+    )
+    go = handshake(outcome)
+    # Without a CertificateRequest the engine sends no certificate (RFC 8446 §4.4.2).
+    assert go["peer_id"] == seen_by_go
+    assert outcome.engine[0]["spiffe_id"] == SERVER_ID

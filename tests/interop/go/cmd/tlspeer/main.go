@@ -8,6 +8,7 @@
 // names: SPIFFE peers are named by their URI SAN) and print the negotiated parameters as
 // a "handshake" JSON line. The client then sends N lines and reads each echo (the server
 // echoes lines until EOF), so KeyUpdates sent by the other side land mid-stream.
+// -client-auth (server) and -no-cert (client) take client authentication away.
 // -groups sets CurvePreferences (default: Go's own, which for a go.mod at 1.26 is
 // X25519MLKEM768, SecP256r1MLKEM768, SecP384r1MLKEM1024, X25519, P-256, P-384, P-521).
 // Go has no TLS 1.3 cipher suite or signature scheme setting: the peer under test picks
@@ -56,6 +57,8 @@ func main() {
 	listen := flags.String("listen", "127.0.0.1:0", "server: where to listen")
 	connections := flags.Int("connections", 1, "server: connections to serve before exiting")
 	timeout := flags.Duration("timeout", 20*time.Second, "deadline for each connection")
+	clientAuth := flags.String("client-auth", "require", "server: require, request or none")
+	noCert := flags.Bool("no-cert", false, "client: present no certificate even when asked")
 	if err := flags.Parse(os.Args[2:]); err != nil {
 		emit.Usage("%v", err)
 	}
@@ -63,6 +66,18 @@ func main() {
 		emit.Usage("-dir is required")
 	}
 	config := baseConfig(*dir, *groups, *expectID)
+	switch *clientAuth {
+	case "require":
+	case "request":
+		config.ClientAuth = tls.RequestClientCert // verified by VerifyConnection if sent
+	case "none":
+		config.ClientAuth = tls.NoClientCert
+	default:
+		emit.Usage("-client-auth: %q is not require, request or none", *clientAuth)
+	}
+	if *noCert {
+		config.Certificates = nil
+	}
 	switch os.Args[1] {
 	case "client":
 		if *connect == "" {
@@ -112,6 +127,9 @@ func baseConfig(dir, groups, expectID string) *tls.Config {
 		InsecureSkipVerify: true,
 	}
 	config.VerifyConnection = func(state tls.ConnectionState) error {
+		if len(state.PeerCertificates) == 0 && config.ClientAuth != tls.RequireAnyClientCert {
+			return nil // a server that did not require a certificate got none
+		}
 		_, err := verifySVID(state.PeerCertificates, roots, expectID)
 		return err
 	}
