@@ -72,7 +72,9 @@ class Svid:
 class IdentityChange:
     """What one `Identity.update` / `withdraw` changed, for its listeners."""
 
-    bundles_changed: bool  # some trust domain's roots differ: re-verify peer chains
+    # Trust domains that lost a root: only their peers' chains need verifying again (a
+    # root added, as in a rotation's overlap, cannot make a verified chain fail).
+    roots_removed: frozenset[str]
     withdrawn: bool  # the SVID is gone (or names another ID): drain what it authenticated
 
 
@@ -115,21 +117,23 @@ class Identity:
         being trusted here). Applies to the next handshake; live connections keep theirs
         unless the listeners find that the change withdraws what authenticated them."""
         previous = self.svid
-        bundles_changed = False
+        removed: frozenset[str] = frozenset()
         if svid is not None:
             self.svid = svid
         if bundles is not None:
             new = {td: tuple(certs) for td, certs in bundles.items()}
-            bundles_changed = new != self.bundles
-            self.bundles = new
-            if bundles_changed:
+            if new != self.bundles:
                 self._verifier = None
+            removed = frozenset(
+                td for td, roots in self.bundles.items() if not set(roots) <= set(new.get(td, ()))
+            )
+            self.bundles = new
         # An SVID for another SPIFFE ID (the entry was changed under us) withdraws the
         # old one: connections it authenticated must not outlive it.
         withdrawn = (
             previous is not None and svid is not None and svid.spiffe_id != previous.spiffe_id
         )
-        self._changed(IdentityChange(bundles_changed, withdrawn))
+        self._changed(IdentityChange(removed, withdrawn))
 
     def withdraw(self) -> None:
         """The agent no longer issues our SVID (its entry was deleted): no new handshakes,
@@ -137,7 +141,7 @@ class Identity:
         if self.svid is None:
             return
         self.svid = None
-        self._changed(IdentityChange(bundles_changed=False, withdrawn=True))
+        self._changed(IdentityChange(roots_removed=frozenset(), withdrawn=True))
 
     def _changed(self, change: IdentityChange) -> None:
         self.generation += 1

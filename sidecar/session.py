@@ -339,7 +339,7 @@ class Session(asyncio.Protocol):
         if change.withdrawn and not identity.presents(channel.local_chain):
             self.retire("identity_withdrawn")
             return
-        if change.bundles_changed:
+        if self.peer_id is not None and _trust_domain(self.peer_id) in change.roots_removed:
             why = identity.distrust_reason(
                 channel.peer_chain, peer_is_server=self.client, now=dt.datetime.now(dt.UTC)
             )
@@ -705,6 +705,11 @@ class Session(asyncio.Protocol):
         else:
             delay = self._last_rx + interval - now
         self._timer = self._loop.call_later(max(delay, 0.05), self._tick)
+
+
+def _trust_domain(spiffe_id: str) -> str:
+    # The engine verified it as a SPIFFE ID: "spiffe://<trust domain>/<path>".
+    return spiffe_id.removeprefix("spiffe://").partition("/")[0]
 
 
 def _status(headers: list[tuple[bytes, bytes]]) -> int:
