@@ -38,6 +38,11 @@ class NamedGroup(IntEnum):
     SecP384r1MLKEM1024 = 0x11ED
 
 
+# Every post-quantum hybrid: a server preferring one retries for it rather than settle
+# for a classical share (server.py).
+HYBRID_GROUPS: frozenset[NamedGroup] = frozenset(
+    {NamedGroup.X25519MLKEM768, NamedGroup.SecP256r1MLKEM768, NamedGroup.SecP384r1MLKEM1024}
+)
 DEFAULT_GROUPS: tuple[NamedGroup, ...] = (
     NamedGroup.X25519MLKEM768,
     NamedGroup.x25519,

@@ -28,7 +28,7 @@ from .extensions import (
     push_server_key_share,
     push_uint16_list,
 )
-from .groups import NamedGroup, server_exchange
+from .groups import HYBRID_GROUPS, server_exchange
 from .keylog import CLIENT_HANDSHAKE, CLIENT_TRAFFIC_0, EXPORTER, SERVER_HANDSHAKE, SERVER_TRAFFIC_0
 from .keyschedule import EarlySecret, MasterSecret, Transcript, finished_verify_data, traffic_keys
 from .limits import check_certificate_entries
@@ -65,8 +65,6 @@ from .signatures import (
 )
 from .suites import SUITES, SuiteParams
 from .verify import VerifiedPeer, insecure_peer
-
-_HYBRID = frozenset({NamedGroup.X25519MLKEM768, NamedGroup.SecP256r1MLKEM768})
 
 
 def _illegal(reason: str) -> TLSError:
@@ -134,7 +132,7 @@ def _negotiate(conn: Connection, ch: ClientHello, ext: ClientHelloExtensions) ->
     # only classical shares, a HelloRetryRequest for the hybrid is worth the round trip.
     # Otherwise take our most preferred group that has a share, else retry for the best.
     group = mutual[0]
-    if group not in shared and group not in _HYBRID:
+    if group not in shared and group not in HYBRID_GROUPS:
         group = next((g for g in mutual if g in shared), mutual[0])
     scheme = choose_scheme(config.own_signature_schemes, ext.signature_algorithms)
     alpn: str | None = None

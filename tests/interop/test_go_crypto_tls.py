@@ -474,3 +474,18 @@ def test_the_engine_connects_to_a_go_server_that_does_not_require_a_client_certi
     # Without a CertificateRequest the engine sends no certificate (RFC 8446 §4.4.2).
     assert go["peer_id"] == seen_by_go
     assert outcome.engine[0]["spiffe_id"] == SERVER_ID
+
+
+@pytest.mark.parametrize("hybrid", [NamedGroup.SecP256r1MLKEM768, NamedGroup.SecP384r1MLKEM1024])
+def test_the_engine_retries_for_its_preferred_hybrid_rather_than_take_a_go_clients_x25519(
+    go_peers: GoPeers, svids: Path, hybrid: NamedGroup
+) -> None:
+    # Go supports every hybrid but sends shares only for X25519MLKEM768 and X25519. An
+    # engine preferring another hybrid asks for it (HelloRetryRequest) instead of falling
+    # back to the classical X25519 share: post-quantum first, whichever hybrid it is.
+    groups = [hybrid, NamedGroup.x25519]
+    config = server_config(svid(SERVER_ID, "ecdsa", svids), groups=groups)
+    outcome = go_client_to_engine(go_peers, config, svid(CLIENT_ID, "ecdsa", svids))
+    go = handshake(outcome)
+    assert (go["group"], go["hello_retry"]) == (GO_GROUPS[hybrid][1], True)
+    assert outcome.engine[0]["tls_group"] == hybrid.name
