@@ -18,6 +18,12 @@ same connections, payload and schedule. Every figure carries its baseline from t
    1,000 requests is the baseline for what handling a request costs at all.
 3. ``bulk``: MB/s of one ``POST /sink`` upload through the mesh vs straight over TCP.
 4. ``pooling``: TLS handshakes per app connection, from the sidecars' own metrics.
+5. ``reference_proxies``: the same hop through the proxy a user would pick instead, with the
+   same load generator, echo server and schedule, interleaved with the runs above: two
+   HAProxy processes with mutual TLS between them and pooled HTTP/2 (``reference_proxies``
+   says how they are set up, and why ghostunnel is absent). Each row carries the proxy's
+   own figures against the same direct run, and ``trellis_over_haproxy`` the ratios:
+   added p50/p99, CPU per 1,000 requests of the pair, bulk MB/s (``--no-reference``: skip).
 
 Prints one JSON document. Nothing is asserted; see bench/README.md for recorded figures.
 """
@@ -30,9 +36,13 @@ import datetime as dt
 import json
 import os
 import platform
+import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+
+from reference_proxies import GHOSTUNNEL, HaproxyPair, haproxy_pair
 
 from trellis.demo.load import LoadConfig, LoadGenerator, LoadReport, bulk_upload
 from trellis.up.mesh import Mesh, MeshConfig
@@ -63,9 +73,24 @@ def measured(
 ) -> tuple[LoadReport, dict[str, float]]:
     """One run; returns the client's report and the CPU seconds each process spent in it."""
     pids = {name: mesh.pid(name) for name in ("sidecar-load", "sidecar-echo", "echo")}
+    address = mesh.upstream if target == "mesh" else mesh.echo
+    return measured_at(address, pids, rate, seconds, connections)
+
+
+def measured_proxy(
+    mesh: Mesh, pair: HaproxyPair, rate: float, seconds: float, connections: int
+) -> tuple[LoadReport, dict[str, float]]:
+    """One run through the reference proxy pair instead of the sidecars."""
+    return measured_at(
+        pair.address, {**pair.pids, "echo": mesh.pid("echo")}, rate, seconds, connections
+    )
+
+
+def measured_at(
+    address: tuple[str, int], pids: dict[str, int], rate: float, seconds: float, connections: int
+) -> tuple[LoadReport, dict[str, float]]:
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     client_before = time.process_time()
-    address = mesh.upstream if target == "mesh" else mesh.echo
     report = asyncio.run(load(address, rate, seconds, connections))
     cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     cpu["client"] = time.process_time() - client_before
@@ -76,19 +101,82 @@ def per_1000(cpu: float, requests: int) -> float | None:
     return round(cpu / requests * 1000, 4) if requests else None
 
 
-def summarise(direct: LoadReport, mesh: LoadReport, cpu: dict[str, float]) -> dict[str, Any]:
+def summarise(
+    direct: LoadReport, mesh: LoadReport, cpu: dict[str, float], label: str = "mesh"
+) -> dict[str, Any]:
     d, m = direct.latency_ms, mesh.latency_ms
     return {
         "offered_rps": direct.offered_rate or "max",
         "direct": direct.as_dict(),
-        "mesh": mesh.as_dict(),
+        label: mesh.as_dict(),
         "added_ms": {p: round(m[p] - d[p], 3) for p in ("p50", "p90", "p99") if p in m and p in d},
-        "mesh_over_direct_rps": round(mesh.achieved_rate / direct.achieved_rate, 3)
+        f"{label}_over_direct_rps": round(mesh.achieved_rate / direct.achieved_rate, 3)
         if direct.achieved_rate
         else None,
         "cpu_s_per_1000_requests": {
             name: per_1000(seconds, mesh.ok if name != "echo_direct" else direct.ok)
             for name, seconds in cpu.items()
+        },
+    }
+
+
+def pair_cpu(run: dict[str, Any], names: tuple[str, str]) -> float | None:
+    values = [run["cpu_s_per_1000_requests"].get(name) for name in names]
+    return round(sum(v for v in values if v is not None), 4) if None not in values else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def reference(
+    pair: HaproxyPair,
+    runs: list[dict[str, Any]],
+    proxy_runs: list[dict[str, Any]],
+    bulk: dict[str, list[float]],
+) -> dict[str, Any]:
+    """The HAProxy pair's figures, and Trellis's over HAProxy's at each offered rate.
+
+    A ratio below 1 means Trellis adds less latency or spends less CPU; for MB/s, above 1
+    means Trellis is faster."""
+    sidecars, proxies = ("sidecar-load", "sidecar-echo"), ("haproxy-client", "haproxy-server")
+    ratios = []
+    for mesh_run, proxy_run in zip(runs, proxy_runs, strict=True):
+        mesh_cpu, proxy_cpu = pair_cpu(mesh_run, sidecars), pair_cpu(proxy_run, proxies)
+        ratios.append(
+            {
+                "offered_rps": mesh_run["offered_rps"],
+                "added_p50": ratio(
+                    mesh_run["added_ms"].get("p50"), proxy_run["added_ms"].get("p50")
+                ),
+                "added_p99": ratio(
+                    mesh_run["added_ms"].get("p99"), proxy_run["added_ms"].get("p99")
+                ),
+                "cpu_s_per_1000_requests_of_the_pair": {
+                    "trellis_sidecars": mesh_cpu,
+                    "haproxy_pair": proxy_cpu,
+                    "ratio": ratio(mesh_cpu, proxy_cpu),
+                },
+                "achieved_rps": ratio(
+                    mesh_run["mesh"]["achieved_rps"], proxy_run["haproxy"]["achieved_rps"]
+                ),
+            }
+        )
+    mesh_bulk, proxy_bulk = max(bulk["mesh"]), max(bulk["haproxy"])
+    return {
+        "haproxy": {
+            "version": pair.version,
+            "setup": "two processes, nbthread 1 each; app HTTP/1.1 -> mTLS (TLS 1.3, system"
+            " OpenSSL, X509-SVID chains, ALPN h2, http-reuse always) -> echo; chain"
+            " verification only (no SPIFFE ID check in 2.6)",
+            "latency": proxy_runs,
+            "bulk_MB_s": round(proxy_bulk, 1),
+            "bulk_runs_MB_s": [round(v, 1) for v in bulk["haproxy"]],
+        },
+        "ghostunnel": GHOSTUNNEL,
+        "trellis_over_haproxy": {
+            "by_offered_rate": ratios,
+            "bulk_MB_s": ratio(mesh_bulk, proxy_bulk),
         },
     }
 
@@ -101,6 +189,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=8, help="client connections")
     parser.add_argument("--max-connections", type=int, default=16)
     parser.add_argument("--bulk-mib", type=int, default=256)
+    parser.add_argument(
+        "--no-reference", action="store_true", help="skip the HAProxy pair (reference_proxies)"
+    )
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r]
 
@@ -114,26 +205,42 @@ def main() -> int:
         },
         "payload_bytes": 1024,
     }
-    with Mesh(config) as mesh:
+    with Mesh(config) as mesh, ExitStack() as stack:
+        pair: HaproxyPair | None = None
+        if not args.no_reference:
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tr-haproxy-")))
+            pair = stack.enter_context(haproxy_pair(mesh.echo, scratch))
         # Warm-up: the first pooled TLS connection, code paths, allocator.
         measured(mesh, "mesh", 200, 1.0, args.connections)
         measured(mesh, "direct", 200, 1.0, args.connections)
-        runs = []
-        for rate in rates:
-            direct, direct_cpu = measured(mesh, "direct", rate, args.seconds, args.connections)
-            via, cpu = measured(mesh, "mesh", rate, args.seconds, args.connections)
-            cpu = {**cpu, "echo_direct": direct_cpu["echo"]}
-            runs.append(summarise(direct, via, cpu))
-        direct, direct_cpu = measured(mesh, "direct", 0, args.max_seconds, args.max_connections)
-        via, cpu = measured(mesh, "mesh", 0, args.max_seconds, args.max_connections)
-        runs.append(summarise(direct, via, {**cpu, "echo_direct": direct_cpu["echo"]}))
+        if pair is not None:
+            measured_proxy(mesh, pair, 200, 1.0, args.connections)
+        runs, reference_runs = [], []
+        for rate in [*rates, 0.0]:  # 0: closed loop at the maximum
+            seconds, connections = (
+                (args.seconds, args.connections)
+                if rate
+                else (args.max_seconds, args.max_connections)
+            )
+            direct, direct_cpu = measured(mesh, "direct", rate, seconds, connections)
+            via, cpu = measured(mesh, "mesh", rate, seconds, connections)
+            runs.append(summarise(direct, via, {**cpu, "echo_direct": direct_cpu["echo"]}))
+            if pair is not None:
+                proxied, proxy_cpu = measured_proxy(mesh, pair, rate, seconds, connections)
+                reference_runs.append(
+                    summarise(
+                        direct, proxied, {**proxy_cpu, "echo_direct": direct_cpu["echo"]}, "haproxy"
+                    )
+                )
         result["latency"] = runs
 
         nbytes = args.bulk_mib * 1024 * 1024
-        bulk: dict[str, list[float]] = {"direct": [], "mesh": []}
+        bulk: dict[str, list[float]] = {"direct": [], "mesh": [], "haproxy": []}
+        targets = {"direct": mesh.echo, "mesh": mesh.upstream}
+        if pair is not None:
+            targets["haproxy"] = pair.address
         for _ in range(2):
-            for target in ("direct", "mesh"):
-                address = mesh.upstream if target == "mesh" else mesh.echo
+            for target, address in targets.items():
                 seconds = asyncio.run(bulk_upload(address[0], address[1], nbytes))
                 bulk[target].append(nbytes / seconds / 1e6)
         result["bulk"] = {
@@ -141,8 +248,12 @@ def main() -> int:
             "direct_MB_s": round(max(bulk["direct"]), 1),
             "mesh_MB_s": round(max(bulk["mesh"]), 1),
             "mesh_over_direct": round(max(bulk["mesh"]) / max(bulk["direct"]), 3),
-            "runs_MB_s": {k: [round(v, 1) for v in vs] for k, vs in bulk.items()},
+            "runs_MB_s": {k: [round(v, 1) for v in vs] for k, vs in bulk.items() if k != "haproxy"},
         }
+        if pair is not None:
+            result["reference_proxies"] = reference(pair, runs, reference_runs, bulk)
+        else:
+            result["reference_proxies"] = {"skipped": "--no-reference"}
 
         caller = scrape(mesh.url("load_admin"))
         callee = scrape(mesh.url("echo_admin"))
