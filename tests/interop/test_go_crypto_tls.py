@@ -489,3 +489,21 @@ def test_the_engine_retries_for_its_preferred_hybrid_rather_than_take_a_go_clien
     go = handshake(outcome)
     assert (go["group"], go["hello_retry"]) == (GO_GROUPS[hybrid][1], True)
     assert outcome.engine[0]["tls_group"] == hybrid.name
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the engine's client sends a fatal alert before its second flight in plaintext "
+    "(its write key turns to the handshake key only then); Go's server already reads "
+    "with that key and reports bad record MAC instead of the alert",
+)
+def test_a_go_server_learns_why_the_engine_refused_its_certificate(
+    go_peers: GoPeers, svids: Path
+) -> None:
+    policy_refuses = server_config(
+        svid(CLIENT_ID, "ecdsa", svids), peer_policy=lambda spiffe_id: False
+    )
+    outcome = engine_client_to_go(go_peers, policy_refuses, svid(SERVER_ID, "ecdsa", svids))
+    assert outcome.go_exit == 1
+    *_, line = outcome.go_output.splitlines()
+    assert line == "tlspeer: handshake: remote error: tls: access denied", outcome.go_output
