@@ -45,8 +45,9 @@ PYTHON, ATTACKER_UID = _attacker()
 SITE_PACKAGES = sysconfig.get_paths()["purelib"]  # h2 and protobuf for the attacker's child
 
 # argv: agent socket, what the parent does after "go" on stdin ("exec:<path>", "exit",
-# "stay"), the method path. The child prints one JSON line: what the parent runs by then,
-# the gRPC status and the SPIFFE IDs it received.
+# "stay"; "stream-exec:<path>": the child calls first, before the parent execs), the
+# method path. The child prints a JSON line per answer: what the parent runs by then, the
+# gRPC status and the SPIFFE IDs it received.
 _FORKER = textwrap.dedent(
     """
     import json, os, socket, sys, time
@@ -54,6 +55,8 @@ _FORKER = textwrap.dedent(
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(socket_path)
     parent = os.getpid()
+    streaming = then.startswith("stream-")
+    then = then.removeprefix("stream-")
     if os.fork():
         sys.stdin.readline()  # the test says when: after the agent accepted the connection
         if then.startswith("exec:"):
@@ -73,7 +76,7 @@ _FORKER = textwrap.dedent(
         except OSError:
             return None
 
-    for _ in range(200):  # until the parent has done what it was told (10 s at most)
+    for _ in range(0 if streaming else 600):  # until the parent did as told (30 s at most)
         exe = parent_exe()
         if then == "stay" or (then == "exit" and exe is None) or then == f"exec:{exe}":
             break
@@ -87,67 +90,101 @@ _FORKER = textwrap.dedent(
     ])
     conn.send_data(stream, b"\\0\\0\\0\\0\\0", end_stream=True)  # one empty X509SVIDRequest
     sock.sendall(conn.data_to_send())
-    sock.settimeout(10)
-    body, status, ended = b"", None, False
-    while not ended:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        for event in conn.receive_data(chunk):
-            if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
-                status = dict(event.headers).get(b"grpc-status", status)
-            elif isinstance(event, h2.events.DataReceived):
-                body += event.data
-                conn.acknowledge_received_data(event.flow_controlled_length, stream)
-            elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
-                ended = True
-        if len(body) >= 5 and len(body) >= 5 + int.from_bytes(body[1:5], "big"):
-            break  # one whole message: the stream stays open, but this is the answer
-        sock.sendall(conn.data_to_send())
-    ids = []
-    if len(body) >= 5:
-        response = workload_pb2.X509SVIDResponse.FromString(body[5:])
-        ids = [svid.spiffe_id for svid in response.svids]
-    print(json.dumps({
-        "parent_exe": parent_exe(),
-        "status": status.decode() if status else None,
-        "spiffe_ids": ids,
-    }), flush=True)
+    sock.settimeout(20)
+    state = {"body": b"", "status": None, "ended": False}
+
+    def answer():
+        # The SPIFFE IDs of the next whole message, or [] once the stream has ended.
+        while True:
+            body = state["body"]
+            if len(body) >= 5 and len(body) >= 5 + int.from_bytes(body[1:5], "big"):
+                size = 5 + int.from_bytes(body[1:5], "big")
+                state["body"] = body[size:]
+                response = workload_pb2.X509SVIDResponse.FromString(body[5:size])
+                return [svid.spiffe_id for svid in response.svids]
+            chunk = b"" if state["ended"] else sock.recv(65536)
+            if not chunk:
+                return []
+            for event in conn.receive_data(chunk):
+                if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                    state["status"] = dict(event.headers).get(b"grpc-status", state["status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    state["body"] += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    state["ended"] = True
+            sock.sendall(conn.data_to_send())
+
+    for _ in range(2 if streaming else 1):
+        ids = answer()
+        status = state["status"]
+        print(json.dumps({
+            "parent_exe": parent_exe(),
+            "status": status.decode() if status else None,
+            "spiffe_ids": ids,
+        }), flush=True)
     """
 )
 
 
-def _attack(live_ca: LiveCa, socket_dir: Path, then: str, selectors: Sequence[str]) -> Any:
-    """Run the forking caller against an in-process agent; its child's JSON report."""
+def _attack(live_ca: LiveCa, socket_dir: Path, then: str, selectors: Sequence[str]) -> list[Any]:
+    """Run the forking caller against an in-process agent; its child's JSON reports."""
     socket_dir.chmod(0o755)  # the attacker may be another uid: let it reach the socket
+    first = entry(selectors=list(selectors))
 
-    async def main() -> Any:
-        upstream = make_upstream(live_ca, [entry(selectors=list(selectors))])
+    async def main() -> list[Any]:
+        errors = (socket_dir / "attacker.err").open("wb")
+        upstream = make_upstream(live_ca, [first])
         async with running_agent(upstream, socket_dir) as agent:
             process = subprocess.Popen(
                 [PYTHON, "-c", _FORKER, str(agent.config.socket_path), then,
                  method_path("FetchX509SVID")],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
+                stderr=errors,
                 env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{SITE_PACKAGES}"},
                 user=ATTACKER_UID,
                 group=ATTACKER_UID,
                 extra_groups=[] if ATTACKER_UID is not None else None,
             )  # fmt: skip
+            assert process.stdin is not None and process.stdout is not None
+            stdout = process.stdout
+
+            async def report() -> Any:
+                line = await asyncio.wait_for(asyncio.to_thread(stdout.readline), 30)
+                if not line:
+                    errors.flush()
+                    said = (socket_dir / "attacker.err").read_text(errors="replace")
+                    raise AssertionError(f"the attacker's child said nothing; stderr:\n{said}")
+                return json.loads(line)
+
+            reports = []
             try:
-                for _ in range(200):  # the agent has accepted (and attested) the connection
+                for _ in range(600):  # the agent has accepted (and attested) the connection
                     if agent.front.accepted:
                         break
                     await asyncio.sleep(0.05)
                 assert agent.front.accepted == 1
-                assert process.stdin is not None and process.stdout is not None
+                if then.startswith("stream-"):
+                    reports.append(await report())  # served before the parent execs
                 process.stdin.write(b"go\n")
                 process.stdin.flush()
-                line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 30)
+                if then.startswith("stream-"):
+                    target = then.removeprefix("stream-exec:")
+                    for _ in range(600):
+                        if os.path.realpath(f"/proc/{process.pid}/exe") == target:
+                            break
+                        await asyncio.sleep(0.05)
+                    # News for the stream: an entry for someone else, so the agent re-sends.
+                    other = entry("spiffe://example.org/other", ["unix:uid:4242424"])
+                    upstream.set_entries([first, other])
+                    agent.rotator.poke()
+                reports.append(await report())
             finally:
                 process.kill()  # the parent, sleeping or exec'd; the child has printed
                 process.wait(10)
-            return json.loads(line)
+                errors.close()
+            return reports
 
     return run(main())
 
@@ -155,7 +192,7 @@ def _attack(live_ca: LiveCa, socket_dir: Path, then: str, selectors: Sequence[st
 def test_a_child_holding_the_connection_does_not_get_the_svid_of_the_binary_its_parent_execs(
     live_ca: LiveCa, short_dir: Path
 ) -> None:
-    report = _attack(live_ca, short_dir, f"exec:{SLEEP}", [f"unix:path:{SLEEP}"])
+    (report,) = _attack(live_ca, short_dir, f"exec:{SLEEP}", [f"unix:path:{SLEEP}"])
     assert report["parent_exe"] == SLEEP  # the pid that connected now runs the entitled binary
     assert report["spiffe_ids"] == []
     assert report["status"] == "7"  # PERMISSION_DENIED
@@ -167,7 +204,7 @@ def test_a_child_holding_the_connection_of_a_parent_that_exited_is_refused(
     # The parent stays a zombie (its pid is not reaped until the test waits): /proc still
     # knows the pid, but it is not the process that connected any more.
     uid = os.getuid() if ATTACKER_UID is None else ATTACKER_UID
-    report = _attack(live_ca, short_dir, "exit", [f"unix:uid:{uid}"])
+    (report,) = _attack(live_ca, short_dir, "exit", [f"unix:uid:{uid}"])
     assert report["parent_exe"] is None
     assert report["spiffe_ids"] == []
     assert report["status"] == "7"
@@ -177,6 +214,16 @@ def test_a_forked_child_of_a_caller_that_still_runs_its_program_gets_the_svid(
     live_ca: LiveCa, short_dir: Path
 ) -> None:
     # Pre-fork servers share one connection among workers: legitimate, same program.
-    report = _attack(live_ca, short_dir, "stay", [f"unix:path:{PYTHON}"])
+    (report,) = _attack(live_ca, short_dir, "stay", [f"unix:path:{PYTHON}"])
     assert report["parent_exe"] == PYTHON
     assert report["spiffe_ids"] == [WEB]
+
+
+def test_an_open_svid_stream_ends_when_the_process_that_opened_it_executes_another_program(
+    live_ca: LiveCa, short_dir: Path
+) -> None:
+    first, after = _attack(live_ca, short_dir, f"stream-exec:{SLEEP}", [f"unix:path:{PYTHON}"])
+    assert first["spiffe_ids"] == [WEB]  # legitimately its own while the caller ran Python
+    assert after["parent_exe"] == SLEEP
+    assert after["spiffe_ids"] == []  # no rotation, no new SVID for whatever it runs now
+    assert after["status"] == "7"
