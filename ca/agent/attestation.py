@@ -93,9 +93,6 @@ class Executable:
     device: int
     inode: int
 
-    def same_file(self, other: Executable) -> bool:
-        return (self.device, self.inode) == (other.device, other.inode)
-
 
 @dataclass(frozen=True, slots=True)
 class PeerCredentials:
@@ -202,12 +199,18 @@ class UnixAttestor:
         pid = credentials.pid
         connected_as = credentials.executable
         if connected_as is not None:
-            now = self._executable(pid)
-            if now is None:
-                raise AttestationError(f"pid {pid} is gone (or no longer readable)")
-            if not now.same_file(connected_as):
+            exe = self._proc / str(pid) / "exe"
+            try:
+                now = exe.stat()  # the file's identity is enough; its path only for the log
+            except OSError:
+                raise AttestationError(f"pid {pid} is gone (or no longer readable)") from None
+            if (now.st_dev, now.st_ino) != (connected_as.device, connected_as.inode):
+                try:
+                    running = str(exe.readlink())
+                except OSError:
+                    running = "another program"
                 raise AttestationError(
-                    f"pid {pid} runs {now.path}, not {connected_as.path} it connected as"
+                    f"pid {pid} runs {running}, not {connected_as.path} it connected as"
                     " (it executed another program since)"
                 )
         started = credentials.start_time
