@@ -6,14 +6,15 @@ A thread in the test is the client app: one new TCP connection per request to th
 sidecar's upstream port (so every request is a new CONNECT stream, authorised anew by the
 echo sidecar), POST /echo, the body checked. It counts every failure.
 
-What keeps a request working while the CA (or the agent) is down past the SVIDs' expiry:
-the two sidecars' pooled mTLS connection, established while the SVIDs were valid. TLS
-checks certificate validity at the handshake only, and the pool keeps a session that
-carries streams (idle timeout 60 s, keepalive PINGs answered), so new streams ride it. A
-*new* handshake in that window would fail, by design: the echo sidecar refuses an expired
-client certificate, and the load sidecar has nothing fresher to present. So "0 failed
-requests" across an expiry holds only while the pooled connection survives; these tests
-show that it does, and that fresh SVIDs arrive after the restart.
+Two promises, and where one ends the other begins:
+* An outage shorter than what is left of the SVIDs' lifetime fails no request. Agents
+  renew at half-life, so that is at least about half a TTL; the sidecars keep their
+  pooled connection, and once the component is back, fresh SVIDs replace the old ones
+  before they expire (the pool re-dials at the old notAfter).
+* Past the SVIDs' notAfter the mesh fails closed. No connection carries a new stream on
+  an expired identity (the sidecars drain it, ``peer_certificate_expired`` /
+  ``local_certificate_expired``), and a new handshake is refused, so requests in that
+  window fail; they work again within seconds of the restart.
 """
 
 from __future__ import annotations
@@ -158,25 +159,35 @@ def mesh_under_load() -> Iterator[tuple[Mesh, LoadLoop]]:
             load.stop()
 
 
-def _outage_across_svid_expiry(mesh: Mesh, load: LoadLoop, component: str) -> float:
-    """Kill ``component``, keep it down until both sidecars' SVIDs have expired (their
-    /readyz says so), restart it; the seconds until both hold fresh SVIDs again."""
-    _kill(mesh, component)
-    before = load.sent
-    # At most one TTL: every SVID was issued less than a TTL ago.
-    wait_for(
-        lambda: all(_svid_expired(mesh, s) for s in SIDECARS),
-        SVID_TTL.total_seconds() + 10,
-        f"the sidecars' SVIDs to expire with the {component} down",
-    )
-    # Traffic still flowed while they expired, and keeps flowing on expired SVIDs.
-    sent = load.sent
-    wait_for(lambda: load.sent >= sent + 20, 10, "requests on expired SVIDs")
-    assert load.sent - before > 20
+EXPIRY = "trellis_sidecar_svid_expiry_timestamp_seconds"
+DRAINED = "trellis_sidecar_connections_closed_by_us_total"
+MARGIN = 4.0  # seconds of SVID life left when the component comes back
+
+
+def _metric(mesh: Mesh, sidecar: str, name: str, labels: str = "") -> float:
+    """One sample from a sidecar's /metrics (0 when absent)."""
+    with urllib.request.urlopen(mesh.url(f"{sidecar}_admin", "/metrics"), timeout=2) as r:
+        text = r.read().decode()
+    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return 0.0
+
+
+def _svid_life_left(mesh: Mesh) -> float:
+    """Seconds until the first of the sidecars' SVIDs expires."""
+    return min(_metric(mesh, s, EXPIRY) for s in SIDECARS) - time.time()
+
+
+def _restart_and_recover(mesh: Mesh, load: LoadLoop, component: str) -> float:
+    """Restart ``component``; the seconds until both sidecars hold fresh SVIDs and 40
+    more requests were sent."""
+    held = {s: _metric(mesh, s, EXPIRY) for s in SIDECARS}
     _restart(mesh, component)
     restarted = time.monotonic()
     wait_for(
-        lambda: all(_ready(mesh, s) for s in SIDECARS),
+        lambda: all(_ready(mesh, s) and _metric(mesh, s, EXPIRY) > held[s] for s in SIDECARS),
         45,
         f"fresh SVIDs after the {component} restarted",
     )
@@ -186,23 +197,65 @@ def _outage_across_svid_expiry(mesh: Mesh, load: LoadLoop, component: str) -> fl
     return recovered
 
 
-def test_the_ca_down_across_svid_expiry_fails_no_request_and_recovers_after_restart(
-    mesh_under_load: tuple[Mesh, LoadLoop],
-) -> None:
-    mesh, load = mesh_under_load
-    recovered = _outage_across_svid_expiry(mesh, load, "ca")
-    load.stop()
-    print(f"\nCA outage: {load.sent} requests, recovered {recovered:.1f}s after the restart")
-    assert load.failures == [], load.failures[:5]
-    assert mesh.children["agent"].alive()
+def _outage_within_svid_life(mesh: Mesh, load: LoadLoop, component: str) -> float:
+    """Kill ``component`` just after the sidecars' SVIDs were renewed, keep it down for
+    all but `MARGIN` seconds of what is left of their life, restart it."""
+    first = {s: _metric(mesh, s, EXPIRY) for s in SIDECARS}
+    wait_for(
+        lambda: all(_metric(mesh, s, EXPIRY) > first[s] for s in SIDECARS),
+        SVID_TTL.total_seconds(),
+        "both sidecars to receive a renewed SVID",
+    )
+    _kill(mesh, component)
+    down = _svid_life_left(mesh) - MARGIN
+    assert down >= 5, f"only {down:.1f}s of outage fit before the SVIDs expire"
+    sent = load.sent
+    time.sleep(down)
+    assert load.sent >= sent + int(down * RATE / 2), "the load loop stalled"
+    return _restart_and_recover(mesh, load, component)
 
 
-def test_the_agent_down_across_svid_expiry_fails_no_request_and_recovers_after_restart(
-    mesh_under_load: tuple[Mesh, LoadLoop],
+@pytest.mark.parametrize("component", ["ca", "agent"])
+def test_an_outage_shorter_than_the_svid_life_fails_no_request(
+    mesh_under_load: tuple[Mesh, LoadLoop], component: str
 ) -> None:
     mesh, load = mesh_under_load
-    recovered = _outage_across_svid_expiry(mesh, load, "agent")
+    recovered = _outage_within_svid_life(mesh, load, component)
     load.stop()
-    print(f"\nagent outage: {load.sent} requests, recovered {recovered:.1f}s after the restart")
+    print(f"\n{component} outage: {load.sent} requests, recovered {recovered:.1f}s after restart")
     assert load.failures == [], load.failures[:5]
-    assert all(mesh.children[f"sidecar-{s}"].alive() for s in SIDECARS)
+    others = {"ca": ["agent"], "agent": [f"sidecar-{s}" for s in SIDECARS]}[component]
+    assert all(mesh.children[name].alive() for name in others)
+
+
+def test_the_ca_down_past_svid_expiry_fails_closed_then_recovers_after_restart(
+    mesh_under_load: tuple[Mesh, LoadLoop],
+) -> None:
+    """No request is served on an expired identity: the pooled connection is drained at
+    notAfter and new handshakes are refused until the CA is back."""
+    mesh, load = mesh_under_load
+    _kill(mesh, "ca")
+    # At most one TTL: every SVID was issued less than a TTL ago.
+    wait_for(
+        lambda: all(_svid_expired(mesh, s) for s in SIDECARS),
+        SVID_TTL.total_seconds() + 10,
+        "the sidecars' SVIDs to expire with the CA down",
+    )
+    expired_at = len(load.failures)
+    ok = load.ok
+    wait_for(lambda: len(load.failures) >= expired_at + 10, 15, "requests refused after expiry")
+    assert load.ok <= ok + 1, "a request was served on an expired identity"
+    drained = sum(
+        _metric(mesh, s, DRAINED, f'reason="{reason}"')
+        for s in SIDECARS
+        for reason in ("peer_certificate_expired", "local_certificate_expired")
+    )
+    assert drained >= 1, "no connection was drained at notAfter"
+    recovered = _restart_and_recover(mesh, load, "ca")
+    failed = len(load.failures)
+    sent = load.sent
+    wait_for(lambda: load.sent >= sent + 40, 15, "requests after recovery")
+    load.stop()
+    print(f"\nCA outage past expiry: {load.sent} requests, {failed} refused while expired")
+    assert len(load.failures) == failed, load.failures[failed : failed + 5]
+    assert recovered < 45
