@@ -1,4 +1,12 @@
-"""``trellis agent`` (the node agent) and ``trellis svid fetch`` (a Workload API client)."""
+"""``trellis agent`` (the node agent) and ``trellis svid fetch`` (a Workload API client).
+
+The agent takes its join token from ``--join-token-file`` or ``$TRELLIS_JOIN_TOKEN``. Both
+stay out of ``ps``: a command line is world-readable in ``/proc/PID/cmdline`` for as long as
+the process lives, while a process's environment is readable only by its owner and root
+(``/proc/PID/environ`` is mode 0400). ``--join-token TOKEN`` still works, for a first try
+at a terminal, but says on stderr that every local user can read it: a token is single
+use, so whoever redeems it first gets the node's agent identity.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ from ca.runtime import install_uvloop, settle_heap
 from ca.server.client import CaClient
 from ca.server.entries import EntryError, YamlFileEntrySource
 from ca.spiffeid import TrustDomain
-from ca.store import CaStore, StoreError
+from ca.store import CaStore, StoreError, read_key_passphrase
 from ca.x509svid import SvidError, X509Svid, load_der_chain, spiffe_id_of
 from trellis.cli import CliError
 from trellis.durations import parse_duration
@@ -36,6 +44,7 @@ from trellis.durations import parse_duration
 __all__ = ["register"]
 
 DEFAULT_DATA_DIR = Path("/var/lib/trellis/agent")
+JOIN_TOKEN_ENV = "TRELLIS_JOIN_TOKEN"  # noqa: S105 (a variable name, not a secret)
 
 
 def _seconds(text: str) -> float:
@@ -80,8 +89,19 @@ def register(commands: Any) -> None:
         help="the CA's attestation address (trellis ca serve --attest-listen; default: --ca)",
     )
     p.add_argument("--trust-bundle", type=Path, help="PEM roots or SPIFFE bundle to trust the CA")
-    p.add_argument("--join-token", help="single-use join token (node attestation)")
-    p.add_argument("--join-token-file", type=Path, help="read the join token from a file")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument(
+        "--join-token-file",
+        type=Path,
+        metavar="FILE",
+        help=f"read the single-use join token from FILE (or set ${JOIN_TOKEN_ENV})",
+    )
+    token.add_argument(
+        "--join-token",
+        metavar="TOKEN",
+        help="the join token itself: visible to every local user in ps while the agent"
+        " runs; prefer --join-token-file",
+    )
     p.add_argument(
         "--psat-token-file", type=Path, help="Kubernetes projected SA token (audience trellis-ca)"
     )
@@ -91,6 +111,14 @@ def register(commands: Any) -> None:
         type=Path,
         default=DEFAULT_DATA_DIR,
         help="keeps the agent SVID (key 0600) so a restart needs no new join token",
+    )
+    p.add_argument(
+        "--key-passphrase-file",
+        type=Path,
+        metavar="FILE",
+        help="encrypt the agent key in --data-dir (and open --local-ca's encrypted cluster"
+        " keys) with the passphrase in FILE (default: $TRELLIS_KEY_PASSPHRASE; neither:"
+        " unencrypted, 0600)",
     )
     p.add_argument(
         "--admin", type=_address, default=("127.0.0.1", 8089), metavar="HOST:PORT|off",
@@ -152,7 +180,7 @@ def _local_upstream(args: argparse.Namespace) -> tuple[Upstream, TrustBundle]:
     if not args.cluster or not args.entries or not args.node:
         raise CliError("--local-ca needs --cluster, --entries and --node")
     try:
-        store = CaStore(args.local_ca)
+        store = CaStore(args.local_ca, key_passphrase=args.key_passphrase)
         intermediate = store.load_intermediate(args.cluster)
         bundle = store.load_bundle(intermediate.trust_domain)
         jwt = store.load_jwt_authority(args.cluster)
@@ -163,21 +191,42 @@ def _local_upstream(args: argparse.Namespace) -> tuple[Upstream, TrustBundle]:
     return upstream, bundle
 
 
+def _join_token(args: argparse.Namespace) -> str | None:
+    """The join token from the file, the flag or the environment, in that order."""
+    if args.join_token_file is not None:
+        path: Path = args.join_token_file
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise CliError(f"cannot read {args.join_token_file}: {exc.strerror}") from exc
+        if not token:
+            raise CliError(f"join token file {args.join_token_file} is empty")
+        return token
+    if args.join_token is not None:
+        print(
+            "trellis: warning: --join-token puts the token on this process's command line,"
+            f" readable by every local user (ps); use --join-token-file or ${JOIN_TOKEN_ENV}",
+            file=sys.stderr,
+        )
+        return str(args.join_token)
+    # Dropped from the environment at once, so nothing this process starts inherits it.
+    return os.environ.pop(JOIN_TOKEN_ENV, "").strip() or None
+
+
 def _grpc_upstream(args: argparse.Namespace) -> tuple[Upstream, TrustBundle | None]:
     if args.trust_bundle is None:
         raise CliError("--ca needs --trust-bundle (the roots that authenticate the CA)")
     roots = _read_bundle(args.trust_bundle)
-    token = args.join_token
-    if args.join_token_file is not None:
-        try:
-            token = args.join_token_file.read_text().strip()
-        except OSError as exc:
-            raise CliError(f"cannot read {args.join_token_file}: {exc.strerror}") from exc
-    state = load_agent_state(args.data_dir, dt.datetime.now(dt.UTC))
+    token = _join_token(args)
+    try:
+        state = load_agent_state(args.data_dir, dt.datetime.now(dt.UTC), args.key_passphrase)
+    except AgentFatalError as exc:
+        raise CliError(str(exc)) from exc
     agent_svid, bundle = (state[0], state[1]) if state is not None else (None, None)
     if agent_svid is None and token is None and args.psat_token_file is None:
         raise CliError(
-            f"no valid agent SVID in {args.data_dir}: give --join-token or --psat-token-file"
+            f"no valid agent SVID in {args.data_dir}: give --join-token-file"
+            f" (or ${JOIN_TOKEN_ENV}) or --psat-token-file"
         )
     address, attest_address = args.ca, args.ca_attest or args.ca
     trust_roots = bundle or roots
@@ -225,6 +274,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
             raise CliError("--kubernetes needs --node (the pod watch is scoped to this node)")
         if not os.environ.get("KUBERNETES_SERVICE_HOST"):
             raise CliError("--kubernetes: not in a pod (KUBERNETES_SERVICE_HOST is unset)")
+    try:
+        args.key_passphrase = read_key_passphrase(args.key_passphrase_file)
+    except StoreError as exc:
+        raise CliError(str(exc)) from exc
     upstream: Upstream
     bundle: TrustBundle | None
     if args.local_ca is not None:
@@ -245,6 +298,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             sync_interval=args.sync_interval,
             data_dir=args.data_dir,
             backoff_cap=args.backoff_cap,
+            key_passphrase=args.key_passphrase,
         ),
         workload_api=WorkloadApiConfig(
             allow_unauthenticated_verifiers=args.allow_unauthenticated_verifiers,

@@ -27,7 +27,7 @@ import datetime as dt
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +42,14 @@ from ca.keys import (
     KeyMaterialError,
     PrivateKey,
     generate_private_key,
-    load_private_key,
+    is_encrypted_pem,
     private_key_pem,
     write_private_file,
     write_public_file,
 )
 from ca.server.client import AgentIdentity, JwtSvidToken
 from ca.server.entries import RegistrationEntry
+from ca.store import load_protected_key
 from ca.x509svid import SvidError, X509Svid, spiffe_id_of
 
 __all__ = ["AgentFatalError", "Rotator", "RotatorConfig", "load_agent_state"]
@@ -84,6 +85,8 @@ class RotatorConfig:
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
     data_dir: Path | None = None
+    # Encrypts the agent key kept in data_dir (trellis agent --key-passphrase-file).
+    key_passphrase: bytes | None = field(default=None, repr=False)
 
 
 # -- the agent's own state on disk (so a restart needs no new join token) -------------------
@@ -93,11 +96,24 @@ _AGENT_KEY = "agent-svid.key"
 _BUNDLE = "bundle.json"
 
 
-def load_agent_state(data_dir: Path, now: dt.datetime) -> tuple[X509Svid, TrustBundle] | None:
-    """The persisted agent SVID and bundle, if present and the SVID has not expired."""
+def load_agent_state(
+    data_dir: Path, now: dt.datetime, key_passphrase: bytes | None = None
+) -> tuple[X509Svid, TrustBundle] | None:
+    """The persisted agent SVID and bundle, if present and the SVID has not expired.
+
+    Unreadable state is ignored (the agent attests afresh), except a key it cannot open
+    for want of the right passphrase: that needs the operator, not a new join token, so it
+    raises ``AgentFatalError`` naming the file."""
+    key_path = data_dir / _AGENT_KEY
     try:
         chain = tuple(load_pem_certificates((data_dir / _AGENT_CHAIN).read_bytes()))
-        key = load_private_key((data_dir / _AGENT_KEY).read_bytes(), what="agent key")
+        key_pem = key_path.read_bytes()
+        try:
+            key = load_protected_key(key_pem, key_passphrase, what=f"agent key {key_path}")
+        except KeyMaterialError as exc:
+            if is_encrypted_pem(key_pem):
+                raise AgentFatalError(str(exc)) from exc
+            raise
         spiffe_id = spiffe_id_of(chain[0])
         bundle = TrustBundle.from_json(spiffe_id.trust_domain, (data_dir / _BUNDLE).read_bytes())
     except FileNotFoundError:
@@ -110,10 +126,12 @@ def load_agent_state(data_dir: Path, now: dt.datetime) -> tuple[X509Svid, TrustB
     return X509Svid(spiffe_id, chain, key), bundle
 
 
-def _save_agent_state(data_dir: Path, svid: X509Svid, bundle: TrustBundle) -> None:
+def _save_agent_state(
+    data_dir: Path, svid: X509Svid, bundle: TrustBundle, key_passphrase: bytes | None
+) -> None:
     assert svid.private_key is not None
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_private_file(data_dir / _AGENT_KEY, private_key_pem(svid.private_key))
+    write_private_file(data_dir / _AGENT_KEY, private_key_pem(svid.private_key, key_passphrase))
     write_public_file(data_dir / _AGENT_CHAIN, svid.chain_pem())
     write_public_file(data_dir / _BUNDLE, bundle.to_json())
 
@@ -218,7 +236,12 @@ class Rotator:
         if self.cache.set_bundle(identity.bundle):
             self._notify()
         if self.config.data_dir is not None:
-            _save_agent_state(self.config.data_dir, identity.svid, identity.bundle)
+            _save_agent_state(
+                self.config.data_dir,
+                identity.svid,
+                identity.bundle,
+                self.config.key_passphrase,
+            )
         self.identity_ready.set()
 
     async def establish_identity(self) -> None:
@@ -382,7 +405,9 @@ class Rotator:
                         log.info("trust bundle updated (sequence %d)", bundle.sequence)
                         agent = self.upstream.agent_svid
                         if self.config.data_dir is not None and agent is not None:
-                            _save_agent_state(self.config.data_dir, agent, bundle)
+                            _save_agent_state(
+                                self.config.data_dir, agent, bundle, self.config.key_passphrase
+                            )
                         self._notify()
                 raise UpstreamUnavailable("stream-ended", "bundle stream ended")
             except UpstreamError as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,4 +83,49 @@ def test_the_agent_refuses_to_start_without_any_way_to_attest(
         "--data-dir", str(tmp_path / "empty"), "--admin", "off",
     ]  # fmt: skip
     assert main(argv) == 1
-    assert "give --join-token or --psat-token-file" in capsys.readouterr().err
+    assert "give --join-token-file (or $TRELLIS_JOIN_TOKEN) or --psat-token-file" in (
+        capsys.readouterr().err
+    )
+
+
+def _agent_argv(tmp_path: Path) -> list[str]:
+    import datetime as dt
+
+    from ca import RootAuthority, TrustDomain
+
+    roots = tmp_path / "roots.pem"
+    root = RootAuthority.create(TrustDomain("example.org"), now=dt.datetime.now(dt.UTC))
+    roots.write_bytes(root.certificate.public_bytes(serialization.Encoding.PEM))
+    return [
+        "agent", "--ca", "127.0.0.1:1", "--trust-bundle", str(roots),
+        "--data-dir", str(tmp_path / "empty"), "--admin", "off",
+    ]  # fmt: skip
+
+
+def _agent_process(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """The agent as a process, bounded: an agent that accepted the token would retry the
+    unreachable CA until the timeout ends the test."""
+    return subprocess.run(
+        [sys.executable, "-m", "trellis", *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_the_agent_refuses_an_empty_join_token_file_in_one_line(tmp_path: Path) -> None:
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    result = _agent_process([*_agent_argv(tmp_path), "--join-token-file", str(empty)])
+    assert result.returncode == 1
+    assert result.stderr == f"trellis: error: join token file {empty} is empty\n"
+
+
+def test_the_agent_takes_its_join_token_from_one_flag_only(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("tjt_x\n")
+    argv = [*_agent_argv(tmp_path), "--join-token-file", str(token), "--join-token", "tjt_y"]
+    result = _agent_process(argv)
+    assert result.returncode == 2
+    assert "not allowed with argument" in result.stderr

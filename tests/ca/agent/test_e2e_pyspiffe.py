@@ -103,16 +103,24 @@ class Mesh:
         else:
             raise AssertionError(f"CA server did not start: {_stop(self.ca)}")
 
-    def start_agent(self) -> None:
-        args = [
+    @property
+    def agent_data(self) -> Path:
+        return self.workdir / "agent-data"
+
+    def agent_args(self) -> list[str]:
+        """``trellis agent``'s arguments, before any join token."""
+        return [
             "agent", "--socket", str(self.socket_path), "--node", "node-a",
             "--ca", f"127.0.0.1:{self.ca_port}", "--ca-attest", f"127.0.0.1:{self.attest_port}",
             "--trust-bundle", str(self.workdir / "ca" / "root.crt"),
-            "--data-dir", str(self.workdir / "agent-data"), "--admin", "off",
+            "--data-dir", str(self.agent_data), "--admin", "off",
             "--sync-interval", "1s", "--backoff-cap", "1s",
         ]  # fmt: skip
+
+    def start_agent(self) -> None:
+        args = self.agent_args()
         env = dict(self.agent_env)
-        if not (self.workdir / "agent-data" / "agent-svid.pem").exists():
+        if not (self.agent_data / "agent-svid.pem").exists():
             if self.token_via == "file":
                 token_file = self.workdir / "join-token"
                 write_private_file(token_file, self.join_token.encode())
