@@ -1,8 +1,10 @@
 """Join tokens created out of band (``trellis ca token create``), kept as hashes on disk.
 
 ``DIR/clusters/NAME/join-tokens/<sha256>.json`` holds ``{"node": ..., "expires_at": ...}``
-(mode 0600). The token itself is printed once and never written: the file's name is its
-SHA-256, so the directory tells a reader which nodes may join, not how. The server looks a
+(mode 0600). The token itself is never written here: the file's name is its SHA-256, so
+the directory tells a reader which nodes may join, not how. ``token create`` hands the
+token over once, on its stdout or in its ``--out`` file (0600) for the agent's
+``--join-token-file``. The server looks a
 presented token's hash up here when it is not one it issued itself, and deletes the file
 when the token is redeemed (single use survives a server restart).
 """
