@@ -103,16 +103,23 @@ class PeerProcess:
         self._fd = fd
 
     @classmethod
-    def of(cls, sock: socket.socket, pid: int) -> PeerProcess:
+    def of(cls, sock: socket.socket, pid: int) -> PeerProcess | None:
         """The connecting process: SO_PEERPIDFD, else ``pidfd_open(pid)`` (kernels < 6.5,
         where the pid could in principle have been reused before this; the start time
-        read right after is the check for that)."""
+        read right after is the check for that). None on kernels before 5.3, which have
+        no pidfds: the start time is then the only check. Raises OSError for a process
+        that is already gone."""
         try:
             fd = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
         except OSError as exc:
             if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP):
                 raise
-            fd = os.pidfd_open(pid)
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError as missing:
+                if missing.errno == errno.ENOSYS:
+                    return None
+                raise
         os.set_inheritable(fd, False)
         return cls(fd)
 
@@ -325,7 +332,8 @@ class UdsFront:
                 credentials = self._snapshot(credentials)
             except AttestationError as exc:
                 log.warning("refused a connection from pid %d (uid %d): %s", pid, uid, exc)
-                process.close()
+                if process is not None:
+                    process.close()
                 self.refused += 1
                 transport.abort()
                 return
