@@ -66,11 +66,12 @@ ca-demo: setup
 	    --spiffe-id spiffe://example.org/ns/default/sa/web --out $(DEMO)/web; \
 	$(BIN)/trellis ca inspect $(DEMO)/web/svid.pem --bundle $(DEMO)/web/bundle.pem
 
-PACKAGES := ca mesh_operator sidecar trellis
+PACKAGES := core ca mesh_operator sidecar trellis
 
 lint: setup
 	$(BIN)/ruff check $(PACKAGES) tests bench
 	$(BIN)/ruff format --check $(PACKAGES)
+	$(BIN)/lint-imports --no-cache
 
 typecheck: setup
 	$(BIN)/mypy --strict $(PACKAGES)

@@ -61,9 +61,9 @@ from ca import (  # noqa: E402
 from ca.agent.batcher import Batcher  # noqa: E402
 from ca.agent.rotator import MAX_BATCH, MAX_IN_FLIGHT  # noqa: E402
 from ca.agent.upstream import UpstreamError  # noqa: E402
-from ca.runtime import install_uvloop, settle_heap  # noqa: E402
 from ca.server.client import CaClient, CaError, build_csr  # noqa: E402
 from ca.store import CaStore  # noqa: E402
+from core.eventloop import install_uvloop, settle_heap  # noqa: E402
 
 CLUSTER = "bench"
 SERVER_PID = [0]
@@ -474,7 +474,7 @@ def _batched_child(
             await client.close()
         return part
 
-    install_uvloop()  # as the agent does (ca.runtime)
+    install_uvloop()  # as the agent does (core.eventloop)
     return asyncio.run(run())
 
 
@@ -552,7 +552,7 @@ def in_process_rate(store: CaStore, csrs: list[bytes], duration: float) -> dict[
 
 async def run_grpc(ready: dict[str, Any], roots: bytes, csrs: list[bytes], args: Any) -> Any:
     clients = await attest_all(ready, roots, args.agents)
-    settle_heap()  # as a real agent does once it has started (ca.runtime)
+    settle_heap()  # as a real agent does once it has started (core.eventloop)
     # warm-up: connections, TLS sessions, server caches
     await closed_loop(clients, csrs, 10, 1, 0.5)
     batch = await closed_loop(clients, csrs, args.batch_size, 1, args.duration)
@@ -667,7 +667,7 @@ def main() -> None:
         # well above 0 were measured on a loaded machine.
         busy, ours, began = system_busy_seconds(), cpu_seconds(process.pid), time.perf_counter()
         client_began = time.process_time()
-        install_uvloop()  # as the agent does (ca.runtime)
+        install_uvloop()  # as the agent does (core.eventloop)
         results = asyncio.run(run_grpc(ready, roots, csrs, args))
         batch, single, single_unary, latency, coalesced, spread, floor, stream_floor = results
         ours = cpu_seconds(process.pid) - ours + time.process_time() - client_began

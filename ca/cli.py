@@ -35,8 +35,8 @@ from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from ca.store import CaStore, StoreError, read_key_passphrase, read_passphrase, utcnow
 from ca.verify import VerificationError, verify_x509_svid
 from ca.x509svid import DEFAULT_X509_SVID_TTL, SvidError, spiffe_id_of
-from trellis.cli import CliError
-from trellis.durations import format_duration, parse_duration
+from core.durations import format_duration, parse_duration
+from core.errors import CliError
 
 __all__ = ["register"]
 

@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 
 from ca.spiffeid import SpiffeIdError, TrustDomain
+from core.errors import CliError
 from mesh_operator.injection import InjectorConfig, UpstreamError, plan_injection
-from trellis.cli import CliError
 
 __all__ = ["register"]
 
@@ -81,9 +81,9 @@ def cmd_inject(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import kubernetes
 
-    from ca.server.cli import JsonLogFormatter
+    from core.logs import JsonLogFormatter
     from mesh_operator.handlers import OperatorConfig
-    from mesh_operator.runtime import WebhookOptions, run
+    from mesh_operator.replica import WebhookOptions, run
     from mesh_operator.webhook import CertificateFiles
 
     handler = logging.StreamHandler(sys.stderr)

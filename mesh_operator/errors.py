@@ -7,16 +7,14 @@ The sans-I/O core raises only these; the kopf shell translates the last two into
 
 from __future__ import annotations
 
+from core.errors import FieldError
+
 __all__ = ["PermanentOperatorError", "SpecError", "TemporaryOperatorError"]
 
 
-class SpecError(ValueError):
-    """A custom resource's spec is invalid; ``field`` is its JSON path, ``reason`` the rule."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
+# A custom resource's spec is invalid; ``field`` is its JSON path, ``reason`` the rule. The
+# same type as the label grammar's errors (``core.labels``), so one ``except`` covers both.
+SpecError = FieldError
 
 
 class TemporaryOperatorError(Exception):

@@ -30,9 +30,9 @@ from ca.jwtsvid import DEFAULT_JWT_SVID_TTL, MAX_JWT_SVID_TTL
 from ca.server.entries import MAX_HINT_CHARS
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from ca.x509svid import DEFAULT_X509_SVID_TTL, MAX_X509_SVID_TTL
+from core.durations import parse_duration
+from core.labels import LabelSelector, check_label_key
 from mesh_operator.errors import SpecError
-from mesh_operator.selectors import LabelSelector, check_label_key
-from trellis.durations import parse_duration
 
 __all__ = [
     "API_VERSION",

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .config import Address
 
 if TYPE_CHECKING:
-    from .runtime import Sidecar
+    from .dataplane import Sidecar
 
 __all__ = ["AdminServers", "start_admin"]
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ca.runtime import install_uvloop
-from trellis.cli import CliError
+from core.errors import CliError
+from core.eventloop import install_uvloop
 
 from .config import (
     Address,
@@ -196,7 +196,7 @@ def _with_app_ports(config: SidecarConfig, ports: list[int]) -> SidecarConfig:
 
 
 def cmd_sidecar(args: argparse.Namespace) -> int:
-    from .runtime import Sidecar, StartupError
+    from .dataplane import Sidecar, StartupError
 
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),

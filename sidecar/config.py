@@ -60,7 +60,7 @@ from typing import Any, Literal
 import yaml
 
 from ca.spiffeid import SpiffeId, SpiffeIdError
-from trellis.durations import parse_duration
+from core.durations import parse_duration
 
 from .policy import CallerRule, PolicyError, parse_rules
 

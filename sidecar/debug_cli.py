@@ -22,6 +22,7 @@ from typing import Any
 
 from cryptography import x509
 
+from core.errors import CliError
 from sidecar.tls import (
     AlertDescription,
     CipherSuite,
@@ -33,7 +34,6 @@ from sidecar.tls import (
 )
 from sidecar.tls.shell import PeerAlertError, open_tls_connection, start_tls_server
 from sidecar.tls.signatures import PrivateKey
-from trellis.cli import CliError
 
 __all__ = ["register"]
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
+from core.errors import FieldError
+from core.labels import LabelSelector
 
 __all__ = [
     "Authorizer",
@@ -144,10 +146,6 @@ def _ports(raw: Any, where: str) -> tuple[int, ...]:
 def authorizer_from_document(document: Any, labels: Mapping[str, str]) -> Authorizer:
     """The operator's `SidecarPolicy` document (mesh_operator.reconcile.compile_policies),
     restricted to the policies whose selector matches this pod's labels."""
-    # The operator owns the selector grammar; reuse it rather than fork it.
-    from mesh_operator.errors import SpecError
-    from mesh_operator.selectors import LabelSelector
-
     if not isinstance(document, Mapping):
         raise PolicyError("policy", "expected a JSON object (kind SidecarPolicy)")
     policies = document.get("policies") or []
@@ -161,7 +159,7 @@ def authorizer_from_document(document: Any, labels: Mapping[str, str]) -> Author
             raise PolicyError(at, "expected an object")
         try:
             selector = LabelSelector.parse(policy.get("selector"), f"{at}.selector")
-        except SpecError as exc:
+        except FieldError as exc:
             raise PolicyError(f"{at}.selector", str(exc)) from exc
         if not selector.matches(labels):
             continue

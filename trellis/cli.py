@@ -11,11 +11,9 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["CliError", "main"]
+from core.errors import CliError
 
-
-class CliError(Exception):
-    """A command failed for a reason the user can act on; the message is the whole story."""
+__all__ = ["main"]
 
 
 Handler = Callable[[argparse.Namespace], int]

@@ -32,14 +32,14 @@ from ca.agent.upstream import InProcessUpstream, Upstream
 from ca.agent.workload_api import WorkloadApiConfig
 from ca.bundle import BundleError, TrustBundle, load_pem_certificates
 from ca.keys import write_private_file, write_public_file
-from ca.runtime import install_uvloop, settle_heap
 from ca.server.client import CaClient
 from ca.server.entries import EntryError, YamlFileEntrySource
 from ca.spiffeid import TrustDomain
 from ca.store import CaStore, StoreError, read_key_passphrase
 from ca.x509svid import SvidError, X509Svid, load_der_chain, spiffe_id_of
-from trellis.cli import CliError
-from trellis.durations import parse_duration
+from core.durations import parse_duration
+from core.errors import CliError
+from core.eventloop import install_uvloop, settle_heap
 
 __all__ = ["register"]
 
@@ -253,7 +253,7 @@ async def _run_agent(agent: Agent) -> None:
 
     async def settle_once_started() -> None:
         await agent.started.wait()
-        settle_heap()  # a full collection would stall every Workload API call (ca.runtime)
+        settle_heap()  # a full collection would stall every Workload API call (core.eventloop)
 
     settler = asyncio.create_task(settle_once_started())
     try:

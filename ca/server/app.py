@@ -40,7 +40,6 @@ from aiohttp import web
 
 from ca.bundle import TrustBundle
 from ca.keys import KeyAlgorithm, generate_private_key, private_key_pem
-from ca.runtime import settle_heap
 from ca.server.attestation import JoinTokenRegistry
 from ca.server.bans import BanListFile
 from ca.server.entries import (
@@ -63,6 +62,7 @@ from ca.server.tokens import JoinTokenStore
 from ca.spiffeid import TrustDomain
 from ca.store import CaStore, StoreError
 from ca.x509svid import X509Svid
+from core.eventloop import settle_heap
 
 __all__ = ["CaServer", "ServerConfig", "split_address"]
 
@@ -548,7 +548,7 @@ class CaServer:
     async def run(self, *, ready: Any = None) -> None:
         """Start, report readiness, and serve until SIGTERM or SIGINT; then stop gracefully."""
         addresses = await self.start()
-        settle_heap()  # a full collection would stall every call in flight (ca.runtime)
+        settle_heap()  # a full collection would stall every call in flight (core.eventloop)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

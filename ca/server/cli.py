@@ -39,12 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from ca.cli import add_key_passphrase_argument
-from ca.runtime import install_uvloop
 from ca.server.entries import EntryError
-from trellis.cli import CliError
-from trellis.durations import parse_duration
+from core.durations import parse_duration
+from core.errors import CliError
+from core.eventloop import install_uvloop
+from core.logs import JsonLogFormatter
 
-__all__ = ["JsonLogFormatter", "register"]
+__all__ = ["register"]
 
 
 def _duration(text: str) -> dt.timedelta:
@@ -83,22 +84,6 @@ def _sign_workers(text: str) -> str | int:
 
 def _optional_address(text: str) -> str | None:
     return None if text in ("", "off", "none") else _address(text)
-
-
-class JsonLogFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            doc.update({k: v for k, v in fields.items() if v is not None})
-        if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
 
 
 def register(ca_commands: Any) -> None:

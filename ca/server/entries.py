@@ -47,7 +47,8 @@ import yaml
 from ca.jwtsvid import DEFAULT_JWT_SVID_TTL, MAX_JWT_SVID_TTL
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from ca.x509svid import DEFAULT_X509_SVID_TTL, MAX_X509_SVID_TTL
-from trellis.durations import parse_duration
+from core.durations import parse_duration
+from core.labels import is_label_key, is_label_value
 
 __all__ = [
     "ALL_NODES",
@@ -91,10 +92,6 @@ SELECTOR_KINDS: Mapping[tuple[str, str], str] = {
     ("k8s", "node-name"): "a node name",
 }
 _K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_LABEL_KEY = re.compile(
-    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-)
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _NODE_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,251}[A-Za-z0-9])?$")
 _DNS_LABEL = re.compile(r"^(\*|[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)$")
 _ENTRY_ID = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,127}$")
@@ -135,7 +132,7 @@ def parse_selector(text: str) -> Selector:
         ok = value.startswith("/") and "\x00" not in value and len(value) <= 4096
     elif name == "pod-label":
         key, sep, label = value.partition(":")
-        ok = bool(sep) and bool(_LABEL_KEY.match(key)) and bool(_LABEL_VALUE.match(label))
+        ok = bool(sep) and is_label_key(key) and is_label_value(label)
     elif name == "node-name":
         ok = bool(_NODE_NAME.match(value))
     else:  # ns, sa: DNS-1123 names

@@ -31,7 +31,7 @@ from ca.server.entries import parse_entries_yaml
 from ca.spiffeid import TrustDomain
 from mesh_operator.bans import BAN_LABEL
 from mesh_operator.handlers import FINALIZER, OperatorConfig, OperatorState, build_registry
-from mesh_operator.runtime import run
+from mesh_operator.replica import run
 
 from .conftest import run as run_async
 from .fake_apiserver import FakeApiServer, running

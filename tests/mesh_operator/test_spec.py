@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import serialization
 
 from ca import RootAuthority, TrustDomain
 from ca.spiffeid import SpiffeId
+from core.labels import LabelSelector
 from mesh_operator.errors import SpecError
-from mesh_operator.selectors import LabelSelector
 from mesh_operator.spec import (
     AllowedCaller,
     PodFacts,

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from sidecar.dataplane import Sidecar
 from sidecar.identity import load_svid_dir
 from sidecar.metrics import Metrics
-from sidecar.runtime import Sidecar
 from sidecar.session import Session
 
 from .dataplane.conftest import CLIENT, ECHO

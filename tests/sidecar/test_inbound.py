@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from sidecar.config import load_yaml
-from sidecar.runtime import Sidecar
+from sidecar.dataplane import Sidecar
 
 from .dataplane.conftest import CLIENT, ECHO
 from .dataplane.harness import Pki, RawClient, free_port

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sidecar.config import Address, InboundConfig, InboundTarget, PoolConfig, load_yaml
+from sidecar.dataplane import Sidecar
 from sidecar.identity import Identity, load_svid_dir
 from sidecar.inbound import Inbound
 from sidecar.metrics import Metrics
 from sidecar.policy import Authorizer
 from sidecar.pool import Pool
-from sidecar.runtime import Sidecar
 from sidecar.session import Session
 
 from .dataplane.conftest import CLIENT, ECHO

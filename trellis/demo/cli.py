@@ -16,10 +16,10 @@ import signal
 import sys
 from typing import Any
 
-from trellis.cli import CliError
+from core.durations import parse_duration
+from core.errors import CliError
 from trellis.demo.echo import start_echo_server
 from trellis.demo.load import LoadConfig, LoadGenerator, start_metrics_server
-from trellis.durations import parse_duration
 
 __all__ = ["register"]
 

@@ -15,8 +15,8 @@ from types import FrameType
 from typing import Any
 
 from ca.spiffeid import SpiffeIdError, TrustDomain
-from trellis.cli import CliError
-from trellis.durations import parse_duration
+from core.durations import parse_duration
+from core.errors import CliError
 from trellis.up.mesh import Mesh, MeshConfig, StartupError
 from trellis.up.status import Snapshot, collect, render
 

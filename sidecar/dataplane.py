@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ca.runtime import settle_heap
+from core.eventloop import settle_heap
 
 from .admin import AdminServers, start_admin
 from .config import SidecarConfig
@@ -187,7 +187,7 @@ class Sidecar:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         await self.start()
-        # A full collection is a latency spike on every open stream (ca.runtime).
+        # A full collection is a latency spike on every open stream (core.eventloop).
         settle_heap()
         print(json.dumps({"event": "ready-to-serve", **self.ports()}), flush=True)
         await self._stop.wait()

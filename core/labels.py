@@ -1,7 +1,13 @@
-"""Kubernetes label selectors as frozen values: parsed once, matched many times.
+"""Kubernetes labels: the grammar of keys and values, and label selectors as frozen values.
+
+One grammar for every place Trellis reads a label: the CA's ``k8s:pod-label`` selectors,
+the operator's CRDs and the sidecar's policy document. Keys are an optional DNS-1123
+subdomain prefix (at most 253 characters) and ``/``, then a name of at most 63
+alphanumerics, ``-``, ``_`` and ``.``, beginning and ending alphanumeric; values are empty
+or such a name (Kubernetes' ``IsQualifiedName`` and ``IsValidLabelValue``).
 
 ``LabelSelector.parse`` takes the API's JSON form (``matchLabels`` and ``matchExpressions``
-with ``In``, ``NotIn``, ``Exists``, ``DoesNotExist``) and raises ``SpecError`` naming the
+with ``In``, ``NotIn``, ``Exists``, ``DoesNotExist``) and raises ``FieldError`` naming the
 field; ``matches`` is the API server's semantics (every requirement must hold; an empty
 selector selects everything).
 """
@@ -13,27 +19,49 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mesh_operator.errors import SpecError
+from core.errors import FieldError
 
-__all__ = ["LabelSelector", "Requirement"]
+__all__ = [
+    "LabelSelector",
+    "Requirement",
+    "check_label_key",
+    "check_label_value",
+    "is_label_key",
+    "is_label_value",
+]
 
 _OPERATORS = frozenset({"In", "NotIn", "Exists", "DoesNotExist"})
-_LABEL_KEY = re.compile(
-    r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-)
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_MAX_NAME = 63
+_MAX_PREFIX = 253
+
+
+def is_label_key(key: object) -> bool:
+    if not isinstance(key, str):
+        return False
+    prefix, slash, name = key.rpartition("/")
+    if slash and not (len(prefix) <= _MAX_PREFIX and _DNS_SUBDOMAIN.fullmatch(prefix)):
+        return False
+    return len(name) <= _MAX_NAME and _NAME.fullmatch(name) is not None
+
+
+def is_label_value(value: object) -> bool:
+    return isinstance(value, str) and (
+        value == "" or (len(value) <= _MAX_NAME and _NAME.fullmatch(value) is not None)
+    )
 
 
 def check_label_key(key: Any, where: str) -> str:
-    if not isinstance(key, str) or not _LABEL_KEY.match(key):
-        raise SpecError(where, f"{key!r} is not a valid label key")
-    return key
+    if not is_label_key(key):
+        raise FieldError(where, f"{key!r} is not a valid label key")
+    return str(key)
 
 
 def check_label_value(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _LABEL_VALUE.match(value):
-        raise SpecError(where, f"{value!r} is not a valid label value")
-    return value
+    if not is_label_value(value):
+        raise FieldError(where, f"{value!r} is not a valid label value")
+    return str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,39 +104,39 @@ class LabelSelector:
         if raw is None:
             return cls()
         if not isinstance(raw, Mapping):
-            raise SpecError(where, "expected an object with matchLabels and/or matchExpressions")
+            raise FieldError(where, "expected an object with matchLabels and/or matchExpressions")
         unknown = sorted(set(raw) - {"matchLabels", "matchExpressions"})
         if unknown:
-            raise SpecError(where, f"unknown field(s) {', '.join(unknown)}")
+            raise FieldError(where, f"unknown field(s) {', '.join(unknown)}")
         requirements: list[Requirement] = []
         labels = raw.get("matchLabels") or {}
         if not isinstance(labels, Mapping):
-            raise SpecError(f"{where}.matchLabels", "expected a map of label key to value")
+            raise FieldError(f"{where}.matchLabels", "expected a map of label key to value")
         for key, value in sorted(labels.items()):
             check_label_key(key, f"{where}.matchLabels")
             check_label_value(value, f"{where}.matchLabels[{key}]")
             requirements.append(Requirement(key, "In", frozenset({value})))
         expressions = raw.get("matchExpressions") or []
         if not isinstance(expressions, list):
-            raise SpecError(f"{where}.matchExpressions", "expected a list")
+            raise FieldError(f"{where}.matchExpressions", "expected a list")
         for index, expr in enumerate(expressions):
             at = f"{where}.matchExpressions[{index}]"
             if not isinstance(expr, Mapping):
-                raise SpecError(at, "expected an object with key, operator, values")
+                raise FieldError(at, "expected an object with key, operator, values")
             key = check_label_key(expr.get("key"), f"{at}.key")
             operator = expr.get("operator")
             if operator not in _OPERATORS:
-                raise SpecError(
+                raise FieldError(
                     f"{at}.operator", f"{operator!r} is not one of {', '.join(sorted(_OPERATORS))}"
                 )
             values = expr.get("values") or []
             if not isinstance(values, list):
-                raise SpecError(f"{at}.values", "expected a list of strings")
+                raise FieldError(f"{at}.values", "expected a list of strings")
             checked = frozenset(check_label_value(v, f"{at}.values") for v in values)
             if operator in ("In", "NotIn") and not checked:
-                raise SpecError(f"{at}.values", f"operator {operator} needs at least one value")
+                raise FieldError(f"{at}.values", f"operator {operator} needs at least one value")
             if operator in ("Exists", "DoesNotExist") and checked:
-                raise SpecError(f"{at}.values", f"operator {operator} takes no values")
+                raise FieldError(f"{at}.values", f"operator {operator} takes no values")
             requirements.append(Requirement(key, operator, checked))
         return cls(tuple(requirements))
 

@@ -7,7 +7,7 @@ import gc
 
 import pytest
 
-from ca.runtime import install_uvloop, settle_heap
+from core.eventloop import install_uvloop, settle_heap
 
 
 def test_settle_heap_freezes_what_exists_and_raises_the_young_threshold() -> None:
