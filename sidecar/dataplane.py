@@ -119,8 +119,8 @@ class Sidecar:
     def _identity_changed(self) -> None:
         self.metrics.svid_updates.inc()
         svid = self.identity.svid
-        if svid is not None:
-            self.metrics.svid_expiry.set(svid.not_after.timestamp())
+        # 0 once withdrawn: an expiry alert must not keep reading the old SVID's notAfter.
+        self.metrics.svid_expiry.set(svid.not_after.timestamp() if svid is not None else 0)
 
     # --- lifecycle -----------------------------------------------------------------------
 

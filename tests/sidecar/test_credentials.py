@@ -171,6 +171,8 @@ def test_a_withdrawn_identity_drains_its_connections_and_takes_no_new_ones() -> 
                 sidecar.identity.withdraw()
                 assert _closed(sidecar.metrics, "identity_withdrawn") == 1
                 assert sidecar.readiness() == (False, "no valid SVID yet")
+                expiry = "trellis_sidecar_svid_expiry_timestamp_seconds"
+                assert sidecar.metrics.registry.get_sample_value(expiry) == 0
                 assert await held.echo(b"still") == b"still"
                 assert await _refused(upstream)
                 assert await held.finish() == b""
