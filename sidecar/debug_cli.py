@@ -218,7 +218,7 @@ def _summary(writer: asyncio.StreamWriter) -> list[tuple[str, str]]:
         ("group", _enum_name(NamedGroup, info.group)),
         ("signature_scheme", _enum_name(SignatureScheme, info.signature_scheme)),
         ("alpn", info.alpn_protocol or "-"),
-        ("peer_spiffe_id", info.peer_spiffe_id or "-"),
+        ("peer_spiffe_id", str(info.peer_spiffe_id or "-")),
     ]
 
 

@@ -205,14 +205,14 @@ class Identity:
         config = self._clients.get(key)
         if config is None:
             svid, bundles = self._base()
-            allowed = frozenset(key)
-            own = svid.spiffe_id.trust_domain.name
+            allowed = frozenset(expected)
+            own = svid.spiffe_id.trust_domain
 
-            def policy(spiffe_id: str) -> bool:
+            def policy(spiffe_id: SpiffeId) -> bool:
                 if allowed:
                     return spiffe_id in allowed
                 # No IDs given: any peer of our own trust domain.
-                return spiffe_id.startswith(f"spiffe://{own}/")
+                return spiffe_id.trust_domain == own and bool(spiffe_id.path)
 
             config = TLSConfig(
                 rng=os.urandom,

@@ -19,8 +19,6 @@ import asyncio
 import logging
 from collections.abc import Callable, Collection
 
-from ca.spiffeid import SpiffeId, SpiffeIdError
-
 from .bridge import Bridge
 from .channel import EngineChannel, SecureChannel
 from .config import InboundConfig
@@ -112,11 +110,7 @@ class Inbound:
         if app is None or app.port in self.own_ports:
             self._refuse(session, stream_id, 404, f"no local target for port {request.port}")
             return
-        caller: SpiffeId | None
-        try:
-            caller = SpiffeId(session.peer_id) if session.peer_id else None
-        except SpiffeIdError:
-            caller = None
+        caller = session.peer_id  # parsed once by the engine, from the leaf's URI SAN
         decision = self.authorizer().decide(caller, request.port, self.identity.trust_domain)
         if not decision.allowed:
             self.metrics.policy.labels(decision="deny").inc()

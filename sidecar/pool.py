@@ -257,7 +257,7 @@ class Pool:
             "spiffe_ids": [str(i) for i in self.expected],
             "connections": [
                 {
-                    "peer": s.peer_id,
+                    "peer": str(s.peer_id) if s.peer_id is not None else None,
                     "streams": s.active_streams,
                     "streams_opened": s.streams_opened,
                     "open_for_streams": s.can_open(),

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 from cryptography import x509
 
+from ca.spiffeid import SpiffeId
 from sidecar.tls import TLSError
 
 from .channel import SecureChannel
@@ -149,7 +150,7 @@ class Session(asyncio.Protocol):
             max_concurrent_streams=SERVER_MAX_STREAMS,
         )
         self.streams: dict[int, _Stream] = {}
-        self.peer_id: str | None = None
+        self.peer_id: SpiffeId | None = None
         self.negotiated_group: int | None = None
         self.write_paused = False
         self.goaway_received = False
@@ -260,7 +261,7 @@ class Session(asyncio.Protocol):
 
     # --- handshake -----------------------------------------------------------------------
 
-    def _handshake_complete(self, peer_id: str | None) -> None:
+    def _handshake_complete(self, peer_id: SpiffeId | None) -> None:
         channel = self._channel
         assert channel is not None
         info = channel.negotiated
@@ -339,7 +340,7 @@ class Session(asyncio.Protocol):
         if change.withdrawn and not identity.presents(channel.local_chain):
             self.retire("identity_withdrawn")
             return
-        if self.peer_id is not None and _trust_domain(self.peer_id) in change.roots_removed:
+        if self.peer_id is not None and self.peer_id.trust_domain.name in change.roots_removed:
             why = identity.distrust_reason(
                 channel.peer_chain, peer_is_server=self.client, now=dt.datetime.now(dt.UTC)
             )
@@ -705,11 +706,6 @@ class Session(asyncio.Protocol):
         else:
             delay = self._last_rx + interval - now
         self._timer = self._loop.call_later(max(delay, 0.05), self._tick)
-
-
-def _trust_domain(spiffe_id: str) -> str:
-    # The engine verified it as a SPIFFE ID: "spiffe://<trust domain>/<path>".
-    return spiffe_id.removeprefix("spiffe://").partition("/")[0]
 
 
 def _status(headers: list[tuple[bytes, bytes]]) -> int:

@@ -30,7 +30,7 @@ class TLSConfig:
 
     `rng` is the only source of randomness the engine uses (pass `os.urandom`);
     `trust_bundles` maps a trust domain name to its root certificates; `peer_policy`
-    is called with the peer's SPIFFE ID after its chain verified. `verifier` replaces
+    is called with the peer's canonical `ca.SpiffeId` after its chain verified. `verifier` replaces
     the SPIFFE verifier entirely (for tests or non-SPIFFE peers).
     """
 

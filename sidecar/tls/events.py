@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from ca.spiffeid import SpiffeId
+
 from .alerts import AlertDescription, AlertLevel
 
 
@@ -16,9 +18,12 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class PeerCertificate(Event):
-    """The peer's chain verified and its SPIFFE ID passed the policy hook."""
+    """The peer's chain verified and its SPIFFE ID passed the policy hook.
 
-    spiffe_id: str
+    `spiffe_id` is the canonical value parsed from the leaf's URI SAN (None only when
+    verification is off and the leaf carries no SPIFFE ID)."""
+
+    spiffe_id: SpiffeId | None
     chain: tuple[x509.Certificate, ...]
 
 
@@ -29,7 +34,7 @@ class HandshakeComplete(Event):
     signature_scheme: int
     alpn_protocol: str | None
     server_name: str | None
-    peer_spiffe_id: str | None
+    peer_spiffe_id: SpiffeId | None
     session_resumed: bool = False
 
 
@@ -64,7 +69,7 @@ class SessionTicket(Event):
     max_early_data_size: int
     server_name: str | None
     alpn_protocol: str | None
-    peer_spiffe_id: str | None
+    peer_spiffe_id: SpiffeId | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,9 @@ of the leaf's own trust domain (one root set per trust domain, as SPIFFE federat
 requires). `PolicyBuilder.build_client_verifier()` accepts URI-only leaves; its EKU
 check is replaced by an extension policy so that a *server* leaf is held to
 serverAuth and a *client* leaf to clientAuth. The single URI SAN becomes the peer's
-SPIFFE ID, which the policy hook then authorises.
+SPIFFE ID: parsed once, by `ca.x509svid.spiffe_id_of` (the project's one SPIFFE ID
+grammar), into the canonical `ca.SpiffeId` that the policy hook, the events and everything
+above the engine then take as it is.
 
 Verification is pure given `now`; results are cached per chain (with the window in
 which they hold) so that a busy sidecar pays for path building once per peer SVID.
@@ -14,7 +16,6 @@ which they hold) so that a busy sidecar pays for path building once per peer SVI
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,34 +32,24 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
+from ca.spiffeid import SpiffeId
+from ca.x509svid import SvidError, spiffe_id_of
+
 from .alerts import AlertDescription, TLSError
 from .signatures import PublicKey, certificate_signature_scheme, is_rsa_pss_certificate
 
-PeerPolicy = Callable[[str], bool]
+PeerPolicy = Callable[[SpiffeId], bool]
 _PARSED_CACHE_SIZE = 256
-
-# SPIFFE ID standard §2: lowercase trust domain of [a-z0-9.-_], path segments of
-# [A-Za-z0-9.-_], no empty, "." or ".." segments, at most 2048 bytes.
-_SPIFFE_RE = re.compile(r"spiffe://([a-z0-9._-]+)((?:/[A-Za-z0-9._-]+)*)")
-_MAX_SPIFFE_ID = 2048
-
-
-def parse_spiffe_id(uri: str) -> tuple[str, str]:
-    """(trust domain, path) of a SPIFFE ID, or ValueError."""
-    match = _SPIFFE_RE.fullmatch(uri)
-    if match is None or len(uri) > _MAX_SPIFFE_ID:
-        raise ValueError(f"not a SPIFFE ID: {uri!r}")
-    path = match.group(2)
-    if any(segment in (".", "..") for segment in path.split("/")[1:]):
-        raise ValueError("dot segment in SPIFFE ID path")
-    return match.group(1), path
 
 
 @dataclass(frozen=True, slots=True)
 class VerifiedPeer:
-    """A peer whose chain verified; only a `PeerVerifier` creates one."""
+    """A peer whose chain verified; only a `PeerVerifier` creates one.
 
-    spiffe_id: str
+    `spiffe_id` is None only from `insecure_peer` (verification off) for a leaf whose
+    URI SAN is not a single SPIFFE ID; a verified peer always has one."""
+
+    spiffe_id: SpiffeId | None
     chain: tuple[x509.Certificate, ...]
     public_key: PublicKey
     rsa_pss_key: bool
@@ -182,7 +173,8 @@ class SpiffeVerifier:
             self._cache[key] = (peer, not_before, not_after)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        if self._policy is not None and not self._policy(peer.spiffe_id):
+        spiffe_id = peer.spiffe_id
+        if self._policy is not None and (spiffe_id is None or not self._policy(spiffe_id)):
             raise TLSError(AlertDescription.access_denied, f"policy refused {peer.spiffe_id}")
         return peer
 
@@ -261,17 +253,13 @@ class SpiffeVerifier:
         certs = [self._parse(der) for der in chain]
         leaf = certs[0]
         try:
-            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-        except (x509.ExtensionNotFound, ValueError) as exc:
-            raise TLSError(AlertDescription.bad_certificate, "leaf has no URI SAN") from exc
-        if len(uris) != 1:
-            # SPIFFE X509-SVID §2: exactly one URI SAN.
-            raise TLSError(AlertDescription.bad_certificate, "leaf must carry exactly one URI SAN")
-        try:
-            trust_domain, _ = parse_spiffe_id(uris[0])
-        except ValueError as exc:
-            raise TLSError(AlertDescription.bad_certificate, str(exc)) from exc
+            # X509-SVID §2: exactly one URI SAN, a SPIFFE ID. SPIFFE-ID §2.4: the scheme and
+            # trust domain are case-insensitive, so `Example.org` is `example.org` here, in
+            # the policy and in every log line, as it is for `ca.verify_x509_svid`.
+            spiffe_id = spiffe_id_of(leaf)
+        except SvidError as exc:
+            raise TLSError(AlertDescription.bad_certificate, f"leaf: {exc}") from exc
+        trust_domain = spiffe_id.trust_domain.name
         store = self._stores.get(trust_domain)
         if store is None:
             raise TLSError(AlertDescription.unknown_ca, f"no trust bundle for {trust_domain}")
@@ -309,7 +297,7 @@ class SpiffeVerifier:
         public_key = leaf.public_key()
         if not isinstance(public_key, PublicKey):
             raise TLSError(AlertDescription.unsupported_certificate, "unsupported leaf key type")
-        peer = VerifiedPeer(uris[0], tuple(certs), public_key, is_rsa_pss_certificate(leaf))
+        peer = VerifiedPeer(spiffe_id, tuple(certs), public_key, is_rsa_pss_certificate(leaf))
         not_before = max(c.not_valid_before_utc for c in built)
         not_after = min(c.not_valid_after_utc for c in built)
         return peer, not_before, not_after
@@ -324,11 +312,8 @@ def insecure_peer(chain: Sequence[bytes]) -> VerifiedPeer:
         raise TLSError(AlertDescription.bad_certificate, "unparseable certificate") from exc
     if not isinstance(public_key, PublicKey):
         raise TLSError(AlertDescription.unsupported_certificate, "unsupported leaf key type")
-    spiffe_id = ""
     try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-        spiffe_id = uris[0] if len(uris) == 1 else ""
-    except (x509.ExtensionNotFound, ValueError):
-        pass
+        spiffe_id: SpiffeId | None = spiffe_id_of(leaf)
+    except SvidError:
+        spiffe_id = None  # not verifying: a peer without a SPIFFE ID is still a peer
     return VerifiedPeer(spiffe_id, (leaf,), public_key, is_rsa_pss_certificate(leaf))

@@ -229,7 +229,7 @@ def test_a_new_svid_is_used_by_the_next_handshake_and_old_connections_keep_runni
                 assert await _exchange(upstream, b"after") == b"after"
                 second = [s for s in pool.sessions if s is not first]
                 assert len(second) == 1
-                peers = {s.peer_id for s in inbound.sessions}
+                peers = {str(s.peer_id) for s in inbound.sessions}
                 assert peers == {CLIENT}
                 # The stream on the first connection still works.
                 writer.write(b"still")

@@ -32,7 +32,7 @@ Use::
     _, shell = await loop.create_connection(lambda: TLSClientProtocol(app, config), ...)
 
 `get_extra_info` keys after the handshake: `peercert` (the peer's leaf as a
-`cryptography` certificate), `peercert_chain`, `spiffe_id`, `cipher` (the
+`cryptography` certificate), `peercert_chain`, `spiffe_id` (canonical, a string), `cipher` (the
 `ssl.SSLSocket.cipher()` shape), `cipher_suite`, `tls_version`, `tls_group`,
 `signature_scheme`, `alpn_protocol`, `server_name`, `tls_negotiated` (the engine's
 `HandshakeComplete`), `traffic_secrets` (for kTLS), `tls_connection` (the engine),

@@ -116,7 +116,8 @@ def negotiated_info(
     if name == "peercert_chain":
         return peer.chain if peer is not None else None
     if name == "spiffe_id":
-        return info.peer_spiffe_id
+        # A plain string, as `ssl`'s extra info is; `tls_negotiated` carries the value.
+        return str(info.peer_spiffe_id) if info.peer_spiffe_id is not None else None
     if name == "cipher":
         return _cipher_tuple(info.cipher_suite)
     if name == "cipher_suite":

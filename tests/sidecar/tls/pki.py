@@ -18,13 +18,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ca.spiffeid import SpiffeId
 from sidecar.tls import TLSConfig
 from sidecar.tls.signatures import PrivateKey
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 TRUST_DOMAIN = "example.org"
-CLIENT_ID = "spiffe://example.org/ns/default/sa/client"
-SERVER_ID = "spiffe://example.org/ns/default/sa/x"
+CLIENT_ID = SpiffeId("spiffe://example.org/ns/default/sa/client")
+SERVER_ID = SpiffeId("spiffe://example.org/ns/default/sa/x")
 BOTH = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
 
 
@@ -80,7 +81,7 @@ class Authority:
 
     def leaf(
         self,
-        spiffe_id: str = SERVER_ID,
+        spiffe_id: str | SpiffeId = SERVER_ID,
         key_kind: str = "p256",
         ekus: Sequence[x509.ObjectIdentifier] = BOTH,
         not_before: dt.datetime = NOW - dt.timedelta(hours=1),
@@ -101,7 +102,7 @@ class Authority:
                 critical=True,
             )
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
                 critical=True,
             )
             .add_extension(

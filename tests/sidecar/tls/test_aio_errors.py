@@ -152,7 +152,7 @@ def test_a_client_from_another_trust_domain_is_refused_with_unknown_ca() -> None
 def test_a_server_the_policy_refuses_is_access_denied_at_the_client() -> None:
     async def scenario() -> tuple[BaseException, list[object]]:
         async with tls_echo_server(server_svid().config()) as (port, seen):
-            config = client_svid().config(peer_policy=lambda spiffe_id: spiffe_id == CLIENT_ID)
+            config = client_svid().config(peer_policy=lambda spiffe_id: str(spiffe_id) == CLIENT_ID)
             with pytest.raises(TLSError) as info:
                 await open_tls_connection("127.0.0.1", port, config=config)
             await asyncio.sleep(0.05)

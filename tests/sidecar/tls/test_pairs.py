@@ -6,6 +6,7 @@ import datetime as dt
 
 import pytest
 
+from ca.spiffeid import SpiffeId
 from sidecar.tls import (
     AlertDescription,
     AlertReceived,
@@ -312,9 +313,9 @@ def test_client_without_certificate_is_certificate_required() -> None:
 
 
 def test_policy_hook_refusing_the_peer_is_access_denied() -> None:
-    seen: list[str] = []
+    seen: list[SpiffeId] = []
 
-    def policy(spiffe_id: str) -> bool:
+    def policy(spiffe_id: SpiffeId) -> bool:
         seen.append(spiffe_id)
         return False
 
@@ -460,8 +461,8 @@ def test_federated_trust_domains_each_verify_against_their_own_bundle() -> None:
     _client, server = connected_pair(
         client_config(other, trust_bundles=identity().bundles), server_config(trust_bundles=bundles)
     )
-    assert (
-        _complete(drain(server)).peer_spiffe_id == "spiffe://federated.example/ns/default/sa/client"
+    assert _complete(drain(server)).peer_spiffe_id == SpiffeId(
+        "spiffe://federated.example/ns/default/sa/client"
     )
 
 
@@ -483,8 +484,8 @@ def test_leaf_with_two_uri_sans_is_bad_certificate() -> None:
         .add_extension(
             x509.SubjectAlternativeName(
                 [
-                    x509.UniformResourceIdentifier(CLIENT_ID),
-                    x509.UniformResourceIdentifier(SERVER_ID),
+                    x509.UniformResourceIdentifier(str(CLIENT_ID)),
+                    x509.UniformResourceIdentifier(str(SERVER_ID)),
                 ]
             ),
             critical=True,
