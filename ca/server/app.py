@@ -93,6 +93,9 @@ class ServerConfig:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     server_svid_ttl: dt.timedelta = dt.timedelta(hours=24)
     poll_interval: float = 1.0
+    # How often join-token files that have expired are deleted (and once at start): a
+    # token file is only removed when redeemed, so unused ones would pile up forever.
+    token_purge_interval: float = 60.0
     token_reviewer: TokenReviewer | None = None
     sign_workers: int = 0  # 0: sign on the event loop; N: in N worker processes
     # Opens an encrypted intermediate and JWT key (trellis ca intermediate with a key
@@ -251,6 +254,7 @@ class CaServer:
             self.issued_tokens[node] = self.join_tokens.issue(
                 node, now=time.time(), ttl=cfg.join_token_ttl.total_seconds()
             )
+        self.purge_join_tokens()
         if cfg.sign_workers > 0:
             signer = ProcessPoolSigner(
                 cfg.ca_dir,
@@ -312,6 +316,7 @@ class CaServer:
         self.metrics.entries(len(self.entries.current()))
         self.federation.start()
         self._tasks.append(asyncio.create_task(self._maintain()))
+        self._tasks.append(asyncio.create_task(self._purge_join_tokens_periodically()))
         log_event(
             logging.INFO,
             "ca-server-started",
@@ -518,6 +523,22 @@ class CaServer:
             )
             self.bundles.poke()  # end the bundle streams of newly banned agents
             self.signing_streams.end_banned(self.service.is_banned)
+
+    def purge_join_tokens(self) -> int:
+        """Delete the files of join tokens that have expired; returns how many went."""
+        try:
+            removed = self.token_store.purge_expired(time.time())
+        except OSError as exc:  # an unreadable directory must not end the server
+            log_event(logging.ERROR, "join-token-purge-failed", error=str(exc))
+            return 0
+        if removed:
+            log_event(logging.INFO, "join-tokens-purged", removed=removed)
+        return removed
+
+    async def _purge_join_tokens_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.token_purge_interval)
+            self.purge_join_tokens()
 
     async def _maintain(self) -> None:
         while True:

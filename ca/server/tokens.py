@@ -64,10 +64,21 @@ class JoinTokenStore:
                 (self.directory / f"{token_hash}.json").unlink()
 
     def purge_expired(self, now: float) -> int:
+        """Delete the files of tokens expired at ``now`` (and of unreadable records, which
+        no agent could redeem); returns how many were deleted. ``ca serve`` calls this at
+        start and on a timer: a token nobody redeems would otherwise stay forever."""
         removed = 0
         for path in self.directory.glob("*.json"):
-            record = self.lookup(path.stem)
-            if record is None or record.expires_at <= now:
+            if not _HASH.match(path.stem):
+                continue  # not a token file: not ours to delete
+            try:
+                doc = json.loads(path.read_bytes())
+                expired = float(doc["expires_at"]) <= now
+            except OSError:
+                continue  # redeemed meanwhile, or unreadable now: try again next time
+            except (ValueError, KeyError, TypeError):
+                expired = True
+            if expired:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
