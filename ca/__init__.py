@@ -9,6 +9,11 @@ Public surface (import from ``ca``):
 * ``JwtAuthority``, ``JwtSvid``, ``JwtSvidError``, ``validate_jwt_svid`` — JWT-SVIDs.
 * ``TrustBundle``, ``BundleError`` — SPIFFE bundles.
 * ``KeyAlgorithm``, ``generate_private_key`` — key material.
+
+Beside them, in their own modules: ``ca.entries`` (registration entries and selectors: the
+CA serves them, the agent matches workloads against them, the operator writes them),
+``ca.api`` (the CA's gRPC API: its proto, the client the agent uses), ``ca.server`` (the
+CA server) and ``ca.agent`` (the node agent); the last two never import each other.
 """
 
 from ca.authority import IntermediateAuthority, IssuanceError, RootAuthority, load_csr

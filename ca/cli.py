@@ -20,6 +20,7 @@ from ca.authority import (
     load_csr,
 )
 from ca.bundle import BundleError, TrustBundle, load_pem_certificates
+from ca.entries import RESERVED_PATH_PREFIX
 from ca.jwtsvid import DEFAULT_JWT_SVID_TTL, JwtAuthority, JwtSvidError
 from ca.keys import (
     KeyAlgorithm,
@@ -30,7 +31,6 @@ from ca.keys import (
     write_private_file,
     write_public_file,
 )
-from ca.server.entries import RESERVED_PATH_PREFIX
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from ca.store import CaStore, StoreError, read_key_passphrase, read_passphrase, utcnow
 from ca.verify import VerificationError, verify_x509_svid

@@ -6,7 +6,7 @@ for that (debounced, so a Deployment rolling 50 pods costs one sync, not 50), ru
 pure reconcilers over the whole snapshot and writes only what changed:
 
 * ``trellis-system/trellis-registration-entries`` (``entries.yaml``): the document
-  ``ca.server.entries`` parses; the CA server Deployment mounts it and reads it through its
+  ``ca.entries`` parses; the CA server Deployment mounts it and reads it through its
   ``--entries`` file source (``YamlFileEntrySource`` reloads on change);
 * ``<namespace>/trellis-policy`` (``policy.json``) per namespace with AccessPolicies,
   mounted by every injected sidecar there; stale ones are deleted;

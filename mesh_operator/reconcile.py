@@ -4,7 +4,7 @@ Theory of operation. The operator keeps a snapshot of what it watches (``Cluster
 raw objects keyed by name) and, after any change, recomputes **everything** from it:
 
 * ``reconcile_identities`` renders every ``ClusterWorkloadIdentity`` against every pod it
-  selects and returns an ``EntrySet`` (the CA server's entry model, ``ca.server.entries``)
+  selects and returns an ``EntrySet`` (the CA server's entry model, ``ca.entries``)
   plus one status per template. Recomputing the whole set, rather than diffing events, is
   what makes a missed or reordered watch event harmless: the output depends only on the
   snapshot.
@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ca.server.entries import EntryError, EntrySet, RegistrationEntry, Selector
+from ca.entries import EntryError, EntrySet, RegistrationEntry, Selector
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from mesh_operator.conditions import Condition, merge_conditions
 from mesh_operator.errors import SpecError
@@ -390,7 +390,7 @@ def reconcile_identities(snapshot: ClusterSnapshot) -> IdentityResult:
 
 
 def entries_document(entries: EntrySet) -> dict[str, Any]:
-    """The document ``ca.server.entries.parse_entries`` reads back (the CA's --entries file)."""
+    """The document ``ca.entries.parse_entries`` reads back (the CA's --entries file)."""
     return {"entries": [e.to_dict() for e in sorted(entries, key=lambda e: e.entry_id)]}
 
 

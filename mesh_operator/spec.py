@@ -26,8 +26,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from ca.bundle import BundleError, TrustBundle, load_pem_certificates
+from ca.entries import MAX_HINT_CHARS
 from ca.jwtsvid import DEFAULT_JWT_SVID_TTL, MAX_JWT_SVID_TTL
-from ca.server.entries import MAX_HINT_CHARS
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from ca.x509svid import DEFAULT_X509_SVID_TTL, MAX_X509_SVID_TTL
 from core.durations import parse_duration
@@ -238,7 +238,7 @@ def _strings(raw: Any, where: str) -> list[str]:
 
 
 def _hint(raw: Any) -> str:
-    # The CA's rule for an entry's hint (ca.server.entries): checked here too, so a bad
+    # The CA's rule for an entry's hint (ca.entries): checked here too, so a bad
     # hint is refused at admission with the field's name instead of failing every entry the
     # template renders. The CRD's pattern can only approximate str.isprintable.
     field = "spec.hint"

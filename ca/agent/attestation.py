@@ -5,7 +5,7 @@ kernel tells the agent the caller's pid, uid and gid (SO_PEERCRED, see ``peercre
 from the pid the agent reads the executable path and the cgroup in ``/proc``; from the
 cgroup, on Kubernetes, the pod UID, and from the pod (``k8s.py``) its namespace, service
 account, labels and node. Each fact becomes a ``Selector`` such as ``unix:uid:1000`` or
-``k8s:ns:default`` (``ca.server.entries.Selector``, shared with the CA). A registration
+``k8s:ns:default`` (``ca.entries.Selector``, shared with the CA). A registration
 entry matches a caller when *every* selector of the entry is among the caller's selectors
 (SPIRE's rule: an entry is a conjunction; a caller may carry more facts than any one entry
 mentions). Only the kernel-reported gid attests as ``unix:gid``: supplementary groups are
@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-from ca.server.entries import RegistrationEntry, Selector
+from ca.entries import RegistrationEntry, Selector
 
 __all__ = [
     "AttestationError",

@@ -25,9 +25,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca.bundle import TrustBundle
+from ca.entries import RegistrationEntry
 from ca.keys import PrivateKey
 from ca.server.client import JwtSvidToken
-from ca.server.entries import RegistrationEntry
 from ca.spiffeid import TrustDomain
 
 __all__ = ["DEFAULT_JITTER", "CachedSvid", "JwtCache", "SvidCache", "rotation_time"]

@@ -37,7 +37,7 @@ import aiohttp
 
 from ca.agent.attestation import AttestationPending, WorkloadAttributes
 from ca.agent.backoff import Backoff
-from ca.server.entries import Selector
+from ca.entries import Selector
 
 __all__ = [
     "InClusterConfig",

@@ -37,6 +37,7 @@ from ca.agent.cache import JwtCache, SvidCache, rotation_time
 from ca.agent.metrics import AgentMetrics
 from ca.agent.upstream import Upstream, UpstreamError, UpstreamRefused, UpstreamUnavailable
 from ca.bundle import BundleError, TrustBundle, load_pem_certificates
+from ca.entries import RegistrationEntry
 from ca.keys import (
     KeyAlgorithm,
     KeyMaterialError,
@@ -48,7 +49,6 @@ from ca.keys import (
     write_public_file,
 )
 from ca.server.client import AgentIdentity, JwtSvidToken
-from ca.server.entries import RegistrationEntry
 from ca.store import load_protected_key
 from ca.x509svid import SvidError, X509Svid, spiffe_id_of
 

@@ -24,10 +24,10 @@ from typing import Protocol
 
 from ca.authority import IntermediateAuthority, IssuanceError
 from ca.bundle import TrustBundle
+from ca.entries import EntrySet, EntrySource, RegistrationEntry
 from ca.jwtsvid import JwtAuthority, JwtSvidError
 from ca.keys import KeyAlgorithm, PrivateKey, generate_private_key
 from ca.server.client import AgentIdentity, BundleUpdate, JwtSvidToken
-from ca.server.entries import EntrySet, EntrySource, RegistrationEntry
 from ca.spiffeid import SpiffeId, TrustDomain
 from ca.x509svid import X509Svid
 

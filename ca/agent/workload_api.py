@@ -55,9 +55,9 @@ from ca.agent.peercred import PeerRegistry
 from ca.agent.rotator import Rotator
 from ca.agent.upstream import UpstreamError, UpstreamRefused
 from ca.bundle import TrustBundle
+from ca.entries import RegistrationEntry
 from ca.jwtsvid import JwtSvidError, validate_jwt_svid
 from ca.keys import PublicKey
-from ca.server.entries import RegistrationEntry
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from ca.workload import HEADER_KEY, HEADER_VALUE, SERVICE, workload_pb2
 

@@ -2,7 +2,7 @@
 
 Public surface:
 
-* ``ca.server.entries`` — registration entries and selectors (pure values; the agent
+* ``ca.entries`` — registration entries and selectors (pure values; the agent
   matches workloads against them): ``Selector``, ``parse_selector``, ``RegistrationEntry``,
   ``EntrySet``, ``EntrySource``, ``StaticEntrySource``, ``YamlFileEntrySource``,
   ``parse_entries``, ``parse_entries_yaml``, ``load_entries_file``, ``EntryError``.

@@ -39,16 +39,16 @@ import grpc.aio
 from aiohttp import web
 
 from ca.bundle import TrustBundle
-from ca.keys import KeyAlgorithm, generate_private_key, private_key_pem
-from ca.server.attestation import JoinTokenRegistry
-from ca.server.bans import BanListFile
-from ca.server.entries import (
+from ca.entries import (
     EntrySource,
     FileStamp,
     StaticEntrySource,
     YamlFileEntrySource,
     file_stamp,
 )
+from ca.keys import KeyAlgorithm, generate_private_key, private_key_pem
+from ca.server.attestation import JoinTokenRegistry
+from ca.server.bans import BanListFile
 from ca.server.federation import (
     FederationConfigError,
     FederationFetcher,

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from ca.entries import file_stamp
 from ca.server.attestation import is_node_name
-from ca.server.entries import file_stamp
 
 __all__ = ["BanListError", "BanListFile", "load_ban_list", "parse_ban_list", "write_ban_list"]
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ca.cli import add_key_passphrase_argument
-from ca.server.entries import EntryError
+from ca.entries import EntryError
 from core.durations import parse_duration
 from core.errors import CliError
 from core.eventloop import install_uvloop

@@ -57,9 +57,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from ca.bundle import BundleError, TrustBundle
+from ca.entries import EntryError, EntrySet
 from ca.keys import KeyAlgorithm, PrivateKey, generate_private_key
 from ca.server._proto import ca_pb2
-from ca.server.entries import EntryError, EntrySet
 from ca.server.wire import SERVICE, bundle_from_proto, entry_from_proto, svid_from_proto
 from ca.spiffeid import SpiffeId
 from ca.x509svid import X509Svid

@@ -34,6 +34,7 @@ from cryptography import x509
 
 from ca.authority import IntermediateAuthority, IssuanceError, load_csr
 from ca.bundle import TrustBundle
+from ca.entries import EntrySource, RegistrationEntry
 from ca.jwtsvid import JwtAuthority, JwtSvidError
 from ca.server._proto import ca_pb2
 from ca.server.attestation import (
@@ -45,7 +46,6 @@ from ca.server.attestation import (
     node_of_agent,
     psat_node_name,
 )
-from ca.server.entries import EntrySource, RegistrationEntry
 from ca.server.metrics import CaMetrics
 from ca.server.ratelimit import RateLimiter
 from ca.server.signer import (

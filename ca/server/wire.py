@@ -8,9 +8,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca.bundle import TrustBundle
+from ca.entries import RegistrationEntry
 from ca.keys import PrivateKey
 from ca.server._proto import ca_pb2
-from ca.server.entries import RegistrationEntry
 from ca.spiffeid import SpiffeId, TrustDomain
 from ca.x509svid import X509Svid
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from ca.server.entries import EntryError, parse_selector
+from ca.entries import EntryError, parse_selector
 from core.errors import FieldError
 from core.labels import LabelSelector, is_label_key, is_label_value
 from mesh_operator.errors import SpecError

@@ -15,8 +15,8 @@ from typing import Any
 import kubernetes
 import pytest
 
+from ca.entries import parse_entries_yaml
 from ca.server.bans import load_ban_list, parse_ban_list
-from ca.server.entries import parse_entries_yaml
 from ca.spiffeid import TrustDomain
 from mesh_operator.bans import BAN_LABEL, BanList, adoption_problem, ban_list
 from mesh_operator.handlers import OperatorConfig, OperatorState, SyncReport, sync_once

@@ -26,8 +26,8 @@ from typing import Any
 import kubernetes
 import yaml
 
+from ca.entries import parse_entries_yaml
 from ca.server.bans import parse_ban_list
-from ca.server.entries import parse_entries_yaml
 from ca.spiffeid import TrustDomain
 from mesh_operator.bans import BAN_LABEL
 from mesh_operator.handlers import FINALIZER, OperatorConfig, OperatorState, build_registry

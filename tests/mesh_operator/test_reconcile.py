@@ -9,7 +9,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from ca import RootAuthority
-from ca.server.entries import Selector, parse_entries_yaml
+from ca.entries import Selector, parse_entries_yaml
 from ca.spiffeid import SpiffeId, TrustDomain
 from mesh_operator.reconcile import (
     ClusterSnapshot,

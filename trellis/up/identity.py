@@ -36,9 +36,9 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from ca.authority import RootAuthority
+from ca.entries import parse_entries_yaml
 from ca.jwtsvid import JwtAuthority
 from ca.keys import write_public_file
-from ca.server.entries import parse_entries_yaml
 from ca.spiffeid import SpiffeId, TrustDomain
 from ca.store import CaStore
 

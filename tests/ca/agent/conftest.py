@@ -22,7 +22,7 @@ import pytest
 
 from ca import IntermediateAuthority, JwtAuthority, RootAuthority, TrustBundle, TrustDomain
 from ca.agent import Agent, AgentConfig, InProcessUpstream, RotatorConfig
-from ca.server.entries import RegistrationEntry
+from ca.entries import RegistrationEntry
 
 T = TypeVar("T")
 TD = TrustDomain("example.org")

@@ -16,7 +16,7 @@ from ca.agent.attestation import (
     WorkloadAttestor,
     WorkloadAttributes,
 )
-from ca.server.entries import Selector, parse_selector
+from ca.entries import Selector, parse_selector
 from tests.ca.agent.conftest import entry
 
 

@@ -26,7 +26,7 @@ from ca import verify_x509_svid
 from ca.agent.attestation import AttestationPending, Selector, WorkloadAttributes
 from ca.agent.upstream import InProcessUpstream
 from ca.agent.workload_api import WorkloadApiConfig
-from ca.server.entries import EntrySet, RegistrationEntry
+from ca.entries import EntrySet, RegistrationEntry
 from ca.workload import method_path
 from ca.workload import workload_pb2 as pb
 from ca.x509svid import load_der_chain

@@ -26,7 +26,7 @@ from ca.agent.k8s import (
     pod_uid_from_cgroups,
     watch_pods,
 )
-from ca.server.entries import parse_selector
+from ca.entries import parse_selector
 from tests.ca.agent.conftest import LiveCa, entry, make_upstream, run, running_agent
 
 DATA = Path(__file__).parent / "data"

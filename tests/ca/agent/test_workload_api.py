@@ -30,7 +30,7 @@ from ca import (
     verify_x509_svid,
 )
 from ca.agent import Agent
-from ca.server.entries import RegistrationEntry
+from ca.entries import RegistrationEntry
 from ca.workload import HEADER_KEY, HEADER_VALUE, method_path, workload_pb2
 from ca.x509svid import load_der_chain
 from tests.ca.agent.conftest import WEB, LiveCa, entry, make_upstream, run, running_agent

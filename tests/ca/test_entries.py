@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ca import SpiffeId, TrustDomain
-from ca.server.entries import (
+from ca.entries import (
     EntryError,
     EntrySet,
     RegistrationEntry,
@@ -20,7 +20,7 @@ from ca.server.entries import (
     parse_selector,
 )
 
-from .conftest import ENTRIES_YAML
+from .server.conftest import ENTRIES_YAML
 
 
 @pytest.mark.parametrize(
