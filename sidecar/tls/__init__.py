@@ -23,13 +23,17 @@ Layers, bottom up:
   `HandshakeSecret` → `MasterSecret`), PSK-ready for resumption and 0-RTT.
 * `groups`, `signatures`, `suites`, `verify` — the primitives from `cryptography`,
   wrapped so that every failure becomes the alert RFC 8446 names.
-* `client`, `server` — the handshake, one class per state. A state holds only what
-  is valid at that point and `handle()` returns the next state; a message the state
-  does not expect is `unexpected_message` by construction. The post-handshake
-  `Traffic` state can only be built from `FinishedVerified` and `PeerAuthenticated`,
-  which only the verifiers in `proofs` create.
+* `client`, `server`, `peerauth` — the handshake, one class per state. A state holds
+  frozen values with only what is valid at that point and `handle()` returns the next
+  state; a message the state does not expect is `unexpected_message` by construction.
+  `peerauth` holds the peer's Certificate, CertificateVerify and Finished states once,
+  for both sides. States reach the connection only through `state.HandshakeContext`
+  (send a handshake message, install keys, log a secret, emit an event). The
+  post-handshake `Traffic` state can only be built from `FinishedVerified` and
+  `PeerAuthenticated`, which only the verifiers in `proofs` create.
 * `connection` — the shared machinery: record dispatch, CCS tolerance, alerts,
-  KeyUpdate, close_notify, the event queue and `traffic_secrets()` for kTLS.
+  KeyUpdate, NewSessionTicket, close_notify, the event queue and `traffic_secrets()`
+  for kTLS.
 * `limits` — what a peer may make the engine do: 64 KiB per handshake message, ten
   certificates per chain, 128 KiB of records before the handshake completes, and a few
   warning alerts, empty records or KeyUpdates in a row without application data

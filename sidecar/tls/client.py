@@ -1,12 +1,16 @@
 """The client handshake (RFC 8446 §2, §4), one class per state.
 
-ClientConnection() sends ClientHello
+ClientConnection() sends ClientHello                                   (_Hello)
   -> ExpectServerHello --HRR--> (ClientHello2) ExpectServerHello(retried)
-  -> ExpectEncryptedExtensions
-  -> ExpectCertificateOrRequest -> [ExpectServerCertificate]
-  -> ExpectServerCertificateVerify   (creates PeerAuthenticated)
-  -> ExpectServerFinished            (creates FinishedVerified; sends our flight)
-  -> Traffic
+  -> ExpectEncryptedExtensions                                         (_Chosen)
+  -> ExpectCertificateOrRequest                                        (_ClientKeys)
+  -> peerauth.ExpectPeerCertificate        (the server's chain: VerifiedPeer)
+  -> peerauth.ExpectPeerCertificateVerify  (creates PeerAuthenticated)
+  -> peerauth.ExpectPeerFinished           (creates FinishedVerified)
+  -> _finish: our flight [CCS] [Certificate CertificateVerify] Finished -> Traffic
+
+Each state holds frozen values with only what is known at its point (in parentheses,
+what the state after it adds), plus the running transcript hash.
 """
 
 from __future__ import annotations
@@ -16,10 +20,9 @@ from dataclasses import dataclass, replace
 
 from .alerts import AlertDescription, TLSError
 from .config import TLSConfig
-from .connection import Connection, HandshakeState, Now, Traffic
-from .events import HandshakeComplete, PeerCertificate
+from .connection import Connection, Now, Traffic
+from .events import HandshakeComplete
 from .extensions import (
-    ALLOWED_IN_CERTIFICATE_ENTRY,
     ALLOWED_IN_ENCRYPTED_EXTENSIONS,
     ALLOWED_IN_HELLO_RETRY_REQUEST,
     ALLOWED_IN_SERVER_HELLO,
@@ -41,14 +44,7 @@ from .extensions import (
 )
 from .groups import ClientKeyShare, NamedGroup
 from .keylog import CLIENT_HANDSHAKE, CLIENT_TRAFFIC_0, EXPORTER, SERVER_HANDSHAKE, SERVER_TRAFFIC_0
-from .keyschedule import (
-    EarlySecret,
-    HandshakeSecret,
-    Transcript,
-    finished_verify_data,
-    traffic_keys,
-)
-from .limits import check_certificate_entries
+from .keyschedule import EarlySecret, HandshakeSecret, Transcript, finished_verify_data
 from .messages import (
     DOWNGRADE_TLS11,
     DOWNGRADE_TLS12,
@@ -61,18 +57,16 @@ from .messages import (
     Finished,
     HandshakeType,
     ServerHello,
-    pull_certificate,
     pull_certificate_request,
-    pull_certificate_verify,
     pull_encrypted_extensions,
-    pull_finished,
     pull_server_hello,
     push_certificate,
     push_certificate_verify,
     push_client_hello,
     push_finished,
 )
-from .proofs import PeerAuthenticated, verify_certificate_verify, verify_finished
+from .peerauth import ExpectPeerCertificate, PeerSide
+from .proofs import FinishedVerified, PeerAuthenticated
 from .signatures import (
     CLIENT_CONTEXT,
     SERVER_CONTEXT,
@@ -80,8 +74,8 @@ from .signatures import (
     choose_scheme,
     sign,
 )
+from .state import HandshakeContext, HandshakeState
 from .suites import SUITES, SuiteParams
-from .verify import VerifiedPeer, insecure_peer
 
 
 def _illegal(reason: str) -> TLSError:
@@ -136,20 +130,54 @@ def second_client_hello(
     return replace(hello, extensions=tuple(extensions))
 
 
-@dataclass(slots=True)
-class _Negotiation:
-    """What the client learns as the handshake proceeds (filled in order)."""
+@dataclass(frozen=True, slots=True)
+class _Hello:
+    """What the client committed to in its (latest) ClientHello."""
 
     server_name: str | None
     hello: ClientHello
     offered: frozenset[int]
-    transcript: Transcript
-    params: SuiteParams | None = None
-    group: int = 0
-    handshake_secret: HandshakeSecret | None = None
-    client_hs_secret: bytes = b""
-    server_hs_secret: bytes = b""
-    alpn: str | None = None
+    shares: tuple[ClientKeyShare, ...]
+    retry: ServerHello | None  # the HelloRetryRequest answered, if any
+
+
+@dataclass(frozen=True, slots=True)
+class _ServerRequest:
+    """A CertificateRequest (RFC 8446 §4.3.2): the client owes a Certificate."""
+
+    context: bytes
+    signature_algorithms: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Chosen:
+    """What ServerHello settled: the suite, the group and the handshake secrets."""
+
+    params: SuiteParams
+    group: int
+    handshake_secret: HandshakeSecret
+    client_hs_secret: bytes
+    server_hs_secret: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _ClientKeys:
+    """Everything the rest of the handshake needs, once EncryptedExtensions is in
+    (`request` once a CertificateRequest came)."""
+
+    chosen: _Chosen
+    server_name: str | None
+    compatibility_mode: bool  # Appendix D.4: our ClientHello carried a legacy_session_id
+    alpn: str | None
+    request: _ServerRequest | None
+
+    @property
+    def params(self) -> SuiteParams:
+        return self.chosen.params
+
+    @property
+    def peer_handshake_secret(self) -> bytes:
+        return self.chosen.server_hs_secret
 
 
 class ClientConnection(Connection):
@@ -181,25 +209,24 @@ class ClientConnection(Connection):
         self._send_initial_client_hello(raw)
         offered = frozenset(t for t, _ in hello.extensions)
         self._state = ExpectServerHello(
-            _Negotiation(server_name, hello, offered, transcript), shares, None
+            _Hello(server_name, hello, offered, tuple(shares), None), transcript
         )
 
 
 class ExpectServerHello(HandshakeState):
-    __slots__ = ("hrr", "neg", "shares")
+    __slots__ = ("sent", "transcript")
 
-    def __init__(
-        self, neg: _Negotiation, shares: list[ClientKeyShare], hrr: ServerHello | None
-    ) -> None:
-        self.neg = neg
-        self.shares = shares
-        self.hrr = hrr
+    def __init__(self, sent: _Hello, transcript: Transcript) -> None:
+        self.sent = sent
+        self.transcript = transcript
 
-    def handle(self, conn: Connection, msg_type: int, body: bytes, raw: bytes) -> HandshakeState:
+    def handle(
+        self, ctx: HandshakeContext, msg_type: int, body: bytes, raw: bytes
+    ) -> HandshakeState:
         if msg_type != HandshakeType.server_hello:
-            return super().handle(conn, msg_type, body, raw)
+            return super().handle(ctx, msg_type, body, raw)
         sh = pull_server_hello(body)
-        neg = self.neg
+        hello = self.sent.hello
         versions = find(sh.extensions, ExtensionType.supported_versions)
         if versions is None:
             # A TLS 1.2 (or older) server: we only speak 1.3 (RFC 8446 §4.2.1).
@@ -208,118 +235,124 @@ class ExpectServerHello(HandshakeState):
             raise _illegal("server selected a version we did not offer")
         if sh.random[-8:] in (DOWNGRADE_TLS12, DOWNGRADE_TLS11) and not sh.is_hello_retry_request:
             raise _illegal("downgrade sentinel in a TLS 1.3 ServerHello")
-        if sh.legacy_session_id_echo != neg.hello.legacy_session_id:
+        if sh.legacy_session_id_echo != hello.legacy_session_id:
             raise _illegal("legacy_session_id_echo mismatch")
-        if sh.cipher_suite not in neg.hello.cipher_suites or sh.cipher_suite not in SUITES:
+        if sh.cipher_suite not in hello.cipher_suites or sh.cipher_suite not in SUITES:
             raise _illegal("server chose a cipher suite we did not offer")
         if sh.legacy_compression_method != 0:
             raise _illegal("non-null compression")
         if sh.is_hello_retry_request:
-            return self._retry(conn, sh, raw)
-        return self._server_hello(conn, sh, raw)
+            return self._retry(ctx, sh, raw)
+        return self._server_hello(ctx, sh, raw)
 
-    def _retry(self, conn: Connection, hrr: ServerHello, raw: bytes) -> HandshakeState:
-        neg = self.neg
-        if self.hrr is not None:
+    def _retry(self, ctx: HandshakeContext, hrr: ServerHello, raw: bytes) -> HandshakeState:
+        sent = self.sent
+        if sent.retry is not None:
             # RFC 8446 §4.1.4: a second HelloRetryRequest is unexpected_message.
             raise TLSError(AlertDescription.unexpected_message, "second HelloRetryRequest")
         check_response_extensions(
-            hrr.extensions, neg.offered | {ExtensionType.cookie}, ALLOWED_IN_HELLO_RETRY_REQUEST
+            hrr.extensions, sent.offered | {ExtensionType.cookie}, ALLOWED_IN_HELLO_RETRY_REQUEST
         )
         key_share = find(hrr.extensions, ExtensionType.key_share)
         cookie = find(hrr.extensions, ExtensionType.cookie)
-        shares = self.shares
+        shares = list(sent.shares)
         if key_share is not None:
             group = pull_uint16_value(key_share)
             # RFC 8446 §4.1.4: the group must be offered and not already shared.
-            if group not in conn.config.groups or any(s.group == group for s in shares):
+            if group not in ctx.config.groups or any(s.group == group for s in shares):
                 raise _illegal("HelloRetryRequest selected an unusable group")
-            shares = [ClientKeyShare(NamedGroup(group), conn.config.rng)]
+            shares = [ClientKeyShare(NamedGroup(group), ctx.config.rng)]
         elif cookie is None:
             raise _illegal("HelloRetryRequest would not change the ClientHello")
         params = SUITES[hrr.cipher_suite]
-        neg.transcript.restart_after_retry(params.hash_name, push_client_hello(neg.hello))
-        neg.transcript.update(raw)
+        transcript = self.transcript
+        transcript.restart_after_retry(params.hash_name, push_client_hello(sent.hello))
+        transcript.update(raw)
         hello2 = second_client_hello(
-            neg.hello, shares, pull_cookie(cookie) if cookie is not None else None
+            sent.hello, shares, pull_cookie(cookie) if cookie is not None else None
         )
-        neg.hello = hello2
-        neg.offered = frozenset(t for t, _ in hello2.extensions)
-        neg.params = params
-        hello2_raw = push_client_hello(hello2)
-        neg.transcript.update(hello2_raw)
         if hello2.legacy_session_id:
-            conn._send_ccs()  # Appendix D.4: before the second flight
-        conn._send_handshake(hello2_raw)
-        return ExpectServerHello(neg, shares, hrr)
+            ctx.send_ccs()  # Appendix D.4: before the second flight
+        ctx.send(transcript, push_client_hello(hello2))
+        offered = frozenset(t for t, _ in hello2.extensions)
+        retried = _Hello(sent.server_name, hello2, offered, tuple(shares), hrr)
+        return ExpectServerHello(retried, transcript)
 
-    def _server_hello(self, conn: Connection, sh: ServerHello, raw: bytes) -> HandshakeState:
-        neg = self.neg
-        check_response_extensions(sh.extensions, neg.offered, ALLOWED_IN_SERVER_HELLO)
+    def _server_hello(self, ctx: HandshakeContext, sh: ServerHello, raw: bytes) -> HandshakeState:
+        sent = self.sent
+        check_response_extensions(sh.extensions, sent.offered, ALLOWED_IN_SERVER_HELLO)
         key_share = find(sh.extensions, ExtensionType.key_share)
         if key_share is None:
             raise TLSError(AlertDescription.missing_extension, "ServerHello without key_share")
         group, server_share = pull_server_key_share(key_share)
-        share = next((s for s in self.shares if s.group == group), None)
+        share = next((s for s in sent.shares if s.group == group), None)
         if share is None:
             raise _illegal("server key_share for a group we did not share")
-        if self.hrr is not None and sh.cipher_suite != self.hrr.cipher_suite:
+        if sent.retry is not None and sh.cipher_suite != sent.retry.cipher_suite:
             # RFC 8446 §4.1.4: ServerHello must keep the HelloRetryRequest's suite.
             raise _illegal("cipher suite changed after HelloRetryRequest")
         params = SUITES[sh.cipher_suite]
         shared = share.complete(server_share)
-        neg.transcript.select_hash(params.hash_name)
-        neg.transcript.update(raw)
-        th = neg.transcript.digest()
+        transcript = self.transcript
+        transcript.select_hash(params.hash_name)
+        transcript.update(raw)
+        th = transcript.digest()
         hs = EarlySecret.start(params).handshake(shared)
-        neg.params = params
-        neg.group = group
-        neg.handshake_secret = hs
-        neg.client_hs_secret = hs.client_traffic_secret(th)
-        neg.server_hs_secret = hs.server_traffic_secret(th)
-        conn._log_secret(CLIENT_HANDSHAKE, neg.client_hs_secret)
-        conn._log_secret(SERVER_HANDSHAKE, neg.server_hs_secret)
-        conn._set_read_keys(params, traffic_keys(params, neg.server_hs_secret))
-        return ExpectEncryptedExtensions(neg)
+        client_hs = hs.client_traffic_secret(th)
+        server_hs = hs.server_traffic_secret(th)
+        ctx.log_secret(CLIENT_HANDSHAKE, client_hs)
+        ctx.log_secret(SERVER_HANDSHAKE, server_hs)
+        ctx.install_read_keys(params, server_hs)
+        chosen = _Chosen(params, group, hs, client_hs, server_hs)
+        return ExpectEncryptedExtensions(sent, chosen, transcript)
 
 
 class ExpectEncryptedExtensions(HandshakeState):
-    __slots__ = ("neg",)
+    __slots__ = ("chosen", "sent", "transcript")
 
-    def __init__(self, neg: _Negotiation) -> None:
-        self.neg = neg
+    def __init__(self, sent: _Hello, chosen: _Chosen, transcript: Transcript) -> None:
+        self.sent = sent
+        self.chosen = chosen
+        self.transcript = transcript
 
-    def handle(self, conn: Connection, msg_type: int, body: bytes, raw: bytes) -> HandshakeState:
+    def handle(
+        self, ctx: HandshakeContext, msg_type: int, body: bytes, raw: bytes
+    ) -> HandshakeState:
         if msg_type != HandshakeType.encrypted_extensions:
-            return super().handle(conn, msg_type, body, raw)
+            return super().handle(ctx, msg_type, body, raw)
         ee = pull_encrypted_extensions(body)
-        neg = self.neg
-        check_response_extensions(ee.extensions, neg.offered, ALLOWED_IN_ENCRYPTED_EXTENSIONS)
+        sent = self.sent
+        check_response_extensions(ee.extensions, sent.offered, ALLOWED_IN_ENCRYPTED_EXTENSIONS)
         alpn = find(ee.extensions, ExtensionType.application_layer_protocol_negotiation)
+        selected: str | None = None
         if alpn is not None:
             names = pull_alpn(alpn)
             # RFC 7301 §3.1: exactly one protocol, one that the client offered.
-            offered = [p.encode("ascii") for p in conn.config.alpn_protocols]
+            offered = [p.encode("ascii") for p in ctx.config.alpn_protocols]
             if len(names) != 1 or names[0] not in offered:
                 raise _illegal("server selected an ALPN protocol we did not offer")
-            neg.alpn = names[0].decode("ascii")
-        neg.transcript.update(raw)
-        return ExpectCertificateOrRequest(neg)
-
-
-@dataclass(frozen=True, slots=True)
-class _ServerRequest:
-    context: bytes
-    signature_algorithms: tuple[int, ...]
+            selected = names[0].decode("ascii")
+        self.transcript.update(raw)
+        keys = _ClientKeys(
+            chosen=self.chosen,
+            server_name=sent.server_name,
+            compatibility_mode=bool(sent.hello.legacy_session_id),
+            alpn=selected,
+            request=None,
+        )
+        return ExpectCertificateOrRequest(self.transcript, keys)
 
 
 class ExpectCertificateOrRequest(HandshakeState):
-    __slots__ = ("neg",)
+    __slots__ = ("keys", "transcript")
 
-    def __init__(self, neg: _Negotiation) -> None:
-        self.neg = neg
+    def __init__(self, transcript: Transcript, keys: _ClientKeys) -> None:
+        self.transcript = transcript
+        self.keys = keys
 
-    def handle(self, conn: Connection, msg_type: int, body: bytes, raw: bytes) -> HandshakeState:
+    def handle(
+        self, ctx: HandshakeContext, msg_type: int, body: bytes, raw: bytes
+    ) -> HandshakeState:
         if msg_type == HandshakeType.certificate_request:
             cr = pull_certificate_request(body)
             if cr.request_context:
@@ -332,146 +365,76 @@ class ExpectCertificateOrRequest(HandshakeState):
                     "CertificateRequest without signature_algorithms",
                 )
             request = _ServerRequest(cr.request_context, pull_uint16_list(algorithms))
-            self.neg.transcript.update(raw)
-            return ExpectServerCertificate(self.neg, request)
+            self.transcript.update(raw)
+            keys = replace(self.keys, request=request)
+            return ExpectPeerCertificate(SERVER_PEER, self.transcript, keys)
         if msg_type == HandshakeType.certificate:
-            return ExpectServerCertificate(self.neg, None).handle(conn, msg_type, body, raw)
-        return super().handle(conn, msg_type, body, raw)
+            state = ExpectPeerCertificate(SERVER_PEER, self.transcript, self.keys)
+            return state.handle(ctx, msg_type, body, raw)
+        return super().handle(ctx, msg_type, body, raw)
 
 
-def _peer_from_certificate(
-    conn: Connection, body: bytes, peer_is_server: bool
-) -> tuple[Certificate, VerifiedPeer | None]:
-    """Parse a Certificate message and verify the chain it carries (None if empty)."""
-    cert = pull_certificate(body)
-    if cert.request_context:
-        raise _illegal("unexpected certificate_request_context")
-    check_certificate_entries(len(cert.entries))
-    for entry in cert.entries:
-        check_response_extensions(entry.extensions, frozenset(), ALLOWED_IN_CERTIFICATE_ENTRY)
-    if not cert.entries:
-        return cert, None
-    chain = [entry.cert_data for entry in cert.entries]
-    config = conn.config
-    verifier = config.peer_verifier
-    if not config.verify_peer or verifier is None:
-        return cert, insecure_peer(chain)
-    return cert, verifier.verify(
-        chain, conn.now, peer_is_server, config.certificate_signature_schemes
+def _finish(
+    ctx: HandshakeContext,
+    transcript: Transcript,
+    keys: _ClientKeys,
+    authenticated: PeerAuthenticated,
+    finished: FinishedVerified,
+) -> Traffic:
+    """The server's Finished verified: application secrets, then our second flight."""
+    chosen = keys.chosen
+    params = chosen.params
+    th = transcript.digest()
+    master = chosen.handshake_secret.master()
+    client_ap = master.client_application_traffic_secret(th)
+    server_ap = master.server_application_traffic_secret(th)
+    ctx.log_secret(SERVER_TRAFFIC_0, server_ap)
+    ctx.log_secret(CLIENT_TRAFFIC_0, client_ap)
+    ctx.log_secret(EXPORTER, master.exporter_master_secret(th))
+    ctx.install_read_keys(params, server_ap)
+
+    # Our second flight: [CCS] [Certificate CertificateVerify] Finished.
+    if keys.compatibility_mode:
+        ctx.send_ccs()
+    ctx.install_write_keys(params, chosen.client_hs_secret)
+    config = ctx.config
+    request = keys.request
+    if request is not None:
+        entries = tuple(CertificateEntry(der) for der in config.chain_der)
+        ctx.send(transcript, push_certificate(Certificate(request.context, entries)))
+        # TLSConfig refuses a chain without its key, so entries imply private_key.
+        if entries and config.private_key is not None:
+            scheme = choose_scheme(config.own_signature_schemes, request.signature_algorithms)
+            signature = sign(
+                config.private_key,
+                scheme,
+                certificate_verify_input(CLIENT_CONTEXT, transcript.digest()),
+            )
+            ctx.send(transcript, push_certificate_verify(CertificateVerify(scheme, signature)))
+    verify_data = finished_verify_data(params, chosen.client_hs_secret, transcript.digest())
+    ctx.send(transcript, push_finished(Finished(verify_data)))
+    resumption = master.resumption_master_secret(transcript.digest())
+    ctx.install_write_keys(params, client_ap)
+    peer = authenticated.peer
+    info = HandshakeComplete(
+        cipher_suite=params.suite,
+        group=chosen.group,
+        signature_scheme=authenticated.scheme,
+        alpn_protocol=keys.alpn,
+        server_name=keys.server_name,
+        peer_spiffe_id=peer.spiffe_id if peer is not None else None,
     )
+    ctx.emit(info)
+    return Traffic(finished, authenticated, params, server_ap, client_ap, resumption, info)
 
 
-class ExpectServerCertificate(HandshakeState):
-    __slots__ = ("neg", "request")
-
-    def __init__(self, neg: _Negotiation, request: _ServerRequest | None) -> None:
-        self.neg = neg
-        self.request = request
-
-    def handle(self, conn: Connection, msg_type: int, body: bytes, raw: bytes) -> HandshakeState:
-        if msg_type != HandshakeType.certificate:
-            return super().handle(conn, msg_type, body, raw)
-        _, peer = _peer_from_certificate(conn, body, peer_is_server=True)
-        if peer is None:
-            # RFC 8446 §4.4.2.4: a server's Certificate is never empty.
-            raise TLSError(AlertDescription.decode_error, "server sent no certificate")
-        self.neg.transcript.update(raw)
-        return ExpectServerCertificateVerify(self.neg, self.request, peer)
-
-
-class ExpectServerCertificateVerify(HandshakeState):
-    __slots__ = ("neg", "peer", "request")
-
-    def __init__(
-        self, neg: _Negotiation, request: _ServerRequest | None, peer: VerifiedPeer
-    ) -> None:
-        self.neg = neg
-        self.request = request
-        self.peer = peer
-
-    def handle(self, conn: Connection, msg_type: int, body: bytes, raw: bytes) -> HandshakeState:
-        if msg_type != HandshakeType.certificate_verify:
-            return super().handle(conn, msg_type, body, raw)
-        neg = self.neg
-        authenticated = verify_certificate_verify(
-            self.peer,
-            pull_certificate_verify(body),
-            conn.config.signature_schemes,
-            SERVER_CONTEXT,
-            neg.transcript.digest(),
-        )
-        neg.transcript.update(raw)
-        conn._emit(PeerCertificate(self.peer.spiffe_id, self.peer.chain))
-        return ExpectServerFinished(neg, self.request, authenticated)
-
-
-class ExpectServerFinished(HandshakeState):
-    __slots__ = ("authenticated", "neg", "request")
-
-    def __init__(
-        self, neg: _Negotiation, request: _ServerRequest | None, authenticated: PeerAuthenticated
-    ) -> None:
-        self.neg = neg
-        self.request = request
-        self.authenticated = authenticated
-
-    def handle(self, conn: Connection, msg_type: int, body: bytes, raw: bytes) -> HandshakeState:
-        if msg_type != HandshakeType.finished:
-            return super().handle(conn, msg_type, body, raw)
-        neg = self.neg
-        params, hs = neg.params, neg.handshake_secret
-        assert params is not None and hs is not None
-        transcript = neg.transcript
-        finished = verify_finished(
-            params, neg.server_hs_secret, transcript.digest(), pull_finished(body).verify_data
-        )
-        transcript.update(raw)
-        th = transcript.digest()
-        master = hs.master()
-        client_ap = master.client_application_traffic_secret(th)
-        server_ap = master.server_application_traffic_secret(th)
-        conn._log_secret(SERVER_TRAFFIC_0, server_ap)
-        conn._log_secret(CLIENT_TRAFFIC_0, client_ap)
-        conn._log_secret(EXPORTER, master.exporter_master_secret(th))
-        conn._set_read_keys(params, traffic_keys(params, server_ap))
-
-        # Our second flight: [CCS] [Certificate CertificateVerify] Finished.
-        if neg.hello.legacy_session_id:
-            conn._send_ccs()
-        conn._set_write_keys(params, traffic_keys(params, neg.client_hs_secret))
-        config = conn.config
-        if self.request is not None:
-            entries = tuple(CertificateEntry(der) for der in config.chain_der)
-            cert_raw = push_certificate(Certificate(self.request.context, entries))
-            transcript.update(cert_raw)
-            conn._send_handshake(cert_raw)
-            if entries:
-                assert config.private_key is not None
-                scheme = choose_scheme(
-                    config.own_signature_schemes, self.request.signature_algorithms
-                )
-                signature = sign(
-                    config.private_key,
-                    scheme,
-                    certificate_verify_input(CLIENT_CONTEXT, transcript.digest()),
-                )
-                cv_raw = push_certificate_verify(CertificateVerify(scheme, signature))
-                transcript.update(cv_raw)
-                conn._send_handshake(cv_raw)
-        fin_raw = push_finished(
-            Finished(finished_verify_data(params, neg.client_hs_secret, transcript.digest()))
-        )
-        transcript.update(fin_raw)
-        conn._send_handshake(fin_raw)
-        resumption = master.resumption_master_secret(transcript.digest())
-        conn._set_write_keys(params, traffic_keys(params, client_ap))
-        info = HandshakeComplete(
-            cipher_suite=params.suite,
-            group=neg.group,
-            signature_scheme=self.authenticated.scheme,
-            alpn_protocol=neg.alpn,
-            server_name=neg.server_name,
-            peer_spiffe_id=self.authenticated.peer.spiffe_id if self.authenticated.peer else None,
-        )
-        conn._emit(info)
-        return Traffic(finished, self.authenticated, params, server_ap, client_ap, resumption, info)
+# The client authenticates a server: RFC 8446 §4.4.2.4 says a server's Certificate is
+# never empty (decode_error).
+SERVER_PEER: PeerSide[_ClientKeys] = PeerSide(
+    peer_is_server=True,
+    signature_context=SERVER_CONTEXT,
+    context_error="unexpected certificate_request_context",
+    empty_alert=AlertDescription.decode_error,
+    empty_reason="server sent no certificate",
+    finish=_finish,
+)

@@ -2,9 +2,11 @@
 
 `Connection` owns the record layer, the inbound handshake reassembly buffer, the
 outbound flight buffer and the event queue. The handshake itself lives in state
-objects (`client.py`, `server.py`), one type per state; each `handle()` consumes one
-message and returns the next state. After the handshake the state is `Traffic`, which
-can only be built from the proof values in `proofs.py`.
+objects (`client.py`, `server.py`, `peerauth.py`), one type per state; each `handle()`
+consumes one message and returns the next state, reaching the connection only through
+the `HandshakeContext` (`state.py`) that `_Context` implements here. After the handshake
+the state is `Traffic`, which can only be built from the proof values in `proofs.py`;
+post-handshake messages (KeyUpdate, NewSessionTicket) are the connection's own.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .events import (
     SessionTicket,
 )
 from .keylog import keylog_line
-from .keyschedule import TrafficKeys, next_traffic_secret, resumption_psk, traffic_keys
+from .keyschedule import TrafficKeys, Transcript, next_traffic_secret, resumption_psk, traffic_keys
 from .limits import MAX_HANDSHAKE_MESSAGE, Stall
 from .messages import (
     HandshakeType,
@@ -39,7 +41,18 @@ from .messages import (
 )
 from .proofs import FinishedVerified, PeerAuthenticated
 from .record import MAX_PLAINTEXT, ContentType, RecordProtection, RecordReader, plaintext_record
+from .state import HandshakeContext, HandshakeState
 from .suites import SuiteParams
+
+__all__ = [
+    "Connection",
+    "DirectionSecrets",
+    "HandshakeContext",
+    "HandshakeState",
+    "Now",
+    "Traffic",
+    "TrafficSecrets",
+]
 
 Now = dt.datetime | float | int | None
 
@@ -65,24 +78,6 @@ class TrafficSecrets:
     cipher_suite: int
     read: DirectionSecrets
     write: DirectionSecrets
-
-
-class HandshakeState:
-    """A state of the handshake; anything it does not expect is unexpected_message."""
-
-    __slots__ = ()
-
-    def handle(self, conn: Connection, msg_type: int, body: bytes, raw: bytes) -> HandshakeState:
-        raise TLSError(
-            AlertDescription.unexpected_message,
-            f"{type(self).__name__} did not expect handshake message {msg_type}",
-        )
-
-    @property
-    def accepts_ccs(self) -> bool:
-        """RFC 8446 §5: a dummy change_cipher_spec may arrive once the handshake began
-        and until the peer's Finished."""
-        return True
 
 
 class Traffic(HandshakeState):
@@ -122,36 +117,68 @@ class Traffic(HandshakeState):
     def accepts_ccs(self) -> bool:
         return False
 
-    def handle(self, conn: Connection, msg_type: int, body: bytes, raw: bytes) -> HandshakeState:
-        if msg_type == HandshakeType.key_update:
-            conn._peer_key_update(self, pull_key_update(body))
-            return self
-        if msg_type == HandshakeType.new_session_ticket and conn.is_client:
-            ticket = pull_new_session_ticket(body)
-            early = 0
-            for ext_type, data in ticket.extensions:
-                if ext_type == 42:  # early_data: uint32 max_early_data_size (RFC 8446 §4.2.10)
-                    if len(data) != 4:
-                        raise TLSError(AlertDescription.decode_error, "bad early_data in ticket")
-                    early = int.from_bytes(data, "big")
-            conn._emit(
-                SessionTicket(
-                    ticket=ticket.ticket,
-                    lifetime=ticket.ticket_lifetime,
-                    age_add=ticket.ticket_age_add,
-                    nonce=ticket.ticket_nonce,
-                    psk=resumption_psk(
-                        self.params, self.resumption_master_secret, ticket.ticket_nonce
-                    ),
-                    cipher_suite=self.params.suite,
-                    max_early_data_size=early,
-                    server_name=self.info.server_name,
-                    alpn_protocol=self.info.alpn_protocol,
-                    peer_spiffe_id=self.info.peer_spiffe_id,
-                )
-            )
-            return self
-        return super().handle(conn, msg_type, body, raw)
+    def session_ticket(self, body: bytes) -> SessionTicket:
+        """A NewSessionTicket (RFC 8446 §4.6.1) with the PSK it stands for."""
+        ticket = pull_new_session_ticket(body)
+        early = 0
+        for ext_type, data in ticket.extensions:
+            if ext_type == 42:  # early_data: uint32 max_early_data_size (RFC 8446 §4.2.10)
+                if len(data) != 4:
+                    raise TLSError(AlertDescription.decode_error, "bad early_data in ticket")
+                early = int.from_bytes(data, "big")
+        return SessionTicket(
+            ticket=ticket.ticket,
+            lifetime=ticket.ticket_lifetime,
+            age_add=ticket.ticket_age_add,
+            nonce=ticket.ticket_nonce,
+            psk=resumption_psk(self.params, self.resumption_master_secret, ticket.ticket_nonce),
+            cipher_suite=self.params.suite,
+            max_early_data_size=early,
+            server_name=self.info.server_name,
+            alpn_protocol=self.info.alpn_protocol,
+            peer_spiffe_id=self.info.peer_spiffe_id,
+        )
+
+
+class _Context:
+    """`HandshakeContext` over a `Connection`: the handful of its operations the
+    handshake states need, and nothing else."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    @property
+    def config(self) -> TLSConfig:
+        return self._conn._config
+
+    @property
+    def now(self) -> dt.datetime:
+        return self._conn.now
+
+    def begin(self, client_random: bytes) -> None:
+        self._conn._handshake_started = True
+        self._conn.client_random = client_random
+
+    def send(self, transcript: Transcript, message: bytes) -> None:
+        transcript.update(message)
+        self._conn._hs_out += message
+
+    def send_ccs(self) -> None:
+        self._conn._send_ccs()
+
+    def install_read_keys(self, params: SuiteParams, secret: bytes) -> None:
+        self._conn._set_read_keys(params, traffic_keys(params, secret))
+
+    def install_write_keys(self, params: SuiteParams, secret: bytes) -> None:
+        self._conn._set_write_keys(params, traffic_keys(params, secret))
+
+    def log_secret(self, label: str, secret: bytes) -> None:
+        self._conn._log_secret(label, secret)
+
+    def emit(self, event: Event) -> None:
+        self._conn._events.append(event)
 
 
 class Connection:
@@ -178,6 +205,7 @@ class Connection:
         self._stall = Stall()
         self.client_random = b""
         self._key_update_limit = config.key_update_after_records
+        self._context: HandshakeContext = _Context(self)
 
     # --- public API --------------------------------------------------------------------
 
@@ -357,9 +385,6 @@ class Connection:
     def _emit(self, event: Event) -> None:
         self._events.append(event)
 
-    def _send_handshake(self, message: bytes) -> None:
-        self._hs_out += message
-
     def _flush_handshake(self) -> None:
         pending = self._hs_out
         if not pending:
@@ -441,6 +466,14 @@ class Connection:
             # RFC 8446 §4.6.3: answer with update_not_requested under the old key.
             self._update_write_key(state, request_peer=False)
 
+    def _post_handshake(self, state: Traffic, msg_type: int, body: bytes, raw: bytes) -> None:
+        if msg_type == HandshakeType.key_update:
+            self._peer_key_update(state, pull_key_update(body))
+        elif msg_type == HandshakeType.new_session_ticket and self.is_client:
+            self._emit(state.session_ticket(body))
+        else:
+            state.handle(self._context, msg_type, body, raw)  # unexpected_message
+
     # --- inbound records ---------------------------------------------------------------
 
     def _handle_record(self, content_type: int, fragment: bytes, encrypted: bool) -> None:
@@ -517,7 +550,11 @@ class Connection:
                 return
             raw = bytes(buf[: 4 + length])
             del buf[: 4 + length]
-            self._state = self._state.handle(self, raw[0], raw[4:], raw)
+            state = self._state
+            if isinstance(state, Traffic):
+                self._post_handshake(state, raw[0], raw[4:], raw)
+                continue
+            self._state = state.handle(self._context, raw[0], raw[4:], raw)
             if self._reader.pre_auth_budget is not None and isinstance(self._state, Traffic):
                 # The peer authenticated (its Finished verified): from here on its
                 # records are bounded by what the application reads, not by a budget.

@@ -4,9 +4,10 @@ ServerConnection()
   -> ExpectClientHello --no usable share--> HRR -> ExpectClientHello(retry)
      (sends ServerHello, EncryptedExtensions, CertificateRequest, Certificate,
       CertificateVerify, Finished)
-  -> [ExpectClientCertificate -> ExpectClientCertificateVerify]  (PeerAuthenticated)
-  -> ExpectClientFinished                                        (FinishedVerified)
-  -> Traffic
+  -> [peerauth.ExpectPeerCertificate -> peerauth.ExpectPeerCertificateVerify]
+                                                  (PeerAuthenticated, or anonymous_peer)
+  -> peerauth.ExpectPeerFinished                  (FinishedVerified)
+  -> _finish -> Traffic
 """
 
 from __future__ import annotations
@@ -15,14 +16,12 @@ from dataclasses import dataclass
 
 from .alerts import AlertDescription, TLSError
 from .config import TLSConfig
-from .connection import Connection, HandshakeState, Now, Traffic
-from .events import HandshakeComplete, PeerCertificate
+from .connection import Connection, Now, Traffic
+from .events import HandshakeComplete
 from .extensions import (
-    ALLOWED_IN_CERTIFICATE_ENTRY,
     ClientHelloExtensions,
     ExtensionType,
     RawExtension,
-    check_response_extensions,
     push_alpn,
     push_cookie,
     push_server_key_share,
@@ -30,8 +29,7 @@ from .extensions import (
 )
 from .groups import HYBRID_GROUPS, server_exchange
 from .keylog import CLIENT_HANDSHAKE, CLIENT_TRAFFIC_0, EXPORTER, SERVER_HANDSHAKE, SERVER_TRAFFIC_0
-from .keyschedule import EarlySecret, MasterSecret, Transcript, finished_verify_data, traffic_keys
-from .limits import check_certificate_entries
+from .keyschedule import EarlySecret, MasterSecret, Transcript, finished_verify_data
 from .messages import (
     HELLO_RETRY_REQUEST_RANDOM,
     TLS13,
@@ -44,10 +42,7 @@ from .messages import (
     Finished,
     HandshakeType,
     ServerHello,
-    pull_certificate,
-    pull_certificate_verify,
     pull_client_hello,
-    pull_finished,
     push_certificate,
     push_certificate_request,
     push_certificate_verify,
@@ -55,7 +50,8 @@ from .messages import (
     push_finished,
     push_server_hello,
 )
-from .proofs import PeerAuthenticated, anonymous_peer, verify_certificate_verify, verify_finished
+from .peerauth import ExpectPeerCertificate, ExpectPeerFinished, PeerSide
+from .proofs import FinishedVerified, PeerAuthenticated, anonymous_peer
 from .signatures import (
     CLIENT_CONTEXT,
     SERVER_CONTEXT,
@@ -63,8 +59,8 @@ from .signatures import (
     choose_scheme,
     sign,
 )
+from .state import HandshakeContext, HandshakeState
 from .suites import SUITES, SuiteParams
-from .verify import VerifiedPeer, insecure_peer
 
 
 def _illegal(reason: str) -> TLSError:
@@ -101,8 +97,8 @@ class _Choice:
     alpn: str | None
 
 
-def _negotiate(conn: Connection, ch: ClientHello, ext: ClientHelloExtensions) -> _Choice:
-    config = conn.config
+def _negotiate(ctx: HandshakeContext, ch: ClientHello, ext: ClientHelloExtensions) -> _Choice:
+    config = ctx.config
     if ext.supported_versions is None or TLS13 not in ext.supported_versions:
         # RFC 8446 §4.2.1 / Appendix D: we speak only TLS 1.3.
         raise TLSError(AlertDescription.protocol_version, "client does not offer TLS 1.3")
@@ -157,20 +153,22 @@ class ExpectClientHello(HandshakeState):
     def accepts_ccs(self) -> bool:
         return self.retry is not None
 
-    def handle(self, conn: Connection, msg_type: int, body: bytes, raw: bytes) -> HandshakeState:
+    def handle(
+        self, ctx: HandshakeContext, msg_type: int, body: bytes, raw: bytes
+    ) -> HandshakeState:
         if msg_type != HandshakeType.client_hello:
-            return super().handle(conn, msg_type, body, raw)
+            return super().handle(ctx, msg_type, body, raw)
         ch = pull_client_hello(body)
         ext = ClientHelloExtensions.parse(ch.extensions)
-        conn._handshake_started = True
-        choice = _negotiate(conn, ch, ext)
         retry = self.retry
         if retry is None:
-            conn.client_random = ch.random
+            ctx.begin(ch.random)
+        choice = _negotiate(ctx, ch, ext)
+        if retry is None:
             transcript = Transcript()
             transcript.update(raw)
             if choice.client_share is None:
-                return self._send_retry(conn, ch, choice, transcript, raw)
+                return self._send_retry(ctx, ch, choice, transcript, raw)
         else:
             # RFC 8446 §4.1.2: the second ClientHello must answer the HelloRetryRequest.
             if ext.cookie != retry.cookie:
@@ -186,12 +184,17 @@ class ExpectClientHello(HandshakeState):
                 raise _illegal("second ClientHello changed its parameters")
             transcript = retry.transcript
             transcript.update(raw)
-        return _send_server_flight(conn, ch, ext, choice, transcript)
+        return _send_server_flight(ctx, ch, ext, choice, transcript)
 
     def _send_retry(
-        self, conn: Connection, ch: ClientHello, choice: _Choice, transcript: Transcript, raw: bytes
+        self,
+        ctx: HandshakeContext,
+        ch: ClientHello,
+        choice: _Choice,
+        transcript: Transcript,
+        raw: bytes,
     ) -> HandshakeState:
-        config = conn.config
+        config = ctx.config
         cookie = config.rng(32) if config.send_hrr_cookie else None
         extensions: list[RawExtension] = [
             (ExtensionType.supported_versions, TLS13.to_bytes(2, "big")),
@@ -202,25 +205,23 @@ class ExpectClientHello(HandshakeState):
         hrr = ServerHello(
             HELLO_RETRY_REQUEST_RANDOM, ch.legacy_session_id, choice.params.suite, tuple(extensions)
         )
-        hrr_raw = push_server_hello(hrr)
         transcript.restart_after_retry(choice.params.hash_name, raw)
-        transcript.update(hrr_raw)
-        conn._send_handshake(hrr_raw)
+        ctx.send(transcript, push_server_hello(hrr))
         if ch.legacy_session_id:
-            conn._send_ccs()  # Appendix D.4: right after our first handshake message
+            ctx.send_ccs()  # Appendix D.4: right after our first handshake message
         return ExpectClientHello(
             _Retry(transcript, choice.params, choice.group, cookie, ch.legacy_session_id)
         )
 
 
 def _send_server_flight(
-    conn: Connection,
+    ctx: HandshakeContext,
     ch: ClientHello,
     ext: ClientHelloExtensions,
     choice: _Choice,
     transcript: Transcript,
 ) -> HandshakeState:
-    config = conn.config
+    config = ctx.config
     params = choice.params
     assert choice.client_share is not None
     server_share, shared = server_exchange(choice.group, choice.client_share, config.rng)
@@ -233,20 +234,18 @@ def _send_server_flight(
             (ExtensionType.supported_versions, TLS13.to_bytes(2, "big")),
         ),
     )
-    sh_raw = push_server_hello(sh)
     transcript.select_hash(params.hash_name)
-    transcript.update(sh_raw)
-    conn._send_handshake(sh_raw)
+    ctx.send(transcript, push_server_hello(sh))
     if ch.legacy_session_id:
-        conn._send_ccs()
+        ctx.send_ccs()
     th = transcript.digest()
     hs = EarlySecret.start(params).handshake(shared)
     client_hs = hs.client_traffic_secret(th)
     server_hs = hs.server_traffic_secret(th)
-    conn._log_secret(CLIENT_HANDSHAKE, client_hs)
-    conn._log_secret(SERVER_HANDSHAKE, server_hs)
-    conn._set_write_keys(params, traffic_keys(params, server_hs))
-    conn._set_read_keys(params, traffic_keys(params, client_hs))
+    ctx.log_secret(CLIENT_HANDSHAKE, client_hs)
+    ctx.log_secret(SERVER_HANDSHAKE, server_hs)
+    ctx.install_write_keys(params, server_hs)
+    ctx.install_read_keys(params, client_hs)
 
     ee_ext: list[RawExtension] = []
     if choice.alpn is not None:
@@ -256,7 +255,7 @@ def _send_server_flight(
                 push_alpn([choice.alpn.encode("ascii")]),
             )
         )
-    _send(conn, transcript, push_encrypted_extensions(EncryptedExtensions(tuple(ee_ext))))
+    ctx.send(transcript, push_encrypted_extensions(EncryptedExtensions(tuple(ee_ext))))
     if config.require_client_certificate:
         cr_ext: tuple[RawExtension, ...] = (
             (ExtensionType.signature_algorithms, push_uint16_list(config.signature_schemes)),
@@ -265,18 +264,17 @@ def _send_server_flight(
                 push_uint16_list(config.certificate_signature_schemes),
             ),
         )
-        _send(conn, transcript, push_certificate_request(CertificateRequest(b"", cr_ext)))
+        ctx.send(transcript, push_certificate_request(CertificateRequest(b"", cr_ext)))
     entries = tuple(CertificateEntry(der) for der in config.chain_der)
-    _send(conn, transcript, push_certificate(Certificate(b"", entries)))
+    ctx.send(transcript, push_certificate(Certificate(b"", entries)))
     assert config.private_key is not None
     signature = sign(
         config.private_key,
         choice.scheme,
         certificate_verify_input(SERVER_CONTEXT, transcript.digest()),
     )
-    _send(conn, transcript, push_certificate_verify(CertificateVerify(choice.scheme, signature)))
-    _send(
-        conn,
+    ctx.send(transcript, push_certificate_verify(CertificateVerify(choice.scheme, signature)))
+    ctx.send(
         transcript,
         push_finished(Finished(finished_verify_data(params, server_hs, transcript.digest()))),
     )
@@ -285,19 +283,14 @@ def _send_server_flight(
     master = hs.master()
     client_ap = master.client_application_traffic_secret(th)
     server_ap = master.server_application_traffic_secret(th)
-    conn._log_secret(SERVER_TRAFFIC_0, server_ap)
-    conn._log_secret(CLIENT_TRAFFIC_0, client_ap)
-    conn._log_secret(EXPORTER, master.exporter_master_secret(th))
-    conn._set_write_keys(params, traffic_keys(params, server_ap))
+    ctx.log_secret(SERVER_TRAFFIC_0, server_ap)
+    ctx.log_secret(CLIENT_TRAFFIC_0, client_ap)
+    ctx.log_secret(EXPORTER, master.exporter_master_secret(th))
+    ctx.install_write_keys(params, server_ap)
     keys = _ServerKeys(params, master, client_hs, client_ap, server_ap, choice, ext.server_name)
     if config.require_client_certificate:
-        return ExpectClientCertificate(transcript, keys)
-    return ExpectClientFinished(transcript, keys, anonymous_peer())
-
-
-def _send(conn: Connection, transcript: Transcript, message: bytes) -> None:
-    transcript.update(message)
-    conn._send_handshake(message)
+        return ExpectPeerCertificate(CLIENT_PEER, transcript, keys)
+    return ExpectPeerFinished(CLIENT_PEER, transcript, keys, anonymous_peer())
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,99 +303,50 @@ class _ServerKeys:
     choice: _Choice
     server_name: str | None
 
-
-class ExpectClientCertificate(HandshakeState):
-    __slots__ = ("keys", "transcript")
-
-    def __init__(self, transcript: Transcript, keys: _ServerKeys) -> None:
-        self.transcript = transcript
-        self.keys = keys
-
-    def handle(self, conn: Connection, msg_type: int, body: bytes, raw: bytes) -> HandshakeState:
-        if msg_type != HandshakeType.certificate:
-            return super().handle(conn, msg_type, body, raw)
-        cert = pull_certificate(body)
-        if cert.request_context:
-            # RFC 8446 §4.4.2: must echo our (empty) certificate_request_context.
-            raise _illegal("certificate_request_context mismatch")
-        check_certificate_entries(len(cert.entries))
-        for entry in cert.entries:
-            check_response_extensions(entry.extensions, frozenset(), ALLOWED_IN_CERTIFICATE_ENTRY)
-        if not cert.entries:
-            # RFC 8446 §4.4.2.4: MAY abort with certificate_required; mTLS requires it.
-            raise TLSError(AlertDescription.certificate_required, "client sent no certificate")
-        chain = [entry.cert_data for entry in cert.entries]
-        config = conn.config
-        verifier = config.peer_verifier
-        peer: VerifiedPeer
-        if config.verify_peer and verifier is not None:
-            peer = verifier.verify(chain, conn.now, False, config.certificate_signature_schemes)
-        else:
-            peer = insecure_peer(chain)
-        self.transcript.update(raw)
-        return ExpectClientCertificateVerify(self.transcript, self.keys, peer)
+    @property
+    def peer_handshake_secret(self) -> bytes:
+        return self.client_hs_secret
 
 
-class ExpectClientCertificateVerify(HandshakeState):
-    __slots__ = ("keys", "peer", "transcript")
+def _finish(
+    ctx: HandshakeContext,
+    transcript: Transcript,
+    keys: _ServerKeys,
+    authenticated: PeerAuthenticated,
+    finished: FinishedVerified,
+) -> Traffic:
+    """The client's Finished verified: read with the client's application secret."""
+    params = keys.params
+    resumption = keys.master.resumption_master_secret(transcript.digest())
+    ctx.install_read_keys(params, keys.client_ap_secret)
+    peer = authenticated.peer
+    info = HandshakeComplete(
+        cipher_suite=params.suite,
+        group=keys.choice.group,
+        signature_scheme=authenticated.scheme,
+        alpn_protocol=keys.choice.alpn,
+        server_name=keys.server_name,
+        peer_spiffe_id=peer.spiffe_id if peer is not None else None,
+    )
+    ctx.emit(info)
+    return Traffic(
+        finished,
+        authenticated,
+        params,
+        keys.client_ap_secret,
+        keys.server_ap_secret,
+        resumption,
+        info,
+    )
 
-    def __init__(self, transcript: Transcript, keys: _ServerKeys, peer: VerifiedPeer) -> None:
-        self.transcript = transcript
-        self.keys = keys
-        self.peer = peer
 
-    def handle(self, conn: Connection, msg_type: int, body: bytes, raw: bytes) -> HandshakeState:
-        if msg_type != HandshakeType.certificate_verify:
-            return super().handle(conn, msg_type, body, raw)
-        authenticated = verify_certificate_verify(
-            self.peer,
-            pull_certificate_verify(body),
-            conn.config.signature_schemes,
-            CLIENT_CONTEXT,
-            self.transcript.digest(),
-        )
-        self.transcript.update(raw)
-        conn._emit(PeerCertificate(self.peer.spiffe_id, self.peer.chain))
-        return ExpectClientFinished(self.transcript, self.keys, authenticated)
-
-
-class ExpectClientFinished(HandshakeState):
-    __slots__ = ("authenticated", "keys", "transcript")
-
-    def __init__(
-        self, transcript: Transcript, keys: _ServerKeys, authenticated: PeerAuthenticated
-    ) -> None:
-        self.transcript = transcript
-        self.keys = keys
-        self.authenticated = authenticated
-
-    def handle(self, conn: Connection, msg_type: int, body: bytes, raw: bytes) -> HandshakeState:
-        if msg_type != HandshakeType.finished:
-            return super().handle(conn, msg_type, body, raw)
-        keys = self.keys
-        params = keys.params
-        finished = verify_finished(
-            params, keys.client_hs_secret, self.transcript.digest(), pull_finished(body).verify_data
-        )
-        self.transcript.update(raw)
-        resumption = keys.master.resumption_master_secret(self.transcript.digest())
-        conn._set_read_keys(params, traffic_keys(params, keys.client_ap_secret))
-        peer = self.authenticated.peer
-        info = HandshakeComplete(
-            cipher_suite=params.suite,
-            group=keys.choice.group,
-            signature_scheme=self.authenticated.scheme,
-            alpn_protocol=keys.choice.alpn,
-            server_name=keys.server_name,
-            peer_spiffe_id=peer.spiffe_id if peer is not None else None,
-        )
-        conn._emit(info)
-        return Traffic(
-            finished,
-            self.authenticated,
-            params,
-            keys.client_ap_secret,
-            keys.server_ap_secret,
-            resumption,
-            info,
-        )
+# The server authenticates a client: RFC 8446 §4.4.2.4 lets it abort on an empty
+# Certificate with certificate_required, which mTLS does.
+CLIENT_PEER: PeerSide[_ServerKeys] = PeerSide(
+    peer_is_server=False,
+    signature_context=CLIENT_CONTEXT,
+    context_error="certificate_request_context mismatch",
+    empty_alert=AlertDescription.certificate_required,
+    empty_reason="client sent no certificate",
+    finish=_finish,
+)
