@@ -87,11 +87,17 @@ def go_build(go: str, output: Path, packages: list[str], what: str) -> None:
     )
     assert process.stdout is not None
     tail: list[str] = []
-    # `go build -v` names each package as it compiles it
-    for built, line in enumerate(process.stdout, start=1):
-        tail = [*tail[-4:], line.rstrip()]
-        if built % 50 == 0:
-            progress(f"{what}: {built} packages compiled, now {line.strip()}")
+    try:
+        # `go build -v` names each package as it compiles it
+        for built, line in enumerate(process.stdout, start=1):
+            tail = [*tail[-4:], line.rstrip()]
+            if built % 50 == 0:
+                progress(f"{what}: {built} packages compiled, now {line.strip()}")
+    except BaseException:  # interrupted: leave no compiler running behind us
+        process.kill()
+        process.wait()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if process.wait() != 0:
         shutil.rmtree(staging, ignore_errors=True)
         last = next((t for t in reversed(tail) if t.strip()), "no output")
@@ -144,4 +150,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: interrupted") from None
