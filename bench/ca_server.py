@@ -61,7 +61,7 @@ from ca import (  # noqa: E402
 from ca.agent.batcher import Batcher  # noqa: E402
 from ca.agent.rotator import MAX_BATCH, MAX_IN_FLIGHT  # noqa: E402
 from ca.agent.upstream import UpstreamError  # noqa: E402
-from ca.server.client import CaClient, CaError, build_csr  # noqa: E402
+from ca.api import CaClient, CaError, build_csr  # noqa: E402
 from ca.store import CaStore  # noqa: E402
 from core.eventloop import install_uvloop, settle_heap  # noqa: E402
 

@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Regenerate the Python code for Trellis's own protos (commit the output).
 #
-# The proto keeps its canonical path (trellis/ca/v1/ca.proto, package trellis.ca.v1), so the
-# generated gRPC module would import `trellis.ca.v1.ca_pb2` -- which collides with the
-# `trellis` CLI package. The import is rewritten to the module's real home.
+# Needs grpcio-tools (a test dependency). Run from anywhere: `scripts/gen-protos.sh`.
+#
+# The proto keeps its canonical path under ca/api/proto (trellis/ca/v1/ca.proto, package
+# trellis.ca.v1), so the generated gRPC module would import `trellis.ca.v1.ca_pb2` --
+# which collides with the `trellis` CLI package. The import is rewritten to the module's
+# real home, ca/api/_proto.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
-"$PYTHON" -m grpc_tools.protoc -I ca/proto \
+"$PYTHON" -m grpc_tools.protoc -I ca/api/proto \
     --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
-    ca/proto/trellis/ca/v1/ca.proto
-dest=ca/server/_proto
+    ca/api/proto/trellis/ca/v1/ca.proto
+dest=ca/api/_proto
 mkdir -p "$dest"
 for f in ca_pb2.py ca_pb2.pyi ca_pb2_grpc.py; do
-    sed -e 's/^from trellis\.ca\.v1 import ca_pb2/from ca.server._proto import ca_pb2/' \
+    sed -e 's/^from trellis\.ca\.v1 import ca_pb2/from ca.api._proto import ca_pb2/' \
         "$out/trellis/ca/v1/$f" > "$dest/$f"
 done
 # protoc's stubs use bare Mapping in __init__ signatures; mypy --strict would flag them.

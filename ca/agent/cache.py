@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ca.api import JwtSvidToken
 from ca.bundle import TrustBundle
 from ca.entries import RegistrationEntry
 from ca.keys import PrivateKey
-from ca.server.client import JwtSvidToken
 from ca.spiffeid import TrustDomain
 
 __all__ = ["DEFAULT_JITTER", "CachedSvid", "JwtCache", "SvidCache", "rotation_time"]

@@ -30,10 +30,10 @@ from ca.agent.grpc_upstream import GrpcUpstream
 from ca.agent.rotator import AgentFatalError, RotatorConfig, load_agent_state
 from ca.agent.upstream import InProcessUpstream, Upstream
 from ca.agent.workload_api import WorkloadApiConfig
+from ca.api import CaClient
 from ca.bundle import BundleError, TrustBundle, load_pem_certificates
 from ca.entries import EntryError, YamlFileEntrySource
 from ca.keys import write_private_file, write_public_file
-from ca.server.client import CaClient
 from ca.spiffeid import TrustDomain
 from ca.store import CaStore, StoreError, read_key_passphrase
 from ca.x509svid import SvidError, X509Svid, load_der_chain, spiffe_id_of

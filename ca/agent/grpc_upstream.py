@@ -32,10 +32,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 
 from ca.agent.upstream import UpstreamError, UpstreamRefused, UpstreamUnavailable
+from ca.api import AgentIdentity, BundleUpdate, CaClient, CaError, JwtSvidToken
 from ca.bundle import TrustBundle
 from ca.entries import EntrySet
 from ca.keys import PrivateKey
-from ca.server.client import AgentIdentity, BundleUpdate, CaClient, CaError, JwtSvidToken
 from ca.x509svid import X509Svid
 
 __all__ = ["GrpcUpstream"]

@@ -36,6 +36,7 @@ from ca.agent.batcher import Batcher
 from ca.agent.cache import JwtCache, SvidCache, rotation_time
 from ca.agent.metrics import AgentMetrics
 from ca.agent.upstream import Upstream, UpstreamError, UpstreamRefused, UpstreamUnavailable
+from ca.api import AgentIdentity, JwtSvidToken
 from ca.bundle import BundleError, TrustBundle, load_pem_certificates
 from ca.entries import RegistrationEntry
 from ca.keys import (
@@ -48,7 +49,6 @@ from ca.keys import (
     write_private_file,
     write_public_file,
 )
-from ca.server.client import AgentIdentity, JwtSvidToken
 from ca.store import load_protected_key
 from ca.x509svid import SvidError, X509Svid, spiffe_id_of
 

@@ -1,6 +1,6 @@
 """What the agent needs from its CA, as a small interface the agent declares itself.
 
-``Upstream`` mirrors ``trellis.ca.v1.CaService`` (and ``ca.server.client.CaClient``):
+``Upstream`` mirrors ``trellis.ca.v1.CaService`` (and ``ca.api.CaClient``):
 attest once, renew the agent SVID, fetch the entries for this node, sign X509-SVIDs in
 batches, sign JWT-SVIDs, and watch the bundle. Two implementations:
 
@@ -22,12 +22,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
+from ca.api import AgentIdentity, BundleUpdate, JwtSvidToken
 from ca.authority import IntermediateAuthority, IssuanceError
 from ca.bundle import TrustBundle
 from ca.entries import EntrySet, EntrySource, RegistrationEntry
 from ca.jwtsvid import JwtAuthority, JwtSvidError
 from ca.keys import KeyAlgorithm, PrivateKey, generate_private_key
-from ca.server.client import AgentIdentity, BundleUpdate, JwtSvidToken
 from ca.spiffeid import SpiffeId, TrustDomain
 from ca.x509svid import X509Svid
 

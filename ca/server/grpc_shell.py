@@ -1,7 +1,10 @@
 """The thin gRPC shell around ``CaService``: decode, authenticate, call, map refusals.
 
-Handlers are registered by hand (``grpc.method_handlers_generic_handler``) rather than
-through the generated ``*_pb2_grpc`` module, so every line here is typed.
+The only place the CA server sees protobuf or grpc: requests become Trellis values here and
+answers become messages again (``ca.api.convert``), and a ``Refusal`` becomes the gRPC
+status of its kind (``STATUS``). Handlers are registered by hand
+(``grpc.method_handlers_generic_handler``) rather than through the generated ``*_pb2_grpc``
+module, so every line here is typed.
 """
 
 from __future__ import annotations
@@ -10,23 +13,34 @@ import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import grpc.aio
 from google.protobuf.message import Message
 
+from ca.api import convert
+from ca.api._proto import ca_pb2
+from ca.api.values import BundleUpdate, SignedSvid
 from ca.bundle import TrustBundle
-from ca.server._proto import ca_pb2
-from ca.server.service import CaService, Refusal, log_event
-from ca.server.wire import SERVICE, bundle_to_proto
+from ca.server.service import CaService, Refusal, RefusalKind, log_event
 
-__all__ = ["BundleWatch", "SigningStreams", "make_handler"]
+__all__ = ["STATUS", "BundleWatch", "SigningStreams", "make_handler"]
 
 _SIGNING_STREAM = "StreamX509SVIDs"
 
-Req = TypeVar("Req", bound=Message)
-Resp = TypeVar("Resp", bound=Message)
+# The gRPC status each kind of refusal is answered with: the codes the proto documents and
+# ``CaError.retryable`` reads on the agent's side (UNAVAILABLE and RESOURCE_EXHAUSTED are
+# retried with backoff; the rest are not).
+STATUS: dict[RefusalKind, grpc.StatusCode] = {
+    RefusalKind.NOT_AUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    RefusalKind.NOT_PERMITTED: grpc.StatusCode.PERMISSION_DENIED,
+    RefusalKind.MALFORMED: grpc.StatusCode.INVALID_ARGUMENT,
+    RefusalKind.OVER_LIMIT: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RefusalKind.AUTHORITY_EXPIRING: grpc.StatusCode.FAILED_PRECONDITION,
+    RefusalKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    RefusalKind.INCOMPLETE: grpc.StatusCode.INTERNAL,
+}
 
 
 class BundleWatch:
@@ -115,6 +129,10 @@ class SigningStreams:
             self._recheck.discard(task)
 
 
+def _svids(svids: list[SignedSvid]) -> list[ca_pb2.X509SVID]:
+    return [convert.signed_svid_to_proto(s) for s in svids]
+
+
 def _peer_host(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     peer = context.peer() or "unknown"
     # "ipv4:127.0.0.1:5000" / "ipv6:[::1]:5000": rate-limit by host, not by port.
@@ -146,7 +164,7 @@ def _record_refusal(
         logging.WARNING,
         "request-refused",
         method=method,
-        code=refusal.code.name,
+        code=STATUS[refusal.kind].name,
         reason=refusal.reason,
         node=node,
         peer=_peer_host(context),
@@ -162,7 +180,7 @@ async def _refuse(
     node: str | None,
 ) -> None:
     _record_refusal(service, context, method, refusal, node)
-    await context.abort(refusal.code, refusal.detail)
+    await context.abort(STATUS[refusal.kind], refusal.detail)
 
 
 def _authenticated(
@@ -223,13 +241,15 @@ def make_handler(
                 return
             try:
                 service.check_size(message.ByteSize())
-                result = await service.batch_new_x509_svid(message.batch, node)
-                reply = ca_pb2.StreamX509SVIDsResponse(id=message.id, svids=result.svids)
+                svids = await service.batch_new_x509_svid(
+                    convert.svid_requests_from_proto(message.batch), node
+                )
+                reply = ca_pb2.StreamX509SVIDsResponse(id=message.id, svids=_svids(svids))
             except Refusal as refusal:
                 _record_refusal(service, context, _SIGNING_STREAM, refusal, node)
                 reply = ca_pb2.StreamX509SVIDsResponse(
                     id=message.id,
-                    code=refusal.code.value[0],
+                    code=STATUS[refusal.kind].value[0],
                     reason=refusal.reason,
                     detail=refusal.detail,
                 )
@@ -240,7 +260,10 @@ def make_handler(
     ) -> ca_pb2.AttestAgentResponse:
         try:
             service.check_size(request.ByteSize())
-            return await service.attest_agent(request, _peer_host(context))
+            answer = await service.attest_agent(
+                convert.attestation_from_proto(request), _peer_host(context)
+            )
+            return convert.agent_svid_to_attest_response(answer)
         except Refusal as refusal:
             await _refuse(service, context, "AttestAgent", refusal, None)
             raise AssertionError("unreachable: abort raises") from None
@@ -265,9 +288,7 @@ def make_handler(
             if sent is not None and sent[0] is bundle and sent[1] is bundles.federated:
                 continue  # woken by poke(), nothing new for this agent
             sent = (bundle, bundles.federated)
-            message = bundle_to_proto(bundle)
-            message.federated.extend(bundle_to_proto(f) for f in bundles.federated)
-            yield message
+            yield convert.bundle_update_to_proto(BundleUpdate(bundle, bundles.federated))
 
     def unary(
         fn: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]],
@@ -279,21 +300,33 @@ def make_handler(
             response_serializer=lambda m: m.SerializeToString(),
         )
 
+    def renew(request: ca_pb2.RenewAgentRequest, node: str) -> ca_pb2.RenewAgentResponse:
+        return convert.agent_svid_to_renew_response(service.renew_agent(request.csr, node))
+
+    async def batch(
+        request: ca_pb2.BatchNewX509SVIDRequest, node: str
+    ) -> ca_pb2.BatchNewX509SVIDResponse:
+        svids = await service.batch_new_x509_svid(convert.svid_requests_from_proto(request), node)
+        return ca_pb2.BatchNewX509SVIDResponse(svids=_svids(svids))
+
+    def new_jwt(request: ca_pb2.NewJWTSVIDRequest, node: str) -> ca_pb2.NewJWTSVIDResponse:
+        token = service.new_jwt_svid(request.entry_id, tuple(request.audience), node)
+        return convert.jwt_svid_to_proto(token)
+
+    def entries(request: ca_pb2.FetchEntriesRequest, node: str) -> ca_pb2.FetchEntriesResponse:
+        return convert.node_entries_to_proto(service.fetch_entries(node))
+
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "AttestAgent": unary(attest, ca_pb2.AttestAgentRequest),
-        "RenewAgent": unary(
-            _authenticated(service, "RenewAgent", service.renew_agent), ca_pb2.RenewAgentRequest
-        ),
+        "RenewAgent": unary(_authenticated(service, "RenewAgent", renew), ca_pb2.RenewAgentRequest),
         "BatchNewX509SVID": unary(
-            _authenticated(service, "BatchNewX509SVID", service.batch_new_x509_svid),
-            ca_pb2.BatchNewX509SVIDRequest,
+            _authenticated(service, "BatchNewX509SVID", batch), ca_pb2.BatchNewX509SVIDRequest
         ),
         "NewJWTSVID": unary(
-            _authenticated(service, "NewJWTSVID", service.new_jwt_svid), ca_pb2.NewJWTSVIDRequest
+            _authenticated(service, "NewJWTSVID", new_jwt), ca_pb2.NewJWTSVIDRequest
         ),
         "FetchEntries": unary(
-            _authenticated(service, "FetchEntries", service.fetch_entries),
-            ca_pb2.FetchEntriesRequest,
+            _authenticated(service, "FetchEntries", entries), ca_pb2.FetchEntriesRequest
         ),
         _SIGNING_STREAM: grpc.stream_stream_rpc_method_handler(
             stream_x509_svids,
@@ -306,4 +339,4 @@ def make_handler(
             response_serializer=lambda m: m.SerializeToString(),
         ),
     }
-    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+    return grpc.method_handlers_generic_handler(convert.SERVICE, handlers)

@@ -1,27 +1,33 @@
 """The CA service's decisions, apart from gRPC: who the caller is, what it may have.
 
-``CaService`` takes decoded requests, the caller's node (already authenticated by
-``authenticate``) and the time, and returns response messages or raises ``Refusal``
-carrying the gRPC status code and a metric reason. ``grpc_shell.py`` is the only place
-that sees a ``grpc.aio.ServicerContext``; TokenReview I/O hides behind ``TokenReviewer``.
+``CaService`` takes Trellis values (``ca.api.values``: decoded by the gRPC shell), the
+caller's node (already authenticated by ``authenticate``) and the time, and returns
+Trellis values or raises ``Refusal`` carrying what kind of refusal it is and a metric
+reason. Neither grpc nor protobuf appears here: ``grpc_shell.py`` converts messages at
+the boundary (``ca.api.convert``) and turns each ``Refusal.kind`` into its gRPC status
+code; TokenReview I/O hides behind ``TokenReviewer``.
 
-Status codes:
+Kinds (and the status codes the shell sends for them):
 
-* UNAUTHENTICATED — no client certificate, an agent SVID that does not verify or has
-  expired, a forged/replayed/expired join token, a refused PSAT;
-* PERMISSION_DENIED — an entry that does not exist or is not for the caller's node, a CSR
-  naming a SPIFFE ID other than the entry's, a banned node (every call of its agent, and
-  attestation for it: ``bans.py``);
-* INVALID_ARGUMENT — a malformed CSR or one whose signature does not verify, a bad
-  audience, an empty batch;
-* RESOURCE_EXHAUSTED — over the caller's rate limit, or a request above the size limits;
-* FAILED_PRECONDITION — the intermediate has (nearly) expired;
-* UNAVAILABLE — PSAT attestation is not configured or TokenReview cannot be reached.
+* NOT_AUTHENTICATED (UNAUTHENTICATED) — no client certificate, an agent SVID that does
+  not verify or has expired, a forged/replayed/expired join token, a refused PSAT;
+* NOT_PERMITTED (PERMISSION_DENIED) — an entry that does not exist or is not for the
+  caller's node, a CSR naming a SPIFFE ID other than the entry's, a banned node (every
+  call of its agent, and attestation for it: ``bans.py``);
+* MALFORMED (INVALID_ARGUMENT) — a malformed CSR or one whose signature does not verify,
+  a bad audience, an empty batch, no attestation data;
+* OVER_LIMIT (RESOURCE_EXHAUSTED) — over the caller's rate limit, or a request above the
+  size limits;
+* AUTHORITY_EXPIRING (FAILED_PRECONDITION) — the intermediate has (nearly) expired;
+* UNAVAILABLE (UNAVAILABLE) — PSAT attestation is not configured, TokenReview cannot be
+  reached, the signing workers are gone;
+* INCOMPLETE (INTERNAL) — the signer answered fewer CSRs than it was given.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import logging
 import time
 from collections import OrderedDict
@@ -29,14 +35,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import grpc
 from cryptography import x509
 
+from ca.api.values import (
+    AgentSvid,
+    AttestationRequest,
+    JoinTokenProof,
+    JwtSvidToken,
+    NodeEntries,
+    PsatProof,
+    SignedSvid,
+    SvidRequest,
+)
 from ca.authority import IntermediateAuthority, IssuanceError, load_csr
 from ca.bundle import TrustBundle
 from ca.entries import EntrySource, RegistrationEntry
 from ca.jwtsvid import JwtAuthority, JwtSvidError
-from ca.server._proto import ca_pb2
 from ca.server.attestation import (
     PSAT_AUDIENCE,
     AttestationError,
@@ -56,12 +70,11 @@ from ca.server.signer import (
     SignFailure,
     SignRequest,
 )
-from ca.server.wire import bundle_to_proto, entry_to_proto, svid_to_proto
 from ca.spiffeid import SpiffeId
 from ca.verify import VerificationError, verify_x509_svid
 from ca.x509svid import X509Svid
 
-__all__ = ["CaService", "Refusal", "ServiceConfig", "TokenReviewer", "log_event"]
+__all__ = ["CaService", "Refusal", "RefusalKind", "ServiceConfig", "TokenReviewer", "log_event"]
 
 log = logging.getLogger("trellis.ca.server")
 
@@ -74,14 +87,26 @@ def log_event(level: int, event: str, **fields: object) -> None:
     log.log(level, event, extra={"fields": fields})
 
 
-class Refusal(Exception):
-    """A request the CA refuses: the gRPC status, a metric reason, a message for the caller."""
+class RefusalKind(enum.Enum):
+    """Why a request is refused, as the caller must act on it (see the module docstring)."""
 
-    def __init__(self, code: grpc.StatusCode, reason: str, detail: str) -> None:
-        self.code = code
+    NOT_AUTHENTICATED = "not-authenticated"
+    NOT_PERMITTED = "not-permitted"
+    MALFORMED = "malformed"
+    OVER_LIMIT = "over-limit"
+    AUTHORITY_EXPIRING = "authority-expiring"
+    UNAVAILABLE = "unavailable"
+    INCOMPLETE = "incomplete"
+
+
+class Refusal(Exception):
+    """A request the CA refuses: its kind, a metric reason, a message for the caller."""
+
+    def __init__(self, kind: RefusalKind, reason: str, detail: str) -> None:
+        self.kind = kind
         self.reason = reason
         self.detail = detail
-        super().__init__(f"{code.name} [{reason}]: {detail}")
+        super().__init__(f"{kind.name} [{reason}]: {detail}")
 
 
 class TokenReviewer(Protocol):
@@ -159,7 +184,7 @@ class CaService:
     def check_size(self, size: int) -> None:
         if size > self.config.max_request_bytes:
             raise Refusal(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                RefusalKind.OVER_LIMIT,
                 "request-too-large",
                 f"request is {size} bytes; the limit is {self.config.max_request_bytes}",
             )
@@ -170,7 +195,7 @@ class CaService:
         left = self.intermediate.expires_at - now
         if left < dt.timedelta(minutes=1):
             raise Refusal(
-                grpc.StatusCode.FAILED_PRECONDITION,
+                RefusalKind.AUTHORITY_EXPIRING,
                 "intermediate-expiring",
                 "the cluster intermediate has (nearly) expired; rotate it",
             )
@@ -198,18 +223,14 @@ class CaService:
 
     @staticmethod
     def _issuance_refusal(reason: str, detail: str) -> Refusal:
-        code = (
-            grpc.StatusCode.PERMISSION_DENIED
-            if reason in _PERMISSION_REASONS
-            else grpc.StatusCode.INVALID_ARGUMENT
-        )
-        return Refusal(code, reason, detail)
+        kind = RefusalKind.NOT_PERMITTED if reason in _PERMISSION_REASONS else RefusalKind.MALFORMED
+        return Refusal(kind, reason, detail)
 
     def _rate_limit(self, node: str, cost: int) -> None:
         if not self._agent_limiter.allow(node, self._monotonic(), cost):
             wait = self._agent_limiter.retry_after(node, cost)
             raise Refusal(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                RefusalKind.OVER_LIMIT,
                 "rate-limited",
                 f"rate limit for this agent exceeded; retry in {wait:.2f}s",
             )
@@ -235,7 +256,7 @@ class CaService:
         # next call of an agent already connected, and lifting it needs no new SVID.
         if self.is_banned(node):
             raise Refusal(
-                grpc.StatusCode.PERMISSION_DENIED,
+                RefusalKind.NOT_PERMITTED,
                 "agent-banned",
                 f"node {node} is banned at this CA",
             )
@@ -249,7 +270,7 @@ class CaService:
         """
         if not chain_pem:
             raise Refusal(
-                grpc.StatusCode.UNAUTHENTICATED,
+                RefusalKind.NOT_AUTHENTICATED,
                 "no-client-certificate",
                 "call this on the mutual-TLS listener with an agent SVID",
             )
@@ -270,14 +291,14 @@ class CaService:
         except (ValueError, VerificationError) as exc:
             reason = exc.reason if isinstance(exc, VerificationError) else "malformed"
             raise Refusal(
-                grpc.StatusCode.UNAUTHENTICATED,
+                RefusalKind.NOT_AUTHENTICATED,
                 f"agent-svid-{reason}",
                 f"agent SVID does not verify: {exc}",
             ) from exc
         node = node_of_agent(verified.spiffe_id, self.trust_domain)
         if node is None:
             raise Refusal(
-                grpc.StatusCode.UNAUTHENTICATED,
+                RefusalKind.NOT_AUTHENTICATED,
                 "not-an-agent",
                 f"{verified.spiffe_id} is not an agent of {self.trust_domain}",
             )
@@ -289,31 +310,29 @@ class CaService:
 
     # -- RPCs ----------------------------------------------------------------------------
 
-    async def attest_agent(
-        self, request: ca_pb2.AttestAgentRequest, peer: str
-    ) -> ca_pb2.AttestAgentResponse:
+    async def attest_agent(self, request: AttestationRequest, peer: str) -> AgentSvid:
         if not self._attest_limiter.allow(peer, self._monotonic()):
             raise Refusal(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                RefusalKind.OVER_LIMIT,
                 "rate-limited",
                 "too many attestation attempts from this address",
             )
-        kind = request.WhichOneof("attestation")
+        proof = request.proof
         try:
-            if kind == "join_token":
-                node = self.join_tokens.redeem(request.join_token.token, now=self._clock())
+            if isinstance(proof, JoinTokenProof):
+                node = self.join_tokens.redeem(proof.token, now=self._clock())
                 method = "join_token"
-            elif kind == "k8s_psat":
-                node = await self._attest_psat(request.k8s_psat.token)
+            elif isinstance(proof, PsatProof):
+                node = await self._attest_psat(proof.token)
                 method = "k8s_psat"
             else:
                 raise Refusal(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                    RefusalKind.MALFORMED,
                     "no-attestation",
                     "AttestAgentRequest carries no attestation data",
                 )
         except AttestationError as exc:
-            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, exc.reason, str(exc)) from exc
+            raise Refusal(RefusalKind.NOT_AUTHENTICATED, exc.reason, str(exc)) from exc
         # After the proof, not before: only a genuine token or PSAT learns of the ban. A
         # join token spent here stays spent; an unbanned node needs a new one.
         self.check_not_banned(node)
@@ -322,17 +341,12 @@ class CaService:
         svid = self._sign(request.csr, agent_id, self.config.agent_svid_ttl, (), now, "agent")
         self._agent_issued(node, svid)
         log_event(logging.INFO, "agent-attested", node=node, method=method, peer=peer)
-        return ca_pb2.AttestAgentResponse(
-            node_name=node,
-            svid=svid_to_proto(svid),
-            bundle=bundle_to_proto(self.bundle()),
-            max_batch=self.config.max_batch,
-        )
+        return AgentSvid(node, svid, self.bundle(), self.config.max_batch)
 
     async def _attest_psat(self, token: str) -> str:
         if self.token_reviewer is None:
             raise Refusal(
-                grpc.StatusCode.UNAVAILABLE,
+                RefusalKind.UNAVAILABLE,
                 "psat-not-configured",
                 "this CA does not attest Kubernetes nodes (start it with --k8s-psat)",
             )
@@ -342,7 +356,7 @@ class CaService:
             review = await self.token_reviewer.review(token, [self.config.psat_audience])
         except OSError as exc:
             raise Refusal(
-                grpc.StatusCode.UNAVAILABLE,
+                RefusalKind.UNAVAILABLE,
                 "token-review-unavailable",
                 f"TokenReview failed: {exc}",
             ) from exc
@@ -353,20 +367,14 @@ class CaService:
             audience=self.config.psat_audience,
         )
 
-    def renew_agent(
-        self, request: ca_pb2.RenewAgentRequest, node: str
-    ) -> ca_pb2.RenewAgentResponse:
+    def renew_agent(self, csr: bytes, node: str) -> AgentSvid:
         self._rate_limit(node, 1)
         now = self._now()
         agent_id = agent_spiffe_id(self.trust_domain, node)
-        svid = self._sign(request.csr, agent_id, self.config.agent_svid_ttl, (), now, "agent")
+        svid = self._sign(csr, agent_id, self.config.agent_svid_ttl, (), now, "agent")
         self._agent_issued(node, svid)
         log_event(logging.INFO, "agent-renewed", node=node)
-        return ca_pb2.RenewAgentResponse(
-            svid=svid_to_proto(svid),
-            bundle=bundle_to_proto(self.bundle()),
-            max_batch=self.config.max_batch,
-        )
+        return AgentSvid(node, svid, self.bundle(), self.config.max_batch)
 
     def _entry_for(self, entry_id: str, node: str) -> RegistrationEntry:
         entry = self.entries.current().get(entry_id)
@@ -374,21 +382,20 @@ class CaService:
             # The same answer for "no such entry" and "not yours": an agent learns nothing
             # about other nodes' entries by probing.
             raise Refusal(
-                grpc.StatusCode.PERMISSION_DENIED,
+                RefusalKind.NOT_PERMITTED,
                 "entry-not-authorized",
                 f"entry {entry_id!r} does not exist or is not for node {node}",
             )
         return entry
 
     async def batch_new_x509_svid(
-        self, request: ca_pb2.BatchNewX509SVIDRequest, node: str
-    ) -> ca_pb2.BatchNewX509SVIDResponse:
-        items = request.requests
+        self, items: Sequence[SvidRequest], node: str
+    ) -> list[SignedSvid]:
         if not items:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "empty-batch", "no CSRs in the batch")
+            raise Refusal(RefusalKind.MALFORMED, "empty-batch", "no CSRs in the batch")
         if len(items) > self.config.max_batch:
             raise Refusal(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                RefusalKind.OVER_LIMIT,
                 "batch-too-large",
                 f"{len(items)} CSRs in one batch; the limit is {self.config.max_batch}",
             )
@@ -408,7 +415,7 @@ class CaService:
         try:
             results = await self.signer.sign(sign_requests, now.timestamp())
         except SignerUnavailable as exc:
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, "signer-unavailable", str(exc)) from exc
+            raise Refusal(RefusalKind.UNAVAILABLE, "signer-unavailable", str(exc)) from exc
         # Refuse before counting anything: SVIDs signed ahead of a refused CSR are dropped
         # with the batch and were never issued.
         signed: list[Signed] = []
@@ -416,47 +423,28 @@ class CaService:
             if isinstance(result, SignFailure):
                 raise self._issuance_refusal(result.reason, result.detail)
             signed.append(result)
-        messages = []
+        svids = []
         for result, e in zip(signed, entries, strict=False):
             self.metrics.x509_issued(result.seconds)
-            messages.append(
-                ca_pb2.X509SVID(
-                    spiffe_id=str(e.spiffe_id),
-                    cert_chain=list(result.chain_der),
-                    expires_at=int(result.expires_at),
-                )
-            )
-        if len(messages) != len(items):
-            raise Refusal(grpc.StatusCode.INTERNAL, "signer-incomplete", "signing was incomplete")
-        return ca_pb2.BatchNewX509SVIDResponse(svids=messages)
+            svids.append(SignedSvid(e.spiffe_id, result.chain_der, int(result.expires_at)))
+        if len(svids) != len(items):
+            raise Refusal(RefusalKind.INCOMPLETE, "signer-incomplete", "signing was incomplete")
+        return svids
 
-    def new_jwt_svid(
-        self, request: ca_pb2.NewJWTSVIDRequest, node: str
-    ) -> ca_pb2.NewJWTSVIDResponse:
-        entry = self._entry_for(request.entry_id, node)
+    def new_jwt_svid(self, entry_id: str, audience: Sequence[str], node: str) -> JwtSvidToken:
+        entry = self._entry_for(entry_id, node)
         self._rate_limit(node, 1)
         started = time.perf_counter()
         try:
             svid = self.jwt_authority.sign(
-                entry.spiffe_id, list(request.audience), now=self._now(), ttl=entry.jwt_svid_ttl
+                entry.spiffe_id, list(audience), now=self._now(), ttl=entry.jwt_svid_ttl
             )
         except JwtSvidError as exc:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, exc.reason, str(exc)) from exc
+            raise Refusal(RefusalKind.MALFORMED, exc.reason, str(exc)) from exc
         self.metrics.jwt_issued(time.perf_counter() - started)
-        return ca_pb2.NewJWTSVIDResponse(
-            spiffe_id=str(svid.spiffe_id),
-            token=svid.token,
-            expires_at=int(svid.expiry.timestamp()),
-        )
+        return JwtSvidToken(svid.spiffe_id, svid.token, svid.expiry)
 
-    def fetch_entries(
-        self, request: ca_pb2.FetchEntriesRequest, node: str
-    ) -> ca_pb2.FetchEntriesResponse:
+    def fetch_entries(self, node: str) -> NodeEntries:
         self._rate_limit(node, 1)
         current = self.entries.current()
-        mine = current.for_node(node)
-        return ca_pb2.FetchEntriesResponse(
-            entries=[entry_to_proto(e) for e in mine],
-            revision=current.revision,
-            max_batch=self.config.max_batch,
-        )
+        return NodeEntries(current.for_node(node), current.revision, self.config.max_batch)

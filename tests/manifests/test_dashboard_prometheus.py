@@ -77,7 +77,7 @@ import yaml
 
 from ca import KeyAlgorithm, TrustDomain, generate_private_key
 from ca.agent.rotator import load_agent_state
-from ca.server.client import CaClient, CaError
+from ca.api import CaClient, CaError
 from trellis.up.identity import create_authorities
 from trellis.up.mesh import CLUSTER, Mesh, MeshConfig
 from trellis.up.processes import Child, free_ports, spawn

@@ -10,7 +10,7 @@ import pytest
 from ca import KeyAlgorithm, generate_private_key
 from ca.agent.backoff import Backoff
 from ca.agent.cache import JwtCache, SvidCache, rotation_time
-from ca.server.client import JwtSvidToken
+from ca.api import JwtSvidToken
 from ca.spiffeid import SpiffeId
 from tests.ca.agent.conftest import WEB, LiveCa, entry
 

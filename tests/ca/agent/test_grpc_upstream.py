@@ -17,7 +17,7 @@ import pytest
 from ca import RootAuthority, TrustBundle
 from ca.agent.grpc_upstream import GrpcUpstream
 from ca.agent.upstream import UpstreamRefused, UpstreamUnavailable
-from ca.server.client import BundleUpdate, CaError
+from ca.api import BundleUpdate, CaError
 from tests.ca.agent.conftest import TD, LiveCa, run
 
 

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import pytest
 
 from ca import JwtAuthority, RootAuthority, TrustDomain
+from ca.api import CaClient
 from ca.server.app import CaServer, ServerConfig
-from ca.server.client import CaClient
 from ca.server.service import ServiceConfig
 from ca.store import CaStore
 

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ca import KeyAlgorithm, generate_private_key
+from ca.api import CaClient, CaError, build_csr
 from ca.server.app import CaServer
 from ca.server.attestation import is_node_name
 from ca.server.bans import (
@@ -29,7 +30,6 @@ from ca.server.bans import (
     parse_ban_list,
     write_ban_list,
 )
-from ca.server.client import CaClient, CaError, build_csr
 from trellis.cli import main
 
 from .conftest import attested, client_for, eventually, run, server_config, serving

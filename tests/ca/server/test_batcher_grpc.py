@@ -15,9 +15,9 @@ from cryptography import x509
 
 from ca import KeyAlgorithm, generate_private_key, verify_x509_svid
 from ca.agent.batcher import Batcher
+from ca.api import CaClient, CaError
 from ca.keys import PrivateKey
 from ca.server.app import CaServer
-from ca.server.client import CaClient, CaError
 from ca.x509svid import X509Svid
 
 from .conftest import attested, run, server_config, serving

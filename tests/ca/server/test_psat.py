@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ca.server.client import CaError
+from ca.api import CaError
 from ca.server.k8s import KubernetesTokenReviewer
 from tests.support import free_port
 

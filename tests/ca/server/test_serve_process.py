@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ca import KeyAlgorithm, generate_private_key
-from ca.server.client import CaClient, CaError
+from ca.api import CaClient, CaError
 
 from .conftest import CLUSTER, ENTRIES_YAML
 

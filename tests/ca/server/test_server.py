@@ -15,9 +15,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca import KeyAlgorithm, generate_private_key, validate_jwt_svid, verify_x509_svid
+from ca.api import CaClient, CaError, build_csr
 from ca.server.app import CaServer
 from ca.server.attestation import JoinTokenRecord, hash_join_token, new_join_token
-from ca.server.client import CaClient, CaError, build_csr
 from ca.store import CaStore
 
 from .conftest import attested, client_for, eventually, run, server_config, serving

@@ -235,7 +235,7 @@ def test_a_dead_worker_fails_its_calls_and_the_survivor_signs_on(ca_dir: Path) -
 
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from ca.server.client import build_csr
+    from ca.api import build_csr
     from ca.server.signer import Signed, SignerUnavailable, SignFailure, SignRequest
 
     from .conftest import CLUSTER
@@ -290,7 +290,7 @@ def test_answers_larger_than_the_pipe_arrive_whole_on_either_event_loop(
     import uvloop
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from ca.server.client import build_csr
+    from ca.api import build_csr
     from ca.server.signer import Signed, SignRequest
 
     from .conftest import CLUSTER

@@ -22,10 +22,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 import ca.server.app
 from ca import KeyAlgorithm, generate_private_key
+from ca.api import SERVICE, CaClient, CaError, build_csr
 from ca.server.bans import write_ban_list
-from ca.server.client import CaClient, CaError, build_csr
 from ca.server.grpc_shell import make_handler
-from ca.server.wire import SERVICE
 
 from .conftest import attested, eventually, run, server_config, serving
 
@@ -367,7 +366,7 @@ def test_a_repeated_request_id_is_answered_twice_and_never_confused(
 ) -> None:
     """IDs are the agent's business: the CA answers each request, replayed or not, under
     the ID it came with (a replayed request is signed again, for the same node's entry)."""
-    from ca.server._proto import ca_pb2
+    from ca.api._proto import ca_pb2
 
     async def scenario() -> None:
         async with serving(server_config(ca_dir, entries_file)) as server:

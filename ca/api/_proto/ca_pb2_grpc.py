@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from ca.server._proto import ca_pb2 as trellis_dot_ca_dot_v1_dot_ca__pb2
+from ca.api._proto import ca_pb2 as trellis_dot_ca_dot_v1_dot_ca__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

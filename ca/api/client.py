@@ -2,7 +2,7 @@
 
 Typical agent lifecycle::
 
-    from ca.server.client import CaClient, CaError
+    from ca.api import CaClient, CaError
 
     bundle_pem = Path("ca/root.crt").read_bytes()          # bootstrap trust, out of band
     client = CaClient("127.0.0.1:8081", attest_address="127.0.0.1:8082",
@@ -43,220 +43,35 @@ certificate may carry (entries cannot request it).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
+from ca.api._proto import ca_pb2
+from ca.api.convert import SERVICE, bundle_from_proto, entry_from_proto, svid_from_proto
+from ca.api.csr import build_csr
+from ca.api.errors import CaError
+from ca.api.signing_stream import SigningStream
+from ca.api.values import AgentIdentity, BundleUpdate, JwtSvidToken
 from ca.bundle import BundleError, TrustBundle
 from ca.entries import EntryError, EntrySet
 from ca.keys import KeyAlgorithm, PrivateKey, generate_private_key
-from ca.server._proto import ca_pb2
-from ca.server.wire import SERVICE, bundle_from_proto, entry_from_proto, svid_from_proto
 from ca.spiffeid import SpiffeId
 from ca.x509svid import X509Svid
 
-__all__ = [
-    "DEFAULT_SERVER_NAME",
-    "AgentIdentity",
-    "BundleUpdate",
-    "CaClient",
-    "CaError",
-    "JwtSvidToken",
-    "build_csr",
-]
+__all__ = ["DEFAULT_SERVER_NAME", "MAX_MESSAGE_BYTES", "CaClient"]
 
 DEFAULT_SERVER_NAME = "trellis-ca"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-_RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
 
-Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 _STATUS_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
-
-
-class CaError(Exception):
-    """A CA call failed. ``code`` is the gRPC status name (e.g. ``"PERMISSION_DENIED"``)."""
-
-    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
-        self.status = code
-        self.code = code.name
-        self.detail = detail
-        super().__init__(f"{code.name}: {detail}")
-
-    @property
-    def retryable(self) -> bool:
-        return self.status in _RETRYABLE
-
-
-class _SigningStream:
-    """One ``StreamX509SVIDs`` call: requests go out with IDs, a reader task matches the
-    answers to them. Once the call ends, every unanswered request fails with its status
-    and the stream is ``broken``: the client opens a new one for the next request."""
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._call: Any = channel.stream_stream(
-            f"/{SERVICE}/StreamX509SVIDs",
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=ca_pb2.StreamX509SVIDsResponse.FromString,
-        )()
-        self._waiting: dict[int, asyncio.Future[ca_pb2.StreamX509SVIDsResponse]] = {}
-        self._next_id = 1
-        self._write_lock = asyncio.Lock()
-        self._retired = False
-        self.broken: CaError | None = None
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-
-    async def request(
-        self, batch: ca_pb2.BatchNewX509SVIDRequest, timeout: float
-    ) -> ca_pb2.StreamX509SVIDsResponse:
-        if self.broken is not None:
-            raise self.broken
-        loop = asyncio.get_running_loop()
-        request_id, self._next_id = self._next_id, self._next_id + 1
-        answer: asyncio.Future[ca_pb2.StreamX509SVIDsResponse] = loop.create_future()
-        self._waiting[request_id] = answer
-        deadline = loop.call_later(timeout, self._expire, request_id)
-        try:
-            async with self._write_lock:
-                if self.broken is not None:  # broke while this request waited to be written
-                    raise self.broken
-                await self._call.write(ca_pb2.StreamX509SVIDsRequest(id=request_id, batch=batch))
-            return await answer
-        except grpc.aio.AioRpcError as exc:  # the write found the call over
-            raise self._break(CaError(exc.code(), exc.details() or "")) from exc
-        except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-            raise self._break(
-                CaError(grpc.StatusCode.UNAVAILABLE, f"signing stream closed: {exc}")
-            ) from exc
-        finally:
-            deadline.cancel()
-            self._waiting.pop(request_id, None)
-            if answer.done() and not answer.cancelled():
-                answer.exception()  # failed by _break; raised here in another form if at all
-            if self._retired and not self._waiting:
-                self._finish()
-
-    def _expire(self, request_id: int) -> None:
-        answer = self._waiting.pop(request_id, None)
-        if answer is None or answer.done():
-            return
-        answer.set_exception(
-            CaError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer on the signing stream")
-        )
-        # The CA answers a stream's requests in order, so the ones behind this would wait
-        # just as long: give up on the stream, and let the next request open another.
-        self._abandon(CaError(grpc.StatusCode.UNAVAILABLE, "the signing stream stalled"))
-
-    def retire(self) -> None:
-        """Take no new requests; end the call once the ones in flight are answered."""
-        self._retired = True
-        if not self._waiting:
-            self._finish()
-
-    def _finish(self) -> None:
-        if self.broken is None:
-            self._break(CaError(grpc.StatusCode.UNAVAILABLE, "signing stream retired"))
-            task = asyncio.get_running_loop().create_task(self._done_writing())
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-    async def _done_writing(self) -> None:
-        async with self._write_lock:
-            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
-                await self._call.done_writing()  # unless the call is already over
-
-    def cancel(self) -> None:
-        self._abandon(CaError(grpc.StatusCode.CANCELLED, "the client has been closed"))
-
-    def _abandon(self, error: CaError) -> None:
-        self._break(error)
-        self._call.cancel()
-        self._reader.cancel()
-
-    def _break(self, error: CaError) -> CaError:
-        if self.broken is None:
-            self.broken = error
-        for answer in self._waiting.values():
-            if not answer.done():
-                answer.set_exception(self.broken)
-        self._waiting.clear()
-        return self.broken
-
-    async def _read(self) -> None:
-        try:
-            while True:
-                message = await self._call.read()
-                if message is grpc.aio.EOF:
-                    self._break(
-                        CaError(grpc.StatusCode.UNAVAILABLE, "the CA ended the signing stream")
-                    )
-                    return
-                answer = self._waiting.get(message.id)
-                if answer is not None and not answer.done():
-                    answer.set_result(message)
-        except grpc.aio.AioRpcError as exc:
-            self._break(CaError(exc.code(), exc.details() or ""))
-        except asyncio.CancelledError:
-            self._break(CaError(grpc.StatusCode.CANCELLED, "the client has been closed"))
-            raise
-
-
-@dataclass(frozen=True)
-class AgentIdentity:
-    """What attestation or renewal yields: the node, its agent SVID (with key), the bundle."""
-
-    node_name: str
-    svid: X509Svid
-    bundle: TrustBundle
-
-
-@dataclass(frozen=True)
-class BundleUpdate:
-    """One WatchBundle message: the trust domain's own bundle and the federated ones."""
-
-    bundle: TrustBundle
-    federated: tuple[TrustBundle, ...] = ()
-
-
-@dataclass(frozen=True)
-class JwtSvidToken:
-    spiffe_id: SpiffeId
-    token: str
-    expires_at: dt.datetime
-
-
-def build_csr(key: PrivateKey, spiffe_id: SpiffeId | str | None = None) -> bytes:
-    """A DER PKCS#10 CSR for ``key``; with ``spiffe_id`` it carries that URI SAN."""
-    builder = x509.CertificateSigningRequestBuilder().subject_name(
-        x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Trellis")])
-    )
-    if spiffe_id is not None:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
-            critical=False,
-        )
-    algorithm: hashes.HashAlgorithm | None = None
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        algorithm = hashes.SHA384() if key.curve.key_size >= 384 else hashes.SHA256()
-    elif isinstance(key, rsa.RSAPrivateKey):
-        algorithm = hashes.SHA256()
-    csr = builder.sign(key, algorithm)  # type: ignore[arg-type]
-    return csr.public_bytes(serialization.Encoding.DER)
 
 
 def _pem_roots(trust_roots: bytes | TrustBundle | Sequence[x509.Certificate]) -> bytes:
@@ -309,7 +124,7 @@ class CaClient:
         self._retired: list[grpc.aio.Channel] = []
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._stream: _SigningStream | None = None
+        self._stream: SigningStream | None = None
         # False once the CA has answered StreamX509SVIDs with UNIMPLEMENTED.
         self.signing_stream = True
         self.max_batch: int | None = None
@@ -497,10 +312,10 @@ class CaClient:
         )
         return [svid_from_proto(s, None) for s in response.svids]
 
-    def _signing_stream(self) -> _SigningStream:
+    def _signing_stream(self) -> SigningStream:
         channel = self._main_channel()
         if self._stream is None or self._stream.broken is not None:
-            self._stream = _SigningStream(channel)
+            self._stream = SigningStream(channel)
         return self._stream
 
     async def batch_new_x509_svids(
