@@ -13,7 +13,8 @@ Public surface (import from ``ca.agent``):
   front that records SO_PEERCRED for every connection.
 * ``PeerCredentials``, ``WorkloadAttestor``, ``UnixAttestor``, ``SubsetMatcher`` —
   workload attestation; ``ca.agent.k8s`` adds Kubernetes pod selectors.
-* ``WorkloadClient`` — a small blocking Workload API client (``trellis svid fetch``).
+* ``WorkloadClient`` (``ca.agent.workload_client``) — a small blocking Workload API client
+  (``trellis svid fetch``). The CA's own client, which the agent uses, is ``ca.api.CaClient``.
 
 Layering: ``cache``/``backoff``/``attestation``/``k8s`` (pure) ← ``batcher`` ←
 ``rotator``/``peercred``/``workload_api`` (I/O shells) ← ``agent`` ← ``cli``.
@@ -29,7 +30,6 @@ from ca.agent.attestation import (
 )
 from ca.agent.batcher import Batcher, BatcherClosed, BatchQueueFull
 from ca.agent.cache import JwtCache, SvidCache, rotation_time
-from ca.agent.client import WorkloadApiError, WorkloadClient
 from ca.agent.grpc_upstream import GrpcUpstream
 from ca.agent.peercred import PeerRegistry, UdsFront
 from ca.agent.rotator import Rotator, RotatorConfig
@@ -41,6 +41,7 @@ from ca.agent.upstream import (
     UpstreamUnavailable,
 )
 from ca.agent.workload_api import WorkloadApi, WorkloadApiConfig
+from ca.agent.workload_client import WorkloadApiError, WorkloadClient
 
 __all__ = [
     "Agent",

@@ -25,11 +25,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca.agent.agent import DEFAULT_SOCKET, Agent, AgentConfig
-from ca.agent.client import WorkloadApiError, WorkloadClient, endpoint_address
 from ca.agent.grpc_upstream import GrpcUpstream
 from ca.agent.rotator import AgentFatalError, RotatorConfig, load_agent_state
 from ca.agent.upstream import InProcessUpstream, Upstream
 from ca.agent.workload_api import WorkloadApiConfig
+from ca.agent.workload_client import WorkloadApiError, WorkloadClient, endpoint_address
 from ca.api import CaClient
 from ca.bundle import BundleError, TrustBundle, load_pem_certificates
 from ca.entries import EntryError, YamlFileEntrySource

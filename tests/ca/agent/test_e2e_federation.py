@@ -21,7 +21,7 @@ from spiffe import TrustDomain as PyTrustDomain
 from spiffe import WorkloadApiClient
 
 from ca import JwtAuthority, RootAuthority, TrustDomain
-from ca.agent.client import WorkloadClient
+from ca.agent.workload_client import WorkloadClient
 from ca.store import CaStore
 from tests.ca.agent.test_e2e_pyspiffe import Mesh, _stop, _trellis
 from tests.support import wait_for

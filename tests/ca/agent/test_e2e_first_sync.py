@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from ca.agent.client import WorkloadApiError, WorkloadClient
+from ca.agent.workload_client import WorkloadApiError, WorkloadClient
 from tests.support import free_port, wait_for
 
 from .test_e2e_ban import _metric

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from spiffe.workloadapi.errors import FetchX509SvidError
 
-from ca.agent.client import WorkloadApiError, WorkloadClient
+from ca.agent.workload_client import WorkloadApiError, WorkloadClient
 
 from .test_e2e_pyspiffe import WEB, Mesh, _client, _make_ca_dir
 

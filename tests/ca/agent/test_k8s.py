@@ -17,7 +17,6 @@ import pytest
 from aiohttp import web
 
 from ca.agent.attestation import AttestationPending, PeerCredentials, WorkloadAttributes
-from ca.agent.client import WorkloadClient
 from ca.agent.k8s import (
     InClusterConfig,
     PodAttestor,
@@ -26,6 +25,7 @@ from ca.agent.k8s import (
     pod_uid_from_cgroups,
     watch_pods,
 )
+from ca.agent.workload_client import WorkloadClient
 from ca.entries import parse_selector
 from tests.ca.agent.conftest import LiveCa, entry, make_upstream, run, running_agent
 
