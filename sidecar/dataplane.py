@@ -95,12 +95,24 @@ class Sidecar:
             labels: dict[str, str] = {}
             labels_file = self.config.pod_labels_file
             if labels_file and Path(labels_file).exists():
-                labels = parse_pod_labels(Path(labels_file).read_text())
+                try:
+                    labels = parse_pod_labels(Path(labels_file).read_text())
+                except (OSError, ValueError) as exc:  # unreadable, not UTF-8, or a bad line
+                    raise StartupError(f"--pod-labels {labels_file}: {exc}") from exc
             try:
                 document = json.loads(Path(policy_file).read_text() or "{}")
             except json.JSONDecodeError as exc:
                 raise StartupError(f"--policy {policy_file}: not JSON: {exc}") from exc
-            parts.append(authorizer_from_document(document, labels))
+            except (OSError, UnicodeDecodeError) as exc:  # e.g. the path is now a directory
+                raise StartupError(f"--policy {policy_file}: cannot read: {exc}") from exc
+            except RecursionError as exc:
+                # json's C decoder recurses once per nesting level: a deep enough document
+                # would otherwise escape the reload and end the maintenance loop with it.
+                raise StartupError(f"--policy {policy_file}: nested too deeply") from exc
+            try:
+                parts.append(authorizer_from_document(document, labels))
+            except ValueError as exc:  # PolicyError names the field
+                raise StartupError(f"--policy {policy_file}: {exc}") from exc
         return merge(parts)
 
     def _reload_policy(self) -> None:
