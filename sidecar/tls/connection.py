@@ -370,7 +370,7 @@ class Connection:
             DirectionSecrets(write.secret, write.key, write.iv, write.seq),
         )
 
-    # --- services for the handshake states ---------------------------------------------
+    # --- what `_Context` offers the handshake states ------------------------------------
 
     @property
     def config(self) -> TLSConfig:

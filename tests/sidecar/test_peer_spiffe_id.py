@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import tempfile
+import urllib.request
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,6 +45,11 @@ T = TypeVar("T")
 
 CLIENT_MIXED = "spiffe://Example.ORG/ns/default/sa/client"
 ECHO_MIXED = "spiffe://EXAMPLE.org/ns/default/sa/echo"
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
@@ -152,13 +159,13 @@ def test_an_upper_case_trust_domain_is_one_canonical_id_in_engine_policy_metrics
             ),
         )
         await inbound.start()
-        allowed, refused = free_port(), free_port()
+        allowed, refused, admin = free_port(), free_port(), free_port()
         port = inbound.config.listen.port
         sidecar = Sidecar(
             load_yaml(
                 f"""
 svid_dir: {workdir / "client"}
-admin: "off"
+admin: "127.0.0.1:{admin}"
 inbound: {{listen: "127.0.0.1:{free_port()}"}}
 upstreams:
   - {{name: allowed, listen: "127.0.0.1:{allowed}", target: "echo:8080",
@@ -172,7 +179,9 @@ upstreams:
         try:
             assert await _exchange(allowed, b"hello") == b"hello"
             assert await _exchange(refused, b"hello") == b""
-            return inbound, {s.peer_id for s in inbound.sessions}, sidecar.describe()
+            url = f"http://127.0.0.1:{admin}/config"
+            shown = json.loads(await asyncio.to_thread(_get, url))
+            return inbound, {s.peer_id for s in inbound.sessions}, shown
         finally:
             await sidecar.drain()
             inbound.drain()
@@ -191,6 +200,6 @@ upstreams:
     # ...the log line of the refusal names it...
     assert f"denied {CLIENT} -> port 8081" in caplog.text
     assert "Example.ORG" not in caplog.text
-    # ...and the client side's engine, policy callback and /config show the server's.
+    # ...and the client side's engine, policy callback and admin /config show the server's.
     peers = {c["peer"] for pool in config["pools"] for c in pool["connections"]}
     assert peers == {ECHO}
