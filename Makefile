@@ -66,7 +66,7 @@ ca-demo: setup
 	    --spiffe-id spiffe://example.org/ns/default/sa/web --out $(DEMO)/web; \
 	$(BIN)/trellis ca inspect $(DEMO)/web/svid.pem --bundle $(DEMO)/web/bundle.pem
 
-PACKAGES := core ca mesh_operator sidecar trellis
+PACKAGES := core ca meshapi mesh_operator sidecar trellis
 
 lint: setup
 	$(BIN)/ruff check $(PACKAGES) tests bench

@@ -1,0 +1,225 @@
+"""The ``SidecarPolicy`` document: who may call the pods of one namespace, and on which ports.
+
+The operator compiles a namespace's ``AccessPolicy`` objects into one such document
+(``mesh_operator.reconcile.compile_policies``) and writes it, as ``policy.json``, into the
+namespace's ``trellis-policy`` ConfigMap; every sidecar there mounts it and keeps the
+policies whose selector matches its own pod's labels (``sidecar.policy``). The canonical
+form, which ``render_policy_document`` writes and ``parse_policy_document`` reads back
+unchanged::
+
+    {"apiVersion": "trellis.dev/v1alpha1", "kind": "SidecarPolicy",
+     "namespace": "shop", "trustDomain": "example.org",
+     "policies": [{"name": "ledger",
+                   "selector": {"matchExpressions": [{"key": "app", "operator": "In",
+                                                      "values": ["web"]}]},
+                   "ports": [8080], "protocol": "http",
+                   "allow": [{"exact": "spiffe://example.org/ns/front/sa/web"},
+                             {"prefix": "spiffe://example.org/ns/tools"}],
+                   "earlyDataMethods": ["GET"]}]}
+
+What the reader accepts beyond that form, as the sidecar always has: ``apiVersion``,
+``kind``, ``namespace``, ``trustDomain`` and a policy's ``name`` may be left out (a left-out
+one is left out again on rendering); ``selector`` may use ``matchLabels`` (rendered back as
+``matchExpressions``); ``ports``, ``allow``, ``protocol`` and ``earlyDataMethods`` default
+to none, none, ``tcp`` and none. Keys it does not know are ignored, so an operator one
+release ahead can add a field without every older sidecar refusing the whole document.
+
+Meaning (enforced by ``sidecar.policy.Authorizer``): the rules that apply to a port are the
+union of every selecting policy that lists the port or lists no port at all; an applicable
+policy with an empty ``allow`` refuses everyone. ``protocol`` and ``earlyDataMethods`` are
+carried for the HTTP-aware data plane; ``mesh_operator.spec`` decides which values a user
+may write (only safe methods in early data, RFC 8470 §1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
+from core.errors import FieldError
+from core.labels import LabelSelector
+
+__all__ = [
+    "API_VERSION",
+    "KIND",
+    "CallerRule",
+    "Policy",
+    "PolicyDocument",
+    "Protocol",
+    "parse_caller_rules",
+    "parse_policy_document",
+    "render_policy_document",
+]
+
+API_VERSION = "trellis.dev/v1alpha1"
+KIND = "SidecarPolicy"
+Protocol = Literal["tcp", "http"]
+_PROTOCOLS: tuple[Protocol, ...] = ("tcp", "http")
+
+
+@dataclass(frozen=True, slots=True)
+class CallerRule:
+    """One ``allow`` entry: an exact SPIFFE ID, or every ID under a path prefix."""
+
+    spiffe_id: SpiffeId
+    prefix: bool
+
+    def allows(self, caller: SpiffeId) -> bool:
+        # A prefix matches whole path segments: /ns/web allows /ns/web/x, never /ns/webhook;
+        # a prefix without a path (spiffe://example.org) allows the whole trust domain.
+        return caller.is_under(self.spiffe_id) if self.prefix else caller == self.spiffe_id
+
+    def to_dict(self) -> dict[str, str]:
+        return {"prefix" if self.prefix else "exact": str(self.spiffe_id)}
+
+    def __str__(self) -> str:
+        return f"{'prefix' if self.prefix else 'exact'}:{self.spiffe_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """One compiled ``AccessPolicy``: the pods it selects, their ports, who may call them."""
+
+    name: str | None = None
+    selector: LabelSelector = field(default_factory=LabelSelector)
+    ports: tuple[int, ...] = ()  # empty: every port of the selected pods
+    allow: tuple[CallerRule, ...] = ()  # empty: nobody (deny-all)
+    protocol: Protocol = "tcp"
+    early_data_methods: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDocument:
+    """A namespace's ``SidecarPolicy`` (``namespace`` and ``trust_domain`` say whose)."""
+
+    policies: tuple[Policy, ...] = ()
+    namespace: str | None = None
+    trust_domain: TrustDomain | None = None
+
+    def selecting(self, labels: Mapping[str, str]) -> tuple[Policy, ...]:
+        """The policies whose selector matches a pod with these labels."""
+        return tuple(p for p in self.policies if p.selector.matches(labels))
+
+
+def parse_caller_rules(raw: Any, where: str) -> tuple[CallerRule, ...]:
+    """``[{exact: ID} | {prefix: ID}, ...]``: a document's ``allow``, and the same shape in
+    an ``AccessPolicy`` spec and the sidecar's YAML ``inbound.targets.*.allow``."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise FieldError(where, "expected a list of {exact: SPIFFE_ID} or {prefix: SPIFFE_ID}")
+    rules: list[CallerRule] = []
+    for index, item in enumerate(raw):
+        at = f"{where}[{index}]"
+        if not isinstance(item, Mapping) or len(item) != 1:
+            raise FieldError(at, "give exactly one of exact: SPIFFE_ID or prefix: SPIFFE_ID")
+        key, value = next(iter(item.items()))
+        if key not in ("exact", "prefix"):
+            raise FieldError(at, f"unknown key {key!r}; use exact or prefix")
+        if not isinstance(value, str):
+            raise FieldError(f"{at}.{key}", "expected a SPIFFE ID string")
+        try:
+            rules.append(CallerRule(SpiffeId(value), key == "prefix"))
+        except SpiffeIdError as exc:
+            raise FieldError(f"{at}.{key}", str(exc)) from exc
+    return tuple(rules)
+
+
+def _ports(raw: Any, where: str) -> tuple[int, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise FieldError(where, "expected a list of port numbers")
+    for index, port in enumerate(raw):
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise FieldError(f"{where}[{index}]", f"{port!r} is not a port number (1-65535)")
+    return tuple(raw)
+
+
+def _optional_string(raw: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise FieldError(f"{where}.{key}", f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _methods(raw: Any, where: str) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise FieldError(where, "expected a list of HTTP methods")
+    for index, method in enumerate(raw):
+        # RFC 9110 §9.1: a method is a token; the ones Trellis knows are upper-case letters.
+        if not isinstance(method, str) or not method.isalpha() or not method.isupper():
+            raise FieldError(f"{where}[{index}]", f"{method!r} is not an HTTP method name")
+    return tuple(raw)
+
+
+def _policy(raw: Any, where: str) -> Policy:
+    if not isinstance(raw, Mapping):
+        raise FieldError(where, "expected an object with selector, ports and allow")
+    protocol = raw.get("protocol", "tcp")
+    if protocol not in _PROTOCOLS:
+        raise FieldError(f"{where}.protocol", f"{protocol!r} must be tcp or http")
+    return Policy(
+        name=_optional_string(raw, "name", where),
+        selector=LabelSelector.parse(raw.get("selector"), f"{where}.selector"),
+        ports=_ports(raw.get("ports"), f"{where}.ports"),
+        allow=parse_caller_rules(raw.get("allow"), f"{where}.allow"),
+        protocol=protocol,
+        early_data_methods=_methods(raw.get("earlyDataMethods"), f"{where}.earlyDataMethods"),
+    )
+
+
+def parse_policy_document(raw: Any, where: str = "policy") -> PolicyDocument:
+    """The document as JSON decoded it; ``FieldError`` names the JSON path under ``where``
+    (``policy.policies[1].allow[0].exact``) and the rule it breaks."""
+    if not isinstance(raw, Mapping):
+        raise FieldError(where, f"expected a JSON object (kind {KIND})")
+    for key, expected in (("apiVersion", API_VERSION), ("kind", KIND)):
+        if key in raw and raw[key] != expected:
+            raise FieldError(f"{where}.{key}", f"{raw[key]!r} is not {expected!r}")
+    trust_domain_raw = _optional_string(raw, "trustDomain", where)
+    try:
+        trust_domain = None if trust_domain_raw is None else TrustDomain(trust_domain_raw)
+    except SpiffeIdError as exc:
+        raise FieldError(f"{where}.trustDomain", str(exc)) from exc
+    policies = raw.get("policies")
+    if policies is None:
+        policies = []
+    if not isinstance(policies, list):
+        raise FieldError(f"{where}.policies", "expected a list")
+    return PolicyDocument(
+        policies=tuple(_policy(p, f"{where}.policies[{i}]") for i, p in enumerate(policies)),
+        namespace=_optional_string(raw, "namespace", where),
+        trust_domain=trust_domain,
+    )
+
+
+def _render_policy(policy: Policy) -> dict[str, Any]:
+    rendered: dict[str, Any] = {} if policy.name is None else {"name": policy.name}
+    rendered.update(
+        {
+            "selector": policy.selector.to_dict(),
+            "ports": list(policy.ports),
+            "protocol": policy.protocol,
+            "allow": [rule.to_dict() for rule in policy.allow],
+            "earlyDataMethods": list(policy.early_data_methods),
+        }
+    )
+    return rendered
+
+
+def render_policy_document(document: PolicyDocument) -> dict[str, Any]:
+    """The canonical JSON form (see the module docstring), ready for ``json.dumps``."""
+    rendered: dict[str, Any] = {"apiVersion": API_VERSION, "kind": KIND}
+    if document.namespace is not None:
+        rendered["namespace"] = document.namespace
+    if document.trust_domain is not None:
+        rendered["trustDomain"] = document.trust_domain.name
+    rendered["policies"] = [_render_policy(p) for p in document.policies]
+    return rendered
