@@ -9,7 +9,8 @@ raw objects keyed by name) and, after any change, recomputes **everything** from
   what makes a missed or reordered watch event harmless: the output depends only on the
   snapshot.
 * ``compile_policies`` turns ``AccessPolicy`` objects into one document per namespace for
-  the sidecars there, plus statuses.
+  the sidecars there (a ``meshapi.policy.PolicyDocument``, rendered by the module the
+  sidecar parses it with), plus statuses.
 * ``reconcile_federation`` lists the ``FederatedTrustDomain`` objects for the CA.
 
 How a pod becomes an entry. For each selected, scheduled, non-terminal pod the template is
@@ -34,7 +35,6 @@ from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from mesh_operator.conditions import Condition, merge_conditions
 from mesh_operator.errors import SpecError
 from mesh_operator.spec import (
-    API_VERSION,
     AccessPolicySpec,
     FederatedTrustDomainSpec,
     IdentityTemplateSpec,
@@ -43,6 +43,7 @@ from mesh_operator.spec import (
     parse_federated_trust_domain,
     parse_identity_template,
 )
+from meshapi.policy import Policy, PolicyDocument, render_policy_document
 
 __all__ = [
     "ClusterSnapshot",
@@ -130,7 +131,7 @@ class IdentityResult:
 
 @dataclass(frozen=True)
 class PolicyResult:
-    documents: Mapping[str, Mapping[str, Any]]  # namespace -> sidecar policy document
+    documents: Mapping[str, Mapping[str, Any]]  # namespace -> rendered SidecarPolicy
     statuses: Mapping[str, ObjectStatus]  # "ns/name" -> status
 
 
@@ -450,23 +451,22 @@ def compile_policies(snapshot: ClusterSnapshot) -> PolicyResult:
 
     documents: dict[str, dict[str, Any]] = {}
     for namespace, policies in sorted(by_namespace.items()):
-        documents[namespace] = {
-            "apiVersion": API_VERSION,
-            "kind": "SidecarPolicy",
-            "namespace": namespace,
-            "trustDomain": snapshot.trust_domain.name,
-            "policies": [
-                {
-                    "name": p.ref.name,
-                    "selector": p.selector.to_dict(),
-                    "ports": list(p.ports),
-                    "protocol": p.protocol,
-                    "allow": [a.to_dict() for a in p.allow],
-                    "earlyDataMethods": list(p.early_data_methods),
-                }
+        document = PolicyDocument(
+            policies=tuple(
+                Policy(
+                    name=p.ref.name,
+                    selector=p.selector,
+                    ports=p.ports,
+                    allow=p.allow,
+                    protocol=p.protocol,
+                    early_data_methods=p.early_data_methods,
+                )
                 for p in policies
-            ],
-        }
+            ),
+            namespace=namespace,
+            trust_domain=snapshot.trust_domain,
+        )
+        documents[namespace] = render_policy_document(document)
     return PolicyResult(documents, statuses)
 
 

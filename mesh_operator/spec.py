@@ -22,7 +22,7 @@ import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 from ca.bundle import BundleError, TrustBundle, load_pem_certificates
@@ -33,6 +33,7 @@ from ca.x509svid import DEFAULT_X509_SVID_TTL, MAX_X509_SVID_TTL
 from core.durations import parse_duration
 from core.labels import LabelSelector, check_label_key
 from mesh_operator.errors import SpecError
+from meshapi.policy import CallerRule, Protocol, parse_caller_rules
 
 __all__ = [
     "API_VERSION",
@@ -320,19 +321,9 @@ def parse_identity_template(obj: Any) -> IdentityTemplateSpec:
 # --- AccessPolicy ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class AllowedCaller:
-    """One caller rule: an exact SPIFFE ID, or every ID under a path prefix."""
-
-    spiffe_id: SpiffeId
-    prefix: bool
-
-    def allows(self, caller: SpiffeId) -> bool:
-        # A prefix matches whole path segments: /ns/web does not allow /ns/webhook.
-        return caller.is_under(self.spiffe_id) if self.prefix else caller == self.spiffe_id
-
-    def to_dict(self) -> dict[str, str]:
-        return {"prefix" if self.prefix else "exact": str(self.spiffe_id)}
+# One caller rule: an exact SPIFFE ID, or every ID under a path prefix. The rule type of the
+# sidecar's policy document, so what the operator parses is what it renders for the sidecar.
+AllowedCaller = CallerRule
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,8 +331,8 @@ class AccessPolicySpec:
     ref: ObjectRef
     selector: LabelSelector
     ports: tuple[int, ...]
-    protocol: Literal["tcp", "http"]
-    allow: tuple[AllowedCaller, ...]
+    protocol: Protocol
+    allow: tuple[CallerRule, ...]
     early_data_methods: tuple[str, ...]
 
 
@@ -360,29 +351,7 @@ def parse_access_policy(obj: Any) -> AccessPolicySpec:
     protocol = spec.get("protocol", "tcp")
     if protocol not in ("tcp", "http"):
         raise SpecError("spec.protocol", f"{protocol!r} must be tcp or http")
-    allow_raw = spec.get("allow") or []
-    if not isinstance(allow_raw, list):
-        raise SpecError("spec.allow", "expected a list of {exact: ID} or {prefix: ID}")
-    allow: list[AllowedCaller] = []
-    for index, rule in enumerate(allow_raw):
-        at = f"spec.allow[{index}]"
-        if (
-            not isinstance(rule, Mapping)
-            or len(rule) != 1
-            or next(iter(rule))
-            not in (
-                "exact",
-                "prefix",
-            )
-        ):
-            raise SpecError(at, "give exactly one of exact: SPIFFE_ID or prefix: SPIFFE_ID")
-        key, value = next(iter(rule.items()))
-        if not isinstance(value, str):
-            raise SpecError(f"{at}.{key}", "expected a SPIFFE ID string")
-        try:
-            allow.append(AllowedCaller(SpiffeId(value), key == "prefix"))
-        except SpiffeIdError as exc:
-            raise SpecError(f"{at}.{key}", str(exc)) from exc
+    allow = parse_caller_rules(spec.get("allow") or [], "spec.allow")
     methods = _strings(spec.get("earlyDataMethods"), "spec.earlyDataMethods")
     for index, method in enumerate(methods):
         if method not in SAFE_EARLY_DATA_METHODS:
@@ -398,7 +367,7 @@ def parse_access_policy(obj: Any) -> AccessPolicySpec:
         selector=LabelSelector.parse(spec.get("selector"), "spec.selector"),
         ports=tuple(sorted(set(ports))),
         protocol=protocol,
-        allow=tuple(allow),
+        allow=allow,
         early_data_methods=tuple(sorted(set(methods))),
     )
 

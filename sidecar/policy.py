@@ -1,8 +1,8 @@
 """Inbound authorisation as data: who may open a CONNECT stream to which local port.
 
 Pure: an `Authorizer` is built once from the YAML config or from the operator's
-`policy.json` plus the pod's labels, and `decide(caller, port, own_trust_domain)` is a
-function of its arguments.
+`policy.json` (a `meshapi.policy.PolicyDocument`) plus the pod's labels, and
+`decide(caller, port, own_trust_domain)` is a function of its arguments.
 
 Semantics (the operator's AccessPolicy, DESIGN.md §4):
 
@@ -14,6 +14,9 @@ Semantics (the operator's AccessPolicy, DESIGN.md §4):
   everyone (deny-all).
 * A port no policy covers admits any caller of the sidecar's own trust domain (the mesh
   default: mTLS everywhere, no cross-trust-domain calls without a rule).
+
+The document's grammar and the rule type belong to `meshapi.policy`, which the operator
+renders with; this module only reads.
 """
 
 from __future__ import annotations
@@ -23,39 +26,27 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
+from ca.spiffeid import SpiffeId, TrustDomain
 from core.errors import FieldError
-from core.labels import LabelSelector
+from meshapi.policy import CallerRule, PolicyDocument, parse_caller_rules, parse_policy_document
 
 __all__ = [
     "Authorizer",
     "CallerRule",
     "Decision",
     "PolicyError",
+    "authorizer_for_pod",
     "authorizer_from_document",
     "parse_pod_labels",
     "parse_rules",
 ]
 
+# A policy input is malformed; `field` names where (the document's JSON path, or the line
+# of the labels file). One type with the document parser's errors, so one except covers both.
+PolicyError = FieldError
 
-class PolicyError(ValueError):
-    """A policy input is malformed; `field` names where."""
-
-    def __init__(self, where: str, message: str) -> None:
-        super().__init__(f"{where}: {message}")
-        self.field = where
-
-
-@dataclass(frozen=True, slots=True)
-class CallerRule:
-    spiffe_id: SpiffeId
-    prefix: bool
-
-    def allows(self, caller: SpiffeId) -> bool:
-        return caller.is_under(self.spiffe_id) if self.prefix else caller == self.spiffe_id
-
-    def __str__(self) -> str:
-        return f"{'prefix' if self.prefix else 'exact'}:{self.spiffe_id}"
+# `[{exact: ID} | {prefix: ID}, ...]`: the YAML config's allow lists share the document's.
+parse_rules = parse_caller_rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,69 +98,22 @@ class Authorizer:
         }
 
 
-def parse_rules(raw: Any, where: str) -> tuple[CallerRule, ...]:
-    """`[{exact: ID} | {prefix: ID}, ...]` (the AccessPolicy `allow` shape)."""
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise PolicyError(where, "expected a list of {exact: SPIFFE_ID} or {prefix: SPIFFE_ID}")
-    rules: list[CallerRule] = []
-    for index, item in enumerate(raw):
-        at = f"{where}[{index}]"
-        if not isinstance(item, Mapping) or len(item) != 1:
-            raise PolicyError(at, "give exactly one of exact: SPIFFE_ID or prefix: SPIFFE_ID")
-        key, value = next(iter(item.items()))
-        if key not in ("exact", "prefix"):
-            raise PolicyError(at, f"unknown key {key!r}; use exact or prefix")
-        if not isinstance(value, str):
-            raise PolicyError(f"{at}.{key}", "expected a SPIFFE ID string")
-        try:
-            rules.append(CallerRule(SpiffeId(value), key == "prefix"))
-        except SpiffeIdError as exc:
-            raise PolicyError(f"{at}.{key}", str(exc)) from exc
-    return tuple(rules)
-
-
-def _ports(raw: Any, where: str) -> tuple[int, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise PolicyError(where, "expected a list of port numbers")
-    ports = []
-    for index, port in enumerate(raw):
-        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-            raise PolicyError(f"{where}[{index}]", f"{port!r} is not a port number (1-65535)")
-        ports.append(port)
-    return tuple(ports)
+def authorizer_for_pod(document: PolicyDocument, labels: Mapping[str, str]) -> Authorizer:
+    """The document's policies that select a pod with these labels, as one `Authorizer`."""
+    per_port: dict[int, tuple[CallerRule, ...]] = {}
+    any_port: tuple[CallerRule, ...] | None = None
+    for policy in document.selecting(labels):
+        if not policy.ports:
+            any_port = (any_port or ()) + policy.allow
+        for port in policy.ports:
+            per_port[port] = per_port.get(port, ()) + policy.allow
+    return Authorizer(per_port, any_port)
 
 
 def authorizer_from_document(document: Any, labels: Mapping[str, str]) -> Authorizer:
-    """The operator's `SidecarPolicy` document (mesh_operator.reconcile.compile_policies),
-    restricted to the policies whose selector matches this pod's labels."""
-    if not isinstance(document, Mapping):
-        raise PolicyError("policy", "expected a JSON object (kind SidecarPolicy)")
-    policies = document.get("policies") or []
-    if not isinstance(policies, list):
-        raise PolicyError("policy.policies", "expected a list")
-    per_port: dict[int, tuple[CallerRule, ...]] = {}
-    any_port: tuple[CallerRule, ...] | None = None
-    for index, policy in enumerate(policies):
-        at = f"policy.policies[{index}]"
-        if not isinstance(policy, Mapping):
-            raise PolicyError(at, "expected an object")
-        try:
-            selector = LabelSelector.parse(policy.get("selector"), f"{at}.selector")
-        except FieldError as exc:
-            raise PolicyError(f"{at}.selector", str(exc)) from exc
-        if not selector.matches(labels):
-            continue
-        rules = parse_rules(policy.get("allow"), f"{at}.allow")
-        ports = _ports(policy.get("ports"), f"{at}.ports")
-        if not ports:
-            any_port = (any_port or ()) + rules
-        for port in ports:
-            per_port[port] = per_port.get(port, ()) + rules
-    return Authorizer(per_port, any_port)
+    """The operator's `SidecarPolicy` document as JSON decoded it (`PolicyError` names the
+    JSON path of a bad value), restricted to the policies selecting this pod."""
+    return authorizer_for_pod(parse_policy_document(document, "policy"), labels)
 
 
 def parse_pod_labels(text: str) -> dict[str, str]:

@@ -80,3 +80,26 @@ def test_downward_api_labels_are_parsed_with_their_quoting() -> None:
     assert parse_pod_labels(text) == {"app": "api", "pod-template-hash": "5d8f", "note": 'say "hi"'}
     with pytest.raises(PolicyError):
         parse_pod_labels("no equals sign")
+
+
+def test_a_bad_document_names_the_json_path_once() -> None:
+    document = {"policies": [{"selector": {"matchLabels": {"-app": "api"}}, "allow": []}]}
+    with pytest.raises(PolicyError) as info:
+        authorizer_from_document(document, {"app": "api"})
+    assert str(info.value) == (
+        "policy.policies[0].selector.matchLabels: '-app' is not a valid label key"
+    )
+
+
+def test_a_malformed_policy_for_other_pods_still_refuses_the_whole_document() -> None:
+    """Every sidecar of the namespace reads the same document: one that is broken anywhere
+    is refused by all of them alike, not applied in part by the pods it does not select."""
+    document = {
+        "policies": [
+            {"selector": {"matchLabels": {"app": "api"}}, "allow": [{"exact": str(WEB)}]},
+            {"selector": {"matchLabels": {"app": "db"}}, "allow": [{"regex": ".*"}]},
+        ]
+    }
+    with pytest.raises(PolicyError) as info:
+        authorizer_from_document(document, {"app": "api"})
+    assert info.value.field == "policy.policies[1].allow[0]"
