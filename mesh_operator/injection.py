@@ -31,10 +31,13 @@ and ``hostNetwork`` pods (an iptables redirect there would capture the node's tr
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from core.errors import FieldError
+from meshapi import upstreams as meshapi_upstreams
+from meshapi.upstreams import Upstream
 
 __all__ = [
     "ANNOTATION_INJECT",
@@ -60,13 +63,9 @@ VOLUME_POLICY = "trellis-policy"
 VOLUME_PODINFO = "trellis-podinfo"
 VOLUME_TMP = "trellis-tmp"
 POLICY_CONFIGMAP = "trellis-policy"
-_UPSTREAM = re.compile(
-    r"^(?P<service>[a-z0-9]([-a-z0-9.]*[a-z0-9])?):(?P<port>\d{1,5})"
-    r"=(?P<local>\d{1,5})$"
-)
 
 
-class UpstreamError(ValueError):
+class UpstreamError(FieldError):
     """The upstreams annotation is malformed; the pod is refused with this message."""
 
 
@@ -101,28 +100,13 @@ class InjectionDecision:
     reason: str
 
 
-def parse_upstreams(text: str) -> tuple[tuple[str, int, int], ...]:
-    """``svc.ns:8080=9001,db.ns:5432=9002`` → ((service, port, local port), ...)."""
-    result: list[tuple[str, int, int]] = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        match = _UPSTREAM.match(item)
-        if not match:
-            raise UpstreamError(
-                f"{ANNOTATION_UPSTREAMS}: {item!r} must look like SERVICE:PORT=LOCAL_PORT "
-                "(e.g. api.default:8080=9001)"
-            )
-        port, local = int(match["port"]), int(match["local"])
-        if not (1 <= port <= 65535 and 1 <= local <= 65535):
-            raise UpstreamError(f"{ANNOTATION_UPSTREAMS}: {item!r}: ports must be 1-65535")
-        result.append((match["service"], port, local))
-    if not result:
-        raise UpstreamError(f"{ANNOTATION_UPSTREAMS}: empty; remove it for transparent mode")
-    locals_ = [r[2] for r in result]
-    if len(set(locals_)) != len(locals_):
-        raise UpstreamError(f"{ANNOTATION_UPSTREAMS}: a local port is used twice")
-    return tuple(result)
+def parse_upstreams(text: str) -> tuple[Upstream, ...]:
+    """``svc.ns:8080=9001,db.ns:5432=9002`` → ((service, port, local port), ...), in the
+    grammar the sidecar's ``--upstreams`` reads (``meshapi.upstreams``)."""
+    try:
+        return meshapi_upstreams.parse_upstreams(text, ANNOTATION_UPSTREAMS)
+    except FieldError as exc:
+        raise UpstreamError(exc.field, exc.reason) from exc
 
 
 def _pointer(token: str) -> str:
@@ -315,8 +299,7 @@ def plan_injection(pod: Mapping[str, Any], config: InjectorConfig) -> InjectionD
     upstreams_raw = annotations.get(ANNOTATION_UPSTREAMS)
     upstreams: str | None = None
     if upstreams_raw is not None:
-        parsed = parse_upstreams(str(upstreams_raw))
-        upstreams = ",".join(f"{s}:{p}={lp}" for s, p, lp in parsed)
+        upstreams = meshapi_upstreams.render_upstreams(parse_upstreams(str(upstreams_raw)))
 
     new_init: list[dict[str, Any]] = []
     if upstreams is None:

@@ -61,6 +61,8 @@ import yaml
 
 from ca.spiffeid import SpiffeId, SpiffeIdError
 from core.durations import parse_duration
+from core.errors import FieldError
+from meshapi.upstreams import parse_upstreams
 
 from .policy import CallerRule, PolicyError, parse_rules
 
@@ -448,34 +450,24 @@ def load_yaml(text: str, source: str = "config") -> SidecarConfig:
 
 
 def parse_upstreams_flag(text: str, inbound_port: int) -> tuple[UpstreamConfig, ...]:
-    """``--upstreams=svc.ns:8080=9001,...`` (the injector's annotation format): the app
-    dials 127.0.0.1:LOCAL; the stream goes to SERVICE's sidecar on the inbound port with
-    :authority SERVICE:PORT, and any peer of our trust domain is accepted."""
-    result = []
-    for index, item in enumerate(part.strip() for part in text.split(",")):
-        where = f"--upstreams[{index}]"
-        if not item:
-            continue
-        target, sep, local = item.rpartition("=")
-        if not sep or not local.isdigit():
-            raise ConfigError(where, f"{item!r} must look like SERVICE:PORT=LOCAL_PORT")
-        address = parse_address(target, where)
-        listen = Address("127.0.0.1", _port(int(local), where))
-        result.append(
-            UpstreamConfig(
-                address.host,
-                listen,
-                str(address),
-                (Address(address.host, inbound_port),),
-                (),
-            )
+    """``--upstreams=svc.ns:8080=9001,...`` (the injector's annotation, grammar in
+    ``meshapi.upstreams``): the app dials 127.0.0.1:LOCAL; the stream goes to SERVICE's
+    sidecar on the inbound port with :authority SERVICE:PORT, and any peer of our trust
+    domain is accepted."""
+    try:
+        entries = parse_upstreams(text, "--upstreams")
+    except FieldError as exc:
+        raise ConfigError(exc.field, exc.reason) from exc
+    return tuple(
+        UpstreamConfig(
+            entry.service,
+            Address("127.0.0.1", entry.local_port),
+            str(Address(entry.service, entry.port)),
+            (Address(entry.service, inbound_port),),
+            (),
         )
-    if not result:
-        raise ConfigError("--upstreams", "empty")
-    ports = [u.listen.port for u in result]
-    if len(set(ports)) != len(ports):
-        raise ConfigError("--upstreams", "a local port is used twice")
-    return tuple(result)
+        for entry in entries
+    )
 
 
 def check_consistency(config: SidecarConfig) -> SidecarConfig:

@@ -178,6 +178,35 @@ def test_a_malformed_upstreams_annotation_refuses_the_pod_with_the_fix(
     run(body())
 
 
+def test_the_webhook_judges_upstreams_by_the_grammar_the_sidecar_reads(
+    tmp_path: Path, webhook_pki: WebhookPki
+) -> None:
+    """A name no resolver takes is refused at admission, naming the entry, rather than
+    admitted into a sidecar that dials it; an IPv6 upstream the sidecar reads is admitted,
+    and the sidecar parses the flag it is given into the same entries."""
+    from sidecar.config import Address, parse_upstreams_flag
+
+    async def body() -> None:
+        async with webhook(tmp_path, webhook_pki) as hook:
+            bad = pod(
+                annotations={"trellis.dev/upstreams": "api.default:80=9001,db..shop:5432=9002"}
+            )
+            response = await hook.review("/mutate", admission_review(bad))
+            assert response["allowed"] is False and response["status"]["code"] == 422
+            message = response["status"]["message"]
+            assert message.startswith("trellis.dev/upstreams[1]: 'db..shop' ")
+            assert "lowercase DNS name" in message
+
+            good = pod(annotations={"trellis.dev/upstreams": "[fd00::7]:5432=9002"})
+            injected, _ = await hook.inject(good)
+            args = injected["spec"]["initContainers"][0]["args"]
+            assert "--upstreams=[fd00::7]:5432=9002" in args
+            (upstream,) = parse_upstreams_flag("[fd00::7]:5432=9002", 15008)
+            assert upstream.endpoints == (Address("fd00::7", 15008),)
+
+    run(body())
+
+
 def test_broken_envelopes_get_clear_refusals(tmp_path: Path, webhook_pki: WebhookPki) -> None:
     async def body() -> None:
         async with webhook(tmp_path, webhook_pki) as hook:

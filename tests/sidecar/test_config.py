@@ -280,6 +280,16 @@ def test_the_cli_refuses_a_bad_config_file_in_one_line_naming_the_field(tmp_path
     assert "Traceback" not in result.stderr + missing.stderr + flag.stderr
 
 
+def test_an_upstreams_flag_with_a_huge_port_is_refused_in_one_line() -> None:
+    """Python refuses int() of more than 4,300 digits with a ValueError, which escaped the
+    configuration errors as a traceback; the grammar takes five digits at most."""
+    result = _trellis("sidecar", "--admin-port=off", f"--upstreams=api:{'9' * 5000}=9001")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("trellis: error: sidecar configuration: --upstreams[0]: 'api:999")
+    assert "must look like SERVICE:PORT=LOCAL_PORT" in line and len(line) < 300
+
+
 def test_without_an_identity_source_the_sidecar_says_so(tmp_path: Path) -> None:
     import os
 
