@@ -42,7 +42,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from reference_proxies import GHOSTUNNEL, HaproxyPair, haproxy_pair
+from reference_proxies import GHOSTUNNEL, HaproxyPair, haproxy_binary, haproxy_pair
 
 from trellis.demo.load import LoadConfig, LoadGenerator, LoadReport, bulk_upload
 from trellis.up.mesh import Mesh, MeshConfig
@@ -213,6 +213,8 @@ def main() -> int:
         },
         "payload_bytes": 1024,
     }
+    if not args.no_reference:
+        haproxy_binary()  # a missing piece ends the run before the mesh starts
     with Mesh(config) as mesh, ExitStack() as stack:
         pair: HaproxyPair | None = None
         if not args.no_reference:
