@@ -191,19 +191,31 @@ def parse_address(raw: Any, where: str, default_host: str | None = None) -> Addr
     if isinstance(raw, int) and not isinstance(raw, bool) and default_host is not None:
         return Address(default_host, _port(raw, where))
     if not isinstance(raw, str) or not raw:
-        raise ConfigError(where, f"expected HOST:PORT, got {raw!r}")
+        raise ConfigError(where, f"expected HOST:PORT, got {_shown(raw)}")
     host, sep, port_text = raw.rpartition(":")
     if not sep:
-        if default_host is not None and raw.isdigit():
+        if default_host is not None and _is_port_text(raw):
             return Address(default_host, _port(int(raw), where))
-        raise ConfigError(where, f"expected HOST:PORT, got {raw!r}")
+        raise ConfigError(where, f"expected HOST:PORT, got {_shown(raw)}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not host:
-        raise ConfigError(where, f"missing host in {raw!r}")
-    if not port_text.isdigit():
-        raise ConfigError(where, f"port {port_text!r} in {raw!r} is not a number")
+        raise ConfigError(where, f"missing host in {_shown(raw)}")
+    if not _is_port_text(port_text):
+        raise ConfigError(where, f"port {_shown(port_text)} in {_shown(raw)} is not a port number")
     return Address(host, _port(int(port_text), where))
+
+
+def _is_port_text(text: str) -> bool:
+    # ASCII digits only ("²".isdigit() is true, and int() refuses it), and few enough that
+    # int() never meets Python's 4,300-digit limit on a hostile config.
+    return 0 < len(text) <= 5 and text.isascii() and text.isdigit()
+
+
+def _shown(raw: Any) -> str:
+    """A value quoted for an error line, cut short so one line stays one line."""
+    text = repr(raw)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _port(value: Any, where: str) -> int:

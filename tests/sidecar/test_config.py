@@ -17,6 +17,7 @@ from sidecar.config import (
     SidecarConfig,
     check_consistency,
     load_yaml,
+    parse_config,
     parse_upstreams_flag,
 )
 from trellis.cli import build_parser
@@ -271,7 +272,7 @@ def test_the_cli_refuses_a_bad_config_file_in_one_line_naming_the_field(tmp_path
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "trellis: error: sidecar configuration: upstreams[0].endpoints[0]: "
-        "port 'http' in 'b:http' is not a number"
+        "port 'http' in 'b:http' is not a port number"
     ]
     missing = _trellis("sidecar", "--config", str(tmp_path / "absent.yaml"))
     assert missing.returncode == 1 and "--config" in missing.stderr
@@ -288,6 +289,17 @@ def test_an_upstreams_flag_with_a_huge_port_is_refused_in_one_line() -> None:
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("trellis: error: sidecar configuration: --upstreams[0]: 'api:999")
     assert "must look like SERVICE:PORT=LOCAL_PORT" in line and len(line) < 300
+
+
+@pytest.mark.parametrize(
+    "address", [f"127.0.0.1:{'9' * 5000}", "9" * 5000, "127.0.0.1:\u00b2", "\u00b2", "h:0x1f"]
+)
+def test_an_address_whose_port_is_not_five_ascii_digits_is_a_config_error(address: str) -> None:
+    """`int()` refuses more than 4,300 digits and superscript digits that `isdigit()`
+    accepts; both once escaped as a ValueError traceback. The error line stays short."""
+    with pytest.raises(ConfigError, match="not a port number|expected HOST:PORT") as caught:
+        parse_config({"admin": address})
+    assert len(str(caught.value)) < 300
 
 
 def test_without_an_identity_source_the_sidecar_says_so(tmp_path: Path) -> None:
