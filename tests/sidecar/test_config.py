@@ -297,7 +297,7 @@ def test_an_upstreams_flag_with_a_huge_port_is_refused_in_one_line() -> None:
 def test_an_address_whose_port_is_not_five_ascii_digits_is_a_config_error(address: str) -> None:
     """`int()` refuses more than 4,300 digits and superscript digits that `isdigit()`
     accepts; both once escaped as a ValueError traceback. The error line stays short."""
-    with pytest.raises(ConfigError, match="not a port number|expected HOST:PORT") as caught:
+    with pytest.raises(ConfigError, match=r"not a port number|expected HOST:PORT") as caught:
         parse_config({"admin": address})
     assert len(str(caught.value)) < 300
 
