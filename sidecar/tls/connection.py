@@ -205,7 +205,6 @@ class Connection:
         self._stall = Stall()
         self.client_random = b""
         self._key_update_limit = config.key_update_after_records
-        self._context: HandshakeContext = _Context(self)
 
     # --- public API --------------------------------------------------------------------
 
@@ -472,7 +471,7 @@ class Connection:
         elif msg_type == HandshakeType.new_session_ticket and self.is_client:
             self._emit(state.session_ticket(body))
         else:
-            state.handle(self._context, msg_type, body, raw)  # unexpected_message
+            state.handle(_Context(self), msg_type, body, raw)  # unexpected_message
 
     # --- inbound records ---------------------------------------------------------------
 
@@ -554,7 +553,10 @@ class Connection:
             if isinstance(state, Traffic):
                 self._post_handshake(state, raw[0], raw[4:], raw)
                 continue
-            self._state = state.handle(self._context, raw[0], raw[4:], raw)
+            # A context per message, not an attribute: connection <-> context would be a
+            # reference cycle, and every connection would wait for the cycle collector.
+            ctx: HandshakeContext = _Context(self)
+            self._state = state.handle(ctx, raw[0], raw[4:], raw)
             if self._reader.pre_auth_budget is not None and isinstance(self._state, Traffic):
                 # The peer authenticated (its Finished verified): from here on its
                 # records are bounded by what the application reads, not by a budget.

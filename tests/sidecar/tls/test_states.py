@@ -8,6 +8,8 @@ handshake goes (what rustls's typed states rule out)."""
 from __future__ import annotations
 
 import dataclasses
+import gc
+import weakref
 
 import pytest
 
@@ -16,7 +18,7 @@ from sidecar.tls.connection import HandshakeState, Traffic
 from sidecar.tls.keyschedule import Transcript
 from sidecar.tls.proofs import FinishedVerified, PeerAuthenticated
 
-from .helpers import pump
+from .helpers import connected_pair, drain, pump
 from .pki import NOW, client_config, server_config
 
 _IMMUTABLE = (bytes, str, int, frozenset, tuple, type(None), FinishedVerified, PeerAuthenticated)
@@ -79,3 +81,20 @@ def test_every_handshake_state_holds_only_frozen_values_and_the_transcript(retry
         for name in type(state).__slots__:
             value = getattr(state, name)
             assert _is_value(value), f"{type(state).__name__}.{name} is a {type(value)}"
+
+
+def test_a_finished_connection_is_freed_by_reference_counting_alone() -> None:
+    """The states' context must not tie the connection into a reference cycle: a busy
+    sidecar would then hold every closed connection's buffers and keys until the cycle
+    collector ran."""
+    client, server = connected_pair()
+    client.send_application_data(b"x")
+    server.receive_data(client.data_to_send())
+    drain(server)
+    refs = (weakref.ref(client), weakref.ref(server))
+    gc.disable()
+    try:
+        del client, server
+        assert [ref() for ref in refs] == [None, None]
+    finally:
+        gc.enable()
