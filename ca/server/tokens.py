@@ -6,7 +6,9 @@ the directory tells a reader which nodes may join, not how. ``token create`` han
 token over once, on its stdout or in its ``--out`` file (0600) for the agent's
 ``--join-token-file``. The server looks a
 presented token's hash up here when it is not one it issued itself, and deletes the file
-when the token is redeemed (single use survives a server restart).
+when the token is redeemed (single use survives a server restart). Files of tokens that
+expired unredeemed are deleted at start and then every ``token_purge_interval`` seconds
+(``ca/server/app.py``); a late agent then hears "not valid" rather than "expired".
 """
 
 from __future__ import annotations
