@@ -55,6 +55,7 @@ from .proofs import FinishedVerified, PeerAuthenticated, anonymous_peer
 from .signatures import (
     CLIENT_CONTEXT,
     SERVER_CONTEXT,
+    PrivateKey,
     certificate_verify_input,
     choose_scheme,
     sign,
@@ -71,10 +72,11 @@ class ServerConnection(Connection):
     """A TLS 1.3 server; mTLS (CertificateRequest) when require_client_certificate."""
 
     def __init__(self, config: TLSConfig, now: Now = None) -> None:
-        if not config.certificate_chain or config.private_key is None:
+        key = config.private_key
+        if not config.certificate_chain or key is None:
             raise ValueError("a server needs certificate_chain and private_key")
         super().__init__(config, now)
-        self._state = ExpectClientHello(None)
+        self._state = ExpectClientHello(None, key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,10 +146,11 @@ def _negotiate(ctx: HandshakeContext, ch: ClientHello, ext: ClientHelloExtension
 
 
 class ExpectClientHello(HandshakeState):
-    __slots__ = ("retry",)
+    __slots__ = ("key", "retry")
 
-    def __init__(self, retry: _Retry | None) -> None:
+    def __init__(self, retry: _Retry | None, key: PrivateKey) -> None:
         self.retry = retry
+        self.key = key  # the key of the chain we will present (checked at construction)
 
     @property
     def accepts_ccs(self) -> bool:
@@ -164,10 +167,11 @@ class ExpectClientHello(HandshakeState):
         if retry is None:
             ctx.begin(ch.random)
         choice = _negotiate(ctx, ch, ext)
+        share = choice.client_share
         if retry is None:
             transcript = Transcript()
             transcript.update(raw)
-            if choice.client_share is None:
+            if share is None:
                 return self._send_retry(ctx, ch, choice, transcript, raw)
         else:
             # RFC 8446 §4.1.2: the second ClientHello must answer the HelloRetryRequest.
@@ -176,7 +180,7 @@ class ExpectClientHello(HandshakeState):
             if (
                 ext.key_shares is None
                 or len(ext.key_shares) != 1
-                or choice.client_share is None
+                or share is None
                 or choice.group != retry.group
             ):
                 raise _illegal("second ClientHello does not share the requested group")
@@ -184,7 +188,7 @@ class ExpectClientHello(HandshakeState):
                 raise _illegal("second ClientHello changed its parameters")
             transcript = retry.transcript
             transcript.update(raw)
-        return _send_server_flight(ctx, ch, ext, choice, transcript)
+        return _send_server_flight(ctx, ch, ext, choice, share, self.key, transcript)
 
     def _send_retry(
         self,
@@ -210,7 +214,8 @@ class ExpectClientHello(HandshakeState):
         if ch.legacy_session_id:
             ctx.send_ccs()  # Appendix D.4: right after our first handshake message
         return ExpectClientHello(
-            _Retry(transcript, choice.params, choice.group, cookie, ch.legacy_session_id)
+            _Retry(transcript, choice.params, choice.group, cookie, ch.legacy_session_id),
+            self.key,
         )
 
 
@@ -219,12 +224,13 @@ def _send_server_flight(
     ch: ClientHello,
     ext: ClientHelloExtensions,
     choice: _Choice,
+    client_share: bytes,
+    key: PrivateKey,
     transcript: Transcript,
 ) -> HandshakeState:
     config = ctx.config
     params = choice.params
-    assert choice.client_share is not None
-    server_share, shared = server_exchange(choice.group, choice.client_share, config.rng)
+    server_share, shared = server_exchange(choice.group, client_share, config.rng)
     sh = ServerHello(
         config.rng(32),
         ch.legacy_session_id,
@@ -267,9 +273,8 @@ def _send_server_flight(
         ctx.send(transcript, push_certificate_request(CertificateRequest(b"", cr_ext)))
     entries = tuple(CertificateEntry(der) for der in config.chain_der)
     ctx.send(transcript, push_certificate(Certificate(b"", entries)))
-    assert config.private_key is not None
     signature = sign(
-        config.private_key,
+        key,
         choice.scheme,
         certificate_verify_input(SERVER_CONTEXT, transcript.digest()),
     )

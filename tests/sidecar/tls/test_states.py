@@ -2,8 +2,8 @@
 
 Every state each side enters is recorded (several can pass within one record). What a
 state holds may be a frozen dataclass, a proof value (`proofs.py`), a plain immutable
-value, or the running transcript hash, and nothing else: no mutable bag filled in as the
-handshake goes (what rustls's typed states rule out)."""
+value (a private key among them), or the running transcript hash, and nothing else: no
+mutable bag filled in as the handshake goes (what rustls's typed states rule out)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from sidecar.tls import ClientConnection, ServerConnection
 from sidecar.tls.connection import HandshakeState, Traffic
 from sidecar.tls.keyschedule import Transcript
 from sidecar.tls.proofs import FinishedVerified, PeerAuthenticated
+from sidecar.tls.signatures import PrivateKey
 
 from .helpers import connected_pair, drain, pump
 from .pki import NOW, client_config, server_config
@@ -25,7 +26,7 @@ _IMMUTABLE = (bytes, str, int, frozenset, tuple, type(None), FinishedVerified, P
 
 
 def _is_value(value: object) -> bool:
-    if isinstance(value, (*_IMMUTABLE, Transcript)):
+    if isinstance(value, (*_IMMUTABLE, Transcript, PrivateKey)):
         return True
     params = getattr(type(value), "__dataclass_params__", None)
     return dataclasses.is_dataclass(value) and params is not None and params.frozen
