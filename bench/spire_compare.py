@@ -1,6 +1,6 @@
 """Trellis beside SPIRE v1.13.3: the same entries, the same client, the same machine and run.
 
-    python3 bench/spire_compare.py [--entries 1000] [--calls 2000] [--warmup 200]
+    python3 bench/spire_compare.py [--entries 1000] [--calls 1000] [--rounds 3] [--warmup 200]
 
 Builds spire-server and spire-agent from ``bench/spire/`` on first use (``spire_build``;
 cached afterwards), then runs each system in turn on loopback, each from a private
@@ -22,7 +22,10 @@ temporary directory, and measures:
 3. ``workload_api``: FetchX509SVID (first response of the stream) and FetchJWTSVID latency,
    p50/p99, from one go-spiffe client (``bench/spire/cmd/svid-latency``) against each agent
    over its Unix socket, calls one after another on one connection. One entry of the
-   ``--entries`` selects the client's uid; the others select uids nothing runs as.
+   ``--entries`` selects the client's uid; the others select uids nothing runs as. Both
+   systems stay up from their first sync to the end, so the ``--rounds`` rounds alternate
+   between the agents (which goes first alternates too); p50 and p99 are medians over
+   the rounds, each round's figures beside them.
 
 Both servers are configured as a user would for this test: no per-agent signing rate limit
 (``trellis ca serve --agent-rate``, SPIRE's ``ratelimit { signing = false }``), P-256 keys,
@@ -46,6 +49,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -179,8 +183,31 @@ def latency(client: Path, socket: Path, kind: str, calls: int, warmup: int) -> d
     return result
 
 
-def workload_api(client: Path, socket: Path, calls: int, warmup: int) -> dict[str, Any]:
-    return {kind: latency(client, socket, kind, calls, warmup) for kind in ("x509", "jwt")}
+def workload_api(
+    client: Path, sockets: dict[str, Path], args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
+    """Both agents, kind by kind, alternating which goes first from round to round."""
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        name: {"x509": [], "jwt": []} for name in sockets
+    }
+    names = list(sockets)
+    for round_ in range(args.rounds):
+        for kind in ("x509", "jwt"):
+            for name in names if round_ % 2 == 0 else names[::-1]:
+                runs[name][kind].append(
+                    latency(client, sockets[name], kind, args.calls, args.warmup)
+                )
+    out: dict[str, dict[str, Any]] = {}
+    for name, kinds in runs.items():
+        out[name] = {}
+        for kind, rounds in kinds.items():
+            out[name][kind] = {
+                "p50_ms": statistics.median(r["p50_ms"] for r in rounds),
+                "p99_ms": statistics.median(r["p99_ms"] for r in rounds),
+                "spiffe_id": rounds[0]["spiffe_id"],
+                "rounds": [{k: v for k, v in r.items() if k != "spiffe_id"} for r in rounds],
+            }
+    return out
 
 
 def first_sync(
@@ -219,7 +246,9 @@ def trellis_metric(url: str, name: str) -> float | None:
     return None
 
 
-def run_trellis(work: Path, args: argparse.Namespace, client: Path) -> dict[str, Any]:
+@contextmanager
+def run_trellis(work: Path, args: argparse.Namespace) -> Iterator[tuple[dict[str, Any], Path]]:
+    """Trellis's first sync and memory; yields them and the agent's socket, still serving."""
     root_cert = create_authorities(work / "ca", TrustDomain(TRUST_DOMAIN), CLUSTER)
     lines = ["entries:"]
     for i in range(args.entries):
@@ -284,8 +313,7 @@ def run_trellis(work: Path, args: argparse.Namespace, client: Path) -> dict[str,
         result["first_sync"] = first_sync(args.entries, started, held, cpu_before, cpu_after)
         time.sleep(2.0)
         result["memory"] = {"server": memory_mib(server.pid), "agent": memory_mib(agent.pid)}
-        result["workload_api"] = workload_api(client, socket, args.calls, args.warmup)
-    return result
+        yield result, socket
 
 
 # -- SPIRE ---------------------------------------------------------------------------------
@@ -367,7 +395,11 @@ def count_lines(path: Path, needle: str) -> int:
         return 0
 
 
-def run_spire(work: Path, args: argparse.Namespace, binaries: SpireBinaries) -> dict[str, Any]:
+@contextmanager
+def run_spire(
+    work: Path, args: argparse.Namespace, binaries: SpireBinaries
+) -> Iterator[tuple[dict[str, Any], Path]]:
+    """SPIRE's first sync and memory; yields them and the agent's socket, still serving."""
     (port,) = free_ports(1)
     fields = {
         "port": port,
@@ -480,10 +512,7 @@ def run_spire(work: Path, args: argparse.Namespace, binaries: SpireBinaries) -> 
         )
         time.sleep(2.0)
         result["memory"] = {"server": memory_mib(server.pid), "agent": memory_mib(agent.pid)}
-        result["workload_api"] = workload_api(
-            binaries.client, work / "agent.sock", args.calls, args.warmup
-        )
-    return result
+        yield result, work / "agent.sock"
 
 
 # -- report --------------------------------------------------------------------------------
@@ -516,12 +545,15 @@ def main() -> int:
     parser.add_argument(
         "--entries", type=int, default=1000, help="registration entries for the node"
     )
-    parser.add_argument("--calls", type=int, default=2000, help="timed Workload API calls per kind")
+    parser.add_argument(
+        "--calls", type=int, default=1000, help="timed Workload API calls per kind and round"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="Workload API rounds per agent")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--sync-timeout", type=float, default=300.0, help="seconds")
     args = parser.parse_args()
-    if args.entries < 1 or args.calls < 1:
-        parser.error("--entries and --calls must be at least 1")
+    if min(args.entries, args.calls, args.rounds) < 1:
+        parser.error("--entries, --calls and --rounds must be at least 1")
 
     binaries = ensure_binaries()
     version = subprocess.run(
@@ -539,19 +571,22 @@ def main() -> int:
         },
         "entries": args.entries,
         "calls_each": args.calls,
+        "rounds": args.rounds,
     }
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="tr-spire-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tr-spire-") as tmp, ExitStack() as stack:
         if len(str(Path(tmp) / "trellis" / "agent.sock").encode()) > MAX_SOCKET_PATH:
             raise MissingPiece(f"TMPDIR {tempfile.gettempdir()} is too deep for Unix socket paths")
+        sockets = {}
         for name in ("trellis", "spire"):
             work = Path(tmp) / name
             work.mkdir()
-            progress(f"{name}: {args.entries} entries, first sync, memory, Workload API latency")
-            if name == "trellis":
-                result[name] = run_trellis(work, args, binaries.client)
-            else:
-                result[name] = run_spire(work, args, binaries)
+            progress(f"{name}: {args.entries} entries, first sync, memory")
+            run = run_trellis(work, args) if name == "trellis" else run_spire(work, args, binaries)
+            result[name], sockets[name] = stack.enter_context(run)
+        progress(f"Workload API latency, {args.rounds} rounds alternating between the agents")
+        for name, figures in workload_api(binaries.client, sockets, args).items():
+            result[name]["workload_api"] = figures
     result["ratios_trellis_over_spire"] = ratios(result["trellis"], result["spire"])
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["elapsed_s"] = round(time.monotonic() - started, 1)
