@@ -133,7 +133,10 @@ def running(
     """A child process with stderr (and stdout unless piped) in ``log``; stopped at exit."""
     with log.open("w") as sink:
         kwargs.setdefault("stdout", sink)
-        process = subprocess.Popen(argv, stderr=sink, text=True, **kwargs)
+        try:
+            process = subprocess.Popen(argv, stderr=sink, text=True, **kwargs)
+        except OSError as exc:
+            raise MissingPiece(f"cannot start {name}: {exc.strerror or exc}") from exc
     try:
         yield process
     finally:
@@ -288,10 +291,13 @@ def run_trellis(work: Path, args: argparse.Namespace) -> Iterator[tuple[dict[str
             raise MissingPiece(f"trellis ca serve did not start: {last_line(work / 'server.log')}")
         (admin_port,) = free_ports(1)
         socket = work / "agent.sock"
+        token_file = work / "join-token"  # as trellis up does: never a token on argv
+        token_file.touch(mode=0o600)
+        token_file.write_text(token_line["token"])
         agent_argv = [
             *python, "agent", "--socket", str(socket), "--node", NODE,
             "--ca", ready["listen"], "--ca-attest", ready["attest_listen"],
-            "--trust-bundle", str(root_cert), "--join-token", token_line["token"],
+            "--trust-bundle", str(root_cert), "--join-token-file", str(token_file),
             "--data-dir", str(work / "agent"), "--admin", f"127.0.0.1:{admin_port}",
             "--log-level", "warning",
         ]  # fmt: skip
