@@ -259,6 +259,10 @@ class SpiffeVerifier:
             spiffe_id = spiffe_id_of(leaf)
         except SvidError as exc:
             raise TLSError(AlertDescription.bad_certificate, f"leaf: {exc}") from exc
+        if not spiffe_id.path:
+            # X509-SVID §2: a leaf's SPIFFE ID names a workload, never the bare trust domain
+            # (what `ca.check_leaf` enforces on the name-constrained path too).
+            raise TLSError(AlertDescription.bad_certificate, "leaf: SPIFFE ID without a path")
         trust_domain = spiffe_id.trust_domain.name
         store = self._stores.get(trust_domain)
         if store is None:

@@ -299,6 +299,14 @@ def test_client_certificate_with_server_auth_only_is_unsupported_certificate() -
     assert _server_alert(server_only) == AlertDescription.unsupported_certificate
 
 
+def test_a_leaf_whose_spiffe_id_has_no_path_is_bad_certificate() -> None:
+    """X509-SVID §2: a leaf names a workload, so its SPIFFE ID has a path; a bare trust
+    domain is refused on the unconstrained path as `ca.check_leaf` refuses it on the
+    name-constrained one."""
+    bare = authority().leaf("spiffe://example.org")
+    assert _server_alert(bare) == AlertDescription.bad_certificate
+
+
 def test_client_without_certificate_is_certificate_required() -> None:
     cfg = client_config(certificate_chain=(), private_key=None)
     client = ClientConnection(cfg, now=NOW)
