@@ -220,7 +220,14 @@ class Finished:
     verify_data: bytes
 
 
-def pull_finished(body: bytes) -> Finished:
+def pull_finished(body: bytes, hash_length: int) -> Finished:
+    """RFC 8446 §4.4.4: verify_data is exactly Hash.length bytes. A body of any other
+    length cannot be parsed, which §6.2 makes decode_error, not a MAC mismatch."""
+    if len(body) != hash_length:
+        raise TLSError(
+            AlertDescription.decode_error,
+            f"Finished of {len(body)} bytes, not the hash's {hash_length}",
+        )
     return Finished(bytes(body))
 
 

@@ -165,7 +165,7 @@ class ExpectPeerFinished(HandshakeState, Generic[K]):
             keys.params,
             keys.peer_handshake_secret,
             self.transcript.digest(),
-            pull_finished(body).verify_data,
+            pull_finished(body, keys.params.hash_len).verify_data,
         )
         self.transcript.update(raw)
         return self.side.finish(ctx, self.transcript, keys, self.authenticated, finished)
