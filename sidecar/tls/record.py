@@ -28,6 +28,8 @@ class ContentType(IntEnum):
 
 
 MAX_PLAINTEXT = 1 << 14
+# RFC 8446 §5.4: "The length (in bytes) of TLSInnerPlaintext MUST NOT exceed 2^14 + 1."
+MAX_INNER_PLAINTEXT = MAX_PLAINTEXT + 1
 # RFC 8446 §5.2: TLSCiphertext.length MUST NOT exceed 2^14 + 256.
 MAX_CIPHERTEXT = MAX_PLAINTEXT + 256
 MAX_SEQUENCE = (1 << 64) - 1
@@ -98,12 +100,14 @@ class RecordProtection:
             inner = self._aead.decrypt(nonce, payload, header)
         except InvalidTag as exc:
             raise TLSError(AlertDescription.bad_record_mac, "record authentication failed") from exc
+        if len(inner) > MAX_INNER_PLAINTEXT:
+            # RFC 8446 §5.2, §5.4: the whole TLSInnerPlaintext (content, type byte and
+            # padding) is at most 2^14 + 1 bytes, so padding alone can overflow a record.
+            raise TLSError(AlertDescription.record_overflow, "inner plaintext over 2^14 + 1")
         # RFC 8446 §5.4: strip zero padding; the last non-zero byte is the real type.
         stripped = inner if inner and inner[-1] else inner.rstrip(b"\x00")
         if not stripped:
             raise TLSError(AlertDescription.unexpected_message, "record without content type")
-        if len(stripped) - 1 > MAX_PLAINTEXT:
-            raise TLSError(AlertDescription.record_overflow, "inner plaintext over 2^14")
         return stripped[-1], stripped[:-1]
 
 
