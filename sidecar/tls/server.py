@@ -32,6 +32,7 @@ from .keylog import CLIENT_HANDSHAKE, CLIENT_TRAFFIC_0, EXPORTER, SERVER_HANDSHA
 from .keyschedule import EarlySecret, MasterSecret, Transcript, finished_verify_data
 from .messages import (
     HELLO_RETRY_REQUEST_RANDOM,
+    TLS12,
     TLS13,
     Certificate,
     CertificateEntry,
@@ -87,7 +88,7 @@ class _Retry:
     params: SuiteParams
     group: int
     cookie: bytes | None
-    session_id: bytes
+    first_hello: ClientHello
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,12 @@ class _Choice:
 
 def _negotiate(ctx: HandshakeContext, ch: ClientHello, ext: ClientHelloExtensions) -> _Choice:
     config = ctx.config
+    if ch.legacy_version < TLS12:
+        # RFC 8446 §4.1.2: legacy_version MUST be 0x0303; Appendix D.5: 0x0300 or less
+        # MUST be refused with protocol_version (an SSL 3.0 hello is an SSL 3.0 client).
+        raise TLSError(
+            AlertDescription.protocol_version, f"legacy_version 0x{ch.legacy_version:04x}"
+        )
     if ext.supported_versions is None or TLS13 not in ext.supported_versions:
         # RFC 8446 §4.2.1 / Appendix D: we speak only TLS 1.3.
         raise TLSError(AlertDescription.protocol_version, "client does not offer TLS 1.3")
@@ -166,6 +173,8 @@ class ExpectClientHello(HandshakeState):
         retry = self.retry
         if retry is None:
             ctx.begin(ch.random)
+        else:
+            _check_second_hello(retry.first_hello, ch)
         choice = _negotiate(ctx, ch, ext)
         share = choice.client_share
         if retry is None:
@@ -184,7 +193,7 @@ class ExpectClientHello(HandshakeState):
                 or choice.group != retry.group
             ):
                 raise _illegal("second ClientHello does not share the requested group")
-            if choice.params is not retry.params or ch.legacy_session_id != retry.session_id:
+            if choice.params is not retry.params:
                 raise _illegal("second ClientHello changed its parameters")
             transcript = retry.transcript
             transcript.update(raw)
@@ -214,9 +223,48 @@ class ExpectClientHello(HandshakeState):
         if ch.legacy_session_id:
             ctx.send_ccs()  # Appendix D.4: right after our first handshake message
         return ExpectClientHello(
-            _Retry(transcript, choice.params, choice.group, cookie, ch.legacy_session_id),
+            _Retry(transcript, choice.params, choice.group, cookie, ch),
             self.key,
         )
+
+
+# RFC 8446 §4.1.2: what the second ClientHello may change. key_share and
+# pre_shared_key may carry new contents in place; early_data is removed, cookie added,
+# padding (RFC 7685) resized, added or dropped. Everything else stays as it was.
+_REPLACED_IN_SECOND_HELLO = frozenset({ExtensionType.key_share, ExtensionType.pre_shared_key})
+_MAY_COME_OR_GO = frozenset({ExtensionType.cookie, ExtensionType.padding})
+
+
+def _check_second_hello(first: ClientHello, second: ClientHello) -> None:
+    """The ClientHello answering a HelloRetryRequest must be the first one with only the
+    changes §4.1.2 lists; any other difference is illegal_parameter."""
+    if (
+        second.legacy_version != first.legacy_version
+        or second.random != first.random
+        or second.legacy_session_id != first.legacy_session_id
+        or second.cipher_suites != first.cipher_suites
+        or second.legacy_compression_methods != first.legacy_compression_methods
+    ):
+        raise _illegal("second ClientHello changed a field other than its extensions")
+    before = [
+        (t, d)
+        for t, d in first.extensions
+        if t != ExtensionType.early_data and t not in _MAY_COME_OR_GO
+    ]
+    after: list[RawExtension] = []
+    for ext_type, data in second.extensions:
+        if ext_type == ExtensionType.early_data:
+            # §4.2.10: a client MUST NOT send early_data after a HelloRetryRequest.
+            raise _illegal("early_data in the second ClientHello")
+        if ext_type not in _MAY_COME_OR_GO:
+            after.append((ext_type, data))
+    if len(before) != len(after):
+        raise _illegal("second ClientHello added or dropped an extension")
+    for (type1, data1), (type2, data2) in zip(before, after, strict=True):
+        if type1 != type2:
+            raise _illegal("second ClientHello reordered its extensions")
+        if data1 != data2 and type1 not in _REPLACED_IN_SECOND_HELLO:
+            raise _illegal(f"second ClientHello changed extension {type1}")
 
 
 def _send_server_flight(
