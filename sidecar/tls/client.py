@@ -167,7 +167,6 @@ class _ClientKeys:
 
     chosen: _Chosen
     server_name: str | None
-    compatibility_mode: bool  # Appendix D.4: our ClientHello carried a legacy_session_id
     alpn: str | None
     request: _ServerRequest | None
 
@@ -303,6 +302,16 @@ class ExpectServerHello(HandshakeState):
         ctx.log_secret(CLIENT_HANDSHAKE, client_hs)
         ctx.log_secret(SERVER_HANDSHAKE, server_hs)
         ctx.install_read_keys(params, server_hs)
+        # From here on the server reads with our handshake key (RFC 8446 Appendix A.2:
+        # K_recv = handshake once it sent ServerHello without accepting 0-RTT), so
+        # anything we send, a fatal alert included, goes under it: §6 encrypts alerts
+        # under the current write state, and Appendix A.1 defers the client's switch to
+        # EndOfEarlyData only for 0-RTT, which this client never sends. Go, BoringSSL
+        # and OpenSSL switch here too. The Appendix D.4 dummy change_cipher_spec, when
+        # due, goes first: "before its encrypted handshake flight".
+        if sent.hello.legacy_session_id:
+            ctx.send_ccs()
+        ctx.install_write_keys(params, client_hs)
         chosen = _Chosen(params, group, hs, client_hs, server_hs)
         return ExpectEncryptedExtensions(sent, chosen, transcript)
 
@@ -336,7 +345,6 @@ class ExpectEncryptedExtensions(HandshakeState):
         keys = _ClientKeys(
             chosen=self.chosen,
             server_name=sent.server_name,
-            compatibility_mode=bool(sent.hello.legacy_session_id),
             alpn=selected,
             request=None,
         )
@@ -393,10 +401,8 @@ def _finish(
     ctx.log_secret(EXPORTER, master.exporter_master_secret(th))
     ctx.install_read_keys(params, server_ap)
 
-    # Our second flight: [CCS] [Certificate CertificateVerify] Finished.
-    if keys.compatibility_mode:
-        ctx.send_ccs()
-    ctx.install_write_keys(params, chosen.client_hs_secret)
+    # Our second flight, under the handshake key installed at ServerHello (after the
+    # dummy change_cipher_spec, if due): [Certificate CertificateVerify] Finished.
     config = ctx.config
     request = keys.request
     if request is not None:
