@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import re
 
+import pytest
+
 from sidecar.tls import AlertDescription, NamedGroup, TLSError
 from sidecar.tls.shell import PeerAlertError, open_tls_connection
 
@@ -102,9 +104,28 @@ def test_s_client_offering_only_p256_gets_p256_from_its_own_share() -> None:
     assert f"pong {CLIENT_ID} secp256r1" in output
 
 
+@pytest.mark.parametrize(
+    ("groups", "temp_key", "engine_name"),
+    [
+        ("P-384", "ECDH, secp384r1", "secp384r1"),
+        ("P-521", "ECDH, secp521r1", "secp521r1"),
+        ("X448", "X448", "x448"),
+    ],
+)
+def test_s_client_offering_only_a_classical_group_gets_it_from_its_own_share(
+    groups: str, temp_key: str, engine_name: str
+) -> None:
+    # Every group a current peer may share is accepted as it comes, without a retry.
+    code, output, _ = run(_s_client_to_us("-tls1_3", "-groups", groups))
+    assert code == 0, output
+    assert client_hellos(output) == 1, output
+    assert f"Server Temp Key: {temp_key}" in output
+    assert f"pong {CLIENT_ID} {engine_name}" in output
+
+
 def test_s_client_whose_only_share_we_do_not_support_gets_a_hello_retry_request() -> None:
-    # OpenSSL shares its first group only; P-384 is not among our default groups.
-    code, output, _ = run(_s_client_to_us("-tls1_3", "-groups", "P-384:X25519"))
+    # OpenSSL shares its first group only; finite-field groups (RFC 7919) are not ours.
+    code, output, _ = run(_s_client_to_us("-tls1_3", "-groups", "ffdhe2048:X25519"))
     assert code == 0, output
     assert client_hellos(output) == 2, output  # the second follows our HelloRetryRequest
     assert "Server Temp Key: X25519" in output

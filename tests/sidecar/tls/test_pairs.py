@@ -116,7 +116,9 @@ def test_no_common_group_is_a_handshake_failure() -> None:
         client_config(groups=(NamedGroup.secp384r1,), key_share_groups=(NamedGroup.secp384r1,)),
         now=NOW,
     )
-    server = ServerConnection(server_config(), now=NOW)
+    server = ServerConnection(
+        server_config(groups=(NamedGroup.X25519MLKEM768, NamedGroup.x25519)), now=NOW
+    )
     with pytest.raises(TLSError) as info:
         server.receive_data(client.data_to_send())
     assert info.value.alert == AlertDescription.handshake_failure
