@@ -34,3 +34,12 @@ def connected_pair(
     server = ServerConnection(server_cfg or server_config(), now=NOW)
     pump(client, server)
     return client, server
+
+
+def feed(conn: Connection, data: bytes, bytewise: bool) -> None:
+    """`conn.receive_data(data)` whole, or one byte per call (STYLE's bytewise tier)."""
+    if bytewise:
+        for i in range(len(data)):
+            conn.receive_data(data[i : i + 1])
+    else:
+        conn.receive_data(data)
