@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 DEMO   ?= .trellis-demo
 DEBIAN_PACKAGES := openssl curl ca-certificates prometheus iptables iproute2
 
-.PHONY: setup system-deps go-toolchain go-peers up ca-demo test lint typecheck unit bench clean
+.PHONY: setup system-deps go-toolchain go-peers kube up ca-demo test lint typecheck unit bench clean
 
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -46,6 +46,13 @@ go-toolchain: $(BIN)/.installed
 go-peers: go-toolchain
 	@$(BIN)/python -m tests.interop.go_peers || { $(GO_MISSING); }
 
+# A real Kubernetes control plane for tests/kube/: kube-apiserver and kubectl v1.37.2 and
+# etcd v3.7.3, built from the Go module proxy with the same toolchain into
+# $${XDG_CACHE_HOME:-~/.cache}/trellis/kube-v1.37.2/ (a cold build takes tens of minutes
+# on two cores; a warm cache returns at once). Missing: as for go-peers.
+kube: go-toolchain
+	@$(BIN)/python -m tests.kube.binaries || { $(GO_MISSING); }
+
 setup: system-deps $(BIN)/.installed
 
 # The main job: the whole mesh on this machine (CA, agent, echo server and load generator
@@ -76,7 +83,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy --strict $(PACKAGES)
 
-unit: setup go-peers
+unit: setup go-peers kube
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 test: lint typecheck unit
