@@ -204,6 +204,40 @@ def test_engine_client_follows_openssl_server_hello_retry_to_p256() -> None:
     assert _done(_exchange(server, client)).group == NamedGroup.secp256r1
 
 
+# OpenSSL's -groups name -> the name SSL_get0_group_name reports, for the groups a
+# server must take as they come (issue 23): the shared secret both sides derive is the
+# cross-check of each group's share layout and secret order.
+_OPENSSL_GROUPS = {
+    NamedGroup.x448: (b"X448", "x448"),
+    NamedGroup.secp384r1: (b"P-384", "secp384r1"),
+    NamedGroup.secp521r1: (b"P-521", "secp521r1"),
+    NamedGroup.SecP256r1MLKEM768: (b"SecP256r1MLKEM768", "SecP256r1MLKEM768"),
+    NamedGroup.SecP384r1MLKEM1024: (b"SecP384r1MLKEM1024", "SecP384r1MLKEM1024"),
+}
+
+
+@pytest.mark.parametrize("group", list(_OPENSSL_GROUPS), ids=lambda g: g.name)
+def test_an_openssl_client_sharing_only_one_group_gets_it_from_a_default_engine_server(
+    group: NamedGroup,
+) -> None:
+    name, reported = _OPENSSL_GROUPS[group]
+    client, server = _openssl_client(groups=name), _engine_server()
+    _run(client, server)
+    assert _done(_exchange(client, server)).group == group
+    assert _group_name(client) == reported
+
+
+@pytest.mark.parametrize("group", list(_OPENSSL_GROUPS), ids=lambda g: g.name)
+def test_the_engine_client_follows_an_openssl_server_retry_into_each_group(
+    group: NamedGroup,
+) -> None:
+    name, reported = _OPENSSL_GROUPS[group]
+    server, client = _openssl_server(groups=name), _engine_client()
+    _run(server, client)
+    assert _done(_exchange(server, client)).group == group
+    assert _group_name(server) == reported
+
+
 @pytest.mark.parametrize("suite", list(CipherSuite))
 def test_each_cipher_suite_interoperates_in_both_directions(suite: CipherSuite) -> None:
     server, client = _openssl_server(suites=OPENSSL_SUITES[suite]), _engine_client()
