@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 DEMO   ?= .trellis-demo
 DEBIAN_PACKAGES := openssl curl ca-certificates prometheus iptables iproute2
 
-.PHONY: setup system-deps go-toolchain go-peers kube up ca-demo test lint typecheck unit bench clean
+.PHONY: setup system-deps go-toolchain go-peers kube up ca-demo test lint typecheck unit bench bench-spire clean
 
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -88,8 +88,18 @@ unit: setup go-peers kube
 
 test: lint typecheck unit
 
+# bench/mesh.py measures HAProxy beside the sidecars (Debian's haproxy, installed here when
+# run as root). SPIRE takes about 15 minutes to build, so it has a target of its own.
 bench: setup
+	@if [ "$$(id -u)" = 0 ] && ! command -v haproxy >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian package: haproxy (bench/mesh.py's reference proxy)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy; \
+	fi
 	for b in ca_issuance ca_server workload_api tls_handshake mesh sidecar_path; do $(BIN)/python bench/$$b.py; done
+
+bench-spire: setup go-toolchain
+	$(BIN)/python bench/spire_build.py
+	$(BIN)/python bench/spire_compare.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .mypy_cache .pytest_cache .ruff_cache
