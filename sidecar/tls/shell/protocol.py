@@ -33,6 +33,12 @@ from .transport import TLSTransport, enum_name, negotiated_info
 logger = logging.getLogger("sidecar.tls.shell")
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# After our fatal alert: half-close, then read and drop what the peer still sends for up
+# to LINGER_SECONDS (counted once our alert has left the buffer) or LINGER_BYTES, as
+# lingering-close HTTP servers do. Closing a socket with unread bytes makes the kernel
+# answer with a reset and drop what is still queued to send: the alert itself.
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 64 * 1024
 _TICKETS_KEPT = 4
 Clock = Callable[[], float]
 
@@ -82,6 +88,10 @@ class TLSShellProtocol(asyncio.Protocol):
         self._tickets: deque[SessionTicket] = deque(maxlen=_TICKETS_KEPT)
         self._clean_close: bool | None = None
         self._peer_alert: AlertDescription | int | None = None
+        self._lingering = False
+        self._lingered_bytes = 0
+        self._linger_deadline = 0.0
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     def _new_engine(self) -> Connection:
         raise NotImplementedError
@@ -184,9 +194,17 @@ class TLSShellProtocol(asyncio.Protocol):
         self._flush()  # a client's ClientHello
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            self._lingered_bytes += len(data)
+            if self._lingered_bytes > LINGER_BYTES:
+                self._end_linger()
+            return
         self._feed(data)
 
     def eof_received(self) -> bool | None:
+        if self._lingering:
+            self._cancel_linger()
+            return False  # the peer has finished too: asyncio closes the socket
         self._feed(b"")
         # Keep the socket open only while our side still has something to say.
         return self._app_connected and not self._closing and not self.tls.write_closed
@@ -204,6 +222,7 @@ class TLSShellProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._cancel_timer()
+        self._cancel_linger()
         error = self._error or exc
         if not self._handshake.done():
             self._fail_handshake(
@@ -231,9 +250,10 @@ class TLSShellProtocol(asyncio.Protocol):
         self._flush()
         self._deliver()
         if self._error is not None and self._raw is not None:
-            # The fatal alert is queued before the close; asyncio flushes, then closes.
+            # The fatal alert is queued before the half-close; asyncio flushes, then
+            # shuts our side down.
             self._closing = True
-            self._raw.close()
+            self._linger()
             if not self._handshake.done():
                 self._fail_handshake(self._error)
 
@@ -241,7 +261,7 @@ class TLSShellProtocol(asyncio.Protocol):
         if self._tls is None or self._raw is None:
             return
         out = self._tls.data_to_send()
-        if out and not self._raw.is_closing():
+        if out and not self._raw.is_closing() and not self._lingering:
             self._raw.write(out)
 
     def _deliver(self) -> None:
@@ -312,6 +332,49 @@ class TLSShellProtocol(asyncio.Protocol):
         keep_open = self.app_protocol.eof_received()  # type: ignore[attr-defined]
         if not keep_open:
             self.close()
+
+    def _linger(self) -> None:
+        """Half-close after our fatal alert and drain the peer (see LINGER_SECONDS)."""
+        raw = self._raw
+        if raw is None or raw.is_closing() or self._lingering:
+            return
+        if not raw.can_write_eof():
+            raw.close()
+            return
+        self._lingering = True
+        raw.write_eof()  # FIN once asyncio's buffer, our alert last, has drained
+        if not raw.is_reading():
+            raw.resume_reading()  # the application may have paused it
+        self._linger_deadline = self._loop.time() + (self._timeout or DEFAULT_HANDSHAKE_TIMEOUT)
+        self._linger_timer = self._loop.call_later(LINGER_SECONDS, self._linger_expired)
+
+    def _linger_expired(self) -> None:
+        self._linger_timer = None
+        raw = self._raw
+        if raw is None or raw.is_closing():
+            return
+        if raw.get_write_buffer_size() and self._loop.time() < self._linger_deadline:
+            # The peer is still reading what preceded our alert: its drain time starts
+            # once the alert is out, within the handshake timeout (a peer that stopped
+            # reading altogether must not hold the socket forever).
+            self._linger_timer = self._loop.call_later(LINGER_SECONDS, self._linger_expired)
+            return
+        self._end_linger()
+
+    def _end_linger(self) -> None:
+        self._cancel_linger()
+        raw = self._raw
+        if raw is None or raw.is_closing():
+            return
+        if raw.get_write_buffer_size():
+            raw.abort()  # not read within the bound: nothing more can reach the peer
+        else:
+            raw.close()
+
+    def _cancel_linger(self) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
 
     def _fail_handshake(self, error: BaseException) -> None:
         self._cancel_timer()

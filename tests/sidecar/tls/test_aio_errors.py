@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 
 import pytest
 
-from sidecar.tls import AlertDescription, TLSError
+from sidecar.tls import AlertDescription, AlertLevel, AlertReceived, ApplicationData, TLSError
 from sidecar.tls.shell import PeerAlertError, open_tls_connection, start_tls_server
 
 from .test_interop_system_fixtures import (
@@ -311,3 +312,92 @@ def test_a_record_tampered_with_in_transit_is_bad_record_mac_on_both_sides() -> 
     error, seen = run(scenario())
     assert getattr(error, "alert", None) == AlertDescription.bad_record_mac
     assert [getattr(e, "alert", None) for e in seen[1:]] == [AlertDescription.bad_record_mac]
+
+
+# --- closing after a fatal alert (issue 23, deviation 6) --------------------------------
+
+BACKLOG = 1 << 20  # what the server writes before the peer reads anything
+JUNK_AFTER_ATTACK = 32 * 1024  # what the peer keeps writing after its bad record
+JUNK_PAUSE = 0.01
+PEER_WAIT = 10.0
+
+
+def _peer_that_keeps_writing(port: int) -> tuple[list[object], int]:
+    """An engine client on a blocking socket with a small receive buffer: it completes
+    the handshake, reads nothing of what the server then sends, sends one tampered
+    record and 32 KiB more in 1 KiB writes 10 ms apart, then reads until EOF or reset. Returns the
+    engine events it decrypted after the handshake and the bytes of junk it got out."""
+    from sidecar.tls import ClientConnection
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.settimeout(PEER_WAIT)
+    sock.connect(("127.0.0.1", port))
+    with sock:
+        tls = ClientConnection(client_svid().config(), server_name="localhost", now=time.time())
+        sock.sendall(tls.data_to_send())
+        for _ in range(100):
+            if tls.handshake_complete:
+                break
+            tls.receive_data(sock.recv(65536), now=time.time())
+            sock.sendall(tls.data_to_send())
+        assert tls.handshake_complete
+        list(tls.events())
+        tls.send_application_data(b"ping\n")
+        record = bytearray(tls.data_to_send())
+        record[-1] ^= 1  # RFC 8446 §5.2: the server must answer bad_record_mac
+        sent = 0
+        try:
+            sock.sendall(bytes(record))
+            for _ in range(JUNK_AFTER_ATTACK // 1024):
+                # Spread out, so most of it arrives after the server read the bad record.
+                time.sleep(JUNK_PAUSE)
+                sock.sendall(b"\x17\x03\x03\x04\x00" + bytes(1019))
+                sent += 1024
+        except OSError:
+            pass  # reset under us: what the server sent before is still to be read
+        events: list[object] = []
+        received = 0
+        try:
+            while received <= 4 * BACKLOG and (chunk := sock.recv(65536)):
+                received += len(chunk)
+                tls.receive_data(chunk)
+                events.extend(tls.events())
+        except (OSError, TLSError) as exc:
+            events.append(exc)
+        return events, sent
+
+
+def test_a_peer_that_keeps_writing_after_its_bad_record_still_reads_the_fatal_alert() -> None:
+    """The server half-closes after its alert and drains the peer's bytes for a bounded
+    time, so unread bytes never make its kernel reset the connection and drop the alert
+    still queued behind 1 MiB the peer had not read yet."""
+
+    async def scenario() -> tuple[list[object], int, list[object]]:
+        seen: list[object] = []
+
+        async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"x" * BACKLOG)
+            try:
+                await asyncio.wait_for(reader.read(), PEER_WAIT)
+            except (ConnectionError, TLSError) as exc:
+                seen.append(exc)
+            finally:
+                writer.close()
+
+        server = await start_tls_server(
+            flood, "127.0.0.1", 0, config=server_svid().config(), handshake_timeout=PEER_WAIT
+        )
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            events, sent = await asyncio.to_thread(_peer_that_keeps_writing, port)
+        return events, sent, seen
+
+    events, sent, seen = run(scenario())
+    assert [getattr(e, "alert", None) for e in seen] == [AlertDescription.bad_record_mac]
+    alerts = [e for e in events if isinstance(e, AlertReceived)]
+    assert alerts == [AlertReceived(AlertLevel.fatal, AlertDescription.bad_record_mac)], [
+        type(e).__name__ if isinstance(e, Exception) else e for e in events[-3:]
+    ]
+    assert sum(len(e.data) for e in events if isinstance(e, ApplicationData)) == BACKLOG
+    assert sent == JUNK_AFTER_ATTACK  # the server kept reading while the peer wrote
