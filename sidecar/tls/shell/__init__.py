@@ -18,7 +18,8 @@ passed up. `pause_reading` pauses the socket and holds back events already decry
 Failures: a `TLSError` from the engine already has its fatal alert queued; the shell
 writes it, half-closes (FIN once asyncio's buffer drained) and reads and drops what the
 peer still sends for up to a second after that or 64 KiB before it closes, so unread
-bytes never make the kernel reset the connection and drop the alert; it reports the error -- to whoever awaits the handshake, or as `connection_lost(exc)` afterwards. A
+bytes never make the kernel reset the connection and drop the alert. It reports the
+error to whoever awaits the handshake, or as `connection_lost(exc)` afterwards. A
 fatal alert from the peer becomes `PeerAlertError`; a stalled handshake `TimeoutError`.
 An EOF without close_notify after the handshake is reported as EOF (as asyncio's own TLS
 does) and is visible as `get_extra_info("tls_clean_close") is False`.
