@@ -462,6 +462,10 @@ def parse_entries_yaml(
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise EntryError(f"{source}: not valid YAML: {exc}") from exc
+    except RecursionError as exc:
+        # PyYAML composes nested collections recursively: a few kilobytes of "[" reach the
+        # interpreter's limit. Refused like any broken file, not raised past the reloader.
+        raise EntryError(f"{source}: nested too deeply") from exc
     return parse_entries(document, trust_domain=trust_domain, source=source)
 
 

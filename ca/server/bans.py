@@ -44,6 +44,8 @@ def parse_ban_list(text: str, source: str = "banned agents") -> frozenset[str]:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise BanListError(f"{source}: not YAML{where}") from exc
+    except RecursionError as exc:  # PyYAML recurses once per nesting level
+        raise BanListError(f"{source}: nested too deeply") from exc
     if document is None:
         return frozenset()
     if not isinstance(document, list):

@@ -173,10 +173,14 @@ def load_federation_file(
         text = path.read_text()
     except OSError as exc:
         raise FederationConfigError(f"{path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise FederationConfigError(f"{path}: not UTF-8: {exc}") from exc
     try:
         doc = yaml.safe_load(text)  # JSON is YAML
     except yaml.YAMLError as exc:
         raise FederationConfigError(f"{path}: not YAML or JSON: {exc}") from exc
+    except RecursionError as exc:  # PyYAML recurses once per nesting level
+        raise FederationConfigError(f"{path}: nested too deeply") from exc
     return parse_federation(doc, own=own, base_dir=path.parent)
 
 
