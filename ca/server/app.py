@@ -29,7 +29,7 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from typing import Any
 import grpc
 import grpc.aio
 from aiohttp import web
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from ca.bundle import TrustBundle
 from ca.entries import (
@@ -68,6 +70,16 @@ __all__ = ["CaServer", "ServerConfig", "split_address"]
 
 GRPC_HARD_LIMIT = 4 * 1024 * 1024
 MAX_STREAMS_PER_AGENT = 64
+
+
+def _issued_by_one_of(certificate: x509.Certificate, roots: Sequence[x509.Certificate]) -> bool:
+    for root in roots:
+        try:
+            certificate.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):  # other issuer, key type, signature
+            continue
+        return True
+    return False
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -436,7 +448,22 @@ class CaServer:
             return
         if intermediate.certificate == self.intermediate.certificate:
             return
+        # Roots in force, and those of a bundle on disk not read yet (a root rotation may
+        # write both files in one poll interval). An intermediate from any other root would
+        # sign SVIDs that no agent or workload can verify.
+        roots = list(self.bundles.current.x509_authorities)
+        with contextlib.suppress(StoreError):
+            roots.extend(self.store.load_bundle(self.trust_domain).x509_authorities)
+        if not _issued_by_one_of(intermediate.certificate, roots):
+            log_event(
+                logging.ERROR,
+                "intermediate-reload-failed",
+                error="the new intermediate was not issued by a root of the trust bundle",
+            )
+            return
         self.intermediate = intermediate
+        # A bundle refused for lacking this intermediate's root is worth reading again.
+        self._bundle_stamp = None
         self.service.replace_authorities(intermediate, jwt)
         if self.config.sign_workers > 0:
             task = asyncio.get_running_loop().create_task(self._restart_signer())
@@ -482,27 +509,40 @@ class CaServer:
         stamp = self._bundle_mtime()
         if stamp != self._bundle_stamp:
             self._bundle_stamp = stamp
-            try:
-                bundle = self.store.load_bundle(self.trust_domain)
-            except Exception as exc:  # StoreError; anything else is a bug we must log
-                log_event(logging.ERROR, "bundle-reload-failed", error=str(exc))
-            else:
-                self.bundles.publish(bundle)
-                with self._creds_lock:
-                    self._creds = _Credentials(
-                        self._creds.svid,
-                        self._creds.key_pem,
-                        self._creds.chain_pem,
-                        bundle.to_pem(),
-                    )
-                    self._creds_version += 1
-                log_event(logging.INFO, "bundle-reloaded", sequence=bundle.sequence)
+            self._reload_bundle()
         svid = self._creds.svid
         lifetime = svid.expires_at - svid.leaf.not_valid_before_utc
         if dt.datetime.now(dt.UTC) >= svid.leaf.not_valid_before_utc + lifetime / 2:
             self._rotate_credentials()
         self.service.refresh_agent_gauge()
         self._update_authority_metrics()
+
+    def _reload_bundle(self) -> None:
+        try:
+            bundle = self.store.load_bundle(self.trust_domain)
+        except Exception as exc:  # StoreError; anything else is a bug we must log
+            log_event(logging.ERROR, "bundle-reload-failed", error=str(exc))
+            return
+        if not _issued_by_one_of(self.intermediate.certificate, bundle.x509_authorities):
+            # Published, it would make every agent SVID (and the server's own) fail to
+            # verify: the whole trust domain refused at once. The old bundle stays.
+            log_event(
+                logging.ERROR,
+                "bundle-reload-failed",
+                error=f"{self.store.bundle_path} holds no root that issued the serving "
+                "intermediate",
+            )
+            return
+        self.bundles.publish(bundle)
+        with self._creds_lock:
+            self._creds = _Credentials(
+                self._creds.svid,
+                self._creds.key_pem,
+                self._creds.chain_pem,
+                bundle.to_pem(),
+            )
+            self._creds_version += 1
+        log_event(logging.INFO, "bundle-reloaded", sequence=bundle.sequence)
 
     def _reload_bans(self) -> None:
         if self.bans is None:
