@@ -1,8 +1,11 @@
 """``trellis debug tls-server`` / ``tls-client``: Trellis's TLS engine on a real socket.
 
-For conformance and interop runs against curl, ``openssl s_client``/``s_server`` and
-the like. The server answers any HTTP/1.x request with 200 and a body naming what was
-negotiated; the client prints the negotiated parameters, then the response.
+For conformance and interop runs against curl, ``openssl s_client``/``s_server``, TLS
+test suites and the like. The server answers any HTTP/1.x request with 200 and a body
+naming what was negotiated (a request line whose blank line never comes is answered
+after a short wait; ``GET /keyupdate`` first makes the server send a KeyUpdate that
+requests the client's), or with ``--echo`` echoes application data back; the client
+prints the negotiated parameters, then the response.
 Certificates are what ``trellis ca issue`` writes: ``svid.pem`` (leaf, then
 intermediate), ``svid.key`` and ``bundle.pem`` (roots; each root's URI SAN names its
 trust domain).
@@ -32,7 +35,7 @@ from sidecar.tls import (
     TLSError,
     file_key_log,
 )
-from sidecar.tls.shell import PeerAlertError, open_tls_connection, start_tls_server
+from sidecar.tls.shell import PeerAlertError, TLSTransport, open_tls_connection, start_tls_server
 from sidecar.tls.signatures import PrivateKey
 
 __all__ = ["register"]
@@ -40,15 +43,27 @@ __all__ = ["register"]
 _GROUP_NAMES = {
     "x25519mlkem768": NamedGroup.X25519MLKEM768,
     "secp256r1mlkem768": NamedGroup.SecP256r1MLKEM768,
+    "secp384r1mlkem1024": NamedGroup.SecP384r1MLKEM1024,
     "x25519": NamedGroup.x25519,
+    "x448": NamedGroup.x448,
     "secp256r1": NamedGroup.secp256r1,
     "p-256": NamedGroup.secp256r1,
     "prime256v1": NamedGroup.secp256r1,
     "secp384r1": NamedGroup.secp384r1,
     "p-384": NamedGroup.secp384r1,
+    "secp521r1": NamedGroup.secp521r1,
+    "p-521": NamedGroup.secp521r1,
 }
+_KNOWN_GROUPS = (
+    "X25519MLKEM768, SecP256r1MLKEM768, SecP384r1MLKEM1024, X25519, X448,"
+    " secp256r1, secp384r1, secp521r1"
+)
 _MAX_REQUEST_HEAD = 16 * 1024
 _REQUEST_TIMEOUT = 10.0
+# How long a request line waits for the rest of its head: conformance tools send a bare
+# "GET / HTTP/1.0\r\n" and wait for the answer.
+_HEADER_WAIT = 1.0
+_ECHO_CHUNK = 64 * 1024
 
 
 def _groups(text: str) -> tuple[NamedGroup, ...]:
@@ -56,8 +71,9 @@ def _groups(text: str) -> tuple[NamedGroup, ...]:
     for name in text.split(","):
         group = _GROUP_NAMES.get(name.strip().lower())
         if group is None:
-            known = "X25519MLKEM768, SecP256r1MLKEM768, X25519, secp256r1, secp384r1"
-            raise argparse.ArgumentTypeError(f"unknown group {name.strip()!r} (known: {known})")
+            raise argparse.ArgumentTypeError(
+                f"unknown group {name.strip()!r} (known: {_KNOWN_GROUPS})"
+            )
         groups.append(group)
     return tuple(dict.fromkeys(groups))
 
@@ -103,6 +119,11 @@ def register(commands: Any) -> None:
     p.add_argument("--alpn", default="http/1.1", help="comma-separated ALPN protocols")
     p.add_argument("--keylog", type=Path, help="append SSLKEYLOGFILE lines here (secrets!)")
     p.add_argument("--handshake-timeout", type=float, default=10.0)
+    p.add_argument(
+        "--echo",
+        action="store_true",
+        help="echo application data back instead of answering HTTP",
+    )
     p.set_defaults(handler=cmd_tls_server)
 
     p = sub.add_parser("tls-client", help="connect with Trellis's TLS engine, print the result")
@@ -216,7 +237,8 @@ def _summary(writer: asyncio.StreamWriter) -> list[tuple[str, str]]:
         ("version", "TLSv1.3"),
         ("cipher_suite", "TLS_" + _enum_name(CipherSuite, info.cipher_suite)),
         ("group", _enum_name(NamedGroup, info.group)),
-        ("signature_scheme", _enum_name(SignatureScheme, info.signature_scheme)),
+        # The peer's CertificateVerify scheme; 0 when it sent no certificate.
+        ("signature_scheme", _enum_name(SignatureScheme, info.signature_scheme or None)),
         ("alpn", info.alpn_protocol or "-"),
         ("peer_spiffe_id", str(info.peer_spiffe_id or "-")),
     ]
@@ -239,17 +261,47 @@ def _describe(error: BaseException) -> str:
 # --- tls-server -------------------------------------------------------------------------
 
 
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    """The request line and headers up to the blank line, or whatever came of them
+    within _HEADER_WAIT of the last line (or before EOF)."""
+    async with asyncio.timeout(_REQUEST_TIMEOUT):
+        head = await reader.readuntil(b"\n")
+        while len(head) <= _MAX_REQUEST_HEAD:
+            try:
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), _HEADER_WAIT)
+            except TimeoutError:
+                break  # no blank line is coming: answer what we have
+            except asyncio.IncompleteReadError:
+                break  # the client half-closed after its request line
+            if line in (b"\r\n", b"\n"):
+                break
+            head += line
+    return head
+
+
+def _send_key_update(writer: asyncio.StreamWriter) -> None:
+    transport = writer.transport
+    if isinstance(transport, TLSTransport):
+        # RFC 8446 §4.6.3: update_requested, so the client must answer with its own.
+        transport.update_key(request_peer_update=True)
+
+
 async def _respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_TIMEOUT)
-        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        head = await _read_head(reader)
+        request_line = head.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
         parts = request_line.split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             status, body = "400 Bad Request", "not an HTTP/1.x request\n"
         else:
             status = "200 OK"
+            path = urllib.parse.urlsplit(parts[1]).path
+            if path == "/keyupdate":
+                _send_key_update(writer)
             body = "".join(f"{k}: {v}\n" for k, v in _summary(writer))
             body = f"trellis debug tls-server\nrequest: {parts[0]} {parts[1]}\n{body}"
+            if path == "/keyupdate":
+                body += "key_update: sent, update_requested\n"
         payload = body.encode()
         writer.write(
             f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\n"
@@ -258,7 +310,22 @@ async def _respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
         )
         await writer.drain()
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-        pass  # a client that never sends a whole request head gets nothing
+        pass  # a client that never sends a request line gets nothing
+    except (ConnectionError, TLSError) as exc:
+        logging.getLogger(__name__).info("connection ended: %s", _describe(exc))
+    finally:
+        writer.close()
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Application data back as it comes, until the client closes (or goes quiet for
+    _REQUEST_TIMEOUT)."""
+    try:
+        while data := await asyncio.wait_for(reader.read(_ECHO_CHUNK), _REQUEST_TIMEOUT):
+            writer.write(data)
+            await writer.drain()
+    except TimeoutError:
+        pass
     except (ConnectionError, TLSError) as exc:
         logging.getLogger(__name__).info("connection ended: %s", _describe(exc))
     finally:
@@ -271,7 +338,7 @@ async def _serve(args: argparse.Namespace, config: TLSConfig) -> None:
 
     try:
         server = await start_tls_server(
-            _respond,
+            _echo if args.echo else _respond,
             args.host,
             args.port,
             config=config,
@@ -284,7 +351,8 @@ async def _serve(args: argparse.Namespace, config: TLSConfig) -> None:
     async with server:
         host, port = server.sockets[0].getsockname()[:2]
         groups = ",".join(g.name for g in config.groups)
-        print(f"listening on {host}:{port} (groups {groups})", flush=True)
+        mode = ", echo" if args.echo else ""
+        print(f"listening on {host}:{port} (groups {groups}{mode})", flush=True)
         await server.serve_forever()
 
 

@@ -7,6 +7,7 @@ for a refused operation, 2 for a malformed command line).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import socket
 from pathlib import Path
@@ -18,6 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from sidecar.tls import TrafficSecrets
+from sidecar.tls.shell import open_tls_connection
 from tests.support import free_port
 from trellis.cli import main
 
@@ -96,7 +99,10 @@ def test_insecure_client_without_certificate_talks_to_a_server_not_asking_for_on
     code, output, _ = _client_against_server(["--insecure"], ())
     assert code == 0, output
     assert _fields(output)["peer_spiffe_id"] == SERVER_ID  # read, though not verified
-    assert "peer_spiffe_id: -" in output.split("\r\n\r\n", 1)[1]
+    body = output.split("\r\n\r\n", 1)[1]
+    assert "peer_spiffe_id: -" in body
+    # No client certificate means no CertificateVerify: shown as "-", not as 0x0000.
+    assert "signature_scheme: -" in body, body
 
 
 def test_a_refused_client_is_one_error_line_and_the_server_logs_the_alert() -> None:
@@ -144,6 +150,79 @@ def test_tls_client_against_s_server_limited_to_p256_is_retried_into_it() -> Non
     assert code == 0, output
     assert _fields(output)["group"] == "secp256r1"
     assert "Shared groups: secp256r1" in output  # s_server's page
+
+
+# --- for conformance and interop runs (issue 23) ----------------------------------------
+
+
+async def _engine_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await open_tls_connection(
+        "127.0.0.1", port, config=client_svid().config(), server_name="localhost"
+    )
+
+
+def test_echo_mode_sends_application_data_back_as_it_comes() -> None:
+    async def scenario() -> list[bytes]:
+        async with debug_tls_server("--echo") as (port, server):
+            reader, writer = await _engine_client(port)
+            echoed = []
+            for message in (b"first\n", b"x" * 40_000 + b"\n", b"GET / HTTP/1.1\r\n\r\n"):
+                writer.write(message)
+                echoed.append(await asyncio.wait_for(reader.readexactly(len(message)), 10))
+            writer.close()
+            server.process.terminate()
+            await server.finish()
+        return echoed
+
+    assert run(scenario(), timeout=60) == [
+        b"first\n",
+        b"x" * 40_000 + b"\n",
+        b"GET / HTTP/1.1\r\n\r\n",
+    ]
+
+
+def test_a_request_line_without_its_blank_line_is_answered_after_a_short_wait() -> None:
+    async def scenario() -> bytes:
+        async with debug_tls_server() as (port, server):
+            reader, writer = await _engine_client(port)
+            writer.write(b"GET /bare HTTP/1.0\r\n")  # and nothing more, connection open
+            response = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            server.process.terminate()
+            await server.finish()
+        return response
+
+    response = run(scenario(), timeout=60)
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n"), response
+    assert b"request: GET /bare\n" in response
+
+
+def test_get_keyupdate_makes_the_server_update_its_keys_and_request_the_clients() -> None:
+    async def scenario() -> tuple[bytes, TrafficSecrets, TrafficSecrets]:
+        async with debug_tls_server() as (port, server):
+            reader, writer = await _engine_client(port)
+            before = writer.get_extra_info("traffic_secrets")
+            writer.write(b"GET /keyupdate HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            response = await asyncio.wait_for(reader.read(), 10)
+            after = writer.get_extra_info("traffic_secrets")
+            writer.close()
+            server.process.terminate()
+            await server.finish()
+        return response, before, after
+
+    response, before, after = run(scenario(), timeout=60)
+    assert b"key_update: sent, update_requested\n" in response, response
+    # The server's KeyUpdate moved our read secret; its update_requested made us answer
+    # with our own (RFC 8446 §4.6.3), which moved our write secret.
+    assert after.read.secret != before.read.secret
+    assert after.write.secret != before.write.secret
+
+
+@pytest.mark.parametrize("group", ["X448", "secp521r1", "SecP384r1MLKEM1024"])
+def test_tls_client_offering_only_a_new_group_gets_it_from_a_default_server(group: str) -> None:
+    code, output, _ = _client_against_server([*_client_flags(), "--groups", group], _mtls())
+    assert code == 0, output
+    assert _fields(output)["group"].lower() == group.lower()
 
 
 # --- refusals, in-process ---------------------------------------------------------------
@@ -236,7 +315,7 @@ def test_a_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     "argv",
     [
-        ["debug", "tls-client", "https://localhost/", "--groups", "X448"],
+        ["debug", "tls-client", "https://localhost/", "--groups", "ffdhe2048"],
         ["debug", "tls-server", "--port", "99999", "--cert", "c", "--key", "k"],
         ["debug", "tls-server", "--cert", "c", "--key", "k"],
     ],
