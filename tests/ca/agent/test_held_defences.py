@@ -13,6 +13,7 @@ import asyncio
 import base64
 import datetime as dt
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -57,6 +58,82 @@ async def _validate(channel: grpc.aio.Channel, audience: str, token: str) -> Any
         request_serializer=lambda m: m.SerializeToString(),
         response_deserializer=pb.ValidateJWTSVIDResponse.FromString,
     )(pb.ValidateJWTSVIDRequest(audience=audience, svid=token), timeout=10, metadata=HEADER)
+
+
+# -- refusals on every method ---------------------------------------------------------------
+
+METHODS: list[tuple[str, Any, Any, bool]] = [
+    ("FetchX509SVID", pb.X509SVIDRequest(), pb.X509SVIDResponse, True),
+    ("FetchX509Bundles", pb.X509BundlesRequest(), pb.X509BundlesResponse, True),
+    ("FetchJWTBundles", pb.JWTBundlesRequest(), pb.JWTBundlesResponse, True),
+    ("FetchJWTSVID", pb.JWTSVIDRequest(audience=["db"]), pb.JWTSVIDResponse, False),
+    (
+        "ValidateJWTSVID",
+        pb.ValidateJWTSVIDRequest(audience="db", svid="a.b.c"),
+        pb.ValidateJWTSVIDResponse,
+        False,
+    ),
+]
+
+
+async def _call_each_method(
+    channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]
+) -> dict[str, tuple[grpc.StatusCode, str]]:
+    answers = {}
+    for method, request, response_type, streaming in METHODS:
+        kind = channel.unary_stream if streaming else channel.unary_unary
+        call = kind(
+            method_path(method),
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=response_type.FromString,
+        )(request, timeout=10, metadata=metadata)
+        try:
+            if streaming:
+                await call.read()
+                call.cancel()
+                answers[method] = (grpc.StatusCode.OK, "")
+                continue
+            await call
+            answers[method] = (grpc.StatusCode.OK, "")
+        except grpc.aio.AioRpcError as exc:
+            answers[method] = (exc.code(), exc.details() or "")
+    return answers
+
+
+def test_every_method_refuses_a_call_without_the_security_header(
+    live_ca: LiveCa, short_dir: Path
+) -> None:
+    async def main() -> dict[str, tuple[grpc.StatusCode, str]]:
+        async with (
+            running_agent(make_upstream(live_ca, [entry()]), short_dir) as agent,
+            grpc.aio.insecure_channel(f"unix:{agent.config.socket_path}") as channel,
+        ):
+            return await _call_each_method(channel, (("workload.spiffe.io", "TRUE "),))
+
+    answers = run(main())
+    assert set(answers) == {m for m, *_ in METHODS}
+    for method, (code, details) in answers.items():
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
+        assert "security header" in details, (method, details)
+
+
+def test_every_method_refuses_a_caller_with_no_identity_on_this_node(
+    live_ca: LiveCa, short_dir: Path
+) -> None:
+    # The only entry is for another uid: to this caller, bundles and validation are as
+    # closed as SVIDs (allow_unauthenticated_verifiers is off by default).
+    someone_else = entry(selectors=[f"unix:uid:{os.getuid() + 4242}"])
+
+    async def main() -> dict[str, tuple[grpc.StatusCode, str]]:
+        async with (
+            running_agent(make_upstream(live_ca, [someone_else]), short_dir) as agent,
+            grpc.aio.insecure_channel(f"unix:{agent.config.socket_path}") as channel,
+        ):
+            return await _call_each_method(channel, HEADER)
+
+    for method, (code, details) in run(main()).items():
+        assert code == grpc.StatusCode.PERMISSION_DENIED, (method, code, details)
+        assert "no identity issued" in details, (method, details)
 
 
 # -- many streams, message size -------------------------------------------------------------
