@@ -45,6 +45,9 @@ def register(commands: Any) -> None:
     p.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "trellis-system"))
     p.add_argument("--identity", default=os.environ.get("POD_NAME", socket.gethostname()))
     p.add_argument("--kubeconfig", type=Path, help="default: in-cluster configuration")
+    p.add_argument(
+        "--webhook-host", default="0.0.0.0", help="address to serve the webhook on (all: 0.0.0.0)"
+    )
     p.add_argument("--webhook-port", type=int, default=9443)
     p.add_argument("--webhook-cert-dir", type=Path, default=Path("/etc/trellis/webhook"))
     p.add_argument("--no-webhook", action="store_true", help="reconcile only")
@@ -116,6 +119,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             files=CertificateFiles(
                 args.webhook_cert_dir / "tls.crt", args.webhook_cert_dir / "tls.key"
             ),
+            host=args.webhook_host,
             port=args.webhook_port,
             injector=InjectorConfig(
                 image=args.sidecar_image, agent_socket_host_dir=args.agent_socket_dir
