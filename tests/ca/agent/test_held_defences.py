@@ -142,7 +142,7 @@ def test_every_method_refuses_a_caller_with_no_identity_on_this_node(
 def test_two_hundred_concurrent_svid_streams_from_one_client_are_all_served_and_a_new_caller_too(
     live_ca: LiveCa, short_dir: Path
 ) -> None:
-    async def main() -> tuple[list[str], int, str]:
+    async def main() -> tuple[list[str], float | None, str]:
         async with (
             running_agent(make_upstream(live_ca, [entry()]), short_dir) as agent,
             grpc.aio.insecure_channel(f"unix:{agent.config.socket_path}") as channel,
@@ -150,7 +150,9 @@ def test_two_hundred_concurrent_svid_streams_from_one_client_are_all_served_and_
             streams = [_x509_stream(channel) for _ in range(STREAMS)]
             try:
                 firsts = await asyncio.wait_for(asyncio.gather(*(s.read() for s in streams)), 60)
-                open_now = int(agent.metrics.workload_streams._value.get())
+                open_now = agent.metrics.registry.get_sample_value(
+                    "trellis_agent_workload_api_streams"
+                )
                 # All 200 still open: a new caller on its own connection is served at once.
                 async with grpc.aio.insecure_channel(
                     f"unix:{agent.config.socket_path}",
