@@ -2,12 +2,13 @@
 
 ClientConnection() sends ClientHello                                   (_Hello)
   -> ExpectServerHello --HRR--> (ClientHello2) ExpectServerHello(retried)
+     (ServerHello: [CCS], then we write under the client handshake key)
   -> ExpectEncryptedExtensions                                         (_Chosen)
   -> ExpectCertificateOrRequest                                        (_ClientKeys)
   -> peerauth.ExpectPeerCertificate        (the server's chain: VerifiedPeer)
   -> peerauth.ExpectPeerCertificateVerify  (creates PeerAuthenticated)
   -> peerauth.ExpectPeerFinished           (creates FinishedVerified)
-  -> _finish: our flight [CCS] [Certificate CertificateVerify] Finished -> Traffic
+  -> _finish: our flight [Certificate CertificateVerify] Finished -> Traffic
 
 Each state holds frozen values with only what is known at its point (in parentheses,
 what the state after it adds), plus the running transcript hash.
