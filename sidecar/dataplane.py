@@ -45,6 +45,7 @@ class Sidecar:
         self.identity = Identity(on_change=self._identity_changed)
         self._authorizer = self._load_policy()
         self._policy_mtime = self._policy_stamp()
+        self._policy_files = self._policy_files_present()
         from .pool import PoolSet
 
         self.pools = PoolSet(
@@ -79,6 +80,13 @@ class Sidecar:
             except OSError:
                 stamps.append(0.0)
         return stamps[0], stamps[1]
+
+    def _policy_files_present(self) -> frozenset[tuple[str, str]]:
+        named = (
+            ("--policy", self.config.policy_file),
+            ("--pod-labels", self.config.pod_labels_file),
+        )
+        return frozenset((flag, name) for flag, name in named if name and Path(name).exists())
 
     def _load_policy(self) -> Authorizer:
         """The YAML targets' rules plus the operator's document (if mounted) for our labels."""
@@ -121,7 +129,15 @@ class Sidecar:
             return
         self._policy_mtime = stamp
         try:
+            # A file that was there and is gone is refused like a broken one: read as "no
+            # operator policy", it would open every port to the own trust domain (the
+            # default) until it came back. Missing at start-up, it is simply not used yet.
+            present = self._policy_files_present()
+            gone = sorted(self._policy_files - present)
+            if gone:
+                raise StartupError("; ".join(f"{flag} {name} is gone" for flag, name in gone))
             self._authorizer = self._load_policy()
+            self._policy_files = present
             logger.info("policy reloaded")
         except (StartupError, ValueError) as exc:
             logger.warning("policy reload failed, keeping the previous one: %s", exc)
