@@ -70,6 +70,10 @@ BREAKAGES: list[tuple[str, Callable[[Path], None], str]] = [
     ("policy", lambda p: p.write_bytes(b"\xff\xfe{}"), "utf-8"),
     ("policy", lambda p: p.write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
     ("policy", _replace_with_directory, "Is a directory"),
+    # Gone is broken too: read as "no operator policy", it would open every port to the
+    # whole trust domain (the default) until the file came back.
+    ("policy", lambda p: p.unlink(), "is gone"),
+    ("labels", lambda p: p.unlink(), "is gone"),
     ("labels", lambda p: p.write_text("app echo\n"), "pod-labels line 1"),
     ("labels", lambda p: p.write_bytes(b'app="\xff"\n'), "utf-8"),
 ]
@@ -77,9 +81,10 @@ BREAKAGES: list[tuple[str, Callable[[Path], None], str]] = [
 
 def _touch_later(path: Path, seconds: float) -> None:
     # Reloads compare modification times: make each edit's stamp distinct even on a
-    # filesystem with coarse timestamps.
-    stamp = time.time() + seconds
-    os.utime(path, (stamp, stamp))
+    # filesystem with coarse timestamps (a deleted file has no stamp to set).
+    if path.exists():
+        stamp = time.time() + seconds
+        os.utime(path, (stamp, stamp))
 
 
 def test_every_broken_policy_or_labels_edit_is_refused_and_the_previous_policy_kept(
@@ -120,6 +125,8 @@ def test_every_broken_policy_or_labels_edit_is_refused_and_the_previous_policy_k
         },
     )
     assert _passes(upstream)
+    in_force = b.describe()["inbound"]["policy"]
+    assert CLIENT in json.dumps(in_force)
 
     good = {policy: policy.read_bytes(), labels: labels.read_bytes()}
     for index, (which, breakage, named) in enumerate(BREAKAGES, 1):
@@ -137,6 +144,7 @@ def test_every_broken_policy_or_labels_edit_is_refused_and_the_previous_policy_k
         assert named in line, line
         assert str(path) in line, line
         assert _passes(upstream), f"the previous policy was dropped after {named!r}"
+        assert b.describe()["inbound"]["policy"] == in_force, named
         # Put the good file back: each case breaks one file of an otherwise good pair.
         if path.is_dir():
             path.rmdir()
