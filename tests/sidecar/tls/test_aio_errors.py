@@ -9,6 +9,7 @@ gets an exception that names it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import time
@@ -320,9 +321,12 @@ BACKLOG = 1 << 20  # what the server writes before the peer reads anything
 JUNK_AFTER_ATTACK = 32 * 1024  # what the peer keeps writing after its bad record
 JUNK_PAUSE = 0.01
 PEER_WAIT = 10.0
+FLOOD = 16 << 20
 
 
-def _peer_that_keeps_writing(port: int) -> tuple[list[object], int]:
+def _peer_that_keeps_writing(
+    port: int, junk: int = JUNK_AFTER_ATTACK, pause: float = JUNK_PAUSE
+) -> tuple[list[object], int]:
     """An engine client on a blocking socket with a small receive buffer: it completes
     the handshake, reads nothing of what the server then sends, sends one tampered
     record and 32 KiB more in 1 KiB writes 10 ms apart, then reads until EOF or reset. Returns the
@@ -349,9 +353,10 @@ def _peer_that_keeps_writing(port: int) -> tuple[list[object], int]:
         sent = 0
         try:
             sock.sendall(bytes(record))
-            for _ in range(JUNK_AFTER_ATTACK // 1024):
+            for _ in range(junk // 1024):
                 # Spread out, so most of it arrives after the server read the bad record.
-                time.sleep(JUNK_PAUSE)
+                if pause:
+                    time.sleep(pause)
                 sock.sendall(b"\x17\x03\x03\x04\x00" + bytes(1019))
                 sent += 1024
         except OSError:
@@ -401,3 +406,26 @@ def test_a_peer_that_keeps_writing_after_its_bad_record_still_reads_the_fatal_al
     ]
     assert sum(len(e.data) for e in events if isinstance(e, ApplicationData)) == BACKLOG
     assert sent == JUNK_AFTER_ATTACK  # the server kept reading while the peer wrote
+
+
+def test_a_peer_flooding_after_the_fatal_alert_is_cut_off_after_64_kib() -> None:
+    """The drain is bounded: a peer that writes 16 MiB at full speed after its bad record
+    is reset once the server has dropped 64 KiB of it, not read for a whole second."""
+
+    async def scenario() -> tuple[list[object], int]:
+        async def idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, TLSError, TimeoutError):
+                await asyncio.wait_for(reader.read(), PEER_WAIT)
+            writer.close()
+
+        server = await start_tls_server(
+            idle, "127.0.0.1", 0, config=server_svid().config(), handshake_timeout=PEER_WAIT
+        )
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            return await asyncio.to_thread(_peer_that_keeps_writing, port, FLOOD, 0.0)
+
+    events, sent = run(scenario())
+    assert sent < FLOOD, "the server read the whole flood"
+    alerts = [e for e in events if isinstance(e, AlertReceived)]
+    assert alerts == [AlertReceived(AlertLevel.fatal, AlertDescription.bad_record_mac)]
