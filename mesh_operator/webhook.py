@@ -144,6 +144,10 @@ async def serve_webhook(
             now = files.stamp()
             if now is not None and now != stamp:
                 try:
+                    # A scratch context first: OpenSSL installs the certificate before it
+                    # checks the key, so a half-written pair loaded straight into the live
+                    # context would leave it with a certificate and no usable key.
+                    server_ssl_context(files)
                     context.load_cert_chain(files.cert, files.key)
                 except (OSError, ssl.SSLError) as exc:
                     # Half-written pair (cert and key swapped separately): keep serving the

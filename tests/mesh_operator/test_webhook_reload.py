@@ -32,12 +32,6 @@ def _fresh_pki() -> WebhookPki:
     ).pki
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mesh_operator/webhook.py reloads into the live SSLContext: OpenSSL takes the new "
-    "certificate, drops the old key as mismatched, then refuses the old key file, leaving "
-    "the context with no usable key (every handshake: no shared cipher)",
-)
 def test_a_certificate_written_before_its_key_leaves_the_old_pair_serving(
     tmp_path: Path, webhook_pki: WebhookPki, caplog: pytest.LogCaptureFixture
 ) -> None:
