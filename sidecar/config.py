@@ -458,6 +458,8 @@ def load_yaml(text: str, source: str = "config") -> SidecarConfig:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(source, f"not valid YAML: {exc}") from exc
+    except RecursionError as exc:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError(source, "not valid YAML: nested too deeply") from exc
     return parse_config(raw)
 
 

@@ -106,6 +106,11 @@ def test_malformed_yaml_is_refused_in_words() -> None:
         load_yaml("inbound: [")
 
 
+def test_yaml_nested_too_deeply_is_refused_in_words_not_a_recursion_error() -> None:
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_yaml("[" * 100_000)
+
+
 def test_two_listeners_on_one_address_are_refused() -> None:
     config = load_yaml(
         "admin: 127.0.0.1:9001\nupstreams: [{listen: 9001, target: 'a:1', endpoints: ['b:1']}]"
