@@ -30,7 +30,7 @@ from ca.entries import MAX_HINT_CHARS
 from ca.jwtsvid import DEFAULT_JWT_SVID_TTL, MAX_JWT_SVID_TTL
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from ca.x509svid import DEFAULT_X509_SVID_TTL, MAX_X509_SVID_TTL
-from core.durations import parse_duration
+from core.durations import format_duration, parse_duration
 from core.labels import LabelSelector, check_label_key
 from mesh_operator.errors import SpecError
 from meshapi.policy import CallerRule, Protocol, parse_caller_rules
@@ -224,7 +224,11 @@ def _ttl(raw: Any, default: dt.timedelta, limit: dt.timedelta, where: str) -> dt
     except ValueError as exc:
         raise SpecError(where, str(exc)) from exc
     if value > limit:
-        raise SpecError(where, f"{raw} is longer than the maximum of {limit} (SVIDs live <= 24h)")
+        # In the CRD's own duration syntax: str(timedelta) reads "1 day, 0:00:00" in kubectl.
+        raise SpecError(
+            where,
+            f"{raw} is longer than the maximum of {format_duration(limit)} (SVIDs live <= 24h)",
+        )
     if value < dt.timedelta(minutes=1):
         raise SpecError(where, f"{raw} is shorter than one minute; agents could not keep up")
     return value

@@ -8,6 +8,7 @@ deleting the identity is held by the operator's finalizer until the entry is gon
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from typing import Any
@@ -15,10 +16,12 @@ from typing import Any
 import yaml
 
 from ca.entries import parse_entries_yaml
+from ca.server.bans import parse_ban_list
+from mesh_operator.bans import BAN_LABEL
 from mesh_operator.handlers import FINALIZER
 from tests.support import wait_for
 
-from .conftest import NAMESPACE, Operators, create_namespace
+from .conftest import NAMESPACE, WEBHOOK_HOST, Operators, create_namespace, point_webhooks_at
 from .controlplane import ControlPlane
 
 ENTRIES = "trellis-registration-entries"
@@ -106,3 +109,155 @@ def test_the_entries_config_map_is_labelled_as_the_operators_and_parses(
     assert config_map["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "trellis-operator"
     document = yaml.safe_load(config_map["data"]["entries.yaml"]) or {}
     assert isinstance(document.get("entries", []), list)
+
+
+def _config_map(plane: ControlPlane, namespace: str, name: str) -> dict[str, Any] | None:
+    result = plane.kubectl("-n", namespace, "get", "configmap", name, "-o", "json")
+    if result.returncode != 0:
+        return None
+    value = json.loads(result.stdout)
+    assert isinstance(value, dict)
+    return value
+
+
+def _ready(plane: ControlPlane, *what: str) -> dict[str, Any] | None:
+    for condition in plane.get(*what).get("status", {}).get("conditions", []):
+        if condition["type"] == "Ready":
+            assert isinstance(condition, dict)
+            return condition
+    return None
+
+
+def test_access_policy_becomes_the_namespaces_sidecar_policy_document(
+    operators: Operators,
+) -> None:
+    plane = operators.plane
+    namespace = f"shop-{uuid.uuid4().hex[:6]}"
+    create_namespace(plane, namespace)
+    policy = {
+        "apiVersion": "trellis.dev/v1alpha1",
+        "kind": "AccessPolicy",
+        "metadata": {"name": "web", "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "protocol": "http",
+            "allow": [{"exact": f"spiffe://example.org/ns/{namespace}/sa/api"}],
+        },
+    }
+    plane.kubectl_ok("create", "-f", "-", stdin=json.dumps(policy))
+    wait_for(
+        lambda: _config_map(plane, namespace, "trellis-policy") is not None,
+        60,
+        "the namespace's policy ConfigMap",
+    )
+    document = json.loads(_config_map(plane, namespace, "trellis-policy")["data"]["policy.json"])  # type: ignore[index]
+    assert f"spiffe://example.org/ns/{namespace}/sa/api" in json.dumps(document)
+    wait_for(lambda: _ready(plane, "-n", namespace, "ap", "web") is not None, 60, "its status")
+
+
+def test_federated_trust_domain_becomes_the_cas_federation_document(
+    operators: Operators,
+) -> None:
+    plane = operators.plane
+    domain = f"partner-{uuid.uuid4().hex[:6]}.example"
+    federation = {
+        "apiVersion": "trellis.dev/v1alpha1",
+        "kind": "FederatedTrustDomain",
+        "metadata": {"name": domain.split(".")[0]},
+        "spec": {
+            "trustDomain": domain,
+            "bundleEndpointURL": f"https://bundle.{domain}/",
+            "bundleEndpointSPIFFEID": f"spiffe://{domain}/bundle",
+            "bootstrapBundle": plane.ca_file.read_text(),
+        },
+    }
+    plane.kubectl_ok("create", "-f", "-", stdin=json.dumps(federation))
+
+    def listed() -> bool:
+        found = _config_map(plane, NAMESPACE, "trellis-federation")
+        text = (found or {}).get("data", {}).get("federation.json", "{}")
+        return domain in [d["trustDomain"] for d in json.loads(text).get("trustDomains", [])]
+
+    wait_for(listed, 60, f"{domain} in the federation ConfigMap")
+
+
+def test_identity_the_schema_accepts_but_the_operator_cannot_use_is_refused_in_words(
+    operators: Operators,
+) -> None:
+    """72h matches the CRD's duration pattern; the 24 h limit is the operator's. Its
+    validating webhook refuses it through kubectl; with the webhook unreachable
+    (failurePolicy Ignore) the object is stored and its status says what is wrong."""
+    plane = operators.plane
+    name = f"broken-{uuid.uuid4().hex[:6]}"
+    broken = json.dumps(
+        {
+            "apiVersion": "trellis.dev/v1alpha1",
+            "kind": "ClusterWorkloadIdentity",
+            "metadata": {"name": name},
+            "spec": {"ttl": "72h", "podSelector": {"matchLabels": {"app": name}}},
+        }
+    )
+    refused = plane.kubectl("create", "-f", "-", stdin=broken)
+    assert refused.returncode != 0
+    assert 'admission webhook "validate.trellis.dev" denied the request' in refused.stderr
+    # The limit in the CRD's own duration syntax, not Python's timedelta ("1 day, 0:00:00").
+    assert "spec.ttl: 72h is longer than the maximum of 1d" in refused.stderr, refused.stderr
+
+    point_webhooks_at(plane, f"https://{WEBHOOK_HOST}:1")  # nothing listens on port 1
+    try:
+        plane.kubectl_ok("create", "-f", "-", stdin=broken)
+    finally:
+        point_webhooks_at(plane, f"https://{WEBHOOK_HOST}:{operators.replicas[0].port}")
+    wait_for(lambda: _ready(plane, "cwi", name) is not None, 60, f"{name}'s status")
+    condition = _ready(plane, "cwi", name)
+    assert condition is not None
+    assert condition["status"] == "False"
+    assert condition["reason"] == "InvalidSpec" and "spec.ttl" in condition["message"]
+
+
+def test_both_webhook_configurations_trust_the_certificate_in_the_secret(
+    operators: Operators,
+) -> None:
+    plane = operators.plane
+    secret = plane.get("-n", NAMESPACE, "secret", "trellis-webhook-tls")
+    bundle = base64.b64decode(secret["data"]["ca.crt"])
+    for kind, name in (
+        ("mutatingwebhookconfiguration", "trellis-sidecar-injector"),
+        ("validatingwebhookconfiguration", "trellis-validator"),
+    ):
+        hooks = plane.get(kind, name)["webhooks"]
+        assert {base64.b64decode(h["clientConfig"]["caBundle"]) for h in hooks} == {bundle}
+
+
+def test_node_labels_ban_and_unban_agents_through_the_cas_ban_list(operators: Operators) -> None:
+    plane = operators.plane
+    suffix = uuid.uuid4().hex[:6]
+    first, second = f"ban-a-{suffix}", f"ban-b-{suffix}"
+
+    def banned() -> frozenset[str]:
+        found = _config_map(plane, NAMESPACE, "trellis-banned-agents") or {}
+        if not (found.get("metadata", {}).get("labels") or {}).get("app.kubernetes.io/managed-by"):
+            return frozenset()
+        return parse_ban_list(found["data"]["banned.yaml"]) & {first, second}
+
+    def node(name: str, value: str | None) -> None:
+        labels = {BAN_LABEL: value} if value is not None else {}
+        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
+        plane.kubectl_ok("apply", "-f", "-", stdin=json.dumps(body))
+
+    node(first, "true")
+    node(second, None)
+    wait_for(lambda: banned() == {first}, 60, f"{first} banned")
+    node(second, "true")
+    wait_for(lambda: banned() == {first, second}, 60, f"{second} banned")
+    node(first, "false")
+    wait_for(lambda: banned() == {second}, 60, f"{first} unbanned")
+    plane.kubectl_ok("delete", "node", second)
+    wait_for(lambda: banned() == frozenset(), 60, f"{second} gone from the list")
+
+    # Nodes are only read: the operator's ClusterRole grants no write on them.
+    can = plane.kubectl(
+        "auth", "can-i", "patch", "nodes",
+        f"--as=system:serviceaccount:{NAMESPACE}:trellis-operator",
+    )  # fmt: skip
+    assert can.stdout.strip() == "no", can.stdout + can.stderr
