@@ -259,3 +259,43 @@ def test_the_valid_base_objects_are_accepted(installed: Installed) -> None:
     for obj in (CWI, POLICY, FEDERATION):
         created = _create(installed, obj)
         assert created["metadata"]["name"] == "rule-check"
+
+
+def _workloads() -> list[dict[str, Any]]:
+    import yaml
+
+    found = []
+    for path in sorted(MANIFESTS.glob("*/*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") in ("Deployment", "DaemonSet"):
+                found.append(doc)
+    return found
+
+
+@pytest.mark.parametrize(
+    "workload", _workloads(), ids=lambda w: f"{w['kind']}/{w['metadata']['name']}"
+)
+def test_the_pods_of_every_shipped_workload_are_admitted(
+    installed: Installed, workload: dict[str, Any]
+) -> None:
+    """No controller-manager runs here, so the Pod a ReplicaSet or the DaemonSet controller
+    would create is created directly (dryRun: validated and admitted in full, never stored):
+    Pod Security, priority classes, service accounts and field validation all apply."""
+    assert installed.apply.returncode == 0, installed.apply.stderr
+    template = workload["spec"]["template"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {**template["metadata"], "name": f"{workload['metadata']['name']}-check"},
+        "spec": template["spec"],
+    }
+    result = installed.plane.kubectl(
+        "-n",
+        workload["metadata"]["namespace"],
+        "create",
+        "--dry-run=server",
+        "-f",
+        "-",
+        stdin=json.dumps(pod),
+    )
+    assert result.returncode == 0, result.stderr
