@@ -1,8 +1,9 @@
 """A fake Kubernetes API server (aiohttp) speaking enough REST and watch JSON for kopf and
 the ``kubernetes`` client.
 
-No kube-apiserver, kind, k3s or envtest binary can run on the machines these tests run on,
-so the operator's wiring is exercised against this instead: API discovery (``/api``,
+Kept only for what a real kube-apiserver will not do: store objects it would refuse (a Node
+name the CA cannot hold) or answer in ways a test must script. Everything a real API server
+can show runs against one in tests/kube/. What it speaks: API discovery (``/api``,
 ``/apis``), list with label (equality and existence) and field selectors, watch streams
 (newline-delimited JSON events from a ``resourceVersion``), create (with ``generateName``),
 replace with optimistic concurrency (409 on a stale ``resourceVersion``), merge and JSON

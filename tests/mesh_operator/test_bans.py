@@ -1,9 +1,11 @@
-"""The CA's ban list kept from Node labels: the pure core, and one sync against an API server.
+"""The CA's ban list kept from Node labels: the pure core, and one sync the real API server
+cannot set up.
 
-No kube-apiserver can run on these machines (no kind, k3s or envtest binary is reachable),
-so the sync is run against ``fake_apiserver.FakeApiServer``, which speaks the REST JSON the
-``kubernetes`` client uses. Every ban list the operator writes is read back with the CA's
-own loader (``ca.server.bans``), so a list the CA would refuse fails here.
+Syncs against a real kube-apiserver are in tests/kube/test_bans_sync.py and
+tests/kube/test_operator.py. The one left here needs a Node whose name the CA cannot hold,
+which kube-apiserver refuses to store, so it runs against ``fake_apiserver.FakeApiServer``.
+Every ban list the operator writes is read back with the CA's own loader
+(``ca.server.bans``), so a list the CA would refuse fails here.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from typing import Any
 import kubernetes
 import pytest
 
-from ca.entries import parse_entries_yaml
 from ca.server.bans import load_ban_list, parse_ban_list
 from ca.spiffeid import TrustDomain
 from mesh_operator.bans import BAN_LABEL, BanList, adoption_problem, ban_list
@@ -139,57 +140,10 @@ def banned(server: FakeApiServer) -> frozenset[str]:
     return parse_ban_list(cm["data"]["banned.yaml"])
 
 
-def test_a_sync_replaces_the_shipped_empty_list_with_the_labelled_nodes() -> None:
-    async def body() -> None:
-        async with running(FakeApiServer()) as server:
-            server.put(ban_config_map("[]\n", **{"app.kubernetes.io/part-of": "trellis"}))
-            server.put(node("worker-2", **{BAN_LABEL: "true"}))
-            server.put(node("worker-1", **{BAN_LABEL: "true", "zone": "a"}))
-            server.put(node("worker-3", **{BAN_LABEL: "false"}))
-            server.put(node("worker-4", **{BAN_LABEL: "yes"}))
-            server.put(node("worker-5"))
-            report = await sync(server)
-            assert f"{NAMESPACE}/{CONFIG_MAP}" in report.config_maps_written
-            assert banned(server) == {"worker-1", "worker-2", "worker-4"}
-            cm = server.get("configmaps", CONFIG_MAP, NAMESPACE)
-            assert cm["metadata"]["labels"] == MANAGED_BY
-            (problem,) = report.ban_problems
-            assert "worker-4" in problem and "banned anyway" in problem
+def test_a_node_name_the_ca_cannot_hold_is_left_out_of_a_synced_list() -> None:
+    """A real API server refuses such a Node name; only the fake can store one, so this
+    case stays here (the other syncs run against kube-apiserver in tests/kube/)."""
 
-            # unlabelling a node lifts its ban at the next sync; nothing else is rewritten
-            server.put(node("worker-2"))
-            report = await sync(server)
-            assert banned(server) == {"worker-1", "worker-4"}
-            report = await sync(server)
-            assert f"{NAMESPACE}/{CONFIG_MAP}" not in report.config_maps_written
-
-    run(body())
-
-
-def test_a_hand_written_list_is_kept_but_the_other_writes_go_on() -> None:
-    async def body() -> None:
-        async with running(FakeApiServer()) as server:
-            server.put(ban_config_map("- worker-9\n"))
-            server.put(node("worker-1", **{BAN_LABEL: "true"}))
-            report = await sync(server)
-            assert banned(server) == {"worker-9"}
-            (problem,) = report.ban_problems
-            assert problem.startswith(f"ConfigMap {NAMESPACE}/{CONFIG_MAP} left as it is: ")
-            assert "worker-9" in problem
-            # the registration entries were still written
-            entries = server.get("configmaps", "trellis-registration-entries", NAMESPACE)
-            assert len(parse_entries_yaml(entries["data"]["entries.yaml"])) == 0
-
-            # once worker-9 is labelled, the operator takes the list over
-            server.put(node("worker-9", **{BAN_LABEL: "true"}))
-            report = await sync(server)
-            assert report.ban_problems == ()
-            assert banned(server) == {"worker-1", "worker-9"}
-
-    run(body())
-
-
-def test_a_sync_creates_the_list_when_there_is_none() -> None:
     async def body() -> None:
         async with running(FakeApiServer()) as server:
             server.put(node("bad name", **{BAN_LABEL: "true"}))  # only a fake admits this
