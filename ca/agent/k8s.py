@@ -15,9 +15,8 @@ gets no ``k8s:`` selectors.
 ``watch_pods`` is the I/O shell: list + watch of ``/api/v1/pods?fieldSelector=
 spec.nodeName=<node>`` against the API server with the pod's own service-account token
 (in-cluster configuration), through aiohttp, so the agent needs no Kubernetes client
-library. No kube-apiserver runs on the machines these tests run on, so the tests feed
-``PodIndex`` recorded cgroup files and pod objects, and exercise ``watch_pods`` against a
-small fake endpoint that speaks the real list/watch JSON.
+library. Unit tests feed ``PodIndex`` recorded cgroup files and pod objects;
+tests/kube/test_svid.py runs ``watch_pods`` against a real kube-apiserver.
 """
 
 from __future__ import annotations
