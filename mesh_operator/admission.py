@@ -233,6 +233,17 @@ def validate_resource(body: bytes) -> AdmissionOutcome:
     if request.get("operation") not in ("CREATE", "UPDATE"):
         return _review(uid, {"allowed": True})
     obj = request.get("object")
+    old = request.get("oldObject")
+    if (
+        request.get("operation") == "UPDATE"
+        and isinstance(obj, Mapping)
+        and isinstance(old, Mapping)
+        and obj.get("spec") == old.get("spec")
+    ):
+        # Only metadata changed (a label, kopf adding or removing its finalizer). The spec
+        # may have been stored while this webhook was down (failurePolicy: Ignore);
+        # refusing every update of it would pin its finalizer and block its deletion.
+        return _review(uid, {"allowed": True})
     namespace = request.get("namespace")
     if isinstance(obj, Mapping) and isinstance(namespace, str) and namespace:
         # The object may reach us before the API server defaulted metadata.namespace.

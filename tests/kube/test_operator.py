@@ -261,3 +261,43 @@ def test_node_labels_ban_and_unban_agents_through_the_cas_ban_list(operators: Op
         f"--as=system:serviceaccount:{NAMESPACE}:trellis-operator",
     )  # fmt: skip
     assert can.stdout.strip() == "no", can.stdout + can.stderr
+
+
+def test_an_identity_stored_while_the_validator_was_down_can_still_be_labelled_and_deleted(
+    operators: Operators,
+) -> None:
+    """failurePolicy Ignore lets an invalid object in while the operator is away. Once the
+    validator is back, metadata-only updates (a label, kopf removing its finalizer) must
+    still pass, or the object could never be deleted."""
+    plane = operators.plane
+    name = f"stored-{uuid.uuid4().hex[:6]}"
+    broken = {
+        "apiVersion": "trellis.dev/v1alpha1",
+        "kind": "ClusterWorkloadIdentity",
+        "metadata": {"name": name},
+        "spec": {"ttl": "72h", "podSelector": {"matchLabels": {"app": name}}},
+    }
+    point_webhooks_at(plane, f"https://{WEBHOOK_HOST}:1")  # nothing listens on port 1
+    try:
+        plane.kubectl_ok("create", "-f", "-", stdin=json.dumps(broken))
+        wait_for(
+            lambda: FINALIZER in plane.get("cwi", name)["metadata"].get("finalizers", []),
+            60,
+            f"{name}'s finalizer",
+        )
+    finally:
+        point_webhooks_at(plane, f"https://{WEBHOOK_HOST}:{operators.replicas[0].port}")
+
+    labelled = plane.kubectl("label", "cwi", name, "team=payments")
+    assert labelled.returncode == 0, labelled.stderr
+    # A spec change is still checked.
+    edited = plane.kubectl("patch", "cwi", name, "--type=merge", "-p", '{"spec":{"ttl":"48h"}}')
+    assert edited.returncode != 0
+    assert "spec.ttl: 48h is longer than the maximum" in edited.stderr, edited.stderr
+
+    plane.kubectl_ok("delete", "cwi", name, "--wait=false")
+    wait_for(
+        lambda: plane.kubectl("get", "cwi", name).returncode != 0,
+        60,
+        f"{name} to be deleted once the operator releases its finalizer",
+    )
