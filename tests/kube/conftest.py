@@ -1,6 +1,6 @@
 """Fixtures for the tests against a real kube-apiserver (see ``controlplane.py``).
 
-One control plane per test session (per pytest-xdist worker): about 20 s to start and
+One control plane per pytest session (per pytest-xdist worker): seconds to start and
 300 MB of memory. The binaries must already be built (``make kube``, which ``make test``
 runs first): building takes far longer than a test may, so a missing build is a skip
 naming the command, which CI (``CI=true``) turns into a failure.
