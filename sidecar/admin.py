@@ -3,24 +3,27 @@
 * admin (loopback only): `/metrics`, `/healthz`, `/readyz`, `/config`. `/config` tells
   the workload's identity, policy and peers to whoever asks, so nothing off the host may.
 * health (the pod's address): `/metrics`, `/healthz`, `/readyz` and nothing else, for the
-  kubelet's probes and Prometheus (Istio splits its 15000 and 15020 the same way). Any
-  other path is 404.
+  kubelet's probes and Prometheus (Istio splits its 15000 and 15020 the same way), plus
+  `/app-health/<container>/<livez|readyz|startupz>` for each app probe the injector moved
+  here (``sidecar.probes``): the original probe is run against the app on 127.0.0.1 and
+  its result answered, 200 or 503 with the reason. Any other path is 404.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .config import Address
+from .probes import AppProbe, run_probe
 
 if TYPE_CHECKING:
     from .dataplane import Sidecar
 
-__all__ = ["AdminServers", "start_admin"]
+__all__ = ["AdminServers", "app_probe_routes", "start_admin"]
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -47,6 +50,19 @@ class AdminServers:
         self.runners.clear()
 
 
+def app_probe_routes(probes: Mapping[str, AppProbe]) -> dict[str, Handler]:
+    """One GET route per injected probe path; a path not in ``probes`` stays a 404."""
+
+    def route(probe: AppProbe) -> Handler:
+        async def handler(_request: web.Request) -> web.Response:
+            result = await run_probe(probe)
+            return web.Response(text=result.reason + "\n", status=200 if result.ok else 503)
+
+        return handler
+
+    return {path: route(probe) for path, probe in probes.items()}
+
+
 async def start_admin(
     sidecar: Sidecar, admin: Address | None, health: Address | None
 ) -> AdminServers:
@@ -70,7 +86,7 @@ async def start_admin(
         if admin is not None:
             await servers.add({**probes, "/config": config}, admin)
         if health is not None:
-            await servers.add(probes, health)
+            await servers.add({**probes, **app_probe_routes(sidecar.config.app_probes)}, health)
     except BaseException:
         await servers.cleanup()
         raise

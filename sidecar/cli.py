@@ -77,6 +77,11 @@ def register(commands: Any) -> None:
         help="PORT,... the app serves on 127.0.0.1, reachable through the mesh; a CONNECT "
         "for any port neither here nor in inbound.targets is refused (404)",
     )
+    p.add_argument(
+        "--app-probes",
+        help="JSON {CONTAINER/livez|readyz|startupz: probe}: the app's original probes, "
+        "served as /app-health/CONTAINER/KIND on the health port (written by the injector)",
+    )
     p.add_argument("--policy", help="the operator's policy.json (SidecarPolicy document)")
     p.add_argument("--pod-labels", help="downward-API labels file the policy selectors match")
     p.add_argument("--upstreams", help="SERVICE:PORT=LOCAL_PORT,... explicit upstreams")
@@ -171,6 +176,13 @@ def build_config(args: argparse.Namespace) -> SidecarConfig:
             changes["spiffe_id"] = SpiffeId(args.spiffe_id)
         except SpiffeIdError as exc:
             raise ConfigError("--spiffe-id", str(exc)) from exc
+    if args.app_probes is not None:
+        from .probes import ProbeError, parse_app_probes
+
+        try:
+            changes["app_probes"] = parse_app_probes(args.app_probes)
+        except ProbeError as exc:
+            raise ConfigError("--app-probes", str(exc)) from exc
     if args.drain_timeout is not None:
         if args.drain_timeout < 0:
             raise ConfigError("--drain-timeout", "must not be negative")

@@ -65,6 +65,7 @@ from core.errors import FieldError
 from meshapi.upstreams import parse_upstreams
 
 from .policy import CallerRule, PolicyError, parse_rules
+from .probes import AppProbe
 
 __all__ = [
     "Address",
@@ -155,6 +156,8 @@ class SidecarConfig:
     drain_timeout: float = 10.0
     policy_file: str | None = None
     pod_labels_file: str | None = None
+    # --app-probes: the app's original probes by health-port path (sidecar.probes).
+    app_probes: Mapping[str, AppProbe] = field(default_factory=dict)
 
     def workload_api_target(self) -> str | None:
         """The gRPC target of the Workload API, or None when SVIDs come from files."""

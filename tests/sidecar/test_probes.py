@@ -1,0 +1,191 @@
+"""The sidecar's `/app-health/...` endpoints run the app's original probes against real apps.
+
+Every app here is real and on loopback: an aiohttp HTTP server, an asyncio TCP listener and
+a grpcio server answering `grpc.health.v1.Health/Check` (the `grpcio-health-checking`
+package is not installed, so the tiny service is a generic handler encoding the two
+one-field messages by hand). The health listener is the sidecar's own `AdminServers` on a
+real port, asked over HTTP as the kubelet asks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+
+import grpc
+from aiohttp import ClientSession, ClientTimeout, web
+from grpc import aio
+
+from sidecar.admin import AdminServers, app_probe_routes
+from sidecar.config import Address
+from sidecar.probes import parse_app_probes
+from tests.support import free_port
+
+SERVING, NOT_SERVING = 1, 2
+
+
+async def _ask(port: int, path: str) -> tuple[int, str]:
+    async with (
+        ClientSession(timeout=ClientTimeout(total=10)) as http,
+        http.get(f"http://127.0.0.1:{port}{path}") as response,
+    ):
+        return response.status, await response.text()
+
+
+async def _with_health(probes_json: str, body: Callable[[int], Awaitable[None]]) -> None:
+    servers = AdminServers()
+    port = free_port()
+    await servers.add(app_probe_routes(parse_app_probes(probes_json)), Address("127.0.0.1", port))
+    try:
+        await body(port)
+    finally:
+        await servers.cleanup()
+
+
+def test_an_http_probe_passes_and_fails_as_the_app_does_and_carries_its_headers() -> None:
+    app_port = free_port()
+    state = {"healthy": True, "seen": ""}
+
+    async def ready(request: web.Request) -> web.Response:
+        state["seen"] = request.headers.get("X-Probe", "")
+        return web.Response(status=200 if state["healthy"] else 500, text="app")
+
+    probes = json.dumps(
+        {
+            "web/readyz": {
+                "httpGet": {
+                    "path": "/ready",
+                    "port": app_port,
+                    "scheme": "HTTP",
+                    "httpHeaders": [{"name": "X-Probe", "value": "kubelet"}],
+                },
+                "timeoutSeconds": 2,
+            }
+        }
+    )
+
+    async def scenario(health: int) -> None:
+        app = web.Application()
+        app.router.add_get("/ready", ready)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", app_port).start()
+        try:
+            status, text = await _ask(health, "/app-health/web/readyz")
+            assert (status, state["seen"]) == (200, "kubelet"), text
+            state["healthy"] = False
+            status, text = await _ask(health, "/app-health/web/readyz")
+            assert status == 503 and "HTTP 500" in text
+        finally:
+            await runner.cleanup()
+        # The app is gone: the probe fails with the reason, not a traceback.
+        status, text = await _ask(health, "/app-health/web/readyz")
+        assert status == 503 and str(app_port) in text
+
+    asyncio.run(_with_health(probes, scenario))
+
+
+def test_a_tcp_probe_passes_while_the_app_listens_and_fails_once_it_stops() -> None:
+    app_port = free_port()
+    probes = json.dumps({"db/livez": {"tcpSocket": {"port": app_port}}})
+
+    async def scenario(health: int) -> None:
+        async def accept(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        server = await asyncio.start_server(accept, "127.0.0.1", app_port)
+        try:
+            assert (await _ask(health, "/app-health/db/livez"))[0] == 200
+        finally:
+            server.close()
+            await server.wait_closed()
+        status, text = await _ask(health, "/app-health/db/livez")
+        assert status == 503 and f"127.0.0.1:{app_port}" in text
+
+    asyncio.run(_with_health(probes, scenario))
+
+
+def _health_server(statuses: dict[str, int]) -> aio.Server:
+    """`grpc.health.v1.Health/Check` answering ``statuses[service]``, SERVICE_UNKNOWN (3)
+    otherwise, as grpc_health's servicer does."""
+
+    def check(request: bytes, _context: aio.ServicerContext[bytes, bytes]) -> bytes:
+        service = request[2:].decode() if request[:1] == b"\x0a" else ""
+        return bytes([0x08, statuses.get(service, 3)])
+
+    handler = grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health",
+        {"Check": grpc.unary_unary_rpc_method_handler(check)},
+    )
+    return aio.server(handlers=[handler])
+
+
+def test_a_grpc_probe_asks_the_named_service_and_fails_when_it_is_not_serving() -> None:
+    app_port = free_port()
+    statuses = {"orders": SERVING}
+    probes = json.dumps(
+        {
+            "api/startupz": {"grpc": {"port": app_port, "service": "orders"}},
+            "api/livez": {"grpc": {"port": app_port}},  # "" is not registered here
+        }
+    )
+
+    async def scenario(health: int) -> None:
+        server = _health_server(statuses)
+        server.add_insecure_port(f"127.0.0.1:{app_port}")
+        await server.start()
+        try:
+            status, text = await _ask(health, "/app-health/api/startupz")
+            assert status == 200 and "SERVING" in text
+            assert (await _ask(health, "/app-health/api/livez"))[0] == 503
+            statuses["orders"] = NOT_SERVING
+            status, text = await _ask(health, "/app-health/api/startupz")
+            assert status == 503 and "NOT_SERVING" in text
+        finally:
+            await server.stop(None)
+        status, text = await _ask(health, "/app-health/api/startupz")
+        assert status == 503 and "UNAVAILABLE" in text
+
+    asyncio.run(_with_health(probes, scenario))
+
+
+def test_a_probe_path_that_was_not_injected_is_not_found() -> None:
+    probes = json.dumps({"web/readyz": {"tcpSocket": {"port": free_port()}}})
+
+    async def scenario(health: int) -> None:
+        for path in ("/app-health/web/livez", "/app-health/other/readyz", "/app-health/web"):
+            assert (await _ask(health, path))[0] == 404
+
+    asyncio.run(_with_health(probes, scenario))
+
+
+def test_malformed_app_probes_are_refused_in_one_line() -> None:
+    for bad, words in (
+        ("{", "not JSON"),
+        ('{"web/ready": {"tcpSocket": {"port": 80}}}', "<container>/<livez|readyz|startupz>"),
+        ('{"web/livez": {"tcpSocket": {"port": "http"}}}', "web/livez.tcpSocket.port"),
+        ('{"web/livez": {"exec": {"command": ["true"]}}}', "exactly one of"),
+        ('{"web/livez": {"httpGet": {"port": 80, "scheme": "FTP"}}}', "HTTP or HTTPS"),
+        ("[" * 100_000, "at most"),
+    ):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "trellis",
+                "sidecar",
+                "--health-port=15020",
+                "--app-probes",
+                bad,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--app-probes" in lines[0] and words in lines[0], result.stderr
