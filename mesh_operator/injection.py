@@ -23,6 +23,12 @@ What gets added (``plan_injection``), in the order the kubelet must run it:
    downward API (the sidecar matches policy selectors against them), and a memory-backed
    ``/tmp``.
 
+4. Probe rewrite (transparent mode; ``mesh_operator.probes``): the app containers' HTTP,
+   TCP and gRPC probes become ``httpGet`` probes of ``/app-health/<container>/<kind>`` on
+   the health port, the sidecar gets the originals as ``--app-probes`` and runs them
+   against the app on 127.0.0.1, and ``trellis.dev/original-probes`` keeps them. Explicit
+   mode installs no redirect, so the app's probes work there as they are.
+
 Idempotence: a pod that already has a ``trellis-sidecar`` init container gets an empty
 patch, so a reinvoked webhook (``reinvocationPolicy: IfNeeded``) or a pod re-submitted with
 its injected spec changes nothing. Skipped: pods annotated ``trellis.dev/inject: "false"``
@@ -38,6 +44,8 @@ from typing import Any
 from core.errors import FieldError
 from meshapi import upstreams as meshapi_upstreams
 from meshapi.upstreams import Upstream
+
+from .probes import ANNOTATION_ORIGINAL_PROBES, ProbeRewrite, plan_probe_rewrite
 
 __all__ = [
     "ANNOTATION_INJECT",
@@ -306,7 +314,13 @@ def plan_injection(pod: Mapping[str, Any], config: InjectorConfig) -> InjectionD
         # The CA and agent ports the app itself may need stay reachable without the proxy.
         exclude = str(annotations.get("trellis.dev/exclude-outbound-ports", "")).strip()
         new_init.append(_init_container(config, exclude))
-    new_init.append(_sidecar(config, upstreams, app_ports(spec, config)))
+    sidecar = _sidecar(config, upstreams, app_ports(spec, config))
+    probes = ProbeRewrite((), "", "")
+    if upstreams is None:
+        probes = plan_probe_rewrite(pod, config.health_port)
+    if probes.app_probes:
+        sidecar["args"].append(f"--app-probes={probes.app_probes}")
+    new_init.append(sidecar)
 
     patch: list[dict[str, Any]] = []
     if "initContainers" not in spec or spec.get("initContainers") is None:
@@ -331,5 +345,14 @@ def plan_injection(pod: Mapping[str, Any], config: InjectorConfig) -> InjectionD
             "value": config.version,
         }
     )
+    patch.extend(probes.patch)
+    if probes.originals:
+        patch.append(
+            {
+                "op": "add",
+                "path": f"/metadata/annotations/{_pointer(ANNOTATION_ORIGINAL_PROBES)}",
+                "value": probes.originals,
+            }
+        )
     mode = "explicit upstreams" if upstreams is not None else "transparent"
     return InjectionDecision(tuple(patch), f"injected ({mode})")

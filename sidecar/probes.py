@@ -98,9 +98,10 @@ def _probe(key: str, raw: Any) -> AppProbe:
     timeout: float = 1.0
     if "timeoutSeconds" in body:
         seconds = body["timeoutSeconds"]
-        if isinstance(seconds, bool) or not isinstance(seconds, int) or not 1 <= seconds <= 3600:
-            raise ProbeError(f"{key}.timeoutSeconds: must be a whole number of seconds, 1-3600")
-        timeout = float(seconds)
+        if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 1:
+            raise ProbeError(f"{key}.timeoutSeconds: must be a whole number of seconds, at least 1")
+        # The Pod API sets no upper bound; an hour is far past any kubelet period.
+        timeout = float(min(seconds, 3600))
     actions = [name for name in ("httpGet", "tcpSocket", "grpc") if name in body]
     if len(actions) != 1:
         raise ProbeError(f"{key}: needs exactly one of httpGet, tcpSocket, grpc")
