@@ -458,8 +458,7 @@ def compile_policies(snapshot: ClusterSnapshot) -> PolicyResult:
                     selector=p.selector,
                     ports=p.ports,
                     allow=p.allow,
-                    protocol=p.protocol,
-                    early_data_methods=p.early_data_methods,
+                    mtls=p.mtls,
                 )
                 for p in policies
             ),

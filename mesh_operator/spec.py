@@ -33,13 +33,12 @@ from ca.x509svid import DEFAULT_X509_SVID_TTL, MAX_X509_SVID_TTL
 from core.durations import format_duration, parse_duration
 from core.labels import LabelSelector, check_label_key
 from mesh_operator.errors import SpecError
-from meshapi.policy import CallerRule, Protocol, parse_caller_rules
+from meshapi.policy import MTLS_MODES, CallerRule, MtlsMode, parse_caller_rules
 
 __all__ = [
     "API_VERSION",
     "DEFAULT_SPIFFE_ID_TEMPLATE",
     "GROUP",
-    "SAFE_EARLY_DATA_METHODS",
     "VERSION",
     "AccessPolicySpec",
     "AllowedCaller",
@@ -57,9 +56,6 @@ GROUP = "trellis.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 DEFAULT_SPIFFE_ID_TEMPLATE = "spiffe://{trustDomain}/ns/{namespace}/sa/{serviceAccount}"
-# RFC 9110 §9.2.1 safe methods: replaying them (RFC 8470 §1, early data is replayable)
-# changes no server state, so they are the only ones a policy may let through in 0-RTT.
-SAFE_EARLY_DATA_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _MAX_TEMPLATE = 2048
 _SAMPLE_TRUST_DOMAIN = TrustDomain("example.org")
 
@@ -335,9 +331,8 @@ class AccessPolicySpec:
     ref: ObjectRef
     selector: LabelSelector
     ports: tuple[int, ...]
-    protocol: Protocol
     allow: tuple[CallerRule, ...]
-    early_data_methods: tuple[str, ...]
+    mtls: MtlsMode | None  # None: the spec names no mode (strict unless another policy says)
 
 
 def parse_access_policy(obj: Any) -> AccessPolicySpec:
@@ -352,27 +347,16 @@ def parse_access_policy(obj: Any) -> AccessPolicySpec:
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise SpecError(f"spec.ports[{index}]", f"{port!r} is not a port number (1-65535)")
         ports.append(port)
-    protocol = spec.get("protocol", "tcp")
-    if protocol not in ("tcp", "http"):
-        raise SpecError("spec.protocol", f"{protocol!r} must be tcp or http")
     allow = parse_caller_rules(spec.get("allow") or [], "spec.allow")
-    methods = _strings(spec.get("earlyDataMethods"), "spec.earlyDataMethods")
-    for index, method in enumerate(methods):
-        if method not in SAFE_EARLY_DATA_METHODS:
-            raise SpecError(
-                f"spec.earlyDataMethods[{index}]",
-                f"{method} is not a safe method; early data can be replayed (RFC 8470), so "
-                f"only {', '.join(sorted(SAFE_EARLY_DATA_METHODS))} may be accepted in it",
-            )
-    if methods and protocol != "http":
-        raise SpecError("spec.earlyDataMethods", "only meaningful with protocol: http")
+    mtls = spec.get("mtls")
+    if mtls is not None and mtls not in MTLS_MODES:
+        raise SpecError("spec.mtls", f"{mtls!r} must be STRICT or PERMISSIVE")
     return AccessPolicySpec(
         ref=ref,
         selector=LabelSelector.parse(spec.get("selector"), "spec.selector"),
         ports=tuple(sorted(set(ports))),
-        protocol=protocol,
         allow=allow,
-        early_data_methods=tuple(sorted(set(methods))),
+        mtls=mtls,
     )
 
 

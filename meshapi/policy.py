@@ -12,23 +12,27 @@ unchanged::
      "policies": [{"name": "ledger",
                    "selector": {"matchExpressions": [{"key": "app", "operator": "In",
                                                       "values": ["web"]}]},
-                   "ports": [8080], "protocol": "http",
+                   "ports": [8080], "mtls": "PERMISSIVE",
                    "allow": [{"exact": "spiffe://example.org/ns/front/sa/web"},
-                             {"prefix": "spiffe://example.org/ns/tools"}],
-                   "earlyDataMethods": ["GET"]}]}
+                             {"prefix": "spiffe://example.org/ns/tools"}]}]}
 
 What the reader accepts beyond that form, as the sidecar always has: ``apiVersion``,
 ``kind``, ``namespace``, ``trustDomain`` and a policy's ``name`` may be left out (a left-out
 one is left out again on rendering); ``selector`` may use ``matchLabels`` (rendered back as
-``matchExpressions``); ``ports``, ``allow``, ``protocol`` and ``earlyDataMethods`` default
-to none, none, ``tcp`` and none. Keys it does not know are ignored, so an operator one
+``matchExpressions``); ``ports`` and ``allow`` default to none, and ``mtls`` to unset (left
+out again on rendering). Keys it does not know are ignored, so an operator one
 release ahead can add a field without every older sidecar refusing the whole document.
 
 Meaning (enforced by ``sidecar.policy.Authorizer``): the rules that apply to a port are the
 union of every selecting policy that lists the port or lists no port at all; an applicable
-policy with an empty ``allow`` refuses everyone. ``protocol`` and ``earlyDataMethods`` are
-carried for the HTTP-aware data plane; ``mesh_operator.spec`` decides which values a user
-may write (only safe methods in early data, RFC 8470 §1).
+policy with an empty ``allow`` refuses everyone. ``mtls`` (``STRICT`` or ``PERMISSIVE``)
+says whether a caller without TLS may reach the ports the policy applies to: a port is
+permissive when an applicable policy says ``PERMISSIVE`` and none says ``STRICT``; a port no
+policy sets a mode for is strict (``sidecar.permissive``). An mTLS caller is authorised by
+``allow`` in both modes.
+
+Older documents carried ``protocol`` and ``earlyDataMethods``; no data plane ever read them,
+so they were withdrawn and, as unknown keys, are ignored.
 """
 
 from __future__ import annotations
@@ -44,10 +48,11 @@ from core.labels import LabelSelector
 __all__ = [
     "API_VERSION",
     "KIND",
+    "MTLS_MODES",
     "CallerRule",
+    "MtlsMode",
     "Policy",
     "PolicyDocument",
-    "Protocol",
     "parse_caller_rules",
     "parse_policy_document",
     "render_policy_document",
@@ -55,8 +60,8 @@ __all__ = [
 
 API_VERSION = "trellis.dev/v1alpha1"
 KIND = "SidecarPolicy"
-Protocol = Literal["tcp", "http"]
-_PROTOCOLS: tuple[Protocol, ...] = ("tcp", "http")
+MtlsMode = Literal["STRICT", "PERMISSIVE"]
+MTLS_MODES: tuple[MtlsMode, ...] = ("STRICT", "PERMISSIVE")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +91,7 @@ class Policy:
     selector: LabelSelector = field(default_factory=LabelSelector)
     ports: tuple[int, ...] = ()  # empty: every port of the selected pods
     allow: tuple[CallerRule, ...] = ()  # empty: nobody (deny-all)
-    protocol: Protocol = "tcp"
-    early_data_methods: tuple[str, ...] = ()
+    mtls: MtlsMode | None = None  # None: no opinion (strict unless another policy says)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,31 +151,18 @@ def _optional_string(raw: Mapping[str, Any], key: str, where: str) -> str | None
     return value
 
 
-def _methods(raw: Any, where: str) -> tuple[str, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise FieldError(where, "expected a list of HTTP methods")
-    for index, method in enumerate(raw):
-        # RFC 9110 §9.1: a method is a token; the ones Trellis knows are upper-case letters.
-        if not isinstance(method, str) or not method.isalpha() or not method.isupper():
-            raise FieldError(f"{where}[{index}]", f"{method!r} is not an HTTP method name")
-    return tuple(raw)
-
-
 def _policy(raw: Any, where: str) -> Policy:
     if not isinstance(raw, Mapping):
         raise FieldError(where, "expected an object with selector, ports and allow")
-    protocol = raw.get("protocol", "tcp")
-    if protocol not in _PROTOCOLS:
-        raise FieldError(f"{where}.protocol", f"{protocol!r} must be tcp or http")
+    mtls = raw.get("mtls")
+    if mtls is not None and mtls not in MTLS_MODES:
+        raise FieldError(f"{where}.mtls", f"{mtls!r} must be STRICT or PERMISSIVE")
     return Policy(
         name=_optional_string(raw, "name", where),
         selector=LabelSelector.parse(raw.get("selector"), f"{where}.selector"),
         ports=_ports(raw.get("ports"), f"{where}.ports"),
         allow=parse_caller_rules(raw.get("allow"), f"{where}.allow"),
-        protocol=protocol,
-        early_data_methods=_methods(raw.get("earlyDataMethods"), f"{where}.earlyDataMethods"),
+        mtls=mtls,
     )
 
 
@@ -206,11 +197,11 @@ def _render_policy(policy: Policy) -> dict[str, Any]:
         {
             "selector": policy.selector.to_dict(),
             "ports": list(policy.ports),
-            "protocol": policy.protocol,
             "allow": [rule.to_dict() for rule in policy.allow],
-            "earlyDataMethods": list(policy.early_data_methods),
         }
     )
+    if policy.mtls is not None:
+        rendered["mtls"] = policy.mtls
     return rendered
 
 

@@ -31,7 +31,7 @@ POLICY: dict[str, Any] = {
     "apiVersion": "trellis.dev/v1alpha1",
     "kind": "AccessPolicy",
     "metadata": {"name": "rule-check", "namespace": "default"},
-    "spec": {"protocol": "http", "allow": [{"exact": "spiffe://example.org/ns/a/sa/b"}]},
+    "spec": {"mtls": "PERMISSIVE", "allow": [{"exact": "spiffe://example.org/ns/a/sa/b"}]},
 }
 FEDERATION: dict[str, Any] = {
     "apiVersion": "trellis.dev/v1alpha1",
@@ -118,17 +118,13 @@ RULES: dict[str, tuple[dict[str, Any], str]] = {
         {k: v for k, v in CWI.items() if k != "spec"},
         "spec: Required value",
     ),
-    "policy_early_data_needs_http_cel_rule": (
-        _with(POLICY, protocol="tcp", earlyDataMethods=["GET"]),
-        "earlyDataMethods needs protocol http",
+    "policy_mtls_is_strict_or_permissive": (
+        _with(POLICY, mtls="DISABLE"),
+        'spec.mtls: Unsupported value: "DISABLE"',
     ),
-    "policy_early_data_methods_are_safe_methods": (
-        _with(POLICY, earlyDataMethods=["POST"]),
-        'spec.earlyDataMethods[0]: Unsupported value: "POST"',
-    ),
-    "policy_protocol_is_tcp_or_http": (
-        _with(POLICY, protocol="grpc"),
-        'spec.protocol: Unsupported value: "grpc"',
+    "policy_mtls_is_upper_case_as_written": (
+        _with(POLICY, mtls="permissive"),
+        'spec.mtls: Unsupported value: "permissive"',
     ),
     "policy_port_is_at_least_1": (
         _with(POLICY, ports=[0]),
@@ -252,6 +248,28 @@ def test_an_object_breaking_a_schema_rule_is_refused_by_the_api_server_with_its_
     assert refused.value.status == 422, refused.value.body
     body = json.loads(refused.value.body)
     assert message in body["message"], body["message"]
+
+
+def test_the_withdrawn_protocol_and_early_data_fields_are_refused_as_unknown(
+    installed: Installed,
+) -> None:
+    """``protocol`` and ``earlyDataMethods`` were accepted and never read by any data plane;
+    they left the schema, so a client asking for strict field validation (kubectl's
+    default) is told they do not exist instead of being left to believe they act."""
+    import kubernetes
+
+    assert installed.apply.returncode == 0, installed.apply.stderr
+    api = kubernetes.client.CustomObjectsApi(installed.plane.api_client())
+    for field, value in (("protocol", "http"), ("earlyDataMethods", ["GET"])):
+        with pytest.raises(kubernetes.client.exceptions.ApiException) as refused:
+            api.create_namespaced_custom_object(
+                GROUP, "v1alpha1", "default", "accesspolicies", _with(POLICY, **{field: value}),
+                dry_run="All", field_validation="Strict",
+            )  # fmt: skip
+        assert refused.value.status == 400, refused.value.body
+        assert f'unknown field "spec.{field}"' in json.loads(refused.value.body)["message"]
+    stored = _create(installed, _with(POLICY, mtls=None))
+    assert "mtls" not in stored["spec"]  # no default: unset means no opinion, strict
 
 
 def test_the_valid_base_objects_are_accepted(installed: Installed) -> None:

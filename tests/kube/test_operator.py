@@ -140,7 +140,7 @@ def test_access_policy_becomes_the_namespaces_sidecar_policy_document(
         "metadata": {"name": "web", "namespace": namespace},
         "spec": {
             "selector": {"matchLabels": {"app": "web"}},
-            "protocol": "http",
+            "mtls": "PERMISSIVE",
             "allow": [{"exact": f"spiffe://example.org/ns/{namespace}/sa/api"}],
         },
     }
@@ -152,6 +152,7 @@ def test_access_policy_becomes_the_namespaces_sidecar_policy_document(
     )
     document = json.loads(_config_map(plane, namespace, "trellis-policy")["data"]["policy.json"])  # type: ignore[index]
     assert f"spiffe://example.org/ns/{namespace}/sa/api" in json.dumps(document)
+    assert [p.get("mtls") for p in document["policies"]] == ["PERMISSIVE"]
     wait_for(lambda: _ready(plane, "-n", namespace, "ap", "web") is not None, 60, "its status")
 
 

@@ -290,15 +290,14 @@ def test_policies_compile_into_one_document_per_namespace() -> None:
             "spec": {
                 "selector": {"matchLabels": {"app": "web"}},
                 "ports": [8080],
-                "protocol": "http",
+                "mtls": "PERMISSIVE",
                 "allow": [{"prefix": "spiffe://example.org/ns/front"}],
-                "earlyDataMethods": ["GET"],
             },
         },
         "shop/closed": {"metadata": {"name": "closed", "namespace": "shop"}, "spec": {}},
         "other/bad": {
             "metadata": {"name": "bad", "namespace": "other"},
-            "spec": {"protocol": "quic"},
+            "spec": {"mtls": "OFF"},
         },
     }
     result = compile_policies(snapshot(pod("web-1", app="web"), policies=policies))
@@ -307,6 +306,8 @@ def test_policies_compile_into_one_document_per_namespace() -> None:
     assert [p["name"] for p in document["policies"]] == ["closed", "ledger"]
     ledger = document["policies"][1]
     assert ledger["allow"] == [{"prefix": "spiffe://example.org/ns/front"}]
+    assert ledger["mtls"] == "PERMISSIVE"  # the mode reaches the sidecars' document
+    assert "mtls" not in document["policies"][0]  # unset stays unset (strict by default)
     assert ledger["selector"] == {
         "matchExpressions": [{"key": "app", "operator": "In", "values": ["web"]}]
     }

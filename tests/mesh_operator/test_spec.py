@@ -194,14 +194,14 @@ def policy(**spec: Any) -> dict[str, Any]:
 def test_a_policy_parses_exact_and_prefix_callers() -> None:
     parsed = parse_access_policy(
         policy(
-            protocol="http",
+            mtls="PERMISSIVE",
             ports=[8080, 8080, 443],
             allow=[{"exact": "spiffe://example.org/a"}, {"prefix": "spiffe://example.org/ns/web"}],
-            earlyDataMethods=["HEAD", "GET"],
         )
     )
     assert parsed.ports == (443, 8080)
-    assert parsed.early_data_methods == ("GET", "HEAD")
+    assert parsed.mtls == "PERMISSIVE"
+    assert parse_access_policy(policy()).mtls is None  # no opinion: strict unless another says
     assert parsed.allow[1] == AllowedCaller(SpiffeId("spiffe://example.org/ns/web"), True)
 
 
@@ -216,13 +216,7 @@ def test_a_prefix_allows_whole_path_segments_only() -> None:
 @pytest.mark.parametrize(
     ("spec", "field", "words"),
     [
-        (
-            {"protocol": "http", "earlyDataMethods": ["POST"]},
-            "spec.earlyDataMethods[0]",
-            "early data can be replayed",
-        ),
-        ({"earlyDataMethods": ["GET"]}, "spec.earlyDataMethods", "protocol: http"),
-        ({"protocol": "udp"}, "spec.protocol", "tcp or http"),
+        ({"mtls": "DISABLE"}, "spec.mtls", "STRICT or PERMISSIVE"),
         ({"ports": [0]}, "spec.ports[0]", "not a port number"),
         (
             {"allow": [{"exact": "spiffe://a.org/x", "prefix": "spiffe://a.org/"}]},

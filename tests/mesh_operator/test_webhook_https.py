@@ -289,7 +289,7 @@ def test_the_validating_endpoint_explains_what_a_schema_cannot(
                 "apiVersion": "trellis.dev/v1alpha1",
                 "kind": "AccessPolicy",
                 "metadata": {"name": "p"},  # namespace only in the request
-                "spec": {"protocol": "http", "earlyDataMethods": ["POST"]},
+                "spec": {"mtls": "DISABLE"},
             }
             review = admission_review(
                 policy,
@@ -299,7 +299,9 @@ def test_the_validating_endpoint_explains_what_a_schema_cannot(
                 resource="accesspolicies",
             )
             denied = await hook.review("/validate", review)
-            assert "early data can be replayed" in denied["status"]["message"]
+            assert (
+                "spec.mtls: 'DISABLE' must be STRICT or PERMISSIVE" in denied["status"]["message"]
+            )
 
     run(body())
 

@@ -39,21 +39,20 @@ CANONICAL: dict[str, Any] = {
             "name": "ledger",
             "selector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["web"]}]},
             "ports": [8080],
-            "protocol": "http",
             "allow": [
                 {"exact": "spiffe://example.org/ns/front/sa/web"},
                 {"prefix": "spiffe://example.org/ns/tools"},
             ],
-            "earlyDataMethods": ["GET"],
+            "mtls": "PERMISSIVE",
         },
         {
             "name": "closed",
             "selector": {"matchExpressions": []},
             "ports": [],
-            "protocol": "tcp",
             "allow": [],
-            "earlyDataMethods": [],
+            "mtls": "STRICT",
         },
+        {"name": "no-mode", "selector": {"matchExpressions": []}, "ports": [443], "allow": []},
     ],
 }
 
@@ -85,10 +84,7 @@ _policies = st.builds(
     selector=st.builds(LabelSelector, st.lists(_requirements(), max_size=3).map(tuple)),
     ports=st.lists(st.integers(1, 65535), max_size=4).map(tuple),
     allow=st.lists(st.builds(CallerRule, _spiffe_ids, st.booleans()), max_size=4).map(tuple),
-    protocol=st.sampled_from(["tcp", "http"]),
-    early_data_methods=st.lists(
-        st.sampled_from(["GET", "HEAD", "OPTIONS", "TRACE"]), max_size=4
-    ).map(tuple),
+    mtls=st.sampled_from([None, "STRICT", "PERMISSIVE"]),
 )
 _documents = st.builds(
     PolicyDocument,
@@ -135,12 +131,11 @@ def test_what_the_operator_compiles_is_canonical_and_reads_back_as_it_was_built(
             "spec": {
                 "selector": {"matchLabels": {"app": "web", "tier": "front"}},
                 "ports": [8443, 8080],
-                "protocol": "http",
+                "mtls": "PERMISSIVE",
                 "allow": [
                     {"prefix": "spiffe://example.org/ns/front"},
                     {"exact": "spiffe://partner.example/ns/pay/sa/api"},
                 ],
-                "earlyDataMethods": ["HEAD", "GET"],
             },
         },
         "shop/closed": {"metadata": {"name": "closed", "namespace": "shop"}, "spec": {}},
@@ -154,7 +149,8 @@ def test_what_the_operator_compiles_is_canonical_and_reads_back_as_it_was_built(
     assert [p.name for p in document.policies] == ["closed", "ledger"]
     ledger = document.policies[1]
     assert ledger.ports == (8080, 8443)
-    assert ledger.early_data_methods == ("GET", "HEAD")
+    assert ledger.mtls == "PERMISSIVE"
+    assert document.policies[0].mtls is None  # a spec without the field names no mode
     assert [p.name for p in document.selecting(web.labels)] == ["closed", "ledger"]
     assert [p.name for p in document.selecting({"app": "web"})] == ["closed"]
 
@@ -173,13 +169,20 @@ def test_a_document_without_the_optional_fields_reads_with_their_defaults() -> N
                     "matchExpressions": [{"key": "app", "operator": "In", "values": ["api"]}]
                 },
                 "ports": [8080],
-                "protocol": "tcp",
                 "allow": [],
-                "earlyDataMethods": [],
             }
         ],
     }
     assert parse_policy_document({}) == PolicyDocument()
+
+
+def test_the_withdrawn_protocol_and_early_data_fields_of_older_documents_are_ignored() -> None:
+    """No data plane ever read ``protocol`` or ``earlyDataMethods``; a document an older
+    operator wrote with them still reads, as if they were not there."""
+    older = {**CANONICAL, "policies": [{**CANONICAL["policies"][0], "protocol": "http",
+                                        "earlyDataMethods": ["GET"]}]}  # fmt: skip
+    assert parse_policy_document(older).policies == parse_policy_document(CANONICAL).policies[:1]
+    assert "protocol" not in render_policy_document(parse_policy_document(older))["policies"][0]
 
 
 def test_fields_a_newer_operator_adds_are_ignored() -> None:
@@ -222,12 +225,8 @@ def _with_policy(**fields: Any) -> dict[str, Any]:
             "policy.policies[1].selector.matchLabels",
             "not a valid label key",
         ),
-        (_with_policy(protocol="quic"), "policy.policies[1].protocol", "tcp or http"),
-        (
-            _with_policy(earlyDataMethods=["get"]),
-            "policy.policies[1].earlyDataMethods[0]",
-            "HTTP method",
-        ),
+        (_with_policy(mtls="permissive"), "policy.policies[1].mtls", "STRICT or PERMISSIVE"),
+        (_with_policy(mtls=True), "policy.policies[1].mtls", "STRICT or PERMISSIVE"),
     ],
 )  # fmt: skip
 def test_a_bad_document_is_refused_naming_its_json_path(
