@@ -3,26 +3,31 @@
 Every app here is real and on loopback: an aiohttp HTTP server, an asyncio TCP listener and
 a grpcio server answering `grpc.health.v1.Health/Check` (the `grpcio-health-checking`
 package is not installed, so the tiny service is a generic handler encoding the two
-one-field messages by hand). The health listener is the sidecar's own `AdminServers` on a
-real port, asked over HTTP as the kubelet asks it.
+one-field messages by hand). The health listener is the sidecar's own (`start_admin` on a
+`Sidecar` built from the injector's command line) on a real port, asked over HTTP as the
+kubelet asks it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import grpc
 from aiohttp import ClientSession, ClientTimeout, web
 from grpc import aio
 
-from sidecar.admin import AdminServers, app_probe_routes
-from sidecar.config import Address
-from sidecar.probes import parse_app_probes
+from sidecar.admin import start_admin
+from sidecar.cli import build_config
+from sidecar.dataplane import Sidecar
+from tests.ca.server.test_psat import _self_signed
 from tests.support import free_port
+from trellis.cli import build_parser
 
 SERVING, NOT_SERVING = 1, 2
 
@@ -36,9 +41,12 @@ async def _ask(port: int, path: str) -> tuple[int, str]:
 
 
 async def _with_health(probes_json: str, body: Callable[[int], Awaitable[None]]) -> None:
-    servers = AdminServers()
+    """A sidecar built from the command line the injector writes, with only its health
+    listener started (on loopback): the routes are the ones a running sidecar serves."""
     port = free_port()
-    await servers.add(app_probe_routes(parse_app_probes(probes_json)), Address("127.0.0.1", port))
+    argv = ["sidecar", "--listen-host=127.0.0.1", f"--health-port={port}", "--admin-port=off"]
+    config = build_config(build_parser().parse_args([*argv, f"--app-probes={probes_json}"]))
+    servers = await start_admin(Sidecar(config), None, config.health)
     try:
         await body(port)
     finally:
@@ -189,3 +197,33 @@ def test_malformed_app_probes_are_refused_in_one_line() -> None:
         assert result.returncode != 0
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "--app-probes" in lines[0] and words in lines[0], result.stderr
+
+
+def test_an_https_probe_skips_certificate_verification_as_the_kubelet_does(tmp_path: Path) -> None:
+    """The app serves a self-signed certificate no trust store holds; the kubelet's HTTPS
+    probe sets InsecureSkipVerify, so the probe passes on the app's answer alone."""
+    cert, key, _pem = _self_signed(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    app_port = free_port()
+    probes = json.dumps(
+        {"web/livez": {"httpGet": {"path": "/live", "port": app_port, "scheme": "HTTPS"}}}
+    )
+
+    async def scenario(health: int) -> None:
+        app = web.Application()
+        app.router.add_get("/live", _no_content)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", app_port, ssl_context=tls).start()
+        try:
+            status, text = await _ask(health, "/app-health/web/livez")
+            assert status == 200 and f"https://127.0.0.1:{app_port}/live: HTTP 204" in text
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(_with_health(probes, scenario))
+
+
+async def _no_content(_request: web.Request) -> web.Response:
+    return web.Response(status=204)
