@@ -47,6 +47,12 @@ changes). A declared port no rule covers admits any caller of our own trust doma
 empty allow list refuses everyone. Refusal = HTTP/2 403 on that stream (never a silent
 drop); an undeclared port is 404 before any policy.
 
+Permissive mode (`mtls: PERMISSIVE` on a selecting policy, transparent mode only): the
+inbound listener reads the first bytes; a TLS record goes to mTLS and the policy as
+above, anything else is forwarded to the declared target at the port the caller dialled
+(SO_ORIGINAL_DST) and counted. A port is permissive only when no applicable policy says
+`STRICT`; strict is the default. An explicit-mode sidecar logs a warning and stays strict.
+
 Admin (aiohttp, `--admin-port`, 127.0.0.1 only) and health (`--health-port`)
 ---------------------------------------------------------------------------
 The admin listener binds a loopback address (a YAML `admin` elsewhere is refused): it
@@ -78,6 +84,10 @@ serves `/config` without authentication. The health listener, off unless configu
     `trellis_sidecar_policy_decisions_total{decision="allow|deny"}`,
     `trellis_sidecar_connect_requests_rejected_total{status}` (CONNECTs refused before
     policy: 400/405 malformed, 404 for a port that is not a declared target),
+    `trellis_sidecar_plaintext_accepted_total{port}` (callers without TLS forwarded to
+    the app's port in permissive mode),
+    `trellis_sidecar_plaintext_refused_total{reason="strict|undeclared_port|
+    no_original_destination|app_unreachable"}` (closed before any byte reached an app),
     `trellis_sidecar_connections_closed_by_us_total{reason="protocol_error|abuse|
     peer_not_reading|keepalive_timeout|peer_certificate_expired|
     local_certificate_expired|trust_bundle_changed|identity_withdrawn"}` (the last four
@@ -108,7 +118,8 @@ streams finish up to `--drain-timeout` (default 10 s), then exit 0.
 Modules: `config` (YAML/flags → frozen values), `policy` (authorisation), `hbone`
 (CONNECT parsing), `identity` (SVIDs, bundles, Workload API), `channel` (the TLS layer
 under HTTP/2, swappable for kTLS), `h2tunnel` (HTTP/2 for CONNECT streams, sans-I/O),
-`session` (one TLS + HTTP/2 connection), `bridge` (app socket ↔ stream), `pool`
+`session` (one TLS + HTTP/2 connection), `bridge` (app socket ↔ stream), `permissive`
+(the TLS sniff and the plaintext relay), `pool`
 (outbound pools), `inbound`, `outbound`, `admin`, `metrics`, `runtime` (wiring, drain),
 `iptables`, `cli`.
 """

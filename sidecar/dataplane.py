@@ -27,7 +27,8 @@ from .identity import Identity, IdentityError, WorkloadApiWatcher, load_svid_dir
 from .inbound import Inbound
 from .metrics import Metrics
 from .outbound import Outbound
-from .policy import Authorizer, authorizer_from_document, merge, parse_pod_labels
+from .permissive import STRICT, PlaintextPolicy, plaintext_policy_for_pod
+from .policy import Authorizer, authorizer_for_pod, merge, parse_pod_labels
 
 logger = logging.getLogger("sidecar")
 
@@ -43,7 +44,8 @@ class Sidecar:
         self.config = config
         self.metrics = Metrics()
         self.identity = Identity(on_change=self._identity_changed)
-        self._authorizer = self._load_policy()
+        self._plaintext: PlaintextPolicy = STRICT
+        self._authorizer, self._plaintext = self._load_policy()
         self._policy_mtime = self._policy_stamp()
         self._policy_files = self._policy_files_present()
         from .pool import PoolSet
@@ -61,6 +63,7 @@ class Sidecar:
             drain_timeout=config.drain_timeout,
             connect_timeout=config.pool.connect_timeout,
             own_ports=config.own_ports(),
+            plaintext=lambda: self._plaintext,
         )
         self.outbound = Outbound(self.pools, self.metrics, config.inbound.listen.port)
         self.watcher: WorkloadApiWatcher | None = None
@@ -88,8 +91,11 @@ class Sidecar:
         )
         return frozenset((flag, name) for flag, name in named if name and Path(name).exists())
 
-    def _load_policy(self) -> Authorizer:
-        """The YAML targets' rules plus the operator's document (if mounted) for our labels."""
+    def _load_policy(self) -> tuple[Authorizer, PlaintextPolicy]:
+        """The YAML targets' rules plus the operator's document (if mounted) for our labels,
+        and the document's mTLS modes for them (strict without a document)."""
+        from meshapi.policy import parse_policy_document
+
         from .policy import CallerRule
 
         per_port: dict[int, tuple[CallerRule, ...]] = {
@@ -98,6 +104,7 @@ class Sidecar:
             if target.allow is not None
         }
         parts = [Authorizer(per_port)]
+        plaintext = STRICT
         policy_file = self.config.policy_file
         if policy_file and Path(policy_file).exists():
             labels: dict[str, str] = {}
@@ -118,10 +125,21 @@ class Sidecar:
                 # would otherwise escape the reload and end the maintenance loop with it.
                 raise StartupError(f"--policy {policy_file}: nested too deeply") from exc
             try:
-                parts.append(authorizer_from_document(document, labels))
+                parsed = parse_policy_document(document, "policy")
             except ValueError as exc:  # PolicyError names the field
                 raise StartupError(f"--policy {policy_file}: {exc}") from exc
-        return merge(parts)
+            parts.append(authorizer_for_pod(parsed, labels))
+            plaintext = plaintext_policy_for_pod(parsed, labels)
+            if plaintext.permissive and self.config.mode != "transparent":
+                # The app port a plaintext caller means is only known from the redirect
+                # (SO_ORIGINAL_DST); explicit mode has none, so it stays strict, loudly.
+                logger.warning(
+                    "--policy %s: mtls PERMISSIVE needs mode: transparent (the caller's "
+                    "port comes from the redirect); callers without TLS stay refused",
+                    policy_file,
+                )
+                plaintext = STRICT
+        return merge(parts), plaintext
 
     def _reload_policy(self) -> None:
         stamp = self._policy_stamp()
@@ -136,7 +154,7 @@ class Sidecar:
             gone = sorted(self._policy_files - present)
             if gone:
                 raise StartupError("; ".join(f"{flag} {name} is gone" for flag, name in gone))
-            self._authorizer = self._load_policy()
+            self._authorizer, self._plaintext = self._load_policy()
             self._policy_files = present
             logger.info("policy reloaded")
         except (StartupError, ValueError) as exc:
@@ -262,6 +280,7 @@ class Sidecar:
                 "connections": len(self.inbound.sessions),
                 "streams": self.inbound.active_streams,
                 "policy": self._authorizer.describe(),
+                "mtls": self._plaintext.describe(),
             },
             "pools": self.pools.describe(),
             "workload_api": {

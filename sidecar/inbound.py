@@ -11,6 +11,11 @@ and its other streams go on.
 The sidecar's own ports are refused here as well as in the configuration
 (`check_consistency`): a config built in code skips that check, and a stream into the
 admin port or an upstream listener would let a caller act through the sidecar.
+
+Permissive mode (`sidecar.permissive`): while the pod's policy makes some port permissive,
+each accepted connection is a `Sniffer` first, which hands TLS to the `Session` and
+forwards a plaintext caller to the declared app port it dialled. Strict (no permissive
+port) accepts straight into the `Session`, as before.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .hbone import Refusal, parse_connect
 from .identity import Identity
 from .listen import listen_twin
 from .metrics import Metrics
+from .permissive import STRICT, PlaintextPolicy, Sniffer
 from .policy import Authorizer
 from .session import Session, SessionSettings, credentials_changed
 
@@ -47,7 +53,9 @@ class Inbound:
         drain_timeout: float = 10.0,
         connect_timeout: float = 5.0,
         own_ports: Collection[int] = (),
+        plaintext: Callable[[], PlaintextPolicy] = lambda: STRICT,
     ) -> None:
+        self.plaintext = plaintext
         self.config = config
         self.own_ports = frozenset(own_ports)
         self.identity = identity
@@ -81,6 +89,20 @@ class Inbound:
         self.metrics.inbound_connections.inc()
         return session
 
+    def _accept(self) -> asyncio.Protocol:
+        policy = self.plaintext()  # read per connection: a policy reload applies to the next
+        if not policy.permissive:
+            return self._session()
+        return Sniffer(
+            self._session,
+            policy,
+            self.config,
+            self.own_ports,
+            self.metrics,
+            timeout=self._settings.handshake_timeout,
+            connect_timeout=self._connect_timeout,
+        )
+
     def _state(self, session: Session) -> None:
         if session.dead and session in self.sessions:
             self.sessions.discard(session)
@@ -93,10 +115,10 @@ class Inbound:
         listen = self.config.listen
         self.servers.append(
             await loop.create_server(
-                self._session, listen.host, listen.port, reuse_address=True, backlog=1024
+                self._accept, listen.host, listen.port, reuse_address=True, backlog=1024
             )
         )
-        if ipv6_twin and (twin := await listen_twin(loop, self._session, listen)) is not None:
+        if ipv6_twin and (twin := await listen_twin(loop, self._accept, listen)) is not None:
             self.servers.append(twin)
 
     def _request(

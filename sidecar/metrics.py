@@ -151,6 +151,21 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        # Permissive mode (sidecar.permissive): callers without TLS let through, by the
+        # app port they dialled, and those refused, by why.
+        self.plaintext_accepted = Counter(
+            "trellis_sidecar_plaintext_accepted",
+            "Inbound connections without TLS forwarded to the app (permissive mode), by port.",
+            ["port"],
+            registry=r,
+        )
+        self.plaintext_refused = Counter(
+            "trellis_sidecar_plaintext_refused",
+            "Inbound connections without TLS closed unforwarded: strict port, undeclared "
+            "port, no original destination, app unreachable.",
+            ["reason"],
+            registry=r,
+        )
         self.svid_expiry = Gauge(
             "trellis_sidecar_svid_expiry_timestamp_seconds",
             "notAfter of the SVID new handshakes use.",
