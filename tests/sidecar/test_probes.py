@@ -227,3 +227,31 @@ def test_an_https_probe_skips_certificate_verification_as_the_kubelet_does(tmp_p
 
 async def _no_content(_request: web.Request) -> web.Response:
     return web.Response(status=204)
+
+
+def test_an_app_answering_garbage_fails_every_probe_kind_with_a_reason_not_a_server_error() -> None:
+    app_port = free_port()
+    probes = json.dumps(
+        {
+            "web/livez": {"httpGet": {"port": app_port}},
+            "web/readyz": {"grpc": {"port": app_port}},
+        }
+    )
+
+    async def scenario(health: int) -> None:
+        async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(1)
+            writer.write(b"\xff\x00 not a protocol\r\n\r\n" * 4)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(garbage, "127.0.0.1", app_port)
+        try:
+            for path in ("/app-health/web/livez", "/app-health/web/readyz"):
+                status, text = await _ask(health, path)
+                assert status == 503 and text.strip(), (path, text)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(_with_health(probes, scenario))
