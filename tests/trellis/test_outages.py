@@ -39,7 +39,7 @@ from trellis.up.processes import Child, spawn
 
 pytestmark = pytest.mark.slow
 
-SVID_TTL = dt.timedelta(seconds=20)
+SVID_TTL = dt.timedelta(seconds=30)
 RATE = 20.0  # requests per second from the test's client
 MAX_REQUESTS = 4000  # bounds the load loop whatever happens (200 s at RATE)
 SIDECARS = ("load", "echo")
@@ -161,7 +161,9 @@ def mesh_under_load() -> Iterator[tuple[Mesh, LoadLoop]]:
 
 EXPIRY = "trellis_sidecar_svid_expiry_timestamp_seconds"
 DRAINED = "trellis_sidecar_connections_closed_by_us_total"
-MARGIN = 4.0  # seconds of SVID life left when the component comes back
+# Seconds of SVID life left when the component comes back: a restarted agent needs 1-3 s
+# to attest, sync and push fresh SVIDs on an idle machine, several more beside a busy suite.
+MARGIN = 10.0
 COUNTERS = ("trellis_sidecar_connections_closed", "trellis_sidecar_streams")
 
 
