@@ -71,6 +71,10 @@ class Inbound:
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._connect_timeout = connect_timeout
+        # At 0 per declared port from start-up: a strict workload shows 0 on the dashboard,
+        # and a port turned permissive later already has its series.
+        for port in config.targets:
+            metrics.plaintext_accepted.labels(port=str(port))
         # A connection must not outlive the bundles or the SVID that authenticated it.
         identity.subscribe(lambda change: credentials_changed(self.sessions, identity, change))
 

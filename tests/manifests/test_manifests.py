@@ -38,6 +38,7 @@ from mesh_operator.spec import (
     parse_federated_trust_domain,
     parse_identity_template,
 )
+from sidecar.metrics import Metrics as SidecarMetrics
 
 from . import kustomize
 
@@ -313,7 +314,8 @@ def exported_metric_names() -> set[str]:
     ca.entries(1)
     ca.entry_reload_failed()
     ca.federation_fetch("partner.org", "ok")
-    for registry in (ca.registry, AgentMetrics().registry):
+    # The sidecar's own registry too: its trellis_sidecar_* names (sidecar/__init__.py).
+    for registry in (ca.registry, AgentMetrics().registry, SidecarMetrics().registry):
         for family in registry.collect():
             suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
             names.update(family.name + s for s in suffixes.get(family.type, ("",)))

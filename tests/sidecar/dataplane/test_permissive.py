@@ -217,4 +217,4 @@ def test_a_mesh_caller_of_a_permissive_workload_keeps_mtls_and_policy(
         v for k, v in metrics.items() if k.startswith("trellis_sidecar_plaintext_refused_total{")
     )
     assert refused == 1
-    assert not any(k.startswith("trellis_sidecar_plaintext_accepted_total{") for k in metrics)
+    assert metrics['trellis_sidecar_plaintext_accepted_total{port="8080"}'] == 0
