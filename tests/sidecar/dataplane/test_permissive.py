@@ -218,3 +218,27 @@ def test_a_mesh_caller_of_a_permissive_workload_keeps_mtls_and_policy(
     )
     assert refused == 1
     assert metrics['trellis_sidecar_plaintext_accepted_total{port="8080"}'] == 0
+
+
+def test_permissive_mode_in_explicit_mode_stays_strict_and_says_why(procs: Procs, pki: Pki) -> None:
+    """Without a redirect there is no original destination to name the app port a caller
+    without TLS meant, so an explicit-mode sidecar keeps refusing such callers and warns."""
+    echo = start_echo(procs)
+    policy = procs.workdir / "policy.json"
+    policy.write_text(_policy("PERMISSIVE"))
+    b = start_sidecar(
+        procs,
+        "sidecar-b",
+        {
+            "svid_dir": str(pki.write(procs.workdir / "svid-b", ECHO)),
+            "inbound": {"targets": {8080: {"app": f"127.0.0.1:{echo}"}}},
+            "policy_file": str(policy),
+        },
+    )
+    assert b.describe()["inbound"]["mtls"] == {"ports": {}, "any_port": []}
+    assert "mtls PERMISSIVE needs mode: transparent" in b.proc.output()
+    with socket.create_connection(("127.0.0.1", b.inbound_port), timeout=10) as plain:
+        plain.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            plain.recv(100)  # a TLS alert at most: the TLS layer closes it, as when strict
+    assert b.metrics()['trellis_sidecar_plaintext_accepted_total{port="8080"}'] == 0
