@@ -99,36 +99,42 @@ def plaintext_policy_for_pod(
 
 
 class _Pipe(asyncio.Protocol):
-    """One direction of a plaintext relay: what arrives here is written to ``peer``."""
+    """One side of a plaintext relay: what arrives here is written to ``peer``; ``partner``
+    is the pipe of the other side."""
 
-    def __init__(self, peer: asyncio.Transport | None = None) -> None:
+    def __init__(self, peer: asyncio.Transport) -> None:
         self.peer = peer
+        self.partner: _Pipe | None = None
         self.transport: asyncio.Transport | None = None
+        self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.peer is not None:
-            self.peer.write(data)
+        self.peer.write(data)
 
     def eof_received(self) -> bool:
         # Half-close travels on: an app that answers after the caller's FIN still can.
-        if self.peer is not None and self.peer.can_write_eof() and not self.peer.is_closing():
+        self.eof = True
+        if self.peer.can_write_eof() and not self.peer.is_closing():
             self.peer.write_eof()
+        if self.partner is not None and self.partner.eof:
+            # Both directions ended: nothing keeps the two sockets open any more.
+            self.peer.close()
+            return False
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.peer is not None:
-            self.peer.close()
+        self.peer.close()
 
-    # Backpressure: a slow reader on one side stops reads on the other.
+    # Backpressure: our transport's buffer is full of what the peer sent, so stop reading
+    # the peer until it drains.
     def pause_writing(self) -> None:
-        if self.peer is not None:
-            self.peer.pause_reading()
+        self.peer.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.peer is not None and not self.peer.is_closing():
+        if not self.peer.is_closing():
             self.peer.resume_reading()
 
 
@@ -221,9 +227,10 @@ class Sniffer(asyncio.Protocol):
         self, client: asyncio.Transport, port: int, host: str, app_port: int
     ) -> None:
         loop = asyncio.get_running_loop()
+        app_side = _Pipe(client)
         try:
             app, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: _Pipe(client), host, app_port),
+                loop.create_connection(lambda: app_side, host, app_port),
                 self._connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
@@ -234,7 +241,8 @@ class Sniffer(asyncio.Protocol):
             return
         self._metrics.plaintext_accepted.labels(port=str(port)).inc()
         app.write(self._head)
-        pipe = _Pipe(app)
-        client.set_protocol(pipe)
-        pipe.connection_made(client)
+        client_side = _Pipe(app)
+        client_side.partner, app_side.partner = app_side, client_side
+        client.set_protocol(client_side)
+        client_side.connection_made(client)
         client.resume_reading()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -81,6 +82,16 @@ def _plaintext_call(ns: str, port: int) -> str:
     return result.stdout.strip()
 
 
+def _sockets(pid: int) -> int:
+    """How many sockets the process holds open."""
+    fds = Path(f"/proc/{pid}/fd")
+    count = 0
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):  # closed since listed
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
 def _accepted(log: Path) -> int:
     return len(log.read_text().splitlines()) if log.exists() else 0
 
@@ -131,7 +142,7 @@ def test_a_plaintext_caller_reaches_a_permissive_workload_and_is_refused_once_it
         "policy_file": str(policy),
     }
     (work / "sidecar.yaml").write_text(yaml.safe_dump(config))
-    procs.start(
+    sidecar = procs.start(
         "sidecar",
         _in(
             netns,
@@ -152,9 +163,13 @@ def test_a_plaintext_caller_reaches_a_permissive_workload_and_is_refused_once_it
 
     wait_for(ready, 30, "the sidecar ready in the namespace")
     wait_for(lambda: all("listening" in app.output() for app in apps), 30, "the apps listening")
+    idle = _sockets(sidecar.popen.pid)
 
     assert _plaintext_call(netns, APP) == "echoed"
     assert _accepted(logs[APP]) == 1
+    # Both halves closed, so the relay let go of both sockets (TCP states alone cannot show
+    # it: a socket shut both ways sits in TIME-WAIT whether or not its descriptor is open).
+    wait_for(lambda: _sockets(sidecar.popen.pid) == idle, 10, "the relay's sockets closed")
     assert _metrics(netns)['trellis_sidecar_plaintext_accepted_total{port="18080"}'] == 1
 
     # Issue 12's open-proxy rule holds without TLS too: an undeclared port is closed.
