@@ -25,3 +25,23 @@ done
 sed -i '1i # mypy: disable-error-code="type-arg"' "$dest/ca_pb2.pyi"
 [ -f "$dest/__init__.py" ] || printf '"""Generated protobuf code for trellis.ca.v1 (scripts/gen-protos.sh)."""\n' > "$dest/__init__.py"
 echo "generated $dest/ca_pb2.py ca_pb2.pyi ca_pb2_grpc.py"
+
+# The CSI spec's proto (csi.v1), for the agent's CSI node plugin (ca/agent/csi.py). It is
+# not vendored: the Go module proxy serves the spec repository, so the proto comes from
+# the module cache at a pinned version and only the generated code is committed.
+CSI_SPEC_VERSION="${CSI_SPEC_VERSION:-v1.11.0}"
+csi_dir="$(cd "$out" && go mod download -json "github.com/container-storage-interface/spec@$CSI_SPEC_VERSION" \
+    | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["Dir"])')"
+"$PYTHON" -m grpc_tools.protoc -I "$csi_dir" \
+    --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
+    "$csi_dir/csi.proto"
+dest=ca/agent/_csi_proto
+mkdir -p "$dest"
+for f in csi_pb2.py csi_pb2.pyi csi_pb2_grpc.py; do
+    sed -e 's/^import csi_pb2 as csi__pb2/from ca.agent._csi_proto import csi_pb2 as csi__pb2/' \
+        "$out/$f" > "$dest/$f"
+done
+# protoc also types module-level extension numbers (csi.proto's alpha_* options) as ClassVar.
+sed -i '1i # mypy: disable-error-code="type-arg,misc"' "$dest/csi_pb2.pyi"
+[ -f "$dest/__init__.py" ] || printf '"""Generated protobuf code for csi.v1 %s (scripts/gen-protos.sh)."""\n' "$CSI_SPEC_VERSION" > "$dest/__init__.py"
+echo "generated $dest/csi_pb2.py csi_pb2.pyi csi_pb2_grpc.py"

@@ -1,0 +1,1 @@
+"""Generated protobuf code for csi.v1 v1.11.0 (scripts/gen-protos.sh)."""
