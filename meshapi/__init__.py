@@ -9,6 +9,8 @@ the two can only disagree about a document if it fails to round-trip (the tests 
 * ``meshapi.policy`` -- the ``SidecarPolicy`` document (``policy.json`` in the namespace's
   ``trellis-policy`` ConfigMap): ``PolicyDocument``, ``Policy``, ``CallerRule``,
   ``parse_policy_document`` / ``render_policy_document`` and ``parse_caller_rules``.
+* ``meshapi.registry`` -- the ``mesh`` section of that document: which destinations are
+  in the mesh and the ``outboundTrafficPolicy`` for the rest (``MeshRegistry``).
 * ``meshapi.upstreams`` -- the ``trellis.dev/upstreams`` annotation, which the injector
   passes on as the sidecar's ``--upstreams`` flag: ``Upstream``, ``parse_upstreams`` /
   ``render_upstreams``.
@@ -27,12 +29,14 @@ from meshapi.policy import (
     parse_policy_document,
     render_policy_document,
 )
+from meshapi.registry import MeshRegistry
 from meshapi.upstreams import Upstream, parse_upstreams, render_upstreams
 
 __all__ = [
     "API_VERSION",
     "KIND",
     "CallerRule",
+    "MeshRegistry",
     "Policy",
     "PolicyDocument",
     "Upstream",

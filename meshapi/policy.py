@@ -31,6 +31,9 @@ permissive when an applicable policy says ``PERMISSIVE`` and none says ``STRICT`
 policy sets a mode for is strict (``sidecar.permissive``). An mTLS caller is authorised by
 ``allow`` in both modes.
 
+``mesh`` (``meshapi.registry``) lists the destinations that are in the mesh and what a
+transparent sidecar does with the others; left out, it is left out again on rendering.
+
 Older documents carried ``protocol`` and ``earlyDataMethods``; no data plane ever read them,
 so they were withdrawn and, as unknown keys, are ignored.
 """
@@ -44,6 +47,7 @@ from typing import Any, Literal
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from core.errors import FieldError
 from core.labels import LabelSelector
+from meshapi.registry import MeshRegistry, parse_mesh_registry, render_mesh_registry
 
 __all__ = [
     "API_VERSION",
@@ -101,6 +105,7 @@ class PolicyDocument:
     policies: tuple[Policy, ...] = ()
     namespace: str | None = None
     trust_domain: TrustDomain | None = None
+    mesh: MeshRegistry | None = None  # None: no registry published (meshapi.registry)
 
     def selecting(self, labels: Mapping[str, str]) -> tuple[Policy, ...]:
         """The policies whose selector matches a pod with these labels."""
@@ -188,6 +193,7 @@ def parse_policy_document(raw: Any, where: str = "policy") -> PolicyDocument:
         policies=tuple(_policy(p, f"{where}.policies[{i}]") for i, p in enumerate(policies)),
         namespace=_optional_string(raw, "namespace", where),
         trust_domain=trust_domain,
+        mesh=None if raw.get("mesh") is None else parse_mesh_registry(raw["mesh"], f"{where}.mesh"),
     )
 
 
@@ -213,4 +219,6 @@ def render_policy_document(document: PolicyDocument) -> dict[str, Any]:
     if document.trust_domain is not None:
         rendered["trustDomain"] = document.trust_domain.name
     rendered["policies"] = [_render_policy(p) for p in document.policies]
+    if document.mesh is not None:
+        rendered["mesh"] = render_mesh_registry(document.mesh)
     return rendered

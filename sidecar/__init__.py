@@ -18,7 +18,9 @@ Command line (stable; the injector and `trellis up` depend on it)
                     [--drain-timeout SECONDS] [--log-level warning]
     trellis sidecar iptables --proxy-uid 1337 [--outbound-port 15001] [--inbound-port 15008]
                     [--exclude-inbound-ports 15000,...] [--exclude-outbound-ports ...]
-                    [--no-inbound-capture] [--ipv6 auto|on|off] [--dry-run]
+                    [--exclude-outbound-ip-ranges CIDR,...]
+                    [--include-outbound-ip-ranges CIDR,...|*] [--no-inbound-capture]
+                    [--ipv6 auto|on|off] [--dry-run]
 
 Flags override the YAML file (`sidecar.config` documents every key). Identity comes from
 the Workload API (`$SPIFFE_ENDPOINT_SOCKET` or `--workload-api-socket`; `--spiffe-id`
@@ -53,6 +55,15 @@ above, anything else is forwarded to the declared target at the port the caller 
 (SO_ORIGINAL_DST) and counted. A port is permissive only when no applicable policy says
 `STRICT`; strict is the default. An explicit-mode sidecar logs a warning and stays strict.
 
+Outbound passthrough (transparent mode): when the `--policy` document carries a `mesh`
+section (`meshapi.registry`: the networks the operator knows to be in the mesh and
+`outboundTrafficPolicy`), a destination outside those networks is not a CONNECT: under
+`ALLOW_ANY` (the default) the sidecar dials the original destination itself and splices
+the bytes unchanged, under `REGISTRY_ONLY` it resets the app's connection; both are
+counted. A document without `mesh` keeps every destination in the mesh. Reloaded live
+with the rest of the document. The iptables plan's `--exclude-outbound-ip-ranges` never
+reach the sidecar at all; `--include-outbound-ip-ranges` redirects only those ranges.
+
 Admin (aiohttp, `--admin-port`, 127.0.0.1 only) and health (`--health-port`)
 ---------------------------------------------------------------------------
 The admin listener binds a loopback address (a YAML `admin` elsewhere is refused): it
@@ -86,6 +97,9 @@ serves `/config` without authentication. The health listener, off unless configu
     policy: 400/405 malformed, 404 for a port that is not a declared target),
     `trellis_sidecar_plaintext_accepted_total{port}` (callers without TLS forwarded to
     the app's port in permissive mode),
+    `trellis_sidecar_passthrough_total{outcome="forwarded|refused|unreachable"}`
+    (transparent outbound connections to destinations outside the mesh registry:
+    spliced to the original destination, reset under REGISTRY_ONLY, or not answering),
     `trellis_sidecar_plaintext_refused_total{reason="strict|undeclared_port|
     no_original_destination|app_unreachable"}` (closed before any byte reached an app),
     `trellis_sidecar_connections_closed_by_us_total{reason="protocol_error|abuse|

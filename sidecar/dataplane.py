@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.eventloop import settle_heap
+from meshapi.registry import MeshRegistry
 
 from .admin import AdminServers, start_admin
 from .config import SidecarConfig
@@ -45,7 +46,8 @@ class Sidecar:
         self.metrics = Metrics()
         self.identity = Identity(on_change=self._identity_changed)
         self._plaintext: PlaintextPolicy = STRICT
-        self._authorizer, self._plaintext = self._load_policy()
+        self._registry: MeshRegistry | None = None
+        self._authorizer, self._plaintext, self._registry = self._load_policy()
         self._policy_mtime = self._policy_stamp()
         self._policy_files = self._policy_files_present()
         from .pool import PoolSet
@@ -65,7 +67,13 @@ class Sidecar:
             own_ports=config.own_ports(),
             plaintext=lambda: self._plaintext,
         )
-        self.outbound = Outbound(self.pools, self.metrics, config.inbound.listen.port)
+        self.outbound = Outbound(
+            self.pools,
+            self.metrics,
+            config.inbound.listen.port,
+            registry=lambda: self._registry,
+            connect_timeout=config.pool.connect_timeout,
+        )
         self.watcher: WorkloadApiWatcher | None = None
         self.listening = False
         self.draining = False
@@ -91,9 +99,10 @@ class Sidecar:
         )
         return frozenset((flag, name) for flag, name in named if name and Path(name).exists())
 
-    def _load_policy(self) -> tuple[Authorizer, PlaintextPolicy]:
+    def _load_policy(self) -> tuple[Authorizer, PlaintextPolicy, MeshRegistry | None]:
         """The YAML targets' rules plus the operator's document (if mounted) for our labels,
-        and the document's mTLS modes for them (strict without a document)."""
+        the document's mTLS modes for them (strict without a document), and its mesh
+        registry (None without one: every outbound destination is then in the mesh)."""
         from meshapi.policy import parse_policy_document
 
         from .policy import CallerRule
@@ -105,6 +114,7 @@ class Sidecar:
         }
         parts = [Authorizer(per_port)]
         plaintext = STRICT
+        registry: MeshRegistry | None = None
         policy_file = self.config.policy_file
         if policy_file and Path(policy_file).exists():
             labels: dict[str, str] = {}
@@ -130,6 +140,7 @@ class Sidecar:
                 raise StartupError(f"--policy {policy_file}: {exc}") from exc
             parts.append(authorizer_for_pod(parsed, labels))
             plaintext = plaintext_policy_for_pod(parsed, labels)
+            registry = parsed.mesh
             if plaintext.permissive and self.config.mode != "transparent":
                 # The app port a plaintext caller means is only known from the redirect
                 # (SO_ORIGINAL_DST); explicit mode has none, so it stays strict, loudly.
@@ -139,7 +150,7 @@ class Sidecar:
                     policy_file,
                 )
                 plaintext = STRICT
-        return merge(parts), plaintext
+        return merge(parts), plaintext, registry
 
     def _reload_policy(self) -> None:
         stamp = self._policy_stamp()
@@ -154,7 +165,7 @@ class Sidecar:
             gone = sorted(self._policy_files - present)
             if gone:
                 raise StartupError("; ".join(f"{flag} {name} is gone" for flag, name in gone))
-            self._authorizer, self._plaintext = self._load_policy()
+            self._authorizer, self._plaintext, self._registry = self._load_policy()
             self._policy_files = present
             logger.info("policy reloaded")
         except (StartupError, ValueError) as exc:
@@ -281,6 +292,12 @@ class Sidecar:
                 "streams": self.inbound.active_streams,
                 "policy": self._authorizer.describe(),
                 "mtls": self._plaintext.describe(),
+            },
+            "mesh": None
+            if self._registry is None
+            else {
+                "outboundTrafficPolicy": self._registry.outbound_traffic_policy,
+                "destinations": [str(n) for n in self._registry.destinations],
             },
             "pools": self.pools.describe(),
             "workload_api": {

@@ -17,6 +17,7 @@ from sidecar.tls import CipherSuite, HandshakeComplete, NamedGroup
 __all__ = ["Metrics"]
 
 # Why a caller without TLS was closed unforwarded (`sidecar.permissive`).
+PASSTHROUGH_OUTCOMES = ("forwarded", "refused", "unreachable")
 PLAINTEXT_REFUSALS = ("strict", "undeclared_port", "no_original_destination", "app_unreachable")
 
 _HANDSHAKE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -172,6 +173,16 @@ class Metrics:
         # Exported at 0 from start-up, so a strict mesh's dashboard shows 0, not "No data".
         for reason in PLAINTEXT_REFUSALS:
             self.plaintext_refused.labels(reason=reason)
+        # Outbound passthrough (sidecar.passthrough): destinations outside the mesh,
+        # forwarded unchanged (ALLOW_ANY), refused (REGISTRY_ONLY) or not answering.
+        self.passthrough = Counter(
+            "trellis_sidecar_passthrough",
+            "Outbound connections to destinations outside the mesh, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in PASSTHROUGH_OUTCOMES:
+            self.passthrough.labels(outcome=outcome)
         self.svid_expiry = Gauge(
             "trellis_sidecar_svid_expiry_timestamp_seconds",
             "notAfter of the SVID new handshakes use.",

@@ -5,7 +5,10 @@
   its SPIFFE IDs as the identities the peer must present.
 * Transparent: one listener (15001) behind an iptables REDIRECT; the original
   destination comes from `SO_ORIGINAL_DST` and the stream goes to that address's sidecar
-  (same IP, the inbound port) with `:authority` = the original destination.
+  (same IP, the inbound port) with `:authority` = the original destination -- if the
+  destination is in the mesh. With a mesh registry published (``meshapi.registry``), any
+  other destination is passed through or refused (``sidecar.passthrough``); without one,
+  every destination is taken to be in the mesh.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
+from typing import cast
 
 from ca.spiffeid import SpiffeId
+from meshapi.registry import MeshRegistry
 
 from .bridge import Bridge
 from .config import Address, UpstreamConfig
 from .listen import listen_twin
 from .metrics import Metrics
+from .passthrough import PassthroughRoute, take_over
 from .pool import PoolSet
 
 logger = logging.getLogger("sidecar.outbound")
@@ -43,7 +49,8 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(raw[4:8]), port
 
 
-Resolver = Callable[[socket.socket], tuple[tuple[Address, ...], tuple[SpiffeId, ...], str]]
+Route = tuple[tuple[Address, ...], tuple[SpiffeId, ...], str]
+Resolver = Callable[[socket.socket], Route | PassthroughRoute]
 
 
 class _OutboundBridge(Bridge):
@@ -53,27 +60,42 @@ class _OutboundBridge(Bridge):
         )
         self._outbound = outbound
         self._resolve = resolve
-        self.route: tuple[tuple[Address, ...], tuple[SpiffeId, ...], str] | None = None
+        self.route: Route | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
         try:
-            self.route = self._resolve(sock)
+            route = self._resolve(sock)
         except OSError as exc:
             logger.warning(
                 "no original destination for %s: %s", transport.get_extra_info("peername"), exc
             )
             self.refuse()
             return
+        if isinstance(route, PassthroughRoute):
+            # Not a stream at all: the transport (reading still paused) leaves the bridge.
+            self._outbound.passthrough(cast(asyncio.Transport, transport), route)
+            return
+        self.route = route
         self._outbound.start(self)
 
 
 class Outbound:
-    def __init__(self, pools: PoolSet, metrics: Metrics, inbound_port: int) -> None:
+    def __init__(
+        self,
+        pools: PoolSet,
+        metrics: Metrics,
+        inbound_port: int,
+        *,
+        registry: Callable[[], MeshRegistry | None] = lambda: None,
+        connect_timeout: float = 5.0,
+    ) -> None:
         self.pools = pools
         self.metrics = metrics
         self.inbound_port = inbound_port
+        self.registry = registry  # read per connection: a live reload applies at once
+        self.connect_timeout = connect_timeout
         self.servers: list[asyncio.Server] = []
         self.bridges: set[Bridge] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -90,9 +112,12 @@ class Outbound:
         self.servers.append(server)
 
     async def listen_transparent(self, listen: Address) -> None:
-        def resolve(sock: socket.socket) -> tuple[tuple[Address, ...], tuple[SpiffeId, ...], str]:
+        def resolve(sock: socket.socket) -> Route | PassthroughRoute:
             host, port = original_destination(sock)
             target = Address(host, port)
+            registry = self.registry()
+            if registry is not None and not registry.contains(host):
+                return PassthroughRoute(target, registry.outbound_traffic_policy)
             return (Address(host, self.inbound_port),), (), str(target)
 
         loop = asyncio.get_running_loop()
@@ -123,6 +148,9 @@ class Outbound:
         except ConnectionError as exc:
             logger.info("no stream for %s: %s", authority, exc)
             bridge.refuse()
+
+    def passthrough(self, transport: asyncio.Transport, route: PassthroughRoute) -> None:
+        take_over(transport, route, self.metrics, self.connect_timeout, self._tasks)
 
     def retry(self, bridge: Bridge) -> bool:
         if not isinstance(bridge, _OutboundBridge) or bridge.transport is None:
