@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca.agent.agent import DEFAULT_SOCKET, Agent, AgentConfig
+from ca.agent.csi import DEFAULT_PODS_DIR, DRIVER_NAME, CsiConfig, start_csi_server
 from ca.agent.grpc_upstream import GrpcUpstream
 from ca.agent.rotator import AgentFatalError, RotatorConfig, load_agent_state
 from ca.agent.upstream import InProcessUpstream, Upstream
@@ -138,6 +140,16 @@ def register(commands: Any) -> None:
     p.add_argument("--local-ca", type=Path, metavar="DIR", help="sign in-process from a CA dir")
     p.add_argument("--cluster", help="cluster intermediate to use with --local-ca")
     p.add_argument("--entries", type=Path, help="registration entries YAML for --local-ca")
+    p.add_argument(
+        "--csi-socket", type=Path, metavar="PATH",
+        help=f"also serve the CSI node plugin {DRIVER_NAME} on PATH, which publishes the"
+        " --socket directory into pods as a CSI ephemeral volume (no hostPath in the pod)",
+    )  # fmt: skip
+    p.add_argument(
+        "--csi-pods-dir", type=Path, default=Path(DEFAULT_PODS_DIR), metavar="DIR",
+        help=f"the kubelet's pods directory; the plugin mounts nowhere else"
+        f" (default {DEFAULT_PODS_DIR})",
+    )  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(handler=cmd_agent)
 
@@ -244,7 +256,7 @@ def _grpc_upstream(args: argparse.Namespace) -> tuple[Upstream, TrustBundle | No
     return upstream, bundle
 
 
-async def _run_agent(agent: Agent) -> None:
+async def _run_agent(agent: Agent, csi: tuple[CsiConfig, Path] | None = None) -> None:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -256,12 +268,17 @@ async def _run_agent(agent: Agent) -> None:
         settle_heap()  # a full collection would stall every Workload API call (core.eventloop)
 
     settler = asyncio.create_task(settle_once_started())
+    # The CSI plugin only publishes the socket directory; it starts before the agent's first
+    # sync so the kubelet can mount pods' volumes while the agent is still attesting.
+    csi_server = await start_csi_server(*csi) if csi is not None else None
     try:
         await agent.run()
     except asyncio.CancelledError:
         logging.getLogger("trellis.agent").info("shutting down")
     finally:
         settler.cancel()
+        if csi_server is not None:
+            await csi_server.stop(None)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -305,10 +322,18 @@ def cmd_agent(args: argparse.Namespace) -> int:
             sync_wait=args.sync_wait,
         ),
     )
+    csi = None
+    if args.csi_socket is not None:
+        csi_config = CsiConfig(
+            source_dir=args.socket.parent,
+            node_id=args.node or socket.gethostname(),
+            pods_dir=args.csi_pods_dir,
+        )
+        csi = (csi_config, args.csi_socket)
     try:
         agent = Agent(config, upstream, initial_bundle=bundle)
         install_uvloop()
-        asyncio.run(_run_agent(agent))
+        asyncio.run(_run_agent(agent, csi))
     except AgentFatalError as exc:
         raise CliError(str(exc)) from exc
     except OSError as exc:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -20,10 +22,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
 
+from ca import RootAuthority, TrustDomain
 from ca.agent._csi_proto import csi_pb2, csi_pb2_grpc
 from ca.agent.csi import DRIVER_NAME, CsiConfig, start_csi_server
 from tests.ca.agent.conftest import LiveCa, entry, make_upstream, run, running_agent
+from tests.support import wait_for
 
 pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="mounting needs root, as on a node")
 
@@ -33,6 +38,7 @@ NOBODY = 65534
 SYSTEM_PYTHON = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
 SITE_PACKAGES = sysconfig.get_paths()["purelib"]
 POD_UID = "0b7d6d2c-5f0e-4a53-9d8e-3f1e7a2c9b11"
+REPO = Path(__file__).resolve().parents[3]
 OTHER = "spiffe://example.org/ns/default/sa/other"
 
 
@@ -286,3 +292,49 @@ def test_workload_reaching_the_agent_through_the_published_mount_is_attested_as_
             return out.decode().strip() or err.decode()
 
     assert run(main(), timeout=60) == "spiffe://example.org/ns/default/sa/web"
+
+
+def test_trellis_agent_with_csi_socket_serves_the_plugin_beside_the_workload_api(
+    short_dir: Path,
+) -> None:
+    # A real `trellis agent` process; its CA is unreachable (port 1), which the plugin does
+    # not wait for: the kubelet must be able to mount while the agent is still attesting.
+    roots = short_dir / "roots.pem"
+    root = RootAuthority.create(TrustDomain("example.org"), now=dt.datetime.now(dt.UTC))
+    roots.write_bytes(root.certificate.public_bytes(serialization.Encoding.PEM))
+    token = short_dir / "token"
+    token.write_text("tjt_x\n")
+    csi_socket = short_dir / "csi" / "csi.sock"
+    agent = subprocess.Popen(
+        [
+            sys.executable, "-m", "trellis", "agent", "--ca", "127.0.0.1:1",
+            "--trust-bundle", str(roots), "--join-token-file", str(token),
+            "--data-dir", str(short_dir / "data"), "--admin", "off", "--node", "node-a",
+            "--socket", str(short_dir / "agent" / "agent.sock"),
+            "--csi-socket", str(csi_socket), "--csi-pods-dir", str(short_dir / "pods"),
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        wait_for(lambda: csi_socket.exists() or agent.poll() is not None, 30, "the CSI socket")
+
+        async def main() -> tuple[str, str]:
+            async with grpc.aio.insecure_channel(f"unix://{csi_socket}") as channel:
+                info = await csi_pb2_grpc.IdentityStub(channel).GetPluginInfo(
+                    csi_pb2.GetPluginInfoRequest()
+                )
+                node = await csi_pb2_grpc.NodeStub(channel).NodeGetInfo(
+                    csi_pb2.NodeGetInfoRequest()
+                )
+                return info.name, node.node_id
+
+        assert run(main(), timeout=20) == (DRIVER_NAME, "node-a")
+        assert stat.S_IMODE(csi_socket.stat().st_mode) == 0o600  # the kubelet (root) only
+    finally:
+        agent.terminate()
+        try:
+            agent.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait(timeout=5)
