@@ -32,6 +32,7 @@ __all__ = [
     "MeshRegistry",
     "Network",
     "OutboundTrafficPolicy",
+    "parse_ip_ranges",
     "parse_mesh_registry",
     "parse_networks",
     "render_mesh_registry",
@@ -85,6 +86,19 @@ def parse_networks(raw: Any, where: str) -> tuple[Network, ...]:
         except ValueError as exc:
             raise FieldError(f"{where}[{index}]", f"{item!r} is not a CIDR: {exc}") from exc
     return tuple(networks)
+
+
+def parse_ip_ranges(text: str, where: str) -> tuple[Network, ...] | None:
+    """A comma-separated list of CIDRs, as the pod annotations
+    ``trellis.dev/exclude-outbound-ip-ranges`` / ``include-outbound-ip-ranges`` and the
+    matching ``trellis sidecar iptables`` flags give it; ``*`` alone means every address
+    (None). Empty text is no range at all."""
+    if text.strip() == "*":
+        return None
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if "*" in items:
+        raise FieldError(where, "* means every address and cannot be combined with ranges")
+    return parse_networks(items, where)
 
 
 def parse_mesh_registry(raw: Any, where: str = "mesh") -> MeshRegistry:

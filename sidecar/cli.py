@@ -9,10 +9,13 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from core.errors import CliError
 from core.eventloop import install_uvloop
+
+if TYPE_CHECKING:
+    from meshapi.registry import Network
 
 from .config import (
     Address,
@@ -43,6 +46,15 @@ def _port(text: str) -> int:
 
 def _ports(text: str) -> list[int]:
     return [_port(p.strip()) for p in text.split(",") if p.strip()]
+
+
+def _ip_ranges(text: str) -> tuple[Network, ...] | None:
+    from meshapi.registry import parse_ip_ranges
+
+    try:
+        return parse_ip_ranges(text, "ranges")
+    except ValueError as exc:  # FieldError
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def register(commands: Any) -> None:
@@ -103,6 +115,18 @@ def register(commands: Any) -> None:
     ipt.add_argument("--inbound-port", dest="ipt_inbound_port", type=_port, default=15008)
     ipt.add_argument("--exclude-inbound-ports", type=_ports, default=[])
     ipt.add_argument("--exclude-outbound-ports", type=_ports, default=[])
+    ipt.add_argument(
+        "--exclude-outbound-ip-ranges",
+        type=_ip_ranges,
+        default=(),
+        help="CIDRs whose traffic never reaches the sidecar (comma-separated)",
+    )
+    ipt.add_argument(
+        "--include-outbound-ip-ranges",
+        type=_ip_ranges,
+        default=None,
+        help="redirect only these CIDRs (comma-separated; * = every address, the default)",
+    )
     ipt.add_argument(
         "--no-inbound-capture",
         action="store_true",
@@ -237,14 +261,25 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
 def cmd_iptables(args: argparse.Namespace) -> int:
     from . import iptables
 
-    rules = iptables.plan(
-        proxy_uid=args.proxy_uid,
-        outbound_port=args.ipt_outbound_port,
-        inbound_port=args.ipt_inbound_port,
-        exclude_inbound_ports=args.exclude_inbound_ports,
-        exclude_outbound_ports=args.exclude_outbound_ports,
-        capture_inbound=not args.no_inbound_capture,
-    )
+    if args.exclude_outbound_ip_ranges is None:
+        raise CliError(
+            "--exclude-outbound-ip-ranges: * would exclude every address; "
+            "leave transparent mode off instead"
+        )
+
+    def rules(family: Literal[4, 6]) -> list[list[str]]:
+        return iptables.plan(
+            proxy_uid=args.proxy_uid,
+            outbound_port=args.ipt_outbound_port,
+            inbound_port=args.ipt_inbound_port,
+            exclude_inbound_ports=args.exclude_inbound_ports,
+            exclude_outbound_ports=args.exclude_outbound_ports,
+            capture_inbound=not args.no_inbound_capture,
+            exclude_outbound_ranges=args.exclude_outbound_ip_ranges,
+            include_outbound_ranges=args.include_outbound_ip_ranges,
+            family=family,
+        )
+
     binaries = ["iptables"]
     have_ip6tables = shutil.which("ip6tables") is not None
     if args.ipv6 == "on" and not have_ip6tables:
@@ -260,12 +295,12 @@ def cmd_iptables(args: argparse.Namespace) -> int:
         )
     if args.dry_run:
         for binary in binaries:
-            for rule in rules:
+            for rule in rules(6 if binary == "ip6tables" else 4):
                 print(f"{binary} " + " ".join(rule))
         return 0
     try:
         for binary in binaries:
-            iptables.apply(rules, binary)
+            iptables.apply(rules(6 if binary == "ip6tables" else 4), binary)
     except RuntimeError as exc:
         raise CliError(str(exc)) from exc
     return 0

@@ -9,9 +9,14 @@ and the sidecar's own inbound port is redirected to the inbound port.
 Inbound capture in a pod means mTLS-only access: plaintext from outside the mesh would
 land on the TLS port and fail the handshake, which is the point.
 
-The plan names no address, so the same rules serve iptables and ip6tables; in transparent
-mode the sidecar listens on the IPv6 twin of its loopback and wildcard addresses too
-(``::1``, ``::``), where ip6tables' REDIRECT delivers.
+Without IP ranges the plan names no address, so the same rules serve iptables and
+ip6tables; in transparent mode the sidecar listens on the IPv6 twin of its loopback and
+wildcard addresses too (``::1``, ``::``), where ip6tables' REDIRECT delivers. IP ranges
+(Istio's ``excludeOutboundIPRanges`` / ``includeOutboundIPRanges``) are per family: each
+tool's plan holds only its own family's ranges. An excluded range returns before any
+redirect, so its traffic never reaches the sidecar; an include list replaces the
+catch-all redirect by one per range, so a family with no included range is not
+redirected at all.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Sequence
+from typing import Literal
+
+from meshapi.registry import Network
 
 __all__ = ["apply", "plan"]
 
@@ -34,7 +42,13 @@ def plan(
     exclude_inbound_ports: Sequence[int] = (),
     exclude_outbound_ports: Sequence[int] = (),
     capture_inbound: bool = True,
+    exclude_outbound_ranges: Sequence[Network] = (),
+    include_outbound_ranges: Sequence[Network] | None = None,
+    family: Literal[4, 6] = 4,
 ) -> list[list[str]]:
+    """The rules for one tool (``family`` 4: iptables, 6: ip6tables); ranges of the other
+    family are left out, since iptables refuses an IPv6 ``-d`` and ip6tables an IPv4 one.
+    ``include_outbound_ranges`` None redirects every destination (``*``)."""
     rules: list[list[str]] = []
     for chain in (OUT_CHAIN, IN_CHAIN):
         rules.append(["-t", "nat", "-N", chain])
@@ -47,7 +61,16 @@ def plan(
     rules.append([*out, "-m", "owner", "--uid-owner", str(proxy_uid), "-j", "RETURN"])
     for port in exclude_outbound_ports:
         rules.append([*out, "-p", "tcp", "--dport", str(port), "-j", "RETURN"])
-    rules.append([*out, "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(outbound_port)])
+    for network in exclude_outbound_ranges:
+        if network.version == family:
+            rules.append([*out, "-d", str(network), "-j", "RETURN"])
+    redirect = ["-j", "REDIRECT", "--to-ports", str(outbound_port)]
+    if include_outbound_ranges is None:
+        rules.append([*out, "-p", "tcp", *redirect])
+    else:
+        for network in include_outbound_ranges:
+            if network.version == family:
+                rules.append([*out, "-p", "tcp", "-d", str(network), *redirect])
     inn = ["-t", "nat", "-A", IN_CHAIN]
     for port in (inbound_port, *exclude_inbound_ports):
         rules.append([*inn, "-p", "tcp", "--dport", str(port), "-j", "RETURN"])

@@ -89,3 +89,60 @@ def test_a_host_without_ipv6_gets_no_twin_but_a_taken_port_still_fails() -> None
     assert asyncio.run(listen_if_ipv6(no_ipv6, asyncio.Protocol, twin)) is None  # type: ignore[arg-type]
     with pytest.raises(OSError):
         asyncio.run(listen_if_ipv6(Loop(errno.EADDRINUSE), asyncio.Protocol, twin))  # type: ignore[arg-type]
+
+
+def test_excluded_ranges_return_before_the_redirect_and_include_ranges_replace_the_catch_all(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = [
+        "sidecar", "iptables", "--proxy-uid=1337", "--dry-run",
+        "--exclude-outbound-ip-ranges=10.96.0.1/32,fd00::/8",
+        "--include-outbound-ip-ranges=10.0.0.0/8, fc00::/7",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # Each tool gets only its own family's ranges (iptables refuses an IPv6 -d).
+    assert [line for line in lines if "-A TRELLIS_OUTPUT" in line and "iptables -t" in line][
+        -2:
+    ] == [
+        "iptables -t nat -A TRELLIS_OUTPUT -d 10.96.0.1/32 -j RETURN",
+        "iptables -t nat -A TRELLIS_OUTPUT -p tcp -d 10.0.0.0/8 -j REDIRECT --to-ports 15001",
+    ]
+    assert [line for line in lines if "ip6tables -t nat -A TRELLIS_OUTPUT" in line][-2:] == [
+        "ip6tables -t nat -A TRELLIS_OUTPUT -d fd00::/8 -j RETURN",
+        "ip6tables -t nat -A TRELLIS_OUTPUT -p tcp -d fc00::/7 -j REDIRECT --to-ports 15001",
+    ]
+    # No catch-all redirect is left: only the included ranges reach the sidecar.
+    assert not any(line.endswith("-p tcp -j REDIRECT --to-ports 15001") for line in lines)
+
+
+def test_an_include_list_without_a_range_of_a_family_redirects_none_of_it() -> None:
+    from ipaddress import ip_network
+
+    rules = plan(
+        proxy_uid=1337, outbound_port=15001, inbound_port=15008,
+        include_outbound_ranges=[ip_network("10.0.0.0/8")], family=6,
+    )  # fmt: skip
+    assert not any("REDIRECT" in r and "TRELLIS_OUTPUT" in r for r in rules)
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--exclude-outbound-ip-ranges=10.0.0.1/8",
+        "--exclude-outbound-ip-ranges=*",
+        "--include-outbound-ip-ranges=10.0.0.0/33",
+        "--include-outbound-ip-ranges=*,10.0.0.0/8",
+    ],
+)
+def test_a_malformed_range_is_refused_in_one_line_before_any_rule(
+    capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    try:
+        code = main(["sidecar", "iptables", "--proxy-uid=1337", "--dry-run", flag])
+    except SystemExit as exited:  # argparse's own refusal of a flag value
+        code = int(exited.code or 0)
+    captured = capsys.readouterr()
+    assert code != 0 and captured.out == ""
+    last = captured.err.strip().splitlines()[-1]
+    assert "error" in last and ("CIDR" in last or "every address" in last), last
