@@ -17,8 +17,13 @@ What gets added (``plan_injection``), in the order the kubelet must run it:
    127.0.0.1 only; the health port on the pod's address serves ``/metrics``,
    ``/healthz`` and ``/readyz`` alone, for the kubelet and Prometheus (container port
    ``trellis-metrics``), and is the one port the inbound redirect leaves alone.
-3. Volumes: the agent's Workload API socket directory (hostPath from the agent DaemonSet,
-   read-only; ``SPIFFE_ENDPOINT_SOCKET`` points at it), the namespace's policy ConfigMap
+3. Volumes: the agent's Workload API socket directory (read-only; ``SPIFFE_ENDPOINT_SOCKET``
+   points at it) as a CSI ephemeral volume of the agent's own node plugin
+   (``ca.agent.csi``), not a ``hostPath``: Pod Security "baseline" forbids hostPath volumes
+   and allows ``csi`` ones, which is why the SPIFFE CSI driver exists. The agent attests by
+   SO_PEERCRED either way; the plugin only makes the socket reachable. Clusters whose agent
+   runs without ``--csi-socket`` set ``agent_socket_csi_driver=None`` for the hostPath.
+   Then the namespace's policy ConfigMap
    (optional: a namespace without AccessPolicies has none), the pod's labels through the
    downward API (the sidecar matches policy selectors against them), and a memory-backed
    ``/tmp``.
@@ -41,6 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ca.agent.csi import DRIVER_NAME as CSI_DRIVER
 from core.errors import FieldError
 from meshapi import upstreams as meshapi_upstreams
 from meshapi.upstreams import Upstream
@@ -87,6 +93,8 @@ class InjectorConfig:
     admin_port: int = 15000
     health_port: int = 15020
     agent_socket_host_dir: str = "/run/trellis/workload"
+    # The agent's CSI node plugin (``trellis agent --csi-socket``); None: a hostPath volume.
+    agent_socket_csi_driver: str | None = CSI_DRIVER
     socket_mount_path: str = "/run/spiffe/workload"
     socket_name: str = "agent.sock"
     cpu_request: str = "50m"
@@ -259,12 +267,23 @@ def _sidecar(
     }
 
 
-def _volumes(config: InjectorConfig) -> list[dict[str, Any]]:
-    return [
-        {
+def _socket_volume(config: InjectorConfig) -> dict[str, Any]:
+    if config.agent_socket_csi_driver is None:
+        return {
             "name": VOLUME_SOCKET,
             "hostPath": {"path": config.agent_socket_host_dir, "type": "Directory"},
-        },
+        }
+    # A CSI ephemeral inline volume: the kubelet asks the agent's plugin on this node to
+    # publish its socket directory (NodePublishVolume); the plugin refuses a writable one.
+    return {
+        "name": VOLUME_SOCKET,
+        "csi": {"driver": config.agent_socket_csi_driver, "readOnly": True},
+    }
+
+
+def _volumes(config: InjectorConfig) -> list[dict[str, Any]]:
+    return [
+        _socket_volume(config),
         {
             "name": VOLUME_POLICY,
             "configMap": {"name": POLICY_CONFIGMAP, "optional": True},

@@ -112,7 +112,7 @@ def test_injected_pod_validates_holds_the_sidecar_once_and_reinjection_changes_n
             socket = next(
                 v for v in injected["spec"]["volumes"] if v["name"] == "trellis-workload-api"
             )
-            assert socket["hostPath"] == {"path": "/run/trellis/workload", "type": "Directory"}
+            assert socket["csi"] == {"driver": "csi.trellis.dev", "readOnly": True}
             # the original volumes and containers are untouched
             assert injected["spec"]["volumes"][0] == original["spec"]["volumes"][0]
             assert injected["spec"]["containers"] == original["spec"]["containers"]
