@@ -21,7 +21,6 @@ NodeGetInfo, NodeGetCapabilities). There is no controller: nothing is provisione
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -54,7 +53,8 @@ _MS_REMOUNT = 32
 _MS_BIND = 4096
 _MNT_DETACH = 2
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The process's own symbols include libc's mount(2)/umount2(2); find_library would spawn ldconfig.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)

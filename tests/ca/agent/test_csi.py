@@ -73,6 +73,11 @@ def _mount_count(path: Path) -> int:
     return sum(1 for line in lines if line.split(" ")[4] == str(path))
 
 
+def _mounts_under(root: Path) -> list[str]:
+    lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    return [line.split(" ")[4] for line in lines if line.split(" ")[4].startswith(f"{root}/")]
+
+
 class Plugin:
     def __init__(self, channel: grpc.aio.Channel, root: Path, source: Path) -> None:
         self.identity = csi_pb2_grpc.IdentityStub(channel)
@@ -97,9 +102,10 @@ async def running_plugin(root: Path, source: Path) -> AsyncIterator[Plugin]:
             yield Plugin(channel, root, source)
     finally:
         await server.stop(None)
-        # Never leave a mount behind in a temporary directory that is about to be removed.
-        for mount in (root / "pods").rglob("mount"):
-            subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+        # Never leave a mount behind in a temporary directory that is about to be removed,
+        # wherever a failing plugin may have put it.
+        for mount in _mounts_under(root):
+            subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
 
 
 def _source_with_socket(root: Path) -> Path:
