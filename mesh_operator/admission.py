@@ -23,6 +23,7 @@ from typing import Any
 
 from mesh_operator.errors import SpecError
 from mesh_operator.injection import InjectorConfig, UpstreamError, plan_injection
+from mesh_operator.redirect import AnnotationError
 from mesh_operator.spec import (
     GROUP,
     parse_access_policy,
@@ -200,7 +201,7 @@ def mutate_pod(body: bytes, config: InjectorConfig) -> AdmissionOutcome:
         return _deny(uid, 400, f"request.object is not a valid Pod: {malformed}")
     try:
         decision = plan_injection(pod, config)
-    except UpstreamError as exc:
+    except (UpstreamError, AnnotationError) as exc:
         return _deny(uid, 422, str(exc))
     response: dict[str, Any] = {"allowed": True}
     if decision.patch:

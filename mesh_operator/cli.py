@@ -24,6 +24,7 @@ import yaml
 from ca.spiffeid import SpiffeIdError, TrustDomain
 from core.errors import CliError
 from mesh_operator.injection import InjectorConfig, UpstreamError, plan_injection
+from mesh_operator.redirect import AnnotationError
 
 __all__ = ["register"]
 
@@ -74,7 +75,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
         raise CliError(f"{args.file}: expected a Pod manifest")
     try:
         decision = plan_injection(pod, InjectorConfig(image=args.sidecar_image))
-    except UpstreamError as exc:
+    except (UpstreamError, AnnotationError) as exc:
         raise CliError(str(exc)) from exc
     print(json.dumps(jsonpatch.apply_patch(pod, list(decision.patch)), indent=2))
     print(f"trellis operator inject: {decision.reason}", file=sys.stderr)

@@ -52,6 +52,7 @@ from meshapi import upstreams as meshapi_upstreams
 from meshapi.upstreams import Upstream
 
 from .probes import ANNOTATION_ORIGINAL_PROBES, ProbeRewrite, plan_probe_rewrite
+from .redirect import RedirectAnnotations, parse_redirect_annotations
 
 __all__ = [
     "ANNOTATION_INJECT",
@@ -150,7 +151,10 @@ def _resources(config: InjectorConfig) -> dict[str, Any]:
     }
 
 
-def _init_container(config: InjectorConfig, exclude_ports: str) -> dict[str, Any]:
+def _init_container(config: InjectorConfig, redirect: RedirectAnnotations) -> dict[str, Any]:
+    inbound_excluded = ",".join(
+        str(p) for p in dict.fromkeys((config.health_port, *redirect.exclude_inbound_ports))
+    )
     args = [
         "sidecar",
         "iptables",
@@ -158,10 +162,9 @@ def _init_container(config: InjectorConfig, exclude_ports: str) -> dict[str, Any
         f"--outbound-port={config.outbound_port}",
         f"--inbound-port={config.inbound_port}",
         # The kubelet's probes and Prometheus reach the health port in plaintext.
-        f"--exclude-inbound-ports={config.health_port}",
+        f"--exclude-inbound-ports={inbound_excluded}",
+        *redirect.iptables_args(),
     ]
-    if exclude_ports:
-        args.append(f"--exclude-outbound-ports={exclude_ports}")
     return {
         "name": INIT_NAME,
         "image": config.image,
@@ -305,7 +308,8 @@ def _truthy_off(value: Any) -> bool:
 def plan_injection(pod: Mapping[str, Any], config: InjectorConfig) -> InjectionDecision:
     """The JSONPatch that injects the sidecar into ``pod`` (see the module docstring).
 
-    Raises ``UpstreamError`` for a malformed upstreams annotation: refusing the pod is
+    Raises ``UpstreamError`` for a malformed upstreams annotation, ``AnnotationError``
+    for a malformed redirect one (``mesh_operator.redirect``): refusing the pod is
     better than starting it without the connectivity its author asked for.
     """
     meta = pod.get("metadata") or {}
@@ -327,12 +331,13 @@ def plan_injection(pod: Mapping[str, Any], config: InjectorConfig) -> InjectionD
     upstreams: str | None = None
     if upstreams_raw is not None:
         upstreams = meshapi_upstreams.render_upstreams(parse_upstreams(str(upstreams_raw)))
+    # Validated whatever the mode: a bad value is refused now, not in a crash-looping init.
+    redirect = parse_redirect_annotations(annotations)
 
     new_init: list[dict[str, Any]] = []
     if upstreams is None:
         # The CA and agent ports the app itself may need stay reachable without the proxy.
-        exclude = str(annotations.get("trellis.dev/exclude-outbound-ports", "")).strip()
-        new_init.append(_init_container(config, exclude))
+        new_init.append(_init_container(config, redirect))
     sidecar = _sidecar(config, upstreams, app_ports(spec, config))
     probes = ProbeRewrite((), "", "")
     if upstreams is None:
