@@ -153,6 +153,22 @@ def register(commands: Any) -> None:
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(handler=cmd_agent)
 
+    csi = commands.add_parser(
+        "agent-csi",
+        help=f"serve only the CSI node plugin {DRIVER_NAME} (its own container on a node)",
+        description="Publish the agent's Workload API socket directory into pods as a CSI "
+        "ephemeral volume. Run apart from the agent, this process alone needs the mount "
+        "privilege, and holds no identity.",
+    )
+    csi.add_argument("--csi-socket", type=Path, required=True, metavar="PATH")
+    csi.add_argument(
+        "--agent-socket-dir", type=Path, default=DEFAULT_SOCKET.parent, metavar="DIR",
+        help=f"the directory of the agent's Workload API socket (default {DEFAULT_SOCKET.parent})",
+    )  # fmt: skip
+    csi.add_argument("--csi-pods-dir", type=Path, default=Path(DEFAULT_PODS_DIR), metavar="DIR")
+    csi.add_argument("--node", help="this node's name (default: the host name)")
+    csi.set_defaults(handler=cmd_agent_csi)
+
     svid = commands.add_parser("svid", help="inspect identities from the Workload API")
     sub = svid.add_subparsers(dest="svid_command", metavar="SVID_COMMAND", required=True)
     f = sub.add_parser("fetch", help="fetch this process's SVIDs (like spire-agent api fetch)")
@@ -338,6 +354,35 @@ def cmd_agent(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     except OSError as exc:
         raise CliError(f"cannot start the agent: {exc.strerror or exc}") from exc
+    return 0
+
+
+async def _serve_csi(config: CsiConfig, socket_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = await start_csi_server(config, socket_path)
+    logging.getLogger("trellis.agent.csi").info("serving %s on %s", DRIVER_NAME, socket_path)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop(None)
+
+
+def cmd_agent_csi(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = CsiConfig(
+        source_dir=args.agent_socket_dir,
+        node_id=args.node or socket.gethostname(),
+        pods_dir=args.csi_pods_dir,
+    )
+    try:
+        asyncio.run(_serve_csi(config, args.csi_socket))
+    except OSError as exc:
+        raise CliError(f"cannot serve the CSI plugin: {exc.strerror or exc}") from exc
     return 0
 
 

@@ -300,6 +300,50 @@ def test_workload_reaching_the_agent_through_the_published_mount_is_attested_as_
     assert run(main(), timeout=60) == "spiffe://example.org/ns/default/sa/web"
 
 
+def _plugin_answers(process: subprocess.Popen[str], csi_socket: Path) -> tuple[str, str]:
+    wait_for(lambda: csi_socket.exists() or process.poll() is not None, 30, "the CSI socket")
+
+    async def main() -> tuple[str, str]:
+        async with grpc.aio.insecure_channel(f"unix://{csi_socket}") as channel:
+            info = await csi_pb2_grpc.IdentityStub(channel).GetPluginInfo(
+                csi_pb2.GetPluginInfoRequest()
+            )
+            node = await csi_pb2_grpc.NodeStub(channel).NodeGetInfo(csi_pb2.NodeGetInfoRequest())
+            return info.name, node.node_id
+
+    return run(main(), timeout=20)
+
+
+def _stop(process: subprocess.Popen[str]) -> int:
+    process.terminate()
+    try:
+        return process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait(timeout=5)
+
+
+def test_trellis_agent_csi_serves_the_plugin_alone_and_stops_cleanly_on_sigterm(
+    short_dir: Path,
+) -> None:
+    csi_socket = short_dir / "csi" / "csi.sock"
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "trellis", "agent-csi", "--csi-socket", str(csi_socket),
+            "--agent-socket-dir", str(_source_with_socket(short_dir)), "--node", "node-b",
+            "--csi-pods-dir", str(short_dir / "pods"),
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        assert _plugin_answers(process, csi_socket) == (DRIVER_NAME, "node-b")
+    finally:
+        code = _stop(process)
+    assert code == 0
+    assert "Traceback" not in (process.stderr.read() if process.stderr else "")
+
+
 def test_trellis_agent_with_csi_socket_serves_the_plugin_beside_the_workload_api(
     short_dir: Path,
 ) -> None:
@@ -323,24 +367,7 @@ def test_trellis_agent_with_csi_socket_serves_the_plugin_beside_the_workload_api
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     try:
-        wait_for(lambda: csi_socket.exists() or agent.poll() is not None, 30, "the CSI socket")
-
-        async def main() -> tuple[str, str]:
-            async with grpc.aio.insecure_channel(f"unix://{csi_socket}") as channel:
-                info = await csi_pb2_grpc.IdentityStub(channel).GetPluginInfo(
-                    csi_pb2.GetPluginInfoRequest()
-                )
-                node = await csi_pb2_grpc.NodeStub(channel).NodeGetInfo(
-                    csi_pb2.NodeGetInfoRequest()
-                )
-                return info.name, node.node_id
-
-        assert run(main(), timeout=20) == (DRIVER_NAME, "node-a")
+        assert _plugin_answers(agent, csi_socket) == (DRIVER_NAME, "node-a")
         assert stat.S_IMODE(csi_socket.stat().st_mode) == 0o600  # the kubelet (root) only
     finally:
-        agent.terminate()
-        try:
-            agent.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait(timeout=5)
+        _stop(agent)
