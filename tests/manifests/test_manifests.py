@@ -491,7 +491,8 @@ def test_the_ca_probes_ask_for_paths_it_serves() -> None:
 
 
 def test_the_agent_is_ready_after_its_first_sync_and_live_unless_wedged_once_started() -> None:
-    (agent,) = workload("DaemonSet", "trellis-agent")["containers"]
+    containers = workload("DaemonSet", "trellis-agent")["containers"]
+    (agent,) = [c for c in containers if c["name"] == "agent"]  # beside: the CSI plugin's
     ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
     (admin,) = [a for a in agent["args"] if a.startswith("--admin=")]
     assert admin.rpartition(":")[2] == str(ports["metrics"])
