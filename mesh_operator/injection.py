@@ -34,6 +34,14 @@ What gets added (``plan_injection``), in the order the kubelet must run it:
    against the app on 127.0.0.1, and ``trellis.dev/original-probes`` keeps them. Explicit
    mode installs no redirect, so the app's probes work there as they are.
 
+5. Redirect mode (``InjectorConfig.redirect``): ``init`` installs the redirect with
+   ``trellis-init`` as above; ``cni`` leaves that container out and marks the pod
+   ``trellis.dev/redirect: cni``, and the node's ``trellis-cni`` plugin (``sidecar.cni``)
+   installs the same rules in the pod's network namespace before any container starts, so
+   no container of the pod holds NET_ADMIN/NET_RAW (Pod Security "baseline" forbids adding
+   them). The webhook configuration picks the mode per namespace: namespaces labelled
+   ``trellis.dev/redirect: cni`` are sent to ``/mutate/cni``.
+
 Idempotence: a pod that already has a ``trellis-sidecar`` init container gets an empty
 patch, so a reinvoked webhook (``reinvocationPolicy: IfNeeded``) or a pod re-submitted with
 its injected spec changes nothing. Skipped: pods annotated ``trellis.dev/inject: "false"``
@@ -56,6 +64,7 @@ from .redirect import RedirectAnnotations, parse_redirect_annotations
 
 __all__ = [
     "ANNOTATION_INJECT",
+    "ANNOTATION_REDIRECT",
     "ANNOTATION_STATUS",
     "ANNOTATION_UPSTREAMS",
     "INIT_NAME",
@@ -71,6 +80,9 @@ __all__ = [
 ANNOTATION_INJECT = "trellis.dev/inject"
 ANNOTATION_UPSTREAMS = "trellis.dev/upstreams"
 ANNOTATION_STATUS = "trellis.dev/injected"
+# Read by the node's CNI plugin (sidecar.cni): the pod wants its redirect from the node.
+ANNOTATION_REDIRECT = "trellis.dev/redirect"
+REDIRECT_MODES = ("init", "cni")
 SIDECAR_NAME = "trellis-sidecar"
 INIT_NAME = "trellis-init"
 VOLUME_SOCKET = "trellis-workload-api"
@@ -103,6 +115,12 @@ class InjectorConfig:
     cpu_limit: str = "1"
     memory_limit: str = "256Mi"
     version: str = "0.1.0"
+    # "init": the trellis-init container installs the redirect; "cni": the node's plugin does.
+    redirect: str = "init"
+
+    def __post_init__(self) -> None:
+        if self.redirect not in REDIRECT_MODES:
+            raise ValueError(f"redirect mode {self.redirect!r}: expected init or cni")
 
     @property
     def endpoint_socket(self) -> str:
@@ -335,7 +353,8 @@ def plan_injection(pod: Mapping[str, Any], config: InjectorConfig) -> InjectionD
     redirect = parse_redirect_annotations(annotations)
 
     new_init: list[dict[str, Any]] = []
-    if upstreams is None:
+    cni_redirect = upstreams is None and config.redirect == "cni"
+    if upstreams is None and not cni_redirect:
         # The CA and agent ports the app itself may need stay reachable without the proxy.
         new_init.append(_init_container(config, redirect))
     sidecar = _sidecar(config, upstreams, app_ports(spec, config))
@@ -369,6 +388,14 @@ def plan_injection(pod: Mapping[str, Any], config: InjectorConfig) -> InjectionD
             "value": config.version,
         }
     )
+    if cni_redirect:
+        patch.append(
+            {
+                "op": "add",
+                "path": f"/metadata/annotations/{_pointer(ANNOTATION_REDIRECT)}",
+                "value": "cni",
+            }
+        )
     patch.extend(probes.patch)
     if probes.originals:
         patch.append(
@@ -379,4 +406,6 @@ def plan_injection(pod: Mapping[str, Any], config: InjectorConfig) -> InjectionD
             }
         )
     mode = "explicit upstreams" if upstreams is not None else "transparent"
+    if cni_redirect:
+        mode += ", redirect by the node's CNI plugin"
     return InjectionDecision(tuple(patch), f"injected ({mode})")

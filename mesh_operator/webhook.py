@@ -1,4 +1,9 @@
-"""The admission webhook's HTTPS shell (aiohttp): ``/mutate``, ``/validate``, ``/healthz``.
+"""The admission webhook's HTTPS shell (aiohttp): ``/mutate``, ``/mutate/cni``,
+``/validate``, ``/healthz``.
+
+``/mutate/cni`` injects with the redirect left to the node's CNI plugin: the webhook
+configuration sends namespaces labelled ``trellis.dev/redirect: cni`` there (the API server
+evaluates the namespaceSelector; the review itself carries no namespace labels).
 
 All decisions are in ``mesh_operator.admission``; this module reads bodies, enforces the
 size limit before buffering more than it allows, and serves TLS with a certificate that it
@@ -11,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aiohttp import web
@@ -78,15 +84,23 @@ async def _body(request: web.Request) -> bytes | web.Response:
 def build_app(config: InjectorConfig) -> web.Application:
     app = web.Application(client_max_size=MAX_REVIEW_BYTES)
 
-    async def mutate(request: web.Request) -> web.StreamResponse:
-        body = await _body(request)
-        if isinstance(body, web.Response):
-            return body
-        outcome = mutate_pod(body, config)
-        log.info(
-            "mutate", extra={"fields": {"status": outcome.http_status, "allowed": outcome.allowed}}
-        )
-        return _json_response(outcome)
+    def mutator(
+        injector: InjectorConfig,
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def mutate(request: web.Request) -> web.StreamResponse:
+            body = await _body(request)
+            if isinstance(body, web.Response):
+                return body
+            outcome = mutate_pod(body, injector)
+            fields = {
+                "status": outcome.http_status,
+                "allowed": outcome.allowed,
+                "redirect": injector.redirect,
+            }
+            log.info("mutate", extra={"fields": fields})
+            return _json_response(outcome)
+
+        return mutate
 
     async def validate(request: web.Request) -> web.StreamResponse:
         body = await _body(request)
@@ -102,7 +116,8 @@ def build_app(config: InjectorConfig) -> web.Application:
     async def healthz(_request: web.Request) -> web.StreamResponse:
         return web.Response(text="ok\n")
 
-    app.router.add_post("/mutate", mutate)
+    app.router.add_post("/mutate", mutator(config))
+    app.router.add_post("/mutate/cni", mutator(replace(config, redirect="cni")))
     app.router.add_post("/validate", validate)
     app.router.add_get("/healthz", healthz)
     return app

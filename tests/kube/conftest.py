@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -243,13 +244,24 @@ def point_webhooks_at(plane: ControlPlane, url_base: str) -> None:
         current = plane.get(kind, name)
         ops: list[dict[str, Any]] = []
         for index, hook in enumerate(current.get("webhooks") or []):
-            if "service" in hook.get("clientConfig", {}):
+            service = hook.get("clientConfig", {}).get("service")
+            if service is not None:
                 ops.append({"op": "remove", "path": f"/webhooks/{index}/clientConfig/service"})
+            # Each webhook keeps its own path (/mutate/cni for the CNI redirect mode).
+            # (a second call finds the url the first one wrote, and reads the path back).
+            url = hook.get("clientConfig", {}).get("url")
+            hook_path = (
+                service.get("path", path)
+                if service is not None
+                else urllib.parse.urlsplit(url).path
+                if url
+                else path
+            )
             ops.append(
                 {
                     "op": "add",
                     "path": f"/webhooks/{index}/clientConfig/url",
-                    "value": url_base + path,
+                    "value": url_base + hook_path,
                 }
             )
         plane.kubectl_ok("patch", kind, name, "--type=json", "-p", json.dumps(ops))

@@ -1,0 +1,92 @@
+"""Pod Security "baseline" and the CNI redirect mode, in the real API server.
+
+The API server's own PodSecurity admission (on by default, run after the mutating webhooks)
+judges the Pod as injected: a namespace labelled ``pod-security.kubernetes.io/enforce:
+baseline`` refuses what baseline forbids, with a message naming each rule broken. The
+webhook is the operator's, reached through the shipped MutatingWebhookConfiguration, whose
+namespaceSelector picks ``/mutate/cni`` for namespaces labelled ``trellis.dev/redirect: cni``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from mesh_operator.injection import ANNOTATION_REDIRECT, INIT_NAME, SIDECAR_NAME
+
+from .conftest import Operators, create_namespace
+from .controlplane import ControlPlane
+
+INJECT = {"trellis.dev/inject": "enabled"}
+CNI = {"trellis.dev/redirect": "cni"}
+ENFORCE_BASELINE = {"pod-security.kubernetes.io/enforce": "baseline"}
+
+
+def _namespace(plane: ControlPlane, *labels: dict[str, str]) -> str:
+    name = f"psa-{uuid.uuid4().hex[:8]}"
+    merged: dict[str, str] = {}
+    for extra in labels:
+        merged.update(extra)
+    create_namespace(plane, name, merged)
+    return name
+
+
+def _pod(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "containers": [
+                {
+                    "name": "app",
+                    "image": "registry.example/app:1",
+                    "ports": [{"containerPort": 8080}],
+                }
+            ]
+        },
+    }
+
+
+def _create(plane: ControlPlane, namespace: str, name: str) -> Any:
+    return plane.kubectl("-n", namespace, "create", "-f", "-", stdin=json.dumps(_pod(name)))
+
+
+def test_todays_init_container_pod_is_refused_under_baseline_for_net_admin(
+    operators: Operators,
+) -> None:
+    plane = operators.plane
+    namespace = _namespace(plane, INJECT, ENFORCE_BASELINE)
+    refused = _create(plane, namespace, "web")
+    assert refused.returncode != 0
+    assert 'violates PodSecurity "baseline:latest"' in refused.stderr, refused.stderr
+    assert "non-default capabilities" in refused.stderr, refused.stderr
+    assert f'container "{INIT_NAME}" must not include "NET_ADMIN", "NET_RAW"' in refused.stderr
+    assert plane.kubectl("-n", namespace, "get", "pod", "web").returncode != 0
+
+
+def test_a_cni_namespace_gets_the_sidecar_without_the_net_admin_init_container(
+    operators: Operators,
+) -> None:
+    plane = operators.plane
+    namespace = _namespace(plane, INJECT, CNI)
+    assert _create(plane, namespace, "web").returncode == 0
+    stored = plane.get("-n", namespace, "pod", "web")
+    assert [c["name"] for c in stored["spec"]["initContainers"]] == [SIDECAR_NAME]
+    # What the node's trellis-cni plugin reads to install the redirect for this pod.
+    assert stored["metadata"]["annotations"][ANNOTATION_REDIRECT] == "cni"
+    for container in [*stored["spec"]["initContainers"], *stored["spec"]["containers"]]:
+        assert not (container.get("securityContext") or {}).get("capabilities", {}).get("add")
+
+
+def test_the_cni_mode_pod_is_admitted_in_a_baseline_namespace(operators: Operators) -> None:
+    plane = operators.plane
+    namespace = _namespace(plane, INJECT, CNI, ENFORCE_BASELINE)
+    admitted = _create(plane, namespace, "web")
+    assert admitted.returncode == 0, admitted.stderr
+    assert "PodSecurity" not in admitted.stderr, admitted.stderr  # not even a warning
+    stored = plane.get("-n", namespace, "pod", "web")
+    assert [c["name"] for c in stored["spec"]["initContainers"]] == [SIDECAR_NAME]
+    # The agent socket arrives by the agent's CSI volume, which baseline allows; no hostPath.
+    assert not any("hostPath" in volume for volume in stored["spec"]["volumes"])
