@@ -54,6 +54,14 @@ def register(commands: Any) -> None:
     p.add_argument("--no-webhook", action="store_true", help="reconcile only")
     p.add_argument("--sidecar-image", default=InjectorConfig().image)
     p.add_argument("--agent-socket-dir", default=InjectorConfig().agent_socket_host_dir)
+    p.add_argument(
+        "--outbound-traffic-policy",
+        choices=("ALLOW_ANY", "REGISTRY_ONLY", "off"),
+        default="ALLOW_ANY",
+        help="what sidecars do with destinations outside the mesh: pass them through "
+        "(ALLOW_ANY, the default) or refuse them (REGISTRY_ONLY); off publishes no mesh "
+        "registry, so every destination is taken to be in the mesh",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(handler=cmd_run)
 
@@ -112,7 +120,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(f"cannot configure the Kubernetes client: {exc}") from exc
     api_client = kubernetes.client.ApiClient(configuration)
     config = OperatorConfig(
-        trust_domain=args.trust_domain, namespace=args.namespace, identity=args.identity
+        trust_domain=args.trust_domain,
+        namespace=args.namespace,
+        identity=args.identity,
+        outbound_traffic_policy=None
+        if args.outbound_traffic_policy == "off"
+        else args.outbound_traffic_policy,
     )
     webhook = None
     if not args.no_webhook:

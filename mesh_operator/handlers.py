@@ -53,6 +53,7 @@ from mesh_operator.reconcile import (
     ClusterSnapshot,
     ObjectStatus,
     PodView,
+    ServiceView,
     compile_policies,
     entries_document,
     federation_document,
@@ -61,6 +62,7 @@ from mesh_operator.reconcile import (
     status_patch,
 )
 from mesh_operator.spec import GROUP, VERSION
+from meshapi.registry import OutboundTrafficPolicy
 
 __all__ = ["OperatorConfig", "OperatorState", "SyncReport", "build_registry", "sync_once"]
 
@@ -99,6 +101,9 @@ class OperatorConfig:
     debounce: float = 0.5
     resync_interval: float = 60.0
     cert_check_interval: float = 3600.0
+    # The mesh registry's switch (meshapi.registry); None publishes no registry, and every
+    # outbound destination of a transparent sidecar stays an mTLS CONNECT.
+    outbound_traffic_policy: OutboundTrafficPolicy | None = "ALLOW_ANY"
 
 
 @dataclass
@@ -110,6 +115,7 @@ class OperatorState:
     federations: dict[str, dict[str, Any]] = field(default_factory=dict)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
     pods: dict[str, PodView] = field(default_factory=dict)
+    services: dict[str, ServiceView] = field(default_factory=dict)
     # Node name -> value of its ban label, for Nodes carrying one: only to tell which
     # Node events matter (the ban list itself is listed afresh, see the module docstring).
     node_bans: dict[str, str] = field(default_factory=dict)
@@ -118,7 +124,11 @@ class OperatorState:
     syncs: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def snapshot(self, trust_domain: TrustDomain) -> ClusterSnapshot:
+    def snapshot(
+        self,
+        trust_domain: TrustDomain,
+        outbound_traffic_policy: OutboundTrafficPolicy | None = None,
+    ) -> ClusterSnapshot:
         return ClusterSnapshot(
             trust_domain=trust_domain,
             templates=dict(self.templates),
@@ -126,6 +136,8 @@ class OperatorState:
             federations=dict(self.federations),
             namespaces=dict(self.namespaces),
             pods=dict(self.pods),
+            services=dict(self.services),
+            outbound_traffic_policy=outbound_traffic_policy,
         )
 
 
@@ -202,7 +214,7 @@ async def sync_once(
 ) -> SyncReport:
     """Reconcile the snapshot and write the differences (raises the operator errors)."""
     async with state.lock:
-        snapshot = state.snapshot(config.trust_domain)
+        snapshot = state.snapshot(config.trust_domain, config.outbound_traffic_policy)
         identities = reconcile_identities(snapshot)
         policies = compile_policies(snapshot)
         federations, federation_statuses = reconcile_federation(snapshot)
@@ -406,6 +418,18 @@ def build_registry(
             return
         state.pods[pod.key] = pod
         if previous != pod:  # status churn (probes, conditions) does not change entries
+            state.dirty.set()
+
+    @kopf.on.event("", "v1", "services", registry=registry)
+    def service_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        # The mesh registry lists the ClusterIPs of Services that select injected pods.
+        service = ServiceView.from_object(body)
+        if type == "DELETED" or _deleting(body):
+            if state.services.pop(service.key, None) is not None:
+                state.dirty.set()
+            return
+        if state.services.get(service.key) != service:
+            state.services[service.key] = service
             state.dirty.set()
 
     @kopf.on.delete(GROUP, VERSION, PLURAL_TEMPLATES, registry=registry)

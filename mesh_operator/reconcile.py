@@ -12,6 +12,11 @@ raw objects keyed by name) and, after any change, recomputes **everything** from
   the sidecars there (a ``meshapi.policy.PolicyDocument``, rendered by the module the
   sidecar parses it with), plus statuses.
 * ``reconcile_federation`` lists the ``FederatedTrustDomain`` objects for the CA.
+* ``mesh_registry`` lists what is in the mesh -- the pod IPs of injected pods and the
+  ClusterIPs of Services selecting one -- for the ``mesh`` section of every policy
+  document (``meshapi.registry``), so a transparent sidecar passes everything else
+  through (``ALLOW_ANY``) or refuses it (``REGISTRY_ONLY``). With the switch set, every
+  namespace holding an injected pod gets a document, AccessPolicies or not.
 
 How a pod becomes an entry. For each selected, scheduled, non-terminal pod the template is
 rendered with the pod's namespace, service account, node and labels. The entry's selectors
@@ -25,6 +30,7 @@ they run on, so an agent can obtain an identity only where a pod that holds it i
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,6 +50,7 @@ from mesh_operator.spec import (
     parse_identity_template,
 )
 from meshapi.policy import Policy, PolicyDocument, render_policy_document
+from meshapi.registry import MeshRegistry, Network, OutboundTrafficPolicy
 
 __all__ = [
     "ClusterSnapshot",
@@ -51,9 +58,11 @@ __all__ = [
     "ObjectStatus",
     "PodView",
     "PolicyResult",
+    "ServiceView",
     "compile_policies",
     "entries_document",
     "federation_document",
+    "mesh_registry",
     "reconcile_federation",
     "reconcile_identities",
     "status_patch",
@@ -72,6 +81,8 @@ class PodView:
     node_name: str | None
     labels: Mapping[str, str]
     phase: str
+    ips: tuple[str, ...] = ()  # status.podIPs (or podIP): where the mesh reaches the pod
+    injected: bool = False  # the injector's trellis.dev/injected annotation is present
 
     @classmethod
     def from_object(cls, obj: Mapping[str, Any]) -> PodView:
@@ -79,6 +90,10 @@ class PodView:
         spec = obj.get("spec") or {}
         status = obj.get("status") or {}
         labels = meta.get("labels") or {}
+        annotations = meta.get("annotations") or {}
+        ips = [str(i.get("ip")) for i in status.get("podIPs") or [] if isinstance(i, Mapping)]
+        if not ips and status.get("podIP"):
+            ips = [str(status["podIP"])]
         return cls(
             namespace=str(meta.get("namespace", "default")),
             name=str(meta.get("name", "")),
@@ -86,6 +101,10 @@ class PodView:
             node_name=spec.get("nodeName") or None,
             labels={str(k): str(v) for k, v in labels.items()},
             phase=str(status.get("phase") or "Pending"),
+            ips=tuple(ips),
+            # Written by mesh_operator.injection (ANNOTATION_STATUS); named here, since the
+            # reconcilers sit below the webhook.
+            injected=isinstance(annotations, Mapping) and "trellis.dev/injected" in annotations,
         )
 
     @property
@@ -98,6 +117,36 @@ class PodView:
         return self.node_name is not None and self.phase not in ("Succeeded", "Failed")
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceView:
+    """The part of a Service the mesh registry reads."""
+
+    namespace: str
+    name: str
+    cluster_ips: tuple[str, ...]
+    selector: Mapping[str, str]
+
+    @classmethod
+    def from_object(cls, obj: Mapping[str, Any]) -> ServiceView:
+        meta = obj.get("metadata") or {}
+        spec = obj.get("spec") or {}
+        ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
+        selector = spec.get("selector") or {}
+        return cls(
+            namespace=str(meta.get("namespace", "default")),
+            name=str(meta.get("name", "")),
+            # "None" is a headless Service: its clients dial the pod IPs, listed anyway.
+            cluster_ips=tuple(str(ip) for ip in ips if ip and ip != "None"),
+            selector={str(k): str(v) for k, v in selector.items()}
+            if isinstance(selector, Mapping)
+            else {},
+        )
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
 @dataclass(frozen=True)
 class ClusterSnapshot:
     """Everything the reconcilers read; raw objects exactly as the API server sent them."""
@@ -108,6 +157,9 @@ class ClusterSnapshot:
     federations: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     namespaces: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # name -> labels
     pods: Mapping[str, PodView] = field(default_factory=dict)  # "ns/name"
+    services: Mapping[str, ServiceView] = field(default_factory=dict)  # "ns/name"
+    # None: no mesh registry is published (every destination stays a CONNECT).
+    outbound_traffic_policy: OutboundTrafficPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +447,35 @@ def entries_document(entries: EntrySet) -> dict[str, Any]:
     return {"entries": [e.to_dict() for e in sorted(entries, key=lambda e: e.entry_id)]}
 
 
+def _host_network(ip: str) -> Network | None:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return None  # the API server validates podIPs; nothing else gets this far
+    return ipaddress.ip_network(address)
+
+
+def mesh_registry(snapshot: ClusterSnapshot, policy: OutboundTrafficPolicy) -> MeshRegistry:
+    """The destinations that have a sidecar: every injected, running pod's IPs, and the
+    ClusterIPs of Services whose selector picks one in their namespace. A Service
+    without a selector (endpoints kept by hand, often something outside the cluster) is
+    not listed: nothing says a sidecar answers there."""
+    injected = [p for p in snapshot.pods.values() if p.injected and p.eligible]
+    networks: list[Network] = []
+    for pod in injected:
+        networks.extend(n for n in map(_host_network, pod.ips) if n is not None)
+    for service in snapshot.services.values():
+        if not service.selector:
+            continue
+        if any(
+            p.namespace == service.namespace
+            and all(p.labels.get(k) == v for k, v in service.selector.items())
+            for p in injected
+        ):
+            networks.extend(n for n in map(_host_network, service.cluster_ips) if n is not None)
+    return MeshRegistry(tuple(networks), policy)
+
+
 def compile_policies(snapshot: ClusterSnapshot) -> PolicyResult:
     """One sidecar policy document per namespace that has AccessPolicies, plus statuses.
 
@@ -449,6 +530,12 @@ def compile_policies(snapshot: ClusterSnapshot) -> PolicyResult:
             tuple(conditions), {"selectedPods": len(pods)}, policy.ref.generation
         )
 
+    registry: MeshRegistry | None = None
+    if snapshot.outbound_traffic_policy is not None:
+        registry = mesh_registry(snapshot, snapshot.outbound_traffic_policy)
+        for pod in snapshot.pods.values():
+            if pod.injected and pod.eligible:
+                by_namespace.setdefault(pod.namespace, [])
     documents: dict[str, dict[str, Any]] = {}
     for namespace, policies in sorted(by_namespace.items()):
         document = PolicyDocument(
@@ -464,6 +551,7 @@ def compile_policies(snapshot: ClusterSnapshot) -> PolicyResult:
             ),
             namespace=namespace,
             trust_domain=snapshot.trust_domain,
+            mesh=registry,
         )
         documents[namespace] = render_policy_document(document)
     return PolicyResult(documents, statuses)
