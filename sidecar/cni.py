@@ -36,11 +36,12 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 from . import iptables
 
-__all__ = ["CniError", "PluginConfig", "main", "parse_config", "run"]
+__all__ = ["CniError", "PluginConfig", "chain_into", "install", "main", "parse_config", "run"]
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 
@@ -285,9 +286,63 @@ def run(env: Mapping[str, str], stdin: str) -> dict[str, Any]:
     return {"cniVersion": config.cni_version}
 
 
+PLUGIN_TYPE = "trellis-cni"
+
+
+def chain_into(conflist: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
+    """``conflist`` with ``entry`` last in its ``plugins`` (a chained plugin runs after the
+    main one and sees its result); an earlier trellis-cni entry is replaced, so reinstalling
+    leaves one. The entry's ``cniVersion`` is the list's (libcni passes the list's on)."""
+    plugins = conflist.get("plugins")
+    if not isinstance(plugins, list):
+        raise ValueError("the network configuration list has no plugins list")
+    kept = [p for p in plugins if not (isinstance(p, Mapping) and p.get("type") == PLUGIN_TYPE)]
+    return {**conflist, "plugins": [*kept, {**entry, "type": PLUGIN_TYPE}]}
+
+
+def install(conf_dir: Path, entry: Mapping[str, Any]) -> Path:
+    """Chain ``entry`` into the node's network configuration: the first ``*.conflist`` in
+    ``conf_dir`` by name, the one the runtime (libcni ``ConfFiles``, sorted) loads. Written
+    to a temporary file and renamed, so the runtime never reads half a file."""
+    lists = sorted(conf_dir.glob("*.conflist"))
+    if not lists:
+        raise FileNotFoundError(f"no *.conflist in {conf_dir}: is the main CNI plugin installed?")
+    target = lists[0]
+    current = json.loads(target.read_text(encoding="utf-8"))
+    if not isinstance(current, dict):
+        raise ValueError(f"{target} is not a JSON object")
+    scratch = target.with_name(target.name + ".trellis-tmp")
+    scratch.write_text(json.dumps(chain_into(current, entry), indent=2) + "\n", encoding="utf-8")
+    scratch.replace(target)
+    return target
+
+
+def _install_main(argv: Sequence[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="trellis-cni install", description="chain trellis-cni into the node's conflist"
+    )
+    parser.add_argument("--cni-conf-dir", required=True)
+    parser.add_argument("--entry", required=True, help="the plugin's configuration (JSON)")
+    args = parser.parse_args(argv)
+    try:
+        entry = json.loads(args.entry)
+        if not isinstance(entry, dict):
+            raise ValueError("--entry: expected a JSON object")
+        target = install(Path(args.cni_conf_dir), entry)
+    except (OSError, ValueError) as exc:
+        print(f"trellis-cni install: {exc}", file=sys.stderr)
+        return 1
+    print(f"trellis-cni chained into {target}")
+    return 0
+
+
 def main(
     env: Mapping[str, str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None
 ) -> int:
+    if env is None and sys.argv[1:2] == ["install"]:
+        return _install_main(sys.argv[2:])
     env = os.environ if env is None else env
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
