@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import struct
@@ -49,6 +50,16 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(raw[4:8]), port
 
 
+def _loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
 Route = tuple[tuple[Address, ...], tuple[SpiffeId, ...], str]
 Resolver = Callable[[socket.socket], Route | PassthroughRoute]
 
@@ -61,6 +72,10 @@ class _OutboundBridge(Bridge):
         self._outbound = outbound
         self._resolve = resolve
         self.route: Route | None = None
+        # Passing through: what the app sent while we dialled (uvloop may read an accepted
+        # socket even after connection_made paused it), handed to the splice once it runs.
+        self.held: list[bytes] | None = None
+        self.held_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -74,11 +89,35 @@ class _OutboundBridge(Bridge):
             self.refuse()
             return
         if isinstance(route, PassthroughRoute):
-            # Not a stream at all: the transport (reading still paused) leaves the bridge.
-            self._outbound.passthrough(cast(asyncio.Transport, transport), route)
+            # Not a stream at all: the transport leaves the bridge once the dial succeeds.
+            self.held = []
+            self._outbound.passthrough(cast(asyncio.Transport, transport), route, self.handoff)
             return
         self.route = route
         self._outbound.start(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.held is None:
+            super().data_received(data)
+            return
+        self.held.append(data)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self.held is None:
+            return super().eof_received()
+        self.held_eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.held is None:
+            super().connection_lost(exc)
+        # Passing through, the splice sees the closed transport and counts nothing more.
+
+    def handoff(self) -> tuple[list[bytes], bool]:
+        held, self.held = self.held or [], []
+        return held, self.held_eof
 
 
 class Outbound:
@@ -117,7 +156,10 @@ class Outbound:
             target = Address(host, port)
             registry = self.registry()
             if registry is not None and not registry.contains(host):
-                return PassthroughRoute(target, registry.outbound_traffic_policy)
+                # The pod's own loopback (another container, the app's own ports) is never
+                # "the world": REGISTRY_ONLY must not cut a pod off from itself.
+                policy = "ALLOW_ANY" if _loopback(host) else registry.outbound_traffic_policy
+                return PassthroughRoute(target, policy)
             return (Address(host, self.inbound_port),), (), str(target)
 
         loop = asyncio.get_running_loop()
@@ -149,8 +191,13 @@ class Outbound:
             logger.info("no stream for %s: %s", authority, exc)
             bridge.refuse()
 
-    def passthrough(self, transport: asyncio.Transport, route: PassthroughRoute) -> None:
-        take_over(transport, route, self.metrics, self.connect_timeout, self._tasks)
+    def passthrough(
+        self,
+        transport: asyncio.Transport,
+        route: PassthroughRoute,
+        handoff: Callable[[], tuple[list[bytes], bool]],
+    ) -> None:
+        take_over(transport, route, self.metrics, self.connect_timeout, self._tasks, handoff)
 
     def retry(self, bridge: Bridge) -> bool:
         if not isinstance(bridge, _OutboundBridge) or bridge.transport is None:

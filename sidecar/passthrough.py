@@ -18,6 +18,7 @@ import contextlib
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshapi.registry import OutboundTrafficPolicy
@@ -56,22 +57,28 @@ def take_over(
     metrics: Metrics,
     connect_timeout: float,
     tasks: set[asyncio.Task[None]],
+    handoff: Callable[[], tuple[list[bytes], bool]],
 ) -> None:
-    """Handle an app connection (reading paused) whose destination is outside the mesh."""
+    """Handle an app connection whose destination is outside the mesh; ``handoff`` gives
+    what its protocol read from the app until the splice takes the transport over."""
     if route.policy == "REGISTRY_ONLY":
         metrics.passthrough.labels(outcome="refused").inc()
         logger.info("refused %s: outside the mesh (REGISTRY_ONLY)", route.destination)
         reset(client)
         return
     task = asyncio.get_running_loop().create_task(
-        _forward(client, route.destination, metrics, connect_timeout)
+        _forward(client, route.destination, metrics, connect_timeout, handoff)
     )
     tasks.add(task)  # the loop holds tasks weakly
     task.add_done_callback(tasks.discard)
 
 
 async def _forward(
-    client: asyncio.Transport, destination: Address, metrics: Metrics, connect_timeout: float
+    client: asyncio.Transport,
+    destination: Address,
+    metrics: Metrics,
+    connect_timeout: float,
+    handoff: Callable[[], tuple[list[bytes], bool]],
 ) -> None:
     # Imported here: sidecar.permissive imports sidecar.outbound, which imports us. Its
     # relay is the same splice (half-close passed on, both sockets closed once both ended).
@@ -95,6 +102,12 @@ async def _forward(
     metrics.passthrough.labels(outcome="forwarded").inc()
     client_side = Pipe(remote)
     client_side.partner, remote_side.partner = remote_side, client_side
+    held, eof = handoff()
+    for data in held:
+        remote.write(data)
     client.set_protocol(client_side)
     client_side.connection_made(client)
-    client.resume_reading()
+    if eof:
+        client_side.eof_received()  # passes the app's FIN on
+    else:
+        client.resume_reading()

@@ -3,10 +3,11 @@ TCP server outside the mesh through its transparent sidecar, or is refused, by t
 registry the operator publishes in the policy document.
 
 Inside the namespace (loopback only) 127.0.0.2 plays a mesh pod (echo app on :18080 behind
-sidecar B on :15008) and 127.0.0.3 a destination outside the mesh: a plain TCP echo server
-on :18081 with no sidecar. Sidecar A (transparent, root = the proxy UID the rules exempt)
-reads a policy document whose ``mesh`` section lists only 127.0.0.2/32; the app runs as
-UID 65534 behind `trellis sidecar iptables`.
+sidecar B on :15008) and 192.0.2.10 (added to the namespace's loopback device) a
+destination outside the mesh: a plain TCP echo server on :18081 with no sidecar. Sidecar A
+(transparent, root = the proxy UID the rules exempt) reads a policy document whose
+``mesh`` section lists only 127.0.0.2/32; the app runs as UID 65534 behind
+`trellis sidecar iptables`; an echo on 127.0.0.1:18082 plays another container of its pod.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from .harness import Pki, Procs, env, wait_for
 from .test_transparent import _curl, _in, netns  # noqa: F401 -- the netns fixture
 
 MESH_POD = "127.0.0.2"
-OUTSIDE = "127.0.0.3"
+# RFC 5737 TEST-NET-1, put on the namespace's own loopback device: a non-loopback address
+# (the pod's loopback is exempt from REGISTRY_ONLY) that exists only inside the test.
+OUTSIDE = "192.0.2.10"
 
 CALL = """
 import socket, sys
@@ -78,6 +81,7 @@ def _metrics(ns: str) -> dict[str, float]:
 
 def _start_mesh(ns: str, procs: Procs, pki: Pki, policy: Path) -> None:
     work = procs.workdir
+    subprocess.run(_in(ns, "ip", "addr", "add", f"{OUTSIDE}/32", "dev", "lo"), check=True)
     rules = subprocess.run(
         _in(
             ns, sys.executable, "-m", "trellis", "sidecar", "iptables", "--proxy-uid=0",
@@ -89,6 +93,8 @@ def _start_mesh(ns: str, procs: Procs, pki: Pki, policy: Path) -> None:
     assert rules.returncode == 0, rules.stderr
     procs.start("echo-mesh", _in(ns, sys.executable, str(ECHO_APP), "18080", MESH_POD))
     procs.start("echo-outside", _in(ns, sys.executable, str(ECHO_APP), "18081", OUTSIDE))
+    # Another container of the app's own pod, on the pod's loopback.
+    procs.start("echo-local", _in(ns, sys.executable, str(ECHO_APP), "18082", "127.0.0.1"))
     configs: dict[str, dict[str, Any]] = {
         "b": {
             "svid_dir": str(pki.write(work / "svid-b", ECHO)),
@@ -167,7 +173,9 @@ def test_an_app_reaches_a_destination_outside_the_mesh_by_passthrough_until_regi
     outcome = _call(netns, OUTSIDE, 18081)
     assert outcome.startswith("refused") or outcome == "closed after 0 bytes", outcome
     assert _call(netns, MESH_POD, 18080) == "echoed"
+    # The pod's own loopback is not the world: still reached under REGISTRY_ONLY.
+    assert _call(netns, "127.0.0.1", 18082) == "echoed"
     metrics = _metrics(netns)
     assert metrics['trellis_sidecar_passthrough_total{outcome="refused"}'] == 1
-    assert metrics['trellis_sidecar_passthrough_total{outcome="forwarded"}'] == 1
+    assert metrics['trellis_sidecar_passthrough_total{outcome="forwarded"}'] == 2
     assert metrics['trellis_sidecar_streams_total{direction="outbound",outcome="ok"}'] == 2
