@@ -14,6 +14,11 @@ import uuid
 from typing import Any
 
 from mesh_operator.injection import ANNOTATION_REDIRECT, INIT_NAME, SIDECAR_NAME
+from tests.sidecar.test_cni import PREV_RESULT, netns  # noqa: F401 - netns is a fixture
+from tests.sidecar.test_cni import _config as cni_config
+from tests.sidecar.test_cni import _nat as nat_rules
+from tests.sidecar.test_cni import _path as netns_path
+from tests.sidecar.test_cni import _plugin as cni_plugin
 
 from .conftest import Operators, create_namespace
 from .controlplane import ControlPlane
@@ -90,3 +95,35 @@ def test_the_cni_mode_pod_is_admitted_in_a_baseline_namespace(operators: Operato
     assert [c["name"] for c in stored["spec"]["initContainers"]] == [SIDECAR_NAME]
     # The agent socket arrives by the agent's CSI volume, which baseline allows; no hostPath.
     assert not any("hostPath" in volume for volume in stored["spec"]["volumes"])
+
+
+def test_the_plugin_reads_the_stored_pod_and_redirects_only_the_cni_mode_one(
+    operators: Operators,
+    netns: str,  # noqa: F811 - the fixture imported above
+) -> None:
+    """The plugin as the runtime calls it (tests/sidecar/test_cni.py's harness), with the
+    kubeconfig of the DaemonSet's ServiceAccount, so the shipped RBAC (get pods) is what
+    lets it read the pod; the pod is the one the API server stored after injection."""
+    plane = operators.plane
+    kubeconfig = plane.service_account_kubeconfig("trellis-system", "trellis-cni")
+    config = json.dumps(cni_config(redirectAll=False, kubeconfig=str(kubeconfig)))
+    plain = _namespace(plane, INJECT)  # init-container mode: the plugin leaves it alone
+    assert _create(plane, plain, "web").returncode == 0
+    code, _ = cni_plugin(
+        "ADD", config, netns_path=netns_path(netns),
+        cni_args=f"K8S_POD_NAMESPACE={plain};K8S_POD_NAME=web",
+    )  # fmt: skip
+    assert code == 0 and "TRELLIS" not in nat_rules(netns)
+
+    namespace = _namespace(plane, INJECT, CNI)
+    assert _create(plane, namespace, "web").returncode == 0
+    args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME=web"
+    code, result = cni_plugin("ADD", config, netns_path=netns_path(netns), cni_args=args)
+    assert (code, result) == (0, PREV_RESULT)
+    assert "-A TRELLIS_OUTPUT -p tcp -j REDIRECT --to-ports 15001" in nat_rules(netns)
+    assert cni_plugin("CHECK", config, netns_path=netns_path(netns), cni_args=args)[0] == 0
+
+    # A pod the API server does not have: a CNI error, not a traceback.
+    missing = f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME=nobody"
+    code, error = cni_plugin("ADD", config, netns_path=netns_path(netns), cni_args=missing)
+    assert code != 0 and "nobody" in error["msg"]
