@@ -179,3 +179,35 @@ def test_an_app_reaches_a_destination_outside_the_mesh_by_passthrough_until_regi
     assert metrics['trellis_sidecar_passthrough_total{outcome="refused"}'] == 1
     assert metrics['trellis_sidecar_passthrough_total{outcome="forwarded"}'] == 2
     assert metrics['trellis_sidecar_streams_total{direction="outbound",outcome="ok"}'] == 2
+
+
+def test_excluded_and_not_included_ranges_never_reach_the_sidecar(
+    netns: str,  # noqa: F811
+    procs: Procs,
+) -> None:
+    """No sidecar runs at all: a connection the rules redirect finds nothing on :15001 and
+    is refused, so an answer proves the connection left the redirect untouched."""
+    excluded, included, other = "192.0.2.10", "192.0.2.11", "192.0.2.12"
+    for address in (excluded, included, other):
+        subprocess.run(_in(netns, "ip", "addr", "add", f"{address}/32", "dev", "lo"), check=True)
+        procs.start(f"echo-{address}", _in(netns, sys.executable, str(ECHO_APP), "18081", address))
+
+    def install(*flags: str) -> None:
+        rules = subprocess.run(
+            _in(
+                netns, sys.executable, "-m", "trellis", "sidecar", "iptables", "--proxy-uid=0",
+                "--ipv6=off", *flags,
+            ),
+            capture_output=True, text=True, timeout=30, check=False, env=env(),
+        )  # fmt: skip
+        assert rules.returncode == 0, rules.stderr
+
+    install(f"--exclude-outbound-ip-ranges={excluded}/32")
+    wait_for(lambda: _call(netns, excluded, 18081) == "echoed", 15, "the excluded echo")
+    assert _call(netns, other, 18081).startswith("refused")  # redirected to :15001
+
+    # Rerun with an include list (the plan replaces its chains): only that range is taken.
+    install(f"--include-outbound-ip-ranges={included}/32")
+    assert _call(netns, other, 18081) == "echoed"
+    assert _call(netns, excluded, 18081) == "echoed"
+    assert _call(netns, included, 18081).startswith("refused")
