@@ -25,6 +25,7 @@ from meshapi.registry import OutboundTrafficPolicy
 
 from .config import Address
 from .metrics import Metrics
+from .relay import Pipe
 
 logger = logging.getLogger("sidecar.passthrough")
 
@@ -80,10 +81,6 @@ async def _forward(
     connect_timeout: float,
     handoff: Callable[[], tuple[list[bytes], bool]],
 ) -> None:
-    # Imported here: sidecar.permissive imports sidecar.outbound, which imports us. Its
-    # relay is the same splice (half-close passed on, both sockets closed once both ended).
-    from .permissive import _Pipe as Pipe
-
     loop = asyncio.get_running_loop()
     remote_side = Pipe(client)
     try:

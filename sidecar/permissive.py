@@ -32,6 +32,7 @@ from meshapi.policy import MtlsMode, PolicyDocument
 from .config import InboundConfig
 from .metrics import Metrics
 from .outbound import original_destination
+from .relay import Pipe
 
 logger = logging.getLogger("sidecar.inbound")
 
@@ -96,46 +97,6 @@ def plaintext_policy_for_pod(
         for port in policy.ports:
             per_port[port] = per_port.get(port, frozenset()) | {policy.mtls}
     return PlaintextPolicy(per_port, any_port)
-
-
-class _Pipe(asyncio.Protocol):
-    """One side of a plaintext relay: what arrives here is written to ``peer``; ``partner``
-    is the pipe of the other side."""
-
-    def __init__(self, peer: asyncio.Transport) -> None:
-        self.peer = peer
-        self.partner: _Pipe | None = None
-        self.transport: asyncio.Transport | None = None
-        self.eof = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.peer.write(data)
-
-    def eof_received(self) -> bool:
-        # Half-close travels on: an app that answers after the caller's FIN still can.
-        self.eof = True
-        if self.peer.can_write_eof() and not self.peer.is_closing():
-            self.peer.write_eof()
-        if self.partner is not None and self.partner.eof:
-            # Both directions ended: nothing keeps the two sockets open any more.
-            self.peer.close()
-            return False
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.peer.close()
-
-    # Backpressure: our transport's buffer is full of what the peer sent, so stop reading
-    # the peer until it drains.
-    def pause_writing(self) -> None:
-        self.peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        if not self.peer.is_closing():
-            self.peer.resume_reading()
 
 
 class Sniffer(asyncio.Protocol):
@@ -227,7 +188,7 @@ class Sniffer(asyncio.Protocol):
         self, client: asyncio.Transport, port: int, host: str, app_port: int
     ) -> None:
         loop = asyncio.get_running_loop()
-        app_side = _Pipe(client)
+        app_side = Pipe(client)
         try:
             app, _ = await asyncio.wait_for(
                 loop.create_connection(lambda: app_side, host, app_port),
@@ -241,7 +202,7 @@ class Sniffer(asyncio.Protocol):
             return
         self._metrics.plaintext_accepted.labels(port=str(port)).inc()
         app.write(self._head)
-        client_side = _Pipe(app)
+        client_side = Pipe(app)
         client_side.partner, app_side.partner = app_side, client_side
         client.set_protocol(client_side)
         client_side.connection_made(client)
