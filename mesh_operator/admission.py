@@ -23,13 +23,13 @@ from typing import Any
 
 from mesh_operator.errors import SpecError
 from mesh_operator.injection import InjectorConfig, UpstreamError, plan_injection
-from mesh_operator.redirect import AnnotationError
 from mesh_operator.spec import (
     GROUP,
     parse_access_policy,
     parse_federated_trust_domain,
     parse_identity_template,
 )
+from meshapi.redirect import AnnotationError
 
 __all__ = [
     "MAX_JSON_DEPTH",

@@ -24,7 +24,7 @@ import yaml
 from ca.spiffeid import SpiffeIdError, TrustDomain
 from core.errors import CliError
 from mesh_operator.injection import InjectorConfig, UpstreamError, plan_injection
-from mesh_operator.redirect import AnnotationError
+from meshapi.redirect import AnnotationError
 
 __all__ = ["register"]
 

@@ -57,10 +57,10 @@ from typing import Any
 from ca.agent.csi import DRIVER_NAME as CSI_DRIVER
 from core.errors import FieldError
 from meshapi import upstreams as meshapi_upstreams
+from meshapi.redirect import RedirectAnnotations, parse_redirect_annotations
 from meshapi.upstreams import Upstream
 
 from .probes import ANNOTATION_ORIGINAL_PROBES, ProbeRewrite, plan_probe_rewrite
-from .redirect import RedirectAnnotations, parse_redirect_annotations
 
 __all__ = [
     "ANNOTATION_INJECT",
@@ -327,7 +327,7 @@ def plan_injection(pod: Mapping[str, Any], config: InjectorConfig) -> InjectionD
     """The JSONPatch that injects the sidecar into ``pod`` (see the module docstring).
 
     Raises ``UpstreamError`` for a malformed upstreams annotation, ``AnnotationError``
-    for a malformed redirect one (``mesh_operator.redirect``): refusing the pod is
+    for a malformed redirect one (``meshapi.redirect``): refusing the pod is
     better than starting it without the connectivity its author asked for.
     """
     meta = pod.get("metadata") or {}

@@ -39,6 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from core.errors import FieldError
+from meshapi.redirect import RedirectAnnotations, parse_redirect_annotations
+
 from . import iptables
 
 __all__ = ["CniError", "PluginConfig", "chain_into", "install", "main", "parse_config", "run"]
@@ -163,13 +166,21 @@ def _in_netns(netns: str, argv: Sequence[str]) -> subprocess.CompletedProcess[st
     )
 
 
-def _plan(config: PluginConfig) -> list[list[str]]:
+def _plan(config: PluginConfig, pod: RedirectAnnotations, binary: str) -> list[list[str]]:
+    """The plugin's own exclusions plus the pod's annotations, for one tool's family."""
     return iptables.plan(
         proxy_uid=config.proxy_uid,
         outbound_port=config.outbound_port,
         inbound_port=config.inbound_port,
-        exclude_inbound_ports=config.exclude_inbound_ports,
-        exclude_outbound_ports=config.exclude_outbound_ports,
+        exclude_inbound_ports=tuple(
+            dict.fromkeys(config.exclude_inbound_ports + pod.exclude_inbound_ports)
+        ),
+        exclude_outbound_ports=tuple(
+            dict.fromkeys(config.exclude_outbound_ports + pod.exclude_outbound_ports)
+        ),
+        exclude_outbound_ranges=pod.exclude_outbound_ranges,
+        include_outbound_ranges=pod.include_outbound_ranges,
+        family=6 if binary == "ip6tables" else 4,
     )
 
 
@@ -183,10 +194,10 @@ def _unhook(netns: str, binary: str) -> None:
                 break
 
 
-def _add(config: PluginConfig, netns: str) -> None:
+def _add(config: PluginConfig, pod: RedirectAnnotations, netns: str) -> None:
     for binary in _binaries():
         _unhook(netns, binary)
-        for rule in _plan(config):
+        for rule in _plan(config, pod, binary):
             result = _in_netns(netns, [binary, *rule])
             if result.returncode != 0:
                 if "-N" in rule and "exists" in result.stderr:
@@ -198,9 +209,9 @@ def _add(config: PluginConfig, netns: str) -> None:
                 )
 
 
-def _check(config: PluginConfig, netns: str) -> None:
+def _check(config: PluginConfig, pod: RedirectAnnotations, netns: str) -> None:
     for binary in _binaries():
-        for rule in _plan(config):
+        for rule in _plan(config, pod, binary):
             if "-A" not in rule:
                 continue
             probe = ["-C" if part == "-A" else part for part in rule]
@@ -238,17 +249,25 @@ def _pod_annotations(kubeconfig: str, namespace: str, name: str) -> Mapping[str,
     return (meta.annotations if meta is not None else None) or {}
 
 
-def _wanted(config: PluginConfig, env: Mapping[str, str]) -> bool:
+def _wanted(config: PluginConfig, env: Mapping[str, str]) -> RedirectAnnotations | None:
+    """What to install for this pod (its redirect annotations, as the init container would
+    have applied them), or None when the pod is not ours to redirect."""
     if config.redirect_all:
-        return True
+        return RedirectAnnotations()
     if config.kubeconfig is None:
-        return False
+        return None
     args = _cni_args(env)
     namespace, name = args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")
     if not namespace or not name:
-        return False  # not a Kubernetes pod: nothing of ours to install
+        return None  # not a Kubernetes pod: nothing of ours to install
     annotations = _pod_annotations(config.kubeconfig, namespace, name)
-    return annotations.get(ANNOTATION_REDIRECT) == "cni"
+    if annotations.get(ANNOTATION_REDIRECT) != "cni":
+        return None
+    try:
+        # Checked at admission too; annotations can change before the pod is scheduled.
+        return parse_redirect_annotations(annotations)
+    except FieldError as exc:
+        raise CniError(ERR_INVALID_CONFIG, f"pod {namespace}/{name}: {exc}") from exc
 
 
 def run(env: Mapping[str, str], stdin: str) -> dict[str, Any]:
@@ -273,11 +292,12 @@ def run(env: Mapping[str, str], stdin: str) -> dict[str, Any]:
         raise CniError(ERR_INVALID_ENV, "CNI_NETNS is missing")
     if not os.path.exists(netns):  # noqa: PTH110
         raise CniError(ERR_INVALID_ENV, f"CNI_NETNS {netns} does not exist")
-    if _wanted(config, env):
+    pod = _wanted(config, env)
+    if pod is not None:
         if command == "ADD":
-            _add(config, netns)
+            _add(config, pod, netns)
         else:
-            _check(config, netns)
+            _check(config, pod, netns)
     if command == "CHECK":
         return {}
     # SPEC.md "Chained plugins": a plugin that changes nothing passes prevResult through.

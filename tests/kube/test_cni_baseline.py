@@ -54,8 +54,13 @@ def _pod(name: str) -> dict[str, Any]:
     }
 
 
-def _create(plane: ControlPlane, namespace: str, name: str) -> Any:
-    return plane.kubectl("-n", namespace, "create", "-f", "-", stdin=json.dumps(_pod(name)))
+def _create(
+    plane: ControlPlane, namespace: str, name: str, annotations: dict[str, str] | None = None
+) -> Any:
+    pod = _pod(name)
+    if annotations:
+        pod["metadata"]["annotations"] = annotations
+    return plane.kubectl("-n", namespace, "create", "-f", "-", stdin=json.dumps(pod))
 
 
 def test_todays_init_container_pod_is_refused_under_baseline_for_net_admin(
@@ -127,3 +132,32 @@ def test_the_plugin_reads_the_stored_pod_and_redirects_only_the_cni_mode_one(
     missing = f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME=nobody"
     code, error = cni_plugin("ADD", config, netns_path=netns_path(netns), cni_args=missing)
     assert code != 0 and "nobody" in error["msg"]
+
+
+def test_the_plugin_applies_the_pods_redirect_annotations_as_the_init_container_would(
+    operators: Operators,
+    netns: str,  # noqa: F811 - the fixture imported above
+) -> None:
+    """The exclusions a pod asks for (validated at admission) reach its netns in CNI mode
+    too: an excluded range and inbound port return before the redirect, and an include
+    list replaces the catch-all redirect."""
+    plane = operators.plane
+    kubeconfig = plane.service_account_kubeconfig("trellis-system", "trellis-cni")
+    config = json.dumps(cni_config(redirectAll=False, kubeconfig=str(kubeconfig)))
+    namespace = _namespace(plane, INJECT, CNI)
+    annotations = {
+        "trellis.dev/exclude-outbound-ip-ranges": "192.0.2.0/24",
+        "trellis.dev/include-outbound-ip-ranges": "10.0.0.0/8,2001:db8::/32",
+        "trellis.dev/exclude-inbound-ports": "9090",
+    }
+    assert _create(plane, namespace, "db", annotations).returncode == 0
+    args = f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME=db"
+    code, result = cni_plugin("ADD", config, netns_path=netns_path(netns), cni_args=args)
+    assert (code, result) == (0, PREV_RESULT)
+    rules = nat_rules(netns)
+    assert "-A TRELLIS_OUTPUT -d 192.0.2.0/24 -j RETURN" in rules
+    assert "-A TRELLIS_OUTPUT -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 15001" in rules
+    assert "-A TRELLIS_OUTPUT -p tcp -j REDIRECT --to-ports 15001" not in rules
+    assert "--dport 9090 -j RETURN" in rules
+    assert "2001:db8" not in rules  # the IPv6 range is ip6tables' alone
+    assert cni_plugin("CHECK", config, netns_path=netns_path(netns), cni_args=args)[0] == 0

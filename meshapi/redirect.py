@@ -1,5 +1,6 @@
-"""The pod annotations that shape its redirect, read once and turned into the flags of
-``trellis sidecar iptables`` (``sidecar.iptables``).
+"""The pod annotations that shape its redirect, read once: the injector turns them into the
+flags of ``trellis sidecar iptables`` (``sidecar.iptables``) for its init container, and
+the CNI plugin (``sidecar.cni``) reads the same annotations from the stored pod.
 
 * ``trellis.dev/exclude-outbound-ip-ranges``: CIDRs whose traffic never reaches the
   sidecar (a managed database, the cloud's metadata service), as Istio's
