@@ -3,15 +3,17 @@ condition with a deadline (a failure names what was awaited)."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 
+from trellis.up.processes import free_ports
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the ephemeral range, so that no outgoing connection of a test
+    running beside this one takes it before the process under test binds it."""
+    (port,) = free_ports(1)
+    return port
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -364,3 +364,21 @@ def test_a_base_dir_other_uids_cannot_enter_keeps_every_workload_on_our_uid_and_
     assert isolation.uids == {}
     assert isolation.entry_uid("load") == os.getuid()
     assert f"({closed} is closed to other users)" in isolation.note
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
+    """A port inside the ephemeral range can be taken as some outgoing connection's source
+    port between the check and the child's bind (it happened to the CA beside the kube
+    tests); below the range only another listener can take it."""
+    import socket
+
+    from trellis.up.processes import _ephemeral_range, free_ports
+
+    low, _ = _ephemeral_range()
+    ports = free_ports(8)
+    assert len(set(ports)) == 8
+    assert all(20_000 <= port < low for port in ports)
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    assert free_ports(3, base=41000) == [41000, 41001, 41002]

@@ -18,6 +18,7 @@ import ctypes.util
 import json
 import os
 import queue
+import random
 import signal
 import socket
 import subprocess
@@ -177,16 +178,34 @@ def port_open(host: str, port: int) -> bool:
 
 
 def free_ports(count: int, base: int = 0, host: str = "127.0.0.1") -> list[int]:
-    """``count`` ports: ``base``, ``base+1``, ... if ``base``, else ones the kernel picks.
+    """``count`` ports: ``base``, ``base+1``, ... if ``base``, else free ones chosen below
+    the kernel's ephemeral range.
 
-    Ports the kernel picks are released before the children bind them; another process
-    could take one in between, and the child that loses says so and ``trellis up`` stops.
+    Why below it: a port is released before the child binds it, and inside the ephemeral
+    range any process's outgoing connection may take it as its source port in between (a
+    busy machine makes thousands). Below the range only another listener can, and the
+    ports are drawn at random. The child that still loses says so and ``trellis up`` stops.
     """
     if base:
         return list(range(base, base + count))
-    sockets = []
+    low, _high = _ephemeral_range()
+    candidates = list(range(_LISTEN_FLOOR, low))
+    if len(candidates) < count * 4:
+        candidates = []  # an unusual range: let the kernel pick
+    random.shuffle(candidates)
+    sockets: list[socket.socket] = []
     try:
-        for _ in range(count):
+        for port in candidates[:_MAX_TRIES]:
+            if len(sockets) == count:
+                break
+            s = socket.socket()
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()
+                continue
+            sockets.append(s)
+        while len(sockets) < count:
             s = socket.socket()
             s.bind((host, 0))
             sockets.append(s)
@@ -194,3 +213,19 @@ def free_ports(count: int, base: int = 0, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+_LISTEN_FLOOR = 20_000  # above the ports Trellis and its tests fix (15000-15020, 18080...)
+_MAX_TRIES = 512
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's source-port range for outgoing connections (Linux's default if the
+    file cannot be read)."""
+    try:
+        low, high = (
+            int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        )
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
