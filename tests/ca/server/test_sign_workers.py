@@ -252,6 +252,9 @@ def test_a_dead_worker_fails_its_calls_and_the_survivor_signs_on(ca_dir: Path) -
             now = time.time()
             batch = [request() for _ in range(40)]
             first, second = pool._pool
+            # Stopped first, so it cannot answer its chunk before the kill lands: on a busy
+            # machine this process can be descheduled long enough for 20 signatures.
+            os.kill(first.process.pid, signal.SIGSTOP)
             signing = asyncio.ensure_future(pool.sign(batch, now))
             await asyncio.sleep(0)  # both chunks are on their way
             os.kill(first.process.pid, signal.SIGKILL)
