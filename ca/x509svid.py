@@ -1,7 +1,7 @@
 """X509-SVIDs: building leaves to the SPIFFE X509-SVID standard, and checking them.
 
-The rules are those of the X509-SVID standard §4-5 plus Trellis's own issuance profile
-(DESIGN.md §3). ``check_leaf`` and ``check_signing_certificate`` raise ``SvidError`` whose
+The rules are those of the X509-SVID standard §4-5 plus Trellis's own issuance profile.
+``check_leaf`` and ``check_signing_certificate`` raise ``SvidError`` whose
 ``rule`` names the broken rule, the same names the negative fixtures in the tests carry.
 """
 

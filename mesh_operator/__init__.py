@@ -1,4 +1,4 @@
-"""Trellis on Kubernetes: CRDs, reconcilers, the sidecar-injection webhook (DESIGN.md §1).
+"""Trellis on Kubernetes: CRDs, reconcilers, the sidecar-injection webhook.
 
 Layers (higher import lower, never the reverse):
 

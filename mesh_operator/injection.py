@@ -3,7 +3,7 @@
 What gets added (``plan_injection``), in the order the kubelet must run it:
 
 1. ``trellis-init`` (init container, transparent mode only): installs the iptables
-   redirect to the sidecar's ports (DESIGN.md §4). It alone gets NET_ADMIN/NET_RAW and runs
+   redirect to the sidecar's ports (``sidecar.iptables``). It alone gets NET_ADMIN/NET_RAW and runs
    as root, then exits; skipped when the pod names explicit upstreams
    (``trellis.dev/upstreams``), since then the app dials local ports bound per upstream.
 2. ``trellis-sidecar``, a *native sidecar*: an init container with ``restartPolicy:

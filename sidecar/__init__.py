@@ -79,7 +79,7 @@ serves `/config` without authentication. The health listener, off unless configu
   endpoint: connections, streams, dials, last error), Workload API status.
 * `GET /metrics` — Prometheus text, the sidecar's own registry:
 
-  - DESIGN.md §5: `tls_handshake_duration_seconds` (histogram),
+  - the public metric contract: `tls_handshake_duration_seconds` (histogram),
     `tls_resumption_total{kind="psk|ticket|none"}`, `tls_version_total{version}`,
     `tls_cipher_suite_total{suite}`, `tls_group_total{group}`,
     `tls_early_data_total{outcome="accepted|rejected"}`,

@@ -1,6 +1,6 @@
 """The sidecar's Prometheus metrics, in a registry of its own.
 
-The `tls_*` names and labels are DESIGN.md §5's public contract (dashboards and alert
+The `tls_*` names and labels are a public contract (dashboards and alert
 rules use them); the `trellis_sidecar_*` names are this module's, documented in the
 package docstring.
 """
@@ -63,7 +63,7 @@ class ByteCounts:
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        # --- DESIGN.md §5 --------------------------------------------------------------
+        # --- public contract --------------------------------------------------------------
         self.tls_handshake_duration = Histogram(
             "tls_handshake_duration_seconds",
             "Full TLS handshake time, TCP connect/accept to handshake complete.",

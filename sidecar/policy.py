@@ -4,7 +4,7 @@ Pure: an `Authorizer` is built once from the YAML config or from the operator's
 `policy.json` (a `meshapi.policy.PolicyDocument`) plus the pod's labels, and
 `decide(caller, port, own_trust_domain)` is a function of its arguments.
 
-Semantics (the operator's AccessPolicy, DESIGN.md §4):
+Semantics (the operator's AccessPolicy):
 
 * A rule is an exact SPIFFE ID or a prefix; a prefix matches whole path segments
   (`/ns/web` allows `/ns/web` and `/ns/web/x`, never `/ns/webhook`), and a prefix with an

@@ -7,7 +7,7 @@ bundle update). The shell (``rotator.py``) asks ``due(now)`` which entries need 
 gets them signed, ``store()``s the results, and sleeps until ``next_wakeup(now)``.
 
 Rotation happens at half the SVID's lifetime, moved by up to ±``jitter`` of the lifetime
-at random (DESIGN.md §3): SVIDs issued together in a rolling restart spread out instead of
+at random: SVIDs issued together in a rolling restart spread out instead of
 coming back to the CA as one herd at every half-life. When the CA is unreachable nothing
 is removed early: an SVID stays served until ``expire(now)`` drops it at its notAfter.
 """

@@ -1,4 +1,4 @@
-"""The agent's Prometheus metrics (``trellis_agent_*``, DESIGN.md §5).
+"""The agent's Prometheus metrics (``trellis_agent_*``, a contract of the dashboards).
 
 Labels never carry a per-workload value (SPIFFE ID, pid, uid): cardinality stays fixed
 however many workloads a node runs.

@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
 K8S_VERSION = kubernetes_validate.utils.latest_version()
 FOREIGN_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
-# DESIGN.md §5: the sidecar's TLS metrics (a public contract; the sidecar does not exist yet).
+# The sidecar's TLS metrics (a public contract of the dashboards and alerts).
 SIDECAR_TLS_METRICS = {
     "tls_handshake_duration_seconds",
     "tls_resumption_total",
