@@ -42,6 +42,7 @@ from ca.x509svid import (
     leaf_extensions,
     spiffe_id_of,
 )
+from core.durations import format_duration
 
 __all__ = [
     "DEFAULT_INTERMEDIATE_TTL",
@@ -83,7 +84,11 @@ def _check_ttl(ttl: dt.timedelta, maximum: dt.timedelta, what: str) -> None:
     if ttl <= dt.timedelta(0):
         raise IssuanceError("bad-ttl", f"{what} TTL must be positive")
     if ttl > maximum:
-        raise IssuanceError("ttl-too-long", f"{what} TTL {ttl} exceeds the maximum of {maximum}")
+        # Printed as the flags take it (48h), not as str(timedelta) ("2 days, 0:00:00").
+        raise IssuanceError(
+            "ttl-too-long",
+            f"{what} TTL {format_duration(ttl)} exceeds the maximum of {format_duration(maximum)}",
+        )
 
 
 def load_csr(data: bytes) -> x509.CertificateSigningRequest:

@@ -202,7 +202,7 @@ def test_identity_the_schema_accepts_but_the_operator_cannot_use_is_refused_in_w
     assert refused.returncode != 0
     assert 'admission webhook "validate.trellis.dev" denied the request' in refused.stderr
     # The limit in the CRD's own duration syntax, not Python's timedelta ("1 day, 0:00:00").
-    assert "spec.ttl: 72h is longer than the maximum of 1d" in refused.stderr, refused.stderr
+    assert "spec.ttl: 72h is longer than the maximum of 24h" in refused.stderr, refused.stderr
 
     point_webhooks_at(plane, f"https://{WEBHOOK_HOST}:1")  # nothing listens on port 1
     try:
