@@ -14,8 +14,8 @@ its 15020) and hands the original probes to the sidecar as ``--app-probes`` JSON
 
 Ports are numbers (the injector resolved named ports). The text is parsed once into frozen
 values; anything malformed is refused with one line naming the key. Each probe is run the
-way the kubelet runs it (k8s.io/kubernetes pkg/probe): HTTP GET where 200-399 passes and
-HTTPS is not verified; TCP where an accepted connection passes; gRPC where
+way the kubelet runs it (k8s.io/kubernetes pkg/probe): HTTP GET where 200-399 passes,
+redirects to the same host are followed (at most ten requests) and HTTPS is not verified; TCP where an accepted connection passes; gRPC where
 ``grpc.health.v1.Health/Check`` answering SERVING passes; each within ``timeoutSeconds``
 (default 1, as in the Pod API).
 """
@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
+
+from yarl import URL
 
 __all__ = [
     "KINDS",
@@ -48,6 +50,7 @@ MAX_TEXT = 64 * 1024  # a command-line flag; the injector writes a few hundred b
 MAX_PROBES = 3 * 64  # three probe kinds for each of a generous number of containers
 _MAX_HEADERS = 32
 _MAX_BODY = 10 * 1024  # the kubelet reads at most 10 KiB of a probe's answer
+_MAX_REDIRECTS = 10  # requests per probe: the kubelet's checker stops at len(via) >= 10
 
 Action = Literal["http", "tcp", "grpc"]
 
@@ -185,25 +188,57 @@ async def _http(probe: AppProbe, host: str) -> ProbeResult:
     from aiohttp import ClientError, ClientSession, ClientTimeout
 
     scheme = "https" if probe.https else "http"
-    url = f"{scheme}://{host}:{probe.port}{probe.path}"
+    first = URL(f"{scheme}://{host}:{probe.port}{probe.path}", encoded=True)
     # The kubelet's defaults, each replaced by a header of the same name from the probe.
     headers = {"User-Agent": "kube-probe/trellis", "Accept": "*/*"}
     for name, value in probe.headers:
         headers[name] = value
+    url = first
     try:
-        async with (
-            ClientSession(timeout=ClientTimeout(total=probe.timeout)) as session,
-            # ssl=False: the kubelet's HTTPS probe sets InsecureSkipVerify, the app's
-            # certificate is not checked. No redirects are followed: a 3xx is a pass.
-            session.get(url, headers=headers, ssl=False, allow_redirects=False) as response,
-        ):
-            await response.content.read(_MAX_BODY)
-            status = response.status
-    except ClientError as exc:
+        # One timeout for the whole chain of redirects, as the kubelet's http.Client has.
+        async with ClientSession(timeout=ClientTimeout(total=probe.timeout)) as session:
+            for hops in range(_MAX_REDIRECTS):
+                # ssl=False: the kubelet's HTTPS probe sets InsecureSkipVerify, the app's
+                # certificate is not checked. Redirects are followed here, not by aiohttp,
+                # to apply the kubelet's rule (see _next_hop).
+                async with session.get(
+                    url, headers=headers, ssl=False, allow_redirects=False
+                ) as response:
+                    await response.content.read(_MAX_BODY)
+                    status = response.status
+                    location = response.headers.get("Location")
+                target = _next_hop(first, url, status, location)
+                if target is None:
+                    break
+                if hops == _MAX_REDIRECTS - 1:
+                    return ProbeResult(False, f"GET {first}: stopped after 10 redirects")
+                url = target
+    except (ClientError, ValueError) as exc:
         return ProbeResult(False, f"GET {url}: {type(exc).__name__}: {str(exc)[:200]}")
-    # k8s pkg/probe/http: 200 <= status < 400 is success (a redirect counts as success).
+    # k8s pkg/probe/http: 200 <= status < 400 is success; a 3xx not followed (a redirect
+    # to another host) is a success the kubelet reports as a warning event.
     ok = 200 <= status < 400
-    return ProbeResult(ok, f"GET {url}: HTTP {status}")
+    where = f"GET {first}" if url == first else f"GET {first} -> {url}"
+    if 300 <= status < 400:
+        return ProbeResult(ok, f"{where}: HTTP {status}, redirect not followed (another host)")
+    return ProbeResult(ok, f"{where}: HTTP {status}")
+
+
+def _next_hop(first: URL, current: URL, status: int, location: str | None) -> URL | None:
+    """Where the kubelet's HTTP client goes next, or None to judge this answer.
+
+    k8s.io/kubernetes pkg/probe/http ``RedirectChecker(followNonLocalRedirects=false)``,
+    which the kubelet's prober uses: a redirect to the probe's own host name (any port) is
+    followed, at most 10 times ("stopped after 10 redirects" is a failure); one to another
+    host ends the chain (``http.ErrUseLastResponse``) and the 3xx itself is the answer. Go's
+    client follows 301, 302, 303, 307 and 308 when a Location is given.
+    """
+    if status not in (301, 302, 303, 307, 308) or not location:
+        return None
+    target = current.join(URL(location))
+    if target.scheme not in ("http", "https") or target.host != first.host:
+        return None
+    return target
 
 
 # grpc.health.v1 messages, encoded by hand: HealthCheckRequest{string service = 1} and

@@ -255,3 +255,79 @@ def test_an_app_answering_garbage_fails_every_probe_kind_with_a_reason_not_a_ser
             await server.wait_closed()
 
     asyncio.run(_with_health(probes, scenario))
+
+
+def test_an_http_probe_follows_a_same_host_redirect_and_judges_where_it_leads() -> None:
+    """k8s pkg/probe/http RedirectChecker: a redirect to the probe's own host (any port)
+    is followed, so an app redirecting /healthz to a failing page fails its probe."""
+    app_port, other_port = free_port(), free_port()
+    state = {"healthy": True}
+
+    async def moved(_request: web.Request) -> web.Response:
+        # Another port of the same host: the kubelet compares host names only.
+        raise web.HTTPFound(f"http://127.0.0.1:{other_port}/real-health")
+
+    async def real(_request: web.Request) -> web.Response:
+        return web.Response(status=200 if state["healthy"] else 500)
+
+    probes = json.dumps({"web/readyz": {"httpGet": {"path": "/healthz", "port": app_port}}})
+
+    async def scenario(health: int) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", moved)
+        app.router.add_get("/real-health", real)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", app_port).start()
+        await web.TCPSite(runner, "127.0.0.1", other_port).start()
+        try:
+            status, text = await _ask(health, "/app-health/web/readyz")
+            assert status == 200 and f"{other_port}/real-health: HTTP 200" in text, text
+            state["healthy"] = False
+            status, text = await _ask(health, "/app-health/web/readyz")
+            assert status == 503 and "HTTP 500" in text, text
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(_with_health(probes, scenario))
+
+
+def test_a_redirect_to_another_host_passes_unfollowed_and_a_loop_fails_after_ten_requests() -> None:
+    """A 3xx to another host is the answer itself (a success the kubelet reports as a
+    warning); nothing is ever sent to that host (203.0.113.1 is TEST-NET-3, never routed
+    to). A redirect loop on the same host fails after ten requests, as the kubelet's
+    "stopped after 10 redirects"."""
+    app_port = free_port()
+    seen = {"loop": 0}
+
+    async def away(_request: web.Request) -> web.Response:
+        raise web.HTTPMovedPermanently("http://203.0.113.1/elsewhere")
+
+    async def loop(_request: web.Request) -> web.Response:
+        seen["loop"] += 1
+        raise web.HTTPTemporaryRedirect("/loop")  # relative: resolved against the probe URL
+
+    probes = json.dumps(
+        {
+            "web/livez": {"httpGet": {"path": "/away", "port": app_port}},
+            "web/readyz": {"httpGet": {"path": "/loop", "port": app_port}},
+        }
+    )
+
+    async def scenario(health: int) -> None:
+        app = web.Application()
+        app.router.add_get("/away", away)
+        app.router.add_get("/loop", loop)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", app_port).start()
+        try:
+            status, text = await _ask(health, "/app-health/web/livez")
+            assert status == 200 and "HTTP 301" in text and "not followed" in text, text
+            status, text = await _ask(health, "/app-health/web/readyz")
+            assert status == 503 and "stopped after 10 redirects" in text, text
+            assert seen["loop"] == 10
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(_with_health(probes, scenario))
