@@ -76,7 +76,13 @@ class Agent:
         )
         self.api = WorkloadApi(self.rotator, self.peers, self.attestor, config=config.workload_api)
         self.admin = (
-            AdminServer(self.rotator, config.admin_host, config.admin_port)
+            AdminServer(
+                self.rotator,
+                config.admin_host,
+                config.admin_port,
+                socket_path=config.socket_path,
+                kubernetes=config.kubernetes,
+            )
             if config.admin_port is not None
             else None
         )

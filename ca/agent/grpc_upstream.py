@@ -82,6 +82,15 @@ class GrpcUpstream:
     def agent_svid(self) -> X509Svid | None:
         return self.client.agent_svid
 
+    @property
+    def attestation_method(self) -> str:
+        """How this agent attests when it has no valid SVID, named as the CA logs it."""
+        if self._psat_path is not None:
+            return "k8s_psat"
+        if self._join_token is not None:
+            return "join_token"
+        return "none (renews the agent SVID from its data directory)"
+
     async def attest(self) -> AgentIdentity:
         try:
             if self._psat_path is not None:
