@@ -44,7 +44,17 @@ from meshapi.redirect import RedirectAnnotations, parse_redirect_annotations
 
 from . import iptables
 
-__all__ = ["CniError", "PluginConfig", "chain_into", "install", "main", "parse_config", "run"]
+__all__ = [
+    "CniError",
+    "PluginConfig",
+    "api_server_url",
+    "chain_into",
+    "install",
+    "main",
+    "parse_config",
+    "run",
+    "write_kubeconfig",
+]
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 
@@ -337,6 +347,83 @@ def install(conf_dir: Path, entry: Mapping[str, Any]) -> Path:
     return target
 
 
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def api_server_url(host: str, port: str) -> str:
+    """``https://HOST:PORT`` for the in-cluster API server; an IPv6 host is bracketed
+    (RFC 3986 §3.2.2: an IP literal in a URI is enclosed in "[" and "]"), as client-go's
+    ``InClusterConfig`` does with ``net.JoinHostPort``. On an IPv6 or dual-stack-first
+    cluster ``KUBERNETES_SERVICE_HOST`` is such an address."""
+    if not host or not port.isdigit():
+        raise ValueError(
+            "KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT must name the API server"
+        )
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"https://{host}:{port}"
+
+
+def render_kubeconfig(server: str, ca_pem: bytes, token: str) -> str:
+    """The plugin's kubeconfig: the DaemonSet's ServiceAccount, against ``server``."""
+    import base64
+
+    document = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "local",
+                "cluster": {
+                    "server": server,
+                    "certificate-authority-data": base64.b64encode(ca_pem).decode(),
+                },
+            }
+        ],
+        "users": [{"name": "trellis-cni", "user": {"token": token.strip()}}],
+        "contexts": [
+            {"name": "trellis-cni", "context": {"cluster": "local", "user": "trellis-cni"}}
+        ],
+        "current-context": "trellis-cni",
+    }
+    return json.dumps(document, indent=2) + "\n"  # JSON is YAML: kubeconfig loaders read it
+
+
+def write_kubeconfig(target: Path, env: Mapping[str, str], account_dir: Path) -> None:
+    """Write the kubeconfig from the pod's ServiceAccount (token and CA) and the API
+    server's in-cluster address, mode 0600 and by an atomic rename: the runtime may exec
+    the plugin at any moment, and the token is a credential."""
+    server = api_server_url(
+        env.get("KUBERNETES_SERVICE_HOST", ""), env.get("KUBERNETES_SERVICE_PORT", "")
+    )
+    text = render_kubeconfig(
+        server, (account_dir / "ca.crt").read_bytes(), (account_dir / "token").read_text()
+    )
+    scratch = target.with_name(target.name + ".tmp")
+    descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+        out.write(text)
+    scratch.replace(target)
+
+
+def _kubeconfig_main(argv: Sequence[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="trellis-cni kubeconfig",
+        description="write the plugin's kubeconfig from this pod's ServiceAccount",
+    )
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--service-account-dir", type=Path, default=Path(SERVICE_ACCOUNT_DIR))
+    args = parser.parse_args(argv)
+    try:
+        write_kubeconfig(args.out, os.environ, args.service_account_dir)
+    except (OSError, ValueError) as exc:
+        print(f"trellis-cni kubeconfig: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _install_main(argv: Sequence[str]) -> int:
     import argparse
 
@@ -363,6 +450,8 @@ def main(
 ) -> int:
     if env is None and sys.argv[1:2] == ["install"]:
         return _install_main(sys.argv[2:])
+    if env is None and sys.argv[1:2] == ["kubeconfig"]:
+        return _kubeconfig_main(sys.argv[2:])
     env = os.environ if env is None else env
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout

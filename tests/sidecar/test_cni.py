@@ -236,3 +236,64 @@ def test_without_redirect_all_or_a_kubeconfig_the_plugin_passes_through_and_touc
     code, result = _plugin("ADD", config, netns_path=_path(netns), cni_args=cni_args)
     assert (code, result) == (0, PREV_RESULT)
     assert "TRELLIS" not in _nat(netns)
+
+
+@pytest.mark.parametrize(
+    ("host", "server"),
+    [
+        ("fd00:10:96::1", "https://[fd00:10:96::1]:443"),
+        ("10.96.0.1", "https://10.96.0.1:443"),
+    ],
+)
+def test_the_plugins_kubeconfig_brackets_an_ipv6_api_server_address(
+    tmp_path: Path, host: str, server: str
+) -> None:
+    """``trellis-cni kubeconfig`` as the DaemonSet runs it, from the in-cluster environment
+    and a ServiceAccount folder; the Kubernetes client's own loader reads the file back. An
+    IPv6 ``KUBERNETES_SERVICE_HOST`` written unbracketed (``https://fd00:10:96::1:443``, what
+    the DaemonSet's shell used to write) is a URL whose port is ``:1:443``."""
+    from kubernetes import client, config
+
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "ca.crt").write_bytes(
+        b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    )
+    (account / "token").write_text("a-projected-token\n")
+    target = tmp_path / "trellis-cni.kubeconfig"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(REPO),
+        "KUBERNETES_SERVICE_HOST": host,
+        "KUBERNETES_SERVICE_PORT": "443",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar.cni", "kubeconfig", f"--out={target}",
+         f"--service-account-dir={account}"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert target.stat().st_mode & 0o777 == 0o600
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=str(target), client_configuration=configuration)  # type: ignore[no-untyped-call]
+    assert configuration.host == server
+    assert "a-projected-token" in str(configuration.api_key)
+
+    # The DaemonSet writes it with this command, not with a shell template of its own.
+    daemonset = (REPO / "manifests" / "cni" / "daemonset.yaml").read_text()
+    assert "trellis-cni kubeconfig --out=/host/etc/cni/net.d/trellis-cni.kubeconfig" in daemonset
+    assert "https://${KUBERNETES_SERVICE_HOST}" not in daemonset
+
+
+def test_the_plugins_kubeconfig_is_refused_in_one_line_without_the_in_cluster_address(
+    tmp_path: Path,
+) -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar.cni", "kubeconfig", f"--out={tmp_path / 'k'}",
+         f"--service-account-dir={tmp_path}"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.startswith("trellis-cni kubeconfig: KUBERNETES_SERVICE_HOST")
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "k").exists()
