@@ -7,7 +7,8 @@ say so and ``make lint`` checks it).
 * ``core.errors`` -- ``CliError`` (a reason a command line prints as one line) and
   ``FieldError`` (a value at a named place in a document is wrong).
 * ``core.durations`` -- ``parse_duration`` / ``format_duration``: ``90s``, ``5m``, ``720h``.
-* ``core.logs`` -- ``JsonLogFormatter``, the JSON-lines format of the CA and the operator.
+* ``core.logs`` -- one log format for every long-running process (JSON lines, or text on a
+  terminal) and the ``--log-format`` / ``--log-level`` flags that choose it.
 * ``core.eventloop`` -- ``install_uvloop`` and ``settle_heap`` for long-running servers.
 * ``core.labels`` -- the Kubernetes label grammar and label selectors as frozen values.
 """
