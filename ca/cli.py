@@ -158,6 +158,10 @@ def register(commands: Any) -> None:
 
     server_cli.register(sub)
 
+    from ca import rotation_cli  # `ca root prepare|activate|retire`, `ca intermediate rotate`
+
+    rotation_cli.register(sub)
+
 
 def _add_reserved_path_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

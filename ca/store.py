@@ -7,7 +7,15 @@ DIR/bundle.json                       the trust bundle (SPIFFE format): roots + 
 DIR/clusters/NAME/intermediate.crt    the cluster intermediate (public)
 DIR/clusters/NAME/intermediate.key    its key, 0600 (the cluster's Secret in Kubernetes)
 DIR/clusters/NAME/jwt.key             the cluster's JWT-SVID signing key, 0600
+DIR/next-root.crt, next-root.key      a prepared root (``ca root prepare``), key encrypted
+DIR/previous-root.crt                 the root ``ca root activate`` replaced, until retired
+DIR/clusters/NAME/superseded/S.crt    intermediates replaced (serial S), until their root
+                                      is retired: ``ca root retire`` checks them
+DIR/clusters/NAME/issued.json         written by ``ca serve``: how long SVIDs signed by each
+                                      intermediate stay valid (``ca.rotation``)
 ```
+
+Rotation is described in ``ca.rotation``.
 
 The root key is always encrypted (``$TRELLIS_ROOT_PASSPHRASE`` or ``--passphrase-file``).
 The cluster keys are encrypted when a key passphrase is given (``$TRELLIS_KEY_PASSPHRASE``
@@ -19,6 +27,7 @@ cluster's own protection (RBAC, optional encryption at rest) and has no passphra
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 from dataclasses import dataclass, field
@@ -146,8 +155,33 @@ class CaStore:
     def bundle_path(self) -> Path:
         return self.root_dir / "bundle.json"
 
+    @property
+    def next_root_cert_path(self) -> Path:
+        return self.root_dir / "next-root.crt"
+
+    @property
+    def next_root_key_path(self) -> Path:
+        return self.root_dir / "next-root.key"
+
+    @property
+    def previous_root_cert_path(self) -> Path:
+        return self.root_dir / "previous-root.crt"
+
     def cluster_dir(self, cluster: str) -> Path:
         return self.root_dir / "clusters" / cluster
+
+    def clusters(self) -> list[str]:
+        """Every cluster with an intermediate, sorted."""
+        base = self.root_dir / "clusters"
+        if not base.is_dir():
+            return []
+        return sorted(d.name for d in base.iterdir() if (d / "intermediate.crt").is_file())
+
+    def superseded_dir(self, cluster: str) -> Path:
+        return self.cluster_dir(cluster) / "superseded"
+
+    def issued_path(self, cluster: str) -> Path:
+        return self.cluster_dir(cluster) / "issued.json"
 
     # -- root ---------------------------------------------------------------------------
 
@@ -179,22 +213,93 @@ class CaStore:
         except (KeyMaterialError, SvidError) as exc:
             raise StoreError(str(exc)) from exc
 
+    # -- rotation: a prepared root and the one it replaced ---------------------------------
+
+    def prepared_root_certificate(self) -> x509.Certificate | None:
+        if not self.next_root_cert_path.exists():
+            return None
+        return _one_cert(self.next_root_cert_path, "prepared root certificate")
+
+    def save_prepared_root(self, root: RootAuthority, passphrase: bytes) -> None:
+        """The next root, encrypted with the root passphrase like the current one; its
+        certificate joins the bundle so that every verifier trusts it before it signs."""
+        write_private_file(self.next_root_key_path, private_key_pem(root.private_key, passphrase))
+        write_public_file(self.next_root_cert_path, _pem(root.certificate))
+        self.save_bundle(
+            self.load_bundle(root.trust_domain).with_x509_authorities([root.certificate])
+        )
+
+    def load_prepared_root(self, passphrase: bytes) -> RootAuthority:
+        cert = _one_cert(self.next_root_cert_path, "prepared root certificate")
+        try:
+            key = load_private_key(
+                _read(self.next_root_key_path, "prepared root key"),
+                passphrase,
+                what="prepared root key",
+            )
+            return RootAuthority.load(cert, key)
+        except (KeyMaterialError, SvidError) as exc:
+            raise StoreError(str(exc)) from exc
+
+    def previous_root_certificate(self) -> x509.Certificate | None:
+        if not self.previous_root_cert_path.exists():
+            return None
+        return _one_cert(self.previous_root_cert_path, "previous root certificate")
+
+    def promote_prepared_root(self, prepared: RootAuthority, passphrase: bytes) -> None:
+        """The prepared root becomes the root; the old certificate stays as the previous
+        root until retired. The old key is overwritten: nothing signs with it again."""
+        write_public_file(self.previous_root_cert_path, _pem(self.root_certificate()))
+        # Key first, as in save_root; then the certificate that makes it the active root.
+        write_private_file(self.root_key_path, private_key_pem(prepared.private_key, passphrase))
+        write_public_file(self.root_cert_path, _pem(prepared.certificate))
+        self.next_root_key_path.unlink(missing_ok=True)
+        self.next_root_cert_path.unlink(missing_ok=True)
+
+    def forget_previous_root(self) -> None:
+        self.previous_root_cert_path.unlink(missing_ok=True)
+
     # -- intermediates ------------------------------------------------------------------
 
     def save_intermediate(self, intermediate: IntermediateAuthority, jwt: JwtAuthority) -> None:
         directory = self.cluster_dir(intermediate.cluster)
         write_private_file(
-            directory / "intermediate.key",
-            private_key_pem(intermediate.private_key, self.key_passphrase),
-        )
-        write_private_file(
             directory / "jwt.key", private_key_pem(jwt.private_key, self.key_passphrase)
         )
-        write_public_file(directory / "intermediate.crt", _pem(intermediate.certificate))
+        self.replace_intermediate(intermediate)
         bundle = self.load_bundle_or_none(intermediate.trust_domain) or TrustBundle(
             intermediate.trust_domain
         )
         self.save_bundle(bundle.with_jwt_authority(jwt.key_id, jwt.public_key))
+
+    def replace_intermediate(self, intermediate: IntermediateAuthority) -> None:
+        """Write a cluster's intermediate (key first: ``ca serve`` reloads on the
+        certificate), keeping the certificate it replaces under ``superseded/``: SVIDs it
+        signed stay valid, and ``ca root retire`` must know of them."""
+        directory = self.cluster_dir(intermediate.cluster)
+        current = directory / "intermediate.crt"
+        if current.exists():
+            with contextlib.suppress(StoreError):
+                old = _one_cert(current, "intermediate certificate")
+                if old != intermediate.certificate:
+                    write_public_file(
+                        self.superseded_dir(intermediate.cluster) / f"{old.serial_number:x}.crt",
+                        _pem(old),
+                    )
+        write_private_file(
+            directory / "intermediate.key",
+            private_key_pem(intermediate.private_key, self.key_passphrase),
+        )
+        write_public_file(current, _pem(intermediate.certificate))
+
+    def superseded_intermediates(self, cluster: str) -> list[tuple[Path, x509.Certificate]]:
+        directory = self.superseded_dir(cluster)
+        if not directory.is_dir():
+            return []
+        return [
+            (path, _one_cert(path, "superseded intermediate"))
+            for path in sorted(directory.glob("*.crt"))
+        ]
 
     def _cluster_key(self, path: Path, what: str) -> PrivateKey:
         try:
