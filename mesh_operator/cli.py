@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import signal
 import socket
@@ -19,10 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import urllib3
 import yaml
 
 from ca.spiffeid import SpiffeIdError, TrustDomain
 from core.errors import CliError
+from core.logs import add_logging_arguments, configure_logging
 from mesh_operator.injection import InjectorConfig, UpstreamError, plan_injection
 from meshapi.redirect import AnnotationError
 
@@ -42,18 +43,32 @@ def register(commands: Any) -> None:
     sub = operator.add_subparsers(dest="operator_command", metavar="OPERATOR_COMMAND")
     sub.required = True
     p = sub.add_parser("run", help="reconcile CRDs into entries and serve the webhook")
-    p.add_argument("--trust-domain", required=True, type=_trust_domain)
-    p.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "trellis-system"))
-    p.add_argument("--identity", default=os.environ.get("POD_NAME", socket.gethostname()))
+    p.add_argument(
+        "--trust-domain", required=True, type=_trust_domain, help="the mesh's trust domain"
+    )
+    p.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", "trellis-system"),
+        help="where the Lease and the webhook Secret live ($POD_NAMESPACE)",
+    )
+    p.add_argument(
+        "--identity",
+        default=os.environ.get("POD_NAME", socket.gethostname()),
+        help="this replica's name in the Lease ($POD_NAME, else the host name)",
+    )
     p.add_argument("--kubeconfig", type=Path, help="default: in-cluster configuration")
     p.add_argument(
         "--webhook-host", default="0.0.0.0", help="address to serve the webhook on (all: 0.0.0.0)"
     )
-    p.add_argument("--webhook-port", type=int, default=9443)
-    p.add_argument("--webhook-cert-dir", type=Path, default=Path("/etc/trellis/webhook"))
+    p.add_argument("--webhook-port", type=int, default=9443, help="port to serve the webhook on")
+    p.add_argument(
+        "--webhook-cert-dir",
+        type=Path,
+        default=Path("/etc/trellis/webhook"),
+        help="tls.crt and tls.key of the webhook (the leader writes them)",
+    )
     p.add_argument("--no-webhook", action="store_true", help="reconcile only")
-    p.add_argument("--sidecar-image", default=InjectorConfig().image)
-    p.add_argument("--agent-socket-dir", default=InjectorConfig().agent_socket_host_dir)
+    _add_injection_arguments(p)
     p.add_argument(
         "--outbound-traffic-policy",
         choices=("ALLOW_ANY", "REGISTRY_ONLY", "off"),
@@ -62,13 +77,47 @@ def register(commands: Any) -> None:
         "(ALLOW_ANY, the default) or refuse them (REGISTRY_ONLY); off publishes no mesh "
         "registry, so every destination is taken to be in the mesh",
     )
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_logging_arguments(p)
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("inject", help="print a Pod as the webhook would inject it")
     p.add_argument("file", type=Path, help="a Pod manifest (JSON or YAML); - for stdin")
-    p.add_argument("--sidecar-image", default=InjectorConfig().image)
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=("json", "yaml"),
+        help="output format (default: the input's, so a YAML manifest stays YAML)",
+    )
+    _add_injection_arguments(p)
     p.set_defaults(handler=cmd_inject)
+
+
+def _add_injection_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = InjectorConfig()
+    parser.add_argument("--sidecar-image", default=defaults.image, help="the sidecar's image")
+    parser.add_argument(
+        "--agent-socket-volume",
+        choices=("csi", "hostpath"),
+        default="csi",
+        help="how injected pods mount the agent's Workload API socket: the csi.trellis.dev"
+        " ephemeral volume (needs the agent's CSI node plugin), or a hostPath of"
+        " --agent-socket-dir for clusters without it (refused where Pod Security is baseline)",
+    )
+    parser.add_argument(
+        "--agent-socket-dir",
+        default=defaults.agent_socket_host_dir,
+        help="the node directory of the agent's socket (for --agent-socket-volume hostpath)",
+    )
+
+
+def _injector(args: argparse.Namespace) -> InjectorConfig:
+    return InjectorConfig(
+        image=args.sidecar_image,
+        agent_socket_host_dir=args.agent_socket_dir,
+        agent_socket_csi_driver=None
+        if args.agent_socket_volume == "hostpath"
+        else InjectorConfig().agent_socket_csi_driver,
+    )
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
@@ -82,10 +131,17 @@ def cmd_inject(args: argparse.Namespace) -> int:
     if not isinstance(pod, dict) or pod.get("kind") != "Pod":
         raise CliError(f"{args.file}: expected a Pod manifest")
     try:
-        decision = plan_injection(pod, InjectorConfig(image=args.sidecar_image))
+        decision = plan_injection(pod, _injector(args))
     except (UpstreamError, AnnotationError) as exc:
         raise CliError(str(exc)) from exc
-    print(json.dumps(jsonpatch.apply_patch(pod, list(decision.patch)), indent=2))
+    injected = jsonpatch.apply_patch(pod, list(decision.patch))
+    # The input's own format unless -o says otherwise: `kubectl apply -f` and reviewers of
+    # a YAML manifest expect YAML back (JSON is valid YAML, but not what they wrote).
+    output = args.output or ("json" if text.lstrip().startswith("{") else "yaml")
+    if output == "json":
+        print(json.dumps(injected, indent=2))
+    else:
+        print(yaml.safe_dump(injected, sort_keys=False), end="")
     print(f"trellis operator inject: {decision.reason}", file=sys.stderr)
     return 0
 
@@ -93,20 +149,15 @@ def cmd_inject(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import kubernetes
 
-    from core.logs import JsonLogFormatter
     from mesh_operator.handlers import OperatorConfig
     from mesh_operator.replica import WebhookOptions, run
     from mesh_operator.webhook import CertificateFiles
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter())
-    for name in ("trellis", "kopf"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(args.log_level.upper())
-        logger.propagate = False
+    configure_logging(args)
 
     configuration = kubernetes.client.Configuration()
+    if args.kubeconfig is not None and not os.access(args.kubeconfig, os.R_OK):
+        raise CliError(f"cannot read --kubeconfig {args.kubeconfig}")
     try:
         if args.kubeconfig is not None:
             kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
@@ -119,6 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except kubernetes.config.ConfigException as exc:
         raise CliError(f"cannot configure the Kubernetes client: {exc}") from exc
     api_client = kubernetes.client.ApiClient(configuration)
+    _check_api_server(api_client, configuration.host)
     config = OperatorConfig(
         trust_domain=args.trust_domain,
         namespace=args.namespace,
@@ -135,9 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             ),
             host=args.webhook_host,
             port=args.webhook_port,
-            injector=InjectorConfig(
-                image=args.sidecar_image, agent_socket_host_dir=args.agent_socket_dir
-            ),
+            injector=_injector(args),
         )
 
     async def main() -> int:
@@ -147,4 +197,38 @@ def cmd_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         return await run(config, api_client, webhook, stop=stop)
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except (urllib3.exceptions.HTTPError, kubernetes.client.ApiException) as exc:
+        raise CliError(f"Kubernetes API server {configuration.host}: {_reason(exc)}") from exc
+    except OSError as exc:  # the webhook's port in use, its certificate unreadable
+        raise CliError(f"cannot run the operator: {exc.strerror or exc}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    """urllib3 nests the socket error several levels down; the innermost is the reason."""
+    while isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
+        return str(exc).rpartition(": ")[2] or str(exc)  # "[Errno 111] Connection refused"
+    status = getattr(exc, "status", None)
+    return f"HTTP {status} {getattr(exc, 'reason', '')}".strip() if status else str(exc)
+
+
+def _check_api_server(api_client: Any, host: str) -> None:
+    """One GET /version before anything starts: an unreachable or refusing API server is
+    one line and exit 1 here, where the Lease loop would only retry (and kopf print a
+    traceback per watch)."""
+    import logging
+
+    import kubernetes
+
+    quiet = logging.getLogger("urllib3.connectionpool")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its retry warnings would be three more lines
+    try:
+        kubernetes.client.VersionApi(api_client).get_code(_request_timeout=10)
+    except (urllib3.exceptions.HTTPError, kubernetes.client.ApiException) as exc:
+        raise CliError(f"cannot reach the Kubernetes API server {host}: {_reason(exc)}") from exc
+    finally:
+        quiet.setLevel(level)

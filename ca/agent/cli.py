@@ -40,8 +40,10 @@ from ca.spiffeid import TrustDomain
 from ca.store import CaStore, StoreError, read_key_passphrase
 from ca.x509svid import SvidError, X509Svid, load_der_chain, spiffe_id_of
 from core.durations import parse_duration
+from core.endpoints import EndpointError, parse_unix_socket
 from core.errors import CliError
 from core.eventloop import install_uvloop, settle_heap
+from core.logs import add_logging_arguments, configure_logging
 
 __all__ = ["register"]
 
@@ -53,6 +55,13 @@ def _seconds(text: str) -> float:
     try:
         return parse_duration(text).total_seconds()
     except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _socket(text: str) -> Path:
+    try:
+        return parse_unix_socket(text)
+    except EndpointError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
@@ -82,7 +91,13 @@ def register(commands: Any) -> None:
         description="Attest to the CA, cache and rotate this node's SVIDs, and serve the "
         "SPIFFE Workload API on a Unix socket.",
     )
-    p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="Workload API socket")
+    p.add_argument(
+        "--socket",
+        type=_socket,
+        default=DEFAULT_SOCKET,
+        metavar="PATH|unix:///PATH",
+        help="serve the Workload API on this Unix socket",
+    )
     p.add_argument("--socket-mode", type=_mode, default=0o666, help="socket file mode (octal)")
     p.add_argument("--ca", metavar="HOST:PORT", help="the CA server's mutual-TLS address")
     p.add_argument(
@@ -136,7 +151,11 @@ def register(commands: Any) -> None:
         help="how long a Workload API call made before the first sync with the CA waits for"
         " it before it is answered UNAVAILABLE (default 5s)",
     )  # fmt: skip
-    p.add_argument("--allow-unauthenticated-verifiers", action="store_true")
+    p.add_argument(
+        "--allow-unauthenticated-verifiers",
+        action="store_true",
+        help="answer ValidateJWTSVID and the bundle calls for callers no entry matches",
+    )
     p.add_argument("--local-ca", type=Path, metavar="DIR", help="sign in-process from a CA dir")
     p.add_argument("--cluster", help="cluster intermediate to use with --local-ca")
     p.add_argument("--entries", type=Path, help="registration entries YAML for --local-ca")
@@ -150,7 +169,7 @@ def register(commands: Any) -> None:
         help=f"the kubelet's pods directory; the plugin mounts nowhere else"
         f" (default {DEFAULT_PODS_DIR})",
     )  # fmt: skip
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_logging_arguments(p)
     p.set_defaults(handler=cmd_agent)
 
     csi = commands.add_parser(
@@ -160,24 +179,40 @@ def register(commands: Any) -> None:
         "ephemeral volume. Run apart from the agent, this process alone needs the mount "
         "privilege, and holds no identity.",
     )
-    csi.add_argument("--csi-socket", type=Path, required=True, metavar="PATH")
+    csi.add_argument(
+        "--csi-socket",
+        type=_socket,
+        required=True,
+        metavar="PATH",
+        help="serve the CSI node plugin on this Unix socket (the kubelet's plugin directory)",
+    )
     csi.add_argument(
         "--agent-socket-dir", type=Path, default=DEFAULT_SOCKET.parent, metavar="DIR",
         help=f"the directory of the agent's Workload API socket (default {DEFAULT_SOCKET.parent})",
     )  # fmt: skip
-    csi.add_argument("--csi-pods-dir", type=Path, default=Path(DEFAULT_PODS_DIR), metavar="DIR")
+    csi.add_argument(
+        "--csi-pods-dir",
+        type=Path,
+        default=Path(DEFAULT_PODS_DIR),
+        metavar="DIR",
+        help="the kubelet's pods directory; the plugin mounts nowhere else",
+    )
     csi.add_argument("--node", help="this node's name (default: the host name)")
+    add_logging_arguments(csi)
     csi.set_defaults(handler=cmd_agent_csi)
 
     svid = commands.add_parser("svid", help="inspect identities from the Workload API")
     sub = svid.add_subparsers(dest="svid_command", metavar="SVID_COMMAND", required=True)
     f = sub.add_parser("fetch", help="fetch this process's SVIDs (like spire-agent api fetch)")
     f.add_argument(
-        "--socket", type=Path, help="Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET)"
+        "--socket",
+        type=_socket,
+        metavar="PATH|unix:///PATH",
+        help="Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET)",
     )
     f.add_argument("--write", type=Path, metavar="DIR", help="write svid.pem, svid.key, bundle.pem")
     f.add_argument("--audience", action="append", default=[], help="also fetch a JWT-SVID")
-    f.add_argument("--timeout", type=_seconds, default=10.0)
+    f.add_argument("--timeout", type=_seconds, default=10.0, help="give up after this long")
     f.add_argument("--json", action="store_true", help="machine-readable output")
     f.set_defaults(handler=cmd_svid_fetch)
 
@@ -298,10 +333,7 @@ async def _run_agent(agent: Agent, csi: tuple[CsiConfig, Path] | None = None) ->
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args)
     if args.kubernetes:
         if not args.node:
             raise CliError("--kubernetes needs --node (the pod watch is scoped to this node)")
@@ -371,9 +403,7 @@ async def _serve_csi(config: CsiConfig, socket_path: Path) -> None:
 
 
 def cmd_agent_csi(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args)
     config = CsiConfig(
         source_dir=args.agent_socket_dir,
         node_id=args.node or socket.gethostname(),

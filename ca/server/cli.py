@@ -32,8 +32,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,7 @@ from ca.entries import EntryError
 from core.durations import parse_duration
 from core.errors import CliError
 from core.eventloop import install_uvloop
-from core.logs import JsonLogFormatter
+from core.logs import add_logging_arguments, configure_logging
 
 __all__ = ["register"]
 
@@ -53,6 +51,10 @@ def _duration(text: str) -> dt.timedelta:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _seconds(text: str) -> float:
+    return _duration(text).total_seconds()
 
 
 def _batch_limit(text: str) -> int:
@@ -90,7 +92,7 @@ def register(ca_commands: Any) -> None:
     """Add ``serve`` and ``token`` to the ``trellis ca`` subcommands."""
     p = ca_commands.add_parser("serve", help="run the cluster CA server (gRPC over mTLS)")
     p.add_argument("--dir", required=True, type=Path, help="the CA directory (trellis ca init)")
-    p.add_argument("--cluster", required=True)
+    p.add_argument("--cluster", required=True, help="the cluster whose intermediate signs")
     p.add_argument("--listen", type=_address, default="127.0.0.1:8081", help="mTLS gRPC")
     p.add_argument(
         "--attest-listen",
@@ -105,7 +107,13 @@ def register(ca_commands: Any) -> None:
         help="HTTPS bundle endpoint other trust domains federate with (https_spiffe: "
         "served with this CA's own SVID, spiffe://<td>/trellis/ca/<cluster>); off disables",
     )
-    p.add_argument("--metrics-listen", type=_optional_address, default=None)
+    p.add_argument(
+        "--metrics-listen",
+        type=_optional_address,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics here (default: off)",
+    )
     p.add_argument("--entries", type=Path, help="registration entries (YAML), reloaded on change")
     p.add_argument(
         "--federation",
@@ -131,11 +139,20 @@ def register(ca_commands: Any) -> None:
         help="print the --join-token tokens on stdout (and so into whatever keeps it: "
         "prefer trellis ca token create --out FILE)",
     )
-    p.add_argument("--join-token-ttl", type=_duration, default=dt.timedelta(hours=1))
-    p.add_argument("--agent-ttl", type=_duration, default=dt.timedelta(hours=1))
+    p.add_argument(
+        "--join-token-ttl",
+        type=_duration,
+        default=dt.timedelta(hours=1),
+        help="lifetime of the --join-token tokens",
+    )
+    p.add_argument(
+        "--agent-ttl", type=_duration, default=dt.timedelta(hours=1), help="agent SVID lifetime"
+    )
     p.add_argument("--agent-rate", type=float, default=200.0, help="SVIDs/s per agent")
-    p.add_argument("--agent-burst", type=float, default=2000.0)
-    p.add_argument("--max-request-bytes", type=int, default=1024 * 1024)
+    p.add_argument("--agent-burst", type=float, default=2000.0, help="SVIDs an agent may burst")
+    p.add_argument(
+        "--max-request-bytes", type=int, default=1024 * 1024, help="largest gRPC request"
+    )
     p.add_argument(
         "--max-batch",
         type=_batch_limit,
@@ -170,18 +187,25 @@ def register(ca_commands: Any) -> None:
         metavar="FILE",
         help="YAML list of banned node names, re-read on change (trellis ca ban/unban)",
     )
-    p.add_argument("--poll-interval", type=float, default=1.0, help="reload check, seconds")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--poll-interval",
+        type=_seconds,
+        default=1.0,
+        help="how often --entries, --federation and --banned-agents are checked for changes",
+    )
+    add_logging_arguments(p)
     add_key_passphrase_argument(p)
     p.set_defaults(handler=cmd_serve)
 
     token = ca_commands.add_parser("token", help="join tokens for node attestation")
     token_sub = token.add_subparsers(dest="token_command", metavar="TOKEN_COMMAND", required=True)
     p = token_sub.add_parser("create", help="create a single-use join token for a node")
-    p.add_argument("--dir", required=True, type=Path)
-    p.add_argument("--cluster", required=True)
-    p.add_argument("--node", required=True)
-    p.add_argument("--ttl", type=_duration, default=dt.timedelta(hours=1))
+    p.add_argument("--dir", required=True, type=Path, help="the CA directory")
+    p.add_argument("--cluster", required=True, help="the cluster the node joins")
+    p.add_argument("--node", required=True, help="the node name the token attests")
+    p.add_argument(
+        "--ttl", type=_duration, default=dt.timedelta(hours=1), help="how long the token is valid"
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -189,7 +213,7 @@ def register(ca_commands: Any) -> None:
         help="write the token to FILE (mode 0600) for trellis agent --join-token-file, "
         "instead of printing it",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_token_create)
 
     for name, verb in (("ban", "cut off"), ("unban", "restore")):
@@ -278,12 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         key_passphrase = read_key_passphrase(args.key_passphrase_file)
     except StoreError as exc:
         raise CliError(str(exc)) from exc
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter())
-    root = logging.getLogger("trellis")
-    root.handlers[:] = [handler]
-    root.setLevel(args.log_level.upper())
-    root.propagate = False
+    configure_logging(args)
 
     reviewer: TokenReviewer | None = None
     if args.k8s_psat:
