@@ -86,6 +86,12 @@ _KEY_PROTECTION_HELP = (
 )
 
 
+_DIR_HELP = "the CA directory (trellis ca init)"
+_CLUSTER_HELP = "the cluster whose intermediate signs (trellis ca intermediate)"
+_KEY_TYPE_HELP = ", ".join(a.value for a in KeyAlgorithm)
+_ROOT_KEY_FILE_HELP = "read the root key's passphrase from FILE (default: $TRELLIS_ROOT_PASSPHRASE)"
+
+
 def add_key_passphrase_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--key-passphrase-file", type=Path, metavar="FILE", help=_KEY_PROTECTION_HELP
@@ -102,52 +108,66 @@ def register(commands: Any) -> None:
     sub = ca.add_subparsers(dest="ca_command", metavar="CA_COMMAND", required=True)
 
     p = sub.add_parser("init", help="create a trust domain's root (key encrypted at rest)")
-    p.add_argument("--trust-domain", required=True, type=_trust_domain)
-    p.add_argument("--dir", required=True, type=Path)
-    p.add_argument("--key-type", type=_key_algorithm, default=KeyAlgorithm.P384)
-    p.add_argument("--ttl", type=_duration, default=DEFAULT_ROOT_TTL)
-    p.add_argument("--passphrase-file", type=Path)
+    p.add_argument("--trust-domain", required=True, type=_trust_domain, help="e.g. example.org")
+    p.add_argument("--dir", required=True, type=Path, help=_DIR_HELP)
+    p.add_argument(
+        "--key-type", type=_key_algorithm, default=KeyAlgorithm.P384, help=_KEY_TYPE_HELP
+    )
+    p.add_argument("--ttl", type=_duration, default=DEFAULT_ROOT_TTL, help="root lifetime")
+    p.add_argument("--passphrase-file", type=Path, metavar="FILE", help=_ROOT_KEY_FILE_HELP)
     p.set_defaults(handler=cmd_init)
 
     p = sub.add_parser("intermediate", help="sign a cluster intermediate with the root")
-    p.add_argument("--dir", required=True, type=Path)
-    p.add_argument("--cluster", required=True)
-    p.add_argument("--ttl", type=_duration, default=DEFAULT_INTERMEDIATE_TTL)
-    p.add_argument("--key-type", type=_key_algorithm, default=KeyAlgorithm.P256)
-    p.add_argument("--passphrase-file", type=Path)
+    p.add_argument("--dir", required=True, type=Path, help=_DIR_HELP)
+    p.add_argument("--cluster", required=True, help="the cluster's name")
+    p.add_argument(
+        "--ttl", type=_duration, default=DEFAULT_INTERMEDIATE_TTL, help="intermediate lifetime"
+    )
+    p.add_argument(
+        "--key-type", type=_key_algorithm, default=KeyAlgorithm.P256, help=_KEY_TYPE_HELP
+    )
+    p.add_argument("--passphrase-file", type=Path, metavar="FILE", help=_ROOT_KEY_FILE_HELP)
     add_key_passphrase_argument(p)
     p.set_defaults(handler=cmd_intermediate)
 
     p = sub.add_parser("issue", help="issue an X509-SVID from a cluster intermediate")
-    p.add_argument("--dir", required=True, type=Path)
-    p.add_argument("--cluster", required=True)
-    p.add_argument("--spiffe-id", required=True, type=_spiffe_id)
-    p.add_argument("--ttl", type=_duration, default=DEFAULT_X509_SVID_TTL)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--dir", required=True, type=Path, help=_DIR_HELP)
+    p.add_argument("--cluster", required=True, help=_CLUSTER_HELP)
+    p.add_argument("--spiffe-id", required=True, type=_spiffe_id, help="the SVID's identity")
+    p.add_argument(
+        "--ttl", type=_duration, default=DEFAULT_X509_SVID_TTL, help="SVID lifetime (<= 24h)"
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="writes svid.pem/.key, bundle.pem"
+    )
     p.add_argument("--csr", type=Path, help="sign this PKCS#10 CSR instead of generating a key")
-    p.add_argument("--key-type", type=_key_algorithm, default=KeyAlgorithm.P256)
+    p.add_argument(
+        "--key-type", type=_key_algorithm, default=KeyAlgorithm.P256, help=_KEY_TYPE_HELP
+    )
     p.add_argument("--dns", action="append", default=[], help="extra DNS SAN (repeatable)")
     _add_reserved_path_argument(p)
     add_key_passphrase_argument(p)
     p.set_defaults(handler=cmd_issue)
 
     p = sub.add_parser("jwt", help="issue a JWT-SVID and print it")
-    p.add_argument("--dir", required=True, type=Path)
-    p.add_argument("--cluster", required=True)
-    p.add_argument("--spiffe-id", required=True, type=_spiffe_id)
-    p.add_argument("--audience", required=True, action="append")
-    p.add_argument("--ttl", type=_duration, default=DEFAULT_JWT_SVID_TTL)
+    p.add_argument("--dir", required=True, type=Path, help=_DIR_HELP)
+    p.add_argument("--cluster", required=True, help=_CLUSTER_HELP)
+    p.add_argument("--spiffe-id", required=True, type=_spiffe_id, help="the token's subject")
+    p.add_argument("--audience", required=True, action="append", help="aud claim (repeatable)")
+    p.add_argument("--ttl", type=_duration, default=DEFAULT_JWT_SVID_TTL, help="token lifetime")
     _add_reserved_path_argument(p)
     add_key_passphrase_argument(p)
     p.set_defaults(handler=cmd_jwt)
 
     p = sub.add_parser("bundle", help="print the trust bundle")
-    p.add_argument("--dir", required=True, type=Path)
-    p.add_argument("--format", choices=("spiffe", "pem"), default="spiffe")
+    p.add_argument("--dir", required=True, type=Path, help=_DIR_HELP)
+    p.add_argument(
+        "--format", choices=("spiffe", "pem"), default="spiffe", help="SPIFFE bundle JSON or PEM"
+    )
     p.set_defaults(handler=cmd_bundle)
 
     p = sub.add_parser("inspect", help="describe certificates and check a chain against a bundle")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="PEM certificates")
     p.add_argument(
         "--bundle", type=Path, help="PEM roots or a SPIFFE bundle (JSON) to verify against"
     )

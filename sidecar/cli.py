@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from core.durations import parse_duration
+from core.endpoints import EndpointError, parse_unix_socket
 from core.errors import CliError
 from core.eventloop import install_uvloop
 
@@ -44,6 +46,20 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _seconds(text: str) -> float:
+    try:
+        return parse_duration(text).total_seconds()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _socket(text: str) -> str:
+    try:
+        return str(parse_unix_socket(text))
+    except EndpointError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _ports(text: str) -> list[int]:
     return [_port(p.strip()) for p in text.split(",") if p.strip()]
 
@@ -66,7 +82,11 @@ def register(commands: Any) -> None:
         "TLS connections. See `python -m pydoc sidecar` for the configuration reference.",
     )
     p.add_argument("--config", type=Path, help="YAML configuration file")
-    p.add_argument("--mode", choices=("explicit", "transparent"))
+    p.add_argument(
+        "--mode",
+        choices=("explicit", "transparent"),
+        help="explicit upstreams only, or also intercept redirected traffic (default explicit)",
+    )
     p.add_argument("--inbound-port", type=_port, help="mTLS listener port (default 15008)")
     p.add_argument("--outbound-port", type=_port, help="transparent listener port (default 15001)")
     p.add_argument(
@@ -99,10 +119,15 @@ def register(commands: Any) -> None:
     p.add_argument("--upstreams", help="SERVICE:PORT=LOCAL_PORT,... explicit upstreams")
     p.add_argument("--svid-dir", help="svid.pem/svid.key/bundle.pem instead of the Workload API")
     p.add_argument(
-        "--workload-api-socket", help="Workload API socket (default $SPIFFE_ENDPOINT_SOCKET)"
+        "--workload-api-socket",
+        type=_socket,
+        metavar="PATH|unix:///PATH",
+        help="Workload API socket (default $SPIFFE_ENDPOINT_SOCKET)",
     )
     p.add_argument("--spiffe-id", help="which of the agent's SVIDs to use (default: the first)")
-    p.add_argument("--drain-timeout", type=float, help="seconds to finish streams on SIGTERM")
+    p.add_argument(
+        "--drain-timeout", type=_seconds, help="how long streams may finish after SIGTERM"
+    )
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     p.set_defaults(handler=cmd_sidecar)
     sub = p.add_subparsers(dest="sidecar_command", metavar="SUBCOMMAND")
@@ -111,10 +136,32 @@ def register(commands: Any) -> None:
         help="install the transparent-mode redirect (needs NET_ADMIN; run once per netns)",
     )
     ipt.add_argument("--proxy-uid", type=int, required=True, help="the sidecar's UID (exempt)")
-    ipt.add_argument("--outbound-port", dest="ipt_outbound_port", type=_port, default=15001)
-    ipt.add_argument("--inbound-port", dest="ipt_inbound_port", type=_port, default=15008)
-    ipt.add_argument("--exclude-inbound-ports", type=_ports, default=[])
-    ipt.add_argument("--exclude-outbound-ports", type=_ports, default=[])
+    ipt.add_argument(
+        "--outbound-port",
+        dest="ipt_outbound_port",
+        type=_port,
+        default=15001,
+        help="where outbound traffic is redirected (the sidecar's outbound listener)",
+    )
+    ipt.add_argument(
+        "--inbound-port",
+        dest="ipt_inbound_port",
+        type=_port,
+        default=15008,
+        help="where inbound traffic is redirected (the sidecar's mTLS listener)",
+    )
+    ipt.add_argument(
+        "--exclude-inbound-ports",
+        type=_ports,
+        default=[],
+        help="PORT,... of the pod reached directly, never through the sidecar",
+    )
+    ipt.add_argument(
+        "--exclude-outbound-ports",
+        type=_ports,
+        default=[],
+        help="destination PORT,... whose traffic never reaches the sidecar",
+    )
     ipt.add_argument(
         "--exclude-outbound-ip-ranges",
         type=_ip_ranges,

@@ -25,6 +25,7 @@ from typing import Any
 
 from cryptography import x509
 
+from core.durations import parse_duration
 from core.errors import CliError
 from sidecar.tls import (
     AlertDescription,
@@ -78,6 +79,13 @@ def _groups(text: str) -> tuple[NamedGroup, ...]:
     return tuple(dict.fromkeys(groups))
 
 
+def _seconds(text: str) -> float:
+    try:
+        return parse_duration(text).total_seconds()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -104,7 +112,7 @@ def register(commands: Any) -> None:
 
     p = sub.add_parser("tls-server", help="an HTTPS responder on Trellis's TLS 1.3 engine")
     p.add_argument("--port", required=True, type=_port, help="0 picks a free port (printed)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--cert", required=True, type=Path, help="svid.pem: leaf, then intermediate")
     p.add_argument("--key", required=True, type=Path, help="svid.key")
     p.add_argument(
@@ -118,7 +126,12 @@ def register(commands: Any) -> None:
     p.add_argument("--groups", type=_groups, help="e.g. X25519MLKEM768,X25519,secp256r1")
     p.add_argument("--alpn", default="http/1.1", help="comma-separated ALPN protocols")
     p.add_argument("--keylog", type=Path, help="append SSLKEYLOGFILE lines here (secrets!)")
-    p.add_argument("--handshake-timeout", type=float, default=10.0)
+    p.add_argument(
+        "--handshake-timeout",
+        type=_seconds,
+        default=10.0,
+        help="drop a client whose handshake takes longer",
+    )
     p.add_argument(
         "--echo",
         action="store_true",
@@ -136,7 +149,9 @@ def register(commands: Any) -> None:
     p.add_argument("--server-name", help="SNI (default: the URL's host)")
     p.add_argument("--alpn", default="http/1.1", help="comma-separated ALPN protocols")
     p.add_argument("--keylog", type=Path, help="append SSLKEYLOGFILE lines here (secrets!)")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument(
+        "--timeout", type=_seconds, default=10.0, help="give up on the handshake or reply after"
+    )
     p.set_defaults(handler=cmd_tls_client)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from core.buildinfo import register_build_info
 from sidecar.tls import CipherSuite, HandshakeComplete, NamedGroup
 
 __all__ = ["Metrics"]
@@ -63,6 +64,7 @@ class ByteCounts:
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        register_build_info(r)
         # --- public contract --------------------------------------------------------------
         self.tls_handshake_duration = Histogram(
             "tls_handshake_duration_seconds",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from core.buildinfo import register_build_info
+
 __all__ = ["AgentMetrics"]
 
 
@@ -15,6 +17,7 @@ class AgentMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        register_build_info(r)
         self.rotations = Counter(
             "trellis_agent_svid_rotations_total",
             "X509-SVIDs obtained for cached entries (first issue and rotations)",

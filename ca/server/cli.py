@@ -41,6 +41,7 @@ from ca.entries import EntryError
 from core.durations import parse_duration
 from core.errors import CliError
 from core.eventloop import install_uvloop
+from core.listeners import ensure_bindable
 from core.logs import add_logging_arguments, configure_logging
 
 __all__ = ["register"]
@@ -298,6 +299,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "--join-token mints tokens that only --print-join-tokens shows (on stdout, and"
             " in any log that keeps it); add it, or use trellis ca token create --out FILE"
         )
+    for flag in ("--listen", "--attest-listen", "--bundle-listen", "--metrics-listen"):
+        address = getattr(args, flag[2:].replace("-", "_"))
+        if address is not None:
+            host, _, port = address.rpartition(":")
+            ensure_bindable(flag, host.strip("[]"), int(port))
     try:
         key_passphrase = read_key_passphrase(args.key_passphrase_file)
     except StoreError as exc:

@@ -10,6 +10,8 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from core.buildinfo import register_build_info
+
 __all__ = ["CaMetrics"]
 
 _SIGN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
@@ -18,6 +20,7 @@ _SIGN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 class CaMetrics:
     def __init__(self, trust_domain: str, cluster: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        register_build_info(self.registry)
         base = ("trust_domain", "cluster")
         self._base = {"trust_domain": trust_domain, "cluster": cluster}
         self._x509 = Counter(
