@@ -22,6 +22,13 @@ expect):
    PERMISSION_DENIED ("no identity issued"), also for bundle fetches and JWT validation
    unless ``allow_unauthenticated_verifiers`` is set.
 
+Logs (``trellis.agent.workload_api``, fields as ``core.logs`` renders them): every refused
+call is one ``workload-api-refused`` line with the method, the gRPC code, the reason and
+the caller's ``pid``/``uid`` (when the kernel vouched for it), at WARNING, or INFO for
+UNAVAILABLE, which clients retry; every X509-SVID set sent (``x509-svid-sent``, again on
+each rotation) and every JWT-SVID issued (``jwt-svid-issued``, with its audience) is an INFO
+line naming the SPIFFE IDs and the caller's pid/uid. Never a key or a token.
+
 Streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles) send the full current state at
 once, then again whenever it changes (a rotation, a bundle update, an entry change), and
 never send the same state twice. The match is redone on every change: when an entry
@@ -120,6 +127,13 @@ class _Abort(Exception):
         super().__init__(detail)
 
 
+def _caller_fields(credentials: PeerCredentials | None) -> dict[str, object]:
+    """Who called, as the kernel said (SO_PEERCRED); nothing when it could not say."""
+    if credentials is None:
+        return {}
+    return {"pid": credentials.pid, "uid": credentials.uid, "gid": credentials.gid}
+
+
 def _der_certs(bundle: TrustBundle) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.DER) for c in bundle.x509_authorities)
 
@@ -198,6 +212,7 @@ class WorkloadApi:
                     yield response
             except _Abort as exc:
                 code = exc.code.name
+                self._log_refusal(name, context, exc)
                 await context.abort(exc.code, exc.detail)
             except asyncio.CancelledError:
                 code = "CANCELLED"
@@ -218,11 +233,37 @@ class WorkloadApi:
                 response = await handler(request, context)
             except _Abort as exc:
                 metrics.workload_requests.labels(name, exc.code.name).inc()
+                self._log_refusal(name, context, exc)
                 await context.abort(exc.code, exc.detail)
             metrics.workload_requests.labels(name, "OK").inc()
             return response
 
         return run
+
+    # -- logs --------------------------------------------------------------------------------
+
+    def _log_refusal(self, method: str, context: Context, exc: _Abort) -> None:
+        credentials = self.peers.lookup(context.peer())
+        # UNAVAILABLE (first sync or attestation still pending) is retried by every client:
+        # worth seeing when debugging, not a refusal anyone must act on.
+        level = logging.INFO if exc.code == grpc.StatusCode.UNAVAILABLE else logging.WARNING
+        log.log(
+            level,
+            "workload-api-refused",
+            extra={
+                "fields": {
+                    "method": method,
+                    "code": exc.code.name,
+                    "reason": exc.detail,
+                    **_caller_fields(credentials),
+                }
+            },
+        )
+
+    @staticmethod
+    def _log_issued(event: str, caller: _Caller, spiffe_ids: Sequence[str], **more: object) -> None:
+        fields = {"spiffe_ids": list(spiffe_ids), **_caller_fields(caller.credentials), **more}
+        log.info(event, extra={"fields": fields})
 
     # -- common steps ----------------------------------------------------------------------
 
@@ -247,9 +288,7 @@ class WorkloadApi:
 
     @staticmethod
     def _refused(credentials: PeerCredentials, exc: AttestationError) -> _Abort:
-        log.warning(
-            "refused a call from pid %d (uid %d): %s", credentials.pid, credentials.uid, exc
-        )
+        # Logged with the caller's pid/uid by the method's wrapper (`_log_refusal`).
         return _Abort(grpc.StatusCode.PERMISSION_DENIED, f"caller could not be attested: {exc}")
 
     def _still_connected(self, caller: _Caller) -> None:
@@ -365,6 +404,9 @@ class WorkloadApi:
                 if payload != last:
                     last = payload
                     first = False
+                    self._log_issued(
+                        "x509-svid-sent", caller, [svid.spiffe_id for svid in response.svids]
+                    )
                     yield response
             if first:
                 remaining = grace_until - loop.time()
@@ -439,6 +481,9 @@ class WorkloadApi:
             message = response.svids.add()
             message.spiffe_id = str(token.spiffe_id)
             message.svid = token.token
+        self._log_issued(
+            "jwt-svid-issued", caller, [m.spiffe_id for m in response.svids], audience=audience
+        )
         return response
 
     def _trust_bundles_for(
