@@ -1,5 +1,5 @@
 """The admission webhook's HTTPS shell (aiohttp): ``/mutate``, ``/mutate/cni``,
-``/validate``, ``/healthz``.
+``/validate``, ``/healthz``, ``/metrics`` (``mesh_operator.metrics``).
 
 ``/mutate/cni`` injects with the redirect left to the node's CNI plugin: the webhook
 configuration sends namespaces labelled ``trellis.dev/redirect: cni`` there (the API server
@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aiohttp import web
+from cryptography import x509
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mesh_operator.admission import (
     MAX_REVIEW_BYTES,
@@ -29,6 +31,7 @@ from mesh_operator.admission import (
     validate_resource,
 )
 from mesh_operator.injection import InjectorConfig
+from mesh_operator.metrics import WebhookMetrics
 
 __all__ = ["CertificateFiles", "build_app", "serve_webhook", "server_ssl_context"]
 
@@ -81,11 +84,16 @@ async def _body(request: web.Request) -> bytes | web.Response:
         )
 
 
-def build_app(config: InjectorConfig) -> web.Application:
+def _certificate_expiry(files: CertificateFiles) -> float:
+    return x509.load_pem_x509_certificate(files.cert.read_bytes()).not_valid_after_utc.timestamp()
+
+
+def build_app(config: InjectorConfig, metrics: WebhookMetrics | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_REVIEW_BYTES)
+    counts = metrics if metrics is not None else WebhookMetrics()
 
     def mutator(
-        injector: InjectorConfig,
+        injector: InjectorConfig, webhook: str
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def mutate(request: web.Request) -> web.StreamResponse:
             body = await _body(request)
@@ -98,6 +106,7 @@ def build_app(config: InjectorConfig) -> web.Application:
                 "redirect": injector.redirect,
             }
             log.info("mutate", extra={"fields": fields})
+            counts.reviewed(webhook, outcome.allowed is True)
             return _json_response(outcome)
 
         return mutate
@@ -111,15 +120,22 @@ def build_app(config: InjectorConfig) -> web.Application:
             "validate",
             extra={"fields": {"status": outcome.http_status, "allowed": outcome.allowed}},
         )
+        counts.reviewed("validate", outcome.allowed is True)
         return _json_response(outcome)
 
     async def healthz(_request: web.Request) -> web.StreamResponse:
         return web.Response(text="ok\n")
 
-    app.router.add_post("/mutate", mutator(config))
-    app.router.add_post("/mutate/cni", mutator(replace(config, redirect="cni")))
+    async def metrics_page(_request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=generate_latest(counts.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app.router.add_post("/mutate", mutator(config, "mutate"))
+    app.router.add_post("/mutate/cni", mutator(replace(config, redirect="cni"), "mutate_cni"))
     app.router.add_post("/validate", validate)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_page)
     return app
 
 
@@ -146,7 +162,9 @@ async def serve_webhook(
     await _wait_for_files(files, reload_interval)
     context = server_ssl_context(files)
     stamp = files.stamp()
-    runner = web.AppRunner(build_app(config), access_log=None)
+    metrics = WebhookMetrics()
+    metrics.certificate_expiry.set(_certificate_expiry(files))
+    runner = web.AppRunner(build_app(config, metrics), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=context)
     await site.start()
@@ -164,7 +182,8 @@ async def serve_webhook(
                     # context would leave it with a certificate and no usable key.
                     server_ssl_context(files)
                     context.load_cert_chain(files.cert, files.key)
-                except (OSError, ssl.SSLError) as exc:
+                    metrics.certificate_expiry.set(_certificate_expiry(files))
+                except (OSError, ssl.SSLError, ValueError) as exc:
                     # Half-written pair (cert and key swapped separately): keep serving the
                     # old one and try again next round.
                     log.warning("certificate reload failed", extra={"fields": {"error": str(exc)}})
