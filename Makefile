@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= .trellis-demo
-DEBIAN_PACKAGES := openssl curl ca-certificates prometheus iptables iproute2
+DEBIAN_PACKAGES := openssl curl ca-certificates prometheus iptables iproute2 podman runc debootstrap
 
-.PHONY: setup system-deps go-toolchain go-peers kube helm up ca-demo test lint typecheck unit bench bench-spire clean
+.PHONY: setup system-deps go-toolchain go-peers kube helm image up ca-demo test lint typecheck unit bench bench-spire clean
 
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -62,6 +62,19 @@ HELM_MISSING = if [ "$$CI" = true ] || [ "$$CI" = 1 ]; then exit 1; else echo "(
 helm: go-toolchain
 	@$(BIN)/python -m tests.charts.binaries || { $(HELM_MISSING); }
 
+# The trellis image (Containerfile), which the manifests, the injector's default and the
+# chart name: $(IMAGE). Built with podman (runc) from this checkout, offline: a
+# debootstrapped bookworm imported as the local base (once: a few minutes), wheels built
+# here; each is rebuilt only when its inputs change (tests/image/build.py). Missing
+# podman, runc or debootstrap (or not root): as for kube.
+IMAGE_REPOSITORY := localhost/trellis
+IMAGE_TAG := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+IMAGE := $(IMAGE_REPOSITORY):$(IMAGE_TAG)
+IMAGE_MISSING = if [ "$$CI" = true ] || [ "$$CI" = 1 ]; then exit 1; else echo "(the tests/image tests will be skipped)"; fi
+
+image: setup
+	@$(BIN)/python -m tests.image.build || { $(IMAGE_MISSING); }
+
 setup: system-deps $(BIN)/.installed
 
 # The main job: the whole mesh on this machine (CA, agent, echo server and load generator
@@ -92,7 +105,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy --strict $(PACKAGES)
 
-unit: setup go-peers kube helm
+unit: setup go-peers kube helm image
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 test: lint typecheck unit
