@@ -40,6 +40,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from ca.authority import IntermediateAuthority
 from ca.bundle import TrustBundle
 from ca.entries import (
     EntrySource,
@@ -49,6 +50,7 @@ from ca.entries import (
     file_stamp,
 )
 from ca.keys import KeyAlgorithm, generate_private_key, private_key_pem
+from ca.rotation import IssuanceLedger, LedgerError, load_ledger
 from ca.server.attestation import JoinTokenRegistry
 from ca.server.bans import BanListFile
 from ca.server.federation import (
@@ -173,6 +175,8 @@ class CaServer:
             token_reviewer=config.token_reviewer,
             banned=self.bans.current if self.bans is not None else frozenset,
         )
+        self.ledger = self._open_ledger()
+        self.service.on_issued = self.ledger.issued
         self.addresses: dict[str, str] = {}
         self.issued_tokens: dict[str, str] = {}
         self._grpc: grpc.aio.Server | None = None
@@ -184,6 +188,29 @@ class CaServer:
         self._served_versions: dict[str, int] = {}
         self._bundle_ssl: ssl.SSLContext | None = None
         self._stopped = asyncio.Event()
+
+    # -- the issuance record (ca.rotation) ------------------------------------------------
+
+    def _open_ledger(self) -> IssuanceLedger:
+        path = self.store.issued_path(self.config.cluster)
+        try:
+            records = load_ledger(path)
+        except LedgerError as exc:
+            # Rewritten from what this process signs: retire then knows less, and falls
+            # back to an intermediate's own expiry for what it no longer finds.
+            log_event(logging.ERROR, "issuance-record-unreadable", error=str(exc))
+            records = {}
+        ledger = IssuanceLedger(path, records)
+        # One server signs for a cluster: an intermediate the last run used and this one
+        # does not (rotated while it was down) signs nothing more, so its record is final.
+        ledger.stopped_signing_all_but(self.intermediate.certificate)
+        return ledger
+
+    def _flush_ledger(self) -> None:
+        try:
+            self.ledger.flush()
+        except OSError as exc:  # a full disk must not end the server; retire waits longer
+            log_event(logging.ERROR, "issuance-record-write-failed", error=str(exc))
 
     # -- the server's own SVID -----------------------------------------------------------
 
@@ -325,6 +352,7 @@ class CaServer:
                 self._metrics_app(), cfg.metrics_listen, None
             )
         self._update_authority_metrics()
+        self._flush_ledger()
         self.metrics.entries(len(self.entries.current()))
         self.federation.start()
         self._tasks.append(asyncio.create_task(self._maintain()))
@@ -461,13 +489,17 @@ class CaServer:
                 error="the new intermediate was not issued by a root of the trust bundle",
             )
             return
+        old = self.intermediate
         self.intermediate = intermediate
         # A bundle refused for lacking this intermediate's root is worth reading again.
         self._bundle_stamp = None
+        self.ledger.signing_with(intermediate.certificate)
         self.service.replace_authorities(intermediate, jwt)
         if self.config.sign_workers > 0:
-            task = asyncio.get_running_loop().create_task(self._restart_signer())
+            task = asyncio.get_running_loop().create_task(self._restart_signer(old))
             self._tasks.append(task)
+        else:
+            self.ledger.stopped_signing(old.certificate)
         self._rotate_credentials()
         log_event(
             logging.INFO,
@@ -475,7 +507,7 @@ class CaServer:
             expires_at=intermediate.expires_at.isoformat(),
         )
 
-    async def _restart_signer(self) -> None:
+    async def _restart_signer(self, old_intermediate: IntermediateAuthority) -> None:
         # Workers load the intermediate once; new workers load the new one. Until they are
         # up, the old workers keep signing with the old (still valid) intermediate.
         signer = ProcessPoolSigner(
@@ -488,6 +520,8 @@ class CaServer:
         await signer.start()
         old, self.service.signer = self.service.signer, signer
         await old.close()
+        # Only now is nothing signed with it any more: its record is final (ca.rotation).
+        self.ledger.stopped_signing(old_intermediate.certificate)
 
     def maintain_once(self) -> None:
         """One round of reloads: entries, federation, bundle, intermediate, server SVID,
@@ -516,6 +550,7 @@ class CaServer:
             self._rotate_credentials()
         self.service.refresh_agent_gauge()
         self._update_authority_metrics()
+        self._flush_ledger()
 
     def _reload_bundle(self) -> None:
         try:
@@ -603,6 +638,7 @@ class CaServer:
             await runner.cleanup()
         self._runners.clear()
         await self.service.signer.close()
+        self._flush_ledger()
         self._stopped.set()
         log_event(logging.INFO, "ca-server-stopped", cluster=self.config.cluster)
 

@@ -109,6 +109,10 @@ class Refusal(Exception):
         super().__init__(f"{kind.name} [{reason}]: {detail}")
 
 
+def _ignore_issued(issuer_der: bytes, not_after: float) -> None:
+    return None
+
+
 class TokenReviewer(Protocol):
     """Asks the Kubernetes API whether a token is genuine (see ``k8s.py``)."""
 
@@ -163,6 +167,9 @@ class CaService:
         self._agents: dict[str, float] = {}  # node -> expiry of its newest agent SVID
         self._auth_cache: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
         self._auth_roots: tuple[x509.Certificate, ...] = ()
+        # Told of every X509-SVID signed (issuer DER, notAfter): the CA server's issuance
+        # record, which tells ``trellis ca root retire`` when a replaced chain is dead.
+        self.on_issued: Callable[[bytes, float], None] = _ignore_issued
 
     def replace_authorities(
         self, intermediate: IntermediateAuthority, jwt_authority: JwtAuthority
@@ -219,6 +226,7 @@ class CaService:
         except IssuanceError as exc:
             raise self._issuance_refusal(exc.reason, str(exc)) from exc
         self.metrics.x509_issued(time.perf_counter() - started, kind=kind)
+        self.on_issued(self.intermediate.certificate_der, svid.expires_at.timestamp())
         return svid
 
     @staticmethod
@@ -426,6 +434,7 @@ class CaService:
         svids = []
         for result, e in zip(signed, entries, strict=False):
             self.metrics.x509_issued(result.seconds)
+            self.on_issued(result.chain_der[-1], result.expires_at)
             svids.append(SignedSvid(e.spiffe_id, result.chain_der, int(result.expires_at)))
         if len(svids) != len(items):
             raise Refusal(RefusalKind.INCOMPLETE, "signer-incomplete", "signing was incomplete")
