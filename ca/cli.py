@@ -182,6 +182,10 @@ def register(commands: Any) -> None:
 
     rotation_cli.register(sub)
 
+    from ca.server import admin_cli  # `ca entries list`, `ca agents list`
+
+    admin_cli.register(sub)
+
 
 def _add_reserved_path_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

@@ -115,6 +115,13 @@ def register(ca_commands: Any) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus /metrics here (default: off)",
     )
+    p.add_argument(
+        "--admin-socket",
+        type=Path,
+        metavar="PATH",
+        help="serve the read-only admin API (status, entries, agents) on this Unix socket,"
+        " mode 0600, for trellis ca entries list / agents list and trellis check (default: off)",
+    )
     p.add_argument("--entries", type=Path, help="registration entries (YAML), reloaded on change")
     p.add_argument(
         "--federation",
@@ -334,6 +341,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         attest_listen=args.attest_listen,
         bundle_listen=args.bundle_listen,
         metrics_listen=args.metrics_listen,
+        admin_socket=args.admin_socket,
         entries_path=args.entries,
         federation_path=args.federation,
         banned_agents_path=args.banned_agents,

@@ -74,7 +74,15 @@ from ca.spiffeid import SpiffeId
 from ca.verify import VerificationError, verify_x509_svid
 from ca.x509svid import X509Svid
 
-__all__ = ["CaService", "Refusal", "RefusalKind", "ServiceConfig", "TokenReviewer", "log_event"]
+__all__ = [
+    "AttestedAgent",
+    "CaService",
+    "Refusal",
+    "RefusalKind",
+    "ServiceConfig",
+    "TokenReviewer",
+    "log_event",
+]
 
 log = logging.getLogger("trellis.ca.server")
 
@@ -107,6 +115,22 @@ class Refusal(Exception):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{kind.name} [{reason}]: {detail}")
+
+
+@dataclass(frozen=True, slots=True)
+class AttestedAgent:
+    """An agent holding an unexpired SVID from this server, for ``trellis ca agents list``.
+
+    ``method`` is how it attested (``join_token``, ``k8s_psat``), or None when it only
+    renewed here an SVID from before this server started (a restart forgets, as SPIRE's
+    in-memory view would without its datastore)."""
+
+    node: str
+    spiffe_id: SpiffeId
+    serial: int
+    expires_at: dt.datetime
+    method: str | None
+    last_issued_at: dt.datetime
 
 
 def _ignore_issued(issuer_der: bytes, not_after: float) -> None:
@@ -165,6 +189,7 @@ class CaService:
         self._agent_limiter = RateLimiter(self.config.agent_rate, self.config.agent_burst)
         self._attest_limiter = RateLimiter(self.config.attest_rate, self.config.attest_burst)
         self._agents: dict[str, float] = {}  # node -> expiry of its newest agent SVID
+        self._agent_records: dict[str, AttestedAgent] = {}
         self._auth_cache: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
         self._auth_roots: tuple[x509.Certificate, ...] = ()
         # Told of every X509-SVID signed (issuer DER, notAfter): the CA server's issuance
@@ -243,11 +268,26 @@ class CaService:
                 f"rate limit for this agent exceeded; retry in {wait:.2f}s",
             )
 
-    def _agent_issued(self, node: str, svid: X509Svid) -> None:
+    def _agent_issued(self, node: str, svid: X509Svid, method: str | None = None) -> None:
         now = self._clock()
         self._agents[node] = svid.expires_at.timestamp()
         self._agents = {n: t for n, t in self._agents.items() if t > now}
         self.metrics.attested_agents(len(self._agents))
+        previous = self._agent_records.get(node)
+        self._agent_records[node] = AttestedAgent(
+            node=node,
+            spiffe_id=svid.spiffe_id,
+            serial=svid.leaf.serial_number,
+            expires_at=svid.expires_at,
+            method=method or (previous.method if previous is not None else None),
+            last_issued_at=self._now(),
+        )
+
+    def attested_agents(self) -> tuple[AttestedAgent, ...]:
+        """Agents whose newest SVID from this server has not expired, by node name."""
+        now = self._now()
+        self._agent_records = {n: a for n, a in self._agent_records.items() if a.expires_at > now}
+        return tuple(self._agent_records[n] for n in sorted(self._agent_records))
 
     def refresh_agent_gauge(self) -> None:
         now = self._clock()
@@ -347,7 +387,7 @@ class CaService:
         agent_id = agent_spiffe_id(self.trust_domain, node)
         now = self._now()
         svid = self._sign(request.csr, agent_id, self.config.agent_svid_ttl, (), now, "agent")
-        self._agent_issued(node, svid)
+        self._agent_issued(node, svid, method)
         log_event(logging.INFO, "agent-attested", node=node, method=method, peer=peer)
         return AgentSvid(node, svid, self.bundle(), self.config.max_batch)
 
