@@ -156,7 +156,7 @@ def test_the_trust_domain_cluster_and_namespace_reach_every_field_that_names_the
     text = yaml.safe_dump_all(
         [d for d in docs if d["metadata"]["name"] != "trellis-grafana-dashboards"]
     )
-    for default in ("ghcr.io/trellis-mesh", "trellis-system", "example.org", "prod"):
+    for default in ("localhost/trellis", "trellis-system", "example.org", "prod"):
         assert not re.findall(rf"[^\w.-]{re.escape(default)}[^\w.-]", text), default
 
 
@@ -167,9 +167,10 @@ def test_the_cni_paths_are_the_nodes_own(render: Render) -> None:
     volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
     assert volumes == {"cni-bin": "/var/lib/cni/bin", "cni-conf": "/var/lib/cni/net.d"}
     (script,) = _args(docs, "DaemonSet", "trellis-cni", "install")
-    # The runtime execs the wrapper on the host: host paths, not the container's /host/...
-    assert "exec /var/lib/cni/bin/trellis-cni.d/bin/trellis-cni" in script
+    # The plugin's kubeconfig, as the runtime reads it on the host (not /host/...).
     assert '"kubeconfig": "/var/lib/cni/net.d/trellis-cni.kubeconfig"' in script
+    # No host path of the default layout is left outside the container's /host mounts.
+    assert not re.findall(r"(?<!/host)/(?:opt/cni/bin|etc/cni/net\.d)", script), script
 
 
 def test_the_chart_installs_the_crds_of_manifests_unchanged_and_keeps_them(

@@ -23,7 +23,7 @@ app.kubernetes.io/name: {{ index . 1 }}
 {{- end }}
 
 {{- define "trellis.imagePullSecrets" -}}
-{{- with .Values.imagePullSecrets }}
+{{- with .Values.imagePullSecrets -}}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
