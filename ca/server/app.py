@@ -11,6 +11,9 @@ Listeners:
   (``GET /`` or ``/bundle.json``), served with the CA server's own SVID
   (the ``https_spiffe`` federation profile).
 * ``metrics_listen`` (HTTP): ``/metrics`` in the Prometheus text format, ``/healthz``.
+* ``admin_socket`` (HTTP on a 0600 Unix socket): the read-only admin API of
+  ``ca.server.admin`` (status, entries, agents), for ``trellis ca entries list`` and
+  ``trellis check``.
 
 The server's own SVID (``spiffe://<td>/trellis/ca/<cluster>``, DNS SANs ``trellis-ca``,
 ``localhost`` and the listen host) is minted from the intermediate at start and re-minted
@@ -99,6 +102,7 @@ class ServerConfig:
     attest_listen: str = "127.0.0.1:8082"
     bundle_listen: str | None = "127.0.0.1:8443"
     metrics_listen: str | None = None
+    admin_socket: Path | None = None  # ca.server.admin; None: no admin API
     entries_path: Path | None = None
     federation_path: Path | None = None
     banned_agents_path: Path | None = None
@@ -360,6 +364,8 @@ class CaServer:
             self.addresses["metrics_listen"] = await self._serve_http(
                 self._metrics_app(), cfg.metrics_listen, None
             )
+        if cfg.admin_socket is not None:
+            self.addresses["admin_socket"] = await self._serve_admin(cfg.admin_socket)
         self._update_authority_metrics()
         self._flush_ledger()
         self.metrics.entries(len(self.entries.current()))
@@ -389,6 +395,19 @@ class CaServer:
             raise OSError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
         bound = runner.addresses[-1][1] if runner.addresses else port
         return f"{host}:{bound}"
+
+    async def _serve_admin(self, path: Path) -> str:
+        from ca.server.admin import admin_app, bind_admin_socket
+
+        runner = web.AppRunner(
+            admin_app(self), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        try:
+            return await bind_admin_socket(runner, path)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
 
     def _bundle_app(self) -> web.Application:
         async def bundle(request: web.Request) -> web.Response:
@@ -646,6 +665,9 @@ class CaServer:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        if "admin_socket" in self.addresses:
+            with contextlib.suppress(OSError):
+                Path(self.addresses["admin_socket"]).unlink()
         await self.service.signer.close()
         self._flush_ledger()
         self._stopped.set()
