@@ -34,8 +34,12 @@ policy sets a mode for is strict (``sidecar.permissive``). An mTLS caller is aut
 ``mesh`` (``meshapi.registry``) lists the destinations that are in the mesh and what a
 transparent sidecar does with the others; left out, it is left out again on rendering.
 
-Older documents carried ``protocol`` and ``earlyDataMethods``; no data plane ever read them,
-so they were withdrawn and, as unknown keys, are ignored.
+``protocol`` (``tcp`` or ``http``, unset meaning tcp) says what the app behind the policy's
+ports speaks. It changes only how a refusal reaches the caller: for ``http`` the caller's
+sidecar answers its app ``403 Forbidden`` naming the policy, for ``tcp`` it resets the
+connection (an HTTP answer would be garbage to another protocol). ``earlyDataMethods``, in
+older documents, was never read by a data plane; it was withdrawn and, as an unknown key,
+is ignored.
 """
 
 from __future__ import annotations
@@ -51,8 +55,10 @@ from meshapi.registry import MeshRegistry, parse_mesh_registry, render_mesh_regi
 
 __all__ = [
     "API_VERSION",
+    "APP_PROTOCOLS",
     "KIND",
     "MTLS_MODES",
+    "AppProtocol",
     "CallerRule",
     "MtlsMode",
     "Policy",
@@ -66,6 +72,8 @@ API_VERSION = "trellis.dev/v1alpha1"
 KIND = "SidecarPolicy"
 MtlsMode = Literal["STRICT", "PERMISSIVE"]
 MTLS_MODES: tuple[MtlsMode, ...] = ("STRICT", "PERMISSIVE")
+AppProtocol = Literal["tcp", "http"]
+APP_PROTOCOLS: tuple[AppProtocol, ...] = ("tcp", "http")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +104,7 @@ class Policy:
     ports: tuple[int, ...] = ()  # empty: every port of the selected pods
     allow: tuple[CallerRule, ...] = ()  # empty: nobody (deny-all)
     mtls: MtlsMode | None = None  # None: no opinion (strict unless another policy says)
+    protocol: AppProtocol | None = None  # None: tcp (a refused caller's connection is reset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,12 +171,16 @@ def _policy(raw: Any, where: str) -> Policy:
     mtls = raw.get("mtls")
     if mtls is not None and mtls not in MTLS_MODES:
         raise FieldError(f"{where}.mtls", f"{mtls!r} must be STRICT or PERMISSIVE")
+    protocol = raw.get("protocol")
+    if protocol is not None and protocol not in APP_PROTOCOLS:
+        raise FieldError(f"{where}.protocol", f"{protocol!r} must be tcp or http")
     return Policy(
         name=_optional_string(raw, "name", where),
         selector=LabelSelector.parse(raw.get("selector"), f"{where}.selector"),
         ports=_ports(raw.get("ports"), f"{where}.ports"),
         allow=parse_caller_rules(raw.get("allow"), f"{where}.allow"),
         mtls=mtls,
+        protocol=protocol,
     )
 
 
@@ -208,6 +221,8 @@ def _render_policy(policy: Policy) -> dict[str, Any]:
     )
     if policy.mtls is not None:
         rendered["mtls"] = policy.mtls
+    if policy.protocol is not None:
+        rendered["protocol"] = policy.protocol
     return rendered
 
 

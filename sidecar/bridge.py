@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from .h2tunnel import ErrorCode
@@ -168,7 +168,7 @@ class Bridge(asyncio.Protocol):
 
     # --- StreamHandler: the stream side --------------------------------------------------
 
-    def stream_response(self, status: int) -> None:
+    def stream_response(self, status: int, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         if status != 200:
             # Refused by the peer (403 policy, 404 target, 503 app down): the app sees
             # its connection reset, as from a firewall, not a half-open socket.

@@ -15,6 +15,7 @@ from core.durations import parse_duration
 from core.endpoints import EndpointError, parse_unix_socket
 from core.errors import CliError
 from core.eventloop import install_uvloop
+from core.logs import add_logging_arguments, configure_logging
 
 if TYPE_CHECKING:
     from meshapi.registry import Network
@@ -128,7 +129,14 @@ def register(commands: Any) -> None:
     p.add_argument(
         "--drain-timeout", type=_seconds, help="how long streams may finish after SIGTERM"
     )
-    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    add_logging_arguments(p, default_level="warning")
+    p.add_argument(
+        "--access-log",
+        choices=("on", "off"),
+        default="on",
+        help="one INFO line per stream (peer, port, bytes, duration, outcome, policy rule); "
+        "off keeps only refused streams, which are logged at WARNING (default on)",
+    )
     p.set_defaults(handler=cmd_sidecar)
     sub = p.add_subparsers(dest="sidecar_command", metavar="SUBCOMMAND")
     ipt = sub.add_parser(
@@ -279,12 +287,14 @@ def _with_app_ports(config: SidecarConfig, ports: list[int]) -> SidecarConfig:
 
 
 def cmd_sidecar(args: argparse.Namespace) -> int:
+    from .accesslog import ACCESS_LOGGER
     from .dataplane import Sidecar, StartupError
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    configure_logging(args)
+    # Its own level: per-stream lines show under the default WARNING; off, the logger
+    # follows --log-level, so refusals (WARNING) still show.
+    logging.getLogger(ACCESS_LOGGER).setLevel(
+        logging.INFO if args.access_log == "on" else logging.NOTSET
     )
     try:
         config = build_config(args)

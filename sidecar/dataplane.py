@@ -112,7 +112,9 @@ class Sidecar:
             for port, target in self.config.inbound.targets.items()
             if target.allow is not None
         }
-        parts = [Authorizer(per_port)]
+        # Named as a refused caller and the access log see them: where the rules are.
+        sources = {port: (f"inbound.targets.{port}.allow",) for port in per_port}
+        parts = [Authorizer(per_port, sources=sources)]
         plaintext = STRICT
         registry: MeshRegistry | None = None
         policy_file = self.config.policy_file

@@ -3,10 +3,11 @@
 Per stream: parse the CONNECT (`hbone`), find the app address for the target port
 (`InboundConfig.app_for`: only declared targets; any other port → 404 and
 `trellis_sidecar_connect_requests_rejected_total{status="404"}`), authorise the peer's
-SPIFFE ID for that port (`policy.Authorizer`; refusal → 403 and
-`trellis_sidecar_policy_decisions{decision="deny"}`), and only then dial the app. The app
-unreachable → 503. Every refusal is an HTTP status on that stream alone; the connection
-and its other streams go on.
+SPIFFE ID for that port (`policy.Authorizer`; refusal → 403 naming the rule, see
+`hbone.denial_headers`, and `trellis_sidecar_policy_decisions{decision="deny"}`), and only
+then dial the app. The app unreachable → 503. Every refusal is an HTTP status on that
+stream alone; the connection and its other streams go on. Every stream, refused or not,
+ends in one access-log line (`sidecar.accesslog`); a denial's is a WARNING.
 
 The sidecar's own ports are refused here as well as in the configuration
 (`check_consistency`): a config built in code skips that check, and a stream into the
@@ -22,12 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
+from ca.spiffeid import SpiffeId
+
+from .accesslog import log_stream
 from .bridge import Bridge
 from .channel import EngineChannel, SecureChannel
 from .config import InboundConfig
-from .hbone import Refusal, parse_connect
+from .hbone import Refusal, denial_headers, parse_connect
 from .identity import Identity
 from .listen import listen_twin
 from .metrics import Metrics
@@ -38,6 +44,32 @@ from .session import Session, SessionSettings, credentials_changed
 logger = logging.getLogger("sidecar.inbound")
 
 __all__ = ["Inbound"]
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One stream's access-log line, filled in as the stream goes."""
+
+    started: float
+    peer: SpiffeId | None
+    port: int | None = None
+    rule: str | None = None
+    status: int | None = None
+    reason: str | None = None
+
+    def log(self, outcome: str, bridge: Bridge | None = None) -> None:
+        log_stream(
+            "inbound",
+            outcome,
+            started=self.started,
+            peer=self.peer,
+            port=self.port,
+            status=self.status,
+            rule=self.rule,
+            reason=self.reason,
+            bytes_sent=bridge.bytes_up if bridge is not None else 0,
+            bytes_received=bridge.bytes_down if bridge is not None else 0,
+        )
 
 
 class Inbound:
@@ -128,29 +160,42 @@ class Inbound:
     def _request(
         self, session: Session, stream_id: int, headers: list[tuple[bytes, bytes]]
     ) -> None:
+        # The caller's SPIFFE ID, parsed once by the engine from the leaf's URI SAN.
+        entry = _Entry(time.monotonic(), session.peer_id)
         request = parse_connect(headers)
         if isinstance(request, Refusal):
-            self._refuse(session, stream_id, request.status, request.reason)
+            self._refuse(session, stream_id, request.status, request.reason, entry)
             return
+        entry.port = request.port
         app = self.config.app_for(request.port)
         if app is None or app.port in self.own_ports:
-            self._refuse(session, stream_id, 404, f"no local target for port {request.port}")
+            reason = f"no local target for port {request.port}"
+            self._refuse(session, stream_id, 404, reason, entry)
             return
-        caller = session.peer_id  # parsed once by the engine, from the leaf's URI SAN
-        decision = self.authorizer().decide(caller, request.port, self.identity.trust_domain)
+        authorizer = self.authorizer()
+        decision = authorizer.decide(entry.peer, request.port, self.identity.trust_domain)
+        entry.rule = decision.rule
         if not decision.allowed:
             self.metrics.policy.labels(decision="deny").inc()
-            logger.info("denied %s -> port %d: %s", caller, request.port, decision.reason)
-            session.refuse(stream_id, 403)
+            entry.status, entry.reason = 403, decision.reason
+            entry.log("denied")
+            http = authorizer.speaks_http(request.port)
+            session.refuse(stream_id, 403, denial_headers(decision.rule, http=http))
             self.metrics.streams.labels(direction="inbound", outcome="refused").inc()
             return
         self.metrics.policy.labels(decision="allow").inc()
 
         def connected() -> None:
+            entry.status = 200
             if stream_id in session.streams:
                 session.respond(stream_id, 200)
 
-        bridge = Bridge(self.metrics, "inbound", on_connected=connected)
+        def done(bridge: Bridge, outcome: str) -> None:
+            if entry.status is None:  # never connected: `_dial` answered 503
+                entry.status, entry.reason = 503, f"local app {app.host}:{app.port} unreachable"
+            entry.log(outcome, bridge)
+
+        bridge = Bridge(self.metrics, "inbound", on_connected=connected, on_done=done)
         session.accept_stream(stream_id, bridge)
         bridge.attach(session, stream_id)
         task = asyncio.get_running_loop().create_task(
@@ -173,8 +218,11 @@ class Inbound:
                 session.refuse(stream_id, 503)
             bridge.refuse()
 
-    def _refuse(self, session: Session, stream_id: int, status: int, reason: str) -> None:
-        logger.info("refused CONNECT on %s: %d %s", session.peername, status, reason)
+    def _refuse(
+        self, session: Session, stream_id: int, status: int, reason: str, entry: _Entry
+    ) -> None:
+        entry.status, entry.reason = status, reason
+        entry.log("refused")
         self.metrics.connect_errors.labels(status=str(status)).inc()
         session.refuse(stream_id, status)
 

@@ -9,6 +9,13 @@
   destination is in the mesh. With a mesh registry published (``meshapi.registry``), any
   other destination is passed through or refused (``sidecar.passthrough``); without one,
   every destination is taken to be in the mesh.
+
+A stream the peer's policy refuses (403) ends the app's connection with a reset, as a
+firewall would, unless the peer said the app behind it speaks HTTP (``hbone.denial_of``):
+then the app gets an HTTP/1.1 ``403 Forbidden`` naming the rule, the connection is
+half-closed, and what the app still sends is read and dropped for `LINGER` seconds before
+the close (RFC 9112 §9.6: closing with unread input would reset the connection, and the app
+could lose the answer). Every stream ends in one access-log line (`sidecar.accesslog`).
 """
 
 from __future__ import annotations
@@ -18,24 +25,30 @@ import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from ca.spiffeid import SpiffeId
 from meshapi.registry import MeshRegistry
 
+from .accesslog import log_stream
 from .bridge import Bridge
 from .config import Address, UpstreamConfig
+from .h2tunnel import ErrorCode
+from .hbone import denial_of, http_forbidden
 from .listen import listen_twin
 from .metrics import Metrics
 from .passthrough import PassthroughRoute, take_over
 from .pool import PoolSet
+from .session import Session
 
 logger = logging.getLogger("sidecar.outbound")
 
 __all__ = ["Outbound", "original_destination"]
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+LINGER = 2.0  # seconds an app's unread request may keep arriving after our HTTP 403
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
@@ -76,6 +89,13 @@ class _OutboundBridge(Bridge):
         # socket even after connection_made paused it), handed to the splice once it runs.
         self.held: list[bytes] | None = None
         self.held_eof = False
+        # For the access log: when the app connected, whom the stream reached, how it ended.
+        self.started = time.monotonic()
+        self.peer: SpiffeId | None = None
+        self.status: int | None = None
+        self.rule: str | None = None
+        self.reason: str | None = None
+        self._lingering = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -86,6 +106,7 @@ class _OutboundBridge(Bridge):
             logger.warning(
                 "no original destination for %s: %s", transport.get_extra_info("peername"), exc
             )
+            self.reason = f"no original destination: {exc}"
             self.refuse()
             return
         if isinstance(route, PassthroughRoute):
@@ -96,7 +117,34 @@ class _OutboundBridge(Bridge):
         self.route = route
         self._outbound.start(self)
 
+    def attach(self, session: Session, stream_id: int) -> None:
+        self.peer = session.peer_id
+        super().attach(session, stream_id)
+
+    def stream_response(self, status: int, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        self.status = status
+        denial = denial_of(headers) if status == 403 else None
+        if denial is not None:
+            self.rule = denial.rule
+        transport = self.transport
+        if denial is None or not denial.http or transport is None or transport.is_closing():
+            super().stream_response(status, headers)
+            return
+        # The peer's app speaks HTTP: answer ours in HTTP, naming the rule.
+        if self.session is not None:
+            self.session.reset(self.stream_id, ErrorCode.CANCEL)
+        self._lingering = True
+        transport.write(http_forbidden(denial.rule))
+        if transport.can_write_eof():
+            transport.write_eof()
+        if not transport.is_reading():
+            transport.resume_reading()
+        asyncio.get_running_loop().call_later(LINGER, transport.close)
+        self._done("refused")
+
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # the request we refused: read only so that the close is not a reset
         if self.held is None:
             super().data_received(data)
             return
@@ -105,6 +153,8 @@ class _OutboundBridge(Bridge):
             self.transport.pause_reading()
 
     def eof_received(self) -> bool:
+        if self._lingering:
+            return False  # the app is done too: close
         if self.held is None:
             return super().eof_received()
         self.held_eof = True
@@ -189,6 +239,7 @@ class Outbound:
             await self.pools.open(endpoints, ids, authority, bridge)
         except ConnectionError as exc:
             logger.info("no stream for %s: %s", authority, exc)
+            bridge.reason = f"no stream: {exc}"
             bridge.refuse()
 
     def passthrough(
@@ -209,6 +260,22 @@ class Outbound:
 
     def done(self, bridge: Bridge, outcome: str) -> None:
         self.bridges.discard(bridge)
+        if not isinstance(bridge, _OutboundBridge):
+            return
+        if outcome == "refused":
+            outcome = "denied"  # Bridge calls a peer's 403 "refused"; the log says what it was
+        log_stream(
+            "outbound",
+            outcome,
+            started=bridge.started,
+            peer=bridge.peer,
+            authority=bridge.route[2] if bridge.route is not None else None,
+            status=bridge.status,
+            rule=bridge.rule,
+            reason=bridge.reason,
+            bytes_sent=bridge.bytes_up,
+            bytes_received=bridge.bytes_down,
+        )
 
     def close_listeners(self) -> None:
         for server in self.servers:

@@ -53,6 +53,9 @@ parse_rules = parse_caller_rules
 class Decision:
     allowed: bool
     reason: str
+    # What decided, for the access log and a refused caller's 403: the policies covering the
+    # port ("AccessPolicy ledger"), "default" (none covers it) or "identity" (no SPIFFE ID).
+    rule: str = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,12 @@ class Authorizer:
 
     per_port: Mapping[int, tuple[CallerRule, ...]] = field(default_factory=dict)
     any_port: tuple[CallerRule, ...] | None = None
+    # Where the rules came from (a policy's name), per listed port and for any port; and
+    # the ports whose app speaks HTTP (a refusal there can be an HTTP 403 for the caller).
+    sources: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+    any_port_sources: tuple[str, ...] = ()
+    http_ports: frozenset[int] = frozenset()
+    any_port_http: bool = False
 
     def rules_for(self, port: int) -> tuple[CallerRule, ...] | None:
         listed = self.per_port.get(port)
@@ -74,11 +83,21 @@ class Authorizer:
             return listed
         return listed + self.any_port
 
+    def source_of(self, port: int) -> str:
+        """The policies whose rules apply to ``port``, as a refused caller sees them named."""
+        names = self.sources.get(port, ()) if port in self.per_port else ()
+        if self.any_port is not None:
+            names += self.any_port_sources
+        return ", ".join(dict.fromkeys(names)) or f"allow list for port {port}"
+
+    def speaks_http(self, port: int) -> bool:
+        return port in self.http_ports or self.any_port_http
+
     def decide(
         self, caller: SpiffeId | None, port: int, own_trust_domain: TrustDomain | None
     ) -> Decision:
         if caller is None:
-            return Decision(False, "peer presented no SPIFFE ID")
+            return Decision(False, "peer presented no SPIFFE ID", "identity")
         rules = self.rules_for(port)
         if rules is None:
             if own_trust_domain is not None and caller.trust_domain == own_trust_domain:
@@ -86,8 +105,8 @@ class Authorizer:
             return Decision(False, f"no rule for port {port} and {caller} is outside our domain")
         for rule in rules:
             if rule.allows(caller):
-                return Decision(True, str(rule))
-        return Decision(False, f"{caller} matches no rule for port {port}")
+                return Decision(True, str(rule), self.source_of(port))
+        return Decision(False, f"{caller} matches no rule for port {port}", self.source_of(port))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -102,12 +121,25 @@ def authorizer_for_pod(document: PolicyDocument, labels: Mapping[str, str]) -> A
     """The document's policies that select a pod with these labels, as one `Authorizer`."""
     per_port: dict[int, tuple[CallerRule, ...]] = {}
     any_port: tuple[CallerRule, ...] | None = None
+    sources: dict[int, tuple[str, ...]] = {}
+    any_port_sources: tuple[str, ...] = ()
+    http_ports: set[int] = set()
+    any_port_http = False
     for policy in document.selecting(labels):
+        source = f"AccessPolicy {policy.name or '(unnamed)'}"
+        http = policy.protocol == "http"
         if not policy.ports:
             any_port = (any_port or ()) + policy.allow
+            any_port_sources = (*any_port_sources, source)
+            any_port_http = any_port_http or http
         for port in policy.ports:
             per_port[port] = per_port.get(port, ()) + policy.allow
-    return Authorizer(per_port, any_port)
+            sources[port] = (*sources.get(port, ()), source)
+            if http:
+                http_ports.add(port)
+    return Authorizer(
+        per_port, any_port, sources, any_port_sources, frozenset(http_ports), any_port_http
+    )
 
 
 def authorizer_from_document(document: Any, labels: Mapping[str, str]) -> Authorizer:
@@ -141,9 +173,17 @@ def parse_pod_labels(text: str) -> dict[str, str]:
 def merge(authorizers: Iterable[Authorizer]) -> Authorizer:
     per_port: dict[int, tuple[CallerRule, ...]] = {}
     any_port: tuple[CallerRule, ...] | None = None
+    sources: dict[int, tuple[str, ...]] = {}
+    any_port_sources: tuple[str, ...] = ()
+    http_ports: frozenset[int] = frozenset()
+    any_port_http = False
     for auth in authorizers:
         for port, rules in auth.per_port.items():
             per_port[port] = per_port.get(port, ()) + rules
+            sources[port] = sources.get(port, ()) + auth.sources.get(port, ())
         if auth.any_port is not None:
             any_port = (any_port or ()) + auth.any_port
-    return Authorizer(per_port, any_port)
+            any_port_sources += auth.any_port_sources
+        http_ports |= auth.http_ports
+        any_port_http = any_port_http or auth.any_port_http
+    return Authorizer(per_port, any_port, sources, any_port_sources, http_ports, any_port_http)

@@ -48,7 +48,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -79,7 +79,10 @@ SERVER_MAX_STREAMS = 1000
 class StreamHandler(Protocol):
     """The app side of one stream (implemented by `bridge.Bridge`)."""
 
-    def stream_response(self, status: int) -> None: ...
+    def stream_response(self, status: int, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """The peer's answer to our CONNECT: its status, and every header (a refusal's
+        ``trellis-policy-rule`` names what refused it)."""
+
     def stream_data(self, data: bytes | memoryview, flow_length: int) -> None: ...
     def stream_end(self) -> None: ...
     def stream_reset(self, code: int, retryable: bool) -> None: ...
@@ -394,7 +397,7 @@ class Session(asyncio.Protocol):
             stream = self.streams.get(stream_id)
             if stream is not None:
                 stream.responded = True
-                stream.handler.stream_response(_status(headers))
+                stream.handler.stream_response(_status(headers), headers)
         elif self.draining or self._on_request is None:
             self._h2.reset(stream_id, ErrorCode.REFUSED_STREAM)
         else:
@@ -489,14 +492,18 @@ class Session(asyncio.Protocol):
                 self._maybe_forget(stream_id)
         self._flush()
 
-    def refuse(self, stream_id: int, status: int) -> None:
-        """A final status, then RST_STREAM(NO_ERROR): we will not read the request body
-        (RFC 9113 §8.1 allows a complete response before the request ends)."""
+    def refuse(
+        self, stream_id: int, status: int, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """A final status (and ``headers``), then RST_STREAM(NO_ERROR): we will not read the
+        request body (RFC 9113 §8.1 allows a complete response before the request ends)."""
         self.streams.pop(stream_id, None)
         if self.dead:
             return
         try:
-            self._h2.send_headers(stream_id, [(b":status", str(status).encode())], end_stream=True)
+            self._h2.send_headers(
+                stream_id, [(b":status", str(status).encode()), *headers], end_stream=True
+            )
             self._h2.reset(stream_id, ErrorCode.NO_ERROR)
         except H2StateError:
             pass

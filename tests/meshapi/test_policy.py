@@ -85,6 +85,7 @@ _policies = st.builds(
     ports=st.lists(st.integers(1, 65535), max_size=4).map(tuple),
     allow=st.lists(st.builds(CallerRule, _spiffe_ids, st.booleans()), max_size=4).map(tuple),
     mtls=st.sampled_from([None, "STRICT", "PERMISSIVE"]),
+    protocol=st.sampled_from([None, "tcp", "http"]),
 )
 _documents = st.builds(
     PolicyDocument,
@@ -176,13 +177,26 @@ def test_a_document_without_the_optional_fields_reads_with_their_defaults() -> N
     assert parse_policy_document({}) == PolicyDocument()
 
 
-def test_the_withdrawn_protocol_and_early_data_fields_of_older_documents_are_ignored() -> None:
-    """No data plane ever read ``protocol`` or ``earlyDataMethods``; a document an older
-    operator wrote with them still reads, as if they were not there."""
-    older = {**CANONICAL, "policies": [{**CANONICAL["policies"][0], "protocol": "http",
+def test_the_withdrawn_early_data_field_of_older_documents_is_ignored() -> None:
+    """No data plane ever read ``earlyDataMethods``; a document an older operator wrote
+    with it still reads, as if it were not there."""
+    older = {**CANONICAL, "policies": [{**CANONICAL["policies"][0],
                                         "earlyDataMethods": ["GET"]}]}  # fmt: skip
     assert parse_policy_document(older).policies == parse_policy_document(CANONICAL).policies[:1]
-    assert "protocol" not in render_policy_document(parse_policy_document(older))["policies"][0]
+
+
+def test_a_policy_names_the_protocol_its_app_speaks() -> None:
+    """``protocol: http`` is read (a refused caller then gets an HTTP 403) and rendered back;
+    anything but tcp or http is refused with the field's path."""
+    http = {**CANONICAL, "policies": [{**CANONICAL["policies"][0], "protocol": "http"}]}
+    document = parse_policy_document(http)
+    assert document.policies[0].protocol == "http"
+    assert render_policy_document(document)["policies"][0]["protocol"] == "http"
+    assert parse_policy_document(CANONICAL).policies[0].protocol is None
+    with pytest.raises(FieldError, match=r"policies\[0\]\.protocol.*tcp or http"):
+        parse_policy_document(
+            {**CANONICAL, "policies": [{**CANONICAL["policies"][0], "protocol": "grpc"}]}
+        )
 
 
 def test_fields_a_newer_operator_adds_are_ignored() -> None:
