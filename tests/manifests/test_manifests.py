@@ -33,6 +33,7 @@ from ca.server.bans import parse_ban_list
 from ca.server.metrics import CaMetrics
 from mesh_operator.bans import BAN_LIST_KEY, ban_list
 from mesh_operator.handlers import ENTRIES_KEY, OperatorConfig
+from mesh_operator.metrics import WebhookMetrics
 from mesh_operator.spec import (
     parse_access_policy,
     parse_federated_trust_domain,
@@ -269,11 +270,16 @@ def test_alert_rules_pass_promtool_and_the_prometheusrule_mirrors_them(tmp_path:
         "TrellisCAIssuanceErrors",
         "TrellisCAAuthorityExpiresSoon",
         "TrellisSVIDsCloseToExpiry",
-        "TrellisResumptionRatioDropped",
-        "TrellisEarlyDataRejectionSpike",
         "TrellisAgentSVIDCloseToExpiry",
         "TrellisAgentFetchErrors",
         "TrellisFederatedBundleStale",
+        "TrellisCADown",
+        "TrellisOperatorDown",
+        "TrellisWebhookDown",
+        "TrellisWebhookCertificateExpiresSoon",
+        "TrellisSidecarSVIDCloseToExpiry",
+        "TrellisPolicyDenialSpike",
+        "TrellisHandshakeFailures",
     } <= alerts
 
 
@@ -283,7 +289,7 @@ def test_the_scrape_config_passes_promtool_with_static_targets(tmp_path: Path) -
     everything else (relabelling, rule files) with promtool."""
     config = yaml.safe_load((MANIFESTS / "prometheus" / "prometheus.yml").read_text())
     jobs = {job["job_name"] for job in config["scrape_configs"]}
-    assert jobs == {"trellis-ca", "trellis-agent", "trellis-sidecar"}
+    assert jobs == {"trellis-ca", "trellis-operator", "trellis-agent", "trellis-sidecar"}
     for job in config["scrape_configs"]:
         assert job.pop("kubernetes_sd_configs")
         job["static_configs"] = [{"targets": ["127.0.0.1:9090"]}]
@@ -315,7 +321,8 @@ def exported_metric_names() -> set[str]:
     ca.entry_reload_failed()
     ca.federation_fetch("partner.org", "ok")
     # The sidecar's own registry too: its trellis_sidecar_* names (sidecar/__init__.py).
-    for registry in (ca.registry, AgentMetrics().registry, SidecarMetrics().registry):
+    registries = (ca.registry, AgentMetrics().registry, SidecarMetrics().registry)
+    for registry in (*registries, WebhookMetrics().registry):
         for family in registry.collect():
             suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
             names.update(family.name + s for s in suffixes.get(family.type, ("",)))
@@ -350,7 +357,10 @@ def test_the_dashboard_uses_only_the_metric_names_of_the_contract() -> None:
         "trellis_agent_upstream_refusals_total",
         "trellis_ca_federation_fetch_total",
         "trellis_ca_federation_last_success_timestamp_seconds",
-        "tls_early_data_total",
+        "trellis_sidecar_policy_decisions_total",
+        "trellis_sidecar_tls_handshake_failures_total",
+        "trellis_sidecar_svid_expiry_timestamp_seconds",
+        "trellis_operator_webhook_certificate_expiry_timestamp_seconds",
     ):
         assert metric in used
 
@@ -389,9 +399,7 @@ def test_the_dashboard_imports_with_a_datasource_variable_and_unique_panel_ids()
         "Federation fetch outcomes",
         "Federated bundle age",
         "Handshake duration p95",
-        "Resumption ratio",
         "Share of X25519MLKEM768 handshakes",
-        "Early data outcomes",
         "Cipher suites",
         "TLS versions",
     ):
