@@ -18,7 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from ca.rotation import IssuanceLedger, issued_by
+from ca.rotation import LEDGER_GRANULARITY, IssuanceLedger, issued_by
 from ca.store import CaStore
 from trellis.cli import main
 
@@ -207,7 +207,7 @@ def test_retire_waits_for_the_last_svid_of_the_old_chain_then_drops_the_old_root
     until = dt.datetime.fromtimestamp(last, dt.UTC)
     assert f"{until:%Y-%m-%d %H:%M}" in err
     # The last SVID of the old chain has expired: the record says so.
-    _record(ca_dir, "west", valid_until=time.time() - 1, signing=False)
+    _record(ca_dir, "west", valid_until=time.time() - 2 * LEDGER_GRANULARITY, signing=False)
     assert main(["ca", "root", "retire", "--dir", str(ca_dir)]) == 0
     assert roots(ca_dir) == [new_root]
     assert CaStore(ca_dir).previous_root_certificate() is None
