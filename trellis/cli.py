@@ -39,6 +39,7 @@ _COMMAND_MODULES: dict[str, str] = {
     "up": "trellis.up.cli",
     "demo": "trellis.demo.cli",
     "completion": "trellis.completion",
+    "check": "trellis.diagnose.check",
 }
 
 

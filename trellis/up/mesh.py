@@ -77,6 +77,7 @@ _PORT_NAMES = (
     "intruder_upstream",
 )
 ECHO_TARGET_PORT = 8080  # the port behind the echo sidecar that the CONNECT names
+CA_ADMIN_SOCKET = "ca.sock"  # in the run directory; shorter than agent.sock, checked below
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,8 @@ class MeshConfig:
     # A third sidecar, "intruder", calls the echo server once: its refusal shows the policy.
     probe_policy: bool = True
     startup_timeout: float = 60.0
+    # --log-format/--log-level for the long-running children (ca serve, agent, sidecars).
+    log_args: tuple[str, ...] = ()
 
     def spiffe_id(self, name: str) -> SpiffeId:
         return SpiffeId(f"spiffe://{self.trust_domain.name}/ns/demo/sa/{name}")
@@ -270,6 +273,7 @@ class Mesh:
                 "--attest-listen", f"{host}:{ports['ca_attest']}",
                 "--bundle-listen", "off",
                 "--metrics-listen", f"{host}:{ports['ca_metrics']}",
+                "--admin-socket", str(run_dir / CA_ADMIN_SOCKET),
                 "--entries", str(entries), "--poll-interval", "1",
             ],
         )  # fmt: skip
@@ -367,6 +371,8 @@ class Mesh:
             if user is not None and executable is None:
                 executable = self._app_executable
         env = {"TMPDIR": str(tmp), **(env or {})}
+        if argv[0] in ("ca", "agent", "sidecar"):
+            argv = [*argv, *self.config.log_args]
         try:
             child = spawn(name, argv, self.run_dir / "logs", env, executable=executable, user=user)
         except OSError as exc:
