@@ -17,6 +17,7 @@ from typing import Any
 from ca.spiffeid import SpiffeIdError, TrustDomain
 from core.durations import parse_duration
 from core.errors import CliError
+from core.logs import add_logging_arguments, log_format_for
 from trellis.up.mesh import Mesh, MeshConfig, StartupError
 from trellis.up.status import Snapshot, collect, render
 
@@ -122,6 +123,8 @@ def register(commands: Any) -> None:
     p.add_argument("--connections", type=_small_count, default=4, help="load generator's")
     p.add_argument("--size", type=_size, default=1024, help="request body bytes (echoed)")
     p.add_argument("--interval", type=_interval, default=1.0, help="status refresh (default 1s)")
+    # For the children (CA, agent, sidecars), whose logs go to files in the run directory.
+    add_logging_arguments(p)
     p.set_defaults(handler=cmd_up)
 
 
@@ -132,6 +135,8 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     if args.base_dir is not None and not args.base_dir.is_dir():
         raise CliError(f"--base-dir {args.base_dir} is not a directory")
+    # auto: as this command's own terminal suggests, though the children write to files.
+    log_format = log_format_for(args.log_format, sys.stderr)
     config = MeshConfig(
         trust_domain=args.trust_domain,
         svid_ttl=args.svid_ttl,
@@ -141,6 +146,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         rate=args.rate,
         connections=args.connections,
         size=args.size,
+        log_args=("--log-format", log_format, "--log-level", args.log_level),
     )
     mesh = Mesh(config, progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     live = sys.stdout.isatty()
