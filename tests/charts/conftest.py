@@ -100,3 +100,7 @@ def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     spec = doc["spec"]["template"]["spec"]
     return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+# The real control plane's binaries, as tests/kube finds them (skipped until `make kube`).
+from tests.kube.conftest import kube_bin  # noqa: E402, F401
