@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import time
 from pathlib import Path
 
@@ -204,7 +205,10 @@ def test_retire_waits_for_the_last_svid_of_the_old_chain_then_drops_the_old_root
     assert (
         "cluster west's previous intermediate" in err and "SVIDs it signed are valid until" in err
     )
-    until = dt.datetime.fromtimestamp(last, dt.UTC)
+    # As recorded: rounded up to the record's granularity.
+    until = dt.datetime.fromtimestamp(
+        math.ceil(last / LEDGER_GRANULARITY) * LEDGER_GRANULARITY, dt.UTC
+    )
     assert f"{until:%Y-%m-%d %H:%M}" in err
     # The last SVID of the old chain has expired: the record says so.
     _record(ca_dir, "west", valid_until=time.time() - 2 * LEDGER_GRANULARITY, signing=False)
