@@ -307,6 +307,51 @@ def webhook(host: str, directory: Path) -> Iterator[tuple[str, Path, subprocess.
         yield f"{host}:{port}", tls / "ca.crt", proc
 
 
+def admit_the_example_pod(address: str, ca_file: Path) -> bool:
+    """POST manifests/examples/pod.yaml to the webhook's /mutate as the API server would
+    (AdmissionReview v1, over HTTPS verified for the Service's name); whether it allowed."""
+    obj = yaml.safe_load((REPO / "manifests" / "examples" / "pod.yaml").read_text())
+    kind = {"group": "", "version": "v1", "kind": "Pod"}
+    resource = {"group": "", "version": "v1", "resource": "pods"}
+    review = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "0b3c6a52-6a5e-4c1b-9a0e-6d1f3f0c2a11",
+            "kind": kind,
+            "resource": resource,
+            "requestKind": kind,
+            "requestResource": resource,
+            "namespace": obj["metadata"]["namespace"],
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": obj,
+            "dryRun": False,
+        },
+    }
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=ca_file)
+    with (
+        socket.create_connection((host, int(port)), 5) as raw,
+        context.wrap_socket(raw, server_hostname=WEBHOOK_NAME) as tls,
+    ):
+        body = json.dumps(review).encode()
+        tls.sendall(
+            b"POST /mutate HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (WEBHOOK_NAME.encode(), len(body), body)
+        )
+        answer = b""
+        for _ in range(1000):  # bounded: the webhook answers and closes
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return bool(json.loads(payload)["response"]["allowed"])
+
+
 def fail_a_handshake(host: str, port: int) -> None:
     """A TLS 1.3 client with no certificate: the inbound sidecar requires one (mTLS), so
     the handshake fails on its side with certificate_required (RFC 8446 §4.4.2.4)."""
@@ -593,6 +638,13 @@ def test_every_panel_returns_data_against_a_running_mesh(tmp_path: Path) -> None
                     "Prometheus to see a second failed handshake",
                     lambda: (prom.value(failed) or 0) >= 2,
                 )
+                # An admission review, counted by the webhook (its series exist at 0).
+                reviewed = 'trellis_operator_admission_reviews_total{webhook="mutate"}'
+                assert admit_the_example_pod(webhook_address, webhook_ca)
+                wait_for(
+                    "Prometheus to see the admission review",
+                    lambda: prom.value(f"sum({reviewed})") == 1,
+                )
                 # The burst's streams created the ok series as they ended: a few more now
                 # give the streams panel an increase on it.
                 ended = 'sum(trellis_sidecar_streams_total{direction="outbound", outcome="ok"})'
@@ -713,12 +765,14 @@ def test_every_panel_returns_data_against_a_running_mesh(tmp_path: Path) -> None
             days = float(certificate["value"][1]) / 86400
             assert 29 < days <= 30, days  # the operator's serving certificate: 30 days
             reviews = {
-                (m["webhook"], m["allowed"]) for m in map(label_set, results["Admission reviews"])
+                (r["metric"]["webhook"], r["metric"]["allowed"]): float(r["value"][1])
+                for r in results["Admission reviews"]
             }
             builds = {m["job"] for m in map(label_set, results["Builds running"])}
             assert builds == set(targets), builds  # every process exports trellis_build_info
-            # Every webhook and outcome, at 0 from start-up (no API server calls it here).
-            assert reviews == {(w, a) for w in WEBHOOKS for a in ("true", "false")}, reviews
+            # Every webhook and outcome, exported from start-up; the one review allowed.
+            assert set(reviews) == {(w, a) for w in WEBHOOKS for a in ("true", "false")}
+            assert {k for k, v in reviews.items() if v > 0} == {("mutate", "true")}, reviews
 
             # The template variables: each lists what the scrape labelled, and selecting a
             # namespace filters the CA row (its targets are in the control plane's).
