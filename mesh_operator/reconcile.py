@@ -546,6 +546,7 @@ def compile_policies(snapshot: ClusterSnapshot) -> PolicyResult:
                     ports=p.ports,
                     allow=p.allow,
                     mtls=p.mtls,
+                    protocol=p.protocol,
                 )
                 for p in policies
             ),

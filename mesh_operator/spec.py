@@ -33,7 +33,14 @@ from ca.x509svid import DEFAULT_X509_SVID_TTL, MAX_X509_SVID_TTL
 from core.durations import format_duration, parse_duration
 from core.labels import LabelSelector, check_label_key
 from mesh_operator.errors import SpecError
-from meshapi.policy import MTLS_MODES, CallerRule, MtlsMode, parse_caller_rules
+from meshapi.policy import (
+    APP_PROTOCOLS,
+    MTLS_MODES,
+    AppProtocol,
+    CallerRule,
+    MtlsMode,
+    parse_caller_rules,
+)
 
 __all__ = [
     "API_VERSION",
@@ -333,6 +340,9 @@ class AccessPolicySpec:
     ports: tuple[int, ...]
     allow: tuple[CallerRule, ...]
     mtls: MtlsMode | None  # None: the spec names no mode (strict unless another policy says)
+    # What the selected pods' apps speak on these ports; http lets a refused caller's sidecar
+    # answer its app 403 Forbidden naming this policy (None: tcp, the connection is reset).
+    protocol: AppProtocol | None = None
 
 
 def parse_access_policy(obj: Any) -> AccessPolicySpec:
@@ -351,12 +361,16 @@ def parse_access_policy(obj: Any) -> AccessPolicySpec:
     mtls = spec.get("mtls")
     if mtls is not None and mtls not in MTLS_MODES:
         raise SpecError("spec.mtls", f"{mtls!r} must be STRICT or PERMISSIVE")
+    protocol = spec.get("protocol")
+    if protocol is not None and protocol not in APP_PROTOCOLS:
+        raise SpecError("spec.protocol", f"{protocol!r} must be tcp or http")
     return AccessPolicySpec(
         ref=ref,
         selector=LabelSelector.parse(spec.get("selector"), "spec.selector"),
         ports=tuple(sorted(set(ports))),
         allow=allow,
         mtls=mtls,
+        protocol=protocol,
     )
 
 

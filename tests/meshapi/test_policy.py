@@ -133,6 +133,7 @@ def test_what_the_operator_compiles_is_canonical_and_reads_back_as_it_was_built(
                 "selector": {"matchLabels": {"app": "web", "tier": "front"}},
                 "ports": [8443, 8080],
                 "mtls": "PERMISSIVE",
+                "protocol": "http",
                 "allow": [
                     {"prefix": "spiffe://example.org/ns/front"},
                     {"exact": "spiffe://partner.example/ns/pay/sa/api"},
@@ -151,7 +152,9 @@ def test_what_the_operator_compiles_is_canonical_and_reads_back_as_it_was_built(
     ledger = document.policies[1]
     assert ledger.ports == (8080, 8443)
     assert ledger.mtls == "PERMISSIVE"
+    assert ledger.protocol == "http"
     assert document.policies[0].mtls is None  # a spec without the field names no mode
+    assert document.policies[0].protocol is None
     assert [p.name for p in document.selecting(web.labels)] == ["closed", "ledger"]
     assert [p.name for p in document.selecting({"app": "web"})] == ["closed"]
 
