@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from .conftest import (
     CHART,
     MANIFESTS,
     RELEASE,
+    REPO,
     SITE_NAMESPACE,
     SITE_VALUES,
     Render,
@@ -303,3 +306,36 @@ def test_the_packaged_chart_carries_the_linked_files_and_renders_the_same(
     assert result.returncode == 0, result.stderr
     from_archive = [d for d in yaml.safe_load_all(result.stdout) if d is not None]
     assert from_archive == render()
+
+
+@pytest.mark.parametrize("mode", ["csi", "hostpath"])
+def test_the_socket_volume_value_decides_how_injected_pods_mount_the_workload_api(
+    render: Render, tmp_path: Path, mode: str
+) -> None:
+    """The operator's injection flags, as the chart renders them, given to the real
+    `trellis operator inject` (the webhook's own function) with the example pod."""
+    docs = render({"agent": {"socketVolume": mode, "socketDir": "/run/site/workload"}})
+    args = _args(docs, "Deployment", "trellis-operator", "operator")
+    flags = [a for a in args if a.startswith(("--sidecar-image=", "--agent-socket-"))]
+    result = subprocess.run(
+        [sys.executable, "-m", "trellis", "operator", "inject", "-o", "json", *flags,
+         str(MANIFESTS / "examples" / "pod.yaml")],
+        capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    volumes = json.loads(result.stdout)["spec"]["volumes"]
+    (socket,) = [v for v in volumes if v["name"] == "trellis-workload-api"]
+    agent = _one(docs, "DaemonSet", "trellis-agent")["spec"]["template"]["spec"]
+    names = [c["name"] for c in agent["containers"]]
+    drivers = [d for d in docs if d["kind"] == "CSIDriver"]
+    if mode == "csi":
+        assert socket["csi"] == {"driver": "csi.trellis.dev", "readOnly": True}
+        assert names == ["agent", "csi", REGISTRAR]
+        assert [d["metadata"]["name"] for d in drivers] == ["csi.trellis.dev"]
+    else:
+        assert socket["hostPath"]["path"] == "/run/site/workload"
+        assert names == ["agent"]  # no plugin to publish what nothing asks for
+        assert not drivers
+        assert not [v for v in agent["volumes"] if v["name"].startswith(("csi", "kubelet"))]
+    (workload,) = [v for v in agent["volumes"] if v["name"] == "workload-socket"]
+    assert workload["hostPath"]["path"] == "/run/site/workload"

@@ -29,6 +29,7 @@ ONLY_KUSTOMIZE = {("Namespace", "", "trellis-system")}
 # Operator flags the chart states explicitly (each at the operator's own default), so
 # their values are visible and settable.
 CHART_ONLY_OPERATOR_ARGS = {
+    "--agent-socket-volume=csi",
     "--agent-socket-dir=/run/trellis/workload",
     "--outbound-traffic-policy=ALLOW_ANY",
     "--log-level=info",
