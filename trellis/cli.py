@@ -40,6 +40,7 @@ _COMMAND_MODULES: dict[str, str] = {
     "demo": "trellis.demo.cli",
     "completion": "trellis.completion",
     "check": "trellis.diagnose.check",
+    "proxy": "trellis.diagnose.proxy",
 }
 
 

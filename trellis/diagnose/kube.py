@@ -74,14 +74,37 @@ def api_client(kubeconfig: Path | None) -> Any:
     return kubernetes.client.ApiClient(configuration)
 
 
+def _status_message(exc: Exception) -> str | None:
+    """The ``message`` of the API server's Status object in an error, if there is one.
+
+    A port-forward refusal arrives as a websocket handshake failure whose text is the
+    status line, the headers and the body run together; the body's Status says why."""
+    for raw in (getattr(exc, "body", None), getattr(exc, "reason", None)):
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw or "")
+        start = text.find("{")
+        while start != -1:
+            try:
+                document = json.loads(text[start:].strip())
+            except ValueError:
+                start = text.find("{", start + 1)
+                continue
+            if isinstance(document, dict) and isinstance(document.get("message"), str):
+                return str(document["message"])
+            break
+    return None
+
+
 def _api_error(exc: Exception, what: str) -> CliError:
     status = getattr(exc, "status", None)
+    message = _status_message(exc)
     if status == 404:
         return CliError(f"{what} not found")
     if status in (401, 403):
-        return CliError(f"the API server refused to show {what} (HTTP {status}); check RBAC")
-    reason = getattr(exc, "reason", None) or exc
-    return CliError(f"cannot read {what} from the API server: {reason}")
+        return CliError(f"{what}: forbidden by the API server (HTTP {status}); check RBAC")
+    if message is not None:
+        return CliError(f"{what}: refused by the API server: {message}")
+    reason = " ".join(str(getattr(exc, "reason", None) or exc).split())
+    return CliError(f"{what}: the API server answered {reason}")
 
 
 def _call(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
