@@ -16,6 +16,7 @@ Command line (stable; the injector and `trellis up` depend on it)
                     [--upstreams SERVICE:PORT=LOCAL,...] [--svid-dir DIR]
                     [--workload-api-socket unix:///path] [--spiffe-id ID]
                     [--drain-timeout SECONDS] [--log-level warning]
+                    [--log-format auto|json|text] [--access-log on|off]
     trellis sidecar iptables --proxy-uid 1337 [--outbound-port 15001] [--inbound-port 15008]
                     [--exclude-inbound-ports 15000,...] [--exclude-outbound-ports ...]
                     [--exclude-outbound-ip-ranges CIDR,...]
@@ -47,7 +48,16 @@ Policy: YAML `inbound.targets.PORT.allow` ([{exact: ID} | {prefix: ID}]) plus th
 operator's `--policy` document filtered by `--pod-labels` (reloaded when either file
 changes). A declared port no rule covers admits any caller of our own trust domain; an
 empty allow list refuses everyone. Refusal = HTTP/2 403 on that stream (never a silent
-drop); an undeclared port is 404 before any policy.
+drop) with `trellis-policy-rule` naming what refused (`AccessPolicy NAME`, or
+`inbound.targets.PORT.allow`); an undeclared port is 404 before any policy. The caller's
+sidecar resets its app's connection, unless the refusing policy says `protocol: http`:
+then the app gets an HTTP/1.1 `403 Forbidden` whose body names the rule.
+
+Logs (`core.logs`): JSON lines on stderr unless it is a terminal (`--log-format`). The
+access log (`sidecar.access`, `--access-log on` by default) is one line per stream:
+direction, peer SPIFFE ID, port or authority, status, outcome, policy rule, reason, bytes
+each way, duration. Allowed streams log at INFO, denials at WARNING, so they show at the
+default `--log-level warning`; `--access-log off` keeps only the denials.
 
 Permissive mode (`mtls: PERMISSIVE` on a selecting policy, transparent mode only): the
 inbound listener reads the first bytes; a TLS record goes to mTLS and the policy as
