@@ -12,6 +12,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -263,3 +266,29 @@ def test_intermediate_rotate_of_an_unknown_cluster_is_refused_in_one_line(
     err = refused(capsys, *argv)
     assert "no intermediate for cluster 'north'" in err
     assert snapshot(ca_dir) == before
+
+
+def test_the_refusals_are_one_line_from_the_command_as_a_process_too(ca_dir: Path) -> None:
+    def run(*argv: str, passphrase: str = PASS) -> str:
+        environ = {**os.environ, "TRELLIS_ROOT_PASSPHRASE": passphrase}
+        result = subprocess.run(
+            [sys.executable, "-m", "trellis", *argv],
+            capture_output=True,
+            text=True,
+            env=environ,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 1 and result.stdout == "", result
+        assert result.stderr.startswith("trellis: error: ") and result.stderr.count("\n") == 1
+        return result.stderr
+
+    directory = str(ca_dir)
+    assert "no prepared root" in run("ca", "root", "activate", "--dir", directory)
+    assert "wrong passphrase" in run(
+        "ca", "root", "prepare", "--dir", directory, passphrase="not the passphrase"
+    )
+    assert main(["ca", "root", "prepare", "--dir", directory]) == 0
+    assert "already pending" in run("ca", "root", "prepare", "--dir", directory)
+    assert main(["ca", "root", "activate", "--dir", directory]) == 0
+    assert "still anchors what is valid" in run("ca", "root", "retire", "--dir", directory)
