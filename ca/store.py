@@ -291,6 +291,11 @@ class CaStore:
             private_key_pem(intermediate.private_key, self.key_passphrase),
         )
         write_public_file(current, _pem(intermediate.certificate))
+        # An expired one anchors nothing any more: keep the directory from growing forever.
+        now = utcnow()
+        for path, cert in self.superseded_intermediates(intermediate.cluster):
+            if cert.not_valid_after_utc <= now:
+                path.unlink(missing_ok=True)
 
     def superseded_intermediates(self, cluster: str) -> list[tuple[Path, x509.Certificate]]:
         directory = self.superseded_dir(cluster)

@@ -292,3 +292,19 @@ def test_the_refusals_are_one_line_from_the_command_as_a_process_too(ca_dir: Pat
     assert "already pending" in run("ca", "root", "prepare", "--dir", directory)
     assert main(["ca", "root", "activate", "--dir", directory]) == 0
     assert "still anchors what is valid" in run("ca", "root", "retire", "--dir", directory)
+
+
+def test_intermediate_rotate_forgets_replaced_intermediates_once_they_have_expired(
+    ca_dir: Path,
+) -> None:
+    store = CaStore(ca_dir, key_passphrase=KEY_PASS.encode())
+    first = store.intermediate_certificate("west")
+    argv = ["ca", "intermediate", "rotate", "--dir", str(ca_dir), "--cluster", "west"]
+    assert main([*argv, "--ttl", "1s"]) == 0
+    short_lived = store.intermediate_certificate("west")
+    wait = (short_lived.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
+    time.sleep(max(0.0, wait) + 0.1)
+    assert main(argv) == 0
+    assert main(argv) == 0
+    kept = [cert for _, cert in store.superseded_intermediates("west")]
+    assert first in kept and short_lived not in kept and len(kept) == 2
