@@ -231,6 +231,7 @@ class Node:
     pods: list[RunningPod] = field(default_factory=list)
     _next_ip: int = 10
     _veths: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
     _netns_made: list[str] = field(default_factory=list)
 
     @property
@@ -393,15 +394,36 @@ class Node:
         return call(self.netns, host, port, text)
 
     def run(self, plane: Any, pod: Mapping[str, Any]) -> RunningPod:
-        running = RunningPod(self, plane, dict(pod))
-        self.pods.append(running)
-        try:
-            running.start()
-        except BaseException:
-            print(running.logs())
-            running.stop()
-            raise
-        return running
+        (started,) = self.run_many(plane, [pod])
+        return started
+
+    def run_many(self, plane: Any, pods: Sequence[Mapping[str, Any]]) -> list[RunningPod]:
+        """Start ``pods`` side by side, as a kubelet starts the pods bound to its node."""
+        with self.lock:
+            first = len(self.pods)
+            started = [RunningPod(self, plane, dict(pod)) for pod in pods]
+            self.pods.extend(started)
+        errors: list[BaseException] = []
+
+        def start(index: int, pod: RunningPod) -> None:
+            try:
+                pod.start(index)
+            except BaseException as exc:  # reported below, after every start has ended
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=start, args=(first + i, pod)) for i, pod in enumerate(started)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=180)
+        if errors or any(thread.is_alive() for thread in threads):
+            for pod in started:
+                print(pod.logs())
+                pod.stop()
+            raise errors[0] if errors else KubeletError("a pod start did not end")
+        return started
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.output()}" for p in self.processes)
@@ -485,6 +507,8 @@ class RunningPod:
     cni_config: str = ""
     cni_calls: list[tuple[str, int]] = field(default_factory=list)
     image: Path = Path()
+    events: list[str] = field(default_factory=list)  # the kubelet's steps, timed
+    started_at: float = 0.0
     stopped: bool = False
 
     @property
@@ -502,27 +526,33 @@ class RunningPod:
 
     # -- start ------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        index = len(self.node.pods)
+    def _event(self, what: str) -> None:
+        self.events.append(f"{time.monotonic() - self.started_at:6.2f}s {what}")
+
+    def start(self, index: int) -> None:
+        self.started_at = time.monotonic()
         self.dir = self.node.root / f"pod-{index}"
         self.dir.mkdir(mode=0o755)
         (self.dir / "logs").mkdir()
         # The pod's "image": an interpreter copy whose path the agent's entry selects.
         self.image = _image(self.dir / "image", "trellis", self.node.interpreter)
-        self.ip = self.node.allocate_ip()
-        self.netns = f"tkp-{os.getpid()}-{index}"
-        self.node._netns(self.netns)
-        self.node.attach(self.netns, self.ip)
+        with self.node.lock:  # the node's addresses, interfaces and entries file
+            self.ip = self.node.allocate_ip()
+            self.netns = f"tkp-{os.getpid()}-{index}"
+            self.node._netns(self.netns)
+            self.node.attach(self.netns, self.ip)
+            # Registered first: the CA and agent pick it up while the sandbox is made.
+            self.node.register(
+                f"pod-{self.namespace}-{self.name}",
+                self.spiffe_id,
+                [f"unix:uid:{PROXY_UID}", f"unix:path:{self.image}"],
+            )
         self._patch_status("Pending", ready=False)
+        self._event("sandbox ready")
         self._volumes()
         annotations = self.pod["metadata"].get("annotations") or {}
         if annotations.get("trellis.dev/redirect") == "cni":
             self._cni_add()
-        self.node.register(
-            f"pod-{self.namespace}-{self.name}",
-            self.spiffe_id,
-            [f"unix:uid:{PROXY_UID}", f"unix:path:{self.image}"],
-        )
         for container in self.pod["spec"].get("initContainers") or []:
             if container.get("restartPolicy") == "Always":
                 self._start(container)
@@ -532,6 +562,7 @@ class RunningPod:
         for container in self.pod["spec"]["containers"]:
             self._start(container)
         self._patch_status("Running", ready=False)
+        self._event("containers started")
 
     def _patch_status(self, phase: str, *, ready: bool) -> None:
         """What the kubelet reports: the pod's IP (the operator's registry reads it)."""
@@ -664,6 +695,7 @@ class RunningPod:
         ]  # fmt: skip
 
     def _start(self, container: Mapping[str, Any]) -> Process:
+        self._event(f"start {container['name']}")
         name = container["name"]
         argv = self._launcher(container, self._argv(container))
         process = _spawn(name, argv, self.dir / "logs" / f"{name}.log", self._env(container))
@@ -694,6 +726,7 @@ class RunningPod:
 
         limit = int(probe.get("periodSeconds", 10)) * int(probe.get("failureThreshold", 3))
         wait_until(started, min(limit, 60), f"{self.name}/{name}'s startup probe")
+        self._event(f"{name} started (startup probe passed)")
 
     # -- probes and calls ----------------------------------------------------------------------
 
@@ -754,6 +787,7 @@ class RunningPod:
     def wait_ready(self, timeout: float = 30) -> None:
         wait_until(self.ready, timeout, f"pod {self.name} to become Ready")
         self._patch_status("Running", ready=True)
+        self._event("ready")
 
     def exec(
         self, container_name: str, argv: Sequence[str], timeout: float = 20
@@ -826,7 +860,8 @@ class RunningPod:
     # -- teardown ---------------------------------------------------------------------------
 
     def logs(self) -> str:
-        return "\n".join(
+        steps = "\n".join(self.events)
+        return f"--- {self.name}: kubelet steps\n{steps}\n" + "\n".join(
             f"--- {self.name}/{name}\n{process.output()}"
             for name, process in self.processes.items()
         )
@@ -851,14 +886,15 @@ class RunningPod:
 def running(node: Node, plane: Any, pod: Mapping[str, Any]) -> Iterator[RunningPod]:
     """Run ``pod``; on a failure inside the block print its processes' logs; stop it after."""
     started = node.run(plane, pod)
+    failed = True
     try:
         yield started
-    except BaseException:
-        print(started.logs())
-        print(node.logs())
-        raise
+        failed = False
     finally:
         started.stop()
+        if failed or os.environ.get("TRELLIS_TEST_LOGS"):
+            print(started.logs())
+            print(node.logs())
 
 
 # -- inside the container's namespaces -------------------------------------------------------

@@ -356,12 +356,14 @@ def mesh_pods(mesh_operator: MeshOperator, node: Node) -> Iterator[MeshPods]:
         plane.kubectl_ok("-n", namespace, "create", "-f", "-", stdin=json.dumps(policy))
     started: list[RunningPod] = []
     try:
-        for name, account in (
-            ("lax", "default"), ("strict", "default"),
-            ("allowed", "allowed"), ("denied", "denied"),
-        ):  # fmt: skip
-            stored = _create(plane, namespace, _echo_pod(name, serviceAccountName=account))
-            started.append(node.run(plane, stored))
+        stored = [
+            _create(plane, namespace, _echo_pod(name, serviceAccountName=account))
+            for name, account in (
+                ("lax", "default"), ("strict", "default"),
+                ("allowed", "allowed"), ("denied", "denied"),
+            )
+        ]  # fmt: skip
+        started = node.run_many(plane, stored)
         for pod in started:
             pod.wait_ready(timeout=30)
         _await_published(plane, namespace, started)
