@@ -16,6 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
+# The real control plane's binaries, as tests/kube finds them (skipped until `make kube`).
+from tests.kube.conftest import kube_bin  # noqa: F401
+
 from .binaries import HELM_VERSION, HelmUnavailable, build, cache_dir, cached, stamp_now
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,7 +103,3 @@ def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     spec = doc["spec"]["template"]["spec"]
     return [*spec.get("initContainers", []), *spec["containers"]]
-
-
-# The real control plane's binaries, as tests/kube finds them (skipped until `make kube`).
-from tests.kube.conftest import kube_bin  # noqa: E402, F401
