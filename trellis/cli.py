@@ -41,6 +41,7 @@ _COMMAND_MODULES: dict[str, str] = {
     "completion": "trellis.completion",
     "check": "trellis.diagnose.check",
     "proxy": "trellis.diagnose.proxy",
+    "policy": "trellis.diagnose.policy_explain",
 }
 
 

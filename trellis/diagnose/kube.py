@@ -26,6 +26,7 @@ __all__ = [
     "fetch_via_portforward",
     "injected_pods",
     "read_mutating_webhook",
+    "read_pod_labels",
     "read_policy_document",
     "read_secret_data",
     "resolve_pod",
@@ -43,7 +44,6 @@ class PodTarget:
     name: str
     admin_port: int
     pod_ip: str | None
-    labels: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}"
@@ -133,13 +133,11 @@ def _target(pod: dict[str, Any]) -> PodTarget | None:
     meta = pod.get("metadata") or {}
     for container in (spec.get("initContainers") or []) + (spec.get("containers") or []):
         if container.get("name") == SIDECAR_CONTAINER:
-            labels = meta.get("labels") or {}
             return PodTarget(
                 namespace=str(meta.get("namespace")),
                 name=str(meta.get("name")),
                 admin_port=_admin_port(container),
                 pod_ip=(pod.get("status") or {}).get("podIP"),
-                labels=tuple(sorted(labels.items())),
             )
     return None
 
@@ -164,6 +162,13 @@ def resolve_pod(api: Any, namespace: str, name: str) -> PodTarget:
             " its namespace labelled trellis.dev/inject=enabled?)"
         )
     return target
+
+
+def read_pod_labels(api: Any, namespace: str, name: str) -> dict[str, str]:
+    """A pod's labels, injected or not (what its policies select it by)."""
+    pod = _call(f"pod {namespace}/{name}", _raw, api, "read_namespaced_pod", name, namespace)
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return {str(k): str(v) for k, v in labels.items()}
 
 
 def injected_pods(api: Any, namespace: str | None) -> list[PodTarget]:
