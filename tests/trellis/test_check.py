@@ -26,6 +26,8 @@ from mesh_operator.webhook_certs import WebhookPki, plan_rotation, service_dns_n
 from tests.kube.conftest import cluster, create_namespace, kube_bin  # noqa: F401 (fixtures)
 from tests.kube.controlplane import ControlPlane
 from trellis.cli import main
+from trellis.diagnose.admin_http import fetch_json
+from trellis.diagnose.check import check_sidecar
 from trellis.up import Mesh, MeshConfig
 from trellis.up.mesh import CA_ADMIN_SOCKET
 
@@ -96,6 +98,30 @@ def test_check_json_and_yaml_are_the_same_document(
     as_yaml = yaml.safe_load(out)
     # The same checks; the details carry "expires in", which moves between the two runs.
     assert [c["name"] for c in as_yaml["checks"]] == [c["name"] for c in as_json["checks"]]
+
+
+def test_a_sidecar_whose_bundle_or_svid_is_not_the_cas_fails_with_the_fix(mesh: Mesh) -> None:
+    """The sidecar's real /config, judged against a CA whose roots differ (a root rotation
+    that has not reached it) and at a time past its SVID's expiry: no running mesh can be
+    made to hold a stale bundle or an expired SVID on demand, so the check's pure function
+    is given the one input that differs."""
+    echo = _address(mesh, "echo_admin")
+    config = fetch_json("127.0.0.1", mesh.ports["echo_admin"], "/config")
+    now = dt.datetime.now(dt.UTC)
+    svid, bundle = check_sidecar(echo, config, {"1234"}, now)
+    assert svid.ok
+    assert not bundle.ok
+    held = ", ".join(s for serials in config["identity"]["bundles"].values() for s in serials)
+    assert bundle.detail == f"holds roots {held}, the CA 1234"
+    assert bundle.fix == (
+        f"the sidecar gets the bundle from the agent at {config['workload_api']['target']}:"
+        " check the agent first"
+    )
+    later = dt.datetime.fromisoformat(config["identity"]["not_after"]) + dt.timedelta(seconds=1)
+    (expired,) = check_sidecar(echo, config, None, later)  # no CA given: no bundle check
+    assert not expired.ok
+    assert expired.detail == "its SVID for spiffe://example.org/ns/demo/sa/echo has expired"
+    assert expired.fix is not None and "trellis ca entries list" in expired.fix
 
 
 def test_check_with_nothing_to_check_is_one_line() -> None:
