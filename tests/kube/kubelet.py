@@ -493,6 +493,39 @@ def labels_file(labels: Mapping[str, str]) -> str:
     return "".join(f"{key}={json.dumps(value)}\n" for key, value in sorted(labels.items()))
 
 
+def atomic_write(folder: Path, files: Mapping[str, str]) -> None:
+    """k8s.io/kubernetes pkg/volume/util ``AtomicWriter``, which the kubelet uses for
+    ConfigMap, Secret and downward-API volumes: the payload goes into a fresh hidden
+    ``..<timestamp>`` folder, the ``..data`` symlink is swapped to it by a rename, and each
+    key is a symlink ``key -> ..data/key``; so a reader sees the old files or the new ones,
+    never a mix, and a file's path never changes while its content does."""
+    current = folder / "..data"
+    if current.is_symlink():
+        old = {p.name: p.read_text() for p in (folder / os.readlink(current)).iterdir()}
+        if old == dict(files):
+            return
+    else:
+        old = {}
+    payload = Path(tempfile.mkdtemp(prefix=f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.", dir=folder))
+    payload.chmod(0o755)
+    for key, value in files.items():
+        (payload / key).write_text(value)
+        (payload / key).chmod(0o644)
+    scratch = folder / "..data_tmp"
+    scratch.unlink(missing_ok=True)
+    scratch.symlink_to(payload.name)
+    scratch.rename(current)
+    for key in files:
+        if not (folder / key).is_symlink():
+            (folder / key).symlink_to(f"..data/{key}")
+    for key in set(old) - set(files):
+        (folder / key).unlink(missing_ok=True)
+    for stale in folder.iterdir():
+        old_payload = stale.name.startswith("..") and stale.name != payload.name
+        if old_payload and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+
+
 @dataclass
 class RunningPod:
     node: Node
@@ -595,7 +628,7 @@ class RunningPod:
                         raise KubeletError(
                             f"downwardAPI item {item} is not one this harness writes"
                         )
-                    (folder / item["path"]).write_text(labels_file(meta.get("labels") or {}))
+                    atomic_write(folder, {item["path"]: labels_file(meta.get("labels") or {})})
             elif "projected" in volume:
                 (folder / "namespace").write_text(self.namespace)
             elif "csi" in volume:
@@ -606,23 +639,13 @@ class RunningPod:
         self.refresh()
 
     def refresh(self) -> None:
-        """The kubelet's ConfigMap volume sync: each key a file, replaced by a rename."""
+        """The kubelet's ConfigMap volume sync, as its ``AtomicWriter`` lays it out."""
         for name, folder in self.config_maps.items():
             found = self.plane.kubectl("-n", self.namespace, "get", "configmap", name, "-o", "json")
             data: dict[str, str] = {}
             if found.returncode == 0:  # an optional ConfigMap not there yet: an empty folder
                 data = json.loads(found.stdout).get("data") or {}
-            for key, value in data.items():
-                target = folder / key
-                if target.exists() and target.read_text() == value:
-                    continue
-                scratch = folder / f".{key}.new"
-                scratch.write_text(value)
-                scratch.chmod(0o644)
-                scratch.rename(target)
-            for stale in folder.iterdir():
-                if stale.name not in data and not stale.name.startswith("."):
-                    stale.unlink()
+            atomic_write(folder, data)
 
     def _mount_source(self, volume_name: str) -> Path:
         for volume in self.pod["spec"].get("volumes") or []:
