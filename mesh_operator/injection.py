@@ -98,7 +98,9 @@ class UpstreamError(FieldError):
 
 @dataclass(frozen=True, slots=True)
 class InjectorConfig:
-    image: str = "ghcr.io/trellis-mesh/trellis:0.1.0"
+    # The image `make image` builds: localhost/trellis:<project version>, the tag the
+    # manifests name too (a cluster gets it by `podman save` + import, or a registry).
+    image: str = "localhost/trellis:0.1.0"
     image_pull_policy: str = "IfNotPresent"
     proxy_uid: int = 1337
     outbound_port: int = 15001
