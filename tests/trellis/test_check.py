@@ -2,10 +2,12 @@
 
 The mesh is ``trellis up``'s (``trellis.up.Mesh``, real processes: ``ca serve`` with its
 admin socket, ``trellis agent``, three sidecars); the command reads the CA's admin socket
-and the agent's and sidecars' admin ports over real sockets. The webhook checks run
+and the agent's and sidecars' admin ports over real sockets. The cluster checks run
 against a real kube-apiserver (``tests/kube``): the webhook configuration and the serving
 certificate's Secret are written the way the operator writes them, here by the test (no
-operator runs: the certificate's expiry is what is under test).
+operator runs: the certificate's expiry is what is under test), and the control plane's
+Deployments and DaemonSet are real objects whose status the test reports through the
+status subresource, as their controllers would (no controller-manager runs there).
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ def test_check_with_the_ca_down_fails_with_the_fix_to_start_it(
     assert lines[-1] == "1 check(s) failed"
 
 
-# -- the webhook, through a real API server --------------------------------------------------
+# -- the control plane and the webhook, through a real API server ----------------------------
 
 WEBHOOK = "check-test-injector"
 WEBHOOKS_MANIFEST = "manifests/operator/webhooks.yaml"
@@ -193,10 +195,52 @@ def _install_webhook(plane: ControlPlane, pki: WebhookPki) -> None:
     _apply(plane, secret)
 
 
+def _workload(kind: str, name: str) -> dict[str, Any]:
+    labels = {"app.kubernetes.io/name": name}
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": labels},
+        "template": {
+            "metadata": {"labels": labels},
+            "spec": {"containers": [{"name": name, "image": "trellis:test"}]},
+        },
+    }
+    if kind == "Deployment":
+        spec["replicas"] = 1
+    return {
+        "apiVersion": "apps/v1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": OPERATOR_NAMESPACE},
+        "spec": spec,
+    }
+
+
+def _report(plane: ControlPlane, kind: str, name: str, status: dict[str, int]) -> None:
+    """What the Deployment or DaemonSet controller would report (none runs here)."""
+    plane.kubectl_ok(
+        "-n", OPERATOR_NAMESPACE, "patch", kind.lower(), name, "--subresource=status",
+        "--type=merge", "-p", json.dumps({"status": status}),
+    )  # fmt: skip
+
+
+def _control_plane(plane: ControlPlane, *, ca_available: int) -> None:
+    up = {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1}
+    down = {"replicas": 1, "readyReplicas": 0, "availableReplicas": 0, "unavailableReplicas": 1}
+    _report(plane, "Deployment", "trellis-ca", up if ca_available else down)
+    _report(plane, "Deployment", "trellis-operator", up)
+    nodes = {"currentNumberScheduled": 2, "numberMisscheduled": 0, "desiredNumberScheduled": 2}
+    _report(plane, "DaemonSet", "trellis-agent", {**nodes, "numberReady": 2})
+
+
 @pytest.fixture(scope="module")
-def webhook_plane(cluster: ControlPlane) -> ControlPlane:  # noqa: F811 (the imported fixture)
+def kube_plane(cluster: ControlPlane) -> ControlPlane:  # noqa: F811 (the imported fixture)
     if cluster.kubectl("get", "namespace", OPERATOR_NAMESPACE).returncode != 0:
         create_namespace(cluster, OPERATOR_NAMESPACE)
+    for kind, name in (
+        ("Deployment", "trellis-ca"),
+        ("DaemonSet", "trellis-agent"),
+        ("Deployment", "trellis-operator"),
+    ):
+        _apply(cluster, _workload(kind, name))
     return cluster
 
 
@@ -205,53 +249,89 @@ def _pki(issued: dt.datetime) -> WebhookPki:
     return plan_rotation(None, dns_names=names, now=issued).pki
 
 
-def _webhook_check(
-    plane: ControlPlane, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, list[str]]:
-    status, out, _ = _check(capsys, "--kubeconfig", str(plane.kubeconfig), "--webhook", WEBHOOK)
-    return status, out.splitlines()
+def _kube_check(
+    plane: ControlPlane, capsys: pytest.CaptureFixture[str], webhook: str = WEBHOOK
+) -> tuple[int, dict[str, str]]:
+    """The exit status, and each check's line (with its fix line, if any) by name."""
+    status, out, _ = _check(
+        capsys, "--kubeconfig", str(plane.kubeconfig), "--webhook", webhook,
+        "--operator-namespace", OPERATOR_NAMESPACE,
+    )  # fmt: skip
+    lines: dict[str, str] = {}
+    name = ""
+    for line in out.splitlines()[:-1]:
+        if line.startswith("    fix: "):
+            lines[name] += "\n" + line
+        else:
+            name = line[2:].split(": ", 1)[0]
+            lines[name] = line
+    return status, lines
 
 
-def test_check_passes_for_a_webhook_with_a_valid_certificate(
-    webhook_plane: ControlPlane, capsys: pytest.CaptureFixture[str]
+def test_check_passes_for_a_running_control_plane_and_a_valid_webhook_certificate(
+    kube_plane: ControlPlane, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _install_webhook(webhook_plane, _pki(dt.datetime.now(dt.UTC)))
-    status, lines = _webhook_check(webhook_plane, capsys)
+    _control_plane(kube_plane, ca_available=1)
+    _install_webhook(kube_plane, _pki(dt.datetime.now(dt.UTC)))
+    status, lines = _kube_check(kube_plane, capsys)
     assert status == 0, lines
     hooks = len(next(yaml.safe_load_all((REPO / WEBHOOKS_MANIFEST).read_text()))["webhooks"])
-    assert lines[0] == f"✔ webhook configured: {WEBHOOK}: {hooks} webhook(s), failurePolicy Fail"
-    assert lines[1].startswith(
+    assert list(lines.values()) == [
+        "✔ CA server available: 1/1 replica(s) available",
+        "✔ operator available: 1/1 replica(s) available",
+        "✔ agents ready: 2/2 node(s) with an attested, synced agent",
+        f"✔ webhook configured: {WEBHOOK}: {hooks} webhook(s), failurePolicy Fail",
+        lines["webhook certificate valid"],
+    ]
+    # 30 days less the 5 minutes it is backdated: 719h55m and some seconds.
+    assert lines["webhook certificate valid"].startswith(
         f"✔ webhook certificate valid: trellis-operator.{OPERATOR_NAMESPACE}.svc, expires in 71"
-    )  # 30 days less the 5 minutes it is backdated: 719h55m...
+    )
+
+
+def test_check_with_the_ca_deployment_down_fails_with_the_fix(
+    kube_plane: ControlPlane, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _control_plane(kube_plane, ca_available=0)
+    _install_webhook(kube_plane, _pki(dt.datetime.now(dt.UTC)))
+    status, lines = _kube_check(kube_plane, capsys)
+    assert status == 1
+    assert lines["CA server available"] == (
+        "✘ CA server available: 0/1 replica(s) available: agents cannot renew SVIDs\n"
+        f"    fix: kubectl -n {OPERATOR_NAMESPACE} describe deployment trellis-ca;"
+        f" kubectl -n {OPERATOR_NAMESPACE} logs deployment/trellis-ca"
+    )
+    assert [name for name, line in lines.items() if line.startswith("✘")] == ["CA server available"]
 
 
 def test_check_fails_for_an_expired_webhook_certificate_with_the_fix(
-    webhook_plane: ControlPlane, capsys: pytest.CaptureFixture[str]
+    kube_plane: ControlPlane, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    _control_plane(kube_plane, ca_available=1)
     issued = dt.datetime.now(dt.UTC) - dt.timedelta(days=40)  # 30-day certificate: 10 days ago
-    _install_webhook(webhook_plane, _pki(issued))
-    status, lines = _webhook_check(webhook_plane, capsys)
+    _install_webhook(kube_plane, _pki(issued))
+    status, lines = _kube_check(kube_plane, capsys)
     assert status == 1
-    assert lines[0].startswith("✔ webhook configured")
-    assert lines[1].startswith("✘ webhook certificate valid: the serving certificate expired 2")
-    assert lines[1].endswith(
+    assert lines["webhook configured"].startswith("✔ webhook configured")
+    failed, fix = lines["webhook certificate valid"].split("\n")
+    assert failed.startswith("✘ webhook certificate valid: the serving certificate expired 2")
+    assert failed.endswith(
         "the API server refuses the webhook, and with failurePolicy Fail every injected pod"
         " creation fails"
     )
-    assert lines[2] == (
+    assert fix == (
         f"    fix: kubectl -n {OPERATOR_NAMESPACE} rollout restart deployment/trellis-operator"
         " (the operator's leader renews the webhook certificate at start, then hourly)"
     )
 
 
 def test_check_fails_for_a_missing_webhook_configuration_with_the_install_fix(
-    webhook_plane: ControlPlane, capsys: pytest.CaptureFixture[str]
+    kube_plane: ControlPlane, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    status, out, _ = _check(
-        capsys, "--kubeconfig", str(webhook_plane.kubeconfig), "--webhook", "no-such-webhook"
-    )
+    _control_plane(kube_plane, ca_available=1)
+    status, lines = _kube_check(kube_plane, capsys, webhook="no-such-webhook")
     assert status == 1
-    assert out.splitlines()[:2] == [
-        "✘ webhook configured: no MutatingWebhookConfiguration no-such-webhook",
-        "    fix: install the manifests: kubectl apply -k manifests/ --server-side",
-    ]
+    assert lines["webhook configured"] == (
+        "✘ webhook configured: no MutatingWebhookConfiguration no-such-webhook\n"
+        "    fix: install the manifests: kubectl apply -k manifests/ --server-side"
+    )

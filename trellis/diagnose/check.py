@@ -14,11 +14,14 @@ What is checked depends on what is given (each from the process itself):
   holds the CA's trust bundle (``/config``).
 * ``--sidecar-admin ADDR`` (repeatable): the sidecar holds an unexpired SVID and, with the
   CA, the CA's trust bundle.
-* ``--kubeconfig`` or ``--kube``: through the API server, the injection webhook is
-  configured with a ``caBundle`` and its serving certificate (the operator's Secret) is
-  unexpired, for the webhook Service's DNS name, and issued by a CA of that ``caBundle``.
-  Injection is ``failurePolicy: Fail``: a broken webhook certificate blocks every pod
-  creation in injected namespaces.
+* ``--kubeconfig`` or ``--kube``: through the API server, the CA server's Deployment has an
+  available replica, the agents' DaemonSet is ready on every node it is scheduled to (an
+  agent is ready once attested and synced with the CA), the operator's Deployment has an
+  available replica, the injection webhook is configured with a ``caBundle`` and its
+  serving certificate (the operator's Secret) is unexpired, for the webhook Service's DNS
+  name, and issued by a CA of that ``caBundle``. Injection is ``failurePolicy: Fail``: an
+  operator down or a broken webhook certificate blocks every pod creation in injected
+  namespaces.
 
 Bundles are compared by their roots' serial numbers: a root rotation shows as a component
 still holding the old set until the bundle reaches it.
@@ -53,6 +56,7 @@ __all__ = [
     "check_ca",
     "check_sidecar",
     "check_webhook",
+    "check_workloads",
     "register",
 ]
 
@@ -348,6 +352,59 @@ def _issued_by(leaf: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
+def check_workloads(
+    ca: dict[str, Any] | None,
+    agents: dict[str, Any] | None,
+    operator: dict[str, Any] | None,
+    namespace: str,
+) -> Iterator[Check]:
+    """The control plane's Deployments and DaemonSet, as their controllers report them."""
+    install = "install the manifests: kubectl apply -k manifests/ --server-side"
+    for name, kind, workload, label, why in (
+        ("CA server available", "Deployment", ca, "trellis-ca", "agents cannot renew SVIDs"),
+        (
+            "operator available",
+            "Deployment",
+            operator,
+            "trellis-operator",
+            "with failurePolicy Fail, injected pods cannot be created",
+        ),
+    ):
+        if workload is None:
+            yield _failed(name, f"no {kind} {namespace}/{label}", install)
+            continue
+        status = workload.get("status") or {}
+        wanted = (workload.get("spec") or {}).get("replicas", 1)
+        available = status.get("availableReplicas") or 0
+        detail = f"{available}/{wanted} replica(s) available"
+        if available >= 1:
+            yield _passed(name, detail)
+        else:
+            yield _failed(
+                name,
+                f"{detail}: {why}",
+                f"kubectl -n {namespace} describe deployment {label}; kubectl -n {namespace}"
+                f" logs deployment/{label}",
+            )
+    name = "agents ready"
+    if agents is None:
+        yield _failed(name, f"no DaemonSet {namespace}/trellis-agent", install)
+        return
+    status = agents.get("status") or {}
+    desired = status.get("desiredNumberScheduled") or 0
+    ready = status.get("numberReady") or 0
+    detail = f"{ready}/{desired} node(s) with an attested, synced agent"
+    if desired and ready == desired:
+        yield _passed(name, detail)
+    else:
+        yield _failed(
+            name,
+            detail + ("" if desired else ": scheduled on no node"),
+            f"kubectl -n {namespace} get pods -l app.kubernetes.io/name=trellis-agent -o wide;"
+            f" kubectl -n {namespace} logs daemonset/trellis-agent",
+        )
+
+
 # -- gathering (I/O) -----------------------------------------------------------------------
 
 
@@ -420,12 +477,25 @@ def _gather_sidecar(address: str, ca_roots: set[str] | None, now: dt.datetime) -
 
 
 def _gather_kube(kubeconfig: Path | None, ref: WebhookRef, now: dt.datetime) -> list[Check]:
-    from trellis.diagnose.kube import api_client, read_mutating_webhook, read_secret_data
+    from trellis.diagnose.kube import (
+        api_client,
+        read_mutating_webhook,
+        read_secret_data,
+        read_workload,
+    )
 
     try:
         api = api_client(kubeconfig)
     except CliError as exc:
         return [_failed("API server reachable", str(exc), "give --kubeconfig FILE")]
+    namespace = ref.namespace
+    try:
+        ca = read_workload(api, "Deployment", namespace, "trellis-ca")
+        agents = read_workload(api, "DaemonSet", namespace, "trellis-agent")
+        operator = read_workload(api, "Deployment", namespace, "trellis-operator")
+    except CliError as exc:
+        return [_failed("API server reachable", str(exc), "check --kubeconfig and RBAC")]
+    checks = list(check_workloads(ca, agents, operator, namespace))
     try:
         configuration: dict[str, Any] | None = read_mutating_webhook(api, ref.configuration)
     except CliError as exc:
@@ -439,7 +509,7 @@ def _gather_kube(kubeconfig: Path | None, ref: WebhookRef, now: dt.datetime) -> 
         secret = read_secret_data(api, ref.namespace, ref.secret)
     except CliError:
         secret = None
-    return list(check_webhook(configuration, secret, now, ref))
+    return checks + list(check_webhook(configuration, secret, now, ref))
 
 
 # -- the command ---------------------------------------------------------------------------
@@ -491,8 +561,8 @@ def register(commands: Any) -> None:
     p.add_argument(
         "--operator-namespace",
         default=OPERATOR_NAMESPACE,
-        help="where the webhook's Service and Secret live when the webhook names no Service"
-        f" (default {OPERATOR_NAMESPACE})",
+        help="where the CA, agents and operator run, and the webhook's Service and Secret"
+        f" when the webhook names no Service (default {OPERATOR_NAMESPACE})",
     )
     add_output_argument(p)
     p.set_defaults(handler=cmd_check)

@@ -29,6 +29,7 @@ __all__ = [
     "read_pod_labels",
     "read_policy_document",
     "read_secret_data",
+    "read_workload",
     "resolve_pod",
 ]
 
@@ -266,3 +267,28 @@ def read_secret_data(api: Any, namespace: str, name: str) -> dict[str, str]:
     )
     data = secret.get("data") or {}
     return {str(k): str(v) for k, v in data.items()}
+
+
+def read_workload(api: Any, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    """A Deployment or DaemonSet (``kind``), or None when there is none of that name."""
+    import kubernetes
+
+    apps = kubernetes.client.AppsV1Api(api)
+    method = {
+        "Deployment": apps.read_namespaced_deployment,
+        "DaemonSet": apps.read_namespaced_daemon_set,
+    }[kind]
+
+    def read() -> dict[str, Any]:
+        response: Any = method(name, namespace, _preload_content=False)
+        value = json.loads(response.data)
+        assert isinstance(value, dict)
+        return value
+
+    try:
+        result: dict[str, Any] = _call(f"{kind} {namespace}/{name}", read)
+    except CliError as exc:
+        if str(exc).endswith(" not found"):
+            return None
+        raise
+    return result
