@@ -18,13 +18,17 @@ attests, the Workload API socket, the trust bundles, and the cached SVIDs by ent
 selectors, serial, expiry, rotation time). Never a key: a private key is the one thing the
 agent holds that a reader of an admin port must not get, so ``describe_cache`` builds its
 output field by field from certificates and entries, never from ``CachedSvid`` wholesale.
-The admin port binds loopback by default, like the sidecar's (entries and selectors say
-which workloads exist on the node).
+``/config`` answers loopback callers only: in a cluster the admin port listens on every
+address for the kubelet's probes and Prometheus, but the entries and selectors say which
+workloads run on the node, which the sidecar keeps to its loopback-only admin listener
+too. Read it on the node, or through ``kubectl port-forward``, which connects from the
+pod's own loopback.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +111,20 @@ def describe_cache(cache: SvidCache) -> dict[str, Any]:
     }
 
 
+def _from_loopback(request: web.Request) -> bool:
+    if request.remote is None:
+        return False
+    try:
+        address = ipaddress.ip_address(request.remote)
+    except ValueError:  # not an IP address: not a TCP peer we can vouch for
+        return False
+    # A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d, which is_loopback (before
+    # Python 3.13) does not look through.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 class AdminServer:
     def __init__(
         self,
@@ -160,6 +178,11 @@ class AdminServer:
         return app
 
     async def _config(self, request: web.Request) -> web.Response:
+        if not _from_loopback(request):
+            return web.json_response(
+                {"error": "/config answers loopback callers only (use kubectl port-forward)"},
+                status=403,
+            )
         return web.json_response(self.describe())
 
     async def _healthz(self, request: web.Request) -> web.Response:
