@@ -493,6 +493,26 @@ def labels_file(labels: Mapping[str, str]) -> str:
     return "".join(f"{key}={json.dumps(value)}\n" for key, value in sorted(labels.items()))
 
 
+def expand(text: str, env: Mapping[str, str]) -> str:
+    """The kubelet's ``$(VAR)`` expansion of command and args (k8s.io/kubernetes
+    third_party/forked/golang/expansion): a defined variable is replaced, an undefined
+    reference is left as written, and ``$$`` is a literal ``$``."""
+    out: list[str] = []
+    index = 0
+    while index < len(text):
+        if text.startswith("$$", index):
+            out.append("$")
+            index += 2
+        elif text.startswith("$(", index) and (end := text.find(")", index)) != -1:
+            name = text[index + 2 : end]
+            out.append(env[name] if name in env else text[index : end + 1])
+            index = end + 1
+        else:
+            out.append(text[index])
+            index += 1
+    return "".join(out)
+
+
 def atomic_write(folder: Path, files: Mapping[str, str]) -> None:
     """k8s.io/kubernetes pkg/volume/util ``AtomicWriter``, which the kubelet uses for
     ConfigMap, Secret and downward-API volumes: the payload goes into a fresh hidden
@@ -654,7 +674,11 @@ class RunningPod:
         return self.dir / "volumes" / volume_name
 
     def _argv(self, container: Mapping[str, Any]) -> list[str]:
-        argv = [*(container.get("command") or []), *(container.get("args") or [])]
+        env = self._env(container) if container.get("env") else {}
+        argv = [
+            expand(part, env)
+            for part in [*(container.get("command") or []), *(container.get("args") or [])]
+        ]
         if not argv:
             raise KubeletError(f"container {container['name']}: no command (images are ignored)")
         if argv[0] == "trellis":
