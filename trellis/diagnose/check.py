@@ -456,6 +456,8 @@ def _gather_agent(address: str, ca_roots: set[str] | None) -> list[Check]:
         config: dict[str, Any] | None = fetch_json(*hostport, "/config")
     except CliError:
         config = None  # an agent from before /config: health only
+    if config is not None and "cache" not in config:
+        config = None  # refused: /config answers loopback callers only (ca.agent.admin)
     return list(check_agent(address, health, config, ca_roots))
 
 
