@@ -1,11 +1,13 @@
 """The trellis image, built from this checkout with podman (runc) and run for real.
 
-No fake anywhere: the image is the one ``make image`` builds; the CA server, the node
-agent, the echo app and two sidecars each run in a container of it, on the host's
-loopback (``--network=host``, ports the test picks), with the Workload API socket in a
-directory shared by the agent's and the sidecars' containers. The agent runs as root with
-the host's pid namespace, as its DaemonSet does (``hostPID``, ``runAsUser: 0``); each
-sidecar runs under a uid of its own, which its registration entry selects.
+The image is the one ``make image`` builds; the CA server, the node agent, the echo app
+and two sidecars each run in a container of it, on the host's loopback
+(``--network=host``, ports the test picks), with the Workload API socket in a directory
+shared by the agent's and the sidecars' containers. The agent runs as root with the host's
+pid namespace, as its DaemonSet does (``hostPID``, ``runAsUser: 0``); each sidecar runs
+under a uid of its own, which its registration entry selects. The one stand-in is in the
+CNI installer's test: folders in place of the node's CNI directories and a ServiceAccount
+token no API server issued (no kubelet runs here; the token is only written, never used).
 """
 
 from __future__ import annotations
