@@ -15,9 +15,9 @@ its 15020) and hands the original probes to the sidecar as ``--app-probes`` JSON
 Ports are numbers (the injector resolved named ports). The text is parsed once into frozen
 values; anything malformed is refused with one line naming the key. Each probe is run the
 way the kubelet runs it (k8s.io/kubernetes pkg/probe): HTTP GET where 200-399 passes,
-redirects to the same host are followed (at most ten requests) and HTTPS is not verified; TCP where an accepted connection passes; gRPC where
-``grpc.health.v1.Health/Check`` answering SERVING passes; each within ``timeoutSeconds``
-(default 1, as in the Pod API).
+redirects to the same host are followed (at most ten requests) and HTTPS is not verified;
+TCP where an accepted connection passes; gRPC where ``grpc.health.v1.Health/Check``
+answering SERVING passes; each within ``timeoutSeconds`` (default 1, as in the Pod API).
 """
 
 from __future__ import annotations
