@@ -38,7 +38,7 @@ from .conftest import (
     webhook_serving,
 )
 from .controlplane import WEBHOOK_HOST, ControlPlane
-from .kubelet import NODE_NAME, OUTSIDE_IP, Node, RunningPod, running, start_node
+from .kubelet import NODE_NAME, OUTSIDE_IP, Node, RunningPod, running, start_node, wait_until
 
 OUTSIDE_PORT = 7000
 HEALTH = 15020
@@ -80,7 +80,7 @@ class MeshOperator(Operators):
         return replica
 
     def wait_serving(self) -> None:
-        wait_for(lambda: self.lease_holder() is not None, 60, "the operator to take the Lease")
+        wait_until(lambda: self.lease_holder() is not None, 60, "the operator to take the Lease")
         replica = self.replicas[0]
         wait_for(lambda: webhook_serving(replica), 60, "the operator's webhook")
         # Serving is not enough: until the Secret's certificate (the one the caBundle names)
@@ -97,7 +97,7 @@ class MeshOperator(Operators):
         self.outbound = outbound
         # The same identity and certificate folder: the webhook Secret's files are there.
         self.start_replica("operator-a")
-        self.wait_serving()
+        wait_until(lambda: self.lease_holder() is not None, 60, "the operator to lead again")
 
 
 def _serves_secret_certificate(replica: Replica) -> bool:
@@ -221,7 +221,7 @@ def _await_published(
             f"{pod.ip}/32" in mesh.get("destinations", []) for pod in pods
         )
 
-    wait_for(published, 60, f"the mesh registry of {namespace} ({outbound})")
+    wait_until(published, 60, f"the mesh registry of {namespace} ({outbound})")
     for pod in pods:
         pod.refresh()
 
@@ -372,7 +372,7 @@ def mesh_pods(mesh_operator: MeshOperator, node: Node) -> Iterator[MeshPods]:
             document = _policy_document(plane, namespace) or {}
             return {p.get("mtls") for p in document.get("policies", [])} == {"PERMISSIVE", "STRICT"}
 
-        wait_for(policies_published, 60, "the namespace's AccessPolicies in its document")
+        wait_until(policies_published, 60, "the namespace's AccessPolicies in its document")
         for pod in started:
             pod.refresh()
         yield MeshPods(namespace, *started)
