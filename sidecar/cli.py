@@ -15,6 +15,7 @@ from core.durations import parse_duration
 from core.endpoints import EndpointError, parse_unix_socket
 from core.errors import CliError
 from core.eventloop import install_uvloop
+from core.listeners import ensure_bindable
 from core.logs import add_logging_arguments, configure_logging
 
 if TYPE_CHECKING:
@@ -286,6 +287,19 @@ def _with_app_ports(config: SidecarConfig, ports: list[int]) -> SidecarConfig:
     return dataclasses.replace(config, inbound=dataclasses.replace(config.inbound, targets=targets))
 
 
+def _listeners(config: SidecarConfig) -> list[tuple[str, Address]]:
+    """Every TCP address the sidecar binds, named as the user configured it."""
+    found = [("inbound listener", config.inbound.listen)]
+    if config.mode == "transparent":
+        found.append(("outbound listener", config.outbound))
+    if config.admin is not None:
+        found.append(("admin port", config.admin))
+    if config.health is not None:
+        found.append(("health port", config.health))
+    found.extend((f"upstream {u.name!r}", u.listen) for u in config.upstreams)
+    return found
+
+
 def cmd_sidecar(args: argparse.Namespace) -> int:
     from .accesslog import ACCESS_LOGGER
     from .dataplane import Sidecar, StartupError
@@ -300,6 +314,8 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         config = build_config(args)
     except ConfigError as exc:
         raise CliError(f"sidecar configuration: {exc}") from exc
+    for what, address in _listeners(config):
+        ensure_bindable(what, address.host, address.port)
     install_uvloop()
 
     async def main() -> None:

@@ -129,7 +129,7 @@ def register(commands: Any) -> None:
     p.add_argument(
         "--handshake-timeout",
         type=_seconds,
-        default=10.0,
+        default="10s",
         help="drop a client whose handshake takes longer",
     )
     p.add_argument(
@@ -150,7 +150,7 @@ def register(commands: Any) -> None:
     p.add_argument("--alpn", default="http/1.1", help="comma-separated ALPN protocols")
     p.add_argument("--keylog", type=Path, help="append SSLKEYLOGFILE lines here (secrets!)")
     p.add_argument(
-        "--timeout", type=_seconds, default=10.0, help="give up on the handshake or reply after"
+        "--timeout", type=_seconds, default="10s", help="give up on the handshake or reply after"
     )
     p.set_defaults(handler=cmd_tls_client)
 

@@ -210,7 +210,7 @@ def register(commands: Any) -> None:
         "completion",
         help="print a shell completion script (bash, zsh or fish)",
         description="Print a completion script for SHELL on stdout. bash: add"
-        ' `source <(trellis completion bash)` to ~/.bashrc; zsh: write it to a file named'
+        " `source <(trellis completion bash)` to ~/.bashrc; zsh: write it to a file named"
         " _trellis in $fpath; fish: write it to ~/.config/fish/completions/trellis.fish.",
     )
     p.add_argument("shell", choices=SHELLS, help="the shell to complete for")

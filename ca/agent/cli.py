@@ -43,6 +43,7 @@ from core.durations import parse_duration
 from core.endpoints import EndpointError, parse_unix_socket
 from core.errors import CliError
 from core.eventloop import install_uvloop, settle_heap
+from core.listeners import ensure_bindable
 from core.logs import add_logging_arguments, configure_logging
 
 __all__ = ["register"]
@@ -142,9 +143,9 @@ def register(commands: Any) -> None:
         help="admin endpoint for /healthz and /metrics (default 127.0.0.1:8089)",
     )  # fmt: skip
     p.add_argument("--kubernetes", action="store_true", help="attest pods via the API server")
-    p.add_argument("--sync-interval", type=_seconds, default=5.0, help="entry sync period")
+    p.add_argument("--sync-interval", type=_seconds, default="5s", help="entry sync period")
     p.add_argument(
-        "--backoff-cap", type=_seconds, default=30.0, help="longest wait between CA retries"
+        "--backoff-cap", type=_seconds, default="30s", help="longest wait between CA retries"
     )
     p.add_argument(
         "--sync-wait", type=_seconds, default=5.0,
@@ -212,7 +213,7 @@ def register(commands: Any) -> None:
     )
     f.add_argument("--write", type=Path, metavar="DIR", help="write svid.pem, svid.key, bundle.pem")
     f.add_argument("--audience", action="append", default=[], help="also fetch a JWT-SVID")
-    f.add_argument("--timeout", type=_seconds, default=10.0, help="give up after this long")
+    f.add_argument("--timeout", type=_seconds, default="10s", help="give up after this long")
     f.add_argument("--json", action="store_true", help="machine-readable output")
     f.set_defaults(handler=cmd_svid_fetch)
 
@@ -352,6 +353,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     else:
         raise CliError("give --ca HOST:PORT (or --local-ca DIR for development)")
     admin = args.admin
+    if admin is not None:
+        ensure_bindable("--admin", *admin)
     config = AgentConfig(
         socket_path=args.socket,
         socket_mode=args.socket_mode,

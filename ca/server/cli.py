@@ -198,7 +198,7 @@ def register(ca_commands: Any) -> None:
     p.add_argument(
         "--poll-interval",
         type=_seconds,
-        default=1.0,
+        default="1s",
         help="how often --entries, --federation and --banned-agents are checked for changes",
     )
     add_logging_arguments(p)

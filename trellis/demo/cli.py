@@ -68,17 +68,30 @@ def register(commands: Any) -> None:
     sub = demo.add_subparsers(dest="demo_command", metavar="DEMO_COMMAND", required=True)
 
     p = sub.add_parser("echo", help="HTTP/1.1 echo server (keep-alive)")
-    p.add_argument("--listen", type=_address, default=("127.0.0.1", 8080), metavar="HOST:PORT")
+    p.add_argument(
+        "--listen",
+        type=_address,
+        default=("127.0.0.1", 8080),
+        metavar="HOST:PORT",
+        help="address to serve on",
+    )
     p.set_defaults(handler=cmd_echo)
 
     p = sub.add_parser("load", help="HTTP/1.1 load generator (open loop, keep-alive)")
-    p.add_argument("--target", type=_address, required=True, metavar="HOST:PORT")
+    p.add_argument(
+        "--target", type=_address, required=True, metavar="HOST:PORT", help="the echo server"
+    )
     p.add_argument("--rate", type=_non_negative, default=100.0, help="requests/s (0: max)")
     p.add_argument("--duration", type=_seconds, help="e.g. 10s (default: until stopped)")
     p.add_argument("--size", type=_size, default=1024, help="request body (echoed back)")
-    p.add_argument("--connections", type=_count, default=8)
-    p.add_argument("--timeout", type=_seconds, default=5.0, help="per request")
-    p.add_argument("--metrics-listen", type=_address, metavar="HOST:PORT")
+    p.add_argument("--connections", type=_count, default=8, help="keep-alive connections")
+    p.add_argument("--timeout", type=_seconds, default="5s", help="per request")
+    p.add_argument(
+        "--metrics-listen",
+        type=_address,
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics here (default: off)",
+    )
     p.set_defaults(handler=cmd_load)
 
 

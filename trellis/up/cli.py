@@ -118,7 +118,12 @@ def register(commands: Any) -> None:
         help=f"use ports BASE..BASE+{_PORTS_USED - 1} (default: ports the kernel picks)",
     )  # fmt: skip
     p.add_argument("--host", type=_loopback, default="127.0.0.1", help="loopback address to bind")
-    p.add_argument("--trust-domain", type=_trust_domain, default=TrustDomain("example.org"))
+    p.add_argument(
+        "--trust-domain",
+        type=_trust_domain,
+        default=TrustDomain("example.org"),
+        help="the ephemeral CA's trust domain",
+    )
     p.add_argument("--rate", type=_rate, default=50.0, help="demo requests/s (default 50)")
     p.add_argument("--connections", type=_small_count, default=4, help="load generator's")
     p.add_argument("--size", type=_size, default=1024, help="request body bytes (echoed)")
