@@ -63,22 +63,26 @@ def _q(text: str) -> str:
     return shlex.quote(text)
 
 
-def _tables(nodes: list[Node], declare: str) -> list[str]:
+def _tables(nodes: list[Node], declare: str, *, pairs: bool = False) -> list[str]:
+    """The three associative arrays; ``pairs`` writes ``( key value ... )``, the form zsh
+    reads (bash wants ``( [key]=value ... )``)."""
+
+    def item(key: str, value: str) -> str:
+        return f"  {_q(key)} {_q(value)}" if pairs else f"  [{_q(key)}]={_q(value)}"
+
     lines = [f"{declare} _trellis_words _trellis_valued _trellis_choices"]
     lines.append("_trellis_words=(")
-    for node in nodes:
-        lines.append(f"  [{_q(node.key)}]={_q(' '.join(node.subcommands + node.flags))}")
+    lines.extend(item(n.key, " ".join(n.subcommands + n.flags)) for n in nodes)
     lines.append(")")
     lines.append("_trellis_valued=(")
-    for node in nodes:
-        # Padded with spaces so that a lookup of " --dir " cannot match "--dir-mode".
-        lines.append(f"  [{_q(node.key)}]={_q(' ' + ' '.join(f for f, _ in node.valued) + ' ')}")
+    # Padded with spaces so that a lookup of " --dir " cannot match "--dir-mode".
+    lines.extend(item(n.key, " " + " ".join(f for f, _ in n.valued) + " ") for n in nodes)
     lines.append(")")
     lines.append("_trellis_choices=(")
     for node in nodes:
         for flag, choices in node.valued:
             if choices:
-                lines.append(f"  [{_q(node.key + ' ' + flag)}]={_q(' '.join(choices))}")
+                lines.append(item(f"{node.key} {flag}", " ".join(choices)))
     lines.append(")")
     return lines
 
@@ -172,7 +176,7 @@ def _bash(nodes: list[Node]) -> str:
 
 def _zsh(nodes: list[Node]) -> str:
     header = "#compdef trellis\n# zsh completion for trellis (trellis completion zsh)"
-    return "\n".join([header, *_tables(nodes, "typeset -gA")]) + "\n" + _ZSH
+    return "\n".join([header, *_tables(nodes, "typeset -gA", pairs=True)]) + "\n" + _ZSH
 
 
 def _fish(nodes: list[Node]) -> str:

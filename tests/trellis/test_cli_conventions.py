@@ -194,18 +194,60 @@ def test_bash_completes_subcommands_flags_and_choices_from_the_parser(bash_scrip
     assert _bash_complete(bash_script, "trellis", "ca", "init", "--dir", "") == []
 
 
-def test_completion_scripts_for_zsh_and_fish_are_valid_for_their_shells() -> None:
-    for shell, check in (("zsh", ["zsh", "-n"]), ("fish", ["fish", "--no-execute"])):
-        result = trellis("completion", shell)
-        assert result.returncode == 0, result.stderr
-        assert "svid" in result.stdout and "--timeout" in result.stdout
-        if shutil.which(check[0]) is None:
-            continue  # the shell is not installed here; its syntax cannot be checked
-        with tempfile.NamedTemporaryFile("w", suffix=f".{shell}") as script:
-            script.write(result.stdout)
-            script.flush()
-            checked = subprocess.run([*check, script.name], capture_output=True, text=True)
-            assert checked.returncode == 0, checked.stderr
+def _script(tmp_path: Path, shell: str) -> Path:
+    result = trellis("completion", shell)
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / f"trellis.{shell}"
+    path.write_text(result.stdout)
+    return path
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
+def test_zsh_completion_walks_the_same_tree(tmp_path: Path) -> None:
+    """zsh's completion widgets run only inside an interactive line editor, so its
+    ``compadd`` and ``_files`` are stand-ins here that print what they are given; the walk
+    over the typed words is the script's own, run by a real zsh."""
+    script = _script(tmp_path, "zsh")
+    assert subprocess.run(["zsh", "-n", str(script)], check=False).returncode == 0
+
+    def offered(*words: str) -> list[str]:
+        program = (
+            'compdef() { :; }; compadd() { shift; print -l -- "$@"; }; _files() { print FILES; }\n'
+            f"source {script}\n"
+            'words=("$@"); CURRENT=$#words; _trellis\n'
+        )
+        done = subprocess.run(
+            ["zsh", "-f", "-c", program, "zsh", *words],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return done.stdout.split()
+
+    assert "serve" in offered("trellis", "ca", "se")
+    assert "svid" not in offered("trellis", "ca", "se")  # under `ca`, not the top level
+    assert offered("trellis", "ca", "bundle", "--format", "") == ["spiffe", "pem"]
+    assert offered("trellis", "ca", "init", "--dir", "") == ["FILES"]
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
+def test_fish_completes_subcommands_flags_and_choices(tmp_path: Path) -> None:
+    script = _script(tmp_path, "fish")
+
+    def offered(line: str) -> list[str]:
+        done = subprocess.run(
+            ["fish", "--no-config", "-c", f"source {script}; complete -C{line!r}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return [row.split("\t")[0] for row in done.stdout.splitlines()]
+
+    assert offered("trellis ca se") == ["serve"]
+    assert offered("trellis svid fetch --ti") == ["--timeout"]
+    assert sorted(offered("trellis ca bundle --format ")) == ["pem", "spiffe"]
 
 
 # --- durations -------------------------------------------------------------------------------
