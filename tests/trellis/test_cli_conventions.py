@@ -433,6 +433,11 @@ def test_the_agent_on_a_busy_admin_port_is_one_line(
     assert_one_line_error(result, f"--admin 127.0.0.1:{busy_port}", "in use")
 
 
+def test_up_with_a_busy_port_in_its_range_is_one_line(busy_port: int) -> None:
+    result = trellis("up", "--port-base", str(busy_port), "--duration", "5s")
+    assert_one_line_error(result, f"--port-base 127.0.0.1:{busy_port}", "in use")
+
+
 def _kubeconfig(path: Path, server: str) -> Path:
     path.write_text(
         yaml.safe_dump(
