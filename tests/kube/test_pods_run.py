@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,7 +39,15 @@ from .conftest import (
     webhook_serving,
 )
 from .controlplane import WEBHOOK_HOST, ControlPlane
-from .kubelet import NODE_NAME, OUTSIDE_IP, Node, RunningPod, running, start_node, wait_until
+from .kubelet import (
+    NODE_NAME,
+    OUTSIDE_IP,
+    Node,
+    RunningPod,
+    running,
+    start_node,
+    wait_until,
+)
 
 OUTSIDE_PORT = 7000
 HEALTH = 15020
@@ -244,8 +253,6 @@ def _refused_by_tls(reply: str | None) -> bool:
 def _eventually(check: Any, attempts: int, what: str) -> Any:
     """``check()`` until truthy, at most ``attempts`` times (each bounded by its own
     timeouts): a sidecar picks a refreshed policy file up within its reload period."""
-    import time
-
     last = None
     for _ in range(attempts):
         last = check()
@@ -314,6 +321,36 @@ def test_a_pod_with_http_tcp_and_grpc_probes_becomes_ready_and_its_probes_fail_w
             _eventually(lambda kind=kind: not pod.probe("app", kind), 20, f"{kind} failing")
         assert not pod.ready()
         assert pod.probe(SIDECAR_NAME, "livenessProbe")  # the sidecar itself is fine
+
+
+class NeverReady(AssertionError):
+    """The pod's app runs and listens, and its probe keeps failing."""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=NeverReady,
+    reason="the sidecar runs the app's probes against 127.0.0.1 and forwards inbound there, "
+    "while the kubelet probes the pod IP: an app bound to its pod IP (istio/istio#25177, "
+    "fixed in Istio 1.10 by sending both to the pod IP) is never Ready once injected",
+)
+def test_an_app_bound_to_its_pod_ip_becomes_ready_as_it_does_without_the_mesh(
+    mesh_operator: MeshOperator, node: Node
+) -> None:
+    plane = mesh_operator.plane
+    namespace = _namespace(plane, "bound")
+    spec = _echo_pod("bound")
+    app = spec["spec"]["containers"][0]
+    # A common pattern: listen on the address the kubelet probes, from the downward API.
+    app["command"] = ["python", "-m", "tests.kube.apps.echo", "8080", "$(POD_IP)"]
+    app["env"].append({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+    with running(node, plane, _create(plane, namespace, spec)) as pod:
+        wait_until(lambda: "ready" in pod.processes["app"].output(), 10, "the app listening")
+        for _ in range(10):  # a few probe periods
+            if pod.ready():
+                return
+            time.sleep(0.5)
+        raise NeverReady("the app listens on its pod IP, yet its readiness probe fails")
 
 
 # -- (3) and (4) permissive and strict, plaintext and mesh callers -----------------------------
