@@ -26,6 +26,7 @@ import yaml
 from ca.agent.metrics import AgentMetrics
 from ca.server.metrics import CaMetrics
 from core.buildinfo import version
+from mesh_operator.metrics import WebhookMetrics
 from sidecar.metrics import Metrics as SidecarMetrics
 from tests.ca.agent.conftest import WEB, LiveCa, entry, make_upstream, run, running_agent
 from tests.ca.agent.conftest import live_ca as live_ca  # the session fixture, re-exported
@@ -108,8 +109,9 @@ def test_version_names_the_package_version_and_the_source_revision() -> None:
 
 
 def test_every_metrics_registry_exports_build_info_with_the_version() -> None:
-    """The three registries in process (the sidecar and agent registries are not served
-    without a whole data plane); the CA's is also scraped from a real process below."""
+    """Every process's registry, in process (the sidecar, agent and operator registries are
+    served only by a whole data plane or cluster); the CA's is scraped from a real process
+    below."""
     expected = f'trellis_build_info{{revision="{(_git_head() or "unknown")[:12]}"'
     expected += f',version="{version()}"}} 1.0'
     from prometheus_client import generate_latest
@@ -118,6 +120,7 @@ def test_every_metrics_registry_exports_build_info_with_the_version() -> None:
         CaMetrics("example.org", "c").registry,
         AgentMetrics().registry,
         SidecarMetrics().registry,
+        WebhookMetrics().registry,
     ):
         assert expected in generate_latest(registry).decode()
 
