@@ -250,24 +250,33 @@ def test_an_object_breaking_a_schema_rule_is_refused_by_the_api_server_with_its_
     assert message in body["message"], body["message"]
 
 
-def test_the_withdrawn_protocol_and_early_data_fields_are_refused_as_unknown(
+def test_the_withdrawn_early_data_field_is_refused_and_protocol_is_checked(
     installed: Installed,
 ) -> None:
-    """``protocol`` and ``earlyDataMethods`` were accepted and never read by any data plane;
-    they left the schema, so a client asking for strict field validation (kubectl's
-    default) is told they do not exist instead of being left to believe they act."""
+    """``earlyDataMethods`` was accepted and never read by any data plane; it left the
+    schema, so a client asking for strict field validation (kubectl's default) is told it
+    does not exist. ``protocol`` is read again (a refused caller of an ``http`` workload
+    gets a 403 naming the rule) and takes only the two values the sidecar knows."""
     import kubernetes
 
     assert installed.apply.returncode == 0, installed.apply.stderr
     api = kubernetes.client.CustomObjectsApi(installed.plane.api_client())
-    for field, value in (("protocol", "http"), ("earlyDataMethods", ["GET"])):
-        with pytest.raises(kubernetes.client.exceptions.ApiException) as refused:
-            api.create_namespaced_custom_object(
-                GROUP, "v1alpha1", "default", "accesspolicies", _with(POLICY, **{field: value}),
-                dry_run="All", field_validation="Strict",
-            )  # fmt: skip
-        assert refused.value.status == 400, refused.value.body
-        assert f'unknown field "spec.{field}"' in json.loads(refused.value.body)["message"]
+
+    def create(**fields: Any) -> Any:
+        return api.create_namespaced_custom_object(
+            GROUP, "v1alpha1", "default", "accesspolicies", _with(POLICY, **fields),
+            dry_run="All", field_validation="Strict",
+        )  # fmt: skip
+
+    with pytest.raises(kubernetes.client.exceptions.ApiException) as refused:
+        create(earlyDataMethods=["GET"])
+    assert refused.value.status == 400, refused.value.body
+    assert 'unknown field "spec.earlyDataMethods"' in json.loads(refused.value.body)["message"]
+    with pytest.raises(kubernetes.client.exceptions.ApiException) as refused:
+        create(protocol="grpc")
+    assert refused.value.status == 422, refused.value.body
+    assert "spec.protocol" in json.loads(refused.value.body)["message"]
+    assert create(protocol="http")["spec"]["protocol"] == "http"
     stored = _create(installed, _with(POLICY, mtls=None))
     assert "mtls" not in stored["spec"]  # no default: unset means no opinion, strict
 
