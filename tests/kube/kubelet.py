@@ -1,8 +1,9 @@
 """A small kubelet: runs the Pod the real API server stored, as processes in a netns.
 
 Nothing here decides what a pod looks like: the test creates a Pod through the API server,
-the operator's webhook injects it, and ``Node.run`` takes the stored object and does what a
-kubelet and its container runtime do with it, in this order:
+the operator's webhook injects it, and ``Node.run`` (``run_many`` for several pods, side by
+side) takes the stored object and does what a kubelet and its container runtime do with it,
+in this order:
 
 1. the pod sandbox: a network namespace (``ip netns add``) with loopback up and ``eth0``, one
    end of a veth pair whose other end is on the node's bridge; the node is itself a network
@@ -25,21 +26,27 @@ Each container is a process entered into the pod's netns (``nsenter --net``) and
 mount namespace of its own (``unshare --mount``), where its volumes are bind-mounted at
 their ``mountPath``\\s (a missing parent, such as ``/etc/trellis``, appears through an
 overlay on its first existing ancestor, inside that mount namespace only). Then it runs
-``command`` + ``args`` with the container's ``env`` (downward-API ``fieldRef``\\s resolved),
-``securityContext.runAsUser``/``runAsGroup`` and a capability bounding set of the
-runtime's defaults plus ``capabilities.add`` minus ``drop`` (``setpriv``). Volumes:
-``emptyDir`` is a folder of the pod; ``configMap`` the keys of the API server's ConfigMap,
-rewritten whenever the ConfigMap changes (``refresh``, as the kubelet's sync does);
-``downwardAPI`` the labels file in the kubelet's format; the ``csi`` volume of the agent's
-driver is the node agent's socket folder, which stands in for the CSI NodePublishVolume bind
-mount (``tests/ca/agent/test_csi.py`` proves that mount on its own); the projected
-ServiceAccount volume holds only ``namespace`` (no app here reads a token).
+``command`` + ``args`` (``$(VAR)`` expanded) with the container's ``env`` (downward-API
+``fieldRef``\\s resolved), ``securityContext.runAsUser``/``runAsGroup`` and a capability
+bounding set of the runtime's defaults plus ``capabilities.add`` minus ``drop``
+(``setpriv``).
+
+Volumes: ``emptyDir`` is a folder of the pod; ``configMap`` the keys of the API server's
+ConfigMap, rewritten when the test calls ``refresh`` (the kubelet's periodic sync, made an
+explicit step so a test knows when the new files are there); ``configMap`` and
+``downwardAPI`` (the labels file) are laid out as the kubelet's ``AtomicWriter`` does
+(``..data`` swapped by a rename, keys as symlinks into it); the ``csi`` volume of the
+agent's driver is the node agent's socket folder, which stands in for the CSI
+NodePublishVolume bind mount (``tests/ca/agent/test_csi.py`` proves that mount on its own);
+the projected ServiceAccount volume holds only ``namespace`` (no app here reads a token).
 
 What is not a kubelet's: images are ignored. The command ``trellis`` runs Trellis from an
 interpreter copied for the pod (its "image": the agent's ``unix:path`` selector tells pods
 apart by it, beside ``unix:uid:1337``, since every sidecar runs as UID 1337), and
 ``python`` an interpreter of this environment; ``PYTHONPATH`` names the repository.
-``readOnlyRootFilesystem`` and seccomp profiles are not applied.
+``readOnlyRootFilesystem``, seccomp profiles, resource limits and restarts are not applied;
+``exec`` is ``kubectl exec`` (a process in the container's namespaces, as its user). Each
+pod's steps are timed in its log (``RunningPod.events``), which is printed on a failure.
 
 A real CA server and node agent run on the host for the SVIDs, as ``trellis up`` runs them
 (join-token node attestation, SO_PEERCRED workload attestation); ``Node.register`` adds
