@@ -48,6 +48,7 @@ from ca.jwtsvid import DEFAULT_JWT_SVID_TTL, MAX_JWT_SVID_TTL
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from ca.x509svid import DEFAULT_X509_SVID_TTL, MAX_X509_SVID_TTL
 from core.durations import parse_duration
+from core.errors import yaml_problem
 from core.labels import is_label_key, is_label_value
 
 __all__ = [
@@ -461,7 +462,7 @@ def parse_entries_yaml(
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise EntryError(f"{source}: not valid YAML: {exc}") from exc
+        raise EntryError(f"{source}: not valid YAML: {yaml_problem(exc)}") from exc
     except RecursionError as exc:
         # PyYAML composes nested collections recursively: a few kilobytes of "[" reach the
         # interpreter's limit. Refused like any broken file, not raised past the reloader.

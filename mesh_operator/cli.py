@@ -22,7 +22,7 @@ import urllib3
 import yaml
 
 from ca.spiffeid import SpiffeIdError, TrustDomain
-from core.errors import CliError
+from core.errors import CliError, yaml_problem
 from core.logs import add_logging_arguments, configure_logging
 from mesh_operator.injection import InjectorConfig, UpstreamError, plan_injection
 from meshapi.redirect import AnnotationError
@@ -169,6 +169,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
     except kubernetes.config.ConfigException as exc:
         raise CliError(f"cannot configure the Kubernetes client: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise CliError(f"--kubeconfig {args.kubeconfig}: {yaml_problem(exc)}") from exc
+    except (TypeError, AttributeError, KeyError) as exc:
+        # The loader indexes the document as it finds it: a list or a string where a
+        # mapping belongs fails here, not as a ConfigException.
+        raise CliError(f"--kubeconfig {args.kubeconfig}: not a kubeconfig ({exc!r})") from exc
     api_client = kubernetes.client.ApiClient(configuration)
     _check_api_server(api_client, configuration.host)
     config = OperatorConfig(

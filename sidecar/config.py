@@ -61,7 +61,7 @@ import yaml
 
 from ca.spiffeid import SpiffeId, SpiffeIdError
 from core.durations import parse_duration
-from core.errors import FieldError
+from core.errors import FieldError, yaml_problem
 from meshapi.upstreams import parse_upstreams
 
 from .policy import CallerRule, PolicyError, parse_rules
@@ -460,7 +460,7 @@ def load_yaml(text: str, source: str = "config") -> SidecarConfig:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(source, f"not valid YAML: {exc}") from exc
+        raise ConfigError(source, f"not valid YAML: {yaml_problem(exc)}") from exc
     except RecursionError as exc:  # PyYAML's composer recurses once per nesting level
         raise ConfigError(source, "not valid YAML: nested too deeply") from exc
     return parse_config(raw)

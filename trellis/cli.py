@@ -19,7 +19,7 @@ from typing import Any
 
 from core.buildinfo import describe
 from core.durations import format_duration
-from core.errors import CliError
+from core.errors import CliError, one_line
 
 __all__ = ["TrellisParser", "build_parser", "main", "show_default"]
 
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except CliError as exc:
-        print(f"trellis: error: {exc}", file=sys.stderr)
+        print(f"trellis: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

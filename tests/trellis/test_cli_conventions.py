@@ -467,6 +467,27 @@ def test_the_operator_with_an_unreachable_api_server_is_one_line(tmp_path: Path)
 
 
 @pytest.mark.parametrize(
+    "args",
+    [
+        ["operator", "run", "--trust-domain", "example.org", "--kubeconfig", "BROKEN"],
+        ["sidecar", "--config", "BROKEN"],
+        ["ca", "serve", "--dir", "CA", "--cluster", CLUSTER, "--listen", "127.0.0.1:0",
+         "--attest-listen", "127.0.0.1:0", "--bundle-listen", "off", "--entries", "BROKEN"],
+    ],
+)  # fmt: skip
+def test_a_long_running_command_given_broken_yaml_says_where_in_one_line(
+    args: list[str], ca_dir: Path, tmp_path: Path
+) -> None:
+    """PyYAML's own message spans four lines (and the kubeconfig loader let it escape as a
+    traceback); what is printed is its position and problem."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("entries: [\n")
+    swap = {"BROKEN": str(broken), "CA": str(ca_dir)}
+    result = trellis(*[swap.get(a, a) for a in args])
+    assert_one_line_error(result, "line 2, column 1: expected the node content")
+
+
+@pytest.mark.parametrize(
     ("args", "expected"),
     [
         (["operator", "run", "--trust-domain", "example.org", "--kubeconfig", "MISSING"],
