@@ -23,6 +23,7 @@ import yaml
 
 from ca.spiffeid import SpiffeIdError, TrustDomain
 from core.errors import CliError, yaml_problem
+from core.listeners import ensure_bindable
 from core.logs import add_logging_arguments, configure_logging
 from mesh_operator.injection import InjectorConfig, UpstreamError, plan_injection
 from meshapi.redirect import AnnotationError
@@ -155,6 +156,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     configure_logging(args)
 
+    if not args.no_webhook:
+        ensure_bindable("--webhook-port", args.webhook_host, args.webhook_port)
     configuration = kubernetes.client.Configuration()
     if args.kubeconfig is not None and not os.access(args.kubeconfig, os.R_OK):
         raise CliError(f"cannot read --kubeconfig {args.kubeconfig}")

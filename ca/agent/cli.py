@@ -31,7 +31,12 @@ from ca.agent.grpc_upstream import GrpcUpstream
 from ca.agent.rotator import AgentFatalError, RotatorConfig, load_agent_state
 from ca.agent.upstream import InProcessUpstream, Upstream
 from ca.agent.workload_api import WorkloadApiConfig
-from ca.agent.workload_client import WorkloadApiError, WorkloadClient, endpoint_address
+from ca.agent.workload_client import (
+    ENDPOINT_ENV,
+    WorkloadApiError,
+    WorkloadClient,
+    endpoint_address,
+)
 from ca.api import CaClient
 from ca.bundle import BundleError, TrustBundle, load_pem_certificates
 from ca.entries import EntryError, YamlFileEntrySource
@@ -437,7 +442,13 @@ def _key_pem(pkcs8_der: bytes) -> bytes:
 
 
 def cmd_svid_fetch(args: argparse.Namespace) -> int:
-    target = endpoint_address(args.socket)
+    socket_path = args.socket
+    if socket_path is None and (env := os.environ.get(ENDPOINT_ENV)):
+        try:  # the flag's rules for the variable too: unix:///PATH or a path, never tcp://
+            socket_path = parse_unix_socket(env)
+        except EndpointError as exc:
+            raise CliError(f"${ENDPOINT_ENV}: {exc}") from exc
+    target = endpoint_address(socket_path)
     report: dict[str, Any] = {"svids": [], "jwt_svids": []}
     try:
         with WorkloadClient(target, timeout=args.timeout) as client:

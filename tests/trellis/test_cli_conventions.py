@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import selectors
 import shutil
@@ -320,6 +321,12 @@ def test_a_socket_flag_refuses_tcp_and_malformed_uris_in_one_line(
     assert err.splitlines()[-1].startswith("trellis ")  # argparse's own one-line error
 
 
+def test_svid_fetch_refuses_a_tcp_spiffe_endpoint_socket_in_one_line() -> None:
+    env = {**os.environ, "SPIFFE_ENDPOINT_SOCKET": "tcp://127.0.0.1:8000"}
+    result = trellis("svid", "fetch", env=env)
+    assert_one_line_error(result, "$SPIFFE_ENDPOINT_SOCKET: 'tcp://127.0.0.1:8000'", "Unix socket")
+
+
 # --- help and defaults ---------------------------------------------------------------------
 
 
@@ -439,6 +446,14 @@ def test_the_agent_on_a_busy_admin_port_is_one_line(
 def test_up_with_a_busy_port_in_its_range_is_one_line(busy_port: int) -> None:
     result = trellis("up", "--port-base", str(busy_port), "--duration", "5s")
     assert_one_line_error(result, f"--port-base 127.0.0.1:{busy_port}", "in use")
+
+
+def test_the_operator_on_a_busy_webhook_port_is_one_line(busy_port: int) -> None:
+    result = trellis(
+        "operator", "run", "--trust-domain", "example.org", "--kubeconfig", "/nonexistent",
+        "--webhook-host", "127.0.0.1", "--webhook-port", str(busy_port),
+    )  # fmt: skip
+    assert_one_line_error(result, f"--webhook-port 127.0.0.1:{busy_port}", "in use")
 
 
 def _kubeconfig(path: Path, server: str) -> Path:
