@@ -279,10 +279,10 @@ def test_the_plugins_kubeconfig_brackets_an_ipv6_api_server_address(
     assert configuration.host == server
     assert "a-projected-token" in str(configuration.api_key)
 
-    # The DaemonSet writes it with this command, not with a shell template of its own.
+    # The DaemonSet writes it with this command and builds no API server URL of its own.
     daemonset = (REPO / "manifests" / "cni" / "daemonset.yaml").read_text()
-    assert "trellis-cni kubeconfig --out=/host/etc/cni/net.d/trellis-cni.kubeconfig" in daemonset
-    assert "https://${KUBERNETES_SERVICE_HOST}" not in daemonset
+    assert "--out=/host/etc/cni/net.d/trellis-cni.kubeconfig" in daemonset
+    assert "KUBERNETES_SERVICE_HOST" not in daemonset
 
 
 def test_the_plugins_kubeconfig_is_refused_in_one_line_without_the_in_cluster_address(
