@@ -443,9 +443,17 @@ def test_the_agent_on_a_busy_admin_port_is_one_line(
     assert_one_line_error(result, f"--admin 127.0.0.1:{busy_port}", "in use")
 
 
-def test_up_with_a_busy_port_in_its_range_is_one_line(busy_port: int) -> None:
+def test_up_with_a_busy_port_in_its_range_names_the_process_and_port_in_one_line(
+    busy_port: int,
+) -> None:
+    """Progress lines come first (what it was starting); the failure is one line naming
+    the child that failed and why, no longer the child's message quoted under it."""
     result = trellis("up", "--port-base", str(busy_port), "--duration", "5s")
-    assert_one_line_error(result, f"--port-base 127.0.0.1:{busy_port}", "in use")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors == [result.stderr.splitlines()[-1]], result.stderr
+    assert errors[0].startswith("trellis: error: ca stopped before reporting 'ready'")
+    assert f"--listen 127.0.0.1:{busy_port}: cannot listen: Address already in use" in errors[0]
 
 
 def test_the_operator_on_a_busy_webhook_port_is_one_line(busy_port: int) -> None:

@@ -17,7 +17,6 @@ from typing import Any
 from ca.spiffeid import SpiffeIdError, TrustDomain
 from core.durations import parse_duration
 from core.errors import CliError
-from core.listeners import ensure_bindable
 from core.logs import add_logging_arguments, log_format_for
 from trellis.up.mesh import Mesh, MeshConfig, StartupError
 from trellis.up.status import Snapshot, collect, render
@@ -141,10 +140,6 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     if args.base_dir is not None and not args.base_dir.is_dir():
         raise CliError(f"--base-dir {args.base_dir} is not a directory")
-    if args.port_base:
-        # Before any process starts: a taken port is then one line, not a child's failure.
-        for port in range(args.port_base, args.port_base + _PORTS_USED):
-            ensure_bindable("--port-base", args.host, port)
     # auto: as this command's own terminal suggests, though the children write to files.
     log_format = log_format_for(args.log_format, sys.stderr)
     config = MeshConfig(
