@@ -30,7 +30,7 @@ from core.buildinfo import version
 from mesh_operator.metrics import WebhookMetrics
 from sidecar.metrics import Metrics as SidecarMetrics
 from tests.ca.agent.conftest import WEB, LiveCa, entry, make_upstream, run, running_agent
-from tests.ca.agent.conftest import live_ca as live_ca  # the session fixture, re-exported
+from tests.ca.agent.conftest import live_ca as live_ca  # the live CA fixture, re-exported
 from tests.ca.server.conftest import CLUSTER, make_ca_dir
 from trellis.cli import build_parser, main
 
