@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= .trellis-demo
-DEBIAN_PACKAGES := openssl curl ca-certificates prometheus iptables iproute2 podman runc debootstrap
+DEBIAN_PACKAGES := openssl curl ca-certificates prometheus iptables iproute2 podman runc debootstrap zsh fish
 
 .PHONY: setup system-deps go-toolchain go-peers kube helm image up ca-demo test lint typecheck unit bench bench-spire clean
 
