@@ -35,6 +35,13 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+def _is_socket(path: Path) -> bool:
+    try:
+        return path.is_socket()
+    except OSError:  # unreadable parent: let the caller's own message stand
+        return True
+
+
 def fetch_admin(path: Path, resource: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
     """``GET resource`` on the admin socket at ``path``, as the JSON object it answers."""
     connection = _UnixConnection(path, timeout)
@@ -47,6 +54,12 @@ def fetch_admin(path: Path, resource: str, timeout: float = DEFAULT_TIMEOUT) -> 
             f"no CA admin socket at {path} (is ca serve running with --admin-socket?)"
         ) from exc
     except ConnectionRefusedError as exc:
+        # connect(2) on a path that is not a socket fails with ECONNREFUSED as well, as if
+        # a stopped server had left its socket file behind: tell the two apart.
+        if not _is_socket(path):
+            raise AdminClientError(
+                f"{path} is not a socket (give the path ca serve --admin-socket names)"
+            ) from exc
         raise AdminClientError(f"nothing listens on {path} (the CA server has stopped?)") from exc
     except PermissionError as exc:
         raise AdminClientError(

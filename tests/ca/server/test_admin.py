@@ -159,3 +159,23 @@ def test_entries_list_with_the_ca_stopped_is_one_line_naming_the_socket(
         f"trellis: error: no CA admin socket at {socket} (is ca serve running with"
         " --admin-socket?)\n"
     )
+
+
+@pytest.mark.parametrize("kind", ["a regular file", "a directory"])
+def test_entries_list_on_a_path_that_is_not_a_socket_says_so_in_one_line(
+    tmp_path: Path, kind: str
+) -> None:
+    """connect(2) answers ECONNREFUSED for a file or a folder just as for a socket nobody
+    listens on; the command names the real mistake (as ``--socket /etc/passwd`` would)."""
+    path = tmp_path / "passwd"
+    if kind == "a directory":
+        path.mkdir()
+    else:
+        path.write_text("root:x:0:0:root:/root:/bin/sh\n")
+    result = trellis("ca", "entries", "list", "--socket", str(path))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"trellis: error: {path} is not a socket (give the path ca serve --admin-socket"
+        " names)\n"
+    )
