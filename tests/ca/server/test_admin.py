@@ -176,6 +176,5 @@ def test_entries_list_on_a_path_that_is_not_a_socket_says_so_in_one_line(
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == (
-        f"trellis: error: {path} is not a socket (give the path ca serve --admin-socket"
-        " names)\n"
+        f"trellis: error: {path} is not a socket (give the path ca serve --admin-socket names)\n"
     )
