@@ -5,8 +5,10 @@
 * health (the pod's address): `/metrics`, `/healthz`, `/readyz` and nothing else, for the
   kubelet's probes and Prometheus (Istio splits its 15000 and 15020 the same way), plus
   `/app-health/<container>/<livez|readyz|startupz>` for each app probe the injector moved
-  here (``sidecar.probes``): the original probe is run against the app on 127.0.0.1 and
-  its result answered, 200 or 503 with the reason. Any other path is 404.
+  here (``sidecar.probes``): the original probe is run against the app at the address the
+  kubelet's probe arrived on, the pod IP, falling back to 127.0.0.1 when nothing listens
+  there (``sidecar.appaddress``), and its result answered, 200 or 503 with the reason.
+  Any other path is 404.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .appaddress import app_hosts, local_host
 from .config import Address
-from .probes import AppProbe, run_probe
+from .probes import AppProbe, run_probe_on
 
 if TYPE_CHECKING:
     from .dataplane import Sidecar
@@ -54,8 +57,10 @@ def app_probe_routes(probes: Mapping[str, AppProbe]) -> dict[str, Handler]:
     """One GET route per injected probe path; a path not in ``probes`` stays a 404."""
 
     def route(probe: AppProbe) -> Handler:
-        async def handler(_request: web.Request) -> web.Response:
-            result = await run_probe(probe)
+        async def handler(request: web.Request) -> web.Response:
+            transport = request.transport
+            arrived_on = local_host(transport) if transport is not None else None
+            result = await run_probe_on(probe, app_hosts(arrived_on, "127.0.0.1"))
             return web.Response(text=result.reason + "\n", status=200 if result.ok else 503)
 
         return handler

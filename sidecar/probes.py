@@ -18,14 +18,20 @@ way the kubelet runs it (k8s.io/kubernetes pkg/probe): HTTP GET where 200-399 pa
 redirects to the same host are followed (at most ten requests) and HTTPS is not verified;
 TCP where an accepted connection passes; gRPC where ``grpc.health.v1.Health/Check``
 answering SERVING passes; each within ``timeoutSeconds`` (default 1, as in the Pod API).
+
+Where: the kubelet probes the pod's IP, so the probe is sent to the address the kubelet's
+probe arrived on (``run_probe_on``, hosts from ``sidecar.appaddress``), and only when
+nothing listens there to 127.0.0.1, where the sidecar alone used to send it: an app bound
+to its pod IP passes as it does without the mesh (istio/istio#25177), one bound to
+127.0.0.1 alone still passes as it did.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -40,6 +46,7 @@ __all__ = [
     "ProbeResult",
     "parse_app_probes",
     "run_probe",
+    "run_probe_on",
 ]
 
 # The path segment each Pod probe field is served under (Istio's names).
@@ -76,6 +83,7 @@ class AppProbe:
 class ProbeResult:
     ok: bool
     reason: str
+    refused: bool = False  # nothing listened on that address: another host may be tried
 
 
 def _object(value: Any, where: str) -> Mapping[str, Any]:
@@ -173,8 +181,31 @@ async def run_probe(probe: AppProbe, host: str = "127.0.0.1") -> ProbeResult:
             return await _http(probe, host)
     except TimeoutError:
         return ProbeResult(False, f"no answer within {probe.timeout:g}s")
+    except ConnectionRefusedError as exc:
+        return ProbeResult(False, f"{host}:{probe.port}: {exc.strerror or exc}", refused=True)
     except OSError as exc:
         return ProbeResult(False, f"{host}:{probe.port}: {exc.strerror or exc}")
+
+
+async def run_probe_on(probe: AppProbe, hosts: Sequence[str]) -> ProbeResult:
+    """Run ``probe`` against the first of ``hosts`` that does not refuse the connection,
+    all of it within the probe's one timeout; the last refusal when every host refuses."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + probe.timeout
+    result = ProbeResult(False, "no address to probe", refused=True)
+    for host in hosts:
+        left = deadline - loop.time()
+        if left <= 0:
+            return ProbeResult(False, f"no answer within {probe.timeout:g}s")
+        result = await run_probe(replace(probe, timeout=left), host)
+        if not result.refused:
+            return result
+    return result
+
+
+def _authority(host: str, port: int) -> str:
+    # RFC 3986 §3.2.2: an IPv6 literal in a URI (and in a gRPC target) is in brackets.
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _tcp(probe: AppProbe, host: str) -> ProbeResult:
@@ -185,10 +216,10 @@ async def _tcp(probe: AppProbe, host: str) -> ProbeResult:
 
 
 async def _http(probe: AppProbe, host: str) -> ProbeResult:
-    from aiohttp import ClientError, ClientSession, ClientTimeout
+    from aiohttp import ClientConnectorError, ClientError, ClientSession, ClientTimeout
 
     scheme = "https" if probe.https else "http"
-    first = URL(f"{scheme}://{host}:{probe.port}{probe.path}", encoded=True)
+    first = URL(f"{scheme}://{_authority(host, probe.port)}{probe.path}", encoded=True)
     # The kubelet's defaults, each replaced by a header of the same name from the probe.
     headers = {"User-Agent": "kube-probe/trellis", "Accept": "*/*"}
     for name, value in probe.headers:
@@ -214,7 +245,14 @@ async def _http(probe: AppProbe, host: str) -> ProbeResult:
                     return ProbeResult(False, f"GET {first}: stopped after 10 redirects")
                 url = target
     except (ClientError, ValueError) as exc:
-        return ProbeResult(False, f"GET {url}: {type(exc).__name__}: {str(exc)[:200]}")
+        # Refused on the first request only: a redirect that leads nowhere is the answer.
+        refused = (
+            url == first
+            and isinstance(exc, ClientConnectorError)
+            and isinstance(exc.os_error, ConnectionRefusedError)
+        )
+        reason = f"GET {url}: {type(exc).__name__}: {str(exc)[:200]}"
+        return ProbeResult(False, reason, refused=refused)
     # k8s pkg/probe/http: 200 <= status < 400 is success; a 3xx not followed (a redirect
     # to another host) is a success the kubelet reports as a warning event.
     ok = 200 <= status < 400
@@ -291,7 +329,7 @@ async def _grpc(probe: AppProbe, host: str) -> ProbeResult:
     import grpc
     from grpc import aio
 
-    target = f"{host}:{probe.port}"
+    target = _authority(host, probe.port)
     async with aio.insecure_channel(target) as channel:
         check = channel.unary_unary(
             "/grpc.health.v1.Health/Check",
@@ -302,6 +340,9 @@ async def _grpc(probe: AppProbe, host: str) -> ProbeResult:
             status: int = await check(probe.service, timeout=probe.timeout)
         except aio.AioRpcError as exc:
             code: grpc.StatusCode = exc.code()
-            return ProbeResult(False, f"grpc {target}: {code.name}: {exc.details() or ''}")
+            details = exc.details() or ""
+            # gRPC reports a refused connection as UNAVAILABLE with the socket's error text.
+            refused = code == grpc.StatusCode.UNAVAILABLE and "refused" in details.lower()
+            return ProbeResult(False, f"grpc {target}: {code.name}: {details}", refused=refused)
     name = _STATUS_NAMES.get(status, str(status))
     return ProbeResult(status == 1, f"grpc {target} service {probe.service!r}: {name}")

@@ -32,19 +32,21 @@ from trellis.cli import build_parser
 SERVING, NOT_SERVING = 1, 2
 
 
-async def _ask(port: int, path: str) -> tuple[int, str]:
+async def _ask(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
     async with (
         ClientSession(timeout=ClientTimeout(total=10)) as http,
-        http.get(f"http://127.0.0.1:{port}{path}") as response,
+        http.get(f"http://{host}:{port}{path}") as response,
     ):
         return response.status, await response.text()
 
 
-async def _with_health(probes_json: str, body: Callable[[int], Awaitable[None]]) -> None:
+async def _with_health(
+    probes_json: str, body: Callable[[int], Awaitable[None]], listen_host: str = "127.0.0.1"
+) -> None:
     """A sidecar built from the command line the injector writes, with only its health
     listener started (on loopback): the routes are the ones a running sidecar serves."""
     port = free_port()
-    argv = ["sidecar", "--listen-host=127.0.0.1", f"--health-port={port}", "--admin-port=off"]
+    argv = ["sidecar", f"--listen-host={listen_host}", f"--health-port={port}", "--admin-port=off"]
     config = build_config(build_parser().parse_args([*argv, f"--app-probes={probes_json}"]))
     servers = await start_admin(Sidecar(config), None, config.health)
     try:
@@ -331,3 +333,91 @@ def test_a_redirect_to_another_host_passes_unfollowed_and_a_loop_fails_after_ten
             await runner.cleanup()
 
     asyncio.run(_with_health(probes, scenario))
+
+
+# 127.0.0.2 stands in for the pod IP: every 127/8 address is the host's own, so an app can
+# bind it alone, as an app in a pod binds $(POD_IP), and 127.0.0.1 then refuses.
+POD_IP = "127.0.0.2"
+
+
+def test_every_probe_kind_reaches_an_app_bound_only_to_the_address_the_kubelet_probed() -> None:
+    """The kubelet's probe arrives on the pod IP (the health listener is on 0.0.0.0, as in
+    the pod); the app listens there alone (istio/istio#25177). Before the fix each probe
+    was sent to 127.0.0.1 and refused."""
+    http_port, tcp_port, grpc_port = free_port(), free_port(), free_port()
+    probes = json.dumps(
+        {
+            "app/readyz": {"httpGet": {"path": "/ready", "port": http_port}},
+            "app/livez": {"tcpSocket": {"port": tcp_port}},
+            "app/startupz": {"grpc": {"port": grpc_port}},
+        }
+    )
+
+    async def ready(_request: web.Request) -> web.Response:
+        return web.Response(text="ready")
+
+    async def accept(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async def scenario(health: int) -> None:
+        app = web.Application()
+        app.router.add_get("/ready", ready)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, POD_IP, http_port).start()
+        tcp = await asyncio.start_server(accept, POD_IP, tcp_port)
+        grpc_server = _health_server({"": SERVING})
+        grpc_server.add_insecure_port(f"{POD_IP}:{grpc_port}")
+        await grpc_server.start()
+        try:
+            for kind, words in (
+                ("readyz", "HTTP 200"),
+                ("livez", "accepted"),
+                ("startupz", "SERVING"),
+            ):
+                status, text = await _ask(health, f"/app-health/app/{kind}", POD_IP)
+                assert status == 200 and POD_IP in text and words in text, (kind, text)
+        finally:
+            await grpc_server.stop(None)
+            tcp.close()
+            await tcp.wait_closed()
+            await runner.cleanup()
+
+    asyncio.run(_with_health(probes, scenario, listen_host="0.0.0.0"))
+
+
+def test_a_probe_falls_back_to_loopback_for_an_app_bound_only_to_127_0_0_1() -> None:
+    """The same probe arriving on the pod IP, for an app bound to 127.0.0.1 alone: the pod
+    address refuses, the probe is run on 127.0.0.1 as before and passes; once the app is
+    gone both refuse and the reason names the loopback attempt."""
+    http_port, grpc_port = free_port(), free_port()
+    probes = json.dumps(
+        {
+            "app/readyz": {"httpGet": {"path": "/ready", "port": http_port}},
+            "app/startupz": {"grpc": {"port": grpc_port}},
+        }
+    )
+
+    async def ready(_request: web.Request) -> web.Response:
+        return web.Response(text="ready")
+
+    async def scenario(health: int) -> None:
+        app = web.Application()
+        app.router.add_get("/ready", ready)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", http_port).start()
+        grpc_server = _health_server({"": SERVING})
+        grpc_server.add_insecure_port(f"127.0.0.1:{grpc_port}")
+        await grpc_server.start()
+        try:
+            for kind in ("readyz", "startupz"):
+                status, text = await _ask(health, f"/app-health/app/{kind}", POD_IP)
+                assert status == 200 and "127.0.0.1" in text, (kind, text)
+        finally:
+            await grpc_server.stop(None)
+            await runner.cleanup()
+        status, text = await _ask(health, "/app-health/app/readyz", POD_IP)
+        assert status == 503 and f"127.0.0.1:{http_port}" in text, text
+
+    asyncio.run(_with_health(probes, scenario, listen_host="0.0.0.0"))
