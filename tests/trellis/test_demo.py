@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from tests.support import free_port
 from trellis.demo import LoadConfig, LoadGenerator, bulk_upload, start_echo_server
 from trellis.demo.wire import WireError, parse_request_head, response_head
 
@@ -267,3 +274,60 @@ def test_load_config_refuses_nonsense() -> None:
     for bad in ({"rate": -1}, {"duration": 0}, {"connections": 0}, {"size": -1}):
         with pytest.raises(ValueError):
             LoadConfig("127.0.0.1", 1, **bad)  # type: ignore[arg-type]
+
+
+# -- the demo services as processes, with the logging flags of every long-running command ---
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _demo(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "trellis", "demo", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def test_echo_logs_a_refused_request_as_json_lines_under_the_logging_flags() -> None:
+    echo = _demo("echo", "--listen", "127.0.0.1:0", "--log-format", "json", "--log-level", "info")
+    try:
+        assert echo.stdout is not None
+        ready = json.loads(echo.stdout.readline())
+        port = int(ready["listen"].rpartition(":")[2])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"NONSENSE\r\n\r\n")
+            sock.settimeout(10)
+            assert sock.recv(1024).startswith(b"HTTP/1.1 400 ")
+        echo.send_signal(signal.SIGTERM)
+        _, err = echo.communicate(timeout=30)
+    finally:
+        echo.kill()
+        echo.wait(timeout=10)
+    assert echo.returncode == 0, err
+    lines = [json.loads(line) for line in err.splitlines()]
+    events = [(line["level"], line["logger"], line["event"]) for line in lines]
+    assert ("info", "trellis.demo.echo", "refused a request") in events, err
+    (refused,) = [line for line in lines if line["event"] == "refused a request"]
+    assert refused["status"] == 400
+    assert lines[-1]["event"] == "echo server stopped"
+    assert (lines[-1]["requests"], lines[-1]["refused"]) == (0, 1)
+
+
+def test_load_logs_its_failed_requests_at_warning_in_text_and_nothing_below_its_level() -> None:
+    closed = free_port()  # nothing listens: every request fails to connect
+    argv = ["load", "--target", f"127.0.0.1:{closed}", "--rate", "5", "--duration", "1s"]
+    quiet = _demo(*argv, "--log-format", "text", "--log-level", "error")
+    _, err = quiet.communicate(timeout=60)
+    assert quiet.returncode == 0, err
+    assert err == ""
+    load = _demo(*argv, "--log-format", "text", "--log-level", "warning")
+    out, err = load.communicate(timeout=60)
+    assert load.returncode == 0, err
+    assert json.loads(out)["errors"] > 0
+    (line,) = err.splitlines()
+    assert " WARNING trellis.demo: load generator stopped " in line
+    assert line.split(" errors_by_kind=")[1].startswith('"{\\"connect\\": ')

@@ -12,16 +12,20 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import sys
 from typing import Any
 
 from core.durations import parse_duration
 from core.errors import CliError
+from core.logs import add_logging_arguments, configure_logging
 from trellis.demo.echo import start_echo_server
 from trellis.demo.load import LoadConfig, LoadGenerator, start_metrics_server
 
 __all__ = ["register"]
+
+_log = logging.getLogger("trellis.demo")
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -75,6 +79,7 @@ def register(commands: Any) -> None:
         metavar="HOST:PORT",
         help="address to serve on",
     )
+    add_logging_arguments(p)
     p.set_defaults(handler=cmd_echo)
 
     p = sub.add_parser("load", help="HTTP/1.1 load generator (open loop, keep-alive)")
@@ -92,6 +97,7 @@ def register(commands: Any) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus /metrics here (default: off)",
     )
+    add_logging_arguments(p)
     p.set_defaults(handler=cmd_load)
 
 
@@ -107,12 +113,27 @@ async def _until_signalled(work: asyncio.Future[Any] | None = None) -> None:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
+    configure_logging(args)
+
     async def main() -> None:
         server = await start_echo_server(*args.listen)
-        print(json.dumps({"event": "ready", "listen": f"{args.listen[0]}:{server.port}"}))
+        listen = f"{args.listen[0]}:{server.port}"
+        print(json.dumps({"event": "ready", "listen": listen}))
         sys.stdout.flush()
+        _log.info("echo server listening", extra={"fields": {"listen": listen}})
         await _until_signalled()
         await server.close()
+        stats = server.stats
+        _log.info(
+            "echo server stopped",
+            extra={
+                "fields": {
+                    "requests": stats.requests,
+                    "refused": stats.errors,
+                    "connections": stats.connections,
+                }
+            },
+        )
 
     try:
         asyncio.run(main())
@@ -122,6 +143,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
+    configure_logging(args)
     try:
         config = LoadConfig(
             host=args.target[0],
@@ -156,6 +178,10 @@ def cmd_load(args: argparse.Namespace) -> int:
         report = asyncio.run(main())
     except OSError as exc:
         raise CliError(f"cannot start the load generator: {exc}") from exc
+    fields = {k: report[k] for k in ("sent", "ok", "errors", "errors_by_kind", "elapsed_s")}
+    # Failed requests are what someone watching the demo's logs needs to see at WARNING.
+    level = logging.WARNING if report["errors"] else logging.INFO
+    _log.log(level, "load generator stopped", extra={"fields": fields})
     with contextlib.suppress(BrokenPipeError):
         print(json.dumps({"event": "report", **report}))
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from dataclasses import dataclass
 
 from trellis.demo.wire import (
@@ -26,6 +27,8 @@ from trellis.demo.wire import (
 )
 
 __all__ = ["MAX_ECHO_BODY", "EchoServer", "EchoStats", "start_echo_server"]
+
+_log = logging.getLogger("trellis.demo.echo")
 
 MAX_ECHO_BODY = 64 * 1024 * 1024
 _FILL = b"trellis-" * 8192  # 64 KiB of filler for GET /bytes/N
@@ -188,6 +191,8 @@ class _EchoProtocol(asyncio.Protocol):
         transport.close()
         self._transport = None
         self._stats.errors += 1
+        # Rare (a malformed request), and the one thing a client cannot see for itself.
+        _log.info("refused a request", extra={"fields": {"status": status, "reason": message}})
 
 
 class EchoServer:
