@@ -304,6 +304,25 @@ def test_a_bad_flag_is_one_clear_error(
     assert err.count("error:") == 1
 
 
+def test_up_help_says_its_logging_flags_set_the_childrens_log_files(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["up", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # as one line, whatever the wrapping
+    assert "least severe level logged" not in text  # as if it were trellis up's own level
+    assert (
+        "--log-level {debug,info,warning,error} least severe level the children (CA, agent,"
+        " sidecars, demo services) write to their logs in the run directory's logs/"
+        " (default info); what trellis up itself prints does not change"
+    ) in text
+    assert (
+        "--log-format {auto,json,text} format of the children's logs (CA, agent, sidecars,"
+        " demo services) in the run directory's logs/"
+    ) in text
+
+
 def test_a_missing_base_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["up", "--base-dir", str(tmp_path / "nope"), "--duration", "1s"]) == 1
     err = capsys.readouterr().err

@@ -17,7 +17,7 @@ from typing import Any
 from ca.spiffeid import SpiffeIdError, TrustDomain
 from core.durations import parse_duration
 from core.errors import CliError
-from core.logs import add_logging_arguments, log_format_for
+from core.logs import LOG_FORMATS, LOG_LEVELS, log_format_for
 from trellis.up.mesh import Mesh, MeshConfig, StartupError
 from trellis.up.status import Snapshot, collect, render
 
@@ -128,8 +128,24 @@ def register(commands: Any) -> None:
     p.add_argument("--connections", type=_small_count, default=4, help="load generator's")
     p.add_argument("--size", type=_size, default=1024, help="request body bytes (echoed)")
     p.add_argument("--interval", type=_interval, default=1.0, help="status refresh (default 1s)")
-    # For the children (CA, agent, sidecars), whose logs go to files in the run directory.
-    add_logging_arguments(p)
+    # Not add_logging_arguments: these reach only the children, whose logs are files, and
+    # the help must say so (trellis up's own start-up and status lines are not log records).
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="auto",
+        help="format of the children's logs (CA, agent, sidecars, demo services) in the run"
+        " directory's logs/: json, text, or auto (the default): text when this command's"
+        " standard error is a terminal, else json",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="least severe level the children (CA, agent, sidecars, demo services) write to"
+        " their logs in the run directory's logs/ (default info); what trellis up itself"
+        " prints does not change",
+    )
     p.set_defaults(handler=cmd_up)
 
 

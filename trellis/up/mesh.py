@@ -371,7 +371,7 @@ class Mesh:
             if user is not None and executable is None:
                 executable = self._app_executable
         env = {"TMPDIR": str(tmp), **(env or {})}
-        if argv[0] in ("ca", "agent", "sidecar"):
+        if argv[0] in ("ca", "agent", "sidecar", "demo"):
             argv = [*argv, *self.config.log_args]
         try:
             child = spawn(name, argv, self.run_dir / "logs", env, executable=executable, user=user)
