@@ -5,9 +5,11 @@ Per stream: parse the CONNECT (`hbone`), find the app address for the target por
 `trellis_sidecar_connect_requests_rejected_total{status="404"}`), authorise the peer's
 SPIFFE ID for that port (`policy.Authorizer`; refusal → 403 naming the rule, see
 `hbone.denial_headers`, and `trellis_sidecar_policy_decisions{decision="deny"}`), and only
-then dial the app. The app unreachable → 503. Every refusal is an HTTP status on that
-stream alone; the connection and its other streams go on. Every stream, refused or not,
-ends in one access-log line (`sidecar.accesslog`); a denial's is a WARNING.
+then dial the app: at the pod address the peer dialled, then at the configured loopback
+host if nothing listens there (`sidecar.appaddress`). The app unreachable → 503. Every
+refusal is an HTTP status on that stream alone; the connection and its other streams go
+on. Every stream, refused or not, ends in one access-log line (`sidecar.accesslog`); a
+denial's is a WARNING.
 
 The sidecar's own ports are refused here as well as in the configuration
 (`check_consistency`): a config built in code skips that check, and a stream into the
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from ca.spiffeid import SpiffeId
 
 from .accesslog import log_stream
+from .appaddress import app_hosts, dial_app
 from .bridge import Bridge
 from .channel import EngineChannel, SecureChannel
 from .config import InboundConfig
@@ -198,22 +201,20 @@ class Inbound:
         bridge = Bridge(self.metrics, "inbound", on_connected=connected, on_done=done)
         session.accept_stream(stream_id, bridge)
         bridge.attach(session, stream_id)
+        hosts = app_hosts(session.arrived_on, app.host)
         task = asyncio.get_running_loop().create_task(
-            self._dial(session, stream_id, bridge, app.host, app.port)
+            self._dial(session, stream_id, bridge, hosts, app.port)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _dial(
-        self, session: Session, stream_id: int, bridge: Bridge, host: str, port: int
+        self, session: Session, stream_id: int, bridge: Bridge, hosts: tuple[str, ...], port: int
     ) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: bridge, host, port), self._connect_timeout
-            )
+            await asyncio.wait_for(dial_app(lambda: bridge, hosts, port), self._connect_timeout)
         except (OSError, TimeoutError) as exc:
-            logger.info("local app %s:%d unreachable: %s", host, port, exc)
+            logger.info("local app %s port %d unreachable: %s", " or ".join(hosts), port, exc)
             if stream_id in session.streams:
                 session.refuse(stream_id, 503)
             bridge.refuse()

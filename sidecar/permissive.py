@@ -15,7 +15,9 @@ Anything else is a plaintext caller: it is forwarded to the app behind the port 
 which only the redirect knows (SO_ORIGINAL_DST). So permissive mode needs transparent
 mode; an explicit-mode sidecar refuses plaintext callers and says so when it loads the
 policy (`sidecar.dataplane`). The open-proxy rule of the mTLS side holds here too: only a
-declared inbound target, never one of the sidecar's own ports.
+declared inbound target, never one of the sidecar's own ports. The app is dialled as the
+mTLS side dials it: at the pod address the connection arrived on, then at the configured
+loopback host (`sidecar.appaddress`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any, cast
 
 from meshapi.policy import MtlsMode, PolicyDocument
 
+from .appaddress import app_hosts, dial_app, local_host
 from .config import InboundConfig
 from .metrics import Metrics
 from .outbound import original_destination
@@ -179,23 +182,25 @@ class Sniffer(asyncio.Protocol):
             self._refuse(transport, "strict", f"port {port} is strict (mTLS only)")
             return
         transport.pause_reading()
+        hosts = app_hosts(local_host(transport), app.host)
         task = asyncio.get_running_loop().create_task(
-            self._forward(transport, port, app.host, app.port)
+            self._forward(transport, port, hosts, app.port)
         )
         self._task = task  # the loop holds tasks weakly
 
     async def _forward(
-        self, client: asyncio.Transport, port: int, host: str, app_port: int
+        self, client: asyncio.Transport, port: int, hosts: tuple[str, ...], app_port: int
     ) -> None:
-        loop = asyncio.get_running_loop()
         app_side = Pipe(client)
         try:
             app, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: app_side, host, app_port),
-                self._connect_timeout,
+                dial_app(lambda: app_side, hosts, app_port), self._connect_timeout
             )
         except (OSError, TimeoutError) as exc:
-            self._refuse(client, "app_unreachable", f"app {host}:{app_port} unreachable ({exc})")
+            where = " or ".join(hosts)
+            self._refuse(
+                client, "app_unreachable", f"app {where} port {app_port} unreachable ({exc})"
+            )
             return
         if client.is_closing():
             app.close()

@@ -57,6 +57,7 @@ from cryptography import x509
 from ca.spiffeid import SpiffeId
 from sidecar.tls import TLSError
 
+from .appaddress import local_host
 from .channel import SecureChannel
 from .h2tunnel import ErrorCode, H2ProtocolError, H2StateError, H2Tunnel, Setting
 from .metrics import Metrics
@@ -169,6 +170,7 @@ class Session(asyncio.Protocol):
         self._ping_sent: float | None = None
         self.streams_opened = 0
         self.peername: str = ""
+        self.arrived_on: str | None = None  # our address the peer dialled (sidecar.appaddress)
         self.peer_alert: str | None = None  # the alert that ended an established connection
         self.expires_at: float | None = None  # POSIX time: the chains' earliest notAfter
         self.retired: str | None = None  # why we stopped taking streams, if we did
@@ -203,6 +205,7 @@ class Session(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peername = f"{peer[0]}:{peer[1]}" if peer else ""
+        self.arrived_on = local_host(transport)
         now = time.time()
         try:
             self._channel = self._channel_factory(now)

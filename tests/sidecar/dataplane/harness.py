@@ -305,7 +305,7 @@ class RawClient:
     """A blocking mTLS + HTTP/2 client (the Trellis engine and h2 on a plain socket), for
     sending what a well-behaved sidecar never would."""
 
-    def __init__(self, port: int, svid_dir: Path) -> None:
+    def __init__(self, port: int, svid_dir: Path, host: str = "127.0.0.1") -> None:
         import h2.config
         import h2.connection
 
@@ -314,7 +314,7 @@ class RawClient:
 
         identity = Identity()
         identity.update(*load_svid_dir(svid_dir))
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock = socket.create_connection((host, port), timeout=10)
         self.tls = ClientConnection(identity.client_config(()), server_name=None, now=time.time())
         self.sock.sendall(self.tls.data_to_send())
         while not self.tls.handshake_complete:
