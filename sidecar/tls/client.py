@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from .alerts import AlertDescription, TLSError
 from .config import TLSConfig
 from .connection import Connection, Now, Traffic
+from .credentials import select_credential
 from .events import HandshakeComplete
 from .extensions import (
     ALLOWED_IN_ENCRYPTED_EXTENSIONS,
@@ -72,7 +73,6 @@ from .signatures import (
     CLIENT_CONTEXT,
     SERVER_CONTEXT,
     certificate_verify_input,
-    choose_scheme,
     sign,
 )
 from .state import HandshakeContext, HandshakeState
@@ -148,6 +148,7 @@ class _ServerRequest:
 
     context: bytes
     signature_algorithms: tuple[int, ...]
+    signature_algorithms_cert: tuple[int, ...] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,7 +374,12 @@ class ExpectCertificateOrRequest(HandshakeState):
                     AlertDescription.missing_extension,
                     "CertificateRequest without signature_algorithms",
                 )
-            request = _ServerRequest(cr.request_context, pull_uint16_list(algorithms))
+            cert_algorithms = find(cr.extensions, ExtensionType.signature_algorithms_cert)
+            request = _ServerRequest(
+                cr.request_context,
+                pull_uint16_list(algorithms),
+                pull_uint16_list(cert_algorithms) if cert_algorithms is not None else None,
+            )
             self.transcript.update(raw)
             keys = replace(self.keys, request=request)
             return ExpectPeerCertificate(SERVER_PEER, self.transcript, keys)
@@ -407,13 +413,19 @@ def _finish(
     config = ctx.config
     request = keys.request
     if request is not None:
-        entries = tuple(CertificateEntry(der) for der in config.chain_der)
+        # RFC 8446 §4.4.2.3: the chain the server can verify; with none whose key signs
+        # an offered scheme, an empty Certificate (the server decides what that means).
+        selected = select_credential(
+            config.all_credentials,
+            request.signature_algorithms,
+            request.signature_algorithms_cert,
+        )
+        entries = tuple(CertificateEntry(der) for der in selected[0].chain_der) if selected else ()
         ctx.send(transcript, push_certificate(Certificate(request.context, entries)))
-        # TLSConfig refuses a chain without its key, so entries imply private_key.
-        if entries and config.private_key is not None:
-            scheme = choose_scheme(config.own_signature_schemes, request.signature_algorithms)
+        if selected is not None:
+            credential, scheme = selected
             signature = sign(
-                config.private_key,
+                credential.private_key,
                 scheme,
                 certificate_verify_input(CLIENT_CONTEXT, transcript.digest()),
             )

@@ -6,19 +6,22 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
+from .credentials import Credential
 from .groups import DEFAULT_GROUPS, DEFAULT_KEY_SHARES, NamedGroup
 from .keylog import KeyLogCallback
+from .limits import MAX_EARLY_DATA
+from .messages import MAX_TICKET_LIFETIME
+from .replay import ReplayCache
 from .signatures import (
     DEFAULT_CERTIFICATE_SIGNATURE_SCHEMES,
     DEFAULT_SIGNATURE_SCHEMES,
     PrivateKey,
     SignatureScheme,
-    is_rsa_pss_certificate,
-    schemes_for_key,
 )
 from .suites import DEFAULT_CIPHER_SUITES, CipherSuite
+from .tickets import StekRing
+from .ticketstore import TicketStore
 from .verify import PeerPolicy, PeerVerifier, SpiffeVerifier
 
 Rng = Callable[[int], bytes]
@@ -32,11 +35,16 @@ class TLSConfig:
     `trust_bundles` maps a trust domain name to its root certificates; `peer_policy`
     is called with the peer's canonical `ca.SpiffeId` after its chain verified. `verifier` replaces
     the SPIFFE verifier entirely (for tests or non-SPIFFE peers).
+
+    `certificate_chain` + `private_key` is one credential; `credentials` adds more (an
+    ECDSA and an ML-DSA SVID, say), in preference order after it: each handshake sends
+    the first one the peer can verify (`credentials.select_credential`).
     """
 
     rng: Rng
     certificate_chain: Sequence[x509.Certificate] = ()
     private_key: PrivateKey | None = None
+    credentials: Sequence[Credential] = ()
     trust_bundles: Mapping[str, Sequence[x509.Certificate]] = field(default_factory=dict)
     peer_policy: PeerPolicy | None = None
     verifier: PeerVerifier | None = None
@@ -53,6 +61,24 @@ class TLSConfig:
     record_padding: int = 0
     key_update_after_records: int | None = None
     key_log: KeyLogCallback | None = None
+    # Resumption and 0-RTT (RFC 8446 §2.2, §2.3, §4.6.1; see tickets.py and replay.py).
+    # Server: `ticket_ring` set means NewSessionTickets are sent (`session_tickets` per
+    # handshake) and tickets sealed under the ring are accepted; `replica_id` names this
+    # replica inside its tickets. Early data is accepted only with `max_early_data` > 0
+    # and a `replay_cache`, within `early_data_window` seconds of the ticket's expected
+    # age (§8.3), and in `early_data_strict` mode only at the replica that issued it.
+    # Client: tickets go into and come out of `ticket_store`, dropped when
+    # `trust_generation` (bumped by the caller on every trust-bundle change) moves on.
+    ticket_ring: StekRing | None = None
+    session_tickets: int = 2
+    ticket_lifetime: int = MAX_TICKET_LIFETIME
+    replica_id: bytes = b""
+    max_early_data: int = 0
+    replay_cache: ReplayCache | None = None
+    early_data_window: float = 10.0
+    early_data_strict: bool = True
+    ticket_store: TicketStore | None = None
+    trust_generation: int = 0
 
     def __post_init__(self) -> None:
         if self.certificate_chain and self.private_key is None:
@@ -60,28 +86,38 @@ class TLSConfig:
         # Shares only for groups we support; none at all means "always HelloRetryRequest".
         shares = tuple(g for g in self.key_share_groups if g in self.groups)
         object.__setattr__(self, "_key_shares", shares)
+        if not 0 <= self.ticket_lifetime <= MAX_TICKET_LIFETIME:
+            # RFC 8446 §4.6.1: at most seven days.
+            raise ValueError("ticket_lifetime is 0 to 604800 seconds")
+        if not 0 <= self.max_early_data <= MAX_EARLY_DATA:
+            raise ValueError(f"max_early_data is 0 to {MAX_EARLY_DATA} bytes")
+        if len(self.replica_id) > 255:
+            raise ValueError("replica_id is at most 255 bytes")
         if not self.cipher_suites or not self.groups:
             raise ValueError("at least one cipher suite and one group are required")
         if self.verify_peer and self.verifier is None and not self.trust_bundles:
             raise ValueError("verify_peer needs trust_bundles or a verifier")
         # Derived once per config, not per handshake.
-        object.__setattr__(
-            self, "_chain_der", tuple(c.public_bytes(Encoding.DER) for c in self.certificate_chain)
-        )
-        own: tuple[int, ...] = ()
-        if self.private_key is not None:
-            pss = bool(self.certificate_chain) and is_rsa_pss_certificate(self.certificate_chain[0])
-            own = schemes_for_key(self.private_key, pss)
-        object.__setattr__(self, "_own_schemes", own)
+        credentials = tuple(self.credentials)
+        if self.certificate_chain and self.private_key is not None:
+            credentials = (Credential(self.certificate_chain, self.private_key), *credentials)
+        object.__setattr__(self, "_credentials", credentials)
         verifier: PeerVerifier | None = self.verifier
         if verifier is None and self.trust_bundles:
             verifier = SpiffeVerifier(self.trust_bundles, self.peer_policy)
         object.__setattr__(self, "_peer_verifier", verifier)
 
     @property
-    def chain_der(self) -> tuple[bytes, ...]:
-        value: tuple[bytes, ...] = self.__dict__["_chain_der"]
+    def all_credentials(self) -> tuple[Credential, ...]:
+        """`certificate_chain` + `private_key` (if given), then `credentials`."""
+        value: tuple[Credential, ...] = self.__dict__["_credentials"]
         return value
+
+    @property
+    def chain_der(self) -> tuple[bytes, ...]:
+        """The first credential's chain, DER-encoded."""
+        credentials = self.all_credentials
+        return credentials[0].chain_der if credentials else ()
 
     @property
     def key_shares(self) -> tuple[NamedGroup, ...]:
@@ -90,8 +126,9 @@ class TLSConfig:
 
     @property
     def own_signature_schemes(self) -> tuple[int, ...]:
-        value: tuple[int, ...] = self.__dict__["_own_schemes"]
-        return value
+        """The schemes of the first credential's key."""
+        credentials = self.all_credentials
+        return credentials[0].signature_schemes if credentials else ()
 
     @property
     def peer_verifier(self) -> PeerVerifier | None:

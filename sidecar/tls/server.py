@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from .alerts import AlertDescription, TLSError
 from .config import TLSConfig
 from .connection import Connection, Now, Traffic
+from .credentials import Credential, require_credential
 from .events import HandshakeComplete
 from .extensions import (
     ClientHelloExtensions,
@@ -58,7 +59,6 @@ from .signatures import (
     SERVER_CONTEXT,
     PrivateKey,
     certificate_verify_input,
-    choose_scheme,
     sign,
 )
 from .state import HandshakeContext, HandshakeState
@@ -73,9 +73,10 @@ class ServerConnection(Connection):
     """A TLS 1.3 server; mTLS (CertificateRequest) when require_client_certificate."""
 
     def __init__(self, config: TLSConfig, now: Now = None) -> None:
-        key = config.private_key
-        if not config.certificate_chain or key is None:
+        credentials = config.all_credentials
+        if not credentials:
             raise ValueError("a server needs certificate_chain and private_key")
+        key = credentials[0].private_key
         super().__init__(config, now)
         self._state = ExpectClientHello(None, key)
 
@@ -98,6 +99,7 @@ class _Choice:
     client_share: bytes | None
     scheme: int
     alpn: str | None
+    credential: Credential
 
 
 def _negotiate(ctx: HandshakeContext, ch: ClientHello, ext: ClientHelloExtensions) -> _Choice:
@@ -139,7 +141,10 @@ def _negotiate(ctx: HandshakeContext, ch: ClientHello, ext: ClientHelloExtension
     group = mutual[0]
     if group not in shared and group not in HYBRID_GROUPS:
         group = next((g for g in mutual if g in shared), mutual[0])
-    scheme = choose_scheme(config.own_signature_schemes, ext.signature_algorithms)
+    # The chain and scheme this client can verify (RFC 8446 §4.4.2.2).
+    credential, scheme = require_credential(
+        config.all_credentials, ext.signature_algorithms, ext.signature_algorithms_cert
+    )
     alpn: str | None = None
     if config.alpn_protocols and ext.alpn is not None:
         for protocol in config.alpn_protocols:
@@ -149,7 +154,7 @@ def _negotiate(ctx: HandshakeContext, ch: ClientHello, ext: ClientHelloExtension
         else:
             # RFC 7301 §3.2: no overlap is a no_application_protocol alert.
             raise TLSError(AlertDescription.no_application_protocol, "no common ALPN protocol")
-    return _Choice(params, group, shared.get(group), scheme, alpn)
+    return _Choice(params, group, shared.get(group), scheme, alpn, credential)
 
 
 class ExpectClientHello(HandshakeState):
@@ -319,10 +324,10 @@ def _send_server_flight(
             ),
         )
         ctx.send(transcript, push_certificate_request(CertificateRequest(b"", cr_ext)))
-    entries = tuple(CertificateEntry(der) for der in config.chain_der)
+    entries = tuple(CertificateEntry(der) for der in choice.credential.chain_der)
     ctx.send(transcript, push_certificate(Certificate(b"", entries)))
     signature = sign(
-        key,
+        choice.credential.private_key,
         choice.scheme,
         certificate_verify_input(SERVER_CONTEXT, transcript.digest()),
     )

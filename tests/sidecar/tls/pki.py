@@ -3,6 +3,9 @@
 Built directly with `cryptography` so each negative fixture can break exactly one rule
 (named after it: `expired_leaf`, `server_auth_only_leaf`, ...). `ca_issued` uses the
 project's own `ca.authority`, whose intermediates carry URI name constraints.
+ML-DSA (`mldsa44`, `mldsa65`, `mldsa87`) keys sign certificates through the same builder,
+pure ML-DSA with no digest (RFC 9881); `authority("mldsa65")` is an all-ML-DSA
+hierarchy and `mixed_authority` an ECDSA root over ML-DSA intermediate and leaves.
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ from functools import cache
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ca.spiffeid import SpiffeId
 from sidecar.tls import TLSConfig
-from sidecar.tls.signatures import PrivateKey
+from sidecar.tls.signatures import MLDSAPrivateKey, PrivateKey
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 TRUST_DOMAIN = "example.org"
@@ -50,11 +53,20 @@ def _key(kind: str) -> PrivateKey:
         return ed25519.Ed25519PrivateKey.generate()
     if kind == "rsa":
         return rsa.generate_private_key(65537, 2048)
+    if kind == "mldsa44":
+        return mldsa.MLDSA44PrivateKey.generate()
+    if kind == "mldsa65":
+        return mldsa.MLDSA65PrivateKey.generate()
+    if kind == "mldsa87":
+        return mldsa.MLDSA87PrivateKey.generate()
     raise ValueError(kind)
 
 
 def _hash(key: PrivateKey) -> hashes.HashAlgorithm | None:
-    return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    # Ed25519 and ML-DSA sign the message itself: no digest algorithm.
+    if isinstance(key, ed25519.Ed25519PrivateKey | MLDSAPrivateKey):
+        return None
+    return hashes.SHA256()
 
 
 def _name(cn: str) -> x509.Name:
@@ -127,6 +139,7 @@ def _ca_cert(
     issuer: x509.Name,
     issuer_key: PrivateKey,
     path_length: int | None,
+    at: dt.datetime = NOW,
 ) -> x509.Certificate:
     return (
         x509.CertificateBuilder()
@@ -134,8 +147,8 @@ def _ca_cert(
         .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=30))
-        .not_valid_after(NOW + dt.timedelta(days=30))
+        .not_valid_before(at - dt.timedelta(days=30))
+        .not_valid_after(at + dt.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(False, False, False, False, False, True, True, False, False),
@@ -157,6 +170,44 @@ def authority(kind: str = "p256", name: str = "Trellis test") -> Authority:
     inter_key = _key(kind)
     inter = _ca_cert(f"{name} intermediate", inter_key, root.subject, root_key, 0)
     return Authority(root, root_key, inter, inter_key)
+
+
+@cache
+def mixed_authority(
+    root_kind: str = "p256", lower_kind: str = "mldsa65", at: dt.datetime = NOW
+) -> Authority:
+    """A `root_kind` root over a `lower_kind` intermediate (leaves take their own kind)."""
+    name = f"Trellis {root_kind}/{lower_kind}"
+    root_key = _key(root_kind)
+    root = _ca_cert(f"{name} root", root_key, _name(f"{name} root"), root_key, 1, at)
+    inter_key = _key(lower_kind)
+    inter = _ca_cert(f"{name} intermediate", inter_key, root.subject, root_key, 0, at)
+    return Authority(root, root_key, inter, inter_key)
+
+
+@cache
+def mldsa_identity(role: str = "server", kind: str = "mldsa65") -> Identity:
+    """An all-ML-DSA chain (root, intermediate and leaf of parameter set `kind`)."""
+    return mixed_authority(kind, kind).leaf(SERVER_ID if role == "server" else CLIENT_ID, kind)
+
+
+@cache
+def _live_at() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+@cache
+def live_identity(role: str = "server", kind: str = "mldsa65", root_kind: str = "") -> Identity:
+    """A chain valid around the real clock, for real peers (OpenSSL, Go, the shell),
+    which check validity against it: a `root_kind` root (default `kind`) over a `kind`
+    intermediate and leaf."""
+    at = _live_at()
+    return mixed_authority(root_kind or kind, kind, at).leaf(
+        SERVER_ID if role == "server" else CLIENT_ID,
+        kind,
+        not_before=at - dt.timedelta(hours=1),
+        not_after=at + dt.timedelta(hours=1),
+    )
 
 
 @cache
