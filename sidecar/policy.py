@@ -109,11 +109,16 @@ class Authorizer:
         return Decision(False, f"{caller} matches no rule for port {port}", self.source_of(port))
 
     def describe(self) -> dict[str, Any]:
+        # The sources are names (an AccessPolicy's, or the config key holding the rules),
+        # never a rule's content beyond the SPIFFE IDs listed above: `trellis policy
+        # explain --sidecar` names from these what a refused caller's 403 names.
         return {
             "ports": {
                 str(p): [str(r) for r in rules] for p, rules in sorted(self.per_port.items())
             },
             "any_port": None if self.any_port is None else [str(r) for r in self.any_port],
+            "sources": {str(p): list(self.sources.get(p, ())) for p in sorted(self.per_port)},
+            "any_port_sources": list(self.any_port_sources),
         }
 
 

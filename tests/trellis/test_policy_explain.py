@@ -21,6 +21,9 @@ import yaml
 
 from tests.kube.conftest import cluster, create_namespace, kube_bin  # noqa: F401 (fixtures)
 from tests.kube.controlplane import ControlPlane
+from tests.sidecar.dataplane.conftest import pki, procs  # noqa: F401 (fixtures)
+from tests.sidecar.dataplane.harness import Pki, Procs, start_sidecar
+from tests.support import free_port
 from trellis.cli import main
 from trellis.up import Mesh, MeshConfig
 from trellis.up.mesh import ECHO_TARGET_PORT, probe
@@ -196,14 +199,64 @@ def test_explain_against_a_running_sidecar_agrees_with_what_the_sidecar_does(
     )
     assert status == 1
     assert lines[0] == f"DENIED: {intruder} on port {port}"
+    # Named as the sidecar names it in a refusal: the config key that holds echo's rules.
+    assert lines[2] == f"  decided by: inbound.targets.{port}.allow"
     assert lines[-1] == (
-        f"  fix: add {{exact: {intruder}}} to the allow list of the rules for port {port} (an"
-        f" AccessPolicy selecting the pod, or the sidecar config's inbound.targets.{port}.allow)"
+        f"  fix: add {{exact: {intruder}}} to the allow list of the sidecar config's"
+        f" inbound.targets.{port}.allow"
     )
     # And the intruder's real call was refused by echo's sidecar.
     assert mesh.policy_probe is not None
     assert not mesh.policy_probe.startswith("ADMITTED")
     assert not probe("127.0.0.1", mesh.ports["intruder_upstream"]).startswith("ADMITTED")
+
+
+def test_explain_against_a_sidecar_enforcing_access_policies_names_them(
+    procs: Procs,  # noqa: F811 (the imported fixture)
+    pki: Pki,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A real sidecar given the operator's document and a pod's labels, as in a cluster;
+    explain reads only its /config, which names each port's AccessPolicies (and no more)."""
+    workdir = procs.workdir
+    (workdir / "policy.json").write_text(json.dumps(DOCUMENT))
+    (workdir / "labels").write_text('app="ledger"\n')
+    ledger = start_sidecar(
+        procs,
+        "ledger",
+        {
+            "svid_dir": str(pki.write(workdir / "svid", "spiffe://example.org/ns/shop/sa/ledger")),
+            "inbound": {"targets": {8080: {"app": f"127.0.0.1:{free_port()}"}}},
+        },
+        extra_args=[
+            "--policy",
+            str(workdir / "policy.json"),
+            "--pod-labels",
+            str(workdir / "labels"),
+        ],
+    )
+    policy = ledger.describe()["inbound"]["policy"]
+    assert policy["sources"] == {"8080": ["AccessPolicy ledger"]}
+    assert policy["any_port_sources"] == ["AccessPolicy tools"]
+    admin = f"127.0.0.1:{ledger.admin_port}"
+
+    status, lines = _explain(capsys, "--caller", WEB, "--port", "8080", "--sidecar", admin)
+    assert status == 0
+    assert lines[:3] == [
+        f"ALLOWED: {WEB} on port 8080",
+        f"  reason: exact:{WEB}",
+        "  decided by: AccessPolicy ledger, AccessPolicy tools",
+    ]
+    status, lines = _explain(
+        capsys, "--caller", STRANGER, "--port", "8080", "--sidecar", admin, "-o", "json"
+    )
+    assert status == 1
+    document = json.loads("\n".join(lines))
+    assert document["decided_by"] == "AccessPolicy ledger, AccessPolicy tools"
+    assert document["sources"] == ["AccessPolicy ledger", "AccessPolicy tools"]
+    assert document["fix"] == (
+        f"add {{exact: {STRANGER}}} to the allow list of AccessPolicy ledger, tools"
+    )
 
 
 # -- a namespace's policy and a pod's labels, through a real API server ------------------------

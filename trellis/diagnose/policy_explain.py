@@ -149,11 +149,19 @@ def _sidecar_authorizer(address: str) -> tuple[Authorizer, TrustDomain | None]:
         }
         any_raw = policy.get("any_port")
         any_port = None if any_raw is None else tuple(_rule(r) for r in any_raw)
+        # Where each port's rules come from ("AccessPolicy ledger", "inbound.targets.8080
+        # .allow"); a sidecar older than these keys names none, and explain then says
+        # "the rules for port N".
+        sources = {
+            int(p): tuple(str(name) for name in names)
+            for p, names in (policy.get("sources") or {}).items()
+        }
+        any_port_sources = tuple(str(name) for name in policy.get("any_port_sources") or ())
         own = (config.get("identity") or {}).get("spiffe_id")
         trust_domain = SpiffeId(own).trust_domain if own else None
-    except (SpiffeIdError, ValueError, TypeError) as exc:
+    except (SpiffeIdError, ValueError, TypeError, AttributeError) as exc:
         raise CliError(f"{address}/config holds a policy this command cannot read: {exc}") from exc
-    return Authorizer(per_port, any_port), trust_domain
+    return Authorizer(per_port, any_port, sources, any_port_sources), trust_domain
 
 
 # -- the explanation -----------------------------------------------------------------------
@@ -175,12 +183,26 @@ def _policies_for(
     ]
 
 
+def _where(sources: list[str], port: int) -> str:
+    """The places a caller's rule could go, from the names a sidecar gives its sources."""
+    policies = [s.removeprefix("AccessPolicy ") for s in sources if s.startswith("AccessPolicy ")]
+    places = [f"AccessPolicy {', '.join(policies)}"] if policies else []
+    places += [f"the sidecar config's {s}" for s in sources if not s.startswith("AccessPolicy ")]
+    if not places:
+        return (
+            f"the rules for port {port} (an AccessPolicy selecting the pod, or the sidecar"
+            f" config's inbound.targets.{port}.allow)"
+        )
+    return " or ".join(places)
+
+
 def _fix(
     allowed: bool,
     rules: tuple[CallerRule, ...] | None,
     caller: SpiffeId,
     port: int,
     policies: list[dict[str, Any]],
+    sources: list[str],
 ) -> str | None:
     if allowed:
         return None
@@ -191,12 +213,7 @@ def _fix(
             f" {port} selecting this pod that allows {add} (and federate the trust domains)"
         )
     named = [p["name"] for p in policies if p["name"]]
-    where = (
-        f"AccessPolicy {', '.join(named)}"
-        if named
-        else f"the rules for port {port} (an AccessPolicy selecting the pod, or the sidecar"
-        f" config's inbound.targets.{port}.allow)"
-    )
+    where = f"AccessPolicy {', '.join(named)}" if named else _where(sources, port)
     if not rules:
         return f"{where} allows nobody on port {port} (empty allow): add {add} to its allow list"
     return f"add {add} to the allow list of {where}"
@@ -215,6 +232,11 @@ def explain(
     rules = authorizer.rules_for(port)
     policies = _policies_for(document, labels or {}, port, caller)
     matched = next((str(r) for r in rules or () if r.allows(caller)), None)
+    # The names the sidecar itself gives the sources of this port's rules.
+    sources = list(authorizer.sources.get(port, ())) if port in authorizer.per_port else []
+    if authorizer.any_port is not None:
+        sources += authorizer.any_port_sources
+    sources = list(dict.fromkeys(sources))
     return {
         "caller": str(caller),
         "port": port,
@@ -226,7 +248,8 @@ def explain(
         "rule": matched if decision.allowed else None,
         "policies": policies,
         "rules": None if rules is None else [str(r) for r in rules],
-        "fix": _fix(decision.allowed, rules, caller, port, policies),
+        "sources": None if rules is None else sources,
+        "fix": _fix(decision.allowed, rules, caller, port, policies, sources),
     }
 
 
