@@ -112,6 +112,8 @@ serves `/config` without authentication. The health listener, off unless configu
     spliced to the original destination, reset under REGISTRY_ONLY, or not answering),
     `trellis_sidecar_plaintext_refused_total{reason="strict|undeclared_port|
     no_original_destination|app_unreachable"}` (closed before any byte reached an app),
+    `trellis_sidecar_early_data_requests_total{decision="served|too_early"}` (HTTP
+    requests read from 0-RTT data on a port declared HTTP: `sidecar.earlydata`),
     `trellis_sidecar_connections_closed_by_us_total{reason="protocol_error|abuse|
     peer_not_reading|keepalive_timeout|peer_certificate_expired|
     local_certificate_expired|trust_bundle_changed|identity_withdrawn"}` (the last four

@@ -20,6 +20,9 @@ __all__ = ["Metrics"]
 # Why a caller without TLS was closed unforwarded (`sidecar.permissive`).
 PASSTHROUGH_OUTCOMES = ("forwarded", "refused", "unreachable")
 PLAINTEXT_REFUSALS = ("strict", "undeclared_port", "no_original_destination", "app_unreachable")
+# What the inbound sidecar did with an HTTP request it read from 0-RTT data
+# (`sidecar.earlydata`): served with `Early-Data: 1`, or answered 425 Too Early.
+EARLY_DATA_DECISIONS = ("served", "too_early")
 
 _HANDSHAKE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -185,6 +188,15 @@ class Metrics:
         )
         for outcome in PASSTHROUGH_OUTCOMES:
             self.passthrough.labels(outcome=outcome)
+        self.early_data_requests = Counter(
+            "trellis_sidecar_early_data_requests",
+            "HTTP requests read from TLS 0-RTT data by the inbound sidecar: served (with "
+            "Early-Data: 1) or too_early (answered 425, RFC 8470).",
+            ["decision"],
+            registry=r,
+        )
+        for decision in EARLY_DATA_DECISIONS:
+            self.early_data_requests.labels(decision=decision)
         self.svid_expiry = Gauge(
             "trellis_sidecar_svid_expiry_timestamp_seconds",
             "notAfter of the SVID new handshakes use.",
@@ -213,7 +225,9 @@ class Metrics:
 
     def handshake_done(self, info: HandshakeComplete, direction: str, seconds: float) -> None:
         self.tls_handshake_duration.observe(seconds)
-        self.tls_resumption.labels(kind="psk" if info.session_resumed else "none").inc()
+        # Trellis resumes only with tickets its own mesh issued (RFC 8446 §4.6.1); "psk"
+        # stays for external PSKs, which it never configures.
+        self.tls_resumption.labels(kind="ticket" if info.session_resumed else "none").inc()
         self.tls_version.labels(version="TLSv1.3").inc()
         self.tls_cipher_suite.labels(suite=suite_name(info.cipher_suite)).inc()
         self.tls_group.labels(group=group_name(info.group)).inc()

@@ -336,6 +336,63 @@ def test_a_pod_whose_handshakes_fail_alerts_and_rare_or_relatively_few_failures_
     promtool_test(tmp_path, series, cases)
 
 
+def test_a_namespace_whose_resumptions_collapse_alerts_and_a_steady_cold_or_quiet_one_does_not(
+    tmp_path: Path,
+) -> None:
+    """The signal of a STEK rotation without overlap: tickets stop opening at once."""
+    resumptions = "tls_resumption_total"
+    series = [
+        # shop: two pods, 48 of every 60 handshakes a minute resumed, until minute 80 when
+        # every ticket stops opening and each handshake is a full one.
+        *(
+            {"series": f'{resumptions}{{{sidecar("shop", pod)}, kind="{kind}"}}',
+             "values": values}
+            for pod in ("a", "b")
+            for kind, values in (("ticket", "0+48x80 3840+0x20"), ("none", "0+12x80 960+60x20"))
+        ),
+        # steady: the same share all along (a rotation with overlap costs nothing).
+        {"series": f'{resumptions}{{{sidecar("steady", "s")}, kind="ticket"}}',
+         "values": "0+48x100"},
+        {"series": f'{resumptions}{{{sidecar("steady", "s")}, kind="none"}}',
+         "values": "0+12x100"},
+        # cold: never resumed (a workload called once per pod start).
+        {"series": f'{resumptions}{{{sidecar("cold", "c")}, kind="ticket"}}',
+         "values": "0+0x100"},
+        {"series": f'{resumptions}{{{sidecar("cold", "c")}, kind="none"}}',
+         "values": "0+60x100"},
+        # quiet: the same collapse at one handshake a minute (under 0.1/s).
+        {"series": f'{resumptions}{{{sidecar("quiet", "q")}, kind="ticket"}}',
+         "values": "0+1x80 80+0x20"},
+        {"series": f'{resumptions}{{{sidecar("quiet", "q")}, kind="none"}}',
+         "values": "0+0x80 0+1x20"},
+    ]  # fmt: skip
+    name = "TrellisResumptionRatioDrop"
+    firing = {
+        "exp_labels": {
+            "alertname": name,
+            "severity": "warning",
+            "cluster": "west",
+            "trust_domain": "example.org",
+            "namespace": "shop",
+        },
+        "exp_annotations": {
+            "summary": "Sidecars in shop resume only 0% of their handshakes",
+            "description": (
+                "Under half the resumption ratio of the hour before: session tickets stopped "
+                "opening. trellis_stek_decrypt_failures_total by reason says why (unknown_key: "
+                "a STEK rotated out before its tickets expired; expired: a ring that aged out), "
+                "and trellis_stek_active_key_age_seconds whether the sidecars still receive keys."
+            ),
+        },
+    }
+    cases = [
+        {"eval_time": "78m", "alertname": name, "exp_alerts": []},  # before the collapse
+        {"eval_time": "84m", "alertname": name, "exp_alerts": []},  # pending
+        {"eval_time": "95m", "alertname": name, "exp_alerts": [firing]},
+    ]
+    promtool_test(tmp_path, series, cases)
+
+
 def operator(pod: str) -> dict[str, str]:
     return {
         "cluster": "west",

@@ -726,6 +726,16 @@ def test_every_panel_returns_data_against_a_running_mesh(tmp_path: Path) -> None
             suites = by("Cipher suites", "suite")
             assert sum(suites.values()) > 0, suites
             assert all(s.startswith("TLS_AES_") or s.startswith("TLS_CHACHA20_") for s in suites)
+            # Resumption and 0-RTT: a share between 0 and 1, and every kind and outcome
+            # exported from start-up (the demo's pooled connections are long-lived, so most
+            # of its handshakes are full ones).
+            ratio = single("Resumption ratio")
+            assert 0 <= ratio <= 1, ratio
+            kinds = by("Handshakes by resumption kind", "kind")
+            assert set(kinds) == {"psk", "ticket", "none"} and kinds["none"] > 0, kinds
+            assert set(by("Early data by outcome", "outcome")) == {"accepted", "rejected"}
+            decided = by("HTTP requests in early data", "decision")
+            assert set(decided) == {"served", "too_early"}, decided
 
             # Policy, handshakes, traffic, pooling and identity of the sidecars.
             decisions = by("Policy decisions by outcome", "decision")
@@ -862,12 +872,16 @@ def test_every_panel_query_filters_on_cluster_trust_domain_and_namespace() -> No
     assert {"cluster", "trust_domain", "namespace"} <= variables
 
 
-def test_the_dashboard_graphs_no_feature_that_does_not_exist_yet() -> None:
-    """Session resumption and 0-RTT have no code yet: their counters stay at
-    kind="none" and zero, and a panel of them would show a feature that is not there."""
-    for title, expr in panels():
-        for name in ("tls_resumption_total", "tls_early_data_total"):
-            assert name not in expr, f"panel {title!r} graphs {name}"
+def test_the_resumption_and_early_data_panels_graph_the_contract_counters() -> None:
+    """Session resumption and 0-RTT exist now: the dashboard graphs their public counters
+    (and the inbound sidecar's 425 decisions), each panel by its own metric."""
+    graphed = {title: expr for title, expr in panels()}
+    assert 'tls_resumption_total{' in graphed["Resumption ratio"]
+    assert 'kind!="none"' in graphed["Resumption ratio"]
+    assert "by (kind)" in graphed["Handshakes by resumption kind"]
+    assert "tls_early_data_total{" in graphed["Early data by outcome"]
+    assert "by (outcome)" in graphed["Early data by outcome"]
+    assert "trellis_sidecar_early_data_requests_total{" in graphed["HTTP requests in early data"]
 
 
 def test_numbers_with_a_meaning_carry_the_thresholds_their_alerts_use() -> None:

@@ -280,6 +280,7 @@ def test_alert_rules_pass_promtool_and_the_prometheusrule_mirrors_them(tmp_path:
         "TrellisSidecarSVIDCloseToExpiry",
         "TrellisPolicyDenialSpike",
         "TrellisHandshakeFailures",
+        "TrellisResumptionRatioDrop",
     } <= alerts
 
 
@@ -402,6 +403,8 @@ def test_the_dashboard_imports_with_a_datasource_variable_and_unique_panel_ids()
         "Share of X25519MLKEM768 handshakes",
         "Cipher suites",
         "TLS versions",
+        "Resumption ratio",
+        "Early data by outcome",
     ):
         assert wanted in titles
 
