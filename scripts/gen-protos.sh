@@ -26,6 +26,18 @@ sed -i '1i # mypy: disable-error-code="type-arg"' "$dest/ca_pb2.pyi"
 [ -f "$dest/__init__.py" ] || printf '"""Generated protobuf code for trellis.ca.v1 (scripts/gen-protos.sh)."""\n' > "$dest/__init__.py"
 echo "generated $dest/ca_pb2.py ca_pb2.pyi ca_pb2_grpc.py"
 
+# trellis.workload.v1 (the agent's SessionKeys service beside the SPIFFE Workload API), into
+# the same package and with the same import rewrite.
+"$PYTHON" -m grpc_tools.protoc -I ca/api/proto \
+    --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
+    ca/api/proto/trellis/workload/v1/session_keys.proto
+for f in session_keys_pb2.py session_keys_pb2.pyi session_keys_pb2_grpc.py; do
+    sed -e 's/^from trellis\.workload\.v1 import session_keys_pb2/from ca.api._proto import session_keys_pb2/' \
+        "$out/trellis/workload/v1/$f" > "$dest/$f"
+done
+sed -i '1i # mypy: disable-error-code="type-arg"' "$dest/session_keys_pb2.pyi"
+echo "generated $dest/session_keys_pb2.py session_keys_pb2.pyi session_keys_pb2_grpc.py"
+
 # The CSI spec's proto (csi.v1), for the agent's CSI node plugin (ca/agent/csi.py). It is
 # not vendored: the Go module proxy serves the spec repository, so the proto comes from
 # the module cache at a pinned version and only the generated code is committed.

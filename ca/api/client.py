@@ -403,3 +403,31 @@ class CaClient:
                 stream.cancel()
             if self._channel is channel:
                 raise CaError(grpc.StatusCode.UNAVAILABLE, "bundle stream ended")
+
+    async def watch_stek_rings(self) -> AsyncGenerator[ca_pb2.STEKRings, None]:
+        """The STEK rings of this node's identities now and on every change, as the CA sent
+        them (``ca.agent.stek`` reads them). Ends as ``watch_bundles`` does."""
+        while not self._closed:
+            channel = self._main_channel()
+            call: grpc.aio.UnaryStreamMultiCallable[Any, ca_pb2.STEKRings] = channel.unary_stream(
+                f"/{SERVICE}/WatchSTEKRings",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=ca_pb2.STEKRings.FromString,
+            )
+            stream = call(ca_pb2.WatchSTEKRingsRequest())
+            try:
+                async for message in stream:
+                    yield message
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.CANCELLED and self._channel is not channel:
+                    continue  # our own channel swap after renewal: resume on the new one
+                raise CaError(exc.code(), exc.details() or "") from exc
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if (task is not None and task.cancelling()) or self._channel is channel:
+                    raise
+                continue
+            finally:
+                stream.cancel()
+            if self._channel is channel:
+                raise CaError(grpc.StatusCode.UNAVAILABLE, "STEK stream ended")

@@ -65,6 +65,7 @@ from ca.server.grpc_shell import BundleWatch, SigningStreams, make_handler
 from ca.server.metrics import CaMetrics
 from ca.server.service import CaService, ServiceConfig, TokenReviewer, log_event
 from ca.server.signer import ProcessPoolSigner
+from ca.server.stek import DEFAULT_ROTATION, StekLeader, StekWatch
 from ca.server.tokens import JoinTokenStore
 from ca.spiffeid import TrustDomain
 from ca.store import CaStore, StoreError
@@ -119,6 +120,8 @@ class ServerConfig:
     # Opens an encrypted intermediate and JWT key (trellis ca intermediate with a key
     # passphrase); None for unencrypted ones, e.g. from a Kubernetes Secret.
     key_passphrase: bytes | None = field(default=None, repr=False)
+    # How long each service identity's session-ticket key seals tickets (ca.server.stek).
+    stek_rotation: dt.timedelta = DEFAULT_ROTATION
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,9 @@ class CaServer:
         self._intermediate_stamp = self._intermediate_mtime()
         self.bundles = BundleWatch(store.load_bundle(self.trust_domain))
         self.signing_streams = SigningStreams()
+        # STEK rings live only in this process's memory (DESIGN §6): never in ca_dir.
+        self.steks = StekWatch(StekLeader(config.stek_rotation))
+        self._stek_revision: str | None = None
         if entries is None:
             entries = (
                 YamlFileEntrySource(config.entries_path, trust_domain=self.trust_domain)
@@ -331,7 +337,7 @@ class CaServer:
             maximum_concurrent_rpcs=10_000,
         )
         server.add_generic_rpc_handlers(
-            [make_handler(self.service, self.bundles, self.signing_streams)]
+            [make_handler(self.service, self.bundles, self.signing_streams, self.steks)]
         )
         mtls = grpc.dynamic_ssl_server_credentials(
             self._certificate_config(self._creds), self._fetcher("mtls"), True
@@ -369,6 +375,7 @@ class CaServer:
         self._update_authority_metrics()
         self._flush_ledger()
         self.metrics.entries(len(self.entries.current()))
+        self._tick_steks()
         self.federation.start()
         self._tasks.append(asyncio.create_task(self._maintain()))
         self._tasks.append(asyncio.create_task(self._purge_join_tokens_periodically()))
@@ -568,6 +575,7 @@ class CaServer:
             self.metrics.entry_reload_failed()
             log_event(logging.ERROR, "entries-reload-failed", error=str(error))
         self.metrics.entries(len(self.entries.current()))
+        self._tick_steks()
         stamp = self._bundle_mtime()
         if stamp != self._bundle_stamp:
             self._bundle_stamp = stamp
@@ -579,6 +587,16 @@ class CaServer:
         self.service.refresh_agent_gauge()
         self._update_authority_metrics()
         self._flush_ledger()
+
+    def _tick_steks(self) -> None:
+        """Rotate the STEK rings that are due and follow the entries: a ring per SPIFFE ID
+        that has an entry. Streams are woken on a rotation and on any entry change (an
+        entry moved to another node changes which rings that node's agent may hold)."""
+        current = self.entries.current()
+        changed = self.steks.leader.tick(time.time(), {e.spiffe_id for e in current})
+        if changed or current.revision != self._stek_revision:
+            self._stek_revision = current.revision
+            self.steks.poke()
 
     def _reload_bundle(self) -> None:
         try:
@@ -625,6 +643,7 @@ class CaServer:
                 total=len(after),
             )
             self.bundles.poke()  # end the bundle streams of newly banned agents
+            self.steks.poke()  # and their STEK streams
             self.signing_streams.end_banned(self.service.is_banned)
 
     def purge_join_tokens(self) -> int:
@@ -658,6 +677,7 @@ class CaServer:
         self._tasks.clear()
         await self.federation.close()
         self.bundles.close()
+        self.steks.close()
         self.signing_streams.close()
         if self._grpc is not None:
             await self._grpc.stop(grace)

@@ -58,6 +58,13 @@ def _seconds(text: str) -> float:
     return _duration(text).total_seconds()
 
 
+def _stek_rotation(text: str) -> dt.timedelta:
+    value = _duration(text)
+    if value < dt.timedelta(seconds=1):
+        raise argparse.ArgumentTypeError(f"{text!r} is shorter than one second")
+    return value
+
+
 def _batch_limit(text: str) -> int:
     # Agents learn this limit from the CA (a uint32 on the wire) and split their batches
     # to fit; 0 would refuse every batch.
@@ -194,6 +201,13 @@ def register(ca_commands: Any) -> None:
         type=Path,
         metavar="FILE",
         help="YAML list of banned node names, re-read on change (trellis ca ban/unban)",
+    )
+    p.add_argument(
+        "--stek-rotation",
+        type=_stek_rotation,
+        default="1h",
+        help="how long each service identity's session-ticket encryption key seals tickets "
+        "(the next one is sent to agents this long ahead; 24 old ones still open tickets)",
     )
     p.add_argument(
         "--poll-interval",
@@ -352,6 +366,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token_reviewer=reviewer,
         sign_workers=auto_sign_workers() if args.sign_workers == "auto" else args.sign_workers,
         key_passphrase=key_passphrase,
+        stek_rotation=args.stek_rotation,
     )
 
     def ready(addresses: dict[str, str], tokens: dict[str, str]) -> None:

@@ -17,15 +17,16 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from ca.api import convert
 from ca.api._proto import ca_pb2
 from ca.api.values import BundleUpdate, SignedSvid
 from ca.bundle import TrustBundle
 from ca.server.service import CaService, Refusal, RefusalKind, log_event
+from ca.server.stek import StekKey, StekRingState, StekWatch
 
-__all__ = ["STATUS", "BundleWatch", "SigningStreams", "make_handler"]
+__all__ = ["STATUS", "BundleWatch", "SigningStreams", "make_handler", "stek_rings_to_proto"]
 
 _SIGNING_STREAM = "StreamX509SVIDs"
 
@@ -129,6 +130,27 @@ class SigningStreams:
             self._recheck.discard(task)
 
 
+def _stek(key: StekKey) -> ca_pb2.STEK:
+    return ca_pb2.STEK(
+        key_id=key.key_id, key=key.key, not_before=key.not_before, not_after=key.not_after
+    )
+
+
+def stek_rings_to_proto(rings: tuple[StekRingState, ...]) -> ca_pb2.STEKRings:
+    return ca_pb2.STEKRings(
+        rings=[
+            ca_pb2.STEKRing(
+                spiffe_id=str(ring.spiffe_id),
+                active=_stek(ring.active),
+                previous=[_stek(k) for k in ring.previous],
+                next=_stek(ring.next),
+                rotation_seconds=ring.rotation_seconds,
+            )
+            for ring in rings
+        ]
+    )
+
+
 def _svids(svids: list[SignedSvid]) -> list[ca_pb2.X509SVID]:
     return [convert.signed_svid_to_proto(s) for s in svids]
 
@@ -203,7 +225,10 @@ def _authenticated(
 
 
 def make_handler(
-    service: CaService, bundles: BundleWatch, streams: SigningStreams | None = None
+    service: CaService,
+    bundles: BundleWatch,
+    streams: SigningStreams | None = None,
+    steks: StekWatch | None = None,
 ) -> grpc.GenericRpcHandler:
     streams = streams or SigningStreams()
 
@@ -290,6 +315,60 @@ def make_handler(
             sent = (bundle, bundles.federated)
             yield convert.bundle_update_to_proto(BundleUpdate(bundle, bundles.federated))
 
+    async def watch_stek_rings(
+        raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[ca_pb2.STEKRings]:
+        method = "WatchSTEKRings"
+        node: str | None = None
+        try:
+            service.check_size(len(raw))
+            node = service.authenticate(_client_chain(context))
+            # Parsed here, not by grpc: bytes that are no request get INVALID_ARGUMENT and
+            # one log line, not a DecodeError traceback from grpc's deserializer.
+            try:
+                request = ca_pb2.WatchSTEKRingsRequest.FromString(raw)
+            except DecodeError as exc:
+                raise Refusal(
+                    RefusalKind.MALFORMED, "malformed-request", "not a WatchSTEKRingsRequest"
+                ) from exc
+            if request.node and request.node != node:
+                # An agent gets the keys of its own node's identities only: never let
+                # one node's SVID pull another node's services' keys.
+                raise Refusal(
+                    RefusalKind.NOT_PERMITTED,
+                    "stek-node-mismatch",
+                    f"this agent is node {node}, not {request.node!r}",
+                )
+            if steks is None:
+                raise Refusal(
+                    RefusalKind.UNAVAILABLE, "stek-not-served", "this CA serves no STEK rings"
+                )
+        except Refusal as refusal:
+            await _refuse(service, context, method, refusal, node)
+            return
+        log_event(logging.DEBUG, "stek-watch", node=node)
+        sent: tuple[StekRingState, ...] | None = None
+        async for _ in steks.changes():
+            try:
+                service.check_not_banned(node)
+            except Refusal as refusal:
+                await _refuse(service, context, method, refusal, node)
+                return
+            ids = {entry.spiffe_id for entry in service.entries.current().for_node(node)}
+            rings = steks.leader.rings_for(ids)
+            if rings == sent:
+                continue
+            sent = rings
+            # Names and key ids only: the keys themselves never reach a log line.
+            log_event(
+                logging.INFO,
+                "stek-rings-sent",
+                node=node,
+                spiffe_ids=[str(r.spiffe_id) for r in rings],
+                active_key_ids=[r.active.key_id.hex() for r in rings],
+            )
+            yield stek_rings_to_proto(rings)
+
     def unary(
         fn: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]],
         request_type: type[Message],
@@ -336,6 +415,11 @@ def make_handler(
         "WatchBundle": grpc.unary_stream_rpc_method_handler(
             watch_bundle,
             request_deserializer=ca_pb2.WatchBundleRequest.FromString,
+            response_serializer=lambda m: m.SerializeToString(),
+        ),
+        "WatchSTEKRings": grpc.unary_stream_rpc_method_handler(
+            watch_stek_rings,
+            request_deserializer=bytes,
             response_serializer=lambda m: m.SerializeToString(),
         ),
     }

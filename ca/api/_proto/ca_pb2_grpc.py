@@ -5,7 +5,7 @@ import warnings
 
 from ca.api._proto import ca_pb2 as trellis_dot_ca_dot_v1_dot_ca__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -68,6 +68,11 @@ class CaServiceStub:
                 '/trellis.ca.v1.CaService/WatchBundle',
                 request_serializer=trellis_dot_ca_dot_v1_dot_ca__pb2.WatchBundleRequest.SerializeToString,
                 response_deserializer=trellis_dot_ca_dot_v1_dot_ca__pb2.Bundle.FromString,
+                _registered_method=True)
+        self.WatchSTEKRings = channel.unary_stream(
+                '/trellis.ca.v1.CaService/WatchSTEKRings',
+                request_serializer=trellis_dot_ca_dot_v1_dot_ca__pb2.WatchSTEKRingsRequest.SerializeToString,
+                response_deserializer=trellis_dot_ca_dot_v1_dot_ca__pb2.STEKRings.FromString,
                 _registered_method=True)
 
 
@@ -135,6 +140,19 @@ class CaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchSTEKRings(self, request, context):
+        """The session-ticket encryption key (STEK) rings of every SPIFFE ID that has an entry
+        for the caller's node, now and again on every rotation or entry change (RFC 8446
+        §4.6.1: a ticket is opaque to the client, so all replicas of a service must share the
+        key that seals it). Keys are secret: they travel only on this mutual-TLS channel and
+        are never written down by either side. PERMISSION_DENIED: `node` names another node
+        than the caller's agent SVID, or the node is banned. INVALID_ARGUMENT: a malformed
+        request. The stream ends with OK when the CA shuts down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +190,11 @@ def add_CaServiceServicer_to_server(servicer, server):
                     servicer.WatchBundle,
                     request_deserializer=trellis_dot_ca_dot_v1_dot_ca__pb2.WatchBundleRequest.FromString,
                     response_serializer=trellis_dot_ca_dot_v1_dot_ca__pb2.Bundle.SerializeToString,
+            ),
+            'WatchSTEKRings': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSTEKRings,
+                    request_deserializer=trellis_dot_ca_dot_v1_dot_ca__pb2.WatchSTEKRingsRequest.FromString,
+                    response_serializer=trellis_dot_ca_dot_v1_dot_ca__pb2.STEKRings.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -363,6 +386,33 @@ class CaService:
             '/trellis.ca.v1.CaService/WatchBundle',
             trellis_dot_ca_dot_v1_dot_ca__pb2.WatchBundleRequest.SerializeToString,
             trellis_dot_ca_dot_v1_dot_ca__pb2.Bundle.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSTEKRings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/trellis.ca.v1.CaService/WatchSTEKRings',
+            trellis_dot_ca_dot_v1_dot_ca__pb2.WatchSTEKRingsRequest.SerializeToString,
+            trellis_dot_ca_dot_v1_dot_ca__pb2.STEKRings.FromString,
             options,
             channel_credentials,
             insecure,
