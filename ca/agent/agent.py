@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from ca.agent.k8s import InClusterConfig, PodAttestor, PodIndex, watch_pods
 from ca.agent.metrics import AgentMetrics
 from ca.agent.peercred import PeerRegistry, UdsFront, remove_stale_front_dirs
 from ca.agent.rotator import Rotator, RotatorConfig
+from ca.agent.stek import SessionKeysApi, StekFollower, StekSource, StekStore
 from ca.agent.upstream import Upstream
 from ca.agent.workload_api import WorkloadApi, WorkloadApiConfig, server_options
 from ca.bundle import TrustBundle
@@ -75,6 +77,15 @@ class Agent:
             snapshot=unix.snapshot,
         )
         self.api = WorkloadApi(self.rotator, self.peers, self.attestor, config=config.workload_api)
+        # STEK rings (ca.agent.stek): followed from a CA that streams them, served beside the
+        # SPIFFE service on the same socket. An in-process upstream has none to follow.
+        self.steks = StekStore()
+        self.session_keys = SessionKeysApi(self.api, self.steks)
+        self.stek_follower = (
+            StekFollower(upstream, self.steks, self.rotator.synced, clock=time.time)
+            if isinstance(upstream, StekSource)
+            else None
+        )
         self.admin = (
             AdminServer(
                 self.rotator,
@@ -94,7 +105,9 @@ class Agent:
         for stale in remove_stale_front_dirs(self.front.temp_base):
             log.info("removed %s, left by an agent that no longer runs", stale)
         server = grpc.aio.server(options=server_options())
-        server.add_generic_rpc_handlers((self.api.generic_handler(),))
+        server.add_generic_rpc_handlers(
+            (self.api.generic_handler(), self.session_keys.generic_handler())
+        )
         server.add_insecure_port(self.front.internal_address)
         await server.start()
         self._server = server
@@ -110,6 +123,8 @@ class Agent:
             await self.start()
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.rotator.run())
+                if self.stek_follower is not None:
+                    group.create_task(self.stek_follower.run())
                 if self.pods is not None and self.config.node:
                     group.create_task(
                         watch_pods(InClusterConfig.from_environment(), self.config.node, self.pods)

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes
 
 from ca.agent.upstream import UpstreamError, UpstreamRefused, UpstreamUnavailable
 from ca.api import AgentIdentity, BundleUpdate, CaClient, CaError, JwtSvidToken
+from ca.api._proto import ca_pb2
 from ca.bundle import TrustBundle
 from ca.entries import EntrySet
 from ca.keys import PrivateKey
@@ -161,6 +162,14 @@ class GrpcUpstream:
                     self.trust_roots = bundle
                     self.client.set_trust_roots(bundle)
                 yield update
+        except CaError as exc:
+            raise self._translate(exc) from exc
+
+    async def watch_stek_rings(self) -> AsyncIterator[ca_pb2.STEKRings]:
+        """The CA's STEK rings for this node (``ca.agent.stek``): raw messages, parsed there."""
+        try:
+            async for message in self.client.watch_stek_rings():
+                yield message
         except CaError as exc:
             raise self._translate(exc) from exc
 
