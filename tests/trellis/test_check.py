@@ -15,8 +15,10 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from trellis.diagnose.admin_http import fetch_json
 from trellis.diagnose.check import check_sidecar
 from trellis.up import Mesh, MeshConfig
 from trellis.up.mesh import CA_ADMIN_SOCKET
+from trellis.up.status import collect, render
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,6 +88,26 @@ def test_check_passes_on_a_running_mesh_with_one_line_per_check(
     assert all(line.startswith("✔ ") for line in lines[:-1])
     assert "1 agent(s): local" in out
     assert "spiffe://example.org/ns/demo/sa/echo, expires in" in out
+
+
+def test_the_check_command_trellis_up_shows_passes_against_its_mesh(
+    mesh: Mesh, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The status block names the CA's admin socket and the agent's admin address, and
+    its ``check`` line, pasted, checks the running mesh (the intruder's sidecar too)."""
+    view = mesh.status_view()
+    lines = render(view, collect(view, time.time(), 1.0)).splitlines()
+    assert mesh.run_dir is not None
+    agent = _address(mesh, "agent_admin")
+    assert f" admin     CA socket {mesh.run_dir / CA_ADMIN_SOCKET}, agent {agent}" in lines
+    (line,) = [line for line in lines if line.startswith(" check ")]
+    argv = shlex.split(line.removeprefix(" check "))
+    assert argv[:2] == ["trellis", "check"]
+    status, out, err = _check(capsys, *argv[2:])
+    assert status == 0, out + err
+    assert out.splitlines()[-1] == "all checks passed"
+    assert f"agent {agent} healthy" in out
+    assert f"sidecar {_address(mesh, 'intruder_admin')} holds an SVID" in out
 
 
 def test_check_json_and_yaml_are_the_same_document(

@@ -109,3 +109,14 @@ def test_the_status_says_which_uids_the_workloads_run_as() -> None:
     note = "not root: every workload runs as uid 1000; told apart by unix:path alone"
     text = render(replace(VIEW, isolation=note), _snapshot(1795694400.0))
     assert f" uids      {note}" in text.splitlines()
+
+
+def test_the_status_shows_the_admin_endpoints_and_the_check_command_that_reads_them() -> None:
+    socket = "/home/ana/trellis up-x/ca.sock"  # a space: the command quotes it for a shell
+    view = replace(VIEW, ca_admin_socket=socket, agent_admin="127.0.0.1:2")
+    lines = render(view, _snapshot(1795694400.0)).splitlines()
+    assert f" admin     CA socket {socket}, agent 127.0.0.1:2" in lines
+    assert (
+        f" check     trellis check --ca-admin-socket '{socket}' --agent-admin 127.0.0.1:2"
+        " --sidecar-admin 127.0.0.1:3 --sidecar-admin 127.0.0.1:4"
+    ) in lines

@@ -173,6 +173,16 @@ def test_up_runs_the_mesh_for_its_duration_and_leaves_nothing_behind(short_dir: 
     for name in ("ca", "agent", "sidecar-load", "sidecar-echo", "sidecar-intruder", "echo", "load"):
         assert re.search(rf"{name}\s+http://127\.0\.0\.1:\d+/metrics\n", status + "\n"), name
     assert "not answering" not in status
+    # What trellis check needs, in the start-up lines and in the status block.
+    err = report["err"]
+    assert re.search(r"CA server \(pid \d+\) serving on \S+, admin socket \S+/ca\.sock\n", err)
+    assert re.search(r"agent \(pid \d+\) attested .*, admin 127\.0\.0\.1:\d+\n", err), err
+    assert re.search(r"admin\s+CA socket \S+/ca\.sock, agent 127\.0\.0\.1:\d+\n", status)
+    assert re.search(
+        r"check\s+trellis check --ca-admin-socket \S+/ca\.sock --agent-admin 127\.0\.0\.1:\d+"
+        r"( --sidecar-admin 127\.0\.0\.1:\d+){3}\n",
+        status,
+    ), status
     assert "load generator: " in out and ", 0 errors" in out.split("load generator: ")[1]
 
     # Nothing left: no process, no run directory, no socket, no key.

@@ -188,6 +188,8 @@ class Mesh:
             ),
             policy_probe=self.policy_probe,
             isolation=self.isolation.note if self.isolation is not None else None,
+            ca_admin_socket=str(self.run_dir / CA_ADMIN_SOCKET) if self.run_dir else None,
+            agent_admin=f"{self.config.host}:{self.ports['agent_admin']}",
         )
 
     def _sidecar_names(self) -> tuple[str, ...]:
@@ -281,7 +283,10 @@ class Mesh:
         token_file = run_dir / "join-token"
         write_private_file(token_file, token.encode())
         ready = ca.wait_event("ready", timeout)
-        self._progress(f"CA server (pid {ca.pid}) serving on {ready.get('listen')}")
+        self._progress(
+            f"CA server (pid {ca.pid}) serving on {ready.get('listen')},"
+            f" admin socket {run_dir / CA_ADMIN_SOCKET}"
+        )
 
         agent = self._spawn(
             "agent",
@@ -301,7 +306,10 @@ class Mesh:
         agent.wait_until(
             lambda: _http_ok(self.url("agent_admin", "/readyz")), "ready (first sync)", timeout
         )
-        self._progress(f"agent (pid {agent.pid}) attested as node {NODE!r}, Workload API ready")
+        self._progress(
+            f"agent (pid {agent.pid}) attested as node {NODE!r}, Workload API ready,"
+            f" admin {host}:{ports['agent_admin']}"
+        )
         echo.wait_event("ready", timeout)
         self._progress(f"echo server (pid {echo.pid}) on {host}:{ports['echo']}")
 

@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import json
 import math
+import shlex
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -106,6 +107,9 @@ class StatusView:
     policy_probe: str | None = None  # what became of a call from an identity not allowed
     stop_after: float | None = None  # --duration, seconds
     isolation: str | None = None  # which uids the workloads run as, and why
+    # Where `trellis check` (and `trellis ca entries list`) ask the CA and the agent.
+    ca_admin_socket: str | None = None
+    agent_admin: str | None = None  # host:port
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +185,18 @@ def _plural(count: float, word: str) -> str:
 
 def _ms(seconds: float) -> str:
     return "-" if math.isnan(seconds) else f"{seconds * 1000:.1f} ms"
+
+
+def check_command(view: StatusView) -> str:
+    """``trellis check`` against this mesh's CA, agent and sidecars, ready to paste."""
+    argv = ["trellis", "check"]
+    if view.ca_admin_socket is not None:
+        argv += ["--ca-admin-socket", view.ca_admin_socket]
+    if view.agent_admin is not None:
+        argv += ["--agent-admin", view.agent_admin]
+    for sidecar in view.sidecars:
+        argv += ["--sidecar-admin", sidecar.admin.removeprefix("http://")]
+    return shlex.join(argv)
 
 
 def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> str:
@@ -289,6 +305,10 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
             else "agent: none yet"
         )
     lines.append(f" issuance  {'; '.join(parts) if parts else 'CA and agent not answering'}")
+    # -- admin endpoints, and the check command that reads them -------------------------
+    if view.ca_admin_socket is not None and view.agent_admin is not None:
+        lines.append(f" admin     CA socket {view.ca_admin_socket}, agent {view.agent_admin}")
+        lines.append(f" check     {check_command(view)}")
     # -- endpoints -----------------------------------------------------------------------
     for index, (name, url) in enumerate(view.metrics.items()):
         head = "metrics  " if index == 0 else "         "
