@@ -16,6 +16,7 @@ what the state after it adds), plus the running transcript hash.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from dataclasses import dataclass, replace
 
@@ -23,7 +24,7 @@ from .alerts import AlertDescription, TLSError
 from .config import TLSConfig
 from .connection import Connection, Now, Traffic
 from .credentials import select_credential
-from .events import HandshakeComplete
+from .events import HandshakeComplete, PeerCertificate
 from .extensions import (
     ALLOWED_IN_ENCRYPTED_EXTENSIONS,
     ALLOWED_IN_HELLO_RETRY_REQUEST,
@@ -45,8 +46,21 @@ from .extensions import (
     push_uint16_list,
 )
 from .groups import ClientKeyShare, NamedGroup
-from .keylog import CLIENT_HANDSHAKE, CLIENT_TRAFFIC_0, EXPORTER, SERVER_HANDSHAKE, SERVER_TRAFFIC_0
-from .keyschedule import EarlySecret, HandshakeSecret, Transcript, finished_verify_data
+from .keylog import (
+    CLIENT_EARLY,
+    CLIENT_HANDSHAKE,
+    CLIENT_TRAFFIC_0,
+    EXPORTER,
+    SERVER_HANDSHAKE,
+    SERVER_TRAFFIC_0,
+)
+from .keyschedule import (
+    EarlySecret,
+    HandshakeSecret,
+    Transcript,
+    finished_verify_data,
+    traffic_keys,
+)
 from .messages import (
     DOWNGRADE_TLS11,
     DOWNGRADE_TLS12,
@@ -59,6 +73,7 @@ from .messages import (
     Finished,
     HandshakeType,
     ServerHello,
+    frame,
     pull_certificate_request,
     pull_encrypted_extensions,
     pull_server_hello,
@@ -67,8 +82,10 @@ from .messages import (
     push_client_hello,
     push_finished,
 )
-from .peerauth import ExpectPeerCertificate, PeerSide
-from .proofs import FinishedVerified, PeerAuthenticated
+from .peerauth import ExpectPeerCertificate, ExpectPeerFinished, PeerSide
+from .proofs import FinishedVerified, PeerAuthenticated, psk_server
+from .record import MAX_PLAINTEXT, ContentType
+from .resumption import ClientOffer, bind_psk, take_offer
 from .signatures import (
     CLIENT_CONTEXT,
     SERVER_CONTEXT,
@@ -77,6 +94,7 @@ from .signatures import (
 )
 from .state import HandshakeContext, HandshakeState
 from .suites import SUITES, SuiteParams
+from .verify import VerifiedPeer
 
 
 def _illegal(reason: str) -> TLSError:
@@ -125,10 +143,18 @@ def second_client_hello(
         if ext_type == ExtensionType.key_share:
             data = push_client_key_shares((s.group, s.public) for s in shares)
         extensions.append((ext_type, data))
+    psk = [e for e in extensions if e[0] == ExtensionType.pre_shared_key]
+    # RFC 8446 §4.2.10: no early_data after a HelloRetryRequest; pre_shared_key stays
+    # last (§4.2.11), its binder recomputed by the caller.
+    extensions = [
+        e
+        for e in extensions
+        if e[0] not in (ExtensionType.early_data, ExtensionType.pre_shared_key)
+    ]
     if cookie is not None:
         # RFC 8446 §4.2.2: the client MUST copy the cookie into the new ClientHello.
         extensions.append((ExtensionType.cookie, push_cookie(cookie)))
-    return replace(hello, extensions=tuple(extensions))
+    return replace(hello, extensions=(*extensions, *psk))
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +166,8 @@ class _Hello:
     offered: frozenset[int]
     shares: tuple[ClientKeyShare, ...]
     retry: ServerHello | None  # the HelloRetryRequest answered, if any
+    offer: ClientOffer | None = None  # the ticket offered in pre_shared_key
+    early_sent: bool = False  # 0-RTT data went out after the ClientHello
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +188,8 @@ class _Chosen:
     handshake_secret: HandshakeSecret
     client_hs_secret: bytes
     server_hs_secret: bytes
+    resumed: VerifiedPeer | None = None  # the server accepted our ticket: its peer
+    early_sent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +201,7 @@ class _ClientKeys:
     server_name: str | None
     alpn: str | None
     request: _ServerRequest | None
+    early_data: str = "none"
 
     @property
     def params(self) -> SuiteParams:
@@ -186,7 +217,23 @@ class ClientConnection(Connection):
 
     is_client = True
 
-    def __init__(self, config: TLSConfig, server_name: str | None = None, now: Now = None) -> None:
+    def __init__(
+        self,
+        config: TLSConfig,
+        server_name: str | None = None,
+        now: Now = None,
+        *,
+        endpoint: str | None = None,
+        expected_peer: object | None = None,
+        early_data: bytes = b"",
+        replay_safe: bool = False,
+    ) -> None:
+        """`endpoint` and `expected_peer` (the SPIFFE ID the caller will accept) name the
+        `config.ticket_store` slot whose ticket this connection offers and where the
+        server's new tickets go. `early_data` is sent as 0-RTT (RFC 8446 §2.3) only if
+        `replay_safe` (the caller vouches that a replay does no harm), a ticket is
+        offered and it fits the ticket's max_early_data_size; `HandshakeComplete.early_data`
+        then says whether the server took it ("rejected": send it again)."""
         super().__init__(config, now)
         sni = server_name
         if sni is not None:
@@ -195,12 +242,37 @@ class ClientConnection(Connection):
                 sni = None  # RFC 6066 §3: literal IP addresses are not sent in SNI
             except ValueError:
                 pass
+        offer: ClientOffer | None = None
+        if endpoint is not None and config.ticket_store is not None and self._now is not None:
+            self._ticket_key = (endpoint, str(expected_peer) if expected_peer else "")
+            offer = take_offer(config, self._ticket_key, self._now)
         shares = [ClientKeyShare(g, config.rng) for g in config.key_shares]
         hello = build_client_hello(config, sni, shares)
-        self._start(hello, shares, server_name)
+        early = b""
+        if offer is not None:
+            ticket = offer.stored.ticket
+            if (
+                early_data
+                and replay_safe
+                and len(early_data) <= ticket.max_early_data_size
+                and ticket.alpn_protocol in (config.alpn_protocols[:1] or (None,))
+            ):
+                # RFC 8446 §4.2.10: the ALPN early data is for must be the one the
+                # server will pick again: our first choice, as last time.
+                early = early_data
+                extensions = (*hello.extensions, (ExtensionType.early_data, b""))
+                hello = replace(hello, extensions=extensions)
+            assert self._now is not None
+            hello = bind_psk(hello, offer, self._now.timestamp(), None)
+        self._start(hello, shares, server_name, offer, early)
 
     def _start(
-        self, hello: ClientHello, shares: list[ClientKeyShare], server_name: str | None
+        self,
+        hello: ClientHello,
+        shares: list[ClientKeyShare],
+        server_name: str | None,
+        offer: ClientOffer | None = None,
+        early_data: bytes = b"",
     ) -> None:
         transcript = Transcript()
         raw = push_client_hello(hello)
@@ -208,10 +280,27 @@ class ClientConnection(Connection):
         self.client_random = hello.random
         self._handshake_started = True
         self._send_initial_client_hello(raw)
+        if offer is not None and early_data:
+            self._send_early_data(offer, raw, early_data)
         offered = frozenset(t for t, _ in hello.extensions)
         self._state = ExpectServerHello(
-            _Hello(server_name, hello, offered, tuple(shares), None), transcript
+            _Hello(server_name, hello, offered, tuple(shares), None, offer, bool(early_data)),
+            transcript,
         )
+
+    def _send_early_data(self, offer: ClientOffer, raw_hello: bytes, data: bytes) -> None:
+        params = offer.params
+        early = EarlySecret.start(params, offer.stored.ticket.psk)
+        secret = early.client_early_traffic_secret(
+            hashlib.new(params.hash_name, raw_hello).digest()
+        )
+        self._log_secret(CLIENT_EARLY, secret)
+        # Appendix D.4: with early data the dummy change_cipher_spec follows the
+        # ClientHello at once.
+        self._send_ccs()
+        self._set_write_keys(params, traffic_keys(params, secret))
+        for start in range(0, len(data), MAX_PLAINTEXT):
+            self._seal(ContentType.application_data, data[start : start + MAX_PLAINTEXT])
 
 
 class ExpectServerHello(HandshakeState):
@@ -272,11 +361,28 @@ class ExpectServerHello(HandshakeState):
         hello2 = second_client_hello(
             sent.hello, shares, pull_cookie(cookie) if cookie is not None else None
         )
+        offer = sent.offer
+        if offer is not None:
+            if offer.params.hash_name != params.hash_name:
+                # RFC 8446 §4.1.4: a PSK whose hash is not the suite's cannot be kept.
+                offer = None
+                hello2 = replace(
+                    hello2,
+                    extensions=tuple(
+                        e for e in hello2.extensions if e[0] != ExtensionType.pre_shared_key
+                    ),
+                )
+            else:
+                # RFC 8446 §4.2.11.2: the new binder covers ClientHello1's hash and the
+                # HelloRetryRequest too.
+                hello2 = bind_psk(hello2, offer, ctx.now.timestamp(), transcript)
+        if sent.early_sent:
+            ctx.discard_write_keys()  # the 0-RTT key is dead; ClientHello2 is plaintext
         if hello2.legacy_session_id:
             ctx.send_ccs()  # Appendix D.4: before the second flight
         ctx.send(transcript, push_client_hello(hello2))
         offered = frozenset(t for t, _ in hello2.extensions)
-        retried = _Hello(sent.server_name, hello2, offered, tuple(shares), hrr)
+        retried = _Hello(sent.server_name, hello2, offered, tuple(shares), hrr, offer)
         return ExpectServerHello(retried, transcript)
 
     def _server_hello(self, ctx: HandshakeContext, sh: ServerHello, raw: bytes) -> HandshakeState:
@@ -293,12 +399,25 @@ class ExpectServerHello(HandshakeState):
             # RFC 8446 §4.1.4: ServerHello must keep the HelloRetryRequest's suite.
             raise _illegal("cipher suite changed after HelloRetryRequest")
         params = SUITES[sh.cipher_suite]
+        psk: bytes | None = None
+        resumed: VerifiedPeer | None = None
+        selected = find(sh.extensions, ExtensionType.pre_shared_key)
+        if selected is not None:
+            offer = sent.offer
+            # RFC 8446 §4.2.11: the identity must be one we offered (we offer one) and
+            # the suite's hash the PSK's.
+            if offer is None or pull_uint16_value(selected) != 0:
+                raise _illegal("server selected a PSK identity we did not offer")
+            if offer.params.hash_name != params.hash_name:
+                raise _illegal("server selected a suite whose hash is not the PSK's")
+            psk = offer.stored.ticket.psk
+            resumed = offer.peer
         shared = share.complete(server_share)
         transcript = self.transcript
         transcript.select_hash(params.hash_name)
         transcript.update(raw)
         th = transcript.digest()
-        hs = EarlySecret.start(params).handshake(shared)
+        hs = EarlySecret.start(params, psk).handshake(shared)
         client_hs = hs.client_traffic_secret(th)
         server_hs = hs.server_traffic_secret(th)
         ctx.log_secret(CLIENT_HANDSHAKE, client_hs)
@@ -313,8 +432,12 @@ class ExpectServerHello(HandshakeState):
         # due, goes first: "before its encrypted handshake flight".
         if sent.hello.legacy_session_id:
             ctx.send_ccs()
-        ctx.install_write_keys(params, client_hs)
-        chosen = _Chosen(params, group, hs, client_hs, server_hs)
+        if not sent.early_sent or resumed is None:
+            ctx.install_write_keys(params, client_hs)
+        # else RFC 8446 §4.2.10: we write under the 0-RTT key until EncryptedExtensions
+        # says whether the server took our early data.
+        early_pending = sent.early_sent and resumed is not None
+        chosen = _Chosen(params, group, hs, client_hs, server_hs, resumed, early_pending)
         return ExpectEncryptedExtensions(sent, chosen, transcript)
 
 
@@ -343,13 +466,31 @@ class ExpectEncryptedExtensions(HandshakeState):
             if len(names) != 1 or names[0] not in offered:
                 raise _illegal("server selected an ALPN protocol we did not offer")
             selected = names[0].decode("ascii")
+        chosen = self.chosen
+        early = "rejected" if sent.early_sent else "none"
+        if find(ee.extensions, ExtensionType.early_data) is not None:
+            if not chosen.early_sent:
+                # RFC 8446 §4.2.10: early_data only answers early data that was sent.
+                raise _illegal("server accepted early data we did not send")
+            if find(ee.extensions, ExtensionType.early_data) != b"":
+                raise TLSError(AlertDescription.decode_error, "early_data with a body in EE")
+            early = "accepted"
+        elif chosen.early_sent:
+            ctx.install_write_keys(chosen.params, chosen.client_hs_secret)
         self.transcript.update(raw)
         keys = _ClientKeys(
-            chosen=self.chosen,
+            chosen=chosen,
             server_name=sent.server_name,
             alpn=selected,
             request=None,
+            early_data=early,
         )
+        if chosen.resumed is not None:
+            # RFC 8446 §2.2: resumed, the server authenticates with the PSK alone.
+            ctx.emit(PeerCertificate(chosen.resumed.spiffe_id, chosen.resumed.chain))
+            return ExpectPeerFinished(
+                SERVER_PEER, self.transcript, keys, psk_server(chosen.resumed)
+            )
         return ExpectCertificateOrRequest(self.transcript, keys)
 
 
@@ -411,6 +552,11 @@ def _finish(
     # Our second flight, under the handshake key installed at ServerHello (after the
     # dummy change_cipher_spec, if due): [Certificate CertificateVerify] Finished.
     config = ctx.config
+    if keys.early_data == "accepted":
+        # RFC 8446 §4.5: EndOfEarlyData closes 0-RTT under the early key, then the
+        # handshake key takes over.
+        ctx.send(transcript, frame(HandshakeType.end_of_early_data, b""))
+        ctx.install_write_keys(params, chosen.client_hs_secret)
     request = keys.request
     if request is not None:
         # RFC 8446 §4.4.2.3: the chain the server can verify; with none whose key signs
@@ -442,6 +588,8 @@ def _finish(
         alpn_protocol=keys.alpn,
         server_name=keys.server_name,
         peer_spiffe_id=peer.spiffe_id if peer is not None else None,
+        session_resumed=chosen.resumed is not None,
+        early_data=keys.early_data,
     )
     ctx.emit(info)
     return Traffic(finished, authenticated, params, server_ap, client_ap, resumption, info)

@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from .alerts import AlertDescription, AlertLevel, LocalProtocolError, TLSError
 from .config import TLSConfig
 from .events import (
@@ -137,7 +139,13 @@ class Traffic(HandshakeState):
             server_name=self.info.server_name,
             alpn_protocol=self.info.alpn_protocol,
             peer_spiffe_id=self.info.peer_spiffe_id,
+            peer_chain=self.peer_chain_der(),
         )
+
+    def peer_chain_der(self) -> tuple[bytes, ...]:
+        if self.peer is None:
+            return ()
+        return tuple(cert.public_bytes(Encoding.DER) for cert in self.peer.chain)
 
 
 class _Context:
@@ -173,6 +181,13 @@ class _Context:
 
     def install_write_keys(self, params: SuiteParams, secret: bytes) -> None:
         self._conn._set_write_keys(params, traffic_keys(params, secret))
+
+    def discard_write_keys(self) -> None:
+        self._conn._flush_handshake()
+        self._conn._write = None
+
+    def skip_early_data(self, limit: int) -> None:
+        self._conn._reader.skip_early = limit
 
     def log_secret(self, label: str, secret: bytes) -> None:
         self._conn._log_secret(label, secret)
@@ -393,8 +408,11 @@ class Connection:
         pending.clear()
 
     def _send_initial_client_hello(self, message: bytes) -> None:
-        # RFC 8446 §5.1: legacy_record_version 0x0301 on the initial ClientHello.
-        self._out.append(plaintext_record(ContentType.handshake, message, 0x0301))
+        # RFC 8446 §5.1: legacy_record_version 0x0301 on the initial ClientHello, and
+        # records of at most 2^14 bytes (a large ticket can make it longer).
+        for start in range(0, len(message), MAX_PLAINTEXT):
+            fragment = message[start : start + MAX_PLAINTEXT]
+            self._out.append(plaintext_record(ContentType.handshake, fragment, 0x0301))
 
     def _send_ccs(self) -> None:
         """Appendix D.4 middlebox compatibility: one dummy change_cipher_spec."""
@@ -469,9 +487,24 @@ class Connection:
         if msg_type == HandshakeType.key_update:
             self._peer_key_update(state, pull_key_update(body))
         elif msg_type == HandshakeType.new_session_ticket and self.is_client:
-            self._emit(state.session_ticket(body))
+            ticket = state.session_ticket(body)
+            self._store_ticket(ticket)
+            self._emit(ticket)
         else:
             state.handle(_Context(self), msg_type, body, raw)  # unexpected_message
+
+    # The (endpoint, expected SPIFFE ID) a client files its tickets under (client.py).
+    _ticket_key: tuple[str, str] | None = None
+
+    def _store_ticket(self, ticket: SessionTicket) -> None:
+        store = self._config.ticket_store
+        key = self._ticket_key
+        if store is None or key is None or self._now is None:
+            return
+        expected = key[1]
+        if expected and str(ticket.peer_spiffe_id) != expected:
+            return  # a ticket only ever resumes with the identity the caller expects
+        store.put(key, ticket, self._now.timestamp(), self._config.trust_generation)
 
     # --- inbound records ---------------------------------------------------------------
 
@@ -486,6 +519,13 @@ class Connection:
             self._hs_in += fragment
             self._process_handshake()
         elif content_type == ContentType.application_data:
+            if encrypted and self._state.accepts_early_data:
+                # RFC 8446 §2.3: 0-RTT data, flagged so the caller can treat it as the
+                # replayable data it is.
+                self._state.receive_early_data(len(fragment))
+                if fragment:
+                    self._emit(ApplicationData(fragment, early=True))
+                return
             if not encrypted or not isinstance(self._state, Traffic):
                 raise TLSError(
                     AlertDescription.unexpected_message, "application data before handshake"

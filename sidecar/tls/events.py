@@ -36,11 +36,19 @@ class HandshakeComplete(Event):
     server_name: str | None
     peer_spiffe_id: SpiffeId | None
     session_resumed: bool = False
+    # RFC 8446 §4.2.10: "none" (not offered), "accepted" or "rejected". On a rejection
+    # the client's early data never reached the server: the caller sends it again.
+    early_data: str = "none"
 
 
 @dataclass(frozen=True, slots=True)
 class ApplicationData(Event):
+    """Bytes from the peer. `early` marks 0-RTT data (RFC 8446 §2.3): it may be a
+    replay, so a server hands it only to requests that are safe to repeat, e.g. HTTP
+    marks it `Early-Data: 1` and answers others `425 Too Early` (RFC 8470 §5)."""
+
     data: bytes
+    early: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +78,8 @@ class SessionTicket(Event):
     server_name: str | None
     alpn_protocol: str | None
     peer_spiffe_id: SpiffeId | None
+    # The server's chain (DER) as verified, so a resumption can re-check it.
+    peer_chain: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -275,6 +275,60 @@ def push_cookie(cookie: bytes) -> bytes:
     return w.data()
 
 
+@dataclass(frozen=True, slots=True)
+class OfferedPsks:
+    """RFC 8446 §4.2.11 OfferedPsks: (identity, obfuscated_ticket_age) pairs, their
+    binders, and the length of the binders list with its prefix (what is cut off the
+    ClientHello to get the "truncated ClientHello" the binders are computed over)."""
+
+    identities: tuple[tuple[bytes, int], ...]
+    binders: tuple[bytes, ...]
+    binders_length: int
+
+
+# A ClientHello is bounded at 64 KiB anyway; no client offers more than a few tickets.
+MAX_PSK_IDENTITIES = 16
+
+
+def pull_offered_psks(data: bytes) -> OfferedPsks:
+    buf = _parse(data)
+    identities: list[tuple[bytes, int]] = []
+    binders: list[bytes] = []
+    with buf.pull_block(2) as length:
+        if length < 7:
+            raise TLSError(AlertDescription.decode_error, "empty PSK identities")
+        while not buf.eof():
+            identity = buf.pull_vector(2, minimum=1)
+            identities.append((identity, buf.pull_uint32()))
+    start = buf.position
+    with buf.pull_block(2) as length:
+        if length < 33:
+            raise TLSError(AlertDescription.decode_error, "empty PSK binders")
+        while not buf.eof():
+            # RFC 8446 §4.2.11: PskBinderEntry<32..255>.
+            binders.append(buf.pull_vector(1, minimum=32))
+    binders_length = buf.position - start
+    buf.expect_end()
+    if len(identities) != len(binders):
+        # RFC 8446 §4.2.11: one binder per identity.
+        raise _illegal("PSK identities and binders differ in number")
+    if len(identities) > MAX_PSK_IDENTITIES:
+        raise _illegal(f"more than {MAX_PSK_IDENTITIES} PSK identities")
+    return OfferedPsks(tuple(identities), tuple(binders), binders_length)
+
+
+def push_offered_psks(identities: Iterable[tuple[bytes, int]], binders: Iterable[bytes]) -> bytes:
+    w = Writer()
+    with w.push_block(2):
+        for identity, age in identities:
+            w.push_vector(2, identity)
+            w.push_uint32(age)
+    with w.push_block(2):
+        for binder in binders:
+            w.push_vector(1, binder)
+    return w.data()
+
+
 def pull_psk_modes(data: bytes) -> tuple[int, ...]:
     buf = _parse(data)
     modes = buf.pull_vector(1, minimum=1)
@@ -300,6 +354,7 @@ class ClientHelloExtensions:
     psk_key_exchange_modes: tuple[int, ...]
     has_pre_shared_key: bool
     has_early_data: bool
+    pre_shared_key: OfferedPsks | None = None
 
     @classmethod
     def parse(cls, extensions: Sequence[RawExtension]) -> ClientHelloExtensions:
@@ -323,6 +378,7 @@ class ClientHelloExtensions:
         alpn = opt(ExtensionType.application_layer_protocol_negotiation)
         cookie = opt(ExtensionType.cookie)
         modes = opt(ExtensionType.psk_key_exchange_modes)
+        psk = opt(ExtensionType.pre_shared_key)
         return cls(
             server_name=pull_server_name(sni) if sni is not None else None,
             supported_versions=pull_client_versions(sv) if sv is not None else None,
@@ -335,6 +391,7 @@ class ClientHelloExtensions:
             psk_key_exchange_modes=pull_psk_modes(modes) if modes is not None else (),
             has_pre_shared_key=ExtensionType.pre_shared_key in values,
             has_early_data=ExtensionType.early_data in values,
+            pre_shared_key=pull_offered_psks(psk) if psk is not None else None,
         )
 
 

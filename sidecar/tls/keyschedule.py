@@ -198,3 +198,15 @@ class Transcript:
     def digest(self) -> bytes:
         assert self._hash is not None, "transcript hash selected before use"
         return self._hash.copy().digest()
+
+    def digest_with(self, hash_name: str, message: bytes) -> bytes:
+        """Hash(transcript so far || message), leaving the transcript as it is: a PSK
+        binder covers the transcript up to the truncated ClientHello (RFC 8446 §4.2.11.2)."""
+        if self._hash is None:
+            h = hashlib.new(hash_name)
+            for pending in self._pending:
+                h.update(pending)
+        else:
+            h = self._hash.copy()
+        h.update(message)
+        return h.digest()

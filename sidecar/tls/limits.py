@@ -39,6 +39,14 @@ PRE_AUTH_BYTES = 1 << 17
 # an intermediate, each one a signature check per level of the walk: tens of milliseconds
 # before the peer has proved anything. Ten entries bound that to a few checks per level.
 MAX_CERTIFICATE_ENTRIES = 10
+# RFC 8446 §4.2.10: 0-RTT data a server lets a ticket carry. Early data arrives before the
+# client's Finished, so it counts against PRE_AUTH_BYTES too; 64 KiB leaves the rest of
+# that budget for the handshake itself.
+MAX_EARLY_DATA = 1 << 16
+# What a server skips of early data it rejected when it does not know the ticket's own
+# limit (it could not open the ticket, or it sent a HelloRetryRequest): the most any
+# ticket of ours allows.
+EARLY_DATA_SKIP = MAX_EARLY_DATA
 # RFC 8446 §6.1: user_canceled is followed by close_notify, so one is all a peer needs.
 MAX_WARNING_ALERTS = 4
 # RFC 8446 §5.1 allows zero-length application data (as traffic-analysis cover).

@@ -70,6 +70,29 @@ def verify_certificate_verify(
     return PeerAuthenticated(_TOKEN, peer, message.algorithm)
 
 
+def verify_binder(
+    params: SuiteParams,
+    binder_key: bytes,
+    transcript_hash: bytes,
+    binder: bytes,
+    peer: VerifiedPeer | None,
+) -> PeerAuthenticated:
+    """RFC 8446 §4.2.11: the binder proves the client holds the ticket's PSK, so it stands
+    for the peer the ticket was issued to (`peer`, re-verified by the caller)."""
+    expected = finished_verify_data(params, binder_key, transcript_hash)
+    if not hmac.compare_digest(expected, binder):
+        # RFC 8446 §6.2: a PSK binder that does not validate is decrypt_error.
+        raise TLSError(AlertDescription.decrypt_error, "PSK binder does not match")
+    return PeerAuthenticated(_TOKEN, peer, 0)
+
+
+def psk_server(peer: VerifiedPeer) -> PeerAuthenticated:
+    """A server that accepted our PSK (RFC 8446 §2.2): it is the server of the handshake
+    that issued the ticket, as its Finished, keyed by the PSK, proves next; `peer` is
+    that handshake's chain, verified again against today's bundles by the caller."""
+    return PeerAuthenticated(_TOKEN, peer, 0)
+
+
 def anonymous_peer() -> PeerAuthenticated:
     """A client that sent no certificate to a server that did not require one."""
     return PeerAuthenticated(_TOKEN, None, 0)

@@ -111,6 +111,9 @@ class RecordProtection:
         return stripped[-1], stripped[:-1]
 
 
+_SKIPPED: tuple[int, bytes, bool] = (-1, b"", False)
+
+
 def plaintext_record(content_type: int, fragment: bytes, legacy_version: int = 0x0303) -> bytes:
     return (
         bytes((content_type,))
@@ -130,13 +133,15 @@ class RecordReader:
     until the connection sets it to None once the handshake completed.
     """
 
-    __slots__ = ("_buffer", "_pos", "pre_auth_budget", "protection")
+    __slots__ = ("_buffer", "_pos", "pre_auth_budget", "protection", "skip_early")
 
     def __init__(self) -> None:
         self._buffer = b""
         self._pos = 0
         self.protection: RecordProtection | None = None
         self.pre_auth_budget: int | None = PRE_AUTH_BYTES
+        # RFC 8446 §4.2.10: bytes of rejected early data a server may still skip.
+        self.skip_early = 0
 
     def feed(self, data: bytes) -> None:
         if self._pos >= len(self._buffer):
@@ -156,6 +161,18 @@ class RecordReader:
 
     def next_record(self) -> tuple[int, bytes, bool] | None:
         """The next complete record as (content type, fragment, was_encrypted), or None."""
+        while True:
+            record = self._next_record()
+            if record is not _SKIPPED:
+                return record
+
+    def _skip(self, length: int) -> None:
+        if length > self.skip_early:
+            # RFC 8446 §4.2.10: more than max_early_data_size is unexpected_message.
+            raise TLSError(AlertDescription.unexpected_message, "too much rejected early data")
+        self.skip_early -= length
+
+    def _next_record(self) -> tuple[int, bytes, bool] | None:
         buf = self._buffer
         pos = self._pos
         if len(buf) - pos < HEADER_LENGTH:
@@ -184,6 +201,10 @@ class RecordReader:
         self._pos = end
         # RFC 8446 §5: change_cipher_spec is never encrypted, even after keys are set.
         if self.protection is None or outer_type == ContentType.change_cipher_spec:
+            if self.skip_early and outer_type == ContentType.application_data:
+                # 0-RTT records after a HelloRetryRequest: no key could open them.
+                self._skip(length)
+                return _SKIPPED
             return outer_type, bytes(buf[pos + HEADER_LENGTH : end]), False
         if outer_type == ContentType.alert and length == 2:
             # A peer that failed before it could install our keys (e.g. rejecting the
@@ -194,7 +215,22 @@ class RecordReader:
             # RFC 8446 §5.2: protected records always carry opaque_type application_data.
             raise TLSError(AlertDescription.unexpected_message, "unprotected record after keys")
         view = memoryview(buf)
-        content_type, fragment = self.protection.open(
+        protection = self.protection
+        if self.skip_early:
+            # Rejected 0-RTT records do not open under the handshake key; the first
+            # record that does ends the skipping.
+            seq = protection.seq
+            try:
+                content_type, fragment = protection.open(
+                    buf[pos : pos + HEADER_LENGTH], view[pos + HEADER_LENGTH : end]
+                )
+            except TLSError:
+                protection.seq = seq
+                self._skip(length)
+                return _SKIPPED
+            self.skip_early = 0
+            return content_type, fragment, True
+        content_type, fragment = protection.open(
             buf[pos : pos + HEADER_LENGTH], view[pos + HEADER_LENGTH : end]
         )
         return content_type, fragment, True

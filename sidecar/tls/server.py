@@ -18,7 +18,7 @@ from .alerts import AlertDescription, TLSError
 from .config import TLSConfig
 from .connection import Connection, Now, Traffic
 from .credentials import Credential, require_credential
-from .events import HandshakeComplete
+from .events import HandshakeComplete, PeerCertificate
 from .extensions import (
     ClientHelloExtensions,
     ExtensionType,
@@ -29,8 +29,22 @@ from .extensions import (
     push_uint16_list,
 )
 from .groups import HYBRID_GROUPS, server_exchange
-from .keylog import CLIENT_HANDSHAKE, CLIENT_TRAFFIC_0, EXPORTER, SERVER_HANDSHAKE, SERVER_TRAFFIC_0
-from .keyschedule import EarlySecret, MasterSecret, Transcript, finished_verify_data
+from .keylog import (
+    CLIENT_EARLY,
+    CLIENT_HANDSHAKE,
+    CLIENT_TRAFFIC_0,
+    EXPORTER,
+    SERVER_HANDSHAKE,
+    SERVER_TRAFFIC_0,
+)
+from .keyschedule import (
+    EarlySecret,
+    HandshakeSecret,
+    MasterSecret,
+    Transcript,
+    finished_verify_data,
+)
+from .limits import EARLY_DATA_SKIP
 from .messages import (
     HELLO_RETRY_REQUEST_RANDOM,
     TLS12,
@@ -54,6 +68,7 @@ from .messages import (
 )
 from .peerauth import ExpectPeerCertificate, ExpectPeerFinished, PeerSide
 from .proofs import FinishedVerified, PeerAuthenticated, anonymous_peer
+from .resumption import Resumed, accept_psk, issue_tickets
 from .signatures import (
     CLIENT_CONTEXT,
     SERVER_CONTEXT,
@@ -183,10 +198,15 @@ class ExpectClientHello(HandshakeState):
         choice = _negotiate(ctx, ch, ext)
         share = choice.client_share
         if retry is None:
+            if share is None:
+                if ext.has_early_data:
+                    ctx.skip_early_data(EARLY_DATA_SKIP)  # RFC 8446 §4.2.10
+                transcript = Transcript()
+                transcript.update(raw)
+                return self._send_retry(ctx, ch, choice, transcript, raw)
+            resumed = _resume(ctx, ext, choice, raw, None)
             transcript = Transcript()
             transcript.update(raw)
-            if share is None:
-                return self._send_retry(ctx, ch, choice, transcript, raw)
         else:
             # RFC 8446 §4.1.2: the second ClientHello must answer the HelloRetryRequest.
             if ext.cookie != retry.cookie:
@@ -201,8 +221,12 @@ class ExpectClientHello(HandshakeState):
             if choice.params is not retry.params:
                 raise _illegal("second ClientHello changed its parameters")
             transcript = retry.transcript
+            resumed = _resume(ctx, ext, choice, raw, transcript)
             transcript.update(raw)
-        return _send_server_flight(ctx, ch, ext, choice, share, self.key, transcript)
+        if ext.has_early_data and (resumed is None or not resumed.early_data):
+            # RFC 8446 §4.2.10: rejected 0-RTT is skipped, and the handshake goes on.
+            ctx.skip_early_data(EARLY_DATA_SKIP)
+        return _send_server_flight(ctx, ch, ext, choice, share, self.key, transcript, resumed)
 
     def _send_retry(
         self,
@@ -231,6 +255,27 @@ class ExpectClientHello(HandshakeState):
             _Retry(transcript, choice.params, choice.group, cookie, ch),
             self.key,
         )
+
+
+def _resume(
+    ctx: HandshakeContext,
+    ext: ClientHelloExtensions,
+    choice: _Choice,
+    raw: bytes,
+    before: Transcript | None,
+) -> Resumed | None:
+    if ext.pre_shared_key is None:
+        return None
+    return accept_psk(
+        ctx,
+        ext.pre_shared_key,
+        ext.psk_key_exchange_modes,
+        choice.params,
+        choice.alpn,
+        raw,
+        before,
+        ext.has_early_data,
+    )
 
 
 # RFC 8446 §4.1.2: what the second ClientHello may change. key_share and
@@ -280,31 +325,40 @@ def _send_server_flight(
     client_share: bytes,
     key: PrivateKey,
     transcript: Transcript,
+    resumed: Resumed | None = None,
 ) -> HandshakeState:
     config = ctx.config
     params = choice.params
     server_share, shared = server_exchange(choice.group, client_share, config.rng)
-    sh = ServerHello(
-        config.rng(32),
-        ch.legacy_session_id,
-        params.suite,
-        (
-            (ExtensionType.key_share, push_server_key_share(choice.group, server_share)),
-            (ExtensionType.supported_versions, TLS13.to_bytes(2, "big")),
-        ),
+    sh_ext: tuple[RawExtension, ...] = (
+        (ExtensionType.key_share, push_server_key_share(choice.group, server_share)),
+        (ExtensionType.supported_versions, TLS13.to_bytes(2, "big")),
     )
+    if resumed is not None:
+        # RFC 8446 §4.2.11: the selected identity (first, as RFC 8448 §4 orders it).
+        sh_ext = ((ExtensionType.pre_shared_key, resumed.index.to_bytes(2, "big")), *sh_ext)
+    sh = ServerHello(config.rng(32), ch.legacy_session_id, params.suite, sh_ext)
     transcript.select_hash(params.hash_name)
+    early_secret = EarlySecret.start(params, resumed.state.psk if resumed is not None else None)
+    client_early: bytes | None = None
+    if resumed is not None and resumed.early_data:
+        # RFC 8446 §7.1: client_early_traffic_secret covers the ClientHello alone.
+        client_early = early_secret.client_early_traffic_secret(transcript.digest())
     ctx.send(transcript, push_server_hello(sh))
     if ch.legacy_session_id:
         ctx.send_ccs()
     th = transcript.digest()
-    hs = EarlySecret.start(params).handshake(shared)
+    hs = early_secret.handshake(shared)
     client_hs = hs.client_traffic_secret(th)
     server_hs = hs.server_traffic_secret(th)
     ctx.log_secret(CLIENT_HANDSHAKE, client_hs)
     ctx.log_secret(SERVER_HANDSHAKE, server_hs)
     ctx.install_write_keys(params, server_hs)
-    ctx.install_read_keys(params, client_hs)
+    if client_early is not None:
+        ctx.log_secret(CLIENT_EARLY, client_early)
+        ctx.install_read_keys(params, client_early)
+    else:
+        ctx.install_read_keys(params, client_hs)
 
     ee_ext: list[RawExtension] = []
     if choice.alpn is not None:
@@ -314,7 +368,12 @@ def _send_server_flight(
                 push_alpn([choice.alpn.encode("ascii")]),
             )
         )
+    if client_early is not None:
+        ee_ext.append((ExtensionType.early_data, b""))  # RFC 8446 §4.2.10: accepted
     ctx.send(transcript, push_encrypted_extensions(EncryptedExtensions(tuple(ee_ext))))
+    if resumed is not None:
+        # RFC 8446 §2.2: a PSK handshake authenticates with the PSK, no certificates.
+        return _resumed_flight(ctx, ch, ext, choice, transcript, hs, client_hs, server_hs, resumed)
     if config.require_client_certificate:
         cr_ext: tuple[RawExtension, ...] = (
             (ExtensionType.signature_algorithms, push_uint16_list(config.signature_schemes)),
@@ -351,6 +410,82 @@ def _send_server_flight(
     return ExpectPeerFinished(CLIENT_PEER, transcript, keys, anonymous_peer())
 
 
+def _resumed_flight(
+    ctx: HandshakeContext,
+    ch: ClientHello,
+    ext: ClientHelloExtensions,
+    choice: _Choice,
+    transcript: Transcript,
+    hs: HandshakeSecret,
+    client_hs: bytes,
+    server_hs: bytes,
+    resumed: Resumed,
+) -> HandshakeState:
+    """After EncryptedExtensions of a resumption: Finished, then the client's
+    [early data, EndOfEarlyData,] Finished."""
+    params = choice.params
+    ctx.send(
+        transcript,
+        push_finished(Finished(finished_verify_data(params, server_hs, transcript.digest()))),
+    )
+    th = transcript.digest()
+    master = hs.master()
+    client_ap = master.client_application_traffic_secret(th)
+    server_ap = master.server_application_traffic_secret(th)
+    ctx.log_secret(SERVER_TRAFFIC_0, server_ap)
+    ctx.log_secret(CLIENT_TRAFFIC_0, client_ap)
+    ctx.log_secret(EXPORTER, master.exporter_master_secret(th))
+    ctx.install_write_keys(params, server_ap)
+    early = "accepted" if resumed.early_data else "rejected" if ext.has_early_data else "none"
+    keys = _ServerKeys(
+        params, master, client_hs, client_ap, server_ap, choice, ext.server_name, True, early
+    )
+    peer = resumed.peer.peer
+    if peer is not None:
+        ctx.emit(PeerCertificate(peer.spiffe_id, peer.chain))
+    if resumed.early_data:
+        return ExpectEndOfEarlyData(transcript, keys, resumed, resumed.state.max_early_data)
+    return ExpectPeerFinished(CLIENT_PEER, transcript, keys, resumed.peer)
+
+
+class ExpectEndOfEarlyData(HandshakeState):
+    """0-RTT accepted: application data is early data until EndOfEarlyData (§4.5)."""
+
+    __slots__ = ("keys", "remaining", "resumed", "transcript")
+
+    def __init__(
+        self, transcript: Transcript, keys: _ServerKeys, resumed: Resumed, limit: int
+    ) -> None:
+        self.transcript = transcript
+        self.keys = keys
+        self.resumed = resumed
+        self.remaining = limit
+
+    @property
+    def accepts_early_data(self) -> bool:
+        return True
+
+    def receive_early_data(self, length: int) -> None:
+        if length > self.remaining:
+            # RFC 8446 §4.2.10: more than max_early_data_size is unexpected_message.
+            raise TLSError(
+                AlertDescription.unexpected_message, "early data over the ticket's limit"
+            )
+        self.remaining -= length
+
+    def handle(
+        self, ctx: HandshakeContext, msg_type: int, body: bytes, raw: bytes
+    ) -> HandshakeState:
+        if msg_type != HandshakeType.end_of_early_data:
+            return super().handle(ctx, msg_type, body, raw)
+        if body:
+            raise TLSError(AlertDescription.decode_error, "EndOfEarlyData with a body")
+        self.transcript.update(raw)
+        keys = self.keys
+        ctx.install_read_keys(keys.params, keys.client_hs_secret)
+        return ExpectPeerFinished(CLIENT_PEER, self.transcript, keys, self.resumed.peer)
+
+
 @dataclass(frozen=True, slots=True)
 class _ServerKeys:
     params: SuiteParams
@@ -360,6 +495,8 @@ class _ServerKeys:
     server_ap_secret: bytes
     choice: _Choice
     server_name: str | None
+    resumed: bool = False
+    early_data: str = "none"
 
     @property
     def peer_handshake_secret(self) -> bytes:
@@ -385,8 +522,11 @@ def _finish(
         alpn_protocol=keys.choice.alpn,
         server_name=keys.server_name,
         peer_spiffe_id=peer.spiffe_id if peer is not None else None,
+        session_resumed=keys.resumed,
+        early_data=keys.early_data,
     )
     ctx.emit(info)
+    issue_tickets(ctx, transcript, params, resumption, keys.choice.alpn, peer)
     return Traffic(
         finished,
         authenticated,

@@ -54,6 +54,16 @@ class HandshakeContext(Protocol):
         """Flush what was queued under the old keys, then protect with `secret`'s keys."""
         ...
 
+    def discard_write_keys(self) -> None:
+        """Back to plaintext writes: a HelloRetryRequest answered 0-RTT, and the second
+        ClientHello goes out unprotected (RFC 8446 §4.1.2)."""
+        ...
+
+    def skip_early_data(self, limit: int) -> None:
+        """RFC 8446 §4.2.10: early data was offered and is rejected: skip the records
+        that do not open under the next read key, up to `limit` bytes."""
+        ...
+
     def log_secret(self, label: str, secret: bytes) -> None: ...
 
     def emit(self, event: Event) -> None: ...
@@ -77,3 +87,12 @@ class HandshakeState:
         """RFC 8446 §5: a dummy change_cipher_spec may arrive once the handshake began
         and until the peer's Finished."""
         return True
+
+    @property
+    def accepts_early_data(self) -> bool:
+        """Whether application data now is accepted 0-RTT data (a server between its
+        flight and the client's EndOfEarlyData)."""
+        return False
+
+    def receive_early_data(self, length: int) -> None:
+        raise TLSError(AlertDescription.unexpected_message, "application data before handshake")
