@@ -167,7 +167,8 @@ class _Hello:
     shares: tuple[ClientKeyShare, ...]
     retry: ServerHello | None  # the HelloRetryRequest answered, if any
     offer: ClientOffer | None = None  # the ticket offered in pre_shared_key
-    early_sent: bool = False  # 0-RTT data went out after the ClientHello
+    early_sent: bool = False  # 0-RTT data went out and may still be accepted
+    early_offered: bool = False  # 0-RTT data went out (a HelloRetryRequest rejects it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +285,16 @@ class ClientConnection(Connection):
             self._send_early_data(offer, raw, early_data)
         offered = frozenset(t for t, _ in hello.extensions)
         self._state = ExpectServerHello(
-            _Hello(server_name, hello, offered, tuple(shares), None, offer, bool(early_data)),
+            _Hello(
+                server_name,
+                hello,
+                offered,
+                tuple(shares),
+                None,
+                offer,
+                bool(early_data),
+                bool(early_data),
+            ),
             transcript,
         )
 
@@ -382,7 +392,9 @@ class ExpectServerHello(HandshakeState):
             ctx.send_ccs()  # Appendix D.4: before the second flight
         ctx.send(transcript, push_client_hello(hello2))
         offered = frozenset(t for t, _ in hello2.extensions)
-        retried = _Hello(sent.server_name, hello2, offered, tuple(shares), hrr, offer)
+        retried = _Hello(
+            sent.server_name, hello2, offered, tuple(shares), hrr, offer, False, sent.early_offered
+        )
         return ExpectServerHello(retried, transcript)
 
     def _server_hello(self, ctx: HandshakeContext, sh: ServerHello, raw: bytes) -> HandshakeState:
@@ -467,7 +479,7 @@ class ExpectEncryptedExtensions(HandshakeState):
                 raise _illegal("server selected an ALPN protocol we did not offer")
             selected = names[0].decode("ascii")
         chosen = self.chosen
-        early = "rejected" if sent.early_sent else "none"
+        early = "rejected" if sent.early_offered else "none"
         if find(ee.extensions, ExtensionType.early_data) is not None:
             if not chosen.early_sent:
                 # RFC 8446 §4.2.10: early_data only answers early data that was sent.

@@ -75,6 +75,7 @@ class TLSShellProtocol(asyncio.Protocol):
         self._handshake: asyncio.Future[TLSTransport] = self._loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
         self._pending: deque[Event] = deque()
+        self._early: list[bytes] = []
         self._delivering = False
         self.app_reading_paused = False
         self._app_connected = False
@@ -279,6 +280,11 @@ class TLSShellProtocol(asyncio.Protocol):
         if isinstance(event, ApplicationData):
             if self._app_connected and not self._app_lost:
                 _feed_app(self.app_protocol, event.data)
+            elif event.early:
+                # 0-RTT data (RFC 8446 §2.3) precedes HandshakeComplete; the application
+                # protocol exists only from then on, so it gets these bytes first. A
+                # server enables 0-RTT only when its application accepts replayable data.
+                self._early.append(event.data)
         elif isinstance(event, PeerCertificate):
             self._peer = event
         elif isinstance(event, HandshakeComplete):
@@ -307,6 +313,9 @@ class TLSShellProtocol(asyncio.Protocol):
         )
         self._app_connected = True
         self.app_protocol.connection_made(self._transport)
+        early, self._early = self._early, []
+        for data in early:
+            _feed_app(self.app_protocol, data)
         if self._writing_paused:
             self.app_protocol.pause_writing()
         if not self._handshake.done():

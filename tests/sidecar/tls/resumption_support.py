@@ -6,13 +6,25 @@ ticket-age window and the STEK ring are checked against.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import os
+import socket
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 
-from sidecar.tls import ClientConnection, HandshakeComplete, ServerConnection, TLSConfig
+from sidecar.tls import (
+    ApplicationData,
+    ClientConnection,
+    Event,
+    HandshakeComplete,
+    ServerConnection,
+    TLSConfig,
+    TLSError,
+)
 from sidecar.tls.replay import ReplayCache
 from sidecar.tls.tickets import Stek, StekRing
 from sidecar.tls.ticketstore import TicketStore
@@ -104,3 +116,86 @@ def connect(
 def completed(events: list[object]) -> HandshakeComplete:
     (done,) = [e for e in events if isinstance(e, HandshakeComplete)]
     return done
+
+
+# --- over a real loopback socket ------------------------------------------------------
+
+
+@dataclass
+class Served:
+    """What the server engine saw on one accepted connection."""
+
+    events: list[Event] = field(default_factory=list)
+    error: TLSError | None = None
+
+    @property
+    def early_data(self) -> list[bytes]:
+        return [e.data for e in self.events if isinstance(e, ApplicationData) and e.early]
+
+    @property
+    def data(self) -> list[bytes]:
+        return [e.data for e in self.events if isinstance(e, ApplicationData) and not e.early]
+
+
+@contextlib.contextmanager
+def serving(config: TLSConfig, now: float) -> Iterator[tuple[int, Served]]:
+    """A loopback TCP listener whose one connection is run by a ServerConnection (in a
+    thread, at the injected time `now`); the context exit waits for it to end."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    served = Served()
+
+    def run() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(10)
+        server = ServerConnection(config, now=now)
+        with conn:
+            for _ in range(64):  # bounded: a handshake and a few records
+                data = conn.recv(65536)
+                try:
+                    server.receive_data(data)
+                except TLSError as exc:
+                    served.error = exc
+                served.events.extend(server.events())
+                out = server.data_to_send()
+                if out:
+                    conn.sendall(out)
+                if not data or served.error is not None:
+                    return
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], served
+    finally:
+        thread.join(15)
+        listener.close()
+        assert not thread.is_alive(), "the server thread did not end"
+
+
+def run_client(client: ClientConnection, port: int, first_flight: bytes | None = None) -> None:
+    """Drive `client` over a socket to `port` until its handshake completes, then close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(first_flight if first_flight is not None else client.data_to_send())
+        for _ in range(16):
+            data = sock.recv(65536)
+            if not data:
+                break
+            client.receive_data(data)
+            sock.sendall(client.data_to_send())
+            if client.handshake_complete:
+                client.close()
+                sock.sendall(client.data_to_send())
+                break
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(65536):  # the server's tickets, then its EOF
+            pass
+
+
+def replay(port: int, captured: bytes) -> bytes:
+    """An attacker: send captured bytes, read the server's first answer, hang up."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(captured)
+        answer = sock.recv(65536)
+        sock.shutdown(socket.SHUT_WR)
+        return answer

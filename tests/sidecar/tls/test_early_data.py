@@ -1,0 +1,171 @@
+"""0-RTT (RFC 8446 §2.3, §4.2.10, §8): who may send it, and the server's three defences.
+
+The replay tests capture a real client's first flight (ClientHello, the dummy
+change_cipher_spec and the early-data records) and send those exact bytes again over a
+loopback socket to a server engine, as an attacker on the path would; time is the
+server's injected `now`. Before this feature no ticket existed, so nothing was 0-RTT.
+"""
+
+from __future__ import annotations
+
+from sidecar.tls import ClientConnection, ServerConnection
+from sidecar.tls.replay import ReplayCache
+
+from .helpers import drain, pump
+from .pki import SERVER_ID
+from .resumption_support import (
+    ENDPOINT,
+    T0,
+    Mesh,
+    completed,
+    connect,
+    replay,
+    run_client,
+    serving,
+)
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def _early_client(
+    mesh: Mesh, now: float, data: bytes = REQUEST, **overrides: object
+) -> ClientConnection:
+    return ClientConnection(
+        mesh.client(**overrides),
+        "x.example.org",
+        now,
+        endpoint=ENDPOINT,
+        expected_peer=SERVER_ID,
+        early_data=data,
+        replay_safe=True,
+    )
+
+
+def _with_ticket(now: float = T0) -> Mesh:
+    mesh = Mesh()
+    connect(mesh.client(), mesh.server(), now)
+    return mesh
+
+
+def test_replay_safe_early_data_is_accepted_and_flagged_as_early() -> None:
+    mesh = _with_ticket()
+    client, server = connect(mesh.client(), mesh.server(), T0 + 2, REQUEST, replay_safe=True)
+    events = drain(server)
+    early = [e for e in events if getattr(e, "early", False)]
+    assert [e.data for e in early] == [REQUEST]  # type: ignore[attr-defined]
+    assert completed(events).early_data == "accepted"
+    assert completed(drain(client)).early_data == "accepted"
+
+
+def test_early_data_not_marked_replay_safe_is_never_sent() -> None:
+    mesh = _with_ticket()
+    client, server = connect(mesh.client(), mesh.server(), T0 + 2, REQUEST, replay_safe=False)
+    assert completed(drain(client)).early_data == "none"
+    assert not [e for e in drain(server) if getattr(e, "early", False)]
+
+
+def test_early_data_is_only_sent_when_resuming() -> None:
+    client = ClientConnection(
+        Mesh().client(),
+        "x.example.org",
+        T0,
+        endpoint=ENDPOINT,
+        expected_peer=SERVER_ID,
+        early_data=REQUEST,
+        replay_safe=True,
+    )
+    assert len(client.data_to_send()) < 2000  # the ClientHello alone, no early record
+    assert client.data_to_send() == b""
+
+
+def test_early_data_over_the_tickets_limit_is_not_sent() -> None:
+    mesh = _with_ticket()
+    client, _server = connect(mesh.client(), mesh.server(), T0 + 2, bytes(16385), replay_safe=True)
+    assert completed(drain(client)).early_data == "none"
+
+
+def test_the_same_client_hello_and_early_data_replayed_to_one_replica_is_rejected() -> None:
+    mesh = _with_ticket()
+    client = _early_client(mesh, T0 + 2)
+    captured = client.data_to_send()
+    config = mesh.server(b"replica-a")
+    with serving(config, T0 + 2) as (port, first):
+        run_client(client, port, captured)
+    assert first.early_data == [REQUEST]
+    assert completed(drain(client)).early_data == "accepted"
+    with serving(config, T0 + 3) as (port, second):
+        answer = replay(port, captured)
+    assert answer  # the server answered: a resumed 1-RTT handshake, not an error
+    assert second.error is None
+    assert second.early_data == []
+
+
+def test_early_data_replayed_to_another_replica_is_rejected_in_strict_mode() -> None:
+    mesh = _with_ticket()
+    client = _early_client(mesh, T0 + 2)
+    captured = client.data_to_send()
+    with serving(mesh.server(b"replica-a"), T0 + 2) as (port, first):
+        run_client(client, port, captured)
+    assert first.early_data == [REQUEST]
+    # replica-b shares the STEK ring, so the ticket opens there, but its single-use cache
+    # never saw it: strict mode accepts early data only where the ticket was issued.
+    with serving(mesh.server(b"replica-b"), T0 + 3) as (port, second):
+        replay(port, captured)
+    assert second.error is None and second.early_data == []
+
+
+def test_early_data_replayed_after_the_ticket_age_window_is_rejected() -> None:
+    mesh = _with_ticket()
+    captured = _early_client(mesh, T0 + 2).data_to_send()
+    # Never delivered in time: replayed 11 s after it was sent, past the 10 s window.
+    with serving(mesh.server(b"replica-a"), T0 + 13) as (port, served):
+        replay(port, captured)
+    assert served.error is None and served.early_data == []
+
+
+def test_early_data_within_the_window_at_the_issuing_replica_is_accepted_once() -> None:
+    mesh = _with_ticket()
+    captured = _early_client(mesh, T0 + 2).data_to_send()
+    with serving(mesh.server(b"replica-a"), T0 + 11) as (port, served):
+        replay(port, captured)
+    assert served.early_data == [REQUEST]  # 9 s late is within the window, the first time
+
+
+def test_a_full_replay_cache_rejects_early_data_rather_than_accept_it_unchecked() -> None:
+    mesh = _with_ticket()
+    full = ReplayCache(capacity=1)
+    assert full.admit(b"another ticket", T0, T0 + 100)
+    mesh.caches[b"replica-a"] = full
+    client = _early_client(mesh, T0 + 2)
+    with serving(mesh.server(b"replica-a"), T0 + 2) as (port, served):
+        run_client(client, port)
+    assert served.early_data == []
+    assert completed(drain(client)).early_data == "rejected"
+    assert full.full_rejections == 1
+
+
+def test_rejected_early_data_falls_back_to_1rtt_and_the_client_sends_it_again() -> None:
+    mesh = _with_ticket()
+    client = _early_client(mesh, T0 + 2)
+    server = ServerConnection(mesh.server(b"replica-b"), now=T0 + 2)
+    pump(client, server)
+    assert client.handshake_complete and server.handshake_complete
+    assert completed(drain(client)).early_data == "rejected"
+    server_events = drain(server)
+    assert completed(server_events).early_data == "rejected"
+    assert completed(server_events).session_resumed
+    client.send_application_data(REQUEST)
+    pump(client, server)
+    assert [(e.data, e.early) for e in drain(server)] == [(REQUEST, False)]  # type: ignore[attr-defined]
+
+
+def test_early_data_offered_before_a_hello_retry_request_is_skipped() -> None:
+    mesh = _with_ticket()
+    from sidecar.tls import NamedGroup
+
+    client = _early_client(mesh, T0 + 2, key_share_groups=(NamedGroup.x25519,))
+    server = ServerConnection(mesh.server(), now=T0 + 2)
+    pump(client, server)
+    assert client.handshake_complete and server.handshake_complete
+    assert completed(drain(client)).early_data == "rejected"
+    assert not [e for e in drain(server) if getattr(e, "early", False)]
