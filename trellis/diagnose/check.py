@@ -23,6 +23,12 @@ What is checked depends on what is given (each from the process itself):
   operator down or a broken webhook certificate blocks every pod creation in injected
   namespaces.
 
+In a cluster the CA's admin socket is inside the CA's pod (an emptyDir the Deployment names
+in ``TRELLIS_CA_ADMIN_SOCKET``), so the CA checks run there:
+``kubectl -n trellis-system exec deploy/trellis-ca -- trellis check``. ``--kube`` does not
+exec on its own: ``pods/exec`` is served by the node's kubelet, which no test control plane
+here runs, and an untested path would be the one to break when it is needed.
+
 Bundles are compared by their roots' serial numbers: a root rotation shows as a component
 still holding the old set until the bundle reaches it.
 
