@@ -12,6 +12,7 @@ computed once per authority.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import ExtensionOID, NameOID, SignatureAlgorithmOID
 
 from ca.keys import (
     KeyAlgorithm,
@@ -31,7 +32,7 @@ from ca.keys import (
     check_public_key,
     generate_private_key,
 )
-from ca.leafder import LeafTemplate, random_serial
+from ca.leafder import LeafTemplate, der_oid, random_serial, read_tlv
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from ca.x509svid import (
     CLOCK_SKEW,
@@ -101,14 +102,75 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
         else:
             csr = x509.load_der_x509_csr(data)
     except (ValueError, UnsupportedAlgorithm) as exc:
+        _refuse_bad_mldsa_key(_request_info(data))
         raise IssuanceError("malformed-csr", f"cannot parse CSR: {exc}") from exc
     try:
         valid = csr.is_signature_valid
     except (ValueError, UnsupportedAlgorithm) as exc:
+        _refuse_bad_mldsa_key(csr.tbs_certrequest_bytes)
         raise IssuanceError("malformed-csr", f"cannot check CSR signature: {exc}") from exc
     if not valid:
         raise IssuanceError("csr-signature-invalid", "CSR signature does not verify")
     return csr
+
+
+# FIPS 204 Table 2: the public key's length is fixed by the parameter set.
+_MLDSA_PUBLIC_KEY_BYTES = {
+    der_oid(SignatureAlgorithmOID.ML_DSA_44): ("ML-DSA-44", 1312),
+    der_oid(SignatureAlgorithmOID.ML_DSA_65): ("ML-DSA-65", 1952),
+    der_oid(SignatureAlgorithmOID.ML_DSA_87): ("ML-DSA-87", 2592),
+}
+
+
+def _refuse_bad_mldsa_key(request_info: bytes) -> None:
+    """Name what is wrong with an ML-DSA key that cryptography will not parse or load (its
+    own words are ASN.1 parser internals or "Invalid key"): parameters, which RFC 9881 §4
+    says are absent, or a length that is not its parameter set's (FIPS 204 Table 2).
+
+    ``request_info`` is a CSR's CertificationRequestInfo DER (RFC 2986 §4.1)."""
+    try:  # version, subject, subjectPKInfo, attributes
+        _, start, _ = read_tlv(request_info, 0)
+        _, _, version_end = read_tlv(request_info, start)
+        _, _, subject_end = read_tlv(request_info, version_end)
+        _, spki_start, _ = read_tlv(request_info, subject_end)
+        _, algorithm_start, algorithm_end = read_tlv(request_info, spki_start)
+        _, _, oid_end = read_tlv(request_info, algorithm_start)
+        _, bits_start, bits_end = read_tlv(request_info, algorithm_end)
+    except ValueError:
+        return
+    known = _MLDSA_PUBLIC_KEY_BYTES.get(request_info[algorithm_start:oid_end])
+    if known is None:
+        return
+    name, expected = known
+    if oid_end != algorithm_end:
+        raise IssuanceError(
+            "unsupported-key",
+            f"CSR's {name} key has algorithm parameters; RFC 9881 requires them absent",
+        )
+    size = bits_end - bits_start - 1  # after the BIT STRING's unused-bits octet
+    if size != expected:
+        raise IssuanceError(
+            "unsupported-key",
+            f"CSR's {name} public key is {size} bytes; FIPS 204 fixes it at {expected}",
+        )
+
+
+def _request_info(data: bytes) -> bytes:
+    """The CertificationRequestInfo of a PEM or DER CSR, or b"" if there is none to find."""
+    if data.lstrip().startswith(b"-----BEGIN"):
+        body = b"".join(
+            line for line in data.strip().splitlines()[1:-1] if line and b":" not in line
+        )
+        try:
+            data = base64.b64decode(body, validate=True)
+        except ValueError:
+            return b""
+    try:
+        _, start, _ = read_tlv(data, 0)
+        _, _, end = read_tlv(data, start)
+    except ValueError:
+        return b""
+    return data[start:end]
 
 
 @dataclass(frozen=True)
@@ -129,8 +191,10 @@ class RootAuthority:
         ttl: dt.timedelta = DEFAULT_ROOT_TTL,
     ) -> RootAuthority:
         now = _utc(now)
-        if key_algorithm not in (KeyAlgorithm.P256, KeyAlgorithm.P384, KeyAlgorithm.ED25519):
-            raise KeyMaterialError("a root key must be P-256, P-384 or Ed25519")
+        if key_algorithm not in _ROOT_KEY_ALGORITHMS:
+            raise KeyMaterialError(
+                "a root key must be P-256, P-384, Ed25519 or ML-DSA-44/65/87 (not RSA)"
+            )
         key = generate_private_key(key_algorithm)
         name = x509.Name(
             [
@@ -241,6 +305,18 @@ class RootAuthority:
             )
         certificate = builder.sign(self.private_key, _signature_hash(self.private_key))
         return IntermediateAuthority(td, cluster, certificate, key)
+
+
+_ROOT_KEY_ALGORITHMS = frozenset(
+    {
+        KeyAlgorithm.P256,
+        KeyAlgorithm.P384,
+        KeyAlgorithm.ED25519,
+        KeyAlgorithm.MLDSA44,
+        KeyAlgorithm.MLDSA65,
+        KeyAlgorithm.MLDSA87,
+    }
+)
 
 
 def _check_cluster_name(cluster: str) -> None:
@@ -371,6 +447,7 @@ class IntermediateAuthority:
         try:
             public_key = csr.public_key()
         except (ValueError, UnsupportedAlgorithm) as exc:
+            _refuse_bad_mldsa_key(csr.tbs_certrequest_bytes)
             raise IssuanceError("unsupported-key", f"CSR public key: {exc}") from exc
         return spiffe_id, public_key
 

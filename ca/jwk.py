@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, rsa
 
 from ca.keys import PublicKey
 
@@ -17,6 +17,15 @@ _CURVES: dict[str, tuple[ec.EllipticCurve, int]] = {
     "P-256": (ec.SECP256R1(), 32),
     "P-384": (ec.SECP384R1(), 48),
     "P-521": (ec.SECP521R1(), 66),
+}
+
+
+# RFC 9964 §5: an ML-DSA JWK is kty "AKP" with the parameter set in "alg" and the raw
+# FIPS 204 public key in "pub"; bundles carry it beside the x5c of an ML-DSA authority.
+_AKP: dict[str, type[mldsa.MLDSA44PublicKey | mldsa.MLDSA65PublicKey | mldsa.MLDSA87PublicKey]] = {
+    "ML-DSA-44": mldsa.MLDSA44PublicKey,
+    "ML-DSA-65": mldsa.MLDSA65PublicKey,
+    "ML-DSA-87": mldsa.MLDSA87PublicKey,
 }
 
 
@@ -69,6 +78,9 @@ def key_to_jwk(key: PublicKey | object) -> dict[str, str]:
 
         raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         return {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw)}
+    for alg, kind in _AKP.items():
+        if isinstance(key, kind):
+            return {"kty": "AKP", "alg": alg, "pub": b64url(key.public_bytes_raw())}
     raise JwkError(f"{type(key).__name__} cannot be expressed as a JWK")
 
 
@@ -111,6 +123,14 @@ def key_from_jwk(jwk: dict[str, Any]) -> PublicKey:
             return ed25519.Ed25519PublicKey.from_public_bytes(b64url_decode(_field(jwk, "x")))
         except ValueError as exc:
             raise JwkError(f"bad Ed25519 key: {exc}") from exc
+    if kty == "AKP":
+        alg = _field(jwk, "alg")
+        if alg not in _AKP:
+            raise JwkError(f"unsupported AKP algorithm {alg!r} (ML-DSA-44, -65 or -87)")
+        try:
+            return _AKP[alg].from_public_bytes(b64url_decode(_field(jwk, "pub")))
+        except ValueError as exc:
+            raise JwkError(f"bad {alg} key: {exc}") from exc
     raise JwkError(f"unsupported key type {kty!r}")
 
 
@@ -121,6 +141,7 @@ def jwk_thumbprint(key: PublicKey | object) -> str:
         "EC": ("crv", "kty", "x", "y"),
         "RSA": ("e", "kty", "n"),
         "OKP": ("crv", "kty", "x"),
+        "AKP": ("alg", "kty", "pub"),  # RFC 9964 §5.2
     }
     canonical = json.dumps(
         {k: jwk[k] for k in required[jwk["kty"]]}, separators=(",", ":"), sort_keys=True

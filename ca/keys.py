@@ -22,6 +22,8 @@ __all__ = [
     "PublicKey",
     "describe_public_key",
     "generate_private_key",
+    "is_mldsa",
+    "key_algorithm_of",
     "is_encrypted_pem",
     "load_private_key",
     "private_key_pem",
@@ -29,14 +31,15 @@ __all__ = [
     "write_public_file",
 ]
 
+MLDSAPrivateKey: TypeAlias = (
+    mldsa.MLDSA44PrivateKey | mldsa.MLDSA65PrivateKey | mldsa.MLDSA87PrivateKey
+)
+MLDSAPublicKey: TypeAlias = mldsa.MLDSA44PublicKey | mldsa.MLDSA65PublicKey | mldsa.MLDSA87PublicKey
 PrivateKey: TypeAlias = (
-    ec.EllipticCurvePrivateKey
-    | ed25519.Ed25519PrivateKey
-    | rsa.RSAPrivateKey
-    | mldsa.MLDSA65PrivateKey
+    ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey | MLDSAPrivateKey
 )
 PublicKey: TypeAlias = (
-    ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey | mldsa.MLDSA65PublicKey
+    ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey | MLDSAPublicKey
 )
 
 MIN_RSA_BITS = 2048
@@ -52,7 +55,11 @@ class KeyAlgorithm(enum.Enum):
     ED25519 = "ed25519"
     RSA2048 = "rsa2048"
     RSA3072 = "rsa3072"
+    # FIPS 204 parameter sets, security categories 2, 3 and 5; certificates carry them
+    # under the RFC 9881 identifiers id-ml-dsa-44/65/87 (2.16.840.1.101.3.4.3.17/18/19).
+    MLDSA44 = "mldsa44"
     MLDSA65 = "mldsa65"
+    MLDSA87 = "mldsa87"
 
     @classmethod
     def parse(cls, text: str) -> KeyAlgorithm:
@@ -83,8 +90,39 @@ def generate_private_key(algorithm: KeyAlgorithm) -> PrivateKey:
             return rsa.generate_private_key(public_exponent=65537, key_size=2048)
         case KeyAlgorithm.RSA3072:
             return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+        case KeyAlgorithm.MLDSA44:
+            return mldsa.MLDSA44PrivateKey.generate()
         case KeyAlgorithm.MLDSA65:
             return mldsa.MLDSA65PrivateKey.generate()
+        case KeyAlgorithm.MLDSA87:
+            return mldsa.MLDSA87PrivateKey.generate()
+
+
+_MLDSA_NAMES: dict[type, tuple[KeyAlgorithm, str]] = {
+    mldsa.MLDSA44PublicKey: (KeyAlgorithm.MLDSA44, "ML-DSA-44"),
+    mldsa.MLDSA65PublicKey: (KeyAlgorithm.MLDSA65, "ML-DSA-65"),
+    mldsa.MLDSA87PublicKey: (KeyAlgorithm.MLDSA87, "ML-DSA-87"),
+}
+
+
+def is_mldsa(key: object) -> bool:
+    """Whether ``key`` (public or private) is an ML-DSA key of any parameter set."""
+    return isinstance(key, MLDSAPublicKey | MLDSAPrivateKey)
+
+
+def key_algorithm_of(key: object) -> KeyAlgorithm:
+    """The ``KeyAlgorithm`` of a public or private key, e.g. to make more keys like it."""
+    public = key.public_key() if isinstance(key, PrivateKey) else key
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return KeyAlgorithm.P384 if public.curve.key_size >= 384 else KeyAlgorithm.P256
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        return KeyAlgorithm.ED25519
+    if isinstance(public, rsa.RSAPublicKey):
+        return KeyAlgorithm.RSA3072 if public.key_size >= 3072 else KeyAlgorithm.RSA2048
+    for kind, (algorithm, _) in _MLDSA_NAMES.items():
+        if isinstance(public, kind):
+            return algorithm
+    raise KeyMaterialError(f"key type {type(key).__name__} is not one Trellis generates")
 
 
 def check_public_key(key: object) -> PublicKey:
@@ -99,7 +137,12 @@ def check_public_key(key: object) -> PublicKey:
                 f"RSA key of {key.key_size} bits is too small (minimum {MIN_RSA_BITS})"
             )
         return key
-    if isinstance(key, ed25519.Ed25519PublicKey | mldsa.MLDSA65PublicKey):
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return key
+    if isinstance(key, MLDSAPublicKey):
+        # The parameter set is fixed by the SPKI's algorithm identifier (RFC 9881 §4: no
+        # parameters) and the key's length by the set; OpenSSL refuses a key whose length
+        # does not match its identifier before it becomes an object here.
         return key
     raise KeyMaterialError(f"public key type {type(key).__name__} is not accepted")
 
@@ -113,8 +156,9 @@ def describe_public_key(key: object) -> str:
         return f"RSA {key.key_size}"
     if isinstance(key, ed25519.Ed25519PublicKey):
         return "Ed25519"
-    if isinstance(key, mldsa.MLDSA65PublicKey):
-        return "ML-DSA-65"
+    for kind, (_, name) in _MLDSA_NAMES.items():
+        if isinstance(key, kind):
+            return name
     return type(key).__name__
 
 
@@ -145,13 +189,7 @@ def load_private_key(
                 f"cannot decrypt {what}: wrong passphrase or corrupt file"
             ) from exc
         raise KeyMaterialError(f"cannot load {what}: not a PEM private key") from exc
-    if not isinstance(
-        key,
-        ec.EllipticCurvePrivateKey
-        | ed25519.Ed25519PrivateKey
-        | rsa.RSAPrivateKey
-        | mldsa.MLDSA65PrivateKey,
-    ):
+    if not isinstance(key, PrivateKey):
         raise KeyMaterialError(f"{what} has unsupported type {type(key).__name__}")
     return key
 

@@ -126,8 +126,14 @@ def _signer_for(key: PrivateKey) -> tuple[bytes, Callable[[bytes], bytes]]:
         return identifier, lambda data: key.sign(data, padding.PKCS1v15(), hashes.SHA256())
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return der_tlv(_SEQUENCE, der_oid(SignatureAlgorithmOID.ED25519)), key.sign
+    # RFC 9881 §3: id-ml-dsa-* with the parameters absent (no NULL), pure ML-DSA over the
+    # TBSCertificate with the empty context string, as OpenSSL signs it for the builder.
+    if isinstance(key, mldsa.MLDSA44PrivateKey):
+        return der_tlv(_SEQUENCE, der_oid(SignatureAlgorithmOID.ML_DSA_44)), key.sign
     if isinstance(key, mldsa.MLDSA65PrivateKey):
         return der_tlv(_SEQUENCE, der_oid(SignatureAlgorithmOID.ML_DSA_65)), key.sign
+    if isinstance(key, mldsa.MLDSA87PrivateKey):
+        return der_tlv(_SEQUENCE, der_oid(SignatureAlgorithmOID.ML_DSA_87)), key.sign
     raise TypeError(f"cannot sign with a {type(key).__name__}")
 
 

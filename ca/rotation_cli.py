@@ -22,7 +22,7 @@ from ca.authority import (
     RootAuthority,
 )
 from ca.bundle import BundleError
-from ca.keys import KeyAlgorithm, KeyMaterialError
+from ca.keys import KeyAlgorithm, KeyMaterialError, key_algorithm_of
 from ca.rotation import LedgerError, blocker_for_retire, issued_by
 from ca.spiffeid import SpiffeIdError
 from ca.store import CaStore, StoreError, read_key_passphrase, read_passphrase, utcnow
@@ -198,16 +198,11 @@ def _reissue(store: CaStore, root: RootAuthority, ttl: dt.timedelta) -> list[Int
 
 
 def _key_type_of(cert: x509.Certificate) -> KeyAlgorithm:
-    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
-    key = cert.public_key()
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return KeyAlgorithm.P384 if key.curve.key_size >= 384 else KeyAlgorithm.P256
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return KeyAlgorithm.ED25519
-    if isinstance(key, rsa.RSAPublicKey):
-        return KeyAlgorithm.RSA3072 if key.key_size >= 3072 else KeyAlgorithm.RSA2048
-    return KeyAlgorithm.P256
+    # A rotated intermediate keeps its predecessor's key type, ML-DSA included.
+    try:
+        return key_algorithm_of(cert.public_key())
+    except KeyMaterialError:
+        return KeyAlgorithm.P256
 
 
 def cmd_root_activate(args: argparse.Namespace) -> int:

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
-from ca.keys import PrivateKey
+from ca.keys import PrivateKey, is_mldsa
 from ca.spiffeid import SpiffeId, SpiffeIdError
 
 __all__ = [
@@ -154,6 +155,16 @@ def check_leaf(cert: x509.Certificate) -> SpiffeId:
         raise SvidError("crl-sign-on-leaf", "leaf Key Usage must not include cRLSign")
     if not ku.value.digital_signature:
         raise SvidError("no-digital-signature", "leaf Key Usage must include digitalSignature")
+    if is_mldsa(_public_key(cert)) and (
+        ku.value.key_encipherment or ku.value.data_encipherment or ku.value.key_agreement
+    ):
+        # RFC 9881 §5: an ML-DSA key signs only; a usage that encrypts or agrees keys with
+        # it is a certificate no conforming CA issues.
+        raise SvidError(
+            "mldsa-key-encipherment",
+            "an ML-DSA leaf's Key Usage must not include keyEncipherment, dataEncipherment"
+            " or keyAgreement",
+        )
     eku = _extension(cert, ExtensionOID.EXTENDED_KEY_USAGE)
     if eku is not None and isinstance(eku.value, x509.ExtendedKeyUsage):
         usages = set(eku.value)
@@ -165,6 +176,13 @@ def check_leaf(cert: x509.Certificate) -> SpiffeId:
                 "wrong-eku", "leaf Extended Key Usage has neither serverAuth nor clientAuth"
             )
     return spiffe_id
+
+
+def _public_key(cert: x509.Certificate) -> object:
+    try:
+        return cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return None  # a key the leaf's verifier refuses on its own
 
 
 def check_signing_certificate(cert: x509.Certificate) -> None:
