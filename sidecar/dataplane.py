@@ -30,6 +30,7 @@ from .metrics import Metrics
 from .outbound import Outbound
 from .permissive import STRICT, PlaintextPolicy, plaintext_policy_for_pod
 from .policy import Authorizer, authorizer_for_pod, merge, parse_pod_labels
+from .stek import SessionKeys, StekCollector, StekRingWatcher
 
 logger = logging.getLogger("sidecar")
 
@@ -45,6 +46,10 @@ class Sidecar:
         self.config = config
         self.metrics = Metrics()
         self.identity = Identity(on_change=self._identity_changed)
+        # The service's shared STEK ring, from the agent (sidecar.stek); none with --svid-dir.
+        self.session_keys = SessionKeys(config.spiffe_id)
+        self.metrics.registry.register(StekCollector(self.session_keys))
+        self.stek_watcher: StekRingWatcher | None = None
         self._plaintext: PlaintextPolicy = STRICT
         self._registry: MeshRegistry | None = None
         self._authorizer, self._plaintext, self._registry = self._load_policy()
@@ -212,6 +217,8 @@ class Sidecar:
                 )
             self.watcher = WorkloadApiWatcher(target, self.identity, config.spiffe_id)
             self._tasks.append(asyncio.create_task(self.watcher.run()))
+            self.stek_watcher = StekRingWatcher(target, self.session_keys)
+            self._tasks.append(asyncio.create_task(self.stek_watcher.run()))
         await self.inbound.start(ipv6_twin=config.mode == "transparent")
         for upstream in config.upstreams:
             await self.outbound.listen_upstream(upstream)
@@ -236,6 +243,7 @@ class Sidecar:
             await asyncio.sleep(1.0)
             self.pools.sweep(time.monotonic())
             self._reload_policy()
+            self.session_keys.tick(time.time())
 
     def stop(self) -> None:
         self._stop.set()
@@ -305,5 +313,10 @@ class Sidecar:
             "workload_api": {
                 "target": self.watcher.target if self.watcher else None,
                 "last_error": self.watcher.last_error if self.watcher else None,
+            },
+            # Key ids and ages only, never a key.
+            "stek_ring": {
+                **self.session_keys.describe(),
+                "last_error": self.stek_watcher.last_error if self.stek_watcher else None,
             },
         }
