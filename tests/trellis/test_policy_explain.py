@@ -257,6 +257,13 @@ def test_explain_against_a_sidecar_enforcing_access_policies_names_them(
     assert document["fix"] == (
         f"add {{exact: {STRANGER}}} to the allow list of AccessPolicy ledger, tools"
     )
+    # proxy config reads the same /config: each rule with the policy it comes from.
+    assert main(["proxy", "config", admin]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"policy       port 8080: exact:{WEB} (from AccessPolicy ledger)" in lines
+    assert (
+        "policy       any port: prefix:spiffe://example.org/ns/tools (from AccessPolicy tools)"
+    ) in lines
 
 
 # -- a namespace's policy and a pod's labels, through a real API server ------------------------

@@ -63,7 +63,8 @@ def test_proxy_config_of_an_address_shows_identity_listeners_and_policy(
     assert lines[1].startswith(f"identity     {ECHO} (serial ")
     assert "SVID expires in " in lines[1]
     assert f"listener     admin {echo}" in lines
-    assert f"policy       port 8080: exact:{LOAD}" in lines
+    # The rules, and where they come from: echo's are the sidecar config's own.
+    assert f"policy       port 8080: exact:{LOAD} (from inbound.targets.8080.allow)" in lines
     assert any(line.startswith("inbound      port 8080 -> 127.0.0.1:") for line in lines)
 
     status, out = _run(capsys, "proxy", "config", _address(mesh, "load_admin"))

@@ -229,11 +229,17 @@ def _status_text(document: dict[str, Any]) -> Iterator[str]:
 
 
 def _rules(policy: dict[str, Any]) -> Iterator[str]:
+    # Where each port's rules come from (AccessPolicy names, or the sidecar config's key),
+    # when the sidecar says: what an operator edits to change them.
+    sources = policy.get("sources") or {}
     for port, rules in (policy.get("ports") or {}).items():
-        yield f"port {port}: " + (", ".join(rules) or "deny all")
+        named = f" (from {', '.join(sources[port])})" if sources.get(port) else ""
+        yield f"port {port}: " + (", ".join(rules) or "deny all") + named
     any_port = policy.get("any_port")
     if any_port is not None:
-        yield "any port: " + (", ".join(any_port) or "deny all")
+        names = policy.get("any_port_sources") or []
+        named = f" (from {', '.join(names)})" if names else ""
+        yield "any port: " + (", ".join(any_port) or "deny all") + named
 
 
 def _config_text(document: dict[str, Any]) -> Iterator[str]:
