@@ -37,10 +37,10 @@ OIDS = {
 
 
 def hierarchy(
-    root_key: KeyAlgorithm, intermediate_key: KeyAlgorithm
+    root_key: KeyAlgorithm, intermediate_key: KeyAlgorithm, now: dt.datetime = NOW
 ) -> tuple[RootAuthority, IntermediateAuthority]:
-    root = RootAuthority.create(TD, now=NOW, key_algorithm=root_key)
-    return root, root.issue_intermediate("west", now=NOW, key_algorithm=intermediate_key)
+    root = RootAuthority.create(TD, now=now, key_algorithm=root_key)
+    return root, root.issue_intermediate("west", now=now, key_algorithm=intermediate_key)
 
 
 def signature_algorithm_der(cert: x509.Certificate) -> bytes:
@@ -113,7 +113,11 @@ def test_the_leaf_template_signs_what_the_certificate_builder_would(
     assert signature_algorithm_der(leaf) == signature_algorithm_der(reference)
 
 
-def _tampered(cert: x509.Certificate) -> x509.Certificate:
+# digitalSignature alone: what a leaf has, and a CA must not (no keyCertSign).
+SIGNER_ONLY = x509.KeyUsage(True, False, False, False, False, False, False, False, False)
+
+
+def tampered(cert: x509.Certificate) -> x509.Certificate:
     der = bytearray(cert.public_bytes(Encoding.DER))
     der[-100] ^= 0x01  # inside the ML-DSA signature, the last element
     return x509.load_der_x509_certificate(bytes(der))
@@ -126,15 +130,18 @@ def test_a_tampered_mldsa_signature_is_refused_on_the_leaf_and_the_intermediate(
     )
     roots = {TD: [root.certificate]}
     for chain in (
-        [_tampered(svid.leaf), intermediate.certificate],
-        [svid.leaf, _tampered(intermediate.certificate)],
+        [tampered(svid.leaf), intermediate.certificate],
+        [svid.leaf, tampered(intermediate.certificate)],
     ):
         with pytest.raises(VerificationError) as info:
             verify_x509_svid(chain, roots, now=NOW)
         assert info.value.reason == "unknown-ca"
 
 
-def _mldsa_ca_with(ku: x509.KeyUsage, root: RootAuthority) -> IntermediateAuthority:
+def mldsa_ca_with(
+    ku: x509.KeyUsage, root: RootAuthority, now: dt.datetime = NOW
+) -> IntermediateAuthority:
+    """An ML-DSA-65 intermediate under ``root`` with Key Usage ``ku``, else as Trellis's."""
     key = mldsa.MLDSA65PrivateKey.generate()
     root_ski = root.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     cert = (
@@ -143,8 +150,8 @@ def _mldsa_ca_with(ku: x509.KeyUsage, root: RootAuthority) -> IntermediateAuthor
         .issuer_name(root.certificate.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(minutes=1))
-        .not_valid_after(NOW + dt.timedelta(days=1))
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(ku, critical=True)
         .add_extension(
@@ -163,8 +170,7 @@ def _mldsa_ca_with(ku: x509.KeyUsage, root: RootAuthority) -> IntermediateAuthor
 
 def test_an_mldsa_intermediate_without_key_cert_sign_is_refused() -> None:
     root = RootAuthority.create(TD, now=NOW, key_algorithm=KeyAlgorithm.MLDSA65)
-    signer_only = x509.KeyUsage(True, False, False, False, False, False, False, False, False)
-    wrong = _mldsa_ca_with(signer_only, root)
+    wrong = mldsa_ca_with(SIGNER_ONLY, root)
     svid = wrong.issue_x509_svid(
         WEB, generate_private_key(KeyAlgorithm.MLDSA65).public_key(), now=NOW
     )
