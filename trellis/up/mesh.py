@@ -94,7 +94,7 @@ class MeshConfig:
     # A third sidecar, "intruder", calls the echo server once: its refusal shows the policy.
     probe_policy: bool = True
     startup_timeout: float = 60.0
-    # --log-format/--log-level for the long-running children (ca serve, agent, sidecars).
+    # --log-format/--log-level for the children (ca serve, agent, sidecars, demo services).
     log_args: tuple[str, ...] = ()
 
     def spiffe_id(self, name: str) -> SpiffeId:
