@@ -69,6 +69,7 @@ from .alerts import AlertDescription, AlertLevel, LocalProtocolError, TLSError
 from .client import ClientConnection
 from .config import TLSConfig
 from .connection import Connection, DirectionSecrets, TrafficSecrets
+from .credentials import Credential
 from .events import (
     AlertReceived,
     ApplicationData,
@@ -95,6 +96,7 @@ __all__ = [
     "ClientConnection",
     "Connection",
     "ConnectionClosed",
+    "Credential",
     "DirectionSecrets",
     "Event",
     "HandshakeComplete",

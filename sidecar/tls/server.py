@@ -177,7 +177,9 @@ class ExpectClientHello(HandshakeState):
 
     def __init__(self, retry: _Retry | None, key: PrivateKey) -> None:
         self.retry = retry
-        self.key = key  # the key of the chain we will present (checked at construction)
+        # The first credential's key; the chain and key actually presented are chosen
+        # per ClientHello (`_Choice.credential`).
+        self.key = key
 
     @property
     def accepts_ccs(self) -> bool:
