@@ -6,8 +6,8 @@ library only) so the other peers keep building with Go 1.26. When the Go found b
 which the go command fetches from the module proxy; where that cannot happen the tests
 skip with one line saying so.
 
-Both sides hold ML-DSA-65 chains (root, intermediate and leaf, built by
-``tests/sidecar/tls/pki.py`` around the real clock, which Go checks validity against),
+Both sides hold ML-DSA-65 SVIDs from the project's CA (root, name-constrained
+intermediate and leaf all ML-DSA-65, cut around the real clock, which Go checks),
 require and verify each other's, and negotiate X25519MLKEM768. Go's view comes from its
 JSON line: the group from ``ConnectionState``, and the scheme as the only one crypto/tls
 accepts for the peer's ML-DSA-65 key (see the program's comment).
@@ -38,8 +38,8 @@ from tests.sidecar.tls.pki import (
     SERVER_ID,
     TRUST_DOMAIN,
     Identity,
+    ca_live_identity,
     client_config,
-    live_identity,
     server_config,
 )
 from tests.sidecar.tls.test_interop_system_fixtures import peer_process, run, tls_echo_server
@@ -143,7 +143,7 @@ def _bundles(ident: Identity) -> dict[str, list[x509.Certificate]]:
 def test_a_go_client_and_an_engine_server_do_mldsa65_mtls_over_x25519mlkem768(
     mldsapeer: Path, tmp_path: Path
 ) -> None:
-    server, client = live_identity("server"), live_identity("client")
+    server, client = ca_live_identity("server"), ca_live_identity("client")
     folder = _svid_dir(tmp_path / "client", client, server.root)
     config = server_config(server, rng=os.urandom, trust_bundles=_bundles(client))
 
@@ -175,7 +175,7 @@ def test_a_go_client_and_an_engine_server_do_mldsa65_mtls_over_x25519mlkem768(
 def test_an_engine_client_and_a_go_server_do_mldsa65_mtls_over_x25519mlkem768(
     mldsapeer: Path, tmp_path: Path
 ) -> None:
-    server, client = live_identity("server"), live_identity("client")
+    server, client = ca_live_identity("server"), ca_live_identity("client")
     folder = _svid_dir(tmp_path / "server", server, client.root)
     config = client_config(client, rng=os.urandom, trust_bundles=_bundles(server))
 
@@ -222,7 +222,7 @@ def _tampered(ident: Identity) -> tuple[x509.Certificate, ...]:
 def test_go_x509_accepts_the_mldsa65_chain_and_both_refuse_a_tampered_signature(
     mldsapeer: Path, tmp_path: Path
 ) -> None:
-    ident = live_identity("server")
+    ident = ca_live_identity("server")
     good = _svid_dir(tmp_path / "good", ident, ident.root)
     result = subprocess.run(
         [str(mldsapeer), "verify", "-dir", str(good)],

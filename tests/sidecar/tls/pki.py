@@ -211,6 +211,37 @@ def live_identity(role: str = "server", kind: str = "mldsa65", root_kind: str = 
 
 
 @cache
+def _ca_live_intermediate(kind: str):  # type: ignore[no-untyped-def]
+    from ca.authority import RootAuthority
+    from ca.keys import KeyAlgorithm
+    from ca.spiffeid import TrustDomain
+
+    at = _live_at()
+    algorithm = KeyAlgorithm(kind)
+    root = RootAuthority.create(
+        TrustDomain(TRUST_DOMAIN), now=at - dt.timedelta(hours=1), key_algorithm=algorithm
+    )
+    inter = root.issue_intermediate(
+        "interop", now=at - dt.timedelta(minutes=30), key_algorithm=algorithm
+    )
+    return root, inter
+
+
+@cache
+def ca_live_identity(role: str = "server", kind: str = "mldsa65") -> Identity:
+    """An SVID from the project's CA, root, name-constrained intermediate and leaf all of
+    `kind`, valid around the real clock (for real peers)."""
+    root, inter = _ca_live_intermediate(kind)
+    key = _key(kind)
+    svid = inter.issue_x509_svid(
+        SERVER_ID if role == "server" else CLIENT_ID,
+        key.public_key(),
+        now=_live_at() - dt.timedelta(minutes=5),
+    )
+    return Identity(tuple(svid.chain), key, root.certificate)
+
+
+@cache
 def identity(role: str = "server", key_kind: str = "p256") -> Identity:
     return authority().leaf(SERVER_ID if role == "server" else CLIENT_ID, key_kind)
 

@@ -5,6 +5,8 @@ sign nor accept anything else, and a message callback reads the scheme of each
 CertificateVerify as OpenSSL itself sent and received it: the check is made on the
 peer's side, not the engine's. pyOpenSSL has no binding for
 `SSL_get_peer_signature_type_nid`; the callback sees the same bytes OpenSSL parsed.
+Every chain is an SVID from the project's CA (root, name-constrained intermediate and
+leaf of one algorithm).
 
 The system OpenSSL 3.0 (`openssl s_client`) knows no ML-DSA at all: it is the classical
 client that a server with only an ML-DSA chain must refuse, and that a server with
@@ -36,7 +38,13 @@ from sidecar.tls import (
 )
 from sidecar.tls.credentials import Credential
 
-from .pki import TRUST_DOMAIN, Identity, client_config, live_identity, server_config
+from .pki import (
+    TRUST_DOMAIN,
+    Identity,
+    ca_live_identity,
+    client_config,
+    server_config,
+)
 from .test_interop_system_fixtures import openssl_args, peer_process, run, tls_echo_server
 
 CERTIFICATE_VERIFY = 15
@@ -128,7 +136,7 @@ def _handshake(peer: _OpenSSLPeer, engine: Connection) -> HandshakeComplete:
 
 
 def test_openssl_4_server_and_engine_client_do_mldsa65_mtls_over_x25519mlkem768() -> None:
-    server_ident, client_ident = live_identity("server"), live_identity("client")
+    server_ident, client_ident = ca_live_identity("server"), ca_live_identity("client")
     peer = _OpenSSLPeer("server", server_ident, client_ident.root)
     engine = ClientConnection(
         client_config(client_ident, rng=os.urandom, trust_bundles=_bundles(server_ident)),
@@ -143,7 +151,7 @@ def test_openssl_4_server_and_engine_client_do_mldsa65_mtls_over_x25519mlkem768(
 
 
 def test_openssl_4_client_and_engine_server_do_mldsa65_mtls_over_x25519mlkem768() -> None:
-    server_ident, client_ident = live_identity("server"), live_identity("client")
+    server_ident, client_ident = ca_live_identity("server"), ca_live_identity("client")
     peer = _OpenSSLPeer("client", client_ident, server_ident.root)
     engine = ServerConnection(
         server_config(server_ident, rng=os.urandom, trust_bundles=_bundles(client_ident)),
@@ -179,7 +187,7 @@ def _client_files(directory: Path, ident: Identity) -> Iterator[tuple[str, str, 
 def _s_client(
     tmp_path: Path, server_cfg_credentials: tuple[Identity, ...]
 ) -> tuple[int, str, list[object]]:
-    classical_client = live_identity("client", "p256")
+    classical_client = ca_live_identity("client", "p256")
     first, *rest = server_cfg_credentials
     server_cfg = server_config(
         first,
@@ -227,7 +235,7 @@ def _s_client(
 def test_system_openssl_3_is_refused_by_an_mldsa_only_server_with_handshake_failure(
     tmp_path: Path,
 ) -> None:
-    status, output, seen = _s_client(tmp_path, (live_identity("server"),))
+    status, output, seen = _s_client(tmp_path, (ca_live_identity("server"),))
     errors = [e for e in seen if isinstance(e, TLSError)]
     # RFC 8446 §4.4.2.2: no certificate the client can verify; OpenSSL 3.0 reads the alert.
     assert [e.alert.name for e in errors] == ["handshake_failure"], seen
@@ -238,7 +246,7 @@ def test_system_openssl_3_gets_the_ecdsa_chain_from_a_server_holding_both(
     tmp_path: Path,
 ) -> None:
     _status, output, seen = _s_client(
-        tmp_path, (live_identity("server"), live_identity("server", "p256"))
+        tmp_path, (ca_live_identity("server"), ca_live_identity("server", "p256"))
     )
     done = [e for e in seen if isinstance(e, HandshakeComplete)]
     assert len(done) == 1, seen
