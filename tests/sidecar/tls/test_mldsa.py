@@ -31,7 +31,7 @@ from sidecar.tls.credentials import Credential
 from sidecar.tls.shell import PeerAlertError, open_tls_connection
 from sidecar.tls.signatures import schemes_for_key
 
-from .helpers import connected_pair, drain, pump
+from .helpers import connected_pair, drain, feed, pump
 from .pki import (
     NOW,
     TRUST_DOMAIN,
@@ -172,6 +172,38 @@ def test_a_client_with_no_fitting_chain_sends_none_and_gets_certificate_required
     with pytest.raises(TLSError) as info:
         pump(client, server)
     assert info.value.alert == AlertDescription.certificate_required
+
+
+def test_a_client_refuses_an_mldsa_signed_chain_its_signature_algorithms_cert_left_out() -> None:
+    # The server has nothing else, so it sends the chain anyway (RFC 8446 §4.4.2.2 lets
+    # the client decide); the client holds the chain to its signature_algorithms_cert.
+    server_ident = mixed_authority("mldsa65", "mldsa65").leaf(key_kind="p256")
+    client = ClientConnection(
+        client_config(
+            certificate_signature_schemes=ECDSA_ONLY, trust_bundles=_bundles(server_ident)
+        ),
+        now=NOW,
+    )
+    server = ServerConnection(server_config(server_ident), now=NOW)
+    with pytest.raises(TLSError) as info:
+        pump(client, server)
+    assert info.value.alert == AlertDescription.bad_certificate
+
+
+def test_an_mldsa65_handshake_completes_when_fed_one_byte_at_a_time() -> None:
+    # ML-DSA-65 flights are ~16 KB: a Certificate spans records, a CertificateVerify of
+    # 3309 bytes may be split anywhere.
+    client = ClientConnection(client_config(mldsa_identity("client")), now=NOW)
+    server = ServerConnection(server_config(mldsa_identity("server")), now=NOW)
+    for _ in range(4):
+        to_server = client.data_to_send()
+        feed(server, to_server, bytewise=True)
+        to_client = server.data_to_send()
+        feed(client, to_client, bytewise=True)
+        if not to_server and not to_client:
+            break
+    assert _completed(drain(client)).signature_scheme == S.mldsa65
+    assert _completed(drain(server)).signature_scheme == S.mldsa65
 
 
 # --- refusals over a real loopback socket -------------------------------------------
