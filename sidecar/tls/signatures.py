@@ -130,7 +130,7 @@ def schemes_for_key(key: PrivateKey | PublicKey, rsa_pss_key: bool = False) -> t
     """The TLS 1.3 CertificateVerify schemes a key can produce, in our preference."""
     mldsa_scheme = _mldsa_scheme(key)
     if mldsa_scheme is not None:
-        # draft-ietf-tls-mldsa §3: one scheme per parameter set, bound to the key.
+        # draft-ietf-tls-mldsa-03: one scheme per parameter set, bound to the key.
         return (mldsa_scheme,)
     if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
         return (SignatureScheme.ed25519,)
@@ -171,7 +171,8 @@ def sign(key: PrivateKey, scheme: int, data: bytes) -> bytes:
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return key.sign(data)
     if isinstance(key, MLDSAPrivateKey):
-        # draft-ietf-tls-mldsa §3: pure ML-DSA over the §4.4.3 content, context "".
+        # draft-ietf-tls-mldsa-03: pure ML-DSA over the RFC 8446 §4.4.3 content, empty
+        # context string (what Go 1.27 and OpenSSL 4.0 sign and verify too).
         return key.sign(data)
     hash_cls = _HASHES[scheme]
     if isinstance(key, ec.EllipticCurvePrivateKey):
