@@ -432,12 +432,24 @@ class TLSClientProtocol(TLSShellProtocol):
         server_name: str | None = None,
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
         clock: Clock = time.time,
+        endpoint: str | None = None,
+        expected_peer: str | None = None,
     ) -> None:
+        """`endpoint` and `expected_peer` name the `config.ticket_store` slot whose ticket
+        is offered and where new tickets go (see `ClientConnection`)."""
         super().__init__(app_protocol, config, handshake_timeout=handshake_timeout, clock=clock)
         self._server_name = server_name
+        self._endpoint = endpoint
+        self._expected_peer = expected_peer
 
     def _new_engine(self) -> Connection:
-        return ClientConnection(self._config, server_name=self._server_name, now=self._clock())
+        return ClientConnection(
+            self._config,
+            server_name=self._server_name,
+            now=self._clock(),
+            endpoint=self._endpoint,
+            expected_peer=self._expected_peer,
+        )
 
 
 class TLSServerProtocol(TLSShellProtocol):

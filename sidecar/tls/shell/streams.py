@@ -29,11 +29,14 @@ async def create_tls_connection(
     server_name: str | None = None,
     handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
     clock: Clock = time.time,
+    expected_peer: str | None = None,
     **kwargs: Any,
 ) -> tuple[TLSTransport, asyncio.BaseProtocol]:
     """Like `loop.create_connection(..., ssl=...)`: returns once the handshake completed.
 
-    `server_name` defaults to `host` (an IP literal sends no SNI). Raises `TLSError`
+    `server_name` defaults to `host` (an IP literal sends no SNI). With a
+    `config.ticket_store`, tickets are kept per (`host:port`, `expected_peer`) and the
+    next connection there offers one (RFC 8446 §2.2). Raises `TLSError`
     (we refused the peer; the alert was sent), `PeerAlertError` (it refused us),
     `TimeoutError` or `OSError`.
     """
@@ -46,6 +49,8 @@ async def create_tls_connection(
             server_name=server_name if server_name is not None else host,
             handshake_timeout=handshake_timeout,
             clock=clock,
+            endpoint=f"{host}:{port}",
+            expected_peer=expected_peer,
         ),
         host,
         port,
