@@ -11,6 +11,13 @@ while the app socket accepts writes.
 
 TCP ↔ HTTP/2: app FIN → END_STREAM; END_STREAM → FIN to the app; an app RST (or an
 abort) → RST_STREAM(CONNECT_ERROR); RST_STREAM → an RST to the app (SO_LINGER 0).
+
+0-RTT (outbound): `attach_early` is the stream of a fresh connection whose first flight
+already carried the app's held request (`session.FirstStream`). The bytes are kept, and
+the app is not read further, until the peer answers: a ``425 Too Early`` (RFC 8470
+§5.2: the client that sent early data retries, once the handshake is complete, and not
+in early data) or a refused or lost stream puts them back in front for the next stream;
+a 200 drops them.
 """
 
 from __future__ import annotations
@@ -49,6 +56,11 @@ class Bridge(asyncio.Protocol):
         self._paused: set[str] = {"unattached"}
         self._early: list[bytes] = []  # app bytes read before the stream existed
         self._early_eof = False
+        # Sent in a connection's first flight, kept until the stream is answered.
+        self._replay: list[bytes] | None = None
+        self.early_attempted = False  # one 0-RTT try per app connection
+        self._held_waiter: asyncio.Future[None] | None = None
+        self.waited_held = False
         # Stream data that arrived before the app socket was connected.
         self._inbound_early: list[tuple[bytes | memoryview, int]] = []
         self._inbound_end = False
@@ -83,6 +95,59 @@ class Bridge(asyncio.Protocol):
         if session.write_paused:
             self._paused.add("session")
         self._unpause("unattached")
+
+    def held_request(self) -> bytes | None:
+        """The app's bytes held before any stream, if it has not half-closed: what a
+        first flight could carry."""
+        if self._early_eof or self.session is not None:
+            return None
+        return b"".join(self._early)
+
+    async def wait_held(self, timeout: float) -> None:
+        """Until the app has written something (or half-closed), at most `timeout`."""
+        self.waited_held = True
+        if self._early or self._early_eof or self.session is not None:
+            return
+        waiter = self._held_waiter = asyncio.get_running_loop().create_future()
+        # Unattached bridges do not read; read once now (data_received pauses again).
+        self._set_reading(True)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            self._held_waiter = None
+
+    def _wake_held(self) -> None:
+        if self._held_waiter is not None and not self._held_waiter.done():
+            self._held_waiter.set_result(None)
+
+    def attach_early(self, session: Session, stream_id: int) -> None:
+        """The stream exists and the held bytes already went out in the first flight."""
+        self.session = session
+        self.stream_id = stream_id
+        self.early_attempted = True
+        if not self._counted:
+            self._counted = True
+            self.metrics.streams_active.labels(direction=self.direction).inc()
+        self._replay, self._early = self._early, []
+        sent = sum(len(chunk) for chunk in self._replay)
+        self.bytes_up += sent
+        self._bytes.outbound += sent
+        if session.write_paused:
+            self._paused.add("session")
+        self._paused.add("early")  # nothing more until the answer: it may be a 425
+        self._unpause("unattached")
+
+    def _rewind(self) -> None:
+        """Put bytes sent on an early stream back in front, for the next stream."""
+        if self._replay is not None:
+            resent = sum(len(chunk) for chunk in self._replay)
+            self.bytes_up -= resent
+            self._bytes.outbound -= resent
+            self._early, self._replay = self._replay + self._early, None
+            self._paused.discard("early")
 
     def detach_for_retry(self) -> None:
         if self._counted:
@@ -120,6 +185,7 @@ class Bridge(asyncio.Protocol):
         if self.session is None:
             self._early.append(data)
             self._set_reading(False)
+            self._wake_held()
             return
         self._up(data)
 
@@ -137,6 +203,7 @@ class Bridge(asyncio.Protocol):
         self._app_eof = True
         if self.session is None:
             self._early_eof = True
+            self._wake_held()
         else:
             self.session.end(self.stream_id)
         self._check_done()
@@ -169,6 +236,16 @@ class Bridge(asyncio.Protocol):
     # --- StreamHandler: the stream side --------------------------------------------------
 
     def stream_response(self, status: int, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        if self._replay is not None:
+            if status == 425 and self._on_retry is not None and self.session is not None:
+                # RFC 8470 §5.2: sent in early data and too early; the handshake is
+                # complete by now (the peer answers only after our Finished), so the
+                # retry is an ordinary stream.
+                self.session.reset(self.stream_id, ErrorCode.CANCEL)
+                self.stream_reset(ErrorCode.REFUSED_STREAM, True)
+                return
+            self._replay = None
+            self._unpause("early")
         if status != 200:
             # Refused by the peer (403 policy, 404 target, 503 app down): the app sees
             # its connection reset, as from a firewall, not a half-open socket.
@@ -209,6 +286,7 @@ class Bridge(asyncio.Protocol):
         if self._finished:
             return
         if retryable and self._on_retry is not None and self.retries < 2:
+            self._rewind()
             self.detach_for_retry()
             if self._on_retry(self):
                 return

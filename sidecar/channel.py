@@ -5,17 +5,27 @@ bytes: the first flight, inbound wire bytes → plaintext + state, plaintext →
 and close; plus, once the handshake is done, the two certificate chains that
 authenticated it (the session drains the connection when either stops being valid).
 `EngineChannel` drives the sans-I/O engine. A kTLS channel (records done by
-the kernel after the handshake) or a resumption-aware one (tickets, 0-RTT) implements the
-same four calls, so the pool and the HTTP/2 layer above stay as they are.
+the kernel after the handshake) implements the same calls, so the pool and the HTTP/2
+layer above stay as they are.
+
+Resumption and 0-RTT: a client channel built with `early` bytes (the HTTP/2 preface and
+the first stream's request, already judged replay-safe by the caller) hands them to the
+engine, which sends them as 0-RTT data when it offers a ticket that allows it (RFC 8446
+§2.3). Whatever happens, the bytes reach the peer exactly once in order: if the engine
+sent nothing early, or the server rejected it (§4.2.10), the channel sends them as the
+first 1-RTT data right behind the client Finished. On the server, bytes that arrived as
+0-RTT come out in `ChannelInput.early`, apart from the rest, so the caller can treat
+them as the replayable bytes they are.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from cryptography import x509
 
+from ca.spiffeid import SpiffeId
 from sidecar.tls import (
     AlertReceived,
     ApplicationData,
@@ -38,6 +48,9 @@ class ChannelInput:
 
     plaintext: list[bytes]
     handshake: HandshakeComplete | None = None  # set on the call that completed it
+    # Server: 0-RTT bytes (RFC 8446 §2.3), which precede the handshake's completion and
+    # any `plaintext` of the same call.
+    early: list[bytes] = field(default_factory=list)
     closed: bool = False  # the peer's direction ended (close_notify, alert or EOF)
     peer_alert: str | None = None
 
@@ -54,6 +67,12 @@ class SecureChannel(Protocol):
     @property
     def local_chain(self) -> tuple[x509.Certificate, ...]:
         """The chain we presented on this connection."""
+        ...
+
+    @property
+    def peer_id(self) -> SpiffeId | None:
+        """The peer's SPIFFE ID once its chain verified: on a resumption, as soon as the
+        ticket opened and its chain verified again, ahead of any 0-RTT data."""
         ...
 
     def initial(self) -> bytes: ...
@@ -77,17 +96,39 @@ class SecureChannel(Protocol):
 class EngineChannel:
     """The Trellis sans-I/O TLS 1.3 engine as a `SecureChannel`."""
 
-    __slots__ = ("_done", "_local_chain", "_peer_chain", "_tls")
+    __slots__ = ("_done", "_early", "_local_chain", "_peer_chain", "_peer_id", "_tls")
 
-    def __init__(self, config: TLSConfig, *, client: bool, now: float) -> None:
+    def __init__(
+        self,
+        config: TLSConfig,
+        *,
+        client: bool,
+        now: float,
+        endpoint: str | None = None,
+        expected_peer: SpiffeId | None = None,
+        early: bytes = b"",
+    ) -> None:
+        """`endpoint` and `expected_peer` (client) name the ticket-store slot to resume
+        from and file new tickets under; `early` is what to send first (see the module
+        docstring)."""
         self._tls: Connection = (
-            ClientConnection(config, server_name=None, now=now)
+            ClientConnection(
+                config,
+                server_name=None,
+                now=now,
+                endpoint=endpoint,
+                expected_peer=expected_peer,
+                early_data=early,
+                replay_safe=bool(early),
+            )
             if client
             else ServerConnection(config, now=now)
         )
+        self._early = early  # until the handshake says whether the server took it
         self._done = False
         self._local_chain = tuple(config.certificate_chain)
         self._peer_chain: tuple[x509.Certificate, ...] = ()
+        self._peer_id: SpiffeId | None = None
 
     @property
     def negotiated(self) -> HandshakeComplete | None:
@@ -101,6 +142,10 @@ class EngineChannel:
     def local_chain(self) -> tuple[x509.Certificate, ...]:
         return self._local_chain
 
+    @property
+    def peer_id(self) -> SpiffeId | None:
+        return self._peer_id
+
     def initial(self) -> bytes:
         return self._tls.data_to_send()
 
@@ -111,14 +156,20 @@ class EngineChannel:
         result = ChannelInput([])
         for event in tls.take_events():
             if type(event) is ApplicationData:
-                result.plaintext.append(event.data)
+                (result.early if event.early else result.plaintext).append(event.data)
             elif isinstance(event, HandshakeComplete):
                 self._done = True
                 result.handshake = event
+                early, self._early = self._early, b""
+                if early and event.early_data != "accepted":
+                    # Not sent early, or rejected (RFC 8446 §4.2.10: the server skipped
+                    # it): the first 1-RTT bytes, right behind our Finished.
+                    tls.send_application_data(early)
             elif isinstance(event, PeerCertificate):
                 # Emitted only after the chain verified and CertificateVerify proved
                 # the key: what the session may rely on until the chain's notAfter.
                 self._peer_chain = event.chain
+                self._peer_id = event.spiffe_id
             elif isinstance(event, ConnectionClosed):
                 result.closed = True
             elif isinstance(event, AlertReceived) and event.description not in (

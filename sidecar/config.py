@@ -27,6 +27,7 @@ YAML (``--config FILE``; every key optional)::
         target: echo.default:8080        # the CONNECT :authority (host:port behind the peer)
         endpoints: [127.0.0.1:15008]     # peer sidecars' inbound addresses
         spiffe_ids: [spiffe://example.org/ns/default/sa/echo]   # empty: any of our domain
+        protocol: http                   # tcp (default) or http: GET/HEAD/OPTIONS may go 0-RTT
     pool:
       max_streams_per_connection: 100
       idle_timeout: 60s
@@ -130,6 +131,12 @@ class UpstreamConfig:
     target: str  # the CONNECT :authority
     endpoints: tuple[Address, ...]
     spiffe_ids: tuple[SpiffeId, ...]  # empty: any peer of our own trust domain
+    # "http": the app speaks HTTP/1.1 to this upstream, so a request safe to replay may
+    # ride in TLS 0-RTT on a fresh resumed connection (`sidecar.earlydata`); "tcp": never.
+    protocol: str = "tcp"
+
+
+UPSTREAM_PROTOCOLS = ("tcp", "http")
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +321,9 @@ def _upstreams(raw: Any) -> tuple[UpstreamConfig, ...]:
     result = []
     for index, item in enumerate(raw):
         where = f"upstreams[{index}]"
-        entry = _mapping(item, where, {"name", "listen", "target", "endpoints", "spiffe_ids"})
+        entry = _mapping(
+            item, where, {"name", "listen", "target", "endpoints", "spiffe_ids", "protocol"}
+        )
         for required in ("listen", "target", "endpoints"):
             if required not in entry:
                 raise ConfigError(f"{where}.{required}", "required")
@@ -336,7 +345,12 @@ def _upstreams(raw: Any) -> tuple[UpstreamConfig, ...]:
         if not isinstance(ids_raw, list):
             raise ConfigError(f"{where}.spiffe_ids", "expected a list of SPIFFE IDs")
         ids = tuple(_spiffe_id(v, f"{where}.spiffe_ids[{i}]") for i, v in enumerate(ids_raw))
-        result.append(UpstreamConfig(name, listen, target, endpoints, ids))
+        protocol = entry.get("protocol", "tcp")
+        if protocol not in UPSTREAM_PROTOCOLS:
+            raise ConfigError(
+                f"{where}.protocol", "expected one of: " + ", ".join(UPSTREAM_PROTOCOLS)
+            )
+        result.append(UpstreamConfig(name, listen, target, endpoints, ids, protocol))
     return tuple(result)
 
 

@@ -8,6 +8,15 @@ but not for ever: listeners (`subscribe`) hear of every change, and the sessions
 connection whose peer chain no longer verifies against the new bundles, or whose own
 SVID was withdrawn (`withdraw`: the agent no longer issues it).
 
+Resumption: `tickets` is the client side's store (per endpoint and expected SPIFFE ID,
+each ticket used once), handed to every client config with `trust_generation`, which
+moves on, and empties the store, whenever the bundles change or our SVID is withdrawn:
+a resumed connection skips the certificate exchange, so no ticket may outlive the trust
+it was issued under. Server side, `ticket_ring` (the service's shared STEK ring, set by
+the sidecar once its agent hands it over) makes the server config send and accept
+tickets, and 0-RTT up to `max_early_data` bytes, each ticket's early data admitted once
+by `replay_cache` and only at the replica that issued it (`replica_id`, strict mode).
+
 Sources: `WorkloadApiWatcher` streams FetchX509SVID and FetchX509Bundles from the agent
 (grpc.aio on the Unix socket, `workload.spiffe.io: true` metadata, reconnecting with a
 capped backoff); `load_svid_dir` reads svid.pem / svid.key / bundle.pem for local tests.
@@ -33,7 +42,10 @@ from ca.spiffeid import SpiffeId, TrustDomain
 from ca.workload import HEADER_KEY, HEADER_VALUE, method_path, workload_pb2
 from ca.x509svid import SvidError, load_der_chain, spiffe_id_of
 from sidecar.tls import SpiffeVerifier, TLSConfig, TLSError
+from sidecar.tls.replay import ReplayCache
 from sidecar.tls.signatures import DEFAULT_CERTIFICATE_SIGNATURE_SCHEMES, PrivateKey
+from sidecar.tls.tickets import StekRing
+from sidecar.tls.ticketstore import TicketStore
 
 logger = logging.getLogger("sidecar.identity")
 
@@ -47,6 +59,9 @@ __all__ = [
 ]
 
 ALPN = ("h2",)
+# 0-RTT a Trellis server accepts: a request head and the HTTP/2 preface with room to
+# spare (RFC 8446 §4.2.10 max_early_data_size; the client sends at most MAX_FIRST_FLIGHT).
+DEFAULT_MAX_EARLY_DATA = 16 * 1024
 
 
 class IdentityError(Exception):
@@ -90,6 +105,22 @@ class Identity:
         self._on_change = on_change
         self._listeners: list[Callable[[IdentityChange], None]] = []
         self._verifier: SpiffeVerifier | None = None  # over `bundles`, built when needed
+        self.tickets = TicketStore()
+        self.trust_generation = 0
+        self._ticket_ring: StekRing | None = None
+        self.replica_id = os.urandom(16)
+        self.replay_cache = ReplayCache()
+        self.max_early_data = DEFAULT_MAX_EARLY_DATA
+
+    @property
+    def ticket_ring(self) -> StekRing | None:
+        return self._ticket_ring
+
+    @ticket_ring.setter
+    def ticket_ring(self, ring: StekRing | None) -> None:
+        """The service's STEK ring (installed in place as it rotates); None: no tickets."""
+        self._ticket_ring = ring
+        self._server = None  # the next handshake's config carries it
 
     def subscribe(self, listener: Callable[[IdentityChange], None]) -> None:
         """Call `listener` after every update (from the event loop that updates)."""
@@ -118,12 +149,14 @@ class Identity:
         unless the listeners find that the change withdraws what authenticated them."""
         previous = self.svid
         removed: frozenset[str] = frozenset()
+        bundles_changed = False
         if svid is not None:
             self.svid = svid
         if bundles is not None:
             new = {td: tuple(certs) for td, certs in bundles.items()}
             if new != self.bundles:
                 self._verifier = None
+                bundles_changed = True
             removed = frozenset(
                 td for td, roots in self.bundles.items() if not set(roots) <= set(new.get(td, ()))
             )
@@ -133,7 +166,15 @@ class Identity:
         withdrawn = (
             previous is not None and svid is not None and svid.spiffe_id != previous.spiffe_id
         )
+        if bundles_changed or withdrawn:
+            self._drop_tickets()
         self._changed(IdentityChange(removed, withdrawn))
+
+    def _drop_tickets(self) -> None:
+        # Tickets were issued to connections checked against the old trust (or for the
+        # SPIFFE ID we no longer hold): none may resume now.
+        self.trust_generation += 1
+        self.tickets.clear()
 
     def withdraw(self) -> None:
         """The agent no longer issues our SVID (its entry was deleted): no new handshakes,
@@ -141,6 +182,7 @@ class Identity:
         if self.svid is None:
             return
         self.svid = None
+        self._drop_tickets()
         self._changed(IdentityChange(roots_removed=frozenset(), withdrawn=True))
 
     def _changed(self, change: IdentityChange) -> None:
@@ -197,6 +239,10 @@ class Identity:
                 trust_bundles=bundles,
                 alpn_protocols=ALPN,
                 require_client_certificate=True,
+                ticket_ring=self.ticket_ring,
+                replica_id=self.replica_id,
+                max_early_data=self.max_early_data if self.ticket_ring is not None else 0,
+                replay_cache=self.replay_cache,
             )
         return self._server
 
@@ -221,6 +267,8 @@ class Identity:
                 trust_bundles=bundles,
                 alpn_protocols=ALPN,
                 peer_policy=policy,
+                ticket_store=self.tickets,
+                trust_generation=self.trust_generation,
             )
             self._clients[key] = config
         return config

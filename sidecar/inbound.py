@@ -35,14 +35,15 @@ from .accesslog import log_stream
 from .appaddress import app_hosts, dial_app
 from .bridge import Bridge
 from .channel import EngineChannel, SecureChannel
-from .config import InboundConfig
+from .config import Address, InboundConfig
+from .earlygate import EarlyStream
 from .hbone import Refusal, denial_headers, parse_connect
 from .identity import Identity
 from .listen import listen_twin
 from .metrics import Metrics
 from .permissive import STRICT, PlaintextPolicy, Sniffer
 from .policy import Authorizer
-from .session import Session, SessionSettings, credentials_changed
+from .session import Session, SessionSettings, StreamHandler, credentials_changed
 
 logger = logging.getLogger("sidecar.inbound")
 
@@ -113,7 +114,7 @@ class Inbound:
         # A connection must not outlive the bundles or the SVID that authenticated it.
         identity.subscribe(lambda change: credentials_changed(self.sessions, identity, change))
 
-    def _channel(self, now: float) -> SecureChannel:
+    def _channel(self, now: float, _early: bytes) -> SecureChannel:
         return EngineChannel(self.identity.server_config(), client=False, now=now)
 
     def _session(self) -> Session:
@@ -187,6 +188,46 @@ class Inbound:
             self.metrics.streams.labels(direction="inbound", outcome="refused").inc()
             return
         self.metrics.policy.labels(decision="allow").inc()
+        if session.receiving_early:
+            self._early(session, stream_id, app, entry, authorizer.speaks_http(request.port))
+            return
+        self._forward(session, stream_id, app, entry)
+
+    def _early(
+        self, session: Session, stream_id: int, app: Address, entry: _Entry, http: bool
+    ) -> None:
+        """A CONNECT in 0-RTT data (RFC 8470): safe HTTP requests go on marked, the rest
+        is answered 425, which the caller retries after its handshake (`earlygate`)."""
+
+        def too_early(reason: str) -> None:
+            entry.status, entry.reason = 425, reason
+            entry.log("refused")
+            self.metrics.streams.labels(direction="inbound", outcome="refused").inc()
+            session.refuse(stream_id, 425)
+
+        if not http:
+            # Bytes of an app protocol we cannot judge: none may be a replay.
+            self.metrics.early_data_requests.labels(decision="too_early").inc()
+            too_early("early data for a port not declared HTTP")
+            return
+        gate = EarlyStream(
+            session,
+            stream_id,
+            self.metrics,
+            forward=lambda: self._forward(session, stream_id, app, entry, gate),
+            too_early=too_early,
+        )
+        session.accept_stream(stream_id, gate)
+
+    def _forward(
+        self,
+        session: Session,
+        stream_id: int,
+        app: Address,
+        entry: _Entry,
+        handler: StreamHandler | None = None,
+    ) -> Bridge:
+        """Dial the app and splice it to the stream (`handler` stays in front if given)."""
 
         def connected() -> None:
             entry.status = 200
@@ -199,7 +240,7 @@ class Inbound:
             entry.log(outcome, bridge)
 
         bridge = Bridge(self.metrics, "inbound", on_connected=connected, on_done=done)
-        session.accept_stream(stream_id, bridge)
+        session.accept_stream(stream_id, handler or bridge)
         bridge.attach(session, stream_id)
         hosts = app_hosts(session.arrived_on, app.host)
         task = asyncio.get_running_loop().create_task(
@@ -207,6 +248,7 @@ class Inbound:
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return bridge
 
     async def _dial(
         self, session: Session, stream_id: int, bridge: Bridge, hosts: tuple[str, ...], port: int

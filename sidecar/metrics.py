@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from core.buildinfo import register_build_info
-from sidecar.tls import CipherSuite, HandshakeComplete, NamedGroup
+from sidecar.tls import CipherSuite, HandshakeComplete, NamedGroup, SignatureScheme
 
 __all__ = ["Metrics"]
 
@@ -27,7 +27,7 @@ EARLY_DATA_DECISIONS = ("served", "too_early")
 _HANDSHAKE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-def _name(enum: type[CipherSuite] | type[NamedGroup], value: int) -> str:
+def _name(enum: type[CipherSuite] | type[NamedGroup] | type[SignatureScheme], value: int) -> str:
     try:
         return str(enum(value).name)
     except ValueError:
@@ -40,6 +40,10 @@ def suite_name(value: int) -> str:
 
 def group_name(value: int) -> str:
     return _name(NamedGroup, value)
+
+
+def scheme_name(value: int) -> str:
+    return _name(SignatureScheme, value)
 
 
 class ByteCounts:
@@ -98,6 +102,14 @@ class Metrics:
         for outcome in ("accepted", "rejected"):
             self.tls_early_data.labels(outcome=outcome)
         # --- trellis_sidecar_* ---------------------------------------------------------
+        # Beside tls_group_total: the peer's CertificateVerify scheme (RFC 8446 §4.4.3),
+        # mldsa65 on a post-quantum trust domain (draft-ietf-tls-mldsa).
+        self.tls_signature_scheme = Counter(
+            "trellis_sidecar_tls_signature_scheme",
+            "Handshakes by the peer's CertificateVerify signature scheme.",
+            ["scheme"],
+            registry=r,
+        )
         self.handshakes = Counter(
             "trellis_sidecar_tls_handshakes",
             "Completed TLS handshakes by direction (outbound: we dialled).",
@@ -228,9 +240,13 @@ class Metrics:
         # Trellis resumes only with tickets its own mesh issued (RFC 8446 §4.6.1); "psk"
         # stays for external PSKs, which it never configures.
         self.tls_resumption.labels(kind="ticket" if info.session_resumed else "none").inc()
+        if direction == "inbound" and info.early_data != "none":
+            # Counted where it is decided, once per offer: the server (RFC 8446 §4.2.10).
+            self.tls_early_data.labels(outcome=info.early_data).inc()
         self.tls_version.labels(version="TLSv1.3").inc()
         self.tls_cipher_suite.labels(suite=suite_name(info.cipher_suite)).inc()
         self.tls_group.labels(group=group_name(info.group)).inc()
+        self.tls_signature_scheme.labels(scheme=scheme_name(info.signature_scheme)).inc()
         # SVIDs live hours at most: nobody staples OCSP for them.
         self.tls_ocsp_staple.labels(outcome="not_applicable").inc()
         self.handshakes.labels(direction=direction).inc()

@@ -16,6 +16,11 @@ then the app gets an HTTP/1.1 ``403 Forbidden`` naming the rule, the connection 
 half-closed, and what the app still sends is read and dropped for `LINGER` seconds before
 the close (RFC 9112 §9.6: closing with unread input would reset the connection, and the app
 could lose the answer). Every stream ends in one access-log line (`sidecar.accesslog`).
+
+An upstream declared ``protocol: http`` may send the app's first request in TLS 0-RTT on
+a fresh resumed connection, when `early_data` (by default `sidecar.earlydata.replay_safe`:
+GET, HEAD, OPTIONS without a body) judges it replay-safe; a ``425 Too Early`` from the
+peer is retried on the completed connection (`pool`, `bridge`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from meshapi.registry import MeshRegistry
 from .accesslog import log_stream
 from .bridge import Bridge
 from .config import Address, UpstreamConfig
+from .earlydata import replay_safe as http_replay_safe
 from .h2tunnel import ErrorCode
 from .hbone import denial_of, http_forbidden
 from .listen import listen_twin
@@ -77,13 +83,19 @@ Route = tuple[tuple[Address, ...], tuple[SpiffeId, ...], str]
 Resolver = Callable[[socket.socket], Route | PassthroughRoute]
 
 
+ReplaySafe = Callable[[bytes], bool]
+
+
 class _OutboundBridge(Bridge):
-    def __init__(self, outbound: Outbound, resolve: Resolver) -> None:
+    def __init__(
+        self, outbound: Outbound, resolve: Resolver, replay_safe: ReplaySafe | None = None
+    ) -> None:
         super().__init__(
             outbound.metrics, "outbound", on_retry=outbound.retry, on_done=outbound.done
         )
         self._outbound = outbound
         self._resolve = resolve
+        self.replay_safe = replay_safe  # set for upstreams declared HTTP: 0-RTT allowed
         self.route: Route | None = None
         # Passing through: what the app sent while we dialled (uvloop may read an accepted
         # socket even after connection_made paused it), handed to the splice once it runs.
@@ -123,6 +135,8 @@ class _OutboundBridge(Bridge):
 
     def stream_response(self, status: int, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         self.status = status
+        if self.peer is None and self.session is not None:
+            self.peer = self.session.peer_id  # a first-flight stream: known only now
         denial = denial_of(headers) if status == 403 else None
         if denial is not None:
             self.rule = denial.rule
@@ -179,7 +193,11 @@ class Outbound:
         *,
         registry: Callable[[], MeshRegistry | None] = lambda: None,
         connect_timeout: float = 5.0,
+        early_data: ReplaySafe | None = http_replay_safe,
     ) -> None:
+        """`early_data` judges whether what an app wrote to an upstream declared HTTP may
+        go in 0-RTT (None: never)."""
+        self.early_data = early_data
         self.pools = pools
         self.metrics = metrics
         self.inbound_port = inbound_port
@@ -191,8 +209,9 @@ class Outbound:
 
     async def listen_upstream(self, upstream: UpstreamConfig) -> None:
         route = (upstream.endpoints, upstream.spiffe_ids, upstream.target)
+        replay_safe = self.early_data if upstream.protocol == "http" else None
         server = await asyncio.get_running_loop().create_server(
-            lambda: _OutboundBridge(self, lambda _sock: route),
+            lambda: _OutboundBridge(self, lambda _sock: route, replay_safe),
             upstream.listen.host,
             upstream.listen.port,
             reuse_address=True,
@@ -236,7 +255,7 @@ class Outbound:
         assert bridge.route is not None
         endpoints, ids, authority = bridge.route
         try:
-            await self.pools.open(endpoints, ids, authority, bridge)
+            await self.pools.open(endpoints, ids, authority, bridge, bridge.replay_safe)
         except ConnectionError as exc:
             logger.info("no stream for %s: %s", authority, exc)
             bridge.reason = f"no stream: {exc}"

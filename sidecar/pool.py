@@ -8,7 +8,15 @@ connections already being dialled cannot absorb the waiting streams either. So N
 connections cost ceil(N / max_streams) handshakes, not N.
 
 The channel under each session comes from `channel_factory(now)` -- the Trellis engine
-today; kTLS or resumption-capable channels plug in there.
+by default; kTLS channels plug in there.
+
+Resumption and 0-RTT (engine channels only): each dial offers a ticket from the sidecar's
+ticket store (`Identity.tickets`), filed per (endpoint, expected SPIFFE ID): a ticket
+vouches for one server identity, is used once (RFC 8446 §C.4) and is dropped when the
+trust bundles change (the engine compares `trust_generation`). When the stream that
+makes a pool dial holds a request its caller judged replay-safe (`replay_safe`, in
+practice `sidecar.earlydata` for upstreams declared HTTP), that stream rides in the new
+connection's first flight: 0-RTT if the ticket allows it, else the first 1-RTT bytes.
 
 A pooled session never outlives its credentials (`session.py`): `EXPIRY_LEAD` before the
 earliest notAfter of either chain, or when an identity update withdraws our SVID or drops
@@ -35,7 +43,7 @@ from .config import Address, PoolConfig
 from .h2tunnel import H2StateError
 from .identity import Identity, IdentityChange, IdentityError
 from .metrics import Metrics
-from .session import Session, SessionSettings, credentials_changed
+from .session import FirstStream, Session, SessionSettings, credentials_changed
 
 logger = logging.getLogger("sidecar.pool")
 
@@ -45,6 +53,13 @@ __all__ = ["EXPIRY_LEAD", "ConnView", "NoEndpoint", "Pool", "PoolSet", "choose",
 # at the notAfter itself: a new stream never lands on a connection the peer is about to
 # refuse it on (clocks on one host agree; NTP keeps hosts well within this).
 EXPIRY_LEAD = 1.0
+# The most request bytes a first flight carries: within a ticket's max_early_data (16 KiB
+# from Trellis servers) with room for the HTTP/2 preface, SETTINGS and the CONNECT.
+MAX_FIRST_FLIGHT = 15 * 1024
+# How long a dial that could carry a 0-RTT request waits for the app's first bytes: an
+# HTTP client writes its request as soon as it has connected, so this is one read away;
+# a client slower than this still gets its stream, only not in the first flight.
+FIRST_BYTES_WAIT = 0.05
 
 
 class NoEndpoint(ConnectionError):
@@ -105,7 +120,7 @@ class Pool:
         self.config = config
         self.drain_timeout = drain_timeout
         self.sessions: list[Session] = []
-        self._channel_factory = channel_factory or _engine_channel
+        self._channel_factory = channel_factory
         self._connecting = 0
         self._waiting = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -141,11 +156,65 @@ class Pool:
 
     # --- opening streams -----------------------------------------------------------------
 
-    async def open(self, authority: str, bridge: Bridge) -> None:
-        """Attach `bridge` to a new stream; raises ConnectionError if none can be had."""
+    def ticket_slot(self) -> tuple[str, SpiffeId | None]:
+        """(endpoint, expected peer) naming this pool's tickets in the store: the one
+        SPIFFE ID the peer must present, or the whole list in the endpoint's name."""
+        if len(self.expected) == 1:
+            return str(self.endpoint), self.expected[0]
+        if not self.expected:
+            return str(self.endpoint), None
+        return f"{self.endpoint} {','.join(str(i) for i in self.expected)}", None
+
+    def _channel(self, now: float, early: bytes) -> SecureChannel:
+        if self._channel_factory is not None:
+            return self._channel_factory(self.identity, self.expected, now)
+        endpoint, expected_peer = self.ticket_slot()
+        return EngineChannel(
+            self.identity.client_config(self.expected),
+            client=True,
+            now=now,
+            endpoint=endpoint,
+            expected_peer=expected_peer,
+            early=early,
+        )
+
+    def _may_go_early(self, bridge: Bridge, replay_safe: Callable[[bytes], bool] | None) -> bool:
+        """Whether to wait for the app's first bytes before dialling: they may ride in
+        the first flight, the app has written nothing yet, and a ticket is at hand."""
+        return (
+            replay_safe is not None
+            and self._channel_factory is None
+            and not bridge.early_attempted
+            and not bridge.waited_held
+            and bridge.held_request() == b""
+            and len(self.identity.tickets) > 0
+        )
+
+    def _first_stream(
+        self, authority: str, bridge: Bridge, replay_safe: Callable[[bytes], bool] | None
+    ) -> FirstStream | None:
+        """The stream to carry in a new connection's first flight, if any."""
+        if replay_safe is None or self._channel_factory is not None or bridge.early_attempted:
+            return None
+        held = bridge.held_request()
+        if not held or len(held) > MAX_FIRST_FLIGHT or not replay_safe(held):
+            return None
+        return FirstStream(authority, bridge, held)
+
+    async def open(
+        self,
+        authority: str,
+        bridge: Bridge,
+        replay_safe: Callable[[bytes], bool] | None = None,
+    ) -> None:
+        """Attach `bridge` to a new stream; raises ConnectionError if none can be had.
+        `replay_safe` says whether the bytes the app wrote so far may be sent early."""
         deadline = time.monotonic() + self.config.connect_timeout
         failures = self._failures
+        handed_over = False  # the bridge rides in a dial's first flight
         while True:
+            if handed_over and bridge.early_attempted:
+                return  # the session has the stream; its failures retry through the bridge
             action, index = choose(
                 self._views(),
                 self._waiting,
@@ -164,10 +233,15 @@ class Pool:
                 bridge.attach(session, stream_id)
                 return
             if action == "dial":
+                if not handed_over and self._may_go_early(bridge, replay_safe):
+                    await bridge.wait_held(FIRST_BYTES_WAIT)
+                    continue  # the pool may have changed meanwhile: decide again
                 # Counted now, not when the task first runs: every open() in this loop
                 # iteration must see the dial in flight, or each would start its own.
                 self._connecting += 1
-                task = asyncio.get_running_loop().create_task(self._dial(counted=True))
+                first = None if handed_over else self._first_stream(authority, bridge, replay_safe)
+                handed_over = handed_over or first is not None
+                task = asyncio.get_running_loop().create_task(self._dial(True, first))
                 self._tasks.add(task)  # the loop holds tasks weakly
                 task.add_done_callback(self._tasks.discard)
             elif self._failures != failures and not self._connecting:
@@ -186,12 +260,14 @@ class Pool:
                 pass
             finally:
                 self._waiting -= 1
+            if handed_over and bridge.early_attempted:
+                return
             # Sessions still finishing their streams (draining) take none of ours.
             usable = any(view.can_open for view in self._views())
             if self._failures != failures and not self._connecting and not usable:
                 raise NoEndpoint(f"{self.endpoint}: {self.last_error}")
 
-    async def _dial(self, counted: bool = False) -> None:
+    async def _dial(self, counted: bool = False, first: FirstStream | None = None) -> None:
         if not counted:
             self._connecting += 1
         self.dials += 1
@@ -205,15 +281,15 @@ class Pool:
             drain_timeout=self.drain_timeout,
             expiry_lead=EXPIRY_LEAD,
         )
-        identity, expected, factory = self.identity, self.expected, self._channel_factory
         try:
             _, session = await asyncio.wait_for(
                 loop.create_connection(
                     lambda: Session(
-                        lambda now: factory(identity, expected, now),
+                        self._channel,
                         settings,
                         self.metrics,
                         on_state=self._on_state,
+                        first_stream=first,
                     ),
                     self.endpoint.host,
                     self.endpoint.port,
@@ -271,12 +347,6 @@ class Pool:
         }
 
 
-def _engine_channel(
-    identity: Identity, expected: tuple[SpiffeId, ...], now: float
-) -> SecureChannel:
-    return EngineChannel(identity.client_config(expected), client=True, now=now)
-
-
 class PoolSet:
     """Every pool of the sidecar, keyed by (endpoint, expected IDs)."""
 
@@ -320,6 +390,7 @@ class PoolSet:
         expected: tuple[SpiffeId, ...],
         authority: str,
         bridge: Bridge,
+        replay_safe: Callable[[bytes], bool] | None = None,
     ) -> None:
         """Round-robin over endpoints; an endpoint that cannot be reached is skipped."""
         start = next(self._rr)
@@ -327,7 +398,7 @@ class PoolSet:
         for offset in range(len(endpoints)):
             endpoint = endpoints[(start + offset) % len(endpoints)]
             try:
-                await self.pool(endpoint, expected).open(authority, bridge)
+                await self.pool(endpoint, expected).open(authority, bridge, replay_safe)
                 return
             except ConnectionError as exc:
                 errors.append(str(exc))

@@ -37,6 +37,18 @@ get `drain_timeout` to finish, then the connection closes. Each retirement is co
 `expiry_lead` before the notAfter, so its last stream never races the inbound side's
 GOAWAY at the notAfter itself (a stream refused after its first bytes went out cannot be
 retried).
+
+0-RTT (`channel.py`, `earlydata.py`): an outbound session may be dialled with a
+`FirstStream`, a CONNECT whose request bytes are already in hand and replay-safe. Its
+HTTP/2 preface, CONNECT and DATA are built before the TLS channel and handed to it as
+the first flight, so with a resumable ticket they go as 0-RTT data; the stream is
+`early` until answered, and if it is refused (``425``, REFUSED_STREAM, the connection
+lost before the handshake completed) the handler may send the same bytes again.
+Inbound, records that arrived as 0-RTT are fed to HTTP/2 with `receiving_early` set, so
+the request callback knows a stream's CONNECT was early; callbacks registered with
+`on_early_end` run when the handshake completes and the early data is over. Nothing is
+written to the socket before the handshake completes (the engine seals application
+data only then): frames queue in HTTP/2 meanwhile.
 """
 
 from __future__ import annotations
@@ -119,22 +131,44 @@ class _Stream:
     responded: bool = False
     local_closed: bool = False
     remote_closed: bool = False
+    early: bool = False  # opened in the first flight: its bytes can be sent again
+
+
+class EarlyStreamHandler(StreamHandler, Protocol):
+    def attach_early(self, session: Session, stream_id: int) -> None:
+        """The stream exists and the held bytes went out in the first flight."""
+
+
+@dataclass(frozen=True, slots=True)
+class FirstStream:
+    """A CONNECT opened with the connection, its request bytes in the first flight."""
+
+    authority: str
+    handler: EarlyStreamHandler
+    data: bytes
 
 
 RequestCallback = Callable[["Session", int, list[tuple[bytes, bytes]]], None]
+# (now, bytes for the first flight) -> the channel; the bytes are b"" but outbound.
+ChannelFactory = Callable[[float, bytes], SecureChannel]
 
 
 class Session(asyncio.Protocol):
     def __init__(
         self,
-        channel_factory: Callable[[float], SecureChannel],
+        channel_factory: ChannelFactory,
         settings: SessionSettings,
         metrics: Metrics,
         *,
         on_request: RequestCallback | None = None,
         on_state: Callable[[Session], None] | None = None,
+        first_stream: FirstStream | None = None,
     ) -> None:
         self._channel_factory = channel_factory
+        self._first = first_stream
+        self._h2_started = False
+        self.receiving_early = False  # inbound: feeding HTTP/2 the 0-RTT records
+        self._early_end: list[Callable[[], None]] = []
         self.settings = settings
         self.metrics = metrics
         self.client = settings.direction == "outbound"
@@ -207,8 +241,9 @@ class Session(asyncio.Protocol):
         self.peername = f"{peer[0]}:{peer[1]}" if peer else ""
         self.arrived_on = local_host(transport)
         now = time.time()
+        early, early_id = self._first_flight()
         try:
-            self._channel = self._channel_factory(now)
+            self._channel = self._channel_factory(now, early)
         except Exception as exc:
             logger.warning("cannot start TLS: %s", exc)
             self._fail(exc)
@@ -216,7 +251,32 @@ class Session(asyncio.Protocol):
         first = self._channel.initial()
         if first:
             transport.write(first)
+        if self._first is not None:
+            self._first.handler.attach_early(self, early_id)
         self._timer = self._loop.call_later(self.settings.handshake_timeout, self._tick)
+
+    def _start_h2(self) -> None:
+        if not self._h2_started:
+            self._h2_started = True
+            self._h2.start()
+
+    def _first_flight(self) -> tuple[bytes, int]:
+        """The preface, the first stream's CONNECT and its request, as bytes for the
+        channel to send first (0-RTT when it can), and the stream's id."""
+        first = self._first
+        if first is None:
+            return b"", 0
+        self._start_h2()
+        stream_id = self._h2.open_stream(
+            [(b":method", b"CONNECT"), (b":authority", first.authority.encode())]
+        )
+        # Within the default 64 KiB windows the peer's SETTINGS cannot have shrunk yet
+        # (RFC 9113 §6.9.2): the pool offers no more than fits.
+        sent = self._h2.send_data(stream_id, memoryview(first.data)) if first.data else 0
+        self.streams[stream_id] = _Stream(first.handler, sent=sent, early=True)
+        self.streams_opened += 1
+        self.last_active = time.monotonic()
+        return b"".join(bytes(part) for part in self._h2.take_output()), stream_id
 
     def data_received(self, data: bytes) -> None:
         channel = self._channel
@@ -232,6 +292,8 @@ class Session(asyncio.Protocol):
             return
         if out:
             self._write_raw(out)
+        if received.early:
+            self._receive_early(received.early)
         if received.handshake is not None:
             self._handshake_complete(received.handshake.peer_spiffe_id)
         if received.plaintext:
@@ -276,7 +338,10 @@ class Session(asyncio.Protocol):
         self._established = True
         self.negotiated_group = info.group
         self.metrics.handshake_done(info, self.settings.direction, time.monotonic() - self._started)
-        self._h2.start()
+        self._start_h2()
+        early_end, self._early_end = self._early_end, []
+        for callback in early_end:
+            callback()  # the early data is over: RFC 8446 §4.5 EndOfEarlyData came first
         self._flush()
         self._cancel_timer()
         self._timer = self._loop.call_later(self.settings.keepalive_interval, self._tick)
@@ -368,6 +433,25 @@ class Session(asyncio.Protocol):
 
     # --- HTTP/2 ------------------------------------------------------------------------
 
+    def on_early_end(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the 0-RTT data is over (the handshake completed)."""
+        self._early_end.append(callback)
+
+    def _receive_early(self, records: list[bytes]) -> None:
+        # Our SETTINGS must be the first frame we send (RFC 9113 §3.4), ahead of any
+        # answer to the client's: queue them before the client's frames are read.
+        self._start_h2()
+        if self.peer_id is None and self._channel is not None:
+            # RFC 8446 §4.2.11: 0-RTT data is authenticated by the PSK, which the ticket
+            # binds to the identity of the connection that earned it (verified again by
+            # the engine against today's bundles): the caller policy decides on that.
+            self.peer_id = self._channel.peer_id
+        self.receiving_early = True
+        try:
+            self._receive_h2(records)
+        finally:
+            self.receiving_early = False
+
     def _receive_h2(self, records: list[bytes]) -> None:
         self._batch = True
         try:
@@ -427,7 +511,9 @@ class Session(asyncio.Protocol):
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
             retryable = (
-                code == ErrorCode.REFUSED_STREAM and stream.sent == 0 and not stream.responded
+                code == ErrorCode.REFUSED_STREAM
+                and (stream.sent == 0 or stream.early)
+                and not stream.responded
             )
             stream.handler.stream_reset(code, retryable)
             self._notify()
@@ -459,7 +545,7 @@ class Session(asyncio.Protocol):
         parity = 1 if self.client else 0
         for stream_id in [s for s in self.streams if s > last_stream_id and s % 2 == parity]:
             stream = self.streams.pop(stream_id)
-            stream.handler.stream_reset(ErrorCode.REFUSED_STREAM, stream.sent == 0)
+            stream.handler.stream_reset(ErrorCode.REFUSED_STREAM, stream.sent == 0 or stream.early)
         self._notify()
         if not self.streams and self._transport is not None:
             self.close()
@@ -602,7 +688,9 @@ class Session(asyncio.Protocol):
             self._flush_now()
 
     def _flush_now(self) -> None:
-        if self._h2.has_output and self._channel is not None:
+        # Before the handshake completes the engine seals no application data: frames
+        # (our SETTINGS, answers to 0-RTT requests) wait in HTTP/2 until then.
+        if self._h2.has_output and self._channel is not None and self._established:
             self._write_raw(self._channel.seal_parts(self._h2.take_output()))
 
     def _write_raw(self, data: bytes) -> None:
@@ -663,9 +751,11 @@ class Session(asyncio.Protocol):
         self._expiry_timer = self._drain_timer = None
         streams, self.streams = self.streams, {}
         for stream in streams.values():
-            # Dead before any app byte went out: the opener may retry it elsewhere.
+            # Dead before any app byte went out, or before a first-flight request could
+            # have been answered: the opener may retry it elsewhere.
             stream.handler.stream_reset(
-                ErrorCode.CONNECT_ERROR, stream.sent == 0 and not stream.responded
+                ErrorCode.CONNECT_ERROR,
+                (stream.sent == 0 or stream.early) and not stream.responded,
             )
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()

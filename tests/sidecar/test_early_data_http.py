@@ -1,13 +1,23 @@
 """HTTP requests in TLS 0-RTT data (RFC 8470): the replay-safe methods, `Early-Data: 1`
 and `425 Too Early`.
 
-The verdicts of ``sidecar.earlydata`` on request bytes, fed whole and one byte at a time.
+The verdicts of ``sidecar.earlydata`` on request bytes, fed whole and one byte at a time;
+then a caller sidecar and a callee sidecar in one event loop over real TLS on loopback
+(``resumption_mesh``): a GET on a fresh resumed connection goes 0-RTT and reaches the app
+with ``Early-Data: 1``; a POST sent early is answered 425 and retried after the handshake;
+the captured bytes of a 0-RTT connection sent again reach the app no second time.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
 import pytest
 
+from sidecar.config import ConfigError, load_yaml
 from sidecar.earlydata import (
     EarlyGate,
     Incomplete,
@@ -16,6 +26,11 @@ from sidecar.earlydata import (
     replay_safe,
     scan,
 )
+
+from .dataplane.harness import Pki
+from .resumption_mesh import mesh, request
+
+T = TypeVar("T")
 
 GET = b"GET /hello HTTP/1.1\r\nHost: echo\r\n\r\n"
 POST = b"POST /orders HTTP/1.1\r\nHost: shop\r\nContent-Length: 2\r\n\r\n{}"
@@ -93,3 +108,105 @@ def test_a_stream_without_early_bytes_has_no_verdict() -> None:
 def test_an_oversized_head_is_refused_without_waiting_for_its_end() -> None:
     huge = b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * (20 * 1024)
     assert isinstance(scan(huge), TooEarly)
+
+
+# --- two sidecars over real TLS (tests/sidecar/resumption_mesh.py) -----------------------
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def test_a_get_on_a_fresh_resumed_connection_goes_0rtt_and_the_app_sees_early_data_1(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with mesh(Pki(), tmp_path) as m:
+            assert await request(m.upstream, GET) == b"GET early=-"  # full handshake
+            await m.tickets()
+            await m.forget_connections()
+            assert await request(m.upstream, GET) == b"GET early=1"
+            assert m.server("tls_early_data_total", outcome="accepted") == 1
+            assert m.server("tls_resumption_total", kind="ticket") == 1
+            assert m.server("trellis_sidecar_early_data_requests_total", decision="served") == 1
+            assert m.caller("tls_resumption_total", kind="ticket") == 1
+            assert len(m.seen) == 2 and b"Early-Data: 1" in m.seen[1]
+
+    run(scenario())
+
+
+def test_a_post_in_early_data_gets_425_and_the_callers_retry_after_the_handshake_succeeds(
+    tmp_path: Path,
+) -> None:
+    """The caller here judges every request replay-safe (as a misconfigured or older
+    peer might); the callee is the one that must hold the line."""
+
+    async def scenario() -> None:
+        async with mesh(Pki(), tmp_path, early_data=lambda _data: True) as m:
+            assert await request(m.upstream, GET) == b"GET early=-"
+            await m.tickets()
+            await m.forget_connections()
+            assert await request(m.upstream, POST) == b"POST early=-"
+            assert m.server("tls_early_data_total", outcome="accepted") == 1
+            decided = "trellis_sidecar_early_data_requests_total"
+            assert m.server(decided, decision="too_early") == 1
+            assert m.server(decided, decision="served") == 0
+            # The POST reached the app once, after the handshake, unmarked.
+            posts = [head for head in m.seen if head.startswith(b"POST")]
+            assert len(posts) == 1 and b"Early-Data" not in posts[0]
+            assert (
+                m.caller("trellis_sidecar_streams_total", direction="outbound", outcome="retried")
+                == 1
+            )
+
+    run(scenario())
+
+
+def test_a_replayed_first_flight_reaches_the_app_only_once(tmp_path: Path) -> None:
+    """An attacker on the path captures the caller's bytes of a 0-RTT connection and
+    sends them again, byte for byte, on a new connection to the same replica."""
+
+    async def scenario() -> None:
+        async with mesh(Pki(), tmp_path, tap=True) as m:
+            assert m.tap is not None
+            assert await request(m.upstream, GET) == b"GET early=-"
+            await m.tickets()
+            await m.forget_connections()
+            assert await request(m.upstream, GET) == b"GET early=1"
+            captured = bytes(m.tap.sent[-1])
+            assert m.server("tls_early_data_total", outcome="accepted") == 1
+            seen = len(m.seen)
+            port = m.inbound.config.listen.port
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            # The whole capture, then EOF: the server has read every replayed byte by the
+            # time it counts the handshake failed (its flight cannot be finished by a
+            # Finished made for another ServerHello; it skips what it cannot decrypt).
+            writer.write(captured)
+            writer.write_eof()
+            failed = "trellis_sidecar_tls_handshake_failures_total"
+            deadline = asyncio.get_running_loop().time() + 10
+            while not m.server(failed, direction="inbound", reason="eof"):
+                assert asyncio.get_running_loop().time() < deadline, "the replay completed?"
+                await asyncio.sleep(0.01)
+            writer.close()
+            # The engine admitted the ticket's early data once (its single-use cache):
+            # nothing of the replay reached HTTP/2, let alone the app.
+            assert m.server("tls_early_data_total", outcome="accepted") == 1
+            decided = "trellis_sidecar_early_data_requests_total"
+            assert m.server(decided, decision="served") == 1
+            assert len(m.seen) == seen
+
+    run(scenario())
+
+
+def test_an_upstream_is_declared_http_in_the_sidecar_config_and_anything_else_is_refused() -> None:
+    upstream = (
+        "upstreams:\n  - {{listen: 127.0.0.1:9001, target: echo:8080, "
+        "endpoints: [127.0.0.1:15008]{extra}}}\n"
+    )
+    (plain,) = load_yaml(upstream.format(extra="")).upstreams
+    (http,) = load_yaml(upstream.format(extra=", protocol: http")).upstreams
+    assert (plain.protocol, http.protocol) == ("tcp", "http")
+    with pytest.raises(ConfigError) as refused:
+        load_yaml(upstream.format(extra=", protocol: h2"))
+    assert "upstreams[0].protocol" in str(refused.value) and "\n" not in str(refused.value)
