@@ -323,20 +323,14 @@ def test_a_pod_with_http_tcp_and_grpc_probes_becomes_ready_and_its_probes_fail_w
         assert pod.probe(SIDECAR_NAME, "livenessProbe")  # the sidecar itself is fine
 
 
-class NeverReady(AssertionError):
-    """The pod's app runs and listens, and its probe keeps failing."""
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=NeverReady,
-    reason="the sidecar runs the app's probes against 127.0.0.1 and forwards inbound there, "
-    "while the kubelet probes the pod IP: an app bound to its pod IP (istio/istio#25177, "
-    "fixed in Istio 1.10 by sending both to the pod IP) is never Ready once injected",
-)
 def test_an_app_bound_to_its_pod_ip_becomes_ready_as_it_does_without_the_mesh(
     mesh_operator: MeshOperator, node: Node
 ) -> None:
+    """istio/istio#25177: the app listens on $(POD_IP) alone, a common pattern. Before the
+    fix its probe (run by the sidecar on 127.0.0.1) never passed, and a caller's stream
+    (forwarded to 127.0.0.1) met a refusal. Now the probe, a mesh caller and, once the
+    workload is permissive, a plaintext caller reach it at its pod IP, as without the
+    mesh; the sidecar's own connection to the pod IP is not redirected back into it."""
     plane = mesh_operator.plane
     namespace = _namespace(plane, "bound")
     spec = _echo_pod("bound")
@@ -344,13 +338,40 @@ def test_an_app_bound_to_its_pod_ip_becomes_ready_as_it_does_without_the_mesh(
     # A common pattern: listen on the address the kubelet probes, from the downward API.
     app["command"] = ["python", "-m", "tests.kube.apps.echo", "8080", "$(POD_IP)"]
     app["env"].append({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
-    with running(node, plane, _create(plane, namespace, spec)) as pod:
-        wait_until(lambda: "ready" in pod.processes["app"].output(), 10, "the app listening")
-        for _ in range(10):  # a few probe periods
-            if pod.ready():
-                return
-            time.sleep(0.5)
-        raise NeverReady("the app listens on its pod IP, yet its readiness probe fails")
+    caller_id = f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/default"
+    policy = _access_policy("bound", "PERMISSIVE", caller_id)
+    plane.kubectl_ok("-n", namespace, "create", "-f", "-", stdin=json.dumps(policy))
+    stored = [_create(plane, namespace, spec), _create(plane, namespace, _echo_pod("caller"))]
+    started = node.run_many(plane, stored)
+    try:
+        bound, caller = started
+        wait_until(lambda: "ready" in bound.processes["app"].output(), 10, "the app listening")
+        bound.wait_ready(timeout=30)
+        caller.wait_ready(timeout=30)
+        _await_published(plane, namespace, started)
+
+        def policy_published() -> bool:
+            document = _policy_document(plane, namespace) or {}
+            return [p.get("mtls") for p in document.get("policies", [])] == ["PERMISSIVE"]
+
+        wait_until(policy_published, 60, "the namespace's AccessPolicy in its document")
+        for pod in started:
+            pod.refresh()
+        # Nothing listens on the caller's or the bound pod's 127.0.0.1:8080 but the caller's
+        # own app: the reply's prefix says which app answered.
+        reply = _eventually(
+            lambda: _dial(caller, bound.ip, 8080, "hi").get("reply"), 20, "the mesh caller"
+        )
+        assert reply == "bound hi"
+        plain = _eventually(lambda: node.call(bound.ip, 8080, "hello"), 20, "plaintext caller")
+        assert plain == "bound hello"
+    except BaseException:
+        for pod in started:
+            print(pod.logs())
+        raise
+    finally:
+        for pod in started:
+            pod.stop()
 
 
 # -- (3) and (4) permissive and strict, plaintext and mesh callers -----------------------------
