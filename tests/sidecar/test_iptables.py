@@ -146,3 +146,27 @@ def test_a_malformed_range_is_refused_in_one_line_before_any_rule(
     assert code != 0 and captured.out == ""
     last = captured.err.strip().splitlines()[-1]
     assert "error" in last and ("CIDR" in last or "every address" in last), last
+
+
+def test_the_proxys_own_connections_to_the_pod_ip_return_before_any_outbound_redirect() -> None:
+    """The sidecar dials the app at the pod IP (``sidecar.appaddress``): that connection,
+    from the proxy UID, must leave the OUTPUT chain before any redirect, whatever its
+    destination, or it would loop back into the sidecar's own outbound port (Istio added
+    rules for exactly this). The inbound chain is never met by it: NAT is decided once per
+    connection, in OUTPUT for a local one. The kube test runs this for real."""
+    from ipaddress import ip_network
+
+    for family, ranges in ((4, [ip_network("10.0.0.0/8")]), (6, [ip_network("fc00::/7")])):
+        for include in (None, ranges):
+            rules = plan(
+                proxy_uid=1337,
+                outbound_port=15001,
+                inbound_port=15008,
+                exclude_outbound_ranges=[ip_network("10.96.0.0/12")],
+                include_outbound_ranges=include,
+                family=family,  # type: ignore[arg-type]
+            )
+            chain = [rule for rule in rules if rule[:4] == ["-t", "nat", "-A", "TRELLIS_OUTPUT"]]
+            # First, and with no destination or port condition: it covers the pod IP.
+            assert chain[0][4:] == ["-m", "owner", "--uid-owner", "1337", "-j", "RETURN"]
+            assert any("REDIRECT" in rule for rule in chain[1:])
