@@ -67,6 +67,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -960,6 +961,18 @@ def _enter(spec: Mapping[str, Any]) -> None:
     scratch = Path(spec["scratch"])
     # Overlay upper folders on a tmpfs of this mount namespace: nothing of them outlives it.
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(scratch)], check=True)
+    # What stands in for the image (the checkout and its virtualenv) must stay visible when
+    # a volume is mounted over a folder that holds it (a checkout under /tmp, and the
+    # sidecar's emptyDir at /tmp): keep a view of each before the volumes go up.
+    image = sorted(
+        {os.path.realpath(p) for p in (REPO, sys.prefix, sysconfig.get_paths()["purelib"])}
+    )
+    views = []
+    for index, path in enumerate(image):
+        view = scratch / f"image{index}"
+        view.mkdir()
+        subprocess.run(["mount", "--bind", path, str(view)], check=True)
+        views.append((Path(path), view))
     overlaid: set[str] = set()
     # Symlinks resolved first (/var/run is /run): an overlay mounted through one path would
     # hide the bind mounts already made below the other.
@@ -981,6 +994,10 @@ def _enter(spec: Mapping[str, Any]) -> None:
         subprocess.run(["mount", "--bind", mount["source"], str(target)], check=True)
         if mount["readOnly"]:
             subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True)
+    for path, view in views:
+        if any(path.is_relative_to(target) for target, _ in targets):
+            path.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "--bind", str(view), str(path)], check=True)
     argv = [*spec["setpriv"], *spec["argv"]]
     os.execvp(argv[0], argv)
 
