@@ -40,7 +40,12 @@ from ca.agent.workload_client import (
 from ca.api import CaClient
 from ca.bundle import BundleError, TrustBundle, load_pem_certificates
 from ca.entries import EntryError, YamlFileEntrySource
-from ca.keys import write_private_file, write_public_file
+from ca.keys import (
+    KeyAlgorithm,
+    KeyMaterialError,
+    write_private_file,
+    write_public_file,
+)
 from ca.spiffeid import TrustDomain
 from ca.store import CaStore, StoreError, read_key_passphrase
 from ca.x509svid import SvidError, X509Svid, load_der_chain, spiffe_id_of
@@ -61,6 +66,18 @@ def _seconds(text: str) -> float:
     try:
         return parse_duration(text).total_seconds()
     except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+_KEY_TYPES = ", ".join(a.value for a in KeyAlgorithm)
+
+
+def _workload_key_type(text: str) -> KeyAlgorithm | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return KeyAlgorithm.parse(text)
+    except KeyMaterialError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
@@ -146,6 +163,11 @@ def register(commands: Any) -> None:
     p.add_argument(
         "--admin", type=_address, default=("127.0.0.1", 8089), metavar="HOST:PORT|off",
         help="admin endpoint for /healthz and /metrics (default 127.0.0.1:8089)",
+    )  # fmt: skip
+    p.add_argument(
+        "--workload-key-type", type=_workload_key_type, default=None, metavar="TYPE",
+        help="key type of the workload SVIDs (auto: ML-DSA when the CA's intermediate is"
+        f" ML-DSA, of its parameter set, else p256; or one of {_KEY_TYPES}) (default auto)",
     )  # fmt: skip
     p.add_argument("--kubernetes", action="store_true", help="attest pods via the API server")
     p.add_argument("--sync-interval", type=_seconds, default="5s", help="entry sync period")
@@ -372,6 +394,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             backoff_cap=args.backoff_cap,
             key_passphrase=args.key_passphrase,
+            key_algorithm=args.workload_key_type,
         ),
         workload_api=WorkloadApiConfig(
             allow_unauthenticated_verifiers=args.allow_unauthenticated_verifiers,

@@ -45,6 +45,8 @@ from ca.keys import (
     PrivateKey,
     generate_private_key,
     is_encrypted_pem,
+    is_mldsa,
+    key_algorithm_of,
     private_key_pem,
     write_private_file,
     write_public_file,
@@ -80,7 +82,9 @@ class AgentFatalError(Exception):
 @dataclass(frozen=True)
 class RotatorConfig:
     sync_interval: float = 5.0
-    key_algorithm: KeyAlgorithm = KeyAlgorithm.P256
+    # Workload keys; None follows the CA: the parameter set of an ML-DSA intermediate (a
+    # trust domain created post-quantum), else P-256, which every classical peer verifies.
+    key_algorithm: KeyAlgorithm | None = None
     jitter: float = 0.1
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
@@ -314,8 +318,21 @@ class Rotator:
         self.last_sync = self.clock()
         self.synced.set()
 
+    def workload_key_algorithm(self) -> KeyAlgorithm:
+        """The key type of the next workload keys: the configured one, or the CA's choice
+        as its intermediate (the second certificate of the agent's own chain) shows it."""
+        if self.config.key_algorithm is not None:
+            return self.config.key_algorithm
+        agent = self.upstream.agent_svid
+        if agent is not None and len(agent.chain) > 1:
+            issuer_key = agent.chain[1].public_key()
+            if is_mldsa(issuer_key):
+                return key_algorithm_of(issuer_key)
+        return KeyAlgorithm.P256
+
     async def _issue(self, entries: Sequence[RegistrationEntry]) -> None:
-        keys = [generate_private_key(self.config.key_algorithm) for _ in entries]
+        algorithm = self.workload_key_algorithm()
+        keys = [generate_private_key(algorithm) for _ in entries]
         kinds = [
             "initial" if e.entry_id not in self.cache.svids
             else "rotation" if self.cache.svids[e.entry_id].entry.spiffe_id == e.spiffe_id

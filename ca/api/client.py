@@ -81,6 +81,21 @@ def _pem_roots(trust_roots: bytes | TrustBundle | Sequence[x509.Certificate]) ->
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
+# grpcio's BoringSSL keeps the client's whole chain in each of the two TLS 1.3 tickets a
+# gRPC server sends, and writes them through a 17 KB buffer: with a chain past about 8 KB
+# the server's first write fails (SSL_ERROR_WANT_WRITE, "Wrap failed", grpc/grpc#17340).
+# An ML-DSA-65 chain is 9 KB (a 3,309-byte signature on each certificate, FIPS 204).
+MAX_PRESENTED_CHAIN_BYTES = 6 * 1024
+
+
+def presented_chain_pem(svid: X509Svid) -> bytes:
+    """The chain an agent presents to the CA: all of it, or, when it is too large for
+    grpc's buffers, the leaf alone (the CA trusts its own intermediate for it)."""
+    if sum(len(der) for der in svid.chain_der()) <= MAX_PRESENTED_CHAIN_BYTES:
+        return svid.chain_pem()
+    return svid.leaf.public_bytes(serialization.Encoding.PEM)
+
+
 def _key_pem(key: PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -182,7 +197,7 @@ class CaClient:
                     "no agent SVID yet: call attest_with_join_token or attest_with_psat first",
                 )
             credentials = grpc.ssl_channel_credentials(
-                self._roots_pem, _key_pem(svid.private_key), svid.chain_pem()
+                self._roots_pem, _key_pem(svid.private_key), presented_chain_pem(svid)
             )
             self._channel = grpc.aio.secure_channel(self.address, credentials, self._options())
         return self._channel

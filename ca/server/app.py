@@ -42,6 +42,7 @@ import grpc.aio
 from aiohttp import web
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from ca.authority import IntermediateAuthority
 from ca.bundle import TrustBundle
@@ -259,8 +260,12 @@ class CaServer:
         )
 
     def _certificate_config(self, creds: _Credentials) -> Any:
+        # The serving intermediate beside the roots: an agent whose chain is too large for
+        # grpc's TLS buffers (ML-DSA, see ca.api.client.presented_chain_pem) sends its
+        # leaf alone, and the chain is built from here.
+        intermediate = self.intermediate.certificate.public_bytes(Encoding.PEM)
         return grpc.ssl_server_certificate_configuration(
-            [(creds.key_pem, creds.chain_pem)], root_certificates=creds.roots_pem
+            [(creds.key_pem, creds.chain_pem)], root_certificates=creds.roots_pem + intermediate
         )
 
     def _fetcher(self, port: str) -> Any:

@@ -332,7 +332,9 @@ class CaService:
             self.check_not_banned(cached[0])
             return cached[0]
         try:
-            chain = x509.load_pem_x509_certificates(chain_pem)
+            # The serving intermediate as a candidate issuer: an agent with an ML-DSA chain
+            # presents its leaf alone (ca.api.client.presented_chain_pem).
+            chain = [*x509.load_pem_x509_certificates(chain_pem), self.intermediate.certificate]
             verified = verify_x509_svid(
                 chain, {self.trust_domain: roots}, now=dt.datetime.fromtimestamp(now, dt.UTC)
             )
