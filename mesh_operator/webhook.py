@@ -9,6 +9,13 @@ All decisions are in ``mesh_operator.admission``; this module reads bodies, enfo
 size limit before buffering more than it allows, and serves TLS with a certificate that it
 reloads when the mounted Secret changes (the kubelet swaps the files in place; the
 ``SSLContext`` takes the new pair for every handshake after ``load_cert_chain``).
+
+``/healthz`` is the Deployment's readiness probe, so it answers 200 only while the pair
+served is the pair mounted (``ServedCertificate.ready``): between the kubelet swapping in a
+new Secret and the reload, the API server, which trusts the new ``caBundle`` (the leader
+writes it first), would refuse the old certificate ("x509: certificate is valid for ...")
+and with it every pod created in that window. The probe reloads a changed pair at once
+rather than waiting for the next reload round.
 """
 
 from __future__ import annotations
@@ -33,7 +40,13 @@ from mesh_operator.admission import (
 from mesh_operator.injection import InjectorConfig
 from mesh_operator.metrics import WebhookMetrics
 
-__all__ = ["CertificateFiles", "build_app", "serve_webhook", "server_ssl_context"]
+__all__ = [
+    "CertificateFiles",
+    "ServedCertificate",
+    "build_app",
+    "serve_webhook",
+    "server_ssl_context",
+]
 
 log = logging.getLogger("trellis.operator.webhook")
 
@@ -56,6 +69,56 @@ def server_ssl_context(files: CertificateFiles) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(files.cert, files.key)
     return context
+
+
+class ServedCertificate:
+    """The live ``SSLContext`` and which certificate it serves, against the mounted files."""
+
+    def __init__(self, files: CertificateFiles, metrics: WebhookMetrics) -> None:
+        self.files = files
+        self._metrics = metrics
+        pem = files.cert.read_bytes()
+        self.context = server_ssl_context(files)
+        self._served = pem  # read before the load: a swap in between shows as a mismatch
+        self._stamp = files.stamp()
+        metrics.certificate_expiry.set(_certificate_expiry(pem))
+
+    def reload(self, *, force: bool = False) -> bool:
+        """Load the mounted pair if its files changed (``force``: even if their times did
+        not); False when it could not be loaded."""
+        now = self.files.stamp()
+        if now is None or (now == self._stamp and not force):
+            return True
+        try:
+            pem = self.files.cert.read_bytes()
+            # A scratch context first: OpenSSL installs the certificate before it checks
+            # the key, so a half-written pair loaded straight into the live context would
+            # leave it with a certificate and no usable key.
+            server_ssl_context(self.files)
+            self.context.load_cert_chain(self.files.cert, self.files.key)
+            self._metrics.certificate_expiry.set(_certificate_expiry(pem))
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            # Half-written pair (cert and key swapped separately): keep serving the old one
+            # and try again next round.
+            log.warning("certificate reload failed", extra={"fields": {"error": str(exc)}})
+            return False
+        self._served, self._stamp = pem, now
+        log.info("webhook certificate reloaded")
+        return True
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether the certificate mounted is the one served, after loading a changed pair."""
+        try:
+            if self.files.cert.read_bytes() == self._served:
+                return True, "ok"
+            # Changed within the files' time resolution, or not reloaded yet: load it now.
+            self.reload(force=True)
+            mounted = self.files.cert.read_bytes()
+        except OSError as exc:
+            return False, f"the mounted certificate is unreadable: {exc.strerror or exc}"
+        if mounted != self._served:
+            return False, "the mounted certificate is not loaded yet"
+        return True, "ok"
 
 
 def _json_response(outcome: AdmissionOutcome) -> web.Response:
@@ -84,11 +147,15 @@ async def _body(request: web.Request) -> bytes | web.Response:
         )
 
 
-def _certificate_expiry(files: CertificateFiles) -> float:
-    return x509.load_pem_x509_certificate(files.cert.read_bytes()).not_valid_after_utc.timestamp()
+def _certificate_expiry(pem: bytes) -> float:
+    return x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp()
 
 
-def build_app(config: InjectorConfig, metrics: WebhookMetrics | None = None) -> web.Application:
+def build_app(
+    config: InjectorConfig,
+    metrics: WebhookMetrics | None = None,
+    certificate: ServedCertificate | None = None,
+) -> web.Application:
     app = web.Application(client_max_size=MAX_REVIEW_BYTES)
     counts = metrics if metrics is not None else WebhookMetrics()
 
@@ -124,7 +191,8 @@ def build_app(config: InjectorConfig, metrics: WebhookMetrics | None = None) -> 
         return _json_response(outcome)
 
     async def healthz(_request: web.Request) -> web.StreamResponse:
-        return web.Response(text="ok\n")
+        ready, why = certificate.ready() if certificate is not None else (True, "ok")
+        return web.Response(text=why + "\n", status=200 if ready else 503)
 
     async def metrics_page(_request: web.Request) -> web.StreamResponse:
         return web.Response(
@@ -160,13 +228,11 @@ async def serve_webhook(
     serves the webhook from the mounted copy, so injection never waits on leadership.
     """
     await _wait_for_files(files, reload_interval)
-    context = server_ssl_context(files)
-    stamp = files.stamp()
     metrics = WebhookMetrics()
-    metrics.certificate_expiry.set(_certificate_expiry(files))
-    runner = web.AppRunner(build_app(config, metrics), access_log=None)
+    certificate = ServedCertificate(files, metrics)
+    runner = web.AppRunner(build_app(config, metrics, certificate), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=context)
+    site = web.TCPSite(runner, host, port, ssl_context=certificate.context)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
     if started is not None and not started.done():
@@ -174,21 +240,6 @@ async def serve_webhook(
     try:
         while True:
             await asyncio.sleep(reload_interval)
-            now = files.stamp()
-            if now is not None and now != stamp:
-                try:
-                    # A scratch context first: OpenSSL installs the certificate before it
-                    # checks the key, so a half-written pair loaded straight into the live
-                    # context would leave it with a certificate and no usable key.
-                    server_ssl_context(files)
-                    context.load_cert_chain(files.cert, files.key)
-                    metrics.certificate_expiry.set(_certificate_expiry(files))
-                except (OSError, ssl.SSLError, ValueError) as exc:
-                    # Half-written pair (cert and key swapped separately): keep serving the
-                    # old one and try again next round.
-                    log.warning("certificate reload failed", extra={"fields": {"error": str(exc)}})
-                    continue
-                stamp = now
-                log.info("webhook certificate reloaded")
+            certificate.reload()
     finally:
         await runner.cleanup()
