@@ -163,6 +163,26 @@ def test_openssl_4_client_and_engine_server_do_mldsa65_mtls_over_x25519mlkem768(
     assert peer.conn.get_peer_certificate() is not None
 
 
+def test_a_server_holding_both_serves_openssl_4_held_to_mldsa65_its_mldsa_chain() -> None:
+    # The ECDSA credential comes first, but OpenSSL 4.0 offers only mldsa65.
+    pq, classical = ca_live_identity("server"), ca_live_identity("server", "p256")
+    client_ident = ca_live_identity("client")
+    peer = _OpenSSLPeer("client", client_ident, pq.root)
+    engine = ServerConnection(
+        server_config(
+            classical,
+            rng=os.urandom,
+            credentials=(Credential(pq.chain, pq.key),),
+            trust_bundles=_bundles(client_ident),
+        ),
+        now=_now(),
+    )
+    _handshake(peer, engine)
+    assert peer.received == [SignatureScheme.mldsa65]
+    served = peer.conn.get_peer_cert_chain(as_cryptography=True)
+    assert served is not None and list(served) == list(pq.chain)
+
+
 # --- the system OpenSSL 3.0: a classical client ---------------------------------------
 
 
