@@ -24,6 +24,15 @@ same connections, payload and schedule. Every figure carries its baseline from t
    says how they are set up, and why ghostunnel is absent). Each row carries the proxy's
    own figures against the same direct run, and ``trellis_over_haproxy`` the ratios:
    added p50/p99, CPU per 1,000 requests of the pair, bulk MB/s (``--no-reference``: skip).
+6. ``first_byte``: what 0-RTT saves on a fresh pooled connection. A caller sidecar and a
+   callee sidecar (their real data paths: `Outbound`, `PoolSet`, `Inbound`, the engine,
+   loopback sockets) in this process, the callee holding a STEK ring, the upstream
+   declared HTTP, and a relay between them that delays each direction by half of
+   ``--rtt-ms`` (loopback has no round trip to save). Each round closes the pooled
+   connection and times an app's GET from its connect to the first response byte, three
+   ways interleaved: a full handshake (no ticket), a resumed 1-RTT handshake (ticket,
+   early data off) and 0-RTT (ticket, the GET in early data). ``--first-byte-only``
+   runs this part alone (no processes).
 
 Prints one JSON document. Nothing is asserted; see bench/README.md for recorded figures.
 """
@@ -44,6 +53,17 @@ from typing import Any
 
 from reference_proxies import GHOSTUNNEL, HaproxyPair, haproxy_binary, haproxy_pair
 
+from ca import TrustDomain
+from ca.authority import RootAuthority
+from ca.keys import KeyAlgorithm, generate_private_key
+from sidecar.config import Address, InboundConfig, InboundTarget, PoolConfig, UpstreamConfig
+from sidecar.identity import Identity, Svid
+from sidecar.inbound import Inbound
+from sidecar.metrics import Metrics
+from sidecar.outbound import Outbound
+from sidecar.policy import Authorizer
+from sidecar.pool import PoolSet
+from sidecar.tls.tickets import Stek, StekRing
 from trellis.demo.load import LoadConfig, LoadGenerator, LoadReport, bulk_upload
 from trellis.up.mesh import Mesh, MeshConfig
 from trellis.up.status import scrape
@@ -189,6 +209,200 @@ def reference(
     }
 
 
+# --- first_byte: 0-RTT against a full and a resumed 1-RTT handshake -------------------------
+
+GET = b"GET /first-byte HTTP/1.1\r\nHost: callee\r\n\r\n"
+FIRST_BYTE_MODES = ("full", "resumed_1rtt", "zero_rtt")
+
+
+class _App(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # type: ignore[attr-defined]
+
+
+class _Relay:
+    def __init__(self, server: asyncio.Server, tasks: set[asyncio.Task[Any]]) -> None:
+        self.server = server
+        self.port: int = server.sockets[0].getsockname()[1]
+        self.tasks = tasks
+
+    async def close(self) -> None:
+        self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def _delayed_relay(target: tuple[str, int], one_way: float) -> _Relay:
+    """A TCP relay holding each chunk `one_way` seconds in each direction (in order)."""
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await queue.get()
+                if not data:
+                    break
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                dst.write(data)
+            dst.close()
+
+        task = asyncio.create_task(deliver())
+        try:
+            while data := await src.read(65536):
+                queue.put_nowait((loop.time() + one_way, data))
+        except OSError:
+            pass
+        queue.put_nowait((0.0, b""))
+        await task
+
+    async def pumps(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*target)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Tasks of our own, not the server's, so that close() can end them cleanly.
+        task = asyncio.get_running_loop().create_task(pumps(reader, writer))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return _Relay(await asyncio.start_server(relay, "127.0.0.1", 0), tasks)
+
+
+def _identity(intermediate: Any, root: Any, name: str) -> Identity:
+    key = generate_private_key(KeyAlgorithm.P256)
+    issued = intermediate.issue_x509_svid(
+        f"spiffe://bench.example/ns/demo/sa/{name}", key.public_key(), now=dt.datetime.now(dt.UTC)
+    )
+    identity = Identity()
+    svid = Svid(issued.spiffe_id, issued.chain, key)
+    identity.update(svid, {"bench.example": (root.certificate,)})
+    return identity
+
+
+async def _first_byte(port: int) -> float:
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(GET)
+    await reader.readexactly(1)
+    elapsed = time.perf_counter() - started
+    writer.close()
+    return elapsed
+
+
+async def first_byte(rounds: int, rtt_ms: float) -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC)
+    root = RootAuthority.create(TrustDomain("bench.example"), now=now)
+    intermediate = root.issue_intermediate("bench", now=now)
+    loop = asyncio.get_running_loop()
+    app = await loop.create_server(_App, "127.0.0.1", 0)
+    callee = _identity(intermediate, root, "callee")
+    ring = StekRing()
+    t = time.time()
+    ring.install(Stek(os.urandom(16), os.urandom(32), t - 60, t + 3600), (), None)
+    callee.ticket_ring = ring
+    callee_metrics = Metrics()
+    inbound = Inbound(
+        InboundConfig(
+            listen=Address("127.0.0.1", 0),
+            targets={
+                8080: InboundTarget(
+                    8080, Address("127.0.0.1", app.sockets[0].getsockname()[1]), None
+                )
+            },
+        ),
+        callee,
+        callee_metrics,
+        lambda: Authorizer(http_ports=frozenset({8080})),
+    )
+    await inbound.start()
+    inbound_port = inbound.servers[0].sockets[0].getsockname()[1]
+    relay = await _delayed_relay(("127.0.0.1", inbound_port), rtt_ms / 2000)
+    relay_port = relay.port
+    caller = _identity(intermediate, root, "caller")
+    caller_metrics = Metrics()
+    pools = PoolSet(caller, caller_metrics, PoolConfig())
+    ports: dict[str, int] = {}
+    for mode in ("resumed_1rtt", "zero_rtt"):
+        outbound = (
+            Outbound(pools, caller_metrics, 8080)
+            if mode == "zero_rtt"
+            else Outbound(pools, caller_metrics, 8080, early_data=None)
+        )
+        upstream = UpstreamConfig(
+            mode,
+            Address("127.0.0.1", 0),
+            "callee:8080",
+            (Address("127.0.0.1", relay_port),),
+            (),
+            "http",
+        )
+        await outbound.listen_upstream(upstream)
+        ports[mode] = outbound.servers[0].sockets[0].getsockname()[1]
+    ports["full"] = ports["resumed_1rtt"]
+
+    async def forget() -> None:
+        for pool in pools.pools.values():
+            for session in list(pool.sessions):
+                session.close()
+        while any(pool.sessions for pool in pools.pools.values()):
+            await asyncio.sleep(0.005)
+
+    async def has_ticket() -> None:
+        deadline = loop.time() + 5
+        while not len(caller.tickets) and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+
+    samples: dict[str, list[float]] = {mode: [] for mode in FIRST_BYTE_MODES}
+    await _first_byte(ports["full"])  # warm-up
+    for _ in range(rounds):
+        for mode in FIRST_BYTE_MODES:
+            await forget()
+            if mode == "full":
+                caller.tickets.clear()
+            else:
+                await has_ticket()
+            samples[mode].append(await _first_byte(ports[mode]))
+    early = {
+        outcome: callee_metrics.registry.get_sample_value(
+            "tls_early_data_total", {"outcome": outcome}
+        )
+        for outcome in ("accepted", "rejected")
+    }
+    resumed = callee_metrics.registry.get_sample_value("tls_resumption_total", {"kind": "ticket"})
+    await forget()
+    await relay.close()
+    inbound.drain()
+    app.close()
+
+    def pct(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
+
+    p50 = {mode: pct(samples[mode], 0.5) for mode in FIRST_BYTE_MODES}
+    return {
+        "rtt_ms": rtt_ms,
+        "rounds": rounds,
+        "p50_ms": p50,
+        "p90_ms": {mode: pct(samples[mode], 0.9) for mode in FIRST_BYTE_MODES},
+        "zero_rtt_saves_ms_vs_full": round(p50["full"] - p50["zero_rtt"], 3),
+        "zero_rtt_saves_ms_vs_resumed_1rtt": round(p50["resumed_1rtt"] - p50["zero_rtt"], 3),
+        "callee_early_data": early,
+        "callee_resumed_handshakes": resumed,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="per offered-rate run")
@@ -200,7 +414,16 @@ def main() -> int:
     parser.add_argument(
         "--no-reference", action="store_true", help="skip the HAProxy pair (reference_proxies)"
     )
+    parser.add_argument("--rtt-ms", type=float, default=10.0, help="first_byte: simulated RTT")
+    parser.add_argument("--first-byte-rounds", type=int, default=30)
+    parser.add_argument(
+        "--first-byte-only", action="store_true", help="only the first_byte part, in-process"
+    )
     args = parser.parse_args()
+    if args.first_byte_only:
+        report = asyncio.run(first_byte(args.first_byte_rounds, args.rtt_ms))
+        print(json.dumps({"first_byte": report}, indent=2))
+        return 0
     rates = [float(r) for r in args.rates.split(",") if r]
 
     started = time.monotonic()
@@ -305,6 +528,7 @@ def main() -> int:
         },
         "bulk_MB_s": {"target": TARGETS["bulk_MB_s"], "measured": result["bulk"]["mesh_MB_s"]},
     }
+    result["first_byte"] = asyncio.run(first_byte(args.first_byte_rounds, args.rtt_ms))
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["elapsed_s"] = round(time.monotonic() - started, 1)
     print(json.dumps(result, indent=2))
