@@ -31,6 +31,7 @@ from .outbound import Outbound
 from .permissive import STRICT, PlaintextPolicy, plaintext_policy_for_pod
 from .policy import Authorizer, authorizer_for_pod, merge, parse_pod_labels
 from .stek import SessionKeys, StekCollector, StekRingWatcher
+from .tls.tickets import StekRing
 
 logger = logging.getLogger("sidecar")
 
@@ -48,6 +49,7 @@ class Sidecar:
         self.identity = Identity(on_change=self._identity_changed)
         # The service's shared STEK ring, from the agent (sidecar.stek); none with --svid-dir.
         self.session_keys = SessionKeys(config.spiffe_id)
+        self.session_keys.on_ring = self._ticket_ring_changed
         self.metrics.registry.register(StekCollector(self.session_keys))
         self.stek_watcher: StekRingWatcher | None = None
         self._plaintext: PlaintextPolicy = STRICT
@@ -85,6 +87,11 @@ class Sidecar:
         self._admin: AdminServers | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
+
+    def _ticket_ring_changed(self, ring: StekRing | None) -> None:
+        # None: no ring from the agent, or it aged out; new handshakes then send no tickets
+        # and resume nothing (full handshakes), never under a key only this replica holds.
+        self.identity.ticket_ring = ring
 
     # --- policy --------------------------------------------------------------------------
 

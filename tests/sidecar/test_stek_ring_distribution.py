@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from spiffe import WorkloadApiClient
 
 from ca import JwtAuthority, RootAuthority, TrustDomain
 from ca.api._proto import session_keys_pb2
@@ -30,7 +32,9 @@ from ca.spiffeid import SpiffeId
 from ca.store import CaStore
 from ca.workload import HEADER_KEY, HEADER_VALUE
 from sidecar.stek import SessionKeys
+from sidecar.tls import ClientConnection, HandshakeComplete, SessionTicket, TLSConfig
 from sidecar.tls.tickets import StekRing
+from sidecar.tls.ticketstore import TicketStore
 from tests.sidecar.dataplane.harness import REPO, Proc, Procs, Sidecar, start_sidecar
 from tests.support import free_port, wait_for
 
@@ -301,10 +305,14 @@ def test_a_ca_restart_keeps_the_agents_keys_and_a_cut_off_sidecar_ages_out(
         return _stek_config(sidecar)["active_key_id"] == ring(mesh.socket).active.key_id.hex()
 
     wait_for(installed, 10, "the sidecar on the new ring")
+    store = TicketStore()
+    config = _client_config(mesh, store)
+    assert _handshake(sidecar.inbound_port, config)[1] >= 1  # tickets while it holds a ring
     # Cut the sidecar off: it keeps its ring, rotates to the next key it already holds,
     # then stops sealing tickets once that key's interval is over, and says so once.
     assert mesh.agent is not None
     procs.stop(mesh.agent)
+    logged_before = len(sidecar.proc.output())
     assert _stek_config(sidecar)["keys"] >= 2
 
     def aged_out() -> bool:
@@ -313,9 +321,93 @@ def test_a_ca_restart_keeps_the_agents_keys_and_a_cut_off_sidecar_ages_out(
     wait_for(aged_out, 4 * ROTATION + 5, "the cut-off sidecar to stop sealing tickets")
     view = _stek_config(sidecar)
     assert int(str(view["keys"])) >= 2  # old keys still open tickets until not_after
+    store.clear()
+    done, tickets = _handshake(sidecar.inbound_port, config)
+    assert (done.session_resumed, tickets) == (False, 0)  # full handshakes, no tickets
     time.sleep(ROTATION)
-    lines = [line for line in sidecar.proc.output().splitlines() if "aged out" in line]
+    after = sidecar.proc.output()[logged_before:]
+    lines = [line for line in after.splitlines() if "aged out" in line]
     assert len(lines) == 1, lines
+
+
+def _client_config(mesh: Mesh, store: TicketStore) -> TLSConfig:
+    """This process is attested as web too: its SVID from the agent, like any workload."""
+    with WorkloadApiClient(f"unix://{mesh.socket}", default_timeout=15) as workload:
+        svid = workload.fetch_x509_svid()
+        bundles = workload.fetch_x509_bundles()
+    bundle = bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
+    assert bundle is not None
+    return TLSConfig(
+        rng=os.urandom,
+        certificate_chain=tuple(svid.cert_chain),
+        private_key=svid.private_key,
+        trust_bundles={"example.org": tuple(bundle.x509_authorities)},
+        alpn_protocols=("h2",),
+        ticket_store=store,
+    )
+
+
+def _handshake(port: int, config: TLSConfig) -> tuple[HandshakeComplete, int]:
+    """One real TLS handshake with a sidecar's inbound port: what completed, and how many
+    tickets the server sent (read for a bounded time after the handshake)."""
+    client = ClientConnection(
+        config,
+        None,
+        now=time.time(),
+        endpoint="web-replicas",  # one slot for both: a ticket from either is offered
+        expected_peer=SpiffeId(WEB),
+    )
+    done: HandshakeComplete | None = None
+    tickets = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.settimeout(1.0)
+        for _ in range(50):  # bounded: a handful of flights, then two tickets
+            out = client.data_to_send()
+            if out:
+                sock.sendall(out)
+            if done is not None and tickets >= 2:
+                break
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                if done is not None:
+                    break
+                continue
+            if not data:
+                break
+            client.receive_data(data)
+            for event in client.events():
+                if isinstance(event, HandshakeComplete):
+                    done = event
+                elif isinstance(event, SessionTicket):
+                    tickets += 1
+    assert done is not None, "no handshake with the sidecar"
+    return done, tickets
+
+
+def test_a_ticket_issued_by_one_replica_resumes_at_the_other(procs: Procs) -> None:
+    mesh = Mesh(procs)
+    mesh.start_ca(mint=True)
+    mesh.start_agent()
+    a, b = mesh.sidecar("web-1"), mesh.sidecar("web-2")
+    store = TicketStore()
+    config = _client_config(mesh, store)
+
+    def sealing() -> bool:
+        return all(_stek_config(s)["sealing_tickets"] is True for s in (a, b))
+
+    wait_for(sealing, 20, "both replicas holding the ring")
+    first, tickets = _handshake(a.inbound_port, config)
+    assert not first.session_resumed
+    assert tickets >= 1 and len(store) >= 1
+    second, _ = _handshake(b.inbound_port, config)
+    assert second.session_resumed  # sealed by web-1, opened by web-2
+    resumed = b.metrics()
+    assert (
+        resumed['tls_resumption_total{kind="ticket"}'] + resumed['tls_resumption_total{kind="psk"}']
+        >= 1
+    )
+    assert resumed['trellis_stek_decrypt_failures_total{reason="unknown_key"}'] == 0
 
 
 # -- the sidecar's own schedule, with an injected clock (no processes) ---------------------
