@@ -173,9 +173,13 @@ async def mesh(
     early_data: Callable[[bytes], bool] | None = None,
     tap: bool = False,
     pool: PoolConfig | None = None,
+    upstream_protocol: str = "http",
+    callee_http: bool = True,
 ) -> AsyncIterator[Mesh]:
     """`early_data`: the caller's judgement of what may go 0-RTT (default: the
-    sidecar's own, `sidecar.earlydata.replay_safe`)."""
+    sidecar's own, `sidecar.earlydata.replay_safe`); `upstream_protocol`: what the
+    caller's config declares; `callee_http`: whether the callee's policy declares its
+    port HTTP."""
     loop = asyncio.get_running_loop()
     seen: list[bytes] = []
     app = await loop.create_server(lambda: HttpApp(seen), "127.0.0.1", 0)
@@ -193,7 +197,7 @@ async def mesh(
         ),
         server_identity,
         server_metrics,
-        lambda: Authorizer(http_ports=frozenset({HTTP_PORT})),
+        lambda: Authorizer(http_ports=frozenset({HTTP_PORT} if callee_http else ())),
     )
     await inbound.start()
     relay = Tap(inbound.config.listen) if tap else None
@@ -217,7 +221,7 @@ async def mesh(
             f"echo:{HTTP_PORT}",
             (endpoint,),
             (SpiffeId(ECHO),),
-            "http",
+            upstream_protocol,
         )
     )
     built = Mesh(

@@ -210,3 +210,38 @@ def test_an_upstream_is_declared_http_in_the_sidecar_config_and_anything_else_is
     with pytest.raises(ConfigError) as refused:
         load_yaml(upstream.format(extra=", protocol: h2"))
     assert "upstreams[0].protocol" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_an_upstream_not_declared_http_resumes_but_never_sends_early_data(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with mesh(Pki(), tmp_path, upstream_protocol="tcp") as m:
+            await request(m.upstream, GET)
+            await m.tickets()
+            await m.forget_connections()
+            assert await request(m.upstream, GET) == b"GET early=-"
+            assert m.server("tls_resumption_total", kind="ticket") == 1
+            assert m.server("tls_early_data_total", outcome="accepted") == 0
+
+    run(scenario())
+
+
+def test_early_data_for_a_port_the_callee_does_not_declare_http_is_too_early(
+    tmp_path: Path,
+) -> None:
+    """The caller believes the app speaks HTTP; the callee's policy does not say so, so
+    it cannot judge the bytes and answers 425; the retry after the handshake is served."""
+
+    async def scenario() -> None:
+        async with mesh(Pki(), tmp_path, callee_http=False) as m:
+            await request(m.upstream, GET)
+            await m.tickets()
+            await m.forget_connections()
+            assert await request(m.upstream, GET) == b"GET early=-"
+            assert m.server("tls_early_data_total", outcome="accepted") == 1
+            decided = "trellis_sidecar_early_data_requests_total"
+            assert m.server(decided, decision="too_early") == 1
+            assert len(m.seen) == 2 and all(b"Early-Data" not in head for head in m.seen)
+
+    run(scenario())
