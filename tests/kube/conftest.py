@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -234,6 +235,38 @@ def webhook_serving(replica: Replica) -> bool:
         return False
 
 
+def serves_secret_certificate(plane: ControlPlane, replica: Replica) -> bool:
+    """Whether a new handshake with ``replica`` gets the certificate of the webhook Secret
+    (the one the caBundle the leader wrote first vouches for). Until then the API server
+    refuses the webhook ("x509: certificate is valid for ..."), and pods created then."""
+    from cryptography import x509
+
+    found = plane.kubectl(
+        "-n", NAMESPACE, "get", "secret", "trellis-webhook-tls", "-o", "jsonpath={.data.tls\\.crt}"
+    )
+    if found.returncode != 0 or not found.stdout:
+        return False
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", replica.port), timeout=2) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            served = tls.getpeercert(binary_form=True)
+    except OSError:
+        return False
+    secret = x509.load_pem_x509_certificate(base64.b64decode(found.stdout))
+    return served is not None and secret == x509.load_der_x509_certificate(served)
+
+
+def webhook_ready(plane: ControlPlane, replica: Replica) -> bool:
+    """Ready as the Deployment's probe says (which needs the mounted pair loaded), and
+    serving the Secret's certificate: the mounted copy is the Secret's current one."""
+    return webhook_serving(replica) and serves_secret_certificate(plane, replica)
+
+
 def point_webhooks_at(plane: ControlPlane, url_base: str) -> None:
     """Replace each webhook's Service clientConfig by a ``url:`` to a replica on loopback
     (see controlplane.py: no cluster DNS or kube-proxy here), keeping the caBundle."""
@@ -285,7 +318,11 @@ def operators(
             lambda: ops.lease_holder() is not None, 60, "an operator replica to take the Lease"
         )
         for replica in ops.replicas:
-            wait_for(lambda r=replica: webhook_serving(r), 60, f"{replica.identity}'s webhook")
+            wait_for(
+                lambda r=replica: webhook_ready(plane, r),
+                60,
+                f"{replica.identity}'s webhook serving the Secret's certificate",
+            )
         yield ops
     finally:
         logs = ops.stop()

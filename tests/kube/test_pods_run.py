@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from .conftest import (
     Replica,
     create_namespace,
     point_webhooks_at,
-    webhook_serving,
+    webhook_ready,
 )
 from .controlplane import WEBHOOK_HOST, ControlPlane
 from .kubelet import (
@@ -91,10 +90,9 @@ class MeshOperator(Operators):
     def wait_serving(self) -> None:
         wait_until(lambda: self.lease_holder() is not None, 60, "the operator to take the Lease")
         replica = self.replicas[0]
-        wait_for(lambda: webhook_serving(replica), 60, "the operator's webhook")
         # Serving is not enough: until the Secret's certificate (the one the caBundle names)
         # is copied in and loaded, the API server cannot verify the webhook.
-        wait_for(lambda: _serves_secret_certificate(replica), 60, "the webhook's certificate")
+        wait_for(lambda: webhook_ready(self.plane, replica), 60, "the webhook's certificate")
 
     def restart(self, outbound: str) -> None:
         for replica in self.replicas:
@@ -107,28 +105,6 @@ class MeshOperator(Operators):
         # The same identity and certificate folder: the webhook Secret's files are there.
         self.start_replica("operator-a")
         wait_until(lambda: self.lease_holder() is not None, 60, "the operator to lead again")
-
-
-def _serves_secret_certificate(replica: Replica) -> bool:
-    import ssl
-
-    from cryptography import x509
-
-    try:
-        pem = (replica.cert_dir / "tls.crt").read_bytes()
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        with (
-            socket.create_connection(("127.0.0.1", replica.port), timeout=2) as raw,
-            context.wrap_socket(raw) as tls,
-        ):
-            served = tls.getpeercert(binary_form=True)
-    except OSError:
-        return False
-    return served is not None and x509.load_pem_x509_certificate(pem) == (
-        x509.load_der_x509_certificate(served)
-    )
 
 
 def _free_port() -> int:
