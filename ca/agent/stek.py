@@ -1,6 +1,6 @@
 """Session-ticket encryption key (STEK) rings: from the CA to the sidecars entitled to them.
 
-Two halves, both in the agent's memory only (DESIGN §6, §8):
+Two halves, both in the agent's memory only:
 
 * ``StekFollower`` streams ``trellis.ca.v1.CaService/WatchSTEKRings`` over the agent's
   mutual-TLS channel to its CA (through the upstream, after the first sync: the call needs

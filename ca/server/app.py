@@ -145,7 +145,7 @@ class CaServer:
         self._intermediate_stamp = self._intermediate_mtime()
         self.bundles = BundleWatch(store.load_bundle(self.trust_domain))
         self.signing_streams = SigningStreams()
-        # STEK rings live only in this process's memory (DESIGN §6): never in ca_dir.
+        # STEK rings live only in this process's memory: never in ca_dir.
         self.steks = StekWatch(StekLeader(config.stek_rotation))
         self._stek_revision: str | None = None
         if entries is None:

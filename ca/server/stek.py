@@ -1,6 +1,6 @@
 """Session-ticket encryption keys (STEKs), one rotating ring per service identity.
 
-The CA is the one place that makes the secrets a service's replicas share (DESIGN §8):
+The CA is the one place that makes the secrets a service's replicas share:
 every replica of ``spiffe://td/ns/shop/sa/web`` must seal tickets under the same key, or a
 ticket issued by one replica would not open at another (RFC 8446 §4.6.1 leaves the ticket
 opaque to the client, which may offer it to any replica).
