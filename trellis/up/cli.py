@@ -128,6 +128,11 @@ def register(commands: Any) -> None:
     p.add_argument("--connections", type=_small_count, default=4, help="load generator's")
     p.add_argument("--size", type=_size, default=1024, help="request body bytes (echoed)")
     p.add_argument("--interval", type=_interval, default=1.0, help="status refresh (default 1s)")
+    p.add_argument(
+        "--pq-signatures",
+        action="store_true",
+        help="an ML-DSA-65 root, intermediate and workload SVIDs (FIPS 204) instead of ECDSA",
+    )
     # Not add_logging_arguments: these reach only the children, whose logs are files, and
     # the help must say so (trellis up's own start-up and status lines are not log records).
     p.add_argument(
@@ -168,6 +173,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         connections=args.connections,
         size=args.size,
         log_args=("--log-format", log_format, "--log-level", args.log_level),
+        pq_signatures=args.pq_signatures,
     )
     mesh = Mesh(config, progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     live = sys.stdout.isatty()

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from ca.authority import RootAuthority
 from ca.entries import parse_entries_yaml
 from ca.jwtsvid import JwtAuthority
-from ca.keys import write_public_file
+from ca.keys import KeyAlgorithm, write_public_file
 from ca.spiffeid import SpiffeId, TrustDomain
 from ca.store import CaStore
 
@@ -64,14 +64,24 @@ class Workload:
     uid: int  # the uid it runs as, which its entry selects beside the path
 
 
-def create_authorities(ca_dir: Path, trust_domain: TrustDomain, cluster: str) -> Path:
+def create_authorities(
+    ca_dir: Path, trust_domain: TrustDomain, cluster: str, *, pq_signatures: bool = False
+) -> Path:
     """Write the CA directory ``trellis ca serve`` needs; returns the root certificate path.
 
-    Nothing of the root but its certificate reaches the disk.
+    Nothing of the root but its certificate reaches the disk. ``pq_signatures``: an
+    ML-DSA-65 root and intermediate, whose workload keys the agent then makes ML-DSA-65.
     """
     now = dt.datetime.now(dt.UTC)
-    root = RootAuthority.create(trust_domain, now=now, ttl=ROOT_TTL)
-    intermediate = root.issue_intermediate(cluster, now=now, ttl=INTERMEDIATE_TTL)
+    root_key, intermediate_key = (
+        (KeyAlgorithm.MLDSA65, KeyAlgorithm.MLDSA65)
+        if pq_signatures
+        else (KeyAlgorithm.P384, KeyAlgorithm.P256)
+    )
+    root = RootAuthority.create(trust_domain, now=now, ttl=ROOT_TTL, key_algorithm=root_key)
+    intermediate = root.issue_intermediate(
+        cluster, now=now, ttl=INTERMEDIATE_TTL, key_algorithm=intermediate_key
+    )
     store = CaStore(ca_dir)
     store.save_intermediate(intermediate, JwtAuthority.generate())
     store.save_bundle(store.load_bundle(trust_domain).with_x509_authorities([root.certificate]))

@@ -96,6 +96,8 @@ class MeshConfig:
     startup_timeout: float = 60.0
     # --log-format/--log-level for the children (ca serve, agent, sidecars, demo services).
     log_args: tuple[str, ...] = ()
+    # An ML-DSA-65 root, intermediate and workload keys (FIPS 204) instead of ECDSA.
+    pq_signatures: bool = False
 
     def spiffe_id(self, name: str) -> SpiffeId:
         return SpiffeId(f"spiffe://{self.trust_domain.name}/ns/demo/sa/{name}")
@@ -239,7 +241,9 @@ class Mesh:
         )
         host, ports, timeout = config.host, self.ports, config.startup_timeout
 
-        root_cert = create_authorities(run_dir / "ca", config.trust_domain, CLUSTER)
+        root_cert = create_authorities(
+            run_dir / "ca", config.trust_domain, CLUSTER, pq_signatures=config.pq_signatures
+        )
         self._progress(
             f"root and cluster intermediate for {config.trust_domain.name} created"
             f" (root key in memory only, dropped), run dir {run_dir}"

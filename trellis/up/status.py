@@ -227,6 +227,7 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
         lines.append(f" uids      {view.isolation}")
     # -- TLS -----------------------------------------------------------------------------
     groups: dict[str, float] = {}
+    schemes: dict[str, float] = {}
     suites: dict[str, float] = {}
     handshakes = app_connections = 0.0
     for sidecar in view.sidecars:
@@ -235,6 +236,9 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
             continue
         for group, count in samples.by_label("tls_group_total", "group").items():
             groups[group] = groups.get(group, 0) + count
+        by_scheme = samples.by_label("trellis_sidecar_tls_signature_scheme_total", "scheme")
+        for scheme, count in by_scheme.items():
+            schemes[scheme] = schemes.get(scheme, 0) + count
         for suite, count in samples.by_label("tls_cipher_suite_total", "suite").items():
             suites[suite] = suites.get(suite, 0) + count
         if sidecar.name == view.caller:
@@ -245,6 +249,8 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
     seen = [
         f"{g} ({_n(c)} handshakes)" for g, c in sorted(groups.items(), key=lambda i: -i[1]) if c
     ]
+    # The signature scheme beside the group: mldsa65 under trellis up --pq-signatures.
+    seen += [s for s, c in sorted(schemes.items(), key=lambda i: -i[1]) if c]
     seen += [s for s, c in suites.items() if c]
     lines.append(f" tls       {', '.join(seen) if seen else 'no handshake yet'}")
     # -- traffic -------------------------------------------------------------------------
