@@ -3,6 +3,9 @@
 Prints JSON: full mutual-TLS handshakes per second (client and server in one process,
 in memory) with X25519MLKEM768 and with X25519, the same handshake done by OpenSSL,
 the ratios, and record-layer throughput (16 KiB records, AES-128-GCM) both ways.
+`resumed_handshakes_per_s_x25519mlkem768` puts resumed handshakes (a ticket under a STEK
+ring, psk_dhe_ke: still a fresh X25519MLKEM768 exchange, no certificates) beside our full
+ones and beside OpenSSL's resumed handshakes (its own tickets), with both ratios.
 `mldsa65` repeats the X25519MLKEM768 handshake with ML-DSA-65 chains from the project's CA
 (root, intermediate and leaves all ML-DSA-65) beside the P-256 one, against OpenSSL 4.0
 held to mldsa65, and counts the bytes each side puts on the wire per handshake.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -39,9 +43,12 @@ from sidecar.tls import (
     TLSConfig,
 )
 from sidecar.tls.signatures import PrivateKey
+from sidecar.tls.tickets import Stek, StekRing
+from sidecar.tls.ticketstore import TicketStore
 
 NOW = dt.datetime.now(dt.UTC)
 TD = "example.org"
+SERVER_ID = f"spiffe://{TD}/ns/default/sa/server"
 
 
 def _pki() -> tuple[
@@ -95,7 +102,11 @@ def engine_handshake(
 
 
 def _openssl_ctx(
-    server: bool, chain: list[x509.Certificate], key: ec.EllipticCurvePrivateKey, groups: bytes
+    server: bool,
+    chain: list[x509.Certificate],
+    key: ec.EllipticCurvePrivateKey,
+    groups: bytes,
+    tickets: bool = False,
 ) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
@@ -106,7 +117,8 @@ def _openssl_ctx(
 
     ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(ROOT))  # type: ignore[union-attr]
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda *a: a[-1])
-    ctx.set_options(SSL.OP_NO_TICKET)
+    if not tickets:
+        ctx.set_options(SSL.OP_NO_TICKET)
     lib.SSL_CTX_set1_curves_list(ctx._context, groups)
     lib.SSL_CTX_set_ciphersuites(ctx._context, b"TLS_AES_128_GCM_SHA256")
     if server:
@@ -304,6 +316,98 @@ def mldsa_results(seconds: float) -> dict[str, object]:
     return out
 
 
+# --- resumption (RFC 8446 §2.2): tickets under a STEK ring, psk_dhe_ke -------------------
+
+
+def _resumption_configs() -> tuple[TLSConfig, TLSConfig]:
+    """The X25519MLKEM768 mutual-TLS pair with a STEK ring (one ticket per handshake, so
+    each resumption leaves the next ticket) and a client ticket store."""
+    ring = StekRing()
+    start = NOW.timestamp() - 60
+    ring.install(Stek(os.urandom(16), os.urandom(32), start, start + 86400), [], None)
+    client, server = _configs(NamedGroup.X25519MLKEM768, CipherSuite.AES_128_GCM_SHA256)
+    return (
+        dataclasses.replace(client, ticket_store=TicketStore()),
+        dataclasses.replace(server, ticket_ring=ring, session_tickets=1),
+    )
+
+
+def engine_resumed_handshake(client_cfg: TLSConfig, server_cfg: TLSConfig) -> bool:
+    """One handshake offering the client's stored ticket; the server's new ticket is
+    delivered, as a sidecar's next connection would find it. True if it resumed."""
+    client = ClientConnection(
+        client_cfg, server_name="server", now=NOW, endpoint="bench", expected_peer=SERVER_ID
+    )
+    server = ServerConnection(server_cfg, now=NOW)
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    info = server.negotiated
+    assert client.handshake_complete and info is not None
+    return info.session_resumed
+
+
+def _openssl_resumption() -> tuple[SSL.Context, SSL.Context, SSL.Session]:
+    cctx = _openssl_ctx(False, CLIENT_CHAIN, CLIENT_KEY, b"X25519MLKEM768", tickets=True)
+    sctx = _openssl_ctx(True, SERVER_CHAIN, SERVER_KEY, b"X25519MLKEM768", tickets=True)
+    sctx.set_session_id(b"bench")  # OpenSSL caches a verified client's session per context
+    c, _s = openssl_handshake(cctx, sctx)
+    with contextlib.suppress(SSL.WantReadError):
+        c.recv(1)  # reads the NewSessionTickets
+    session = c.get_session()
+    c.shutdown()  # OpenSSL will not resume the session of an SSL freed without one
+    return cctx, sctx, session
+
+
+def openssl_resumed_handshake(cctx: SSL.Context, sctx: SSL.Context, session: SSL.Session) -> bool:
+    c = SSL.Connection(cctx, None)
+    c.set_connect_state()
+    c.set_session(session)
+    s = SSL.Connection(sctx, None)
+    s.set_accept_state()
+    _pump(c, s)
+    return bool(lib.SSL_session_reused(c._ssl))
+
+
+def resumption_results(seconds: float) -> dict[str, object]:
+    """Resumed vs full handshakes (ours) and resumed vs OpenSSL's resumed, same run."""
+    full_cfgs = _configs(NamedGroup.X25519MLKEM768, CipherSuite.AES_128_GCM_SHA256)
+    client_cfg, server_cfg = _resumption_configs()
+    engine_handshake(*full_cfgs)
+    # The first handshake is a full one that fills the store; the next resumes.
+    assert not engine_resumed_handshake(client_cfg, server_cfg)
+    assert engine_resumed_handshake(client_cfg, server_cfg)
+    cctx, sctx, session = _openssl_resumption()
+    assert openssl_resumed_handshake(cctx, sctx, session)
+    full_cctx = _openssl_ctx(False, CLIENT_CHAIN, CLIENT_KEY, b"X25519MLKEM768")
+    full_sctx = _openssl_ctx(True, SERVER_CHAIN, SERVER_KEY, b"X25519MLKEM768")
+    full = resumed = theirs = theirs_full = 0.0
+    for _ in range(3):
+        full = max(full, rate(lambda c=full_cfgs: engine_handshake(*c), seconds / 3, 1))
+        theirs_full = max(
+            theirs_full, rate(lambda: openssl_handshake(full_cctx, full_sctx), seconds / 3, 1)
+        )
+        resumed = max(
+            resumed,
+            rate(lambda: engine_resumed_handshake(client_cfg, server_cfg), seconds / 3, 1),
+        )
+        theirs = max(
+            theirs, rate(lambda: openssl_resumed_handshake(cctx, sctx, session), seconds / 3, 1)
+        )
+    assert engine_resumed_handshake(client_cfg, server_cfg)  # still resuming at the end
+    return {
+        "resumed_handshakes_per_s_x25519mlkem768": {
+            "trellis_full": round(full, 1),
+            "trellis_resumed": round(resumed, 1),
+            "openssl_full": round(theirs_full, 1),
+            "openssl_resumed": round(theirs, 1),
+            "resumed_over_full": round(resumed / full, 3),
+            "resumed_over_openssl_resumed": round(resumed / theirs, 3),
+        }
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=2.0)
@@ -359,6 +463,7 @@ def main() -> None:
             "openssl": round(theirs, 1),
             "ratio": round(ours / theirs, 3),
         }
+    result.update(resumption_results(args.seconds))
     result.update(mldsa_results(args.seconds))
     print(json.dumps(result, indent=2))
 

@@ -17,8 +17,6 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from .alerts import AlertDescription, AlertLevel, LocalProtocolError, TLSError
 from .config import TLSConfig
 from .events import (
@@ -43,6 +41,7 @@ from .messages import (
 )
 from .proofs import FinishedVerified, PeerAuthenticated
 from .record import MAX_PLAINTEXT, ContentType, RecordProtection, RecordReader, plaintext_record
+from .resumption import certificate_der
 from .state import HandshakeContext, HandshakeState
 from .suites import SuiteParams
 
@@ -145,7 +144,7 @@ class Traffic(HandshakeState):
     def peer_chain_der(self) -> tuple[bytes, ...]:
         if self.peer is None:
             return ()
-        return tuple(cert.public_bytes(Encoding.DER) for cert in self.peer.chain)
+        return tuple(certificate_der(cert) for cert in self.peer.chain)
 
 
 class _Context:

@@ -28,8 +28,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from .alerts import TLSError
@@ -70,6 +72,14 @@ _U32 = 1 << 32
 
 def _seconds(now: dt.datetime) -> float:
     return now.timestamp()
+
+
+@lru_cache(maxsize=512)
+def certificate_der(cert: x509.Certificate) -> bytes:
+    """A peer certificate's DER, once per certificate: the verifier hands out the same
+    parsed objects for a peer's SVID, and each ticket (issued or received) carries the
+    chain, so re-encoding it per handshake would be most of a ticket's cost."""
+    return cert.public_bytes(Encoding.DER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +214,7 @@ def issue_tickets(
     chain: tuple[bytes, ...] = ()
     spiffe_id: str | None = None
     if peer is not None:
-        chain = tuple(cert.public_bytes(Encoding.DER) for cert in peer.chain)
+        chain = tuple(certificate_der(cert) for cert in peer.chain)
         spiffe_id = str(peer.spiffe_id) if peer.spiffe_id is not None else None
         not_after = min(cert.not_valid_after_utc for cert in peer.chain)
         lifetime = min(lifetime, int((not_after - now).total_seconds()))
