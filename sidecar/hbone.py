@@ -9,7 +9,10 @@ A policy refusal (403) names what refused it, so the caller learns why where its
 lets it: ``trellis-policy-rule`` carries the rule (``sidecar.policy.Decision.rule``), and
 ``trellis-app-protocol: http`` says the refused app speaks HTTP, in which case the caller's
 sidecar answers its app an HTTP/1.1 ``403 Forbidden`` naming the rule (`http_forbidden`)
-instead of resetting the connection. Both are read with `denial_of`.
+instead of resetting the connection. Both are read with `denial_of`. A 200 carries
+``trellis-app-protocol: http`` too when the app speaks HTTP (`app_protocol_headers`,
+read with `speaks_http`): the caller's sidecar then knows that safe requests to it may
+ride in TLS 0-RTT (`sidecar.earlydata`).
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ __all__ = [
     "ConnectRequest",
     "Denial",
     "Refusal",
+    "app_protocol_headers",
     "denial_headers",
     "denial_of",
     "http_forbidden",
     "parse_connect",
+    "speaks_http",
 ]
 
 POLICY_RULE = b"trellis-policy-rule"
@@ -100,6 +105,16 @@ def denial_headers(rule: str, *, http: bool) -> list[tuple[bytes, bytes]]:
     if http:
         headers.append((APP_PROTOCOL, b"http"))
     return headers
+
+
+def app_protocol_headers(*, http: bool) -> list[tuple[bytes, bytes]]:
+    """The headers of a 200 beside ``:status``."""
+    return [(APP_PROTOCOL, b"http")] if http else []
+
+
+def speaks_http(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether a peer's answer says the app behind it speaks HTTP."""
+    return (APP_PROTOCOL, b"http") in headers
 
 
 def denial_of(headers: Sequence[tuple[bytes, bytes]]) -> Denial | None:

@@ -37,7 +37,7 @@ from .bridge import Bridge
 from .channel import EngineChannel, SecureChannel
 from .config import Address, InboundConfig
 from .earlygate import EarlyStream
-from .hbone import Refusal, denial_headers, parse_connect
+from .hbone import Refusal, app_protocol_headers, denial_headers, parse_connect
 from .identity import Identity
 from .listen import listen_twin
 from .metrics import Metrics
@@ -188,10 +188,11 @@ class Inbound:
             self.metrics.streams.labels(direction="inbound", outcome="refused").inc()
             return
         self.metrics.policy.labels(decision="allow").inc()
+        http = authorizer.speaks_http(request.port)
         if session.receiving_early:
-            self._early(session, stream_id, app, entry, authorizer.speaks_http(request.port))
+            self._early(session, stream_id, app, entry, http)
             return
-        self._forward(session, stream_id, app, entry)
+        self._forward(session, stream_id, app, entry, http)
 
     def _early(
         self, session: Session, stream_id: int, app: Address, entry: _Entry, http: bool
@@ -214,7 +215,7 @@ class Inbound:
             session,
             stream_id,
             self.metrics,
-            forward=lambda: self._forward(session, stream_id, app, entry, gate),
+            forward=lambda: self._forward(session, stream_id, app, entry, http, gate),
             too_early=too_early,
         )
         session.accept_stream(stream_id, gate)
@@ -225,14 +226,17 @@ class Inbound:
         stream_id: int,
         app: Address,
         entry: _Entry,
+        http: bool,
         handler: StreamHandler | None = None,
     ) -> Bridge:
-        """Dial the app and splice it to the stream (`handler` stays in front if given)."""
+        """Dial the app and splice it to the stream (`handler` stays in front if given).
+        The 200 says whether the app speaks HTTP (`hbone.app_protocol_headers`): the
+        caller may then send it safe requests in 0-RTT on a later connection."""
 
         def connected() -> None:
             entry.status = 200
             if stream_id in session.streams:
-                session.respond(stream_id, 200)
+                session.respond(stream_id, 200, app_protocol_headers(http=http))
 
         def done(bridge: Bridge, outcome: str) -> None:
             if entry.status is None:  # never connected: `_dial` answered 503

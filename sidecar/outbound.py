@@ -17,10 +17,13 @@ half-closed, and what the app still sends is read and dropped for `LINGER` secon
 the close (RFC 9112 §9.6: closing with unread input would reset the connection, and the app
 could lose the answer). Every stream ends in one access-log line (`sidecar.accesslog`).
 
-An upstream declared ``protocol: http`` may send the app's first request in TLS 0-RTT on
-a fresh resumed connection, when `early_data` (by default `sidecar.earlydata.replay_safe`:
-GET, HEAD, OPTIONS without a body) judges it replay-safe; a ``425 Too Early`` from the
-peer is retried on the completed connection (`pool`, `bridge`).
+A destination known to speak HTTP -- an upstream declared ``protocol: http``, or any route
+whose peer answered a stream with ``trellis-app-protocol: http`` (its AccessPolicy says
+``protocol: http``; remembered for up to `HTTP_ROUTES` routes) -- may get the app's first
+request in TLS 0-RTT on a fresh resumed connection, when `early_data` (by default
+`sidecar.earlydata.replay_safe`: GET, HEAD, OPTIONS without a body) judges it
+replay-safe; a ``425 Too Early`` from the peer is retried on the completed connection
+(`pool`, `bridge`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import logging
 import socket
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import cast
 
@@ -42,7 +46,7 @@ from .bridge import Bridge
 from .config import Address, UpstreamConfig
 from .earlydata import replay_safe as http_replay_safe
 from .h2tunnel import ErrorCode
-from .hbone import denial_of, http_forbidden
+from .hbone import denial_of, http_forbidden, speaks_http
 from .listen import listen_twin
 from .metrics import Metrics
 from .passthrough import PassthroughRoute, take_over
@@ -55,6 +59,7 @@ __all__ = ["Outbound", "original_destination"]
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 LINGER = 2.0  # seconds an app's unread request may keep arriving after our HTTP 403
+HTTP_ROUTES = 4096  # routes remembered as HTTP from the peers' answers (oldest forgotten)
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
@@ -137,6 +142,8 @@ class _OutboundBridge(Bridge):
         self.status = status
         if self.peer is None and self.session is not None:
             self.peer = self.session.peer_id  # a first-flight stream: known only now
+        if status == 200 and self.route is not None and speaks_http(headers):
+            self._outbound.learned_http(self.route)
         denial = denial_of(headers) if status == 403 else None
         if denial is not None:
             self.rule = denial.rule
@@ -198,6 +205,7 @@ class Outbound:
         """`early_data` judges whether what an app wrote to an upstream declared HTTP may
         go in 0-RTT (None: never)."""
         self.early_data = early_data
+        self._http_routes: OrderedDict[Route, None] = OrderedDict()
         self.pools = pools
         self.metrics = metrics
         self.inbound_port = inbound_port
@@ -245,6 +253,13 @@ class Outbound:
         if twin is not None:
             self.servers.append(twin)
 
+    def learned_http(self, route: Route) -> None:
+        """The peer behind `route` said its app speaks HTTP."""
+        self._http_routes[route] = None
+        self._http_routes.move_to_end(route)
+        if len(self._http_routes) > HTTP_ROUTES:
+            self._http_routes.popitem(last=False)
+
     def start(self, bridge: _OutboundBridge) -> None:
         self.bridges.add(bridge)
         task = asyncio.get_running_loop().create_task(self._open(bridge))
@@ -255,7 +270,10 @@ class Outbound:
         assert bridge.route is not None
         endpoints, ids, authority = bridge.route
         try:
-            await self.pools.open(endpoints, ids, authority, bridge, bridge.replay_safe)
+            replay_safe = bridge.replay_safe
+            if replay_safe is None and bridge.route in self._http_routes:
+                replay_safe = self.early_data
+            await self.pools.open(endpoints, ids, authority, bridge, replay_safe)
         except ConnectionError as exc:
             logger.info("no stream for %s: %s", authority, exc)
             bridge.reason = f"no stream: {exc}"

@@ -567,11 +567,20 @@ class Session(asyncio.Protocol):
         self.streams_opened += 1
         self.last_active = time.monotonic()
 
-    def respond(self, stream_id: int, status: int, *, end: bool = False) -> None:
+    def respond(
+        self,
+        stream_id: int,
+        status: int,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        *,
+        end: bool = False,
+    ) -> None:
         if self.dead:
             return
         try:
-            self._h2.send_headers(stream_id, [(b":status", str(status).encode())], end_stream=end)
+            self._h2.send_headers(
+                stream_id, [(b":status", str(status).encode()), *headers], end_stream=end
+            )
         except H2StateError:
             return
         if end:

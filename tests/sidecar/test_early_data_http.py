@@ -212,17 +212,34 @@ def test_an_upstream_is_declared_http_in_the_sidecar_config_and_anything_else_is
     assert "upstreams[0].protocol" in str(refused.value) and "\n" not in str(refused.value)
 
 
-def test_an_upstream_not_declared_http_resumes_but_never_sends_early_data(
+def test_a_route_neither_side_declares_http_resumes_but_never_sends_early_data(
     tmp_path: Path,
 ) -> None:
     async def scenario() -> None:
-        async with mesh(Pki(), tmp_path, upstream_protocol="tcp") as m:
+        async with mesh(Pki(), tmp_path, upstream_protocol="tcp", callee_http=False) as m:
             await request(m.upstream, GET)
             await m.tickets()
             await m.forget_connections()
             assert await request(m.upstream, GET) == b"GET early=-"
             assert m.server("tls_resumption_total", kind="ticket") == 1
             assert m.server("tls_early_data_total", outcome="accepted") == 0
+
+    run(scenario())
+
+
+def test_a_caller_learns_from_the_callees_200_that_it_speaks_http_and_sends_the_next_get_early(
+    tmp_path: Path,
+) -> None:
+    """Transparent interception knows no upstream config: the callee's answer says
+    ``trellis-app-protocol: http`` (its AccessPolicy's protocol), and that is enough."""
+
+    async def scenario() -> None:
+        async with mesh(Pki(), tmp_path, upstream_protocol="tcp") as m:
+            assert await request(m.upstream, GET) == b"GET early=-"
+            await m.tickets()
+            await m.forget_connections()
+            assert await request(m.upstream, GET) == b"GET early=1"
+            assert m.server("tls_early_data_total", outcome="accepted") == 1
 
     run(scenario())
 
