@@ -38,6 +38,18 @@ Layers, bottom up:
   certificates per chain, 128 KiB of records before the handshake completes, and a few
   warning alerts, empty records or KeyUpdates in a row without application data
   (CVE-2016-8610's class).
+* `tickets`, `resumption`, `replay`, `ticketstore` — session resumption and 0-RTT
+  (RFC 8446 §2.2, §2.3). A server with `TLSConfig.ticket_ring` (a `StekRing`, fed by
+  the key distributor through `install(active, previous, next)`) sends stateless tickets
+  sealed with AES-256-GCM and resumes them with `psk_dhe_ke` only, re-verifying the
+  ticket's peer chain against today's bundles and policy. Early data is accepted only
+  within the ticket-age window, once (`ReplayCache`) and, in strict mode, only by the
+  issuing replica; rejected early data is skipped and the handshake goes on in 1-RTT. A
+  client with `TLSConfig.ticket_store` keeps tickets per (endpoint, expected SPIFFE ID)
+  and offers each once; it sends `early_data` only when the caller says it is
+  `replay_safe`. Received 0-RTT arrives as `ApplicationData(early=True)` before
+  `HandshakeComplete`, whose `early_data` is "accepted", "rejected" or "none" on both
+  sides and `session_resumed` says whether a ticket was used.
 
 Errors: every protocol failure is a `TLSError` carrying its `AlertDescription`; when
 `receive_data` raises it, the fatal alert is already queued in `data_to_send()` and
@@ -82,9 +94,12 @@ from .events import (
 )
 from .groups import NamedGroup
 from .keylog import file_key_log
+from .replay import ReplayCache
 from .server import ServerConnection
 from .signatures import SignatureScheme
 from .suites import CipherSuite
+from .tickets import Stek, StekRing
+from .ticketstore import TicketStore
 from .verify import PeerVerifier, SpiffeVerifier, VerifiedPeer
 
 __all__ = [
@@ -105,12 +120,16 @@ __all__ = [
     "NamedGroup",
     "PeerCertificate",
     "PeerVerifier",
+    "ReplayCache",
     "ServerConnection",
     "SessionTicket",
     "SignatureScheme",
     "SpiffeVerifier",
+    "Stek",
+    "StekRing",
     "TLSConfig",
     "TLSError",
+    "TicketStore",
     "TrafficSecrets",
     "VerifiedPeer",
     "file_key_log",
