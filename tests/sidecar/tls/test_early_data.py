@@ -8,7 +8,11 @@ server's injected `now`. Before this feature no ticket existed, so nothing was 0
 
 from __future__ import annotations
 
-from sidecar.tls import ClientConnection, ServerConnection
+import dataclasses
+
+import pytest
+
+from sidecar.tls import AlertDescription, ClientConnection, ServerConnection, TLSError
 from sidecar.tls.replay import ReplayCache
 
 from .helpers import drain, pump
@@ -169,3 +173,32 @@ def test_early_data_offered_before_a_hello_retry_request_is_skipped() -> None:
     assert client.handshake_complete and server.handshake_complete
     assert completed(drain(client)).early_data == "rejected"
     assert not [e for e in drain(server) if getattr(e, "early", False)]
+
+
+def _inflate_ticket_limit(mesh: Mesh, limit: int) -> None:
+    """The client trusts a ticket's max_early_data_size: make it claim `limit`."""
+    stored = mesh.store.take((ENDPOINT, str(SERVER_ID)), T0, 0)
+    assert stored is not None
+    ticket = dataclasses.replace(stored.ticket, max_early_data_size=limit)
+    mesh.store.put((ENDPOINT, str(SERVER_ID)), ticket, stored.received, 0)
+
+
+def test_early_data_beyond_the_tickets_own_limit_is_unexpected_message() -> None:
+    mesh = _with_ticket()
+    _inflate_ticket_limit(mesh, 20000)
+    client = _early_client(mesh, T0 + 2, bytes(20000))
+    server = ServerConnection(mesh.server(), now=T0 + 2)
+    with pytest.raises(TLSError) as caught:
+        server.receive_data(client.data_to_send())
+    # RFC 8446 §4.2.10: more than max_early_data_size (16384 in the ticket) is refused.
+    assert caught.value.alert == AlertDescription.unexpected_message
+
+
+def test_rejected_early_data_is_skipped_only_up_to_a_bound() -> None:
+    mesh = _with_ticket()
+    _inflate_ticket_limit(mesh, 70000)
+    client = _early_client(mesh, T0 + 2, bytes(70000))
+    server = ServerConnection(mesh.server(b"replica-b"), now=T0 + 2)  # rejects: strict
+    with pytest.raises(TLSError) as caught:
+        server.receive_data(client.data_to_send())
+    assert caught.value.alert == AlertDescription.unexpected_message

@@ -259,3 +259,37 @@ def test_a_ring_rotation_does_not_disturb_a_handshake_in_flight() -> None:
     # The tickets this handshake issued are sealed under the new active key.
     tickets = [e for e in drain(client) if isinstance(e, SessionTicket)]
     assert tickets and all(t.ticket[:16] == stek(1).key_id for t in tickets)
+
+
+def test_a_client_offering_psk_ke_only_gets_a_full_handshake() -> None:
+    mesh = Mesh()
+    connect(mesh.client(), mesh.server(), T0)
+    client = ClientConnection(
+        mesh.client(), "x.example.org", T0 + 1, endpoint=ENDPOINT, expected_peer=SERVER_ID
+    )
+    hello = client.data_to_send()
+    modes = bytes.fromhex("002d00020101")  # psk_key_exchange_modes = [psk_dhe_ke]
+    assert hello.count(modes) == 1
+    # psk_ke alone would resume without a fresh key exchange: never accepted (§4.2.9).
+    psk_ke_only = hello.replace(modes, bytes.fromhex("002d00020100"))
+    server = ServerConnection(mesh.server(), now=T0 + 1)
+    server.receive_data(psk_ke_only)
+    out = server.data_to_send()
+    assert bytes.fromhex("002900020000") not in out[:200]  # no pre_shared_key selected
+    assert len(out) > 2000  # a full flight: the server's certificate chain is in it
+
+
+def test_a_server_selecting_an_identity_never_offered_is_illegal_parameter() -> None:
+    mesh = Mesh()
+    connect(mesh.client(), mesh.server(), T0)
+    client = ClientConnection(
+        mesh.client(), "x.example.org", T0 + 1, endpoint=ENDPOINT, expected_peer=SERVER_ID
+    )
+    server = ServerConnection(mesh.server(), now=T0 + 1)
+    server.receive_data(client.data_to_send())
+    flight = server.data_to_send()
+    selected = bytes.fromhex("002900020000")
+    assert selected in flight[:200]
+    with pytest.raises(TLSError) as caught:
+        client.receive_data(flight.replace(selected, bytes.fromhex("002900020001"), 1))
+    assert caught.value.alert == AlertDescription.illegal_parameter
