@@ -228,7 +228,14 @@ class ExpectClientHello(HandshakeState):
         if ext.has_early_data and (resumed is None or not resumed.early_data):
             # RFC 8446 §4.2.10: rejected 0-RTT is skipped, and the handshake goes on.
             ctx.skip_early_data(EARLY_DATA_SKIP)
-        return _send_server_flight(ctx, ch, ext, choice, share, self.key, transcript, resumed)
+        # Offered now or before a HelloRetryRequest (which rejects it): for the outcome.
+        early_offered = ext.has_early_data or (
+            retry is not None
+            and any(t == ExtensionType.early_data for t, _ in retry.first_hello.extensions)
+        )
+        return _send_server_flight(
+            ctx, ch, ext, choice, share, self.key, transcript, resumed, early_offered
+        )
 
     def _send_retry(
         self,
@@ -328,6 +335,7 @@ def _send_server_flight(
     key: PrivateKey,
     transcript: Transcript,
     resumed: Resumed | None = None,
+    early_offered: bool = False,
 ) -> HandshakeState:
     config = ctx.config
     params = choice.params
@@ -375,7 +383,9 @@ def _send_server_flight(
     ctx.send(transcript, push_encrypted_extensions(EncryptedExtensions(tuple(ee_ext))))
     if resumed is not None:
         # RFC 8446 §2.2: a PSK handshake authenticates with the PSK, no certificates.
-        return _resumed_flight(ctx, ch, ext, choice, transcript, hs, client_hs, server_hs, resumed)
+        return _resumed_flight(
+            ctx, ext, choice, transcript, hs, client_hs, server_hs, resumed, early_offered
+        )
     if config.require_client_certificate:
         cr_ext: tuple[RawExtension, ...] = (
             (ExtensionType.signature_algorithms, push_uint16_list(config.signature_schemes)),
@@ -406,7 +416,10 @@ def _send_server_flight(
     ctx.log_secret(CLIENT_TRAFFIC_0, client_ap)
     ctx.log_secret(EXPORTER, master.exporter_master_secret(th))
     ctx.install_write_keys(params, server_ap)
-    keys = _ServerKeys(params, master, client_hs, client_ap, server_ap, choice, ext.server_name)
+    early = "rejected" if early_offered else "none"
+    keys = _ServerKeys(
+        params, master, client_hs, client_ap, server_ap, choice, ext.server_name, False, early
+    )
     if config.require_client_certificate:
         return ExpectPeerCertificate(CLIENT_PEER, transcript, keys)
     return ExpectPeerFinished(CLIENT_PEER, transcript, keys, anonymous_peer())
@@ -414,7 +427,6 @@ def _send_server_flight(
 
 def _resumed_flight(
     ctx: HandshakeContext,
-    ch: ClientHello,
     ext: ClientHelloExtensions,
     choice: _Choice,
     transcript: Transcript,
@@ -422,6 +434,7 @@ def _resumed_flight(
     client_hs: bytes,
     server_hs: bytes,
     resumed: Resumed,
+    early_offered: bool,
 ) -> HandshakeState:
     """After EncryptedExtensions of a resumption: Finished, then the client's
     [early data, EndOfEarlyData,] Finished."""
@@ -438,7 +451,7 @@ def _resumed_flight(
     ctx.log_secret(CLIENT_TRAFFIC_0, client_ap)
     ctx.log_secret(EXPORTER, master.exporter_master_secret(th))
     ctx.install_write_keys(params, server_ap)
-    early = "accepted" if resumed.early_data else "rejected" if ext.has_early_data else "none"
+    early = "accepted" if resumed.early_data else "rejected" if early_offered else "none"
     keys = _ServerKeys(
         params, master, client_hs, client_ap, server_ap, choice, ext.server_name, True, early
     )

@@ -26,6 +26,7 @@ from .resumption_support import (
     replay,
     run_client,
     serving,
+    stek,
 )
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -172,7 +173,22 @@ def test_early_data_offered_before_a_hello_retry_request_is_skipped() -> None:
     pump(client, server)
     assert client.handshake_complete and server.handshake_complete
     assert completed(drain(client)).early_data == "rejected"
-    assert not [e for e in drain(server) if getattr(e, "early", False)]
+    server_events = drain(server)
+    assert not [e for e in server_events if getattr(e, "early", False)]
+    assert completed(server_events).early_data == "rejected"  # counted as a rejection
+
+
+def test_early_data_with_a_ticket_the_server_cannot_open_is_rejected_in_a_full_handshake() -> None:
+    mesh = _with_ticket()
+    client = _early_client(mesh, T0 + 2)
+    stranger = Mesh()
+    stranger.ring.install(stek(50), [], None)  # a ring that never held the ticket's key
+    server = ServerConnection(stranger.server(), now=T0 + 2)
+    pump(client, server)
+    assert client.handshake_complete and server.handshake_complete
+    server_done = completed(drain(server))
+    assert not server_done.session_resumed and server_done.early_data == "rejected"
+    assert completed(drain(client)).early_data == "rejected"
 
 
 def _inflate_ticket_limit(mesh: Mesh, limit: int) -> None:
