@@ -15,7 +15,7 @@ import pytest
 from sidecar.tls import AlertDescription, ClientConnection, ServerConnection, TLSError
 from sidecar.tls.replay import ReplayCache
 
-from .helpers import drain, pump
+from .helpers import drain, feed, pump
 from .pki import SERVER_ID
 from .resumption_support import (
     ENDPOINT,
@@ -218,3 +218,20 @@ def test_rejected_early_data_is_skipped_only_up_to_a_bound() -> None:
     with pytest.raises(TLSError) as caught:
         server.receive_data(client.data_to_send())
     assert caught.value.alert == AlertDescription.unexpected_message
+
+
+@pytest.mark.parametrize("replica", [b"replica-a", b"replica-b"], ids=["accepted", "rejected"])
+def test_a_0rtt_flight_fed_one_byte_at_a_time_gives_the_same_outcome(replica: bytes) -> None:
+    mesh = _with_ticket()
+    client = _early_client(mesh, T0 + 2)
+    server = ServerConnection(mesh.server(replica), now=T0 + 2)
+    feed(server, client.data_to_send(), bytewise=True)
+    feed(client, server.data_to_send(), bytewise=True)
+    feed(server, client.data_to_send(), bytewise=True)
+    assert server.handshake_complete
+    events = drain(server)
+    early = [e.data for e in events if getattr(e, "early", False)]  # type: ignore[attr-defined]
+    if replica == b"replica-a":
+        assert b"".join(early) == REQUEST and completed(events).early_data == "accepted"
+    else:
+        assert early == [] and completed(events).early_data == "rejected"

@@ -293,3 +293,22 @@ def test_a_server_selecting_an_identity_never_offered_is_illegal_parameter() -> 
     with pytest.raises(TLSError) as caught:
         client.receive_data(flight.replace(selected, bytes.fromhex("002900020001"), 1))
     assert caught.value.alert == AlertDescription.illegal_parameter
+
+
+def test_handshakes_keep_resuming_across_hourly_rotations_under_load() -> None:
+    mesh = Mesh(ring=ring_at(0))
+    connect(mesh.client(), mesh.server(), T0)
+    outcomes = {"resumed": 0, "full": 0, "failed": 0}
+    for n in range(60):  # bounded: six rotations, ten handshakes an hour
+        now = T0 + n * 360 + 1
+        if n and n % 10 == 0:
+            ring_at(n // 10, mesh.ring)
+        try:
+            _client, server = connect(mesh.client(), mesh.server(), now)
+        except TLSError:
+            outcomes["failed"] += 1
+            continue
+        outcomes["resumed" if completed(drain(server)).session_resumed else "full"] += 1
+    # Each ticket was sealed under a key the next ring still holds: every one resumed.
+    assert outcomes == {"resumed": 60, "full": 0, "failed": 0}
+    assert mesh.ring.rotations == 5
