@@ -36,7 +36,7 @@ from ca.api import AgentIdentity, BundleUpdate, CaClient, CaError, JwtSvidToken
 from ca.api._proto import ca_pb2
 from ca.bundle import TrustBundle
 from ca.entries import EntrySet
-from ca.keys import PrivateKey
+from ca.keys import KeyAlgorithm, PrivateKey
 from ca.x509svid import X509Svid
 
 __all__ = ["GrpcUpstream"]
@@ -82,6 +82,10 @@ class GrpcUpstream:
     @property
     def agent_svid(self) -> X509Svid | None:
         return self.client.agent_svid
+
+    @property
+    def workload_key_type(self) -> KeyAlgorithm | None:
+        return self.client.workload_key_type
 
     @property
     def attestation_method(self) -> str:

@@ -82,8 +82,9 @@ class AgentFatalError(Exception):
 @dataclass(frozen=True)
 class RotatorConfig:
     sync_interval: float = 5.0
-    # Workload keys; None follows the CA: the parameter set of an ML-DSA intermediate (a
-    # trust domain created post-quantum), else P-256, which every classical peer verifies.
+    # Workload keys; None follows the CA: the type its server tells with the entries, else
+    # the parameter set of an ML-DSA intermediate (a trust domain created post-quantum),
+    # else P-256, which every classical peer verifies.
     key_algorithm: KeyAlgorithm | None = None
     jitter: float = 0.1
     backoff_base: float = 0.5
@@ -323,6 +324,9 @@ class Rotator:
         as its intermediate (the second certificate of the agent's own chain) shows it."""
         if self.config.key_algorithm is not None:
             return self.config.key_algorithm
+        told = self.upstream.workload_key_type  # trellis ca serve --workload-key-type
+        if told is not None:
+            return told
         agent = self.upstream.agent_svid
         if agent is not None and len(agent.chain) > 1:
             issuer_key = agent.chain[1].public_key()

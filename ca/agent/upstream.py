@@ -78,6 +78,10 @@ class Upstream(Protocol):
 
     async def fetch_entries(self) -> EntrySet: ...
 
+    @property
+    def workload_key_type(self) -> KeyAlgorithm | None:
+        """The key type the CA wants workload keys of (learnt with the entries), if any."""
+
     async def batch_new_x509_svids(
         self, requests: Sequence[tuple[str, PrivateKey]]
     ) -> list[X509Svid]: ...
@@ -201,6 +205,10 @@ class InProcessUpstream:
         if self._agent_svid is None:
             raise UpstreamRefused("unauthenticated", "no agent SVID: attest first")
         return self._issue_agent()
+
+    @property
+    def workload_key_type(self) -> KeyAlgorithm | None:
+        return None  # in-process: the intermediate at hand says it (Rotator's auto)
 
     async def fetch_entries(self) -> EntrySet:
         self._enter("fetch_entries")

@@ -60,7 +60,7 @@ from ca.api.signing_stream import SigningStream
 from ca.api.values import AgentIdentity, BundleUpdate, JwtSvidToken
 from ca.bundle import BundleError, TrustBundle
 from ca.entries import EntryError, EntrySet
-from ca.keys import KeyAlgorithm, PrivateKey, generate_private_key
+from ca.keys import KeyAlgorithm, KeyMaterialError, PrivateKey, generate_private_key
 from ca.spiffeid import SpiffeId
 from ca.x509svid import X509Svid
 
@@ -143,8 +143,16 @@ class CaClient:
         # False once the CA has answered StreamX509SVIDs with UNIMPLEMENTED.
         self.signing_stream = True
         self.max_batch: int | None = None
+        # The CA's workload key type, learnt from every FetchEntries (None: not set there).
+        self.workload_key_type: KeyAlgorithm | None = None
 
     # -- state -------------------------------------------------------------------------
+
+    def _learn_workload_key_type(self, advertised: str) -> None:
+        try:
+            self.workload_key_type = KeyAlgorithm.parse(advertised) if advertised else None
+        except KeyMaterialError:
+            self.workload_key_type = None  # a newer CA's type this agent cannot make
 
     def _learn_max_batch(self, advertised: int) -> None:
         # 0: a CA from before the field, which says nothing; keep what we knew.
@@ -369,6 +377,7 @@ class CaClient:
             ca_pb2.FetchEntriesResponse,
         )
         self._learn_max_batch(response.max_batch)
+        self._learn_workload_key_type(response.workload_key_type)
         try:
             return EntrySet(tuple(entry_from_proto(e) for e in response.entries))
         except EntryError as exc:

@@ -134,6 +134,7 @@ def node_entries_to_proto(answer: NodeEntries) -> ca_pb2.FetchEntriesResponse:
         entries=[entry_to_proto(e) for e in answer.entries],
         revision=answer.revision,
         max_batch=answer.max_batch,
+        workload_key_type=answer.workload_key_type,
     )
 
 

@@ -125,3 +125,4 @@ class NodeEntries:
     entries: tuple[RegistrationEntry, ...]
     revision: str
     max_batch: int
+    workload_key_type: str = ""  # a KeyAlgorithm value, or "" for the agent's choice

@@ -38,6 +38,7 @@ from typing import Any
 
 from ca.cli import add_key_passphrase_argument
 from ca.entries import EntryError
+from ca.keys import KeyAlgorithm, KeyMaterialError
 from core.durations import parse_duration
 from core.errors import CliError
 from core.eventloop import install_uvloop
@@ -63,6 +64,13 @@ def _stek_rotation(text: str) -> dt.timedelta:
     if value < dt.timedelta(seconds=1):
         raise argparse.ArgumentTypeError(f"{text!r} is shorter than one second")
     return value
+
+
+def _workload_key_type(text: str) -> KeyAlgorithm:
+    try:
+        return KeyAlgorithm.parse(text)
+    except KeyMaterialError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _batch_limit(text: str) -> int:
@@ -173,6 +181,15 @@ def register(ca_commands: Any) -> None:
         type=_batch_limit,
         default=1000,
         help="most CSRs in one BatchNewX509SVID call; agents are told and split to fit",
+    )
+    p.add_argument(
+        "--workload-key-type",
+        type=_workload_key_type,
+        default=None,
+        metavar="TYPE",
+        help="key type agents make workload keys of, told with their entries (one of"
+        f" {', '.join(a.value for a in KeyAlgorithm)}; default: each agent's own choice,"
+        " which follows an ML-DSA intermediate's parameter set)",
     )
     p.add_argument(
         "--k8s-psat",
@@ -345,6 +362,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         agent_rate=args.agent_rate,
         agent_burst=args.agent_burst,
+        workload_key_type=args.workload_key_type.value if args.workload_key_type else "",
         psat_allowed_service_accounts=tuple(args.psat_allow)
         or ServiceConfig().psat_allowed_service_accounts,
     )

@@ -154,6 +154,8 @@ class ServiceConfig:
     attest_burst: float = 20.0
     psat_allowed_service_accounts: tuple[str, ...] = ("trellis-system:trellis-agent",)
     psat_audience: str = PSAT_AUDIENCE
+    # The trust domain's workload key type, told to agents with their entries ("": theirs).
+    workload_key_type: str = ""
 
 
 class CaService:
@@ -498,4 +500,9 @@ class CaService:
     def fetch_entries(self, node: str) -> NodeEntries:
         self._rate_limit(node, 1)
         current = self.entries.current()
-        return NodeEntries(current.for_node(node), current.revision, self.config.max_batch)
+        return NodeEntries(
+            current.for_node(node),
+            current.revision,
+            self.config.max_batch,
+            self.config.workload_key_type,
+        )

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import mldsa
+from cryptography.hazmat.primitives.asymmetric import ec, mldsa
 from cryptography.x509.oid import SignatureAlgorithmOID
 from spiffe import JwtSvid, WorkloadApiClient
 
@@ -97,3 +97,44 @@ def test_py_spiffe_fetches_an_mldsa65_svid_through_the_ca_server_and_agent(
     jwt_bundle = jwt_bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
     assert jwt_bundle is not None
     assert str(JwtSvid.parse_and_validate(jwt.token, jwt_bundle, {"db"}).spiffe_id) == WEB
+
+
+def _ecdsa_mesh(tmp_path: Path, short_dir: Path, agent_extra: tuple[str, ...] = ()) -> Mesh:
+    now = dt.datetime.now(dt.UTC)
+    store = CaStore(tmp_path / "ca")
+    root = RootAuthority.create(TrustDomain("example.org"), now=now)  # P-384
+    store.save_root(root, b"e2e-passphrase-123")
+    store.save_intermediate(root.issue_intermediate("west", now=now), JwtAuthority.generate())
+    write_web_entry(tmp_path / "entries.yaml", "ttl: 1h")
+    mesh = Mesh(tmp_path, short_dir / "agent.sock", agent_extra=agent_extra)
+    mesh.start_ca(mint_token=True, extra=["--workload-key-type", "mldsa65"])
+    return mesh
+
+
+def test_ca_serve_workload_key_type_makes_the_agent_issue_mldsa65_under_an_ecdsa_ca(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    mesh = _ecdsa_mesh(tmp_path, short_dir)
+    try:
+        mesh.start_agent()
+        with client_of(mesh) as client:
+            svid = client.fetch_x509_svid()
+    finally:
+        mesh.stop()
+    assert isinstance(svid.private_key, mldsa.MLDSA65PrivateKey)
+    # The mixed hierarchy: an ML-DSA-65 key in a leaf an ECDSA P-256 intermediate signed.
+    assert svid.leaf.signature_algorithm_oid == SignatureAlgorithmOID.ECDSA_WITH_SHA256
+
+
+def test_the_agents_own_workload_key_type_wins_over_the_cas(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    mesh = _ecdsa_mesh(tmp_path, short_dir, ("--workload-key-type", "p384"))
+    try:
+        mesh.start_agent()
+        with client_of(mesh) as client:
+            svid = client.fetch_x509_svid()
+    finally:
+        mesh.stop()
+    assert isinstance(svid.private_key, ec.EllipticCurvePrivateKey)
+    assert svid.private_key.curve.name == "secp384r1"

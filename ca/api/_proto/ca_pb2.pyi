@@ -168,14 +168,16 @@ class FetchEntriesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class FetchEntriesResponse(_message.Message):
-    __slots__ = ("entries", "revision", "max_batch")
+    __slots__ = ("entries", "revision", "max_batch", "workload_key_type")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[Entry]
     revision: str
     max_batch: int
-    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., revision: _Optional[str] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    workload_key_type: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., revision: _Optional[str] = ..., max_batch: _Optional[int] = ..., workload_key_type: _Optional[str] = ...) -> None: ...
 
 class WatchBundleRequest(_message.Message):
     __slots__ = ()
