@@ -74,6 +74,16 @@ counted. A document without `mesh` keeps every destination in the mesh. Reloaded
 with the rest of the document. The iptables plan's `--exclude-outbound-ip-ranges` never
 reach the sidecar at all; `--include-outbound-ip-ranges` redirects only those ranges.
 
+Resumption and 0-RTT: pooled connections offer a session ticket the peer issued before
+(one use each, per endpoint and expected SPIFFE ID, all dropped when the trust bundles
+change); a server sends tickets only while it holds its service's STEK ring from the
+agent. A fresh connection to a destination known to speak HTTP (an upstream's YAML
+`protocol: http`, or a peer whose 200 said `trellis-app-protocol: http`) carries the
+app's first request in 0-RTT when it is GET, HEAD or OPTIONS without a body
+(`sidecar.earlydata`). The receiving sidecar forwards such requests at once with
+`Early-Data: 1` and answers anything else in early data `425 Too Early` (RFC 8470), which
+the calling sidecar retries once its handshake is complete; the app never sees a 425.
+
 Admin (aiohttp, `--admin-port`, 127.0.0.1 only) and health (`--health-port`)
 ---------------------------------------------------------------------------
 The admin listener binds a loopback address (a YAML `admin` elsewhere is refused): it
