@@ -64,6 +64,7 @@ ERR_INVALID_ENV = 4
 ERR_IO = 5
 ERR_DECODE = 6
 ERR_INVALID_CONFIG = 7
+ERR_POD_READ = 11  # SPEC.md: "Try again later" - the API server may answer next time
 # Plugin-specific (100 and up): the redirect could not be installed or is not as planned.
 ERR_REDIRECT_FAILED = 100
 ERR_REDIRECT_MISSING = 101
@@ -244,19 +245,17 @@ ANNOTATION_REDIRECT = "trellis.dev/redirect"
 
 
 def _pod_annotations(kubeconfig: str, namespace: str, name: str) -> Mapping[str, str]:
-    # Imported here: static mode and DEL never need the Kubernetes client.
-    from kubernetes import client, config
-    from kubernetes.client.exceptions import ApiException
+    # One HTTPS GET (sidecar.podannotations), not the Kubernetes client: importing that
+    # was most of every ADD's time.
+    from .podannotations import ApiReadError, load_kubeconfig, read_annotations
 
     try:
-        api = client.CoreV1Api(config.new_client_from_config(config_file=kubeconfig))  # type: ignore[no-untyped-call]
-        pod = api.read_namespaced_pod(name, namespace, _request_timeout=10)
-    except ApiException as exc:
-        raise CniError(11, f"reading pod {namespace}/{name} failed", str(exc.reason)) from exc
-    except (OSError, config.ConfigException) as exc:
-        raise CniError(ERR_IO, f"kubeconfig {kubeconfig} unusable", str(exc)) from exc
-    meta = pod.metadata
-    return (meta.annotations if meta is not None else None) or {}
+        return read_annotations(load_kubeconfig(kubeconfig), namespace, name, timeout=10.0)
+    except ApiReadError as exc:
+        if exc.config:
+            raise CniError(ERR_IO, f"{exc.msg} ({kubeconfig})", exc.details) from None
+        message = f"reading pod {namespace}/{name} failed: {exc.msg}"
+        raise CniError(ERR_POD_READ, message, exc.details) from None
 
 
 def _wanted(config: PluginConfig, env: Mapping[str, str]) -> RedirectAnnotations | None:
