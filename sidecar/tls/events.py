@@ -35,6 +35,8 @@ class HandshakeComplete(Event):
     alpn_protocol: str | None
     server_name: str | None
     peer_spiffe_id: SpiffeId | None
+    # A ticket was used (RFC 8446 §2.2): no certificate was exchanged, so
+    # signature_scheme is 0, and the peer is the one the ticket's handshake verified.
     session_resumed: bool = False
     # RFC 8446 §4.2.10: "none" (not offered), "accepted" or "rejected". On a rejection
     # the client's early data never reached the server: the caller sends it again.
