@@ -312,3 +312,14 @@ def test_handshakes_keep_resuming_across_hourly_rotations_under_load() -> None:
     # Each ticket was sealed under a key the next ring still holds: every one resumed.
     assert outcomes == {"resumed": 60, "full": 0, "failed": 0}
     assert mesh.ring.rotations == 5
+
+
+def test_a_ticket_past_its_lifetime_is_dropped_by_the_client() -> None:
+    mesh = Mesh()
+    connect(mesh.client(), mesh.server(), T0)
+    stored = mesh.store.take((ENDPOINT, str(SERVER_ID)), T0, 0)
+    assert stored is not None
+    lifetime = stored.ticket.lifetime
+    mesh.store.put((ENDPOINT, str(SERVER_ID)), stored.ticket, T0, 0)
+    assert mesh.store.take((ENDPOINT, str(SERVER_ID)), T0 + lifetime + 1, 0) is None
+    assert len(mesh.store) == 0  # the expired ones are gone, not kept for later
