@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ca.spiffeid import SpiffeId
 from sidecar.config import Address, InboundConfig, InboundTarget, PoolConfig, UpstreamConfig
@@ -118,7 +119,14 @@ class Mesh:
     outbound: Outbound
     upstream: int  # the port the caller's app dials
     tap: Tap | None
+    make_replica: Callable[[], Any]
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def replica(self) -> Any:
+        """Another replica of the callee (an async context manager yielding its
+        `Inbound` and `Metrics`): same service identity, same app, the same STEK ring,
+        its own replica id and replay cache."""
+        return self.make_replica()
 
     def counter(self, metrics: Metrics, name: str, **labels: str) -> float:
         value = metrics.registry.get_sample_value(name, labels)
@@ -184,22 +192,36 @@ async def mesh(
     seen: list[bytes] = []
     app = await loop.create_server(lambda: HttpApp(seen), "127.0.0.1", 0)
     app_port = app.sockets[0].getsockname()[1]
-    server_identity = Identity()
-    server_identity.update(*load_svid_dir(pki.write(workdir / "server", ECHO)))
     ring = StekRing()
     ring.install(new_stek(time.time()), (), None)
-    server_identity.ticket_ring = ring
-    server_metrics = Metrics()
-    inbound = Inbound(
-        InboundConfig(
-            listen=Address("127.0.0.1", free_port()),
-            targets={HTTP_PORT: InboundTarget(HTTP_PORT, Address("127.0.0.1", app_port), None)},
-        ),
-        server_identity,
-        server_metrics,
-        lambda: Authorizer(http_ports=frozenset({HTTP_PORT} if callee_http else ())),
-    )
-    await inbound.start()
+    svid_dir = pki.write(workdir / "server", ECHO)
+
+    async def callee() -> tuple[Inbound, Metrics]:
+        identity = Identity()
+        identity.update(*load_svid_dir(svid_dir))
+        identity.ticket_ring = ring
+        metrics = Metrics()
+        inbound = Inbound(
+            InboundConfig(
+                listen=Address("127.0.0.1", free_port()),
+                targets={HTTP_PORT: InboundTarget(HTTP_PORT, Address("127.0.0.1", app_port), None)},
+            ),
+            identity,
+            metrics,
+            lambda: Authorizer(http_ports=frozenset({HTTP_PORT} if callee_http else ())),
+        )
+        await inbound.start()
+        return inbound, metrics
+
+    @contextlib.asynccontextmanager
+    async def replica() -> AsyncIterator[tuple[Inbound, Metrics]]:
+        other, metrics = await callee()
+        try:
+            yield other, metrics
+        finally:
+            other.drain()
+
+    inbound, server_metrics = await callee()
     relay = Tap(inbound.config.listen) if tap else None
     if relay is not None:
         await relay.start()
@@ -235,6 +257,7 @@ async def mesh(
         outbound,
         upstream,
         relay,
+        replica,
     )
     try:
         yield built

@@ -4,7 +4,8 @@ Two sidecars in one event loop (``resumption_mesh``): a fresh pooled connection 
 with a ticket the callee issued, filed under (endpoint, expected SPIFFE ID); a change of
 the trust bundles drops every ticket, so the next dial is a full handshake; and under
 load, with the callee's STEK ring rotated several times (the next key distributed before
-it becomes active, the old ones kept to open tickets), no handshake fails.
+it becomes active, the old ones kept to open tickets), no handshake fails; and early
+data another replica turns away (strict mode) is sent again as 1-RTT and served once.
 """
 
 from __future__ import annotations
@@ -130,5 +131,37 @@ def test_handshakes_never_fail_across_stek_rotations_under_load(tmp_path: Path) 
             # Tickets sealed under keys rotated out of the active slot kept opening.
             assert resumed >= ROUNDS, (resumed, full)
             assert m.ring.decrypt_failures["unknown_key"] == 0
+
+    run(scenario())
+
+
+def test_early_data_another_replica_rejects_falls_back_to_1rtt_and_the_request_is_served(
+    tmp_path: Path,
+) -> None:
+    """Strict mode: a replica accepts 0-RTT only on tickets it issued itself (its replay
+    cache is complete only for those). The caller's ticket from replica A resumes at
+    replica B (one ring), B skips the early data, and the caller sends the same bytes
+    again as 1-RTT: the GET is served once, unmarked, and no handshake fails."""
+
+    async def scenario() -> None:
+        async with mesh(Pki(), tmp_path, tap=True) as m, m.replica() as (other, metrics):
+            assert m.tap is not None
+            assert await request(m.upstream, GET) == b"GET early=-"  # at replica A
+            await m.tickets()
+            await m.forget_connections()
+            m.tap.target = other.config.listen  # the same endpoint now reaches B
+            assert await request(m.upstream, GET) == b"GET early=-"
+            b = m.counter
+            assert b(metrics, "tls_resumption_total", kind="ticket") == 1
+            assert b(metrics, "tls_early_data_total", outcome="rejected") == 1
+            assert b(metrics, "tls_early_data_total", outcome="accepted") == 0
+            assert len(m.seen) == 2
+            failed = "trellis_sidecar_tls_handshake_failures_total"
+            assert not any(
+                s.value
+                for f in (*metrics.registry.collect(), *m.client_metrics.registry.collect())
+                for s in f.samples
+                if s.name == failed
+            )
 
     run(scenario())
