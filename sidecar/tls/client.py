@@ -20,6 +20,8 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, replace
 
+from ca.spiffeid import SpiffeId
+
 from .alerts import AlertDescription, TLSError
 from .config import TLSConfig
 from .connection import Connection, Now, Traffic
@@ -225,7 +227,7 @@ class ClientConnection(Connection):
         now: Now = None,
         *,
         endpoint: str | None = None,
-        expected_peer: object | None = None,
+        expected_peer: SpiffeId | str | None = None,
         early_data: bytes = b"",
         replay_safe: bool = False,
     ) -> None:

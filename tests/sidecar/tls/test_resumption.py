@@ -323,3 +323,16 @@ def test_a_ticket_past_its_lifetime_is_dropped_by_the_client() -> None:
     mesh.store.put((ENDPOINT, str(SERVER_ID)), stored.ticket, T0, 0)
     assert mesh.store.take((ENDPOINT, str(SERVER_ID)), T0 + lifetime + 1, 0) is None
     assert len(mesh.store) == 0  # the expired ones are gone, not kept for later
+
+
+def test_a_ticket_under_a_key_past_its_not_after_is_counted_as_expired() -> None:
+    short = Stek(b"s" * 16, bytes(32), T0, T0 + 60)
+    ring = StekRing()
+    reasons: list[str] = []
+    ring.on_decrypt_failure = reasons.append
+    ring.install(short, [], None)
+    ticket = ring.seal(b"state", bytes(12))
+    assert ring.open(ticket, T0 + 30) == b"state"
+    assert ring.open(ticket, T0 + 61) is None
+    assert ring.decrypt_failures["expired"] == 1 and reasons == ["expired"]
+    assert ring.active_age(T0 + 30) == 30 and ring.keys == 1
