@@ -334,3 +334,10 @@ def test_a_csr_for_an_ecdsa_key_still_issues_from_an_mldsa_intermediate() -> Non
     assert svid.leaf.public_key().public_bytes(
         Encoding.DER, PublicFormat.SubjectPublicKeyInfo
     ) == key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+@pytest.mark.parametrize("command", [["agent"], ["ca", "serve"]], ids=["agent", "ca-serve"])
+def test_an_unknown_workload_key_type_is_refused_naming_the_choices(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    refuse([*command, "--workload-key-type", "dilithium3"], capsys, "mldsa65", code=2)
