@@ -244,7 +244,8 @@ class Inbound:
             entry.log(outcome, bridge)
 
         bridge = Bridge(self.metrics, "inbound", on_connected=connected, on_done=done)
-        session.accept_stream(stream_id, handler or bridge)
+        if handler is None:  # an early stream's gate was accepted already
+            session.accept_stream(stream_id, bridge)
         bridge.attach(session, stream_id)
         hosts = app_hosts(session.arrived_on, app.host)
         task = asyncio.get_running_loop().create_task(

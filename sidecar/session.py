@@ -246,6 +246,9 @@ class Session(asyncio.Protocol):
             self._channel = self._channel_factory(now, early)
         except Exception as exc:
             logger.warning("cannot start TLS: %s", exc)
+            # The first stream's handler was never attached: the dial's failure is
+            # the pool's to report, not a stream reset to retry.
+            self.streams.pop(early_id, None)
             self._fail(exc)
             return
         first = self._channel.initial()

@@ -131,6 +131,8 @@ def test_a_get_on_a_fresh_resumed_connection_goes_0rtt_and_the_app_sees_early_da
             assert m.server("trellis_sidecar_early_data_requests_total", decision="served") == 1
             assert m.caller("tls_resumption_total", kind="ticket") == 1
             assert len(m.seen) == 2 and b"Early-Data: 1" in m.seen[1]
+            # One stream on the resumed connection, counted once although it was gated.
+            assert [s.streams_opened for s in m.inbound.sessions] == [1]
 
     run(scenario())
 
