@@ -87,7 +87,7 @@ from .messages import (
 from .peerauth import ExpectPeerCertificate, ExpectPeerFinished, PeerSide
 from .proofs import FinishedVerified, PeerAuthenticated, psk_server
 from .record import MAX_PLAINTEXT, ContentType
-from .resumption import ClientOffer, bind_psk, take_offer
+from .resumption import ClientOffer, bind_psk_encoded, take_offer
 from .signatures import (
     CLIENT_CONTEXT,
     SERVER_CONTEXT,
@@ -266,8 +266,10 @@ class ClientConnection(Connection):
                 extensions = (*hello.extensions, (ExtensionType.early_data, b""))
                 hello = replace(hello, extensions=extensions)
             assert self._now is not None
-            hello = bind_psk(hello, offer, self._now.timestamp(), None)
-        self._start(hello, shares, server_name, offer, early)
+            hello, raw = bind_psk_encoded(hello, offer, self._now.timestamp(), None)
+            self._start(hello, shares, server_name, offer, early, raw)
+            return
+        self._start(hello, shares, server_name)
 
     def _start(
         self,
@@ -276,9 +278,11 @@ class ClientConnection(Connection):
         server_name: str | None,
         offer: ClientOffer | None = None,
         early_data: bytes = b"",
+        raw: bytes | None = None,
     ) -> None:
         transcript = Transcript()
-        raw = push_client_hello(hello)
+        if raw is None:
+            raw = push_client_hello(hello)
         transcript.update(raw)
         self.client_random = hello.random
         self._handshake_started = True
@@ -387,7 +391,7 @@ class ExpectServerHello(HandshakeState):
             else:
                 # RFC 8446 §4.2.11.2: the new binder covers ClientHello1's hash and the
                 # HelloRetryRequest too.
-                hello2 = bind_psk(hello2, offer, ctx.now.timestamp(), transcript)
+                hello2 = bind_psk_encoded(hello2, offer, ctx.now.timestamp(), transcript)[0]
         if sent.early_sent:
             ctx.discard_write_keys()  # the 0-RTT key is dead; ClientHello2 is plaintext
         if hello2.legacy_session_id:

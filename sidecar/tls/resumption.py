@@ -59,6 +59,7 @@ __all__ = [
     "Resumed",
     "accept_psk",
     "bind_psk",
+    "bind_psk_encoded",
     "issue_tickets",
     "take_offer",
 ]
@@ -298,32 +299,44 @@ def bind_psk(
 ) -> ClientHello:
     """`hello` with pre_shared_key last, its binder computed over the truncated
     ClientHello (and, after a HelloRetryRequest, the transcript `before` it)."""
+    return bind_psk_encoded(hello, offer, now, before)[0]
+
+
+def bind_psk_encoded(
+    hello: ClientHello, offer: ClientOffer, now: float, before: Transcript | None
+) -> tuple[ClientHello, bytes]:
+    """`bind_psk` and the bound ClientHello's encoding, serialised once: the binder is
+    the message's last `hash_len` bytes, so it is written into the truncated encoding."""
     params = offer.params
     identity = (offer.stored.ticket.ticket, offer.obfuscated_age(now))
     placeholder = push_offered_psks([identity], [bytes(params.hash_len)])
     extensions = [(t, d) for t, d in hello.extensions if t != ExtensionType.pre_shared_key]
-    unbound = ClientHello(
-        hello.random,
-        hello.legacy_session_id,
-        hello.cipher_suites,
-        hello.legacy_compression_methods,
-        (*extensions, (ExtensionType.pre_shared_key, placeholder)),
-        hello.legacy_version,
+    raw = push_client_hello(
+        ClientHello(
+            hello.random,
+            hello.legacy_session_id,
+            hello.cipher_suites,
+            hello.legacy_compression_methods,
+            (*extensions, (ExtensionType.pre_shared_key, placeholder)),
+            hello.legacy_version,
+        )
     )
-    raw = push_client_hello(unbound)
-    binders_length = 2 + 1 + params.hash_len
-    truncated = raw[: len(raw) - binders_length]
+    # The encoding ends with the binders list: uint16 length, uint8 length, the binder.
+    truncated = raw[: len(raw) - params.hash_len]
+    # RFC 8446 §4.2.11.2: the binder covers the ClientHello up to the binders list.
+    covered = truncated[: len(truncated) - 3]
     if before is None:
-        binder_hash = hashlib.new(params.hash_name, truncated).digest()
+        binder_hash = hashlib.new(params.hash_name, covered).digest()
     else:
-        binder_hash = before.digest_with(params.hash_name, truncated)
+        binder_hash = before.digest_with(params.hash_name, covered)
     early = EarlySecret.start(params, offer.stored.ticket.psk)
     binder = finished_verify_data(params, early.binder_key(), binder_hash)
-    return ClientHello(
+    bound = ClientHello(
         hello.random,
         hello.legacy_session_id,
         hello.cipher_suites,
         hello.legacy_compression_methods,
-        (*extensions, (ExtensionType.pre_shared_key, push_offered_psks([identity], [binder]))),
+        (*extensions, (ExtensionType.pre_shared_key, placeholder[: -params.hash_len] + binder)),
         hello.legacy_version,
     )
+    return bound, truncated + binder
