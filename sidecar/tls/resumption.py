@@ -143,7 +143,10 @@ def accept_psk(
         if state is None:
             ring.count_corrupt()
             continue
-        if now_ms >= state.issued_ms + state.lifetime * 1000 or now_ms < state.issued_ms:
+        # Issued "in the future" by up to the early-data window: another replica's clock
+        # may run that far ahead (the age check below still bounds 0-RTT).
+        skew_ms = int(config.early_data_window * 1000)
+        if not state.issued_ms - skew_ms <= now_ms < state.issued_ms + state.lifetime * 1000:
             continue
         ticket_params = SUITES.get(state.cipher_suite)
         if ticket_params is None or ticket_params.hash_name != params.hash_name:

@@ -336,3 +336,10 @@ def test_a_ticket_under_a_key_past_its_not_after_is_counted_as_expired() -> None
     assert ring.open(ticket, T0 + 61) is None
     assert ring.decrypt_failures["expired"] == 1 and reasons == ["expired"]
     assert ring.active_age(T0 + 30) == 30 and ring.keys == 1
+
+
+def test_a_ticket_from_a_replica_whose_clock_runs_a_few_seconds_ahead_still_resumes() -> None:
+    mesh = Mesh()
+    connect(mesh.client(), mesh.server(b"replica-a"), T0 + 5)  # replica-a's clock: +5 s
+    _client, server = connect(mesh.client(), mesh.server(b"replica-b"), T0 + 1)
+    assert completed(drain(server)).session_resumed
