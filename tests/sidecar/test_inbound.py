@@ -79,10 +79,12 @@ async def _accepting(host: str, port: int, seen: list[str]) -> asyncio.Server:
     return await asyncio.start_server(accept, host, port)
 
 
-def _streams_to_app(app_host: str, authority_host: str) -> tuple[list[int], list[str]]:
-    """A sidecar on 0.0.0.0 (as in a pod), a peer that dials it at the pod IP and opens a
-    CONNECT to ``authority_host``:app port, and an app bound to ``app_host`` alone: the
-    stream statuses and where the app saw connections."""
+def _streams_to_app(
+    app_host: str, authority_host: str, *, listen: str = "0.0.0.0", dial: str = POD_IP
+) -> tuple[list[int], list[str]]:
+    """A sidecar on ``listen`` (0.0.0.0 as in a pod), a peer that dials it at ``dial`` (the
+    pod IP) and opens a CONNECT to ``authority_host``:app port, and an app bound to
+    ``app_host`` alone: the stream statuses and where the app saw connections."""
     pki = Pki()
     workdir = Path(tempfile.mkdtemp())
     inbound, app_port = free_port(), free_port()
@@ -91,7 +93,7 @@ def _streams_to_app(app_host: str, authority_host: str) -> tuple[list[int], list
 svid_dir: {pki.write(workdir / "server", ECHO)}
 admin: 127.0.0.1:{free_port()}
 inbound:
-  listen: 0.0.0.0:{inbound}
+  listen: "{listen}:{inbound}"
   targets: {{{app_port}: {{}}}}
 """
     )
@@ -104,7 +106,7 @@ inbound:
         await sidecar.start()
         try:
             return await asyncio.to_thread(
-                _statuses, inbound, client_dir, [f"{authority_host}:{app_port}"] * 2, POD_IP
+                _statuses, inbound, client_dir, [f"{authority_host}:{app_port}"] * 2, dial
             )
         finally:
             await sidecar.drain()
@@ -133,3 +135,48 @@ def test_inbound_never_dials_the_host_a_connect_authority_names() -> None:
     statuses, seen = _streams_to_app("127.0.0.3", "127.0.0.3")
     assert statuses == [503, 503]
     assert seen == []
+
+
+def test_an_ipv6_pod_address_is_dialled_in_its_own_family() -> None:
+    """::1 stands in for an IPv6 pod IP (the one IPv6 address every host has): the sidecar
+    listens on [::], the peer dials ::1, the app listens on ::1 alone. Before the fix the
+    sidecar dialled 127.0.0.1 and answered 503."""
+    statuses, seen = _streams_to_app("::1", "[::1]", listen="[::]", dial="::1")
+    assert statuses == [200, 200]
+    assert seen == ["::1", "::1"]
+
+
+def test_a_dual_stack_listener_reports_an_ipv4_caller_as_ipv4() -> None:
+    """A [::] listener sees an IPv4 connection as ::ffff:a.b.c.d; the app is dialled at
+    the IPv4 address (an app bound to an IPv4 pod IP does not listen on the mapped form)."""
+    import socket
+
+    from sidecar.appaddress import app_hosts, local_host
+
+    async def scenario() -> str | None:
+        arrived: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+
+        class Note(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                arrived.set_result(local_host(transport))
+                transport.close()
+
+        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listener.bind(("::", 0))
+        listener.listen()
+        server = await asyncio.get_running_loop().create_server(Note, sock=listener)
+        try:
+            port = listener.getsockname()[1]
+            _reader, writer = await asyncio.open_connection(POD_IP, port)
+            writer.close()
+            return await asyncio.wait_for(arrived, 10)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    arrived_on = asyncio.run(scenario())
+    assert arrived_on == POD_IP
+    assert app_hosts(arrived_on, "127.0.0.1") == (POD_IP, "127.0.0.1")
+    # An explicit app address other than loopback is used as configured, whatever arrived.
+    assert app_hosts(arrived_on, "10.1.2.3") == ("10.1.2.3",)
