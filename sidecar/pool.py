@@ -338,6 +338,8 @@ class Pool:
                     "streams_opened": s.streams_opened,
                     "open_for_streams": s.can_open(),
                     "retired": s.retired,
+                    "resumed": s.resumed,
+                    "early_data": s.early_data,
                     "credentials_expire_at": s.expires_at,
                 }
                 for s in self.sessions

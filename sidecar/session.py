@@ -190,6 +190,8 @@ class Session(asyncio.Protocol):
         self.streams: dict[int, _Stream] = {}
         self.peer_id: SpiffeId | None = None
         self.negotiated_group: int | None = None
+        self.resumed = False  # the handshake resumed with a ticket
+        self.early_data = "none"  # 0-RTT: "none" (not offered), "accepted", "rejected"
         self.write_paused = False
         self.goaway_received = False
         self.draining = False
@@ -340,6 +342,8 @@ class Session(asyncio.Protocol):
         self.peer_id = peer_id
         self._established = True
         self.negotiated_group = info.group
+        self.resumed = info.session_resumed
+        self.early_data = info.early_data
         self.metrics.handshake_done(info, self.settings.direction, time.monotonic() - self._started)
         self._start_h2()
         early_end, self._early_end = self._early_end, []

@@ -67,6 +67,10 @@ def test_a_fresh_pooled_connection_resumes_with_the_ticket_of_the_last_one(
             assert m.caller("tls_resumption_total", kind="ticket") == 1
             assert m.caller("tls_resumption_total", kind="none") == 1
             assert m.server("tls_resumption_total", kind="ticket") == 1
+            # /config says so per pooled connection.
+            (pool,) = m.pools.describe()
+            (connection,) = pool["connections"]
+            assert connection["resumed"] is True and connection["early_data"] == "accepted"
 
     run(scenario())
 
