@@ -64,7 +64,13 @@ from ca.server.federation import (
 )
 from ca.server.grpc_shell import BundleWatch, SigningStreams, make_handler
 from ca.server.metrics import CaMetrics
-from ca.server.service import CaService, ServiceConfig, TokenReviewer, log_event
+from ca.server.service import (
+    MAX_PREVIOUS_INTERMEDIATES,
+    CaService,
+    ServiceConfig,
+    TokenReviewer,
+    log_event,
+)
 from ca.server.signer import ProcessPoolSigner
 from ca.server.stek import DEFAULT_ROTATION, StekLeader, StekWatch
 from ca.server.tokens import JoinTokenStore
@@ -186,6 +192,12 @@ class CaServer:
             token_reviewer=config.token_reviewer,
             banned=self.bans.current if self.bans is not None else frozenset,
         )
+        # Intermediates a rotation replaced stay candidate issuers of agents' leaves until
+        # they expire, across a restart too (an agent renews with the SVID it holds).
+        with contextlib.suppress(StoreError):
+            replaced = [cert for _, cert in store.superseded_intermediates(config.cluster)]
+            replaced.sort(key=lambda c: c.not_valid_before_utc, reverse=True)
+            self.service.previous_intermediates = tuple(replaced[:MAX_PREVIOUS_INTERMEDIATES])
         self._ledger_error: str | None = None
         self.ledger = self._open_ledger()
         self.service.on_issued = self.ledger.issued
@@ -263,9 +275,13 @@ class CaServer:
         # The serving intermediate beside the roots: an agent whose chain is too large for
         # grpc's TLS buffers (ML-DSA, see ca.api.client.presented_chain_pem) sends its
         # leaf alone, and the chain is built from here.
-        intermediate = self.intermediate.certificate.public_bytes(Encoding.PEM)
+        now = dt.datetime.now(dt.UTC)
+        issuers = [self.intermediate.certificate] + [
+            c for c in self.service.previous_intermediates if c.not_valid_after_utc > now
+        ]
+        intermediates = b"".join(c.public_bytes(Encoding.PEM) for c in issuers)
         return grpc.ssl_server_certificate_configuration(
-            [(creds.key_pem, creds.chain_pem)], root_certificates=creds.roots_pem + intermediate
+            [(creds.key_pem, creds.chain_pem)], root_certificates=creds.roots_pem + intermediates
         )
 
     def _fetcher(self, port: str) -> Any:

@@ -158,6 +158,11 @@ class ServiceConfig:
     workload_key_type: str = ""
 
 
+# Earlier intermediates kept as candidate issuers of agents' leaves (rotations within
+# one agent SVID's life are few; the bound keeps a path search short).
+MAX_PREVIOUS_INTERMEDIATES = 8
+
+
 class CaService:
     def __init__(
         self,
@@ -176,6 +181,9 @@ class CaService:
         banned: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         self.intermediate = intermediate
+        # Intermediates this CA signed with before (a rotation), still unexpired: candidate
+        # issuers for an agent that presents its leaf alone, whose SVID an old one signed.
+        self.previous_intermediates: tuple[x509.Certificate, ...] = ()
         self.trust_domain = intermediate.trust_domain
         self.jwt_authority = jwt_authority
         self._bundle = bundle
@@ -202,6 +210,11 @@ class CaService:
         self, intermediate: IntermediateAuthority, jwt_authority: JwtAuthority
     ) -> None:
         """Sign with a new intermediate and JWT key from now on (rotation)."""
+        if intermediate.certificate != self.intermediate.certificate:
+            self.previous_intermediates = (
+                self.intermediate.certificate,
+                *self.previous_intermediates,
+            )[:MAX_PREVIOUS_INTERMEDIATES]
         self.intermediate = intermediate
         self.jwt_authority = jwt_authority
         if isinstance(self.signer, InlineSigner):
@@ -336,7 +349,13 @@ class CaService:
         try:
             # The serving intermediate as a candidate issuer: an agent with an ML-DSA chain
             # presents its leaf alone (ca.api.client.presented_chain_pem).
-            chain = [*x509.load_pem_x509_certificates(chain_pem), self.intermediate.certificate]
+            # After a rotation its SVID may come from an earlier intermediate of this CA.
+            now_dt = dt.datetime.fromtimestamp(now, dt.UTC)
+            chain = [
+                *x509.load_pem_x509_certificates(chain_pem),
+                self.intermediate.certificate,
+                *(c for c in self.previous_intermediates if c.not_valid_after_utc > now_dt),
+            ]
             verified = verify_x509_svid(
                 chain, {self.trust_domain: roots}, now=dt.datetime.fromtimestamp(now, dt.UTC)
             )
