@@ -46,7 +46,7 @@ from .messages import (
 )
 from .proofs import PeerAuthenticated, verify_binder
 from .suites import SUITES, SuiteParams
-from .tickets import TicketState, chain_sha256
+from .tickets import MAX_CHAIN_BYTES, TicketState, chain_sha256
 from .verify import VerifiedPeer, insecure_peer
 
 if TYPE_CHECKING:
@@ -219,6 +219,8 @@ def issue_tickets(
     spiffe_id: str | None = None
     if peer is not None:
         chain = tuple(certificate_der(cert) for cert in peer.chain)
+        if sum(len(der) + 3 for der in chain) > MAX_CHAIN_BYTES:
+            return  # a ticket we would refuse to open (tickets.py): send none
         spiffe_id = str(peer.spiffe_id) if peer.spiffe_id is not None else None
         not_after = min(cert.not_valid_after_utc for cert in peer.chain)
         lifetime = min(lifetime, int((not_after - now).total_seconds()))

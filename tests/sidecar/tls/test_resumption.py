@@ -343,3 +343,18 @@ def test_a_ticket_from_a_replica_whose_clock_runs_a_few_seconds_ahead_still_resu
     connect(mesh.client(), mesh.server(b"replica-a"), T0 + 5)  # replica-a's clock: +5 s
     _client, server = connect(mesh.client(), mesh.server(b"replica-b"), T0 + 1)
     assert completed(drain(server)).session_resumed
+
+
+def test_a_session_with_mldsa65_chains_resumes_and_its_ticket_carries_the_chain() -> None:
+    from .pki import client_config, mldsa_identity, server_config
+
+    store, ring = TicketStore(), ring_at(0)
+    client_cfg = client_config(mldsa_identity("client"), ticket_store=store)
+    server_cfg = server_config(mldsa_identity("server"), ticket_ring=ring)
+    connect(client_cfg, server_cfg, T0)
+    tickets = [s.ticket for s in [store.take((ENDPOINT, str(SERVER_ID)), T0, 0)] if s]
+    assert tickets and len(tickets[0].ticket) > 10_000  # ML-DSA-65 leaf + intermediate
+    store.put((ENDPOINT, str(SERVER_ID)), tickets[0], T0, 0)
+    client, server = connect(client_cfg, server_cfg, T0 + 1)
+    assert completed(drain(server)).session_resumed
+    assert completed(drain(client)).peer_spiffe_id == SERVER_ID
