@@ -127,7 +127,7 @@ def build_client_hello(
                 push_alpn(p.encode("ascii") for p in config.alpn_protocols),
             )
         )
-    # psk_dhe_ke: lets servers issue tickets (resumption is a later issue).
+    # RFC 8446 §4.2.9: psk_dhe_ke only, so a resumption always runs a fresh key exchange.
     extensions.append((ExtensionType.psk_key_exchange_modes, b"\x01\x01"))
     rng = config.rng
     random = rng(32)

@@ -84,8 +84,8 @@ class TLSShellProtocol(asyncio.Protocol):
         self._closing = False
         self._error: BaseException | None = None
         self._peer: PeerCertificate | None = None
-        # Kept for the resumption work to come; a server may send any number, so only the
-        # most recent few are held.
+        # For get_extra_info("tls_session_tickets"); resumption itself takes them from
+        # `config.ticket_store`. A server may send any number: only the last few are held.
         self._tickets: deque[SessionTicket] = deque(maxlen=_TICKETS_KEPT)
         self._clean_close: bool | None = None
         self._peer_alert: AlertDescription | int | None = None
