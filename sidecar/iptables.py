@@ -9,6 +9,11 @@ and the sidecar's own inbound port is redirected to the inbound port.
 Inbound capture in a pod means mTLS-only access: plaintext from outside the mesh would
 land on the TLS port and fail the handshake, which is the point.
 
+The proxy UID's RETURN comes first in the OUTPUT chain and names no destination: the
+sidecar dials the app at the pod IP (``sidecar.appaddress``), and that connection must not
+be redirected into the sidecar's own outbound port. PREROUTING never sees it: NAT is
+decided once per connection, in OUTPUT for one made on this host.
+
 Without IP ranges the plan names no address, so the same rules serve iptables and
 ip6tables; in transparent mode the sidecar listens on the IPv6 twin of its loopback and
 wildcard addresses too (``::1``, ``::``), where ip6tables' REDIRECT delivers. IP ranges

@@ -68,7 +68,8 @@ class ProbeError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class AppProbe:
-    """One original probe: ``action`` on 127.0.0.1:``port`` within ``timeout`` seconds."""
+    """One original probe: ``action`` on the app's ``port`` within ``timeout`` seconds (the
+    host is chosen per run: ``run_probe_on``)."""
 
     action: Action
     port: int
