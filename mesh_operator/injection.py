@@ -31,7 +31,8 @@ What gets added (``plan_injection``), in the order the kubelet must run it:
 4. Probe rewrite (transparent mode; ``mesh_operator.probes``): the app containers' HTTP,
    TCP and gRPC probes become ``httpGet`` probes of ``/app-health/<container>/<kind>`` on
    the health port, the sidecar gets the originals as ``--app-probes`` and runs them
-   against the app on 127.0.0.1, and ``trellis.dev/original-probes`` keeps them. Explicit
+   against the app at the pod address the kubelet's probe arrived on (127.0.0.1 when
+   nothing listens there), and ``trellis.dev/original-probes`` keeps them. Explicit
    mode installs no redirect, so the app's probes work there as they are.
 
 5. Redirect mode (``InjectorConfig.redirect``): ``init`` installs the redirect with

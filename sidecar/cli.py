@@ -108,7 +108,8 @@ def register(commands: Any) -> None:
     p.add_argument(
         "--app-ports",
         type=_ports,
-        help="PORT,... the app serves on 127.0.0.1, reachable through the mesh; a CONNECT "
+        help="PORT,... the app serves (at the pod address a caller dialled, else 127.0.0.1), "
+        "reachable through the mesh; a CONNECT "
         "for any port neither here nor in inbound.targets is refused (404)",
     )
     p.add_argument(
