@@ -240,6 +240,19 @@ class Connection:
     def negotiated(self) -> HandshakeComplete | None:
         return self._state.info if isinstance(self._state, Traffic) else None
 
+    @property
+    def can_send_application_data(self) -> bool:
+        """Whether `send_application_data` may be called now: once the handshake is
+        complete, and on a server also in the 0.5-RTT window that allows it (server.py)."""
+        if self._write_closed or self._failed is not None:
+            return False
+        return isinstance(self._state, Traffic) or self._half_rtt_params() is not None
+
+    def _half_rtt_params(self) -> SuiteParams | None:
+        """The suite to seal 0.5-RTT data with (RFC 8446 §2.3) if the handshake is at a
+        point where it may be sent, else None. Only a server ever sends it."""
+        return None
+
     def receive_data(self, data: bytes, now: Now = None) -> None:
         """Feed bytes from the peer (b"" for EOF). Raises TLSError on protocol failure,
         after queueing the fatal alert in data_to_send()."""
@@ -313,10 +326,16 @@ class Connection:
         headers and payload views), without joining them first: each record's plaintext
         is assembled from the pieces it covers in the one join sealing needs anyway."""
         state = self._state
-        if not isinstance(state, Traffic):
-            raise LocalProtocolError("handshake not complete")
+        if isinstance(state, Traffic):
+            params = state.params
+        else:
+            half_rtt = self._half_rtt_params()
+            if half_rtt is None:
+                raise LocalProtocolError("handshake not complete")
+            params = half_rtt
         if self._write_closed or self._failed is not None:
             raise LocalProtocolError("connection closed for writing")
+        seal = self._seal_application
         pieces: list[bytes | memoryview] = []
         room = MAX_PLAINTEXT
         for part in parts:
@@ -325,7 +344,7 @@ class Connection:
                 while len(view) > room:
                     pieces.append(view[:room])
                     view = view[room:]
-                    self._seal_application(state, pieces, MAX_PLAINTEXT)
+                    seal(state, params, pieces, MAX_PLAINTEXT)
                     pieces = []
                     room = MAX_PLAINTEXT
                 part = view
@@ -333,19 +352,28 @@ class Connection:
                 pieces.append(part)
                 room -= len(part)
                 if not room:
-                    self._seal_application(state, pieces, MAX_PLAINTEXT)
+                    seal(state, params, pieces, MAX_PLAINTEXT)
                     pieces = []
                     room = MAX_PLAINTEXT
         if pieces:
-            self._seal_application(state, pieces, MAX_PLAINTEXT - room)
+            seal(state, params, pieces, MAX_PLAINTEXT - room)
 
     def _seal_application(
-        self, state: Traffic, pieces: list[bytes | memoryview], length: int
+        self,
+        state: HandshakeState,
+        params: SuiteParams,
+        pieces: list[bytes | memoryview],
+        length: int,
     ) -> None:
         write = self._write
         assert write is not None
-        limit = self._key_update_limit or state.params.record_limit
-        if write.seq >= limit:
+        if not isinstance(state, Traffic):
+            # 0.5-RTT: KeyUpdate is a post-handshake message (RFC 8446 §4.6.3), so
+            # there is no rekeying yet; only the AEAD's own limit (§5.5) binds here, and
+            # the configured rekey point applies from the first record after the handshake.
+            if write.seq >= params.record_limit:
+                raise LocalProtocolError("0.5-RTT data over the cipher's record limit")
+        elif write.seq >= (self._key_update_limit or params.record_limit):
             # RFC 8446 §5.5: rekey before the AEAD's safety limit.
             self._update_write_key(state, request_peer=False)
             write = self._write
@@ -382,6 +410,28 @@ class Connection:
             DirectionSecrets(read.secret, read.key, read.iv, read.seq),
             DirectionSecrets(write.secret, write.key, write.iv, write.seq),
         )
+
+    def record_bytes_awaited(self) -> int:
+        """How many more bytes complete the record the engine holds in part (0 at a
+        record boundary). Kernel TLS takes over the read side only at a boundary."""
+        return self._reader.awaited()
+
+    def receive_decrypted_record(self, content_type: int, fragment: bytes) -> None:
+        """A record the kernel (kTLS) already decrypted after the handover: post-handshake
+        messages (NewSessionTicket, KeyUpdate) and alerts reach the engine this way.
+        Errors as for `receive_data`; anything queued in `data_to_send()` afterwards was
+        sealed under the engine's stale write state and must not be sent."""
+        if self._failed is not None or self._read_closed:
+            return
+        try:
+            self._handle_record(content_type, fragment, True)
+        except TLSError as exc:
+            self._fail(exc)
+            raise
+        except Exception as exc:
+            error = TLSError(AlertDescription.internal_error, f"{type(exc).__name__}: {exc}")
+            self._fail(error)
+            raise error from exc
 
     # --- what `_Context` offers the handshake states ------------------------------------
 

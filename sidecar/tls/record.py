@@ -159,6 +159,18 @@ class RecordReader:
     def buffered(self) -> int:
         return len(self._buffer) - self._pos
 
+    def awaited(self) -> int:
+        """Bytes still missing from the record begun in the buffer; 0 at a record
+        boundary (where kernel TLS can take the stream over)."""
+        held = len(self._buffer) - self._pos
+        if held == 0:
+            return 0
+        if held < HEADER_LENGTH:
+            return HEADER_LENGTH - held
+        pos = self._pos
+        length = (self._buffer[pos + 3] << 8) | self._buffer[pos + 4]
+        return HEADER_LENGTH + length - held
+
     def next_record(self) -> tuple[int, bytes, bool] | None:
         """The next complete record as (content type, fragment, was_encrypted), or None."""
         while True:
