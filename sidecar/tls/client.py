@@ -47,6 +47,7 @@ from .extensions import (
     push_server_name,
     push_uint16_list,
 )
+from .grease import Grease, grease_client_hello
 from .groups import ClientKeyShare, NamedGroup
 from .keylog import (
     CLIENT_EARLY,
@@ -133,7 +134,10 @@ def build_client_hello(
     random = rng(32)
     # Appendix D.4: a non-empty legacy_session_id turns on middlebox compatibility.
     session_id = rng(32) if config.middlebox_compatibility else b""
-    return ClientHello(random, session_id, tuple(config.cipher_suites), b"\x00", tuple(extensions))
+    hello = ClientHello(random, session_id, tuple(config.cipher_suites), b"\x00", tuple(extensions))
+    if config.grease:
+        hello = grease_client_hello(hello, Grease.draw(rng))  # RFC 8701 §3.1
+    return hello
 
 
 def second_client_hello(

@@ -61,6 +61,9 @@ class TLSConfig:
     record_padding: int = 0
     key_update_after_records: int | None = None
     key_log: KeyLogCallback | None = None
+    # RFC 8701: reserved values in our lists, drawn from `rng` per handshake (grease.py).
+    # Off by default so the RFC 8448 transcripts stay byte-for-byte; the sidecar turns it on.
+    grease: bool = False
     # Resumption and 0-RTT (RFC 8446 §2.2, §2.3, §4.6.1; see tickets.py and replay.py).
     # Server: `ticket_ring` set means NewSessionTickets are sent (`session_tickets` per
     # handshake) and tickets sealed under the ring are accepted; `replica_id` names this

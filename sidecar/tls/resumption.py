@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from .alerts import TLSError
 from .codec import Writer
 from .extensions import ExtensionType, OfferedPsks, RawExtension, push_offered_psks
+from .grease import Grease, grease_ticket_extensions
 from .keyschedule import EarlySecret, Transcript, finished_verify_data, resumption_psk
 from .messages import (
     ClientHello,
@@ -232,6 +233,8 @@ def issue_tickets(
         w = Writer()
         w.push_uint32(early)  # RFC 8446 §4.2.10: max_early_data_size
         extensions = ((ExtensionType.early_data, w.data()),)
+    if config.grease:
+        extensions = grease_ticket_extensions(extensions, Grease.draw(config.rng))  # RFC 8701 §4
     issued_ms = int(_seconds(now) * 1000)
     hashed = chain_sha256(chain)
     for number in range(config.session_tickets):

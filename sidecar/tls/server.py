@@ -28,6 +28,7 @@ from .extensions import (
     push_server_key_share,
     push_uint16_list,
 )
+from .grease import Grease, grease_certificate_request
 from .groups import HYBRID_GROUPS, server_exchange
 from .keylog import (
     CLIENT_EARLY,
@@ -394,6 +395,8 @@ def _send_server_flight(
                 push_uint16_list(config.certificate_signature_schemes),
             ),
         )
+        if config.grease:
+            cr_ext = grease_certificate_request(cr_ext, Grease.draw(config.rng))  # RFC 8701 §4
         ctx.send(transcript, push_certificate_request(CertificateRequest(b"", cr_ext)))
     entries = tuple(CertificateEntry(der) for der in choice.credential.chain_der)
     ctx.send(transcript, push_certificate(Certificate(b"", entries)))
