@@ -20,6 +20,9 @@ from ca.authority import (
     load_csr,
 )
 from ca.bundle import BundleError, TrustBundle, load_pem_certificates
+from ca.cliargs import key_algorithm as _key_algorithm
+from ca.cliargs import spiffe_id as _spiffe_id
+from ca.cliargs import trust_domain as _trust_domain
 from ca.entries import RESERVED_PATH_PREFIX
 from ca.jwtsvid import DEFAULT_JWT_SVID_TTL, JwtAuthority, JwtSvidError
 from ca.keys import (
@@ -35,7 +38,8 @@ from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from ca.store import CaStore, StoreError, read_key_passphrase, read_passphrase, utcnow
 from ca.verify import VerificationError, verify_x509_svid
 from ca.x509svid import DEFAULT_X509_SVID_TTL, SvidError, spiffe_id_of
-from core.durations import format_duration, parse_duration
+from core.cliargs import duration as _duration
+from core.durations import format_duration
 from core.errors import CliError
 
 __all__ = ["register"]
@@ -49,34 +53,6 @@ _REFUSALS = (
     JwtSvidError,
     SvidError,
 )
-
-
-def _duration(text: str) -> dt.timedelta:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _key_algorithm(text: str) -> KeyAlgorithm:
-    try:
-        return KeyAlgorithm.parse(text)
-    except KeyMaterialError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _trust_domain(text: str) -> TrustDomain:
-    try:
-        return TrustDomain(text)
-    except SpiffeIdError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _spiffe_id(text: str) -> SpiffeId:
-    try:
-        return SpiffeId(text)
-    except SpiffeIdError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 _KEY_PROTECTION_HELP = (

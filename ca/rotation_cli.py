@@ -22,12 +22,14 @@ from ca.authority import (
     RootAuthority,
 )
 from ca.bundle import BundleError
+from ca.cliargs import key_algorithm as _key_algorithm
 from ca.keys import KeyAlgorithm, KeyMaterialError, key_algorithm_of
 from ca.rotation import LedgerError, blocker_for_retire, issued_by
 from ca.spiffeid import SpiffeIdError
 from ca.store import CaStore, StoreError, read_key_passphrase, read_passphrase, utcnow
 from ca.x509svid import SvidError
-from core.durations import format_duration, parse_duration
+from core.cliargs import duration as _duration
+from core.durations import format_duration
 from core.errors import CliError
 
 __all__ = ["register"]
@@ -48,20 +50,6 @@ _CLUSTER_KEYS_FILE_HELP = (
     "the passphrase of the clusters' intermediate and JWT keys, in FILE (default:"
     " $TRELLIS_KEY_PASSPHRASE; must be the one they were written with)"
 )
-
-
-def _duration(text: str) -> dt.timedelta:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _key_algorithm(text: str) -> KeyAlgorithm:
-    try:
-        return KeyAlgorithm.parse(text)
-    except KeyMaterialError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def register(ca_commands: Any) -> None:

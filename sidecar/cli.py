@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from core.durations import parse_duration
 from core.endpoints import EndpointError, parse_unix_socket
 from core.errors import CliError
 from core.eventloop import install_uvloop
@@ -20,6 +19,8 @@ from core.logs import add_logging_arguments, configure_logging
 
 if TYPE_CHECKING:
     from meshapi.registry import Network
+
+from core.cliargs import seconds as _seconds
 
 from .config import (
     Address,
@@ -46,13 +47,6 @@ def _port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
     return int(text)
-
-
-def _seconds(text: str) -> float:
-    try:
-        return parse_duration(text).total_seconds()
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _socket(text: str) -> str:

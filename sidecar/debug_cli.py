@@ -25,7 +25,7 @@ from typing import Any
 
 from cryptography import x509
 
-from core.durations import parse_duration
+from core.cliargs import seconds as _seconds
 from core.errors import CliError
 from sidecar.tls import (
     AlertDescription,
@@ -77,13 +77,6 @@ def _groups(text: str) -> tuple[NamedGroup, ...]:
             )
         groups.append(group)
     return tuple(dict.fromkeys(groups))
-
-
-def _seconds(text: str) -> float:
-    try:
-        return parse_duration(text).total_seconds()
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _port(text: str) -> int:

@@ -49,7 +49,8 @@ from ca.keys import (
 from ca.spiffeid import TrustDomain
 from ca.store import CaStore, StoreError, read_key_passphrase
 from ca.x509svid import SvidError, X509Svid, load_der_chain, spiffe_id_of
-from core.durations import parse_duration
+from core.cliargs import seconds as _seconds
+from core.cliargs import unix_socket as _socket
 from core.endpoints import EndpointError, parse_unix_socket
 from core.errors import CliError
 from core.eventloop import install_uvloop, settle_heap
@@ -62,13 +63,6 @@ DEFAULT_DATA_DIR = Path("/var/lib/trellis/agent")
 JOIN_TOKEN_ENV = "TRELLIS_JOIN_TOKEN"  # noqa: S105 (a variable name, not a secret)
 
 
-def _seconds(text: str) -> float:
-    try:
-        return parse_duration(text).total_seconds()
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
 _KEY_TYPES = ", ".join(a.value for a in KeyAlgorithm)
 
 
@@ -78,13 +72,6 @@ def _workload_key_type(text: str) -> KeyAlgorithm | None:
     try:
         return KeyAlgorithm.parse(text)
     except KeyMaterialError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _socket(text: str) -> Path:
-    try:
-        return parse_unix_socket(text)
-    except EndpointError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 

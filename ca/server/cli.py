@@ -37,22 +37,16 @@ from pathlib import Path
 from typing import Any
 
 from ca.cli import add_key_passphrase_argument
+from ca.cliargs import key_algorithm as _workload_key_type
 from ca.entries import EntryError
-from ca.keys import KeyAlgorithm, KeyMaterialError
-from core.durations import parse_duration
+from ca.keys import KeyAlgorithm
+from core.cliargs import duration as _duration
 from core.errors import CliError
 from core.eventloop import install_uvloop
 from core.listeners import ensure_bindable
 from core.logs import add_logging_arguments, configure_logging
 
 __all__ = ["register"]
-
-
-def _duration(text: str) -> dt.timedelta:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _seconds(text: str) -> float:
@@ -64,13 +58,6 @@ def _stek_rotation(text: str) -> dt.timedelta:
     if value < dt.timedelta(seconds=1):
         raise argparse.ArgumentTypeError(f"{text!r} is shorter than one second")
     return value
-
-
-def _workload_key_type(text: str) -> KeyAlgorithm:
-    try:
-        return KeyAlgorithm.parse(text)
-    except KeyMaterialError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _batch_limit(text: str) -> int:

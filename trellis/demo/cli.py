@@ -17,7 +17,7 @@ import signal
 import sys
 from typing import Any
 
-from core.durations import parse_duration
+from core.cliargs import seconds as _seconds
 from core.errors import CliError
 from core.logs import add_logging_arguments, configure_logging
 from trellis.demo.echo import start_echo_server
@@ -33,13 +33,6 @@ def _address(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     return host or "127.0.0.1", int(port)
-
-
-def _seconds(text: str) -> float:
-    try:
-        return parse_duration(text).total_seconds()
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _non_negative(text: str) -> float:

@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from ca.cliargs import spiffe_id as _spiffe_id
+from ca.cliargs import trust_domain as _trust_domain
 from ca.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 from core.errors import CliError, FieldError
 from core.output import add_output_argument, emit
@@ -36,20 +38,6 @@ from sidecar.policy import Authorizer, authorizer_for_pod
 from trellis.diagnose.admin_http import fetch_json, parse_address
 
 __all__ = ["explain", "register"]
-
-
-def _spiffe_id(text: str) -> SpiffeId:
-    try:
-        return SpiffeId(text)
-    except SpiffeIdError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _trust_domain(text: str) -> TrustDomain:
-    try:
-        return TrustDomain(text)
-    except SpiffeIdError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _port(text: str) -> int:

@@ -14,7 +14,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from ca.spiffeid import SpiffeIdError, TrustDomain
+from ca.cliargs import trust_domain as _trust_domain
+from ca.spiffeid import TrustDomain
 from core.durations import parse_duration
 from core.errors import CliError
 from core.logs import LOG_FORMATS, LOG_LEVELS, log_format_for
@@ -50,13 +51,6 @@ def _port_base(text: str) -> int:
             f" (this port and the next {_PORTS_USED - 1})"
         )
     return int(text)
-
-
-def _trust_domain(text: str) -> TrustDomain:
-    try:
-        return TrustDomain(text)
-    except SpiffeIdError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _loopback(text: str) -> str:
