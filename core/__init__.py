@@ -11,6 +11,8 @@ say so and ``make lint`` checks it).
   (a bare number is seconds; ``500ms``, ``90s``, ``1h30m``, ``48h``), printed as it is typed.
 * ``core.endpoints`` -- ``parse_unix_socket``: ``unix:///path`` (as ``SPIFFE_ENDPOINT_SOCKET``
   writes it) or a bare path, for every socket flag.
+* ``core.cliargs`` -- ``argument_type``: a value parser as an argparse ``type=`` whose
+  refusal is argparse's one-line error; ``duration``, ``seconds``, ``unix_socket``.
 * ``core.listeners`` -- ``ensure_bindable``: a busy port refused in one line before start-up.
 * ``core.buildinfo`` -- the version and source revision (``trellis --version``) and the
   ``trellis_build_info`` gauge every metrics registry carries.
