@@ -243,6 +243,7 @@ class Identity:
                 replica_id=self.replica_id,
                 max_early_data=self.max_early_data if self.ticket_ring is not None else 0,
                 replay_cache=self.replay_cache,
+                grease=True,  # RFC 8701: keep peers honest about unknown values
             )
         return self._server
 
@@ -269,6 +270,7 @@ class Identity:
                 peer_policy=policy,
                 ticket_store=self.tickets,
                 trust_generation=self.trust_generation,
+                grease=True,  # RFC 8701: keep peers honest about unknown values
             )
             self._clients[key] = config
         return config
