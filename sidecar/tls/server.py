@@ -8,6 +8,11 @@ ServerConnection()
                                                   (PeerAuthenticated, or anonymous_peer)
   -> peerauth.ExpectPeerFinished                  (FinishedVerified)
   -> _finish -> Traffic
+
+A resumption skips the certificates: ExpectClientHello -> [ExpectEndOfEarlyData] ->
+peerauth.ExpectPeerFinished. From its Finished on, the server may already send
+application data there (0.5-RTT, `ServerConnection._half_rtt_params`), never in a full
+handshake.
 """
 
 from __future__ import annotations
@@ -95,6 +100,27 @@ class ServerConnection(Connection):
         key = credentials[0].private_key
         super().__init__(config, now)
         self._state = ExpectClientHello(None, key)
+
+    def _half_rtt_params(self) -> SuiteParams | None:
+        # RFC 8446 §4.4.4 / §2.3: a server may send data after its Finished and before
+        # the client's ("0.5-RTT data"), to a peer it has not yet authenticated in
+        # general. We send it only in a resumption, where the client is already
+        # authenticated: the binder proved it holds the ticket's PSK (§4.2.11), the
+        # ticket names the identity that earned it, and accept_psk checked that
+        # identity's chain again against today's bundles and policy. With psk_dhe_ke
+        # only, the keys also need the ClientHello's fresh key share, so even a replayed
+        # ClientHello (§8) gets answers that only the client which made it can read; the
+        # client's Finished adds liveness, which the replay defences and RFC 8470 cover
+        # for what the answer was to. In a full handshake the client's Certificate and
+        # Finished are still to come, so nothing goes out before them: the §4.4.4 note.
+        state = self._state
+        if isinstance(state, ExpectEndOfEarlyData):
+            return state.keys.params
+        if isinstance(state, ExpectPeerFinished):
+            keys = state.keys
+            if isinstance(keys, _ServerKeys) and keys.resumed:
+                return keys.params
+        return None
 
 
 @dataclass(frozen=True, slots=True)
