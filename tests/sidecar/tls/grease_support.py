@@ -32,9 +32,10 @@ class Recording:
 
 
 @contextlib.asynccontextmanager
-async def recording_relay(target_port: int) -> AsyncIterator[tuple[int, Recording]]:
-    """A TCP relay on loopback in front of `target_port` that keeps every byte."""
-    recording = Recording()
+async def recording_relay(target_port: int) -> AsyncIterator[tuple[int, list[Recording]]]:
+    """A TCP relay on loopback in front of `target_port` that keeps every byte, one
+    `Recording` per connection in the order they came."""
+    recordings: list[Recording] = []
     tasks: set[asyncio.Task[None]] = set()
 
     async def pipe(
@@ -52,6 +53,8 @@ async def recording_relay(target_port: int) -> AsyncIterator[tuple[int, Recordin
                 writer.write_eof()
 
     async def handle(c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        recording = Recording()
+        recordings.append(recording)
         s_reader, s_writer = await asyncio.open_connection("127.0.0.1", target_port)
         await asyncio.gather(
             pipe(c_reader, s_writer, recording.to_server),
@@ -67,7 +70,7 @@ async def recording_relay(target_port: int) -> AsyncIterator[tuple[int, Recordin
 
     server = await asyncio.start_server(start, "127.0.0.1", 0)
     try:
-        yield server.sockets[0].getsockname()[1], recording
+        yield server.sockets[0].getsockname()[1], recordings
     finally:
         server.close()
         for task in list(tasks):
