@@ -15,7 +15,9 @@ engine, which sends them as 0-RTT data when it offers a ticket that allows it (R
 sent nothing early, or the server rejected it (§4.2.10), the channel sends them as the
 first 1-RTT data right behind the client Finished. On the server, bytes that arrived as
 0-RTT come out in `ChannelInput.early`, apart from the rest, so the caller can treat
-them as the replayable bytes they are.
+them as the replayable bytes they are; `ChannelInput.half_rtt` says the answers to them
+may go out at once, before the client's Finished (the engine allows that only in a
+resumption, whose ticket already authenticated the client).
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class ChannelInput:
     # Server: 0-RTT bytes (RFC 8446 §2.3), which precede the handshake's completion and
     # any `plaintext` of the same call.
     early: list[bytes] = field(default_factory=list)
+    # Server: the handshake is not complete, but application data may already be
+    # sealed (a resumption past our Finished: 0.5-RTT data, RFC 8446 §2.3).
+    half_rtt: bool = False
     closed: bool = False  # the peer's direction ended (close_notify, alert or EOF)
     peer_alert: str | None = None
 
@@ -178,6 +183,8 @@ class EngineChannel:
             ):
                 desc = event.description
                 result.peer_alert = desc.name if isinstance(desc, AlertDescription) else str(desc)
+        if not self._done:
+            result.half_rtt = tls.can_send_application_data
         return result, tls.data_to_send()
 
     def seal_parts(self, parts: list[bytes | memoryview]) -> bytes:

@@ -46,9 +46,11 @@ the first flight, so with a resumable ticket they go as 0-RTT data; the stream i
 lost before the handshake completed) the handler may send the same bytes again.
 Inbound, records that arrived as 0-RTT are fed to HTTP/2 with `receiving_early` set, so
 the request callback knows a stream's CONNECT was early; callbacks registered with
-`on_early_end` run when the handshake completes and the early data is over. Nothing is
-written to the socket before the handshake completes (the engine seals application
-data only then): frames queue in HTTP/2 meanwhile.
+`on_early_end` run when the handshake completes and the early data is over. An inbound
+session of a resumption writes from the server's Finished on (0.5-RTT data, RFC 8446
+§2.3): the app's answer to an early request leaves without waiting a round trip for the
+client's Finished. Otherwise nothing is written before the handshake completes: frames
+queue in HTTP/2 meanwhile.
 """
 
 from __future__ import annotations
@@ -168,6 +170,7 @@ class Session(asyncio.Protocol):
         self._first = first_stream
         self._h2_started = False
         self.receiving_early = False  # inbound: feeding HTTP/2 the 0-RTT records
+        self._half_rtt = False  # inbound: may write before the handshake completes
         self._early_end: list[Callable[[], None]] = []
         self.settings = settings
         self.metrics = metrics
@@ -297,6 +300,7 @@ class Session(asyncio.Protocol):
             return
         if out:
             self._write_raw(out)
+        self._half_rtt = received.half_rtt
         if received.early:
             self._receive_early(received.early)
         if received.handshake is not None:
@@ -704,9 +708,14 @@ class Session(asyncio.Protocol):
             self._flush_now()
 
     def _flush_now(self) -> None:
-        # Before the handshake completes the engine seals no application data: frames
-        # (our SETTINGS, answers to 0-RTT requests) wait in HTTP/2 until then.
-        if self._h2.has_output and self._channel is not None and self._established:
+        # Before the handshake completes the engine seals application data only as a
+        # resumed server's 0.5-RTT data: otherwise frames (our SETTINGS, answers to
+        # 0-RTT requests) wait in HTTP/2 until then.
+        if (
+            self._h2.has_output
+            and self._channel is not None
+            and (self._established or self._half_rtt)
+        ):
             self._write_raw(self._channel.seal_parts(self._h2.take_output()))
 
     def _write_raw(self, data: bytes) -> None:

@@ -5,19 +5,22 @@ The verdicts of ``sidecar.earlydata`` on request bytes, fed whole and one byte a
 then a caller sidecar and a callee sidecar in one event loop over real TLS on loopback
 (``resumption_mesh``): a GET on a fresh resumed connection goes 0-RTT and reaches the app
 with ``Early-Data: 1``; a POST sent early is answered 425 and retried after the handshake;
-the captured bytes of a 0-RTT connection sent again reach the app no second time.
+the captured bytes of a 0-RTT connection sent again reach the app no second time; the
+callee's answer to an early GET reaches the caller while the caller's Finished is still
+on its way (0.5-RTT data).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from sidecar.config import ConfigError, load_yaml
+from sidecar.config import Address, ConfigError, load_yaml
 from sidecar.earlydata import (
     EarlyGate,
     Incomplete,
@@ -27,8 +30,9 @@ from sidecar.earlydata import (
     scan,
 )
 
+from . import resumption_mesh
 from .dataplane.harness import Pki
-from .resumption_mesh import mesh, request
+from .resumption_mesh import Tap, mesh, request
 
 T = TypeVar("T")
 
@@ -262,5 +266,83 @@ def test_early_data_for_a_port_the_callee_does_not_declare_http_is_too_early(
             decided = "trellis_sidecar_early_data_requests_total"
             assert m.server(decided, decision="too_early") == 1
             assert len(m.seen) == 2 and all(b"Early-Data" not in head for head in m.seen)
+
+    run(scenario())
+
+
+class _FinishedHolder(Tap):
+    """A `Tap` that, once `hold` is set, forwards the caller's bytes only until the
+    callee's first answer has reached the caller: what the caller sends after that (its
+    EndOfEarlyData and Finished, RFC 8446 §2.3 Figure 4) waits for `released`."""
+
+    def __init__(self, target: Address) -> None:
+        super().__init__(target)
+        self.hold = False
+        self.holding = asyncio.Event()  # the caller's Finished is being held back
+        self.released = asyncio.Event()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hold = self.hold
+        answered = False
+        up_reader, up_writer = await asyncio.open_connection(self.target.host, self.target.port)
+
+        async def to_callee() -> None:
+            with contextlib.suppress(OSError):
+                while data := await reader.read(65536):
+                    if hold and answered and not self.released.is_set():
+                        self.holding.set()
+                        await self.released.wait()
+                    up_writer.write(data)
+                    await up_writer.drain()
+            with contextlib.suppress(OSError):
+                up_writer.close()
+
+        async def to_caller() -> None:
+            nonlocal answered
+            with contextlib.suppress(OSError):
+                while data := await up_reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+                    answered = True
+            with contextlib.suppress(OSError):
+                writer.close()
+
+        await asyncio.gather(to_callee(), to_caller())
+
+
+def test_the_callees_answer_to_an_early_get_reaches_the_caller_before_the_callers_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0.5-RTT data (RFC 8446 §2.3): the callee's sidecar answers the early GET from its
+    own Finished on, so the answer does not wait a round trip for the caller's. A relay
+    holds the caller's Finished back; the GET must be answered all the same (before
+    this, the callee held the app's answer until that Finished came: the request timed
+    out here)."""
+    monkeypatch.setattr(resumption_mesh, "Tap", _FinishedHolder)
+
+    async def scenario() -> None:
+        async with mesh(Pki(), tmp_path, tap=True) as m:
+            holder = m.tap
+            assert isinstance(holder, _FinishedHolder)
+            try:
+                assert await request(m.upstream, GET) == b"GET early=-"
+                await m.tickets()
+                await m.forget_connections()
+                holder.hold = True
+                assert await request(m.upstream, GET, timeout=10) == b"GET early=1"
+                # The caller had finished and its Finished was still held at the relay:
+                # the callee served the GET without it.
+                assert holder.holding.is_set()
+                resumed = [s for s in m.inbound.sessions if s.resumed or not s.handshake_done]
+                assert [s.handshake_done for s in resumed] == [False]
+                assert m.server("tls_early_data_total", outcome="accepted") == 0
+            finally:
+                holder.released.set()
+            deadline = asyncio.get_running_loop().time() + 10
+            while not m.server("tls_early_data_total", outcome="accepted"):
+                assert asyncio.get_running_loop().time() < deadline, "no Finished arrived"
+                await asyncio.sleep(0.01)
+            assert m.server("tls_resumption_total", kind="ticket") == 1
+            assert len(m.seen) == 2 and b"Early-Data: 1" in m.seen[1]
 
     run(scenario())
