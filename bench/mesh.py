@@ -32,10 +32,10 @@ same connections, payload and schedule. Every figure carries its baseline from t
    connection and times an app's GET from its connect to the first response byte, three
    ways interleaved: a full handshake (no ticket), a resumed 1-RTT handshake (ticket,
    early data off) and 0-RTT (ticket, the GET in early data); ``--app-ms`` gives the app
-   time to spend per request. The callee answers only once the caller's Finished has
-   arrived (the engine sends no 0.5-RTT data), so 0-RTT saves the app's time and the
-   dial to the app, up to one round trip, not the round trip itself. ``--first-byte-only``
-   runs this part alone (no processes).
+   time to spend per request. The callee answers an early GET as 0.5-RTT data, from its
+   own Finished on without waiting for the caller's (RFC 8446 §2.3), so 0-RTT saves the
+   round trip that carries the request after the handshake, as well as the app's time up
+   to one round trip. ``--first-byte-only`` runs this part alone (no processes).
 
 Prints one JSON document. Nothing is asserted; see bench/README.md for recorded figures.
 """
