@@ -134,9 +134,17 @@ class UpstreamConfig:
     # "http": the app speaks HTTP/1.1 to this upstream, so a request safe to replay may
     # ride in TLS 0-RTT on a fresh resumed connection (`sidecar.earlydata`); "tcp": never.
     protocol: str = "tcp"
+    # "pooled": app connections are HTTP/2 CONNECT streams on shared TLS connections;
+    # "direct": one TLS connection per app connection, its bytes relayed unframed
+    # (`sidecar.direct`), spliced in the kernel when kTLS is on.
+    mode: str = "pooled"
+    # "auto": hand the record layer to the kernel (kTLS) when it has it; "off": never.
+    ktls: str = "auto"
 
 
 UPSTREAM_PROTOCOLS = ("tcp", "http")
+UPSTREAM_MODES = ("pooled", "direct")
+KTLS_SETTINGS = ("auto", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +330,9 @@ def _upstreams(raw: Any) -> tuple[UpstreamConfig, ...]:
     for index, item in enumerate(raw):
         where = f"upstreams[{index}]"
         entry = _mapping(
-            item, where, {"name", "listen", "target", "endpoints", "spiffe_ids", "protocol"}
+            item,
+            where,
+            {"name", "listen", "target", "endpoints", "spiffe_ids", "protocol", "mode", "ktls"},
         )
         for required in ("listen", "target", "endpoints"):
             if required not in entry:
@@ -350,7 +360,13 @@ def _upstreams(raw: Any) -> tuple[UpstreamConfig, ...]:
             raise ConfigError(
                 f"{where}.protocol", "expected one of: " + ", ".join(UPSTREAM_PROTOCOLS)
             )
-        result.append(UpstreamConfig(name, listen, target, endpoints, ids, protocol))
+        choices = {"mode": UPSTREAM_MODES, "ktls": KTLS_SETTINGS}
+        for key, allowed in choices.items():
+            if entry.get(key, allowed[0]) not in allowed:
+                raise ConfigError(f"{where}.{key}", "expected one of: " + ", ".join(allowed))
+        mode = entry.get("mode", "pooled")
+        ktls = entry.get("ktls", "auto")
+        result.append(UpstreamConfig(name, listen, target, endpoints, ids, protocol, mode, ktls))
     return tuple(result)
 
 

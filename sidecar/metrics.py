@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from core.buildinfo import register_build_info
 from sidecar.tls import CipherSuite, HandshakeComplete, NamedGroup, SignatureScheme
@@ -66,6 +66,43 @@ class ByteCounts:
         family.add_metric(["in"], self.inbound)
         family.add_metric(["out"], self.outbound)
         yield family
+
+
+class KtlsCollector:
+    """kTLS offload (`sidecar.offload`): whether each direction hands records to the
+    kernel (`trellis_ktls_enabled{direction}`, 1 or 0, set at start from the probe and
+    the configuration), and the connections that stayed in user space by reason
+    (`trellis_ktls_fallback_total{reason}`, from `sidecar.ktls.STATS`)."""
+
+    def __init__(self) -> None:
+        self.enabled = {"inbound": False, "outbound": False}
+
+    def collect(self) -> Iterator[Metric]:
+        from sidecar.ktls import STATS
+
+        enabled = GaugeMetricFamily(
+            "trellis_ktls_enabled",
+            "1 when connections in this direction hand their records to the kernel (kTLS).",
+            labels=["direction"],
+        )
+        for direction, on in sorted(self.enabled.items()):
+            enabled.add_metric([direction], 1.0 if on else 0.0)
+        yield enabled
+        fallback = CounterMetricFamily(
+            "trellis_ktls_fallback",
+            "Connections that kept the user-space record layer, by reason "
+            "(no_kernel_support: the kernel has no TLS ULP).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(STATS.fallbacks.items()):
+            fallback.add_metric([reason], count)
+        yield fallback
+        yield CounterMetricFamily(
+            "trellis_ktls_key_update_closes",
+            "kTLS connections closed cleanly on a KeyUpdate the kernel cannot follow "
+            "(Linux before 6.14).",
+            value=STATS.key_update_closes,
+        )
 
 
 class Metrics:
@@ -150,6 +187,8 @@ class Metrics:
         )
         self.bytes = ByteCounts()
         r.register(self.bytes)
+        self.ktls = KtlsCollector()
+        r.register(self.ktls)
         self.connections_closed = Counter(
             "trellis_sidecar_connections_closed_by_us",
             "TLS connections we closed because of the peer: protocol_error, abuse "
