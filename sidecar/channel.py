@@ -28,6 +28,7 @@ from typing import Protocol
 from cryptography import x509
 
 from ca.spiffeid import SpiffeId
+from sidecar.ktls import KtlsSocket
 from sidecar.tls import (
     AlertReceived,
     ApplicationData,
@@ -41,7 +42,7 @@ from sidecar.tls import (
 )
 from sidecar.tls.alerts import AlertDescription
 
-__all__ = ["ChannelInput", "EngineChannel", "SecureChannel"]
+__all__ = ["ChannelInput", "EngineChannel", "KtlsChannel", "SecureChannel"]
 
 
 @dataclass(slots=True)
@@ -200,3 +201,59 @@ class EngineChannel:
 
     def pending(self) -> bytes:
         return self._tls.data_to_send()
+
+    @property
+    def engine(self) -> Connection:
+        """The engine, for `sidecar.ktls.attach` (its traffic secrets and sequence numbers)."""
+        return self._tls
+
+
+class KtlsChannel:
+    """A channel whose records the kernel seals and opens (`sidecar.ktls`), after the
+    engine's handshake: `receive` takes plaintext the kernel opened (read with recvmsg by
+    `Session`, control records already handed to the engine) and `seal_parts` returns
+    plaintext for a plain `send()`, which the kernel frames and seals."""
+
+    __slots__ = ("_closed", "_engine", "ktls")
+
+    def __init__(self, engine: EngineChannel, ktls: KtlsSocket) -> None:
+        self._engine = engine
+        self.ktls = ktls
+        self._closed = False
+
+    @property
+    def negotiated(self) -> HandshakeComplete | None:
+        return self._engine.negotiated
+
+    @property
+    def peer_chain(self) -> tuple[x509.Certificate, ...]:
+        return self._engine.peer_chain
+
+    @property
+    def local_chain(self) -> tuple[x509.Certificate, ...]:
+        return self._engine.local_chain
+
+    @property
+    def peer_id(self) -> SpiffeId | None:
+        return self._engine.peer_id
+
+    def initial(self) -> bytes:
+        return b""
+
+    def receive(self, data: bytes, now: float | None) -> tuple[ChannelInput, bytes]:
+        # b"": close_notify (or EOF) read by `KtlsSocket.recv`.
+        return ChannelInput([data] if data else [], closed=not data), b""
+
+    def seal_parts(self, parts: list[bytes | memoryview]) -> bytes:
+        if self._closed or self.ktls.write_closed:
+            return b""
+        return b"".join(parts)
+
+    def close(self) -> bytes:
+        # close_notify goes as a control record through the kernel (sendmsg), not as
+        # bytes for the transport: the caller sends it once its own writes are out.
+        self._closed = True
+        return b""
+
+    def pending(self) -> bytes:
+        return b""

@@ -27,6 +27,7 @@ from .config import SidecarConfig
 from .identity import Identity, IdentityError, WorkloadApiWatcher, load_svid_dir
 from .inbound import Inbound
 from .metrics import Metrics
+from .offload import kernel_tls
 from .outbound import Outbound
 from .permissive import STRICT, PlaintextPolicy, plaintext_policy_for_pod
 from .policy import Authorizer, authorizer_for_pod, merge, parse_pod_labels
@@ -81,6 +82,12 @@ class Sidecar:
             registry=lambda: self._registry,
             connect_timeout=config.pool.connect_timeout,
         )
+        # kTLS: probed once (`sidecar.ktls.probe`, logged once when absent), per direction.
+        wanted = any(u.ktls == "auto" for u in config.upstreams)
+        self.metrics.ktls.enabled = {
+            "inbound": kernel_tls("auto"),
+            "outbound": wanted and kernel_tls("auto"),
+        }
         self.watcher: WorkloadApiWatcher | None = None
         self.listening = False
         self.draining = False
@@ -317,6 +324,15 @@ class Sidecar:
                 "destinations": [str(n) for n in self._registry.destinations],
             },
             "pools": self.pools.describe(),
+            # Each direct connection (one per app connection) and its data path.
+            "direct": {
+                "outbound": [link.describe() for link in self.outbound.direct_links],
+                "inbound": [link.describe() for link in self.inbound.direct_links],
+            },
+            "inbound_connections": [
+                {"peer": str(s.peer_id) if s.peer_id else None, "data_path": s.data_path}
+                for s in self.inbound.sessions
+            ],
             "workload_api": {
                 "target": self.watcher.target if self.watcher else None,
                 "last_error": self.watcher.last_error if self.watcher else None,

@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from ca.spiffeid import SpiffeId
 
 from .accesslog import log_stream
-from .appaddress import app_hosts, dial_app
+from .appaddress import app_hosts, dial_app, local_host
 from .bridge import Bridge
 from .channel import EngineChannel, SecureChannel
 from .config import Address, InboundConfig
+from .direct import DirectLink, ServerConfigs, Verdict
 from .earlygate import EarlyStream
 from .hbone import Refusal, app_protocol_headers, denial_headers, parse_connect
 from .identity import Identity
@@ -104,9 +105,14 @@ class Inbound:
             keepalive_interval=keepalive_interval,
             keepalive_timeout=keepalive_timeout,
             drain_timeout=drain_timeout,
+            ktls=True,  # the inbound side offers kTLS whenever the kernel has it
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._connect_timeout = connect_timeout
+        # ALPN h2 for pooled callers, `direct.DIRECT_ALPN` for direct ones.
+        self._server_configs = ServerConfigs(identity)
+        self.direct_links: set[DirectLink] = set()
+        self.kernel = self._settings.ktls
         # At 0 per declared port from start-up: a strict workload shows 0 on the dashboard,
         # and a port turned permissive later already has its series.
         for port in config.targets:
@@ -115,7 +121,7 @@ class Inbound:
         identity.subscribe(lambda change: credentials_changed(self.sessions, identity, change))
 
     def _channel(self, now: float, _early: bytes) -> SecureChannel:
-        return EngineChannel(self.identity.server_config(), client=False, now=now)
+        return EngineChannel(self._server_configs.get(), client=False, now=now)
 
     def _session(self) -> Session:
         session = Session(
@@ -124,6 +130,7 @@ class Inbound:
             self.metrics,
             on_request=self._request,
             on_state=self._state,
+            on_direct=self._direct,
         )
         self.sessions.add(session)
         self.metrics.inbound_connections.inc()
@@ -265,6 +272,81 @@ class Inbound:
             if stream_id in session.streams:
                 session.refuse(stream_id, 503)
             bridge.refuse()
+
+    def _direct(
+        self,
+        transport: asyncio.Transport,
+        channel: SecureChannel,
+        plaintext: list[bytes],
+        closed: bool,
+    ) -> None:
+        """A direct connection (`sidecar.direct`): one caller, one app connection."""
+        arrived_on = local_host(transport)
+
+        async def accept(peer: SpiffeId | None, authority: str, link: DirectLink) -> Verdict:
+            return await self._accept_direct(peer, authority, link, arrived_on)
+
+        link = DirectLink(
+            None,
+            self.metrics,
+            direction="inbound",
+            acceptor=accept,
+            kernel=self._settings.ktls,
+        )
+        self.direct_links.add(link)
+        link.closed.add_done_callback(lambda _f: self.direct_links.discard(link))
+        link.adopt(transport, channel, plaintext, closed)
+
+    async def _accept_direct(
+        self, peer: SpiffeId | None, authority: str, link: DirectLink, arrived_on: str | None
+    ) -> Verdict:
+        """The same checks as a CONNECT stream's (`_request`), answered as a status line."""
+        entry = _Entry(time.monotonic(), peer)
+        request = parse_connect([(b":method", b"CONNECT"), (b":authority", authority.encode())])
+        if isinstance(request, Refusal):
+            return self._refuse_direct(entry, request.status, request.reason)
+        entry.port = request.port
+        app = self.config.app_for(request.port)
+        if app is None or app.port in self.own_ports:
+            return self._refuse_direct(entry, 404, f"no local target for port {request.port}")
+        decision = self.authorizer().decide(peer, request.port, self.identity.trust_domain)
+        entry.rule = decision.rule
+        if not decision.allowed:
+            self.metrics.policy.labels(decision="deny").inc()
+            entry.status, entry.reason = 403, decision.reason
+            entry.log("denied")
+            return 403, f"denied by {decision.rule}", None
+        self.metrics.policy.labels(decision="allow").inc()
+        hosts = app_hosts(arrived_on, app.host)
+        try:
+            app_transport, _ = await asyncio.wait_for(
+                dial_app(link.app_protocol, hosts, app.port), self._connect_timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            reason = f"local app {' or '.join(hosts)} port {app.port} unreachable: {exc}"
+            return self._refuse_direct(entry, 503, reason)
+        entry.status = 200
+        self.metrics.app_connections.labels(direction="inbound").inc()
+        link.closed.add_done_callback(
+            lambda _f: log_stream(
+                "inbound",
+                "ok",
+                started=entry.started,
+                peer=peer,
+                port=entry.port,
+                status=200,
+                rule=entry.rule,
+                bytes_sent=link.bytes_down,
+                bytes_received=link.bytes_up,
+            )
+        )
+        return 200, "", app_transport
+
+    def _refuse_direct(self, entry: _Entry, status: int, reason: str) -> Verdict:
+        entry.status, entry.reason = status, reason
+        entry.log("refused")
+        self.metrics.connect_errors.labels(status=str(status)).inc()
+        return status, reason, None
 
     def _refuse(
         self, session: Session, stream_id: int, status: int, reason: str, entry: _Entry

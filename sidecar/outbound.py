@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
 import socket
 import struct
@@ -44,6 +45,7 @@ from meshapi.registry import MeshRegistry
 from .accesslog import log_stream
 from .bridge import Bridge
 from .config import Address, UpstreamConfig
+from .direct import DirectLink, client_channel, dial
 from .earlydata import replay_safe as http_replay_safe
 from .h2tunnel import ErrorCode
 from .hbone import denial_of, http_forbidden, speaks_http
@@ -213,10 +215,17 @@ class Outbound:
         self.connect_timeout = connect_timeout
         self.servers: list[asyncio.Server] = []
         self.bridges: set[Bridge] = set()
+        self.direct_links: set[DirectLink] = set()  # upstreams in mode: direct
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def listen_upstream(self, upstream: UpstreamConfig) -> None:
+        if upstream.mode == "direct":
+            await self._listen_direct(upstream)
+            return
         route = (upstream.endpoints, upstream.spiffe_ids, upstream.target)
+        if upstream.ktls == "off":
+            for endpoint in upstream.endpoints:
+                self.pools.user_space.add(self.pools.key(endpoint, upstream.spiffe_ids))
         replay_safe = self.early_data if upstream.protocol == "http" else None
         server = await asyncio.get_running_loop().create_server(
             lambda: _OutboundBridge(self, lambda _sock: route, replay_safe),
@@ -224,6 +233,39 @@ class Outbound:
             upstream.listen.port,
             reuse_address=True,
             backlog=1024,
+        )
+        self.servers.append(server)
+
+    async def _listen_direct(self, upstream: UpstreamConfig) -> None:
+        """``mode: direct``: each app connection gets its own TLS connection
+        (`sidecar.direct`), no pool; endpoints are taken in turn."""
+        turn = itertools.count()
+        kernel = upstream.ktls == "auto"
+
+        def accept() -> asyncio.Protocol:
+            link = DirectLink(
+                lambda now: client_channel(self.pools.identity, upstream.spiffe_ids, now),
+                self.metrics,
+                direction="outbound",
+                authority=upstream.target,
+                kernel=kernel,
+            )
+            endpoint = upstream.endpoints[next(turn) % len(upstream.endpoints)]
+
+            def made(app: asyncio.Transport) -> None:
+                self.metrics.app_connections.labels(direction="outbound").inc()
+                self.direct_links.add(link)
+                link.closed.add_done_callback(lambda _f: self.direct_links.discard(link))
+                task = asyncio.get_running_loop().create_task(
+                    dial(link, app, endpoint.host, endpoint.port, self.connect_timeout)
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+            return link.app_protocol(made)
+
+        server = await asyncio.get_running_loop().create_server(
+            accept, upstream.listen.host, upstream.listen.port, reuse_address=True, backlog=1024
         )
         self.servers.append(server)
 

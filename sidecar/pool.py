@@ -112,8 +112,10 @@ class Pool:
         | None = None,
         *,
         drain_timeout: float = 10.0,
+        kernel: bool = False,
     ) -> None:
         self.endpoint = endpoint
+        self.kernel = kernel  # kTLS after each handshake (`sidecar.offload`)
         self.expected = expected
         self.identity = identity
         self.metrics = metrics
@@ -280,6 +282,7 @@ class Pool:
             max_streams=self.config.max_streams_per_connection,
             drain_timeout=self.drain_timeout,
             expiry_lead=EXPIRY_LEAD,
+            ktls=self.kernel,
         )
         try:
             _, session = await asyncio.wait_for(
@@ -341,6 +344,7 @@ class Pool:
                     "resumed": s.resumed,
                     "early_data": s.early_data,
                     "credentials_expire_at": s.expires_at,
+                    "data_path": s.data_path,
                 }
                 for s in self.sessions
             ],
@@ -365,6 +369,10 @@ class PoolSet:
         self.config = config
         self.drain_timeout = drain_timeout
         self.pools: dict[tuple[Address, tuple[SpiffeId, ...]], Pool] = {}
+        # Pools an upstream with `ktls: off` goes through: their records stay in user
+        # space; every other pool's go to the kernel when it has kTLS (`sidecar.offload`).
+        self.user_space: set[tuple[Address, tuple[SpiffeId, ...]]] = set()
+        self.kernel = True  # `ktls: auto` unless the upstream said off
         self._rr = itertools.count()
         identity.subscribe(self._identity_changed)
 
@@ -372,8 +380,14 @@ class PoolSet:
         for pool in self.pools.values():
             credentials_changed(pool.sessions, self.identity, change)
 
+    @staticmethod
+    def key(
+        endpoint: Address, expected: tuple[SpiffeId, ...]
+    ) -> tuple[Address, tuple[SpiffeId, ...]]:
+        return endpoint, tuple(sorted(expected, key=str))
+
     def pool(self, endpoint: Address, expected: tuple[SpiffeId, ...]) -> Pool:
-        key = (endpoint, tuple(sorted(expected, key=str)))
+        key = self.key(endpoint, expected)
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = Pool(
@@ -383,6 +397,7 @@ class PoolSet:
                 self.metrics,
                 self.config,
                 drain_timeout=self.drain_timeout,
+                kernel=self.kernel and key not in self.user_space,
             )
         return pool
 

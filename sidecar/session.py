@@ -69,10 +69,13 @@ from typing import TYPE_CHECKING, Protocol, cast
 from cryptography import x509
 
 from ca.spiffeid import SpiffeId
+from sidecar.ktls import KtlsClosed, KtlsUnavailable
 from sidecar.tls import TLSError
 
+from . import offload
 from .appaddress import local_host
-from .channel import SecureChannel
+from .channel import ChannelInput, EngineChannel, KtlsChannel, SecureChannel
+from .direct import DIRECT_ALPN
 from .h2tunnel import ErrorCode, H2ProtocolError, H2StateError, H2Tunnel, Setting
 from .metrics import Metrics
 
@@ -122,6 +125,9 @@ class SessionSettings:
     drain_timeout: float = 10.0
     # Retire this long before the credentials' notAfter (see the module docstring).
     expiry_lead: float = 0.0
+    # Hand the record layer to the kernel after the handshake (`ktls: auto`), when it
+    # has kTLS (`sidecar.offload`; a fallback is counted); HTTP/2 stays here either way.
+    ktls: bool = False
 
 
 @dataclass(slots=True)
@@ -151,6 +157,8 @@ class FirstStream:
 
 
 RequestCallback = Callable[["Session", int, list[tuple[bytes, bytes]]], None]
+# (transport, channel, plaintext after the handshake, peer closed) -> None
+DirectHandover = Callable[[asyncio.Transport, SecureChannel, list[bytes], bool], None]
 # (now, bytes for the first flight) -> the channel; the bytes are b"" but outbound.
 ChannelFactory = Callable[[float, bytes], SecureChannel]
 
@@ -165,8 +173,10 @@ class Session(asyncio.Protocol):
         on_request: RequestCallback | None = None,
         on_state: Callable[[Session], None] | None = None,
         first_stream: FirstStream | None = None,
+        on_direct: DirectHandover | None = None,
     ) -> None:
         self._channel_factory = channel_factory
+        self._on_direct = on_direct
         self._first = first_stream
         self._h2_started = False
         self.receiving_early = False  # inbound: feeding HTTP/2 the 0-RTT records
@@ -215,6 +225,7 @@ class Session(asyncio.Protocol):
         self.retired: str | None = None  # why we stopped taking streams, if we did
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
+        self.data_path = "user-space"  # "ktls" once the kernel seals and opens records
 
     # --- state for the pool ----------------------------------------------------------
 
@@ -304,6 +315,8 @@ class Session(asyncio.Protocol):
         if received.early:
             self._receive_early(received.early)
         if received.handshake is not None:
+            if self._hand_over(received):
+                return
             self._handshake_complete(received.handshake.peer_spiffe_id)
         if received.plaintext:
             self._receive_h2(received.plaintext)
@@ -349,6 +362,8 @@ class Session(asyncio.Protocol):
         self.resumed = info.session_resumed
         self.early_data = info.early_data
         self.metrics.handshake_done(info, self.settings.direction, time.monotonic() - self._started)
+        if self.settings.ktls:
+            self._to_kernel()
         self._start_h2()
         early_end, self._early_end = self._early_end, []
         for callback in early_end:
@@ -359,6 +374,74 @@ class Session(asyncio.Protocol):
         self._schedule_expiry(channel.peer_chain, channel.local_chain)
         self.ready.set_result(None)
         self._notify()
+
+    def _hand_over(self, received: ChannelInput) -> bool:
+        """Inbound: a caller that chose the direct protocol (`sidecar.direct`) gets no
+        HTTP/2; `on_direct` takes the socket, the channel and the plaintext so far."""
+        info, channel, transport = received.handshake, self._channel, self._transport
+        if (
+            self._on_direct is None
+            or info is None
+            or info.alpn_protocol != DIRECT_ALPN
+            or channel is None
+            or transport is None
+        ):
+            return False
+        self.peer_id = channel.peer_id
+        self.metrics.handshake_done(info, self.settings.direction, time.monotonic() - self._started)
+        self._cancel_timer()
+        self.dead = True  # this object is done with the socket
+        self._transport = None
+        self.ready.set_result(None)
+        self.closed.set_result(None)
+        self._notify()
+        self._on_direct(transport, channel, received.plaintext, received.closed)
+        return True
+
+    def _to_kernel(self) -> None:
+        """Records to the kernel from here on (`sidecar.offload`): writes stay on the
+        transport, reads go through recvmsg on a duplicate of its socket."""
+        channel, transport = self._channel, self._transport
+        if not isinstance(channel, EngineChannel) or transport is None:
+            return
+        if not offload.kernel_ready():
+            return
+        transport.pause_reading()
+        try:
+            switched = offload.switch(transport, channel)
+        except KtlsUnavailable as exc:
+            logger.warning("kTLS switch with %s failed half-way: %s", self.peername, exc)
+            self._lost(exc)
+            return
+        if switched is None:
+            transport.resume_reading()
+            return
+        self._channel = KtlsChannel(channel, switched)
+        self.data_path = "ktls"
+        self._loop.add_reader(switched.fileno(), self._kernel_readable)
+
+    def _kernel_readable(self) -> None:
+        channel = self._channel
+        if not isinstance(channel, KtlsChannel) or self.dead:
+            return
+        for _ in range(16):  # a bounded share of the loop per wake-up
+            try:
+                data = channel.ktls.recv(1 << 18)
+            except (BlockingIOError, InterruptedError):
+                return  # half a record so far
+            except (KtlsClosed, OSError) as exc:
+                logger.info("kTLS connection with %s ended: %s", self.peername, exc)
+                self._lost(exc)
+                return
+            self.data_received(data)
+            if not data or self.dead:
+                return
+
+    def _release_kernel(self) -> None:
+        channel = self._channel
+        if isinstance(channel, KtlsChannel) and channel.ktls.sock.fileno() >= 0:
+            self._loop.remove_reader(channel.ktls.fileno())
+            channel.ktls.sock.close()
 
     # --- credentials -----------------------------------------------------------------------
 
@@ -758,6 +841,10 @@ class Session(asyncio.Protocol):
             self._flush()
         if self._channel is not None:
             self._write_raw(self._channel.close())
+        channel = self._channel
+        if isinstance(channel, KtlsChannel) and not self._transport.get_write_buffer_size():
+            # close_notify is a control record (sendmsg): only behind what is written.
+            channel.ktls.close()
         self._transport.close()
 
     def abort_all(self, code: int) -> None:
@@ -770,6 +857,7 @@ class Session(asyncio.Protocol):
             return
         self.dead = True
         self._cancel_timer()
+        self._release_kernel()
         for timer in (self._expiry_timer, self._drain_timer):
             if timer is not None:
                 timer.cancel()
