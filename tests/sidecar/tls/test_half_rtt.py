@@ -131,8 +131,10 @@ def test_server_refuses_application_data_before_its_own_flight() -> None:
 
 
 def test_full_mtls_handshake_sends_nothing_before_the_clients_certificate_and_finished() -> None:
+    config = server_config()
+    assert config.require_client_certificate
     client = ClientConnection(client_config(), "x.example.org", now=T0)
-    server = ServerConnection(server_config(), now=T0)
+    server = ServerConnection(config, now=T0)
     server.receive_data(client.data_to_send())
     client.receive_data(server.data_to_send())
     # The server's Finished is out and its application keys are installed, but the
@@ -141,6 +143,20 @@ def test_full_mtls_handshake_sends_nothing_before_the_clients_certificate_and_fi
     with pytest.raises(LocalProtocolError, match="handshake not complete"):
         server.send_application_data(ANSWER)
     assert server.data_to_send() == b""
+    server.receive_data(client.data_to_send())
+    assert server.handshake_complete and server.can_send_application_data
+
+
+def test_full_handshake_without_client_certificates_sends_nothing_before_the_finished_either() -> (
+    None
+):
+    # Not needed for authentication there (the client is anonymous anyway), but a full
+    # handshake has no early data to answer: the window is a resumption's only.
+    client = ClientConnection(client_config(), "x.example.org", now=T0)
+    server = ServerConnection(server_config(require_client_certificate=False), now=T0)
+    server.receive_data(client.data_to_send())
+    assert not server.can_send_application_data
+    client.receive_data(server.data_to_send())
     server.receive_data(client.data_to_send())
     assert server.handshake_complete and server.can_send_application_data
 
