@@ -38,6 +38,7 @@ class AlertDescription(IntEnum):
     unknown_psk_identity = 115
     certificate_required = 116
     no_application_protocol = 120
+    ech_required = 121  # RFC 9849 §11.2
 
 
 class TLSError(Exception):

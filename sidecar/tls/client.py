@@ -26,6 +26,18 @@ from .alerts import AlertDescription, TLSError
 from .config import TLSConfig
 from .connection import Connection, Now, Traffic
 from .credentials import select_credential
+from .ech import (
+    EXT_ENCRYPTED_CLIENT_HELLO,
+    INNER_EXTENSION,
+    ClientOfferECH,
+    ECHConfig,
+    ECHRejected,
+    PublicNameVerifier,
+    client_ech_accepted,
+    grease_extension,
+    offer_client_ech,
+    retry_client_ech,
+)
 from .events import HandshakeComplete, PeerCertificate
 from .extensions import (
     ALLOWED_IN_ENCRYPTED_EXTENSIONS,
@@ -175,6 +187,8 @@ class _Hello:
     offer: ClientOffer | None = None  # the ticket offered in pre_shared_key
     early_sent: bool = False  # 0-RTT data went out and may still be accepted
     early_offered: bool = False  # 0-RTT data went out (a HelloRetryRequest rejects it)
+    ech: ClientOfferECH | None = None  # RFC 9849: `hello` is the inner, sealed ClientHello
+    ech_outcome: str = "none"  # HandshakeComplete.ech once ServerHello settled it
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +223,9 @@ class _ClientKeys:
     alpn: str | None
     request: _ServerRequest | None
     early_data: str = "none"
+    ech: str = "none"
+    ech_retry_configs: bytes | None = None  # ECH rejected: the server's retry_configs
+    ech_public_name: str | None = None  # ECH rejected: the name the outer handshake proves
 
     @property
     def params(self) -> SuiteParams:
@@ -255,6 +272,15 @@ class ClientConnection(Connection):
             offer = take_offer(config, self._ticket_key, self._now)
         shares = [ClientKeyShare(g, config.rng) for g in config.key_shares]
         hello = build_client_hello(config, sni, shares)
+        ech_config = config.ech_configs[0] if config.ech_configs else None
+        if ech_config is not None:
+            # RFC 9849 §5: the inner hello says it is one; early data is not offered
+            # inside ECH here (the outer hello's 0-RTT would go to the public name).
+            hello = replace(hello, extensions=(*hello.extensions, INNER_EXTENSION))
+            early_data = b""
+        elif config.ech_grease:
+            grease = (EXT_ENCRYPTED_CLIENT_HELLO, grease_extension(config.rng))
+            hello = replace(hello, extensions=(*hello.extensions, grease))  # §6.2
         early = b""
         if offer is not None:
             ticket = offer.stored.ticket
@@ -271,9 +297,9 @@ class ClientConnection(Connection):
                 hello = replace(hello, extensions=extensions)
             assert self._now is not None
             hello, raw = bind_psk_encoded(hello, offer, self._now.timestamp(), None)
-            self._start(hello, shares, server_name, offer, early, raw)
+            self._start(hello, shares, server_name, offer, early, raw, ech_config)
             return
-        self._start(hello, shares, server_name)
+        self._start(hello, shares, server_name, ech_config=ech_config)
 
     def _start(
         self,
@@ -283,14 +309,23 @@ class ClientConnection(Connection):
         offer: ClientOffer | None = None,
         early_data: bytes = b"",
         raw: bytes | None = None,
+        ech_config: ECHConfig | None = None,
     ) -> None:
         transcript = Transcript()
         if raw is None:
             raw = push_client_hello(hello)
         transcript.update(raw)
+        ech: ClientOfferECH | None = None
+        wire = raw
+        if ech_config is not None:
+            # RFC 9849 §6.1: the outer hello goes on the wire; both are hashed, each in
+            # its own transcript, until ServerHello says which one the server used.
+            outer, ech = offer_client_ech(ech_config, hello, server_name, self._config.rng)
+            wire = push_client_hello(outer)
+            ech.outer_transcript.update(wire)
         self.client_random = hello.random
         self._handshake_started = True
-        self._send_initial_client_hello(raw)
+        self._send_initial_client_hello(wire)
         if offer is not None and early_data:
             self._send_early_data(offer, raw, early_data)
         offered = frozenset(t for t, _ in hello.extensions)
@@ -304,6 +339,8 @@ class ClientConnection(Connection):
                 offer,
                 bool(early_data),
                 bool(early_data),
+                ech,
+                "grease" if ech is None and EXT_ENCRYPTED_CLIENT_HELLO in offered else "none",
             ),
             transcript,
         )
@@ -400,15 +437,56 @@ class ExpectServerHello(HandshakeState):
             ctx.discard_write_keys()  # the 0-RTT key is dead; ClientHello2 is plaintext
         if hello2.legacy_session_id:
             ctx.send_ccs()  # Appendix D.4: before the second flight
-        ctx.send(transcript, push_client_hello(hello2))
+        ech = sent.ech
+        if ech is None:
+            ctx.send(transcript, push_client_hello(hello2))
+        else:
+            # RFC 9849 §6.1.5: the second inner hello, sealed in the same HPKE context.
+            outer2, ech = retry_client_ech(
+                ech,
+                params,
+                sent.hello,
+                hello2,
+                hrr,
+                raw,
+                sent.server_name,
+            )
+            ctx.send(ech.outer_transcript, push_client_hello(outer2))
+            transcript.update(push_client_hello(hello2))
         offered = frozenset(t for t, _ in hello2.extensions)
         retried = _Hello(
-            sent.server_name, hello2, offered, tuple(shares), hrr, offer, False, sent.early_offered
+            sent.server_name,
+            hello2,
+            offered,
+            tuple(shares),
+            hrr,
+            offer,
+            False,
+            sent.early_offered,
+            ech,
+            sent.ech_outcome,
         )
         return ExpectServerHello(retried, transcript)
 
     def _server_hello(self, ctx: HandshakeContext, sh: ServerHello, raw: bytes) -> HandshakeState:
         sent = self.sent
+        transcript = self.transcript
+        if sent.ech is not None:
+            ech = sent.ech
+            if client_ech_accepted(ech, SUITES[sh.cipher_suite], sent.hello, transcript, sh):
+                sent = replace(sent, ech=None, ech_outcome="accepted")
+            else:
+                # RFC 9849 §6.1.6: the server used the outer hello (which offered no
+                # ticket); the handshake goes on to authenticate the public name.
+                sent = replace(
+                    sent,
+                    hello=ech.outer,
+                    server_name=ech.public_name,
+                    offer=None,
+                    early_sent=False,
+                    ech_outcome="rejected",
+                )
+                transcript = ech.outer_transcript
         check_response_extensions(sh.extensions, sent.offered, ALLOWED_IN_SERVER_HELLO)
         key_share = find(sh.extensions, ExtensionType.key_share)
         if key_share is None:
@@ -435,7 +513,6 @@ class ExpectServerHello(HandshakeState):
             psk = offer.stored.ticket.psk
             resumed = offer.peer
         shared = share.complete(server_share)
-        transcript = self.transcript
         transcript.select_hash(params.hash_name)
         transcript.update(raw)
         th = transcript.digest()
@@ -490,6 +567,10 @@ class ExpectEncryptedExtensions(HandshakeState):
             selected = names[0].decode("ascii")
         chosen = self.chosen
         early = "rejected" if sent.early_offered else "none"
+        retry_configs = find(ee.extensions, ExtensionType.encrypted_client_hello)
+        if retry_configs is not None and sent.ech_outcome == "accepted":
+            # RFC 9849 §6.1.4: retry_configs only come with a rejection.
+            raise TLSError(AlertDescription.unsupported_extension, "retry_configs after accept")
         if find(ee.extensions, ExtensionType.early_data) is not None:
             if not chosen.early_sent:
                 # RFC 8446 §4.2.10: early_data only answers early data that was sent.
@@ -506,6 +587,9 @@ class ExpectEncryptedExtensions(HandshakeState):
             alpn=selected,
             request=None,
             early_data=early,
+            ech=sent.ech_outcome,
+            ech_retry_configs=retry_configs if sent.ech_outcome == "rejected" else None,
+            ech_public_name=sent.server_name if sent.ech_outcome == "rejected" else None,
         )
         if chosen.resumed is not None:
             # RFC 8446 §2.2: resumed, the server authenticates with the PSK alone.
@@ -545,9 +629,10 @@ class ExpectCertificateOrRequest(HandshakeState):
             )
             self.transcript.update(raw)
             keys = replace(self.keys, request=request)
-            return ExpectPeerCertificate(SERVER_PEER, self.transcript, keys)
+            return ExpectPeerCertificate(_server_side(ctx, keys), self.transcript, keys)
         if msg_type == HandshakeType.certificate:
-            state = ExpectPeerCertificate(SERVER_PEER, self.transcript, self.keys)
+            side = _server_side(ctx, self.keys)
+            state = ExpectPeerCertificate(side, self.transcript, self.keys)
             return state.handle(ctx, msg_type, body, raw)
         return super().handle(ctx, msg_type, body, raw)
 
@@ -612,6 +697,7 @@ def _finish(
         peer_spiffe_id=peer.spiffe_id if peer is not None else None,
         session_resumed=chosen.resumed is not None,
         early_data=keys.early_data,
+        ech=keys.ech,
     )
     ctx.emit(info)
     return Traffic(finished, authenticated, params, server_ap, client_ap, resumption, info)
@@ -627,3 +713,22 @@ SERVER_PEER: PeerSide[_ClientKeys] = PeerSide(
     empty_reason="server sent no certificate",
     finish=_finish,
 )
+
+
+def _ech_rejected(
+    ctx: HandshakeContext,
+    transcript: Transcript,
+    keys: _ClientKeys,
+    authenticated: PeerAuthenticated,
+    finished: FinishedVerified,
+) -> HandshakeState:
+    """RFC 9849 §6.1.6: the outer handshake verified as the public name, so its
+    retry_configs are authentic; the connection ends with ech_required, never used."""
+    raise ECHRejected(keys.ech_retry_configs)
+
+
+def _server_side(ctx: HandshakeContext, keys: _ClientKeys) -> PeerSide[_ClientKeys]:
+    if keys.ech_public_name is None:
+        return SERVER_PEER
+    verifier = PublicNameVerifier(keys.ech_public_name, ctx.config.ech_public_name_roots)
+    return replace(SERVER_PEER, verifier=verifier, finish=_ech_rejected)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 
 from .credentials import Credential
+from .ech import ECHConfig, ECHKey, parse_config_list
 from .groups import DEFAULT_GROUPS, DEFAULT_KEY_SHARES, NamedGroup
 from .keylog import KeyLogCallback
 from .limits import MAX_EARLY_DATA
@@ -82,8 +83,23 @@ class TLSConfig:
     early_data_strict: bool = True
     ticket_store: TicketStore | None = None
     trust_generation: int = 0
+    # Encrypted ClientHello (RFC 9849; see ech.py). Client: `ech_config_list` (an
+    # ECHConfigList, e.g. a retry's) seals the real ClientHello under its first usable
+    # config; on a rejection the outer handshake must verify as the public name against
+    # `ech_public_name_roots`. Without a config, `ech_grease` sends a GREASE extension
+    # (§6.2). Server: `ech_keys`, current first then previous ones, are tried in turn;
+    # a rejection completes with `ech_public_credential` (a certificate for the public
+    # name) and the current config as retry_configs.
+    ech_config_list: bytes | None = None
+    ech_grease: bool = False
+    ech_public_name_roots: Sequence[x509.Certificate] = ()
+    ech_keys: Sequence[ECHKey] = ()
+    ech_public_credential: Credential | None = None
 
     def __post_init__(self) -> None:
+        # ValueError (ECHConfigError) for a list with no usable config: said at once.
+        configs = parse_config_list(self.ech_config_list) if self.ech_config_list else ()
+        object.__setattr__(self, "_ech_configs", configs)
         if self.certificate_chain and self.private_key is None:
             raise ValueError("certificate_chain given without private_key")
         # Shares only for groups we support; none at all means "always HelloRetryRequest".
@@ -132,6 +148,12 @@ class TLSConfig:
         """The schemes of the first credential's key."""
         credentials = self.all_credentials
         return credentials[0].signature_schemes if credentials else ()
+
+    @property
+    def ech_configs(self) -> tuple[ECHConfig, ...]:
+        """The usable configs of `ech_config_list`, in its order."""
+        value: tuple[ECHConfig, ...] = self.__dict__["_ech_configs"]
+        return value
 
     @property
     def peer_verifier(self) -> PeerVerifier | None:

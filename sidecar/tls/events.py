@@ -41,6 +41,10 @@ class HandshakeComplete(Event):
     # RFC 8446 §4.2.10: "none" (not offered), "accepted" or "rejected". On a rejection
     # the client's early data never reached the server: the caller sends it again.
     early_data: str = "none"
+    # RFC 9849: "accepted" (the inner ClientHello was used), "rejected" (server only: the
+    # outer one, with retry_configs sent), "grease" (client: a GREASE extension, §6.2)
+    # or "none". A client whose real ECH was rejected never completes (ech.ECHRejected).
+    ech: str = "none"
 
 
 @dataclass(frozen=True, slots=True)

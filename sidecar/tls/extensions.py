@@ -42,6 +42,9 @@ class ExtensionType(IntEnum):
     post_handshake_auth = 49
     signature_algorithms_cert = 50
     key_share = 51
+    # RFC 9849 §11.1: Encrypted ClientHello.
+    ech_outer_extensions = 0xFD00
+    encrypted_client_hello = 0xFE0D
 
 
 _KNOWN = frozenset(int(t) for t in ExtensionType)
@@ -51,7 +54,12 @@ ALLOWED_IN_SERVER_HELLO = frozenset(
     {ExtensionType.key_share, ExtensionType.supported_versions, ExtensionType.pre_shared_key}
 )
 ALLOWED_IN_HELLO_RETRY_REQUEST = frozenset(
-    {ExtensionType.key_share, ExtensionType.supported_versions, ExtensionType.cookie}
+    {
+        ExtensionType.key_share,
+        ExtensionType.supported_versions,
+        ExtensionType.cookie,
+        ExtensionType.encrypted_client_hello,  # RFC 9849 §7.2.1: the HRR confirmation
+    }
 )
 ALLOWED_IN_ENCRYPTED_EXTENSIONS = frozenset(
     {
@@ -65,6 +73,7 @@ ALLOWED_IN_ENCRYPTED_EXTENSIONS = frozenset(
         ExtensionType.server_certificate_type,
         ExtensionType.early_data,
         ExtensionType.record_size_limit,
+        ExtensionType.encrypted_client_hello,  # RFC 9849 §7.1: retry_configs
     }
 )
 ALLOWED_IN_CERTIFICATE_ENTRY = frozenset(

@@ -29,7 +29,7 @@ from .messages import HandshakeType, pull_certificate, pull_certificate_verify, 
 from .proofs import FinishedVerified, PeerAuthenticated, verify_certificate_verify, verify_finished
 from .state import HandshakeContext, HandshakeState
 from .suites import SuiteParams
-from .verify import VerifiedPeer, insecure_peer
+from .verify import PeerVerifier, VerifiedPeer, insecure_peer
 
 __all__ = [
     "ExpectPeerCertificate",
@@ -73,6 +73,9 @@ class PeerSide(Generic[K]):
     empty_reason: str
     # After the peer's Finished verified: the side's last step, returning `Traffic`.
     finish: Finish[K]
+    # Replaces the config's verifier: a client whose ECH was rejected authenticates the
+    # outer handshake against the public name (RFC 9849 §6.1.7), not a SPIFFE ID.
+    verifier: PeerVerifier | None = None
 
 
 def _peer_from_certificate(ctx: HandshakeContext, side: PeerSide[K], body: bytes) -> VerifiedPeer:
@@ -86,6 +89,10 @@ def _peer_from_certificate(ctx: HandshakeContext, side: PeerSide[K], body: bytes
         raise TLSError(side.empty_alert, side.empty_reason)
     chain = [entry.cert_data for entry in cert.entries]
     config = ctx.config
+    if side.verifier is not None:
+        return side.verifier.verify(
+            chain, ctx.now, side.peer_is_server, config.certificate_signature_schemes
+        )
     verifier = config.peer_verifier
     if not config.verify_peer or verifier is None:
         return insecure_peer(chain)

@@ -17,12 +17,14 @@ handshake.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .alerts import AlertDescription, TLSError
 from .config import TLSConfig
 from .connection import Connection, Now, Traffic
-from .credentials import Credential, require_credential
+from .credentials import Credential, require_credential, select_credential
+from .ech import ServerOutcome, push_config_list, server_hello_confirmation, server_receive_ech
+from .ech import retry_request_confirmation as ech_retry_confirmation
 from .events import HandshakeComplete, PeerCertificate
 from .extensions import (
     ClientHelloExtensions,
@@ -68,6 +70,7 @@ from .messages import (
     push_certificate,
     push_certificate_request,
     push_certificate_verify,
+    push_client_hello,
     push_encrypted_extensions,
     push_finished,
     push_server_hello,
@@ -132,6 +135,7 @@ class _Retry:
     group: int
     cookie: bytes | None
     first_hello: ClientHello
+    ech: ServerOutcome | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +146,7 @@ class _Choice:
     scheme: int
     alpn: str | None
     credential: Credential
+    ech: ServerOutcome | None = None  # RFC 9849: what became of the client's ECH
 
 
 def _negotiate(ctx: HandshakeContext, ch: ClientHello, ext: ClientHelloExtensions) -> _Choice:
@@ -218,13 +223,18 @@ class ExpectClientHello(HandshakeState):
         if msg_type != HandshakeType.client_hello:
             return super().handle(ctx, msg_type, body, raw)
         ch = pull_client_hello(body)
-        ext = ClientHelloExtensions.parse(ch.extensions)
         retry = self.retry
         if retry is None:
             ctx.begin(ch.random)
-        else:
+        # RFC 9849 §7.1: with ECH accepted, the handshake goes on with the inner hello.
+        ech_before = retry.ech if retry is not None else None
+        opened, ech = server_receive_ech(ctx.config.ech_keys, ch, ech_before, retry is not None)
+        if opened is not ch:
+            ch, raw = opened, push_client_hello(opened)
+        ext = ClientHelloExtensions.parse(ch.extensions)
+        if retry is not None:
             _check_second_hello(retry.first_hello, ch)
-        choice = _negotiate(ctx, ch, ext)
+        choice = _ech_choice(ctx, ext, _negotiate(ctx, ch, ext), ech)
         share = choice.client_share
         if retry is None:
             if share is None:
@@ -280,17 +290,53 @@ class ExpectClientHello(HandshakeState):
         ]
         if cookie is not None:
             extensions.append((ExtensionType.cookie, push_cookie(cookie)))
+        ech = choice.ech
+        if ech is not None and ech.accepted is not None:
+            extensions.append((ExtensionType.encrypted_client_hello, bytes(8)))
         hrr = ServerHello(
             HELLO_RETRY_REQUEST_RANDOM, ch.legacy_session_id, choice.params.suite, tuple(extensions)
         )
-        transcript.restart_after_retry(choice.params.hash_name, raw)
+        params = choice.params
+        transcript.restart_after_retry(params.hash_name, raw)
+        if ech is not None and ech.accepted is not None:
+            # RFC 9849 §7.2.1: the HRR confirms acceptance in its ECH extension.
+            confirmation = ech_retry_confirmation(
+                params, ch.random, lambda m: transcript.digest_with(params.hash_name, m), hrr
+            )
+            hrr = replace(hrr, extensions=(*extensions[:-1], (extensions[-1][0], confirmation)))
         ctx.send(transcript, push_server_hello(hrr))
         if ch.legacy_session_id:
             ctx.send_ccs()  # Appendix D.4: right after our first handshake message
         return ExpectClientHello(
-            _Retry(transcript, choice.params, choice.group, cookie, ch),
+            _Retry(transcript, choice.params, choice.group, cookie, ch, ech),
             self.key,
         )
+
+
+def _ech_choice(
+    ctx: HandshakeContext, ext: ClientHelloExtensions, choice: _Choice, ech: ServerOutcome | None
+) -> _Choice:
+    """RFC 9849 §7.1: a rejected ECH is completed as the public name, with its
+    certificate, so the client can trust the retry_configs that come with it."""
+    if ech is None:
+        return choice
+    config = ctx.config
+    credential = config.ech_public_credential
+    # A GREASE hello (§6.2) names the real server in clear: only a hello for the
+    # public name gets the public name's certificate.
+    public_names = {key.config.public_name for key in config.ech_keys}
+    if (
+        ech.accepted is None
+        and credential is not None
+        and ext.server_name in public_names
+        and ext.signature_algorithms
+    ):
+        selected = select_credential(
+            [credential], ext.signature_algorithms, ext.signature_algorithms_cert
+        )
+        if selected is not None:
+            return replace(choice, credential=selected[0], scheme=selected[1], ech=ech)
+    return replace(choice, ech=ech)
 
 
 def _resume(
@@ -317,7 +363,10 @@ def _resume(
 # RFC 8446 §4.1.2: what the second ClientHello may change. key_share and
 # pre_shared_key may carry new contents in place; early_data is removed, cookie added,
 # padding (RFC 7685) resized, added or dropped. Everything else stays as it was.
-_REPLACED_IN_SECOND_HELLO = frozenset({ExtensionType.key_share, ExtensionType.pre_shared_key})
+_REPLACED_IN_SECOND_HELLO = frozenset(
+    # RFC 9849 §6.1.5: a second outer hello seals a new payload.
+    {ExtensionType.key_share, ExtensionType.pre_shared_key, ExtensionType.encrypted_client_hello}
+)
 _MAY_COME_OR_GO = frozenset({ExtensionType.cookie, ExtensionType.padding})
 
 
@@ -376,6 +425,12 @@ def _send_server_flight(
         sh_ext = ((ExtensionType.pre_shared_key, resumed.index.to_bytes(2, "big")), *sh_ext)
     sh = ServerHello(config.rng(32), ch.legacy_session_id, params.suite, sh_ext)
     transcript.select_hash(params.hash_name)
+    if choice.ech is not None and choice.ech.accepted is not None:
+        # RFC 9849 §7.2: the last 8 bytes of ServerHello.random confirm acceptance.
+        confirmation = server_hello_confirmation(
+            params, ch.random, lambda m: transcript.digest_with(params.hash_name, m), sh
+        )
+        sh = replace(sh, random=sh.random[:24] + confirmation)
     early_secret = EarlySecret.start(params, resumed.state.psk if resumed is not None else None)
     client_early: bytes | None = None
     if resumed is not None and resumed.early_data:
@@ -407,6 +462,10 @@ def _send_server_flight(
         )
     if client_early is not None:
         ee_ext.append((ExtensionType.early_data, b""))  # RFC 8446 §4.2.10: accepted
+    if choice.ech is not None and choice.ech.accepted is None:
+        # RFC 9849 §7.1: rejected, the current config goes back as retry_configs.
+        retry_configs = push_config_list([config.ech_keys[0].config])
+        ee_ext.append((ExtensionType.encrypted_client_hello, retry_configs))
     ctx.send(transcript, push_encrypted_extensions(EncryptedExtensions(tuple(ee_ext))))
     if resumed is not None:
         # RFC 8446 §2.2: a PSK handshake authenticates with the PSK, no certificates.
@@ -568,6 +627,7 @@ def _finish(
         peer_spiffe_id=peer.spiffe_id if peer is not None else None,
         session_resumed=keys.resumed,
         early_data=keys.early_data,
+        ech=keys.choice.ech.label if keys.choice.ech is not None else "none",
     )
     ctx.emit(info)
     issue_tickets(ctx, transcript, params, resumption, keys.choice.alpn, peer)

@@ -1,0 +1,171 @@
+"""Encrypted ClientHello (RFC 9849) between Trellis clients and servers, in memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.tls import (
+    AlertDescription,
+    AlertReceived,
+    ClientConnection,
+    HandshakeComplete,
+    ServerConnection,
+    TLSConfig,
+)
+from sidecar.tls.ech import ECHRejected
+from sidecar.tls.groups import NamedGroup
+
+from .ech_support import INNER_NAME, PUBLIC_NAME, config_list, ech_key, public_name_credential
+from .helpers import drain, pump
+from .pki import NOW, client_config, server_config
+from .resumption_support import T0, Mesh, completed, connect
+
+KEY_1 = ech_key(1)
+KEY_2 = ech_key(2)
+
+
+def _server(*keys: object, **overrides: object) -> TLSConfig:
+    return server_config(
+        ech_keys=keys, ech_public_credential=public_name_credential().credential, **overrides
+    )
+
+
+def _client(ech_list: bytes | None, **overrides: object) -> TLSConfig:
+    return client_config(
+        ech_config_list=ech_list,
+        ech_public_name_roots=[public_name_credential().root],
+        **overrides,
+    )
+
+
+class _Wire:
+    """Both directions' bytes, as an on-path observer records them."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+
+def _run(
+    client_cfg: TLSConfig, server_cfg: TLSConfig, wire: _Wire | None = None
+) -> tuple[ClientConnection, ServerConnection]:
+    client = ClientConnection(client_cfg, server_name=INNER_NAME, now=NOW)
+    server = ServerConnection(server_cfg, now=NOW)
+    for _ in range(20):
+        ab = client.data_to_send()
+        if wire is not None:
+            wire.data += ab
+        if ab:
+            server.receive_data(ab)
+        ba = server.data_to_send()
+        if wire is not None:
+            wire.data += ba
+        if ba:
+            client.receive_data(ba)
+        if not ab and not ba:
+            break
+    return client, server
+
+
+def _done(conn: ClientConnection | ServerConnection) -> HandshakeComplete:
+    (done,) = [e for e in drain(conn) if isinstance(e, HandshakeComplete)]
+    return done
+
+
+def test_accepted_ech_hides_the_inner_server_name_and_the_server_sees_it() -> None:
+    wire = _Wire()
+    client, server = _run(_client(config_list(KEY_1)), _server(KEY_1), wire)
+    client_done, server_done = _done(client), _done(server)
+    assert client_done.ech == server_done.ech == "accepted"
+    assert server_done.server_name == INNER_NAME
+    assert INNER_NAME.encode() not in wire.data
+    assert PUBLIC_NAME.encode() in wire.data
+    assert client_done.alpn_protocol == "h2"  # ALPN travelled inside, not in clear
+
+
+def test_a_previous_key_still_opens_a_hello_sealed_to_it() -> None:
+    client, server = _run(_client(config_list(KEY_1)), _server(KEY_2, KEY_1))
+    assert _done(server).ech == "accepted"
+    assert _done(client).server_name == INNER_NAME
+
+
+def test_rejected_ech_authenticates_the_public_name_and_hands_over_retry_configs() -> None:
+    client = ClientConnection(_client(config_list(KEY_1)), server_name=INNER_NAME, now=NOW)
+    server = ServerConnection(_server(KEY_2), now=NOW)
+    with pytest.raises(ECHRejected) as rejected:
+        pump(client, server)
+    assert rejected.value.retry_configs == config_list(KEY_2)
+    assert not client.handshake_complete
+    # The server hears ech_required (RFC 9849 §6.1.6) instead of the client's Finished.
+    server.receive_data(client.data_to_send())
+    alerts = [e for e in drain(server) if isinstance(e, AlertReceived)]
+    assert [a.description for a in alerts] == [AlertDescription.ech_required]
+    # The one retry, on a new connection, with the configs the rejection carried.
+    retry_list = rejected.value.retry_configs
+    client2, server2 = _run(_client(retry_list), _server(KEY_2))
+    assert _done(client2).ech == _done(server2).ech == "accepted"
+
+
+def test_a_rejection_from_a_server_without_the_public_name_certificate_is_refused() -> None:
+    """Retry configs count only from a server that proved the public name (§6.1.7)."""
+    client = ClientConnection(_client(config_list(KEY_1)), server_name=INNER_NAME, now=NOW)
+    server = ServerConnection(server_config(ech_keys=[KEY_2]), now=NOW)
+    with pytest.raises(Exception) as failed:
+        pump(client, server)
+    assert not isinstance(failed.value, ECHRejected)
+    assert "bad_certificate" in str(failed.value)
+
+
+def test_hello_retry_request_inside_ech_seals_the_second_hello_in_the_same_context() -> None:
+    cfg = _client(config_list(KEY_1), key_share_groups=(NamedGroup.secp256r1,))
+    wire = _Wire()
+    client, server = _run(cfg, _server(KEY_1, groups=(NamedGroup.x25519,)), wire)
+    client_done, server_done = _done(client), _done(server)
+    assert client_done.ech == server_done.ech == "accepted"
+    assert server_done.group == NamedGroup.x25519
+    assert server_done.server_name == INNER_NAME
+    assert INNER_NAME.encode() not in wire.data
+
+
+def test_hello_retry_request_then_rejection_still_authenticates_the_public_name() -> None:
+    cfg = _client(config_list(KEY_1), key_share_groups=(NamedGroup.secp256r1,))
+    client = ClientConnection(cfg, server_name=INNER_NAME, now=NOW)
+    server = ServerConnection(_server(KEY_2, groups=(NamedGroup.x25519,)), now=NOW)
+    with pytest.raises(ECHRejected) as rejected:
+        pump(client, server)
+    assert rejected.value.retry_configs == config_list(KEY_2)
+
+
+def test_grease_ech_completes_against_servers_with_and_without_keys() -> None:
+    for server_cfg, server_outcome in ((server_config(), "none"), (_server(KEY_1), "rejected")):
+        client, server = _run(client_config(ech_grease=True), server_cfg)
+        client_done, server_done = _done(client), _done(server)
+        assert client_done.ech == "grease"
+        assert server_done.ech == server_outcome
+        assert server_done.server_name == INNER_NAME  # GREASE hides nothing
+
+
+def test_grease_ech_survives_a_hello_retry_request() -> None:
+    cfg = client_config(ech_grease=True, key_share_groups=(NamedGroup.secp256r1,))
+    client, _server_conn = _run(cfg, _server(KEY_1, groups=(NamedGroup.x25519,)))
+    assert _done(client).ech == "grease"
+
+
+def test_a_ticket_resumes_inside_ech() -> None:
+    mesh = Mesh()
+    ech = {
+        "ech_config_list": config_list(KEY_1),
+        "ech_public_name_roots": [public_name_credential().root],
+    }
+    server_ech = {"ech_keys": [KEY_1]}
+    first, server = connect(mesh.client(**ech), mesh.server(**server_ech), T0)
+    assert completed(drain(first)).ech == "accepted"
+    drain(server)
+    second, server2 = connect(mesh.client(**ech), mesh.server(**server_ech), T0 + 60)
+    done = completed(drain(second))
+    assert done.session_resumed and done.ech == "accepted"
+    assert completed(drain(server2)).session_resumed
+
+
+def test_a_config_list_with_no_usable_config_is_refused_at_configuration() -> None:
+    with pytest.raises(ValueError, match="ECHConfig"):
+        _client(b"\x00\x04\xfe\x0e\x00\x00")
