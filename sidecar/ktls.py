@@ -361,7 +361,8 @@ class KtlsSocket:
             if self.read_closed:
                 return b""
             try:
-                data, ancdata, _flags, _ = self.sock.recvmsg(size, _CMSG_SPACE)
+                # Room for a whole record: a control record must come in one piece.
+                data, ancdata, _flags, _ = self.sock.recvmsg(max(size, MAX_PLAINTEXT), _CMSG_SPACE)
             except OSError as exc:
                 if exc.errno == errno.EKEYEXPIRED:
                     # Linux >= 6.14: RX waits for the key after the peer's KeyUpdate,
@@ -380,6 +381,8 @@ class KtlsSocket:
             if record_type == ContentType.application_data:
                 if not data:
                     self.read_closed = True  # TCP EOF without close_notify
+                if len(data) > size:
+                    data, self._pending = data[:size], data[size:]
                 return data
             self.control_records[record_type] = self.control_records.get(record_type, 0) + 1
             self._control(record_type, data)
