@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 DEMO   ?= .trellis-demo
 DEBIAN_PACKAGES := openssl curl ca-certificates prometheus iptables iproute2 podman runc debootstrap zsh fish
 
-.PHONY: setup system-deps go-toolchain go-peers kube helm image up ca-demo test lint typecheck unit bench bench-spire clean
+.PHONY: setup system-deps go-toolchain go-peers kube helm kernel image up ca-demo test lint typecheck unit bench bench-spire clean
 
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -62,6 +62,25 @@ HELM_MISSING = if [ "$$CI" = true ] || [ "$$CI" = 1 ]; then exit 1; else echo "(
 helm: go-toolchain
 	@$(BIN)/python -m tests.charts.binaries || { $(HELM_MISSING); }
 
+# A real Linux kernel with kTLS for tests/kernel/ (this machine's kernel has none):
+# Debian's generic linux-image (6.1) fetched with apt-get download, its vmlinux and a
+# busybox initramfs built into $${XDG_CACHE_HOME:-~/.cache}/trellis/kernel-<version>/
+# (cold: seconds after the 70 MB download), booted under QEMU (TCG) by the tests. The
+# Debian packages it needs are installed here when run as root. Missing: as for kube.
+KERNEL_PACKAGES := qemu-system-x86 busybox-static cpio kmod
+KERNEL_MISSING = if [ "$$CI" = true ] || [ "$$CI" = 1 ]; then exit 1; else echo "(the tests/kernel kTLS tests will be skipped)"; fi
+
+kernel: setup
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  missing=""; \
+	  for p in $(KERNEL_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  fi; \
+	fi
+	@$(BIN)/python -m tests.kernel.guest_vm || { $(KERNEL_MISSING); }
+
 # The trellis image (Containerfile), which the manifests, the injector's default and the
 # chart name: $(IMAGE). Built with podman (runc) from this checkout, offline: a
 # debootstrapped bookworm imported as the local base (once: a few minutes), wheels built
@@ -105,7 +124,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy --strict $(PACKAGES)
 
-unit: setup go-peers kube helm image
+unit: setup go-peers kube helm kernel image
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 test: lint typecheck unit
