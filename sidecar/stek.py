@@ -16,6 +16,12 @@ once the ring has no key left to seal with (its active key's interval is over an
 successor came), it stops sealing, says so once, and falls back to full handshakes; old
 keys go on opening tickets until their own ``not_after``.
 
+The same messages carry the service's Encrypted ClientHello keys (RFC 9849; current,
+then previous) and every service's public ECH keys; ``SessionKeys`` holds both as
+``EchKeyParts`` (``sidecar.echkeys`` makes the engine's ECHConfig and ECHKey of them) and
+calls ``on_ech`` when they change. ECH keys are not promoted on a schedule of our own: a
+sidecar that loses its agent keeps serving the keys it has until their ``not_after``.
+
 Keys are only in memory: never written, never logged (log lines and ``/config`` name key
 ids and ages, which are no secret: a key id is in the clear in every ticket).
 """
@@ -25,8 +31,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -38,7 +44,14 @@ from ca.spiffeid import SpiffeId, SpiffeIdError
 from ca.workload import HEADER_KEY, HEADER_VALUE
 from sidecar.tls.tickets import MAX_PREVIOUS, Stek, StekRing
 
-__all__ = ["METHOD", "SessionKeys", "StekCollector", "StekRingWatcher", "StekStats"]
+__all__ = [
+    "METHOD",
+    "EchKeyParts",
+    "SessionKeys",
+    "StekCollector",
+    "StekRingWatcher",
+    "StekStats",
+]
 
 logger = logging.getLogger("sidecar.stek")
 
@@ -71,6 +84,42 @@ def _stek(message: session_keys_pb2.STEK) -> Stek:
     return Stek(message.key_id, message.key, message.not_before, message.not_after)
 
 
+@dataclass(frozen=True, slots=True)
+class EchKeyParts:
+    """One ECH key as the agent hands it over: the X25519 key pair (``private_key`` b""
+    for another service's public key) and the rest of its ECHConfig."""
+
+    config_id: int
+    public_key: bytes
+    private_key: bytes = field(repr=False)
+    public_name: str
+    not_before: float
+    not_after: float
+
+
+_ECH_KEY_LENGTH = 32
+
+
+def _ech_parts(keys: Iterable[session_keys_pb2.ECHKey], private: bool) -> tuple[EchKeyParts, ...]:
+    result = []
+    for key in keys:
+        if key.config_id > 0xFF or len(key.public_key) != _ECH_KEY_LENGTH:
+            raise ValueError("an ECH key is a one-byte config id and a 32-byte X25519 key")
+        if private and len(key.private_key) != _ECH_KEY_LENGTH:
+            raise ValueError("an ECH key of our own service came without its private key")
+        result.append(
+            EchKeyParts(
+                key.config_id,
+                key.public_key,
+                key.private_key if private else b"",
+                key.public_name,
+                key.not_before,
+                key.not_after,
+            )
+        )
+    return tuple(result)
+
+
 class SessionKeys:
     """The ring new handshakes use: ``ring(now)``, or None (send no tickets)."""
 
@@ -85,6 +134,10 @@ class SessionKeys:
         # `Identity.ticket_ring` from it); the ring itself is installed in place.
         self.on_ring: Callable[[StekRing | None], None] | None = None
         self._published: StekRing | None = None
+        # ECH (module doc): our service's keys, and every service's public ones.
+        self.ech_keys: tuple[EchKeyParts, ...] = ()
+        self.ech_public: dict[SpiffeId, tuple[EchKeyParts, ...]] = {}
+        self.on_ech: Callable[[], None] | None = None
 
     def _say(self, state: str, message: str, *args: object) -> None:
         if self._said != state:
@@ -107,6 +160,7 @@ class SessionKeys:
             if self.spiffe_id is None or SpiffeId(ring.spiffe_id) == self.spiffe_id:
                 chosen = ring
                 break
+        self._receive_ech(message, chosen)
         if chosen is None or not chosen.HasField("active"):
             self.no_ring()
             return False
@@ -127,6 +181,37 @@ class SessionKeys:
             self.engine_ring.keys,
         )
         return True
+
+    def _receive_ech(
+        self,
+        message: session_keys_pb2.STEKRingResponse,
+        ring: session_keys_pb2.STEKRing | None,
+    ) -> None:
+        own = _ech_parts(ring.ech_keys, private=True) if ring is not None else ()
+        public = {
+            SpiffeId(c.spiffe_id): _ech_parts(c.keys, private=False) for c in message.ech_public
+        }
+        if own == self.ech_keys and public == self.ech_public:
+            return
+        self.ech_keys, self.ech_public = own, public
+        if own:
+            logger.info(
+                "ECH keys for %s: config ids %s",
+                ring.spiffe_id if ring is not None else "?",
+                ", ".join(str(k.config_id) for k in own),
+            )
+        if self.on_ech is not None:
+            self.on_ech()
+
+    def ech_keys_at(self, now: float) -> tuple[EchKeyParts, ...]:
+        """Our service's ECH keys not yet past not_after, current first (a clock a
+        little behind the CA's still serves a key that just became current)."""
+        return tuple(k for k in self.ech_keys if now < k.not_after)
+
+    def ech_public_for(self, spiffe_id: SpiffeId, now: float) -> tuple[EchKeyParts, ...]:
+        """The public ECH keys of the service `spiffe_id` still valid, current first."""
+        keys = self.ech_public.get(spiffe_id, ())
+        return tuple(k for k in keys if now < k.not_after)
 
     def _install(self, now: float) -> None:
         held = self._held

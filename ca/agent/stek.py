@@ -20,6 +20,13 @@ the old active key and the old previous ones stay on as previous keys (decrypt o
 most 24, each until its own ``not_after``) behind the CA's new active key. The old
 ``next``, never active anywhere, is dropped.
 
+ECH keys (RFC 9849) come in the same messages: each ring carries its service's ECH keys
+(current, previous; private halves included, so they go only to that service's sidecars, as
+the STEKs do), and every message carries the public ECH keys of every service, which any
+attested caller gets: it is what a client seals its ClientHello to, and it is published in
+DNS anyway. The agent passes the CA's ECH keys on as they come (no merge: a client holding
+a config a restarted CA no longer has is rejected with retry_configs and retries once).
+
 Log lines name SPIFFE IDs and key ids (which travel in the clear in every ticket), never
 key bytes; values holding a key leave it out of their repr().
 """
@@ -46,6 +53,7 @@ from ca.spiffeid import SpiffeId, SpiffeIdError
 __all__ = [
     "MAX_PREVIOUS",
     "SERVICE",
+    "EchKey",
     "SessionKeysApi",
     "Stek",
     "StekFollower",
@@ -53,6 +61,7 @@ __all__ = [
     "StekRing",
     "StekSource",
     "StekStore",
+    "ech_public_from_proto",
     "merge_ring",
     "rings_from_proto",
 ]
@@ -66,6 +75,8 @@ KEY_LENGTH = 32
 # The most rings one CA message may carry (one per SPIFFE ID on this node): far above any
 # real node, low enough that a broken CA cannot make the agent hold unbounded keys.
 MAX_RINGS = 10_000
+ECH_KEY_LENGTH = 32  # X25519, either half
+MAX_ECH_KEYS = 4  # the CA sends two (current, previous); room for a longer overlap
 
 
 class StekMessageError(ValueError):
@@ -81,12 +92,25 @@ class Stek:
 
 
 @dataclass(frozen=True, slots=True)
+class EchKey:
+    """An ECH key pair and its ECHConfig's fields; ``private_key`` is b"" in public ones."""
+
+    config_id: int
+    public_key: bytes
+    private_key: bytes = field(repr=False)
+    public_name: str
+    not_before: float
+    not_after: float
+
+
+@dataclass(frozen=True, slots=True)
 class StekRing:
     spiffe_id: SpiffeId
     active: Stek
     previous: tuple[Stek, ...]
     next: Stek | None
     rotation_seconds: float
+    ech: tuple[EchKey, ...] = ()  # current first
 
 
 @runtime_checkable
@@ -103,6 +127,48 @@ def _stek(message: ca_pb2.STEK, where: str) -> Stek:
     if not message.not_after > message.not_before:
         raise StekMessageError(f"{where}: not_after must follow not_before")
     return Stek(message.key_id, message.key, message.not_before, message.not_after)
+
+
+def _ech_keys(keys: Iterable[ca_pb2.ECHKey], where: str, private: bool) -> tuple[EchKey, ...]:
+    result = []
+    for key in keys:
+        if key.config_id > 0xFF or len(key.public_key) != ECH_KEY_LENGTH:
+            raise StekMessageError(f"{where}: an ECH key is a one-byte id and an X25519 key")
+        if len(key.private_key) != (ECH_KEY_LENGTH if private else 0):
+            # A public config with a private key is a CA bug that would leak a service's
+            # key to every node: refuse it rather than pass it on.
+            raise StekMessageError(f"{where}: ECH private key {'missing' if private else 'sent'}")
+        if not key.public_name or not key.not_after > key.not_before:
+            raise StekMessageError(f"{where}: an ECH key needs a public name and a lifetime")
+        result.append(
+            EchKey(
+                key.config_id,
+                key.public_key,
+                key.private_key,
+                key.public_name,
+                key.not_before,
+                key.not_after,
+            )
+        )
+    if len(result) > MAX_ECH_KEYS:
+        raise StekMessageError(f"{where}: over {MAX_ECH_KEYS} ECH keys")
+    return tuple(result)
+
+
+def ech_public_from_proto(
+    message: ca_pb2.STEKRings,
+) -> tuple[tuple[SpiffeId, tuple[EchKey, ...]], ...]:
+    """Every service's public ECH keys in one CA message."""
+    if len(message.ech_public) > MAX_RINGS:
+        raise StekMessageError(f"{len(message.ech_public)} ECH configs in one message")
+    result = []
+    for config in message.ech_public:
+        try:
+            spiffe_id = SpiffeId(config.spiffe_id)
+        except SpiffeIdError as exc:
+            raise StekMessageError(f"ECH config for {config.spiffe_id!r}: {exc}") from exc
+        result.append((spiffe_id, _ech_keys(config.keys, str(spiffe_id), private=False)))
+    return tuple(result)
 
 
 def rings_from_proto(message: ca_pb2.STEKRings) -> tuple[StekRing, ...]:
@@ -126,6 +192,7 @@ def rings_from_proto(message: ca_pb2.STEKRings) -> tuple[StekRing, ...]:
                 tuple(_stek(k, str(spiffe_id)) for k in ring.previous),
                 _stek(ring.next, str(spiffe_id)) if ring.HasField("next") else None,
                 ring.rotation_seconds,
+                _ech_keys(ring.ech_keys, str(spiffe_id), private=True),
             )
         )
     return tuple(rings)
@@ -144,7 +211,7 @@ def merge_ring(held: StekRing | None, received: StekRing, now: float) -> StekRin
     previous = sorted(pool.values(), key=lambda k: k.not_before, reverse=True)[:MAX_PREVIOUS]
     return StekRing(
         received.spiffe_id, received.active, tuple(previous), received.next,
-        received.rotation_seconds,
+        received.rotation_seconds, received.ech,
     )  # fmt: skip
 
 
@@ -153,15 +220,22 @@ class StekStore:
 
     def __init__(self) -> None:
         self.rings: dict[SpiffeId, StekRing] = {}
+        self.ech_public: tuple[tuple[SpiffeId, tuple[EchKey, ...]], ...] = ()
         self.version = 0
         self._changed = asyncio.Event()
 
-    def update(self, received: Iterable[StekRing], now: float) -> bool:
+    def update(
+        self,
+        received: Iterable[StekRing],
+        now: float,
+        ech_public: tuple[tuple[SpiffeId, tuple[EchKey, ...]], ...] = (),
+    ) -> bool:
         """One CA message (the full set for this node); whether anything changed."""
         new = {r.spiffe_id: merge_ring(self.rings.get(r.spiffe_id), r, now) for r in received}
-        if new == self.rings:
+        if new == self.rings and ech_public == self.ech_public:
             return False
         self.rings = new
+        self.ech_public = ech_public
         self.version += 1
         event, self._changed = self._changed, asyncio.Event()
         event.set()
@@ -204,9 +278,10 @@ class StekFollower:
             try:
                 async for message in self.source.watch_stek_rings():
                     rings = rings_from_proto(message)
+                    ech_public = ech_public_from_proto(message)
                     self.backoff.reset()
                     self.last_error = None
-                    if self.store.update(rings, self.clock()):
+                    if self.store.update(rings, self.clock(), ech_public):
                         log.info(
                             "stek-rings-received",
                             extra={
@@ -238,7 +313,21 @@ def _stek_to_proto(key: Stek) -> session_keys_pb2.STEK:
     )
 
 
-def rings_to_proto(rings: Iterable[StekRing]) -> session_keys_pb2.STEKRingResponse:
+def _ech_to_proto(key: EchKey) -> session_keys_pb2.ECHKey:
+    return session_keys_pb2.ECHKey(
+        config_id=key.config_id,
+        public_key=key.public_key,
+        private_key=key.private_key,
+        public_name=key.public_name,
+        not_before=key.not_before,
+        not_after=key.not_after,
+    )
+
+
+def rings_to_proto(
+    rings: Iterable[StekRing],
+    ech_public: Iterable[tuple[SpiffeId, tuple[EchKey, ...]]] = (),
+) -> session_keys_pb2.STEKRingResponse:
     response = session_keys_pb2.STEKRingResponse()
     for ring in rings:
         message = response.rings.add()
@@ -248,6 +337,11 @@ def rings_to_proto(rings: Iterable[StekRing]) -> session_keys_pb2.STEKRingRespon
         if ring.next is not None:
             message.next.CopyFrom(_stek_to_proto(ring.next))
         message.rotation_seconds = ring.rotation_seconds
+        message.ech_keys.extend(_ech_to_proto(k) for k in ring.ech)
+    for spiffe_id, keys in ech_public:
+        config = response.ech_public.add()
+        config.spiffe_id = str(spiffe_id)
+        config.keys.extend(_ech_to_proto(k) for k in keys)
     return response
 
 
@@ -316,7 +410,7 @@ class SessionKeysApi:
                     f"the caller holds no identity {wanted}, so not its STEK ring",
                 )
             rings = self.store.rings_for({wanted} if wanted is not None else entitled)
-            response = rings_to_proto(rings)
+            response = rings_to_proto(rings, self.store.ech_public)
             payload = response.SerializeToString(deterministic=True)
             if rings and payload != last:
                 last = payload

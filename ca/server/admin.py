@@ -115,10 +115,35 @@ def admin_app(server: CaServer) -> web.Application:
             }
         )
 
+    async def ech(_request: web.Request) -> web.Response:
+        # Public halves only (ca.server.stek.EchKey.public): what `trellis ech config`
+        # publishes in DNS. Private keys never leave the mTLS stream to agents.
+        return web.json_response(
+            {
+                "services": [
+                    {
+                        "spiffe_id": str(spiffe_id),
+                        "keys": [
+                            {
+                                "config_id": k.config_id,
+                                "public_key": k.public_key.hex(),
+                                "public_name": k.public_name,
+                                "not_before": k.not_before,
+                                "not_after": k.not_after,
+                            }
+                            for k in keys
+                        ],
+                    }
+                    for spiffe_id, keys in server.steks.leader.public_ech()
+                ]
+            }
+        )
+
     app = web.Application(middlewares=[same_user_only])
     app.router.add_get("/status", status)
     app.router.add_get("/entries", entries)
     app.router.add_get("/agents", agents)
+    app.router.add_get("/ech", ech)
     return app
 
 

@@ -24,7 +24,8 @@ from ca.api._proto import ca_pb2
 from ca.api.values import BundleUpdate, SignedSvid
 from ca.bundle import TrustBundle
 from ca.server.service import CaService, Refusal, RefusalKind, log_event
-from ca.server.stek import StekKey, StekRingState, StekWatch
+from ca.server.stek import EchKey, StekKey, StekRingState, StekWatch
+from ca.spiffeid import SpiffeId
 
 __all__ = ["STATUS", "BundleWatch", "SigningStreams", "make_handler", "stek_rings_to_proto"]
 
@@ -136,7 +137,21 @@ def _stek(key: StekKey) -> ca_pb2.STEK:
     )
 
 
-def stek_rings_to_proto(rings: tuple[StekRingState, ...]) -> ca_pb2.STEKRings:
+def _ech_key(key: EchKey) -> ca_pb2.ECHKey:
+    return ca_pb2.ECHKey(
+        config_id=key.config_id,
+        public_key=key.public_key,
+        private_key=key.private_key,
+        public_name=key.public_name,
+        not_before=key.not_before,
+        not_after=key.not_after,
+    )
+
+
+def stek_rings_to_proto(
+    rings: tuple[StekRingState, ...],
+    ech_public: tuple[tuple[SpiffeId, tuple[EchKey, ...]], ...] = (),
+) -> ca_pb2.STEKRings:
     return ca_pb2.STEKRings(
         rings=[
             ca_pb2.STEKRing(
@@ -145,9 +160,14 @@ def stek_rings_to_proto(rings: tuple[StekRingState, ...]) -> ca_pb2.STEKRings:
                 previous=[_stek(k) for k in ring.previous],
                 next=_stek(ring.next),
                 rotation_seconds=ring.rotation_seconds,
+                ech_keys=[_ech_key(k) for k in ring.ech],
             )
             for ring in rings
-        ]
+        ],
+        ech_public=[
+            ca_pb2.ECHPublicConfig(spiffe_id=str(i), keys=[_ech_key(k) for k in keys])
+            for i, keys in ech_public
+        ],
     )
 
 
@@ -347,7 +367,7 @@ def make_handler(
             await _refuse(service, context, method, refusal, node)
             return
         log_event(logging.DEBUG, "stek-watch", node=node)
-        sent: tuple[StekRingState, ...] | None = None
+        sent: object = None
         async for _ in steks.changes():
             try:
                 service.check_not_banned(node)
@@ -356,9 +376,12 @@ def make_handler(
                 return
             ids = {entry.spiffe_id for entry in service.entries.current().for_node(node)}
             rings = steks.leader.rings_for(ids)
-            if rings == sent:
+            # Another node's service rotating its ECH key changes what this node's callers
+            # seal to: that is news here too.
+            ech_public = steks.leader.public_ech()
+            if (rings, ech_public) == sent:
                 continue
-            sent = rings
+            sent = (rings, ech_public)
             # Names and key ids only: the keys themselves never reach a log line.
             log_event(
                 logging.INFO,
@@ -367,7 +390,7 @@ def make_handler(
                 spiffe_ids=[str(r.spiffe_id) for r in rings],
                 active_key_ids=[r.active.key_id.hex() for r in rings],
             )
-            yield stek_rings_to_proto(rings)
+            yield stek_rings_to_proto(rings, ech_public)
 
     def unary(
         fn: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]],

@@ -22,6 +22,14 @@ a key (log lines name the SPIFFE ID and the key *id*, which travels in the clear
 every ticket anyway). A restarted CA therefore starts new rings; agents keep the keys they
 hold and merge (``ca.agent.stek``), so tickets sealed before the restart still open.
 
+ECH keys (RFC 9849) ride in the same ring: each rotation of the active STEK also makes the
+service a new X25519 ECH key, which becomes current, and keeps the one before it as
+previous (a client that learnt the config one rotation ago is still accepted; an older one
+is rejected with the current config as retry_configs and retries once). Their public
+halves of every ring, ``public_ech()``, go to every agent: a caller seals to the service
+it calls. The ECHConfig's public_name is the trust domain's name, the same for every
+service, so the outer ClientHello says only which mesh a connection belongs to.
+
 Sans-I/O: the clock and the randomness are passed in; ``StekLeader.tick(now, ids)``
 rotates what is due and says whether anything changed, and the gRPC shell streams
 ``rings_for(ids)`` to agents.
@@ -36,6 +44,8 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from ca.spiffeid import SpiffeId
 
 __all__ = [
@@ -43,6 +53,7 @@ __all__ = [
     "KEY_ID_LENGTH",
     "KEY_LENGTH",
     "MAX_PREVIOUS",
+    "EchKey",
     "StekKey",
     "StekLeader",
     "StekRingState",
@@ -69,6 +80,26 @@ class StekKey:
 
 
 @dataclass(frozen=True, slots=True)
+class EchKey:
+    """One ECH key pair (DHKEM(X25519, HKDF-SHA256)) and the rest of its ECHConfig.
+    ``private_key`` is never shown by repr()."""
+
+    config_id: int
+    public_key: bytes
+    private_key: bytes = field(repr=False)
+    public_name: str
+    not_before: float
+    not_after: float
+
+    def public(self) -> EchKey:
+        """The same key without its private half (what callers of the service get)."""
+        return EchKey(
+            self.config_id, self.public_key, b"", self.public_name, self.not_before,
+            self.not_after,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class StekRingState:
     """One identity's ring as it is published (immutable: a stream reads it once)."""
 
@@ -77,6 +108,7 @@ class StekRingState:
     previous: tuple[StekKey, ...]
     next: StekKey
     rotation_seconds: float
+    ech: tuple[EchKey, ...] = ()  # current first, then the previous one
 
 
 class StekLeader:
@@ -105,9 +137,29 @@ class StekLeader:
             not_after=not_before + self.interval * (1 + MAX_PREVIOUS),
         )
 
+    def _ech_key(self, spiffe_id: SpiffeId, not_before: float, avoid: int | None) -> EchKey:
+        private = X25519PrivateKey.from_private_bytes(self._rng(32))
+        config_id = self._rng(1)[0]
+        if config_id == avoid:
+            # RFC 9849 §7.1: the server tries the config the id names first; two live
+            # configs under one id would cost a second trial decryption each time.
+            config_id ^= 0xFF
+        return EchKey(
+            config_id=config_id,
+            public_key=private.public_key().public_bytes_raw(),
+            private_key=private.private_bytes_raw(),
+            public_name=spiffe_id.trust_domain.name,
+            not_before=not_before,
+            # Current for one interval, then previous for one more.
+            not_after=not_before + 2 * self.interval,
+        )
+
     def _new_ring(self, spiffe_id: SpiffeId, now: float) -> StekRingState:
         active = self._key(now)
-        return StekRingState(spiffe_id, active, (), self._key(now + self.interval), self.interval)
+        ech = (self._ech_key(spiffe_id, now, None),)
+        return StekRingState(
+            spiffe_id, active, (), self._key(now + self.interval), self.interval, ech
+        )
 
     def _rotated(self, ring: StekRingState, now: float) -> StekRingState:
         """The ring after every rotation due by ``now`` (several after a long pause)."""
@@ -120,7 +172,14 @@ class StekLeader:
             upcoming = self._key(active.not_before + self.interval)
             self.rotations += 1
         kept = tuple(k for k in previous if k.not_after > now)[:MAX_PREVIOUS]
-        return StekRingState(ring.spiffe_id, active, kept, upcoming, self.interval)
+        ech = ring.ech
+        if active is not ring.active:
+            current = ech[0] if ech else None
+            fresh = self._ech_key(
+                ring.spiffe_id, active.not_before, current.config_id if current else None
+            )
+            ech = (fresh, *(k for k in ech[:1] if k.not_after > now))
+        return StekRingState(ring.spiffe_id, active, kept, upcoming, self.interval, ech)
 
     def tick(self, now: float, spiffe_ids: Iterable[SpiffeId]) -> bool:
         """Rotate what is due, make rings for new identities, forget gone ones; whether
@@ -151,6 +210,13 @@ class StekLeader:
         """The rings of these identities (those that have one), sorted by SPIFFE ID."""
         wanted = set(spiffe_ids)
         return tuple(self._rings[i] for i in sorted(wanted, key=str) if i in self._rings)
+
+    def public_ech(self) -> tuple[tuple[SpiffeId, tuple[EchKey, ...]], ...]:
+        """Every ring's ECH keys without their private halves, sorted by SPIFFE ID."""
+        return tuple(
+            (spiffe_id, tuple(k.public() for k in self._rings[spiffe_id].ech))
+            for spiffe_id in sorted(self._rings, key=str)
+        )
 
     def seconds_until_due(self, now: float) -> float | None:
         """How long until the next rotation of any ring (None: no rings)."""

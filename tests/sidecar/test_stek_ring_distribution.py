@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -87,7 +87,7 @@ class Mesh:
         self.agent: Proc | None = None
         self.token = ""
 
-    def start_ca(self, *, mint: bool) -> None:
+    def start_ca(self, *, mint: bool, extra: Sequence[str] = ()) -> None:
         argv = [
             sys.executable, "-m", "trellis", "ca", "serve", "--dir", str(self.work / "ca"),
             "--cluster", "west", "--listen", f"127.0.0.1:{self.ca_port}",
@@ -97,6 +97,7 @@ class Mesh:
         ]  # fmt: skip
         if mint:
             argv += ["--join-token", "node-a", "--print-join-tokens"]
+        argv += extra
         name = "ca" if self.ca is None else f"ca-{len(self.procs.running)}"
         ca = self.ca = self.procs.start(name, argv)
 

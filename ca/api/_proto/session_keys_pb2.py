@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&trellis/workload/v1/session_keys.proto\x12\x13trellis.workload.v1\")\n\x14WatchSTEKRingRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\"J\n\x04STEK\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x12\n\nnot_before\x18\x03 \x01(\x01\x12\x11\n\tnot_after\x18\x04 \x01(\x01\"\xb8\x01\n\x08STEKRing\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12)\n\x06\x61\x63tive\x18\x02 \x01(\x0b\x32\x19.trellis.workload.v1.STEK\x12+\n\x08previous\x18\x03 \x03(\x0b\x32\x19.trellis.workload.v1.STEK\x12\'\n\x04next\x18\x04 \x01(\x0b\x32\x19.trellis.workload.v1.STEK\x12\x18\n\x10rotation_seconds\x18\x05 \x01(\x01\"@\n\x10STEKRingResponse\x12,\n\x05rings\x18\x01 \x03(\x0b\x32\x1d.trellis.workload.v1.STEKRing2r\n\x0bSessionKeys\x12\x63\n\rWatchSTEKRing\x12).trellis.workload.v1.WatchSTEKRingRequest\x1a%.trellis.workload.v1.STEKRingResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&trellis/workload/v1/session_keys.proto\x12\x13trellis.workload.v1\")\n\x14WatchSTEKRingRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\"J\n\x04STEK\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x12\n\nnot_before\x18\x03 \x01(\x01\x12\x11\n\tnot_after\x18\x04 \x01(\x01\"\xe7\x01\n\x08STEKRing\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12)\n\x06\x61\x63tive\x18\x02 \x01(\x0b\x32\x19.trellis.workload.v1.STEK\x12+\n\x08previous\x18\x03 \x03(\x0b\x32\x19.trellis.workload.v1.STEK\x12\'\n\x04next\x18\x04 \x01(\x0b\x32\x19.trellis.workload.v1.STEK\x12\x18\n\x10rotation_seconds\x18\x05 \x01(\x01\x12-\n\x08\x65\x63h_keys\x18\x06 \x03(\x0b\x32\x1b.trellis.workload.v1.ECHKey\"\x80\x01\n\x06\x45\x43HKey\x12\x11\n\tconfig_id\x18\x01 \x01(\r\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x13\n\x0bprivate_key\x18\x03 \x01(\x0c\x12\x13\n\x0bpublic_name\x18\x04 \x01(\t\x12\x12\n\nnot_before\x18\x05 \x01(\x01\x12\x11\n\tnot_after\x18\x06 \x01(\x01\"O\n\x0f\x45\x43HPublicConfig\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12)\n\x04keys\x18\x02 \x03(\x0b\x32\x1b.trellis.workload.v1.ECHKey\"z\n\x10STEKRingResponse\x12,\n\x05rings\x18\x01 \x03(\x0b\x32\x1d.trellis.workload.v1.STEKRing\x12\x38\n\nech_public\x18\x02 \x03(\x0b\x32$.trellis.workload.v1.ECHPublicConfig2r\n\x0bSessionKeys\x12\x63\n\rWatchSTEKRing\x12).trellis.workload.v1.WatchSTEKRingRequest\x1a%.trellis.workload.v1.STEKRingResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,9 +36,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEK']._serialized_start=106
   _globals['_STEK']._serialized_end=180
   _globals['_STEKRING']._serialized_start=183
-  _globals['_STEKRING']._serialized_end=367
-  _globals['_STEKRINGRESPONSE']._serialized_start=369
-  _globals['_STEKRINGRESPONSE']._serialized_end=433
-  _globals['_SESSIONKEYS']._serialized_start=435
-  _globals['_SESSIONKEYS']._serialized_end=549
+  _globals['_STEKRING']._serialized_end=414
+  _globals['_ECHKEY']._serialized_start=417
+  _globals['_ECHKEY']._serialized_end=545
+  _globals['_ECHPUBLICCONFIG']._serialized_start=547
+  _globals['_ECHPUBLICCONFIG']._serialized_end=626
+  _globals['_STEKRINGRESPONSE']._serialized_start=628
+  _globals['_STEKRINGRESPONSE']._serialized_end=750
+  _globals['_SESSIONKEYS']._serialized_start=752
+  _globals['_SESSIONKEYS']._serialized_end=866
 # @@protoc_insertion_point(module_scope)
