@@ -36,6 +36,7 @@ from .ech import (
     client_ech_accepted,
     grease_extension,
     offer_client_ech,
+    pull_config_list,
     retry_client_ech,
 )
 from .events import HandshakeComplete, PeerCertificate
@@ -571,6 +572,8 @@ class ExpectEncryptedExtensions(HandshakeState):
         if retry_configs is not None and sent.ech_outcome == "accepted":
             # RFC 9849 §6.1.4: retry_configs only come with a rejection.
             raise TLSError(AlertDescription.unsupported_extension, "retry_configs after accept")
+        if retry_configs is not None and sent.ech_outcome == "rejected":
+            pull_config_list(retry_configs)  # §6.1.6: one that does not parse is decode_error
         if find(ee.extensions, ExtensionType.early_data) is not None:
             if not chosen.early_sent:
                 # RFC 8446 §4.2.10: early_data only answers early data that was sent.
