@@ -42,6 +42,7 @@ _COMMAND_MODULES: dict[str, str] = {
     "check": "trellis.diagnose.check",
     "proxy": "trellis.diagnose.proxy",
     "policy": "trellis.diagnose.policy_explain",
+    "ech": "trellis.ech_cli",
 }
 
 
