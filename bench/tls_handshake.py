@@ -9,6 +9,10 @@ ones and beside OpenSSL's resumed handshakes (its own tickets), with both ratios
 `mldsa65` repeats the X25519MLKEM768 handshake with ML-DSA-65 chains from the project's CA
 (root, intermediate and leaves all ML-DSA-65) beside the P-256 one, against OpenSSL 4.0
 held to mldsa65, and counts the bytes each side puts on the wire per handshake.
+`ech_handshakes_per_s_x25519mlkem768` is the same full handshake with Encrypted
+ClientHello accepted (RFC 9849: the client seals its hello with HPKE, the server opens it
+and both compute the acceptance confirmation) beside it without ECH, with the ratio and
+the ClientHello's size both ways (`--ech-only` runs just this part).
 
     python3 bench/tls_handshake.py [--seconds 2] [--profile]
 """
@@ -37,11 +41,13 @@ from ca import KeyAlgorithm, RootAuthority, TrustDomain
 from sidecar.tls import (
     CipherSuite,
     ClientConnection,
+    HandshakeComplete,
     NamedGroup,
     ServerConnection,
     SpiffeVerifier,
     TLSConfig,
 )
+from sidecar.tls.ech import generate_ech_key, push_config_list
 from sidecar.tls.signatures import PrivateKey
 from sidecar.tls.tickets import Stek, StekRing
 from sidecar.tls.ticketstore import TicketStore
@@ -409,11 +415,45 @@ def resumption_results(seconds: float) -> dict[str, object]:
     }
 
 
+def ech_results(seconds: float) -> dict[str, object]:
+    """Full handshakes with ECH accepted vs the same handshakes without, same run."""
+    plain = _configs(NamedGroup.X25519MLKEM768, CipherSuite.AES_128_GCM_SHA256)
+    key = generate_ech_key(1, "public.example.net")
+    ech = (
+        dataclasses.replace(plain[0], ech_config_list=push_config_list([key.config])),
+        dataclasses.replace(plain[1], ech_keys=(key,)),
+    )
+    hello_bytes = {}
+    for label, (client_cfg, server_cfg) in (("without", plain), ("with", ech)):
+        client, _server = engine_handshake(client_cfg, server_cfg)
+        (done,) = [e for e in client.events() if isinstance(e, HandshakeComplete)]
+        assert done.ech == ("accepted" if label == "with" else "none")
+        hello_bytes[label] = len(ClientConnection(client_cfg, "server", now=NOW).data_to_send())
+    without = with_ech = 0.0
+    rounds = 6  # interleaved, so that one busy moment does not decide the ratio
+    for _ in range(rounds):
+        without = max(without, rate(lambda: engine_handshake(*plain), seconds / rounds, 1))
+        with_ech = max(with_ech, rate(lambda: engine_handshake(*ech), seconds / rounds, 1))
+    return {
+        "ech_handshakes_per_s_x25519mlkem768": {
+            "trellis_without_ech": round(without, 1),
+            "trellis_with_ech": round(with_ech, 1),
+            "with_over_without": round(with_ech / without, 3),
+            "client_hello_bytes_without_ech": hello_bytes["without"],
+            "client_hello_bytes_with_ech": hello_bytes["with"],
+        }
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--ech-only", action="store_true")
     args = parser.parse_args()
+    if args.ech_only:
+        print(json.dumps(ech_results(args.seconds), indent=2))
+        return
     if args.profile:
         import cProfile
         import pstats
@@ -466,6 +506,7 @@ def main() -> None:
         }
     result.update(resumption_results(args.seconds))
     result.update(mldsa_results(args.seconds))
+    result.update(ech_results(args.seconds))
     print(json.dumps(result, indent=2))
 
 

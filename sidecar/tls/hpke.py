@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import lru_cache
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -171,6 +172,15 @@ class Context:
         )
 
 
+@lru_cache(maxsize=64)
+def _key_schedule_context(suite_id: bytes, info: bytes) -> bytes:
+    """mode || psk_id_hash || info_hash: fixed per suite and info (an ECHConfig's), so
+    computed once, not per handshake."""
+    psk_id_hash = _labeled_extract(suite_id, b"", b"psk_id_hash", b"")
+    info_hash = _labeled_extract(suite_id, b"", b"info_hash", info)
+    return bytes((_MODE_BASE,)) + psk_id_hash + info_hash
+
+
 def _key_schedule(aead_id: AeadId, shared_secret: bytes, info: bytes) -> Context:
     """RFC 9180 §5.1 KeySchedule for mode_base (empty psk and psk_id)."""
     suite_id = (
@@ -179,9 +189,7 @@ def _key_schedule(aead_id: AeadId, shared_secret: bytes, info: bytes) -> Context
         + _i2osp(KdfId.HKDF_SHA256, 2)
         + _i2osp(aead_id, 2)
     )
-    psk_id_hash = _labeled_extract(suite_id, b"", b"psk_id_hash", b"")
-    info_hash = _labeled_extract(suite_id, b"", b"info_hash", info)
-    context = bytes((_MODE_BASE,)) + psk_id_hash + info_hash
+    context = _key_schedule_context(suite_id, info)
     secret = _labeled_extract(suite_id, shared_secret, b"secret", b"")
     key = _labeled_expand(suite_id, secret, b"key", context, _NK[aead_id])
     base_nonce = _labeled_expand(suite_id, secret, b"base_nonce", context, _NN)
@@ -208,7 +216,8 @@ def setup_base_s(
     `rng` (the engine's only randomness), or `ephemeral` for test vectors."""
     if len(pk_r) != _NPK:
         raise HpkeError(f"recipient key of {len(pk_r)} bytes, not {_NPK}")
-    sk_e = ephemeral if ephemeral is not None else derive_key_pair(rng(32))
+    # RFC 9180 §7.1.3: an X25519 private key is any 32 random bytes (clamped by X25519).
+    sk_e = ephemeral if ephemeral is not None else X25519PrivateKey.from_private_bytes(rng(32))
     shared, enc = _encap(X25519PublicKey.from_public_bytes(pk_r), sk_e)
     return enc, _key_schedule(_aead(aead_id), shared, info)
 
