@@ -368,10 +368,17 @@ class KtlsSocket:
                     # Linux >= 6.14: RX waits for the key after the peer's KeyUpdate,
                     # which the handshake record before this read already installed.
                     raise KtlsClosed("kTLS read key expired without an update") from None
-                if exc.errno in (errno.EBADMSG, errno.EMSGSIZE):
-                    # The kernel failed a record's authentication or length; it has
-                    # already sent no alert, so we send one.
-                    self._fatal(AlertDescription.bad_record_mac)
+                if exc.errno in (errno.EBADMSG, errno.EMSGSIZE, errno.EINVAL):
+                    # The kernel failed a record's authentication (EBADMSG), length
+                    # (EMSGSIZE) or header (EINVAL) and stopped reading; it sends no
+                    # alert itself (RFC 8446 §5.2: bad_record_mac / record_overflow).
+                    self._fatal(
+                        AlertDescription.bad_record_mac
+                        if exc.errno == errno.EBADMSG
+                        else AlertDescription.record_overflow
+                        if exc.errno == errno.EMSGSIZE
+                        else AlertDescription.decode_error
+                    )
                     raise KtlsClosed(f"bad record: {os.strerror(exc.errno)}") from None
                 raise
             record_type: int = ContentType.application_data

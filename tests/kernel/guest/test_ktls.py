@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import socket
 import time
 
 import pytest
@@ -261,3 +262,23 @@ def test_a_ktls_socket_serves_asyncio_reads_and_writes() -> None:
         return bytes(got) if bytes(got) == data else b"mismatch"
 
     assert asyncio.run(asyncio.wait_for(exchange(), TIMEOUT)) != b"mismatch"
+
+
+def test_a_record_the_engine_read_in_part_is_finished_and_delivered_before_the_kernel_reads() -> (
+    None
+):
+    client, server = handshake_pair(SUITES[0])
+    user = EngineRecv(server)
+    first = payload(20000)
+    user.send(first)  # two records after the server's ticket record
+    sock = client.sock
+    header = sock.recv(5, socket.MSG_PEEK | socket.MSG_WAITALL)
+    ticket_record = 5 + int.from_bytes(header[3:5], "big")
+    # The engine reads the ticket record and 10 bytes of the first data record.
+    client.conn.receive_data(read_exactly(sock.recv, ticket_record + 10))
+    assert client.conn.record_bytes_awaited() > 0
+    kclient = ktls.attach(sock, client.conn)
+    assert read_exactly(kclient.recv, len(first)) == first
+    assert [type(e).__name__ for e in kclient.events] == ["SessionTicket", "SessionTicket"]
+    user.send(b"then the kernel")
+    assert read_exactly(kclient.recv, 15) == b"then the kernel"
