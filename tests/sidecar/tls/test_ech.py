@@ -16,7 +16,7 @@ from sidecar.tls.ech import ECHRejected
 from sidecar.tls.groups import NamedGroup
 
 from .ech_support import INNER_NAME, PUBLIC_NAME, config_list, ech_key, public_name_credential
-from .helpers import drain, pump
+from .helpers import drain, feed, pump
 from .pki import NOW, client_config, server_config
 from .resumption_support import T0, Mesh, completed, connect
 
@@ -169,3 +169,16 @@ def test_a_ticket_resumes_inside_ech() -> None:
 def test_a_config_list_with_no_usable_config_is_refused_at_configuration() -> None:
     with pytest.raises(ValueError, match="ECHConfig"):
         _client(b"\x00\x04\xfe\x0e\x00\x00")
+
+
+def test_an_ech_handshake_fed_one_byte_at_a_time_is_accepted() -> None:
+    client = ClientConnection(_client(config_list(KEY_1)), server_name=INNER_NAME, now=NOW)
+    server = ServerConnection(_server(KEY_1), now=NOW)
+    for _ in range(8):  # bounded: three flights each way at most
+        to_server = client.data_to_send()
+        feed(server, to_server, bytewise=True)
+        to_client = server.data_to_send()
+        feed(client, to_client, bytewise=True)
+        if not to_server and not to_client:
+            break
+    assert _done(client).ech == _done(server).ech == "accepted"

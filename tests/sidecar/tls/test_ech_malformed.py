@@ -307,3 +307,28 @@ def test_retry_configs_that_do_not_parse_are_a_decode_error_at_the_client() -> N
     with pytest.raises(TLSError) as failed:
         client.receive_data(server.data_to_send())
     assert failed.value.alert == AlertDescription.decode_error
+
+
+def test_mutated_inner_client_hellos_only_ever_raise_protocol_alerts() -> None:
+    """A bounded fuzz of the decrypted side: each EncodedClientHelloInner has a few
+    random bytes changed, is sealed properly and sent; the server completes its flight
+    or raises TLSError with a protocol alert, never internal_error (a Python exception
+    it did not expect)."""
+    import random
+
+    rng = random.Random(9849)
+    inner = _inner()
+    encoded = _encode(inner)
+    outcomes: set[str] = set()
+    for _ in range(150):
+        mutated = bytearray(encoded)
+        for _ in range(rng.randint(1, 4)):
+            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+        server = ServerConnection(_server_cfg(), now=NOW)  # type: ignore[arg-type]
+        try:
+            server.receive_data(_seal(bytes(mutated), inner))
+            outcomes.add("flight")
+        except TLSError as exc:
+            assert exc.alert != AlertDescription.internal_error, exc
+            outcomes.add(exc.alert.name)
+    assert len(outcomes) > 2, outcomes  # the mutations reached several checks
