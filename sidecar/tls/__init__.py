@@ -50,6 +50,15 @@ Layers, bottom up:
   `replay_safe`. Received 0-RTT arrives as `ApplicationData(early=True)` before
   `HandshakeComplete`, whose `early_data` is "accepted", "rejected" or "none" on both
   sides and `session_resumed` says whether a ticket was used.
+* `hpke`, `ech` — Encrypted ClientHello (RFC 9849) on HPKE base mode (RFC 9180, composed
+  on `cryptography`'s primitives). A client with `TLSConfig.ech_config_list` seals its
+  real ClientHello (SNI, ALPN, ticket) under the first usable config and names only the
+  config's public name in clear; a rejection authenticates the public name against
+  `ech_public_name_roots` and raises `ECHRejected` (ech_required sent) carrying the
+  server's `retry_configs` for one new connection. `ech_grease` sends a GREASE extension
+  when no config is known. A server with `ech_keys` (current first, previous after)
+  trial-decrypts, accepts, or rejects with retry_configs and `ech_public_credential`.
+  `HandshakeComplete.ech` is "accepted", "rejected" (server), "grease" (client) or "none".
 
 Errors: every protocol failure is a `TLSError` carrying its `AlertDescription`; when
 `receive_data` raises it, the fatal alert is already queued in `data_to_send()` and
@@ -82,6 +91,7 @@ from .client import ClientConnection
 from .config import TLSConfig
 from .connection import Connection, DirectionSecrets, TrafficSecrets
 from .credentials import Credential
+from .ech import ECHConfig, ECHConfigError, ECHKey, ECHRejected, generate_ech_key
 from .events import (
     AlertReceived,
     ApplicationData,
@@ -113,6 +123,10 @@ __all__ = [
     "ConnectionClosed",
     "Credential",
     "DirectionSecrets",
+    "ECHConfig",
+    "ECHConfigError",
+    "ECHKey",
+    "ECHRejected",
     "Event",
     "HandshakeComplete",
     "KeyUpdated",
@@ -133,4 +147,5 @@ __all__ = [
     "TrafficSecrets",
     "VerifiedPeer",
     "file_key_log",
+    "generate_ech_key",
 ]
