@@ -17,10 +17,11 @@ successor came), it stops sealing, says so once, and falls back to full handshak
 keys go on opening tickets until their own ``not_after``.
 
 The same messages carry the service's Encrypted ClientHello keys (RFC 9849; current,
-then previous) and every service's public ECH keys; ``SessionKeys`` holds both as
-``EchKeyParts`` (``sidecar.echkeys`` makes the engine's ECHConfig and ECHKey of them) and
-calls ``on_ech`` when they change. ECH keys are not promoted on a schedule of our own: a
-sidecar that loses its agent keeps serving the keys it has until their ``not_after``.
+next, previous: the server decrypts with all three) and every service's current public
+ECH key; ``SessionKeys`` holds both as ``EchKeyParts`` (``sidecar.echkeys`` makes the
+engine's ECHConfig and ECHKey of them) and calls ``on_ech`` when they change. A sidecar
+that loses its agent keeps the keys it has until their ``not_after``; because the next
+key is decrypted with before callers switch to it, neither side needs a clock of its own.
 
 Keys are only in memory: never written, never logged (log lines and ``/config`` name key
 ids and ages, which are no secret: a key id is in the clear in every ticket).

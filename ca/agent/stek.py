@@ -21,7 +21,7 @@ most 24, each until its own ``not_after``) behind the CA's new active key. The o
 ``next``, never active anywhere, is dropped.
 
 ECH keys (RFC 9849) come in the same messages: each ring carries its service's ECH keys
-(current, previous; private halves included, so they go only to that service's sidecars, as
+(current, next, previous; private halves included, so they go only to that service's sidecars, as
 the STEKs do), and every message carries the public ECH keys of every service, which any
 attested caller gets: it is what a client seals its ClientHello to, and it is published in
 DNS anyway. The agent passes the CA's ECH keys on as they come (no merge: a client holding
@@ -76,7 +76,7 @@ KEY_LENGTH = 32
 # real node, low enough that a broken CA cannot make the agent hold unbounded keys.
 MAX_RINGS = 10_000
 ECH_KEY_LENGTH = 32  # X25519, either half
-MAX_ECH_KEYS = 4  # the CA sends two (current, previous); room for a longer overlap
+MAX_ECH_KEYS = 4  # the CA sends three (current, next, previous); room for one more
 
 
 class StekMessageError(ValueError):

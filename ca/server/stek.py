@@ -22,12 +22,12 @@ a key (log lines name the SPIFFE ID and the key *id*, which travels in the clear
 every ticket anyway). A restarted CA therefore starts new rings; agents keep the keys they
 hold and merge (``ca.agent.stek``), so tickets sealed before the restart still open.
 
-ECH keys (RFC 9849) ride in the same ring: each rotation of the active STEK also makes the
-service a new X25519 ECH key, which becomes current, and keeps the one before it as
-previous (a client that learnt the config one rotation ago is still accepted; an older one
-is rejected with the current config as retry_configs and retries once). Their public
-halves of every ring, ``public_ech()``, go to every agent: a caller seals to the service
-it calls. The ECHConfig's public_name is the trust domain's name, the same for every
+ECH keys (RFC 9849) ride in the same ring and rotate with its STEKs, on the same plan:
+``ech`` holds the current key, the next one (made an interval ahead, so every replica
+already decrypts with it when callers switch to it, whichever hears of the rotation
+first) and the previous one (a caller that has not heard yet is still accepted). The
+current key's public half of every ring, ``public_ech()``, goes to every agent: a caller
+seals to the service it calls. The ECHConfig's public_name is the trust domain's name, the same for every
 service, so the outer ClientHello says only which mesh a connection belongs to.
 
 Sans-I/O: the clock and the randomness are passed in; ``StekLeader.tick(now, ids)``
@@ -108,7 +108,7 @@ class StekRingState:
     previous: tuple[StekKey, ...]
     next: StekKey
     rotation_seconds: float
-    ech: tuple[EchKey, ...] = ()  # current first, then the previous one
+    ech: tuple[EchKey, ...] = ()  # current, next, then the previous one (if still valid)
 
 
 class StekLeader:
@@ -137,26 +137,27 @@ class StekLeader:
             not_after=not_before + self.interval * (1 + MAX_PREVIOUS),
         )
 
-    def _ech_key(self, spiffe_id: SpiffeId, not_before: float, avoid: int | None) -> EchKey:
+    def _ech_key(self, spiffe_id: SpiffeId, not_before: float, avoid: set[int]) -> EchKey:
         private = X25519PrivateKey.from_private_bytes(self._rng(32))
         config_id = self._rng(1)[0]
-        if config_id == avoid:
+        while config_id in avoid:
             # RFC 9849 §7.1: the server tries the config the id names first; two live
             # configs under one id would cost a second trial decryption each time.
-            config_id ^= 0xFF
+            config_id = (config_id + 1) % 256
         return EchKey(
             config_id=config_id,
             public_key=private.public_key().public_bytes_raw(),
             private_key=private.private_bytes_raw(),
             public_name=spiffe_id.trust_domain.name,
             not_before=not_before,
-            # Current for one interval, then previous for one more.
+            # Current for one interval, then previous for one more (next before both).
             not_after=not_before + 2 * self.interval,
         )
 
     def _new_ring(self, spiffe_id: SpiffeId, now: float) -> StekRingState:
         active = self._key(now)
-        ech = (self._ech_key(spiffe_id, now, None),)
+        current = self._ech_key(spiffe_id, now, set())
+        ech = (current, self._ech_key(spiffe_id, now + self.interval, {current.config_id}))
         return StekRingState(
             spiffe_id, active, (), self._key(now + self.interval), self.interval, ech
         )
@@ -164,21 +165,21 @@ class StekLeader:
     def _rotated(self, ring: StekRingState, now: float) -> StekRingState:
         """The ring after every rotation due by ``now`` (several after a long pause)."""
         active, previous, upcoming = ring.active, ring.previous, ring.next
+        ech_current, ech_next, ech_previous = ring.ech[0], ring.ech[1], ring.ech[0]
         while upcoming.not_before <= now:
             previous = (active, *previous)
             active = upcoming
             # Scheduled from the old next, not from now: the replicas' keys stay an exact
             # interval apart however late this tick runs.
             upcoming = self._key(active.not_before + self.interval)
+            ech_previous, ech_current = ech_current, ech_next
+            live = {ech_current.config_id, ech_previous.config_id}
+            ech_next = self._ech_key(ring.spiffe_id, upcoming.not_before, live)
             self.rotations += 1
         kept = tuple(k for k in previous if k.not_after > now)[:MAX_PREVIOUS]
-        ech = ring.ech
-        if active is not ring.active:
-            current = ech[0] if ech else None
-            fresh = self._ech_key(
-                ring.spiffe_id, active.not_before, current.config_id if current else None
-            )
-            ech = (fresh, *(k for k in ech[:1] if k.not_after > now))
+        ech: tuple[EchKey, ...] = (ech_current, ech_next)
+        if ech_previous is not ech_current and ech_previous.not_after > now:
+            ech += (ech_previous,)
         return StekRingState(ring.spiffe_id, active, kept, upcoming, self.interval, ech)
 
     def tick(self, now: float, spiffe_ids: Iterable[SpiffeId]) -> bool:
@@ -212,9 +213,10 @@ class StekLeader:
         return tuple(self._rings[i] for i in sorted(wanted, key=str) if i in self._rings)
 
     def public_ech(self) -> tuple[tuple[SpiffeId, tuple[EchKey, ...]], ...]:
-        """Every ring's ECH keys without their private halves, sorted by SPIFFE ID."""
+        """Every ring's current ECH key without its private half, sorted by SPIFFE ID:
+        what callers seal to and DNS publishes."""
         return tuple(
-            (spiffe_id, tuple(k.public() for k in self._rings[spiffe_id].ech))
+            (spiffe_id, (self._rings[spiffe_id].ech[0].public(),))
             for spiffe_id in sorted(self._rings, key=str)
         )
 

@@ -61,8 +61,9 @@ def test_a_services_ech_keys_reach_its_workloads_rotate_and_are_never_written_do
 ) -> None:
     mesh = start_mesh(procs)
     sidecars = [mesh.sidecar("web-1"), mesh.sidecar("web-2")]
-    private: dict[int, bytes] = {}  # every ECH private key seen, by first-seen order
+    private: dict[bytes, bytes] = {}  # every ECH private key seen, by public key
     current_keys: list[bytes] = []
+    announced_next: bytes | None = None
     answers: list[str] = []
     deadline = time.monotonic() + 40
     while len(current_keys) < 3:  # two rotations of web's ECH key seen by this workload
@@ -71,14 +72,18 @@ def test_a_services_ech_keys_reach_its_workloads_rotate_and_are_never_written_do
         (ring,) = message.rings
         assert ring.spiffe_id == WEB
         keys = list(ring.ech_keys)
-        assert 1 <= len(keys) <= 2  # current, then at most the previous one
+        assert 2 <= len(keys) <= 3  # current, next, then the previous one while it lasts
         for key in keys:
             assert len(key.private_key) == 32 and key.public_name == "example.org"
-            private.setdefault(len(private), key.private_key)
+            private.setdefault(key.public_key, key.private_key)
         if not current_keys or current_keys[-1] != keys[0].public_key:
-            if current_keys and len(keys) == 2:
-                assert keys[1].public_key == current_keys[-1]  # the old one, kept as previous
+            if current_keys:
+                # The new current key was handed over as next before the rotation.
+                assert keys[0].public_key == announced_next
+                if len(keys) == 3:
+                    assert keys[2].public_key == current_keys[-1]
             current_keys.append(keys[0].public_key)
+        announced_next = keys[1].public_key
         public = {c.spiffe_id: c for c in message.ech_public}
         assert set(public) == {WEB, DB}
         assert all(k.private_key == b"" for c in public.values() for k in c.keys)
@@ -106,8 +111,8 @@ def test_a_services_ech_keys_reach_its_workloads_rotate_and_are_never_written_do
         assert proc is not None
         blobs[f"{proc.name} output"] = proc.output().encode()
     leaked = [
-        (where, n)
-        for n, key in private.items()
+        (where, public_key.hex())
+        for public_key, key in private.items()
         for where, blob in blobs.items()
         if any(form in blob for form in _forms(key))
     ]

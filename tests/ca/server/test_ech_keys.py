@@ -1,6 +1,6 @@
-"""The CA's ECH keys (RFC 9849): one per service ring, rotating with its STEKs, current
-and previous, and what leaves the CA: private halves only inside the service's own ring,
-public halves of every service for everyone."""
+"""The CA's ECH keys (RFC 9849): per service ring, rotating with its STEKs (current, next,
+previous), and what leaves the CA: private halves only inside the service's own ring, the
+current public half of every service for everyone."""
 
 from __future__ import annotations
 
@@ -20,39 +20,43 @@ HOUR = 3600.0
 T0 = 1_000_000.0
 
 
-def test_each_ring_starts_with_one_ech_key_whose_public_name_is_the_trust_domain() -> None:
+def test_each_ring_starts_with_a_current_and_a_next_ech_key_named_for_the_trust_domain() -> None:
     leader = StekLeader(dt.timedelta(hours=1))
     leader.tick(T0, {WEB, DB})
     (web,) = leader.rings_for({WEB})
-    (key,) = web.ech
-    assert key.public_name == "example.org"  # the same outer name for every service
+    key, upcoming = web.ech
+    assert key.public_name == upcoming.public_name == "example.org"  # one outer name
     assert key.not_before == T0 and key.not_after == T0 + 2 * HOUR
+    assert upcoming.not_before == T0 + HOUR and upcoming.config_id != key.config_id
     private = X25519PrivateKey.from_private_bytes(key.private_key)
     assert private.public_key().public_bytes_raw() == key.public_key
     (db,) = leader.rings_for({DB})
     assert db.ech[0].public_key != key.public_key  # a key per service
 
 
-def test_a_rotation_makes_a_new_current_ech_key_and_keeps_only_the_one_before() -> None:
+def test_at_a_rotation_the_next_ech_key_becomes_current_and_the_current_one_previous() -> None:
     leader = StekLeader(dt.timedelta(hours=1))
     leader.tick(T0, {WEB})
-    first = leader.rings_for({WEB})[0].ech[0]
+    first, second = leader.rings_for({WEB})[0].ech
     leader.tick(T0 + HOUR, {WEB})
-    current, previous = leader.rings_for({WEB})[0].ech
-    assert previous == first and current.public_key != first.public_key
-    assert current.not_before == T0 + HOUR
+    current, upcoming, previous = leader.rings_for({WEB})[0].ech
+    # Every replica held `second` an interval before callers were told to seal to it.
+    assert (current, previous) == (second, first)
+    assert upcoming.not_before == T0 + 2 * HOUR
+    assert len({current.config_id, upcoming.config_id, previous.config_id}) == 3
     leader.tick(T0 + 2 * HOUR, {WEB})
     keys = leader.rings_for({WEB})[0].ech
-    assert [k.public_key for k in keys] == [keys[0].public_key, current.public_key]
+    assert (keys[0], keys[2]) == (upcoming, current)
     assert first not in keys  # past its not_after: a client holding it gets retry_configs
 
 
-def test_a_long_pause_leaves_one_fresh_ech_key_and_no_expired_one() -> None:
+def test_after_a_long_pause_the_ech_keys_are_on_schedule_and_none_has_expired() -> None:
     leader = StekLeader(dt.timedelta(hours=1))
     leader.tick(T0, {WEB})
     leader.tick(T0 + 10 * HOUR, {WEB})  # ten rotations at once
-    (key,) = leader.rings_for({WEB})[0].ech
-    assert key.not_after > T0 + 10 * HOUR
+    keys = leader.rings_for({WEB})[0].ech
+    assert [k.not_before for k in keys] == [T0 + 10 * HOUR, T0 + 11 * HOUR, T0 + 9 * HOUR]
+    assert all(k.not_after > T0 + 10 * HOUR for k in keys)
 
 
 def test_consecutive_ech_keys_never_share_a_config_id() -> None:
@@ -60,8 +64,8 @@ def test_consecutive_ech_keys_never_share_a_config_id() -> None:
     leader = StekLeader(dt.timedelta(hours=1), rng=lambda n: bytes([7]) * n)
     leader.tick(T0, {WEB})
     leader.tick(T0 + HOUR, {WEB})
-    current, previous = leader.rings_for({WEB})[0].ech
-    assert current.config_id != previous.config_id
+    ids = [k.config_id for k in leader.rings_for({WEB})[0].ech]
+    assert len(set(ids)) == len(ids) == 3
 
 
 def test_public_ech_halves_carry_no_private_key_and_no_repr_shows_one() -> None:
@@ -70,6 +74,8 @@ def test_public_ech_halves_carry_no_private_key_and_no_repr_shows_one() -> None:
     public = dict(leader.public_ech())
     assert set(public) == {WEB, DB}
     assert all(k.private_key == b"" for keys in public.values() for k in keys)
+    (current,) = public[WEB]  # callers seal to the current key only
+    assert current.public_key == leader.rings_for({WEB})[0].ech[0].public_key
     key = leader.rings_for({WEB})[0].ech[0]
     assert key.private_key.hex() not in repr(key) and "private_key" not in repr(key)
 
@@ -80,7 +86,7 @@ def test_the_cas_message_carries_the_nodes_private_ech_keys_and_everyones_public
     message = stek_rings_to_proto(leader.rings_for({WEB}), leader.public_ech())
     decoded = ca_pb2.STEKRings.FromString(message.SerializeToString())
     (ring,) = decoded.rings
-    (key,) = ring.ech_keys
-    assert len(key.private_key) == 32 and key.public_name == "example.org"
+    assert len(ring.ech_keys) == 2  # current and next
+    assert all(len(k.private_key) == 32 and k.public_name == "example.org" for k in ring.ech_keys)
     assert [c.spiffe_id for c in decoded.ech_public] == [str(DB), str(WEB)]
     assert all(k.private_key == b"" for c in decoded.ech_public for k in c.keys)
