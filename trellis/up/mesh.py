@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import shutil
 import socket
@@ -43,6 +44,8 @@ import yaml
 from ca.keys import write_private_file
 from ca.server.tokens import JoinTokenStore
 from ca.spiffeid import SpiffeId, TrustDomain
+from meshapi.policy import API_VERSION as POLICY_API_VERSION
+from meshapi.policy import KIND as POLICY_KIND
 from trellis.up.identity import (
     Workload,
     base_interpreter,
@@ -77,6 +80,7 @@ _PORT_NAMES = (
     "intruder_upstream",
 )
 ECHO_TARGET_PORT = 8080  # the port behind the echo sidecar that the CONNECT names
+POLICY_FILE = "policy.json"  # echo's AccessPolicy document, with `declare_http`
 CA_ADMIN_SOCKET = "ca.sock"  # in the run directory; shorter than agent.sock, checked below
 
 
@@ -98,6 +102,13 @@ class MeshConfig:
     log_args: tuple[str, ...] = ()
     # An ML-DSA-65 root, intermediate and workload keys (FIPS 204) instead of ECDSA.
     pq_signatures: bool = False
+    # The echo app declared HTTP on both ends: the callers' upstream says `protocol: http`
+    # and echo's sidecar reads an AccessPolicy document saying port 8080 speaks HTTP. A
+    # GET, HEAD or OPTIONS that makes a caller's pool dial then rides in TLS 0-RTT on the
+    # resumed connection (sidecar.earlydata, RFC 8470), and a refusal reaches the caller's
+    # app as an HTTP 403 naming the policy. Off: the echo speaks TCP as far as the mesh
+    # knows, and its refusals are named by its YAML allow list alone.
+    declare_http: bool = False
 
     def spiffe_id(self, name: str) -> SpiffeId:
         return SpiffeId(f"spiffe://{self.trust_domain.name}/ns/demo/sa/{name}")
@@ -325,9 +336,15 @@ class Mesh:
             path.write_text(
                 yaml.safe_dump(self._sidecar_config(name, socket_path), sort_keys=False)
             )
+            files = [path]
+            if name == "echo" and config.declare_http:
+                policy = directory / POLICY_FILE
+                policy.touch(mode=0o600)
+                policy.write_text(json.dumps(self._echo_policy(), indent=2) + "\n")
+                files.append(policy)
             uid = isolation.uid(name)
             if uid is not None:
-                hand_over([path], uid)
+                hand_over(files, uid)
             self._spawn(
                 f"sidecar-{name}",
                 sidecar_argv(path),
@@ -417,6 +434,9 @@ class Mesh:
                     }
                 },
             }
+            if self.config.declare_http:
+                assert self.run_dir is not None
+                config["policy_file"] = str(self.run_dir / "workloads" / name / POLICY_FILE)
         else:  # load, intruder: callers of the echo server
             config["inbound"] = {
                 "listen": f"{host}:{ports[f'{name}_inbound']}",
@@ -431,7 +451,29 @@ class Mesh:
                     "spiffe_ids": [echo_id],
                 }
             ]
+            if self.config.declare_http:
+                config["upstreams"][0]["protocol"] = "http"
         return config
+
+    def _echo_policy(self) -> dict[str, Any]:
+        """The operator's document (meshapi.policy) for echo's sidecar, as a cluster's
+        ConfigMap would carry it: port 8080 speaks HTTP (the only way an inbound sidecar
+        learns it, and without it an early request is answered 425, not served), admitting
+        the load generator alone, as the sidecar's YAML allow list does."""
+        return {
+            "apiVersion": POLICY_API_VERSION,
+            "kind": POLICY_KIND,
+            "namespace": "demo",
+            "trustDomain": self.config.trust_domain.name,
+            "policies": [
+                {
+                    "name": "echo",
+                    "ports": [ECHO_TARGET_PORT],
+                    "allow": [{"exact": str(self.workloads["load"].spiffe_id)}],
+                    "protocol": "http",
+                }
+            ],
+        }
 
 
 def sidecar_argv(config_path: Path) -> list[str]:
