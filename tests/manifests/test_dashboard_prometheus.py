@@ -4,7 +4,10 @@ Processes: the whole mesh of ``trellis up`` started as a library (``trellis.up.m
 ``trellis ca serve``, ``trellis agent`` (node ``local``), the demo echo server and three
 ``trellis sidecar`` processes -- echo's (inbound, admits only load's SPIFFE ID), load's
 (an upstream to echo's sidecar) and an "intruder" whose one call at start-up is refused --
-each holding an SVID from the agent over the Workload API. Beside it, what the mesh alone
+each holding an SVID from the agent over the Workload API, echo's also its service's
+session-ticket key ring; the echo is declared HTTP on both ends (``declare_http``: the
+callers' upstreams say ``protocol: http``, echo's sidecar reads an AccessPolicy document
+saying its port speaks HTTP), so safe requests may ride in TLS 0-RTT. Beside it, what the mesh alone
 never shows: partner.org's ``trellis ca serve`` (its bundle endpoint only), and example.net's
 CA (cluster ``edge``), which federates with partner.org and bans its one node ``stray``
 once that node's ``trellis agent`` has attested -- so the agent's refusal and fetch-error
@@ -28,9 +31,15 @@ handshakes made before Prometheus saw the series would leave those panels at 0/0
 mesh starts without its load generator; the intruder's refused call at start-up has already
 created the echo sidecar's series; once Prometheus has scraped every target, the test
 starts ``trellis demo load`` through the load sidecar (its pool dials echo's sidecar: a
-handshake on both ends) and then holds more app connections open at once than one pooled
-TLS connection takes streams (100), so the load sidecar dials again -- handshakes on series
-Prometheus already holds, on both sidecars.
+full handshake on both ends, after which echo's sidecar sends session tickets) and then
+holds more app connections open at once than one pooled TLS connection takes streams
+(100), each writing a GET as it connects, so the load sidecar dials again -- handshakes on
+series Prometheus already holds, on both sidecars. That dial is the fresh pooled connection
+0-RTT is for: it resumes with a ticket, and the GET of the app connection that made it
+dial rides in its early data and is served (``tls_resumption_total{kind="ticket"}``,
+``tls_early_data_total{outcome="accepted"}``,
+``trellis_sidecar_early_data_requests_total{decision="served"}``, each exported at 0 from
+start-up, so ``rate()`` sees the increase).
 
 Meanwhile the test drives a bounded issuance load through the CA's gRPC API with the
 node agent's own credentials (read from the agent's data directory: the CA sees the same
@@ -53,6 +62,9 @@ and a few more app connections pass through the load sidecar. Then:
   handshakes > 0, TLS 1.3 among the versions, a TLS 1.3 cipher suite, a finite positive
   handshake duration p95, handshakes in both directions, and ``certificate_required``
   failures on echo's inbound side;
+* the resumption and early-data panels: ticket resumptions, early data accepted and
+  HTTP requests served from it, and a resumption ratio strictly between 0 and 1 (the
+  first handshakes are full ones);
 * the policy, traffic and pooling panels: denials and admissions, a denied share and a
   failure ratio strictly between 0 and 1, bytes both ways, streams ended ``ok``, fewer
   handshakes than app connections, the demo namespace's SVID expiring within the hour;
@@ -110,6 +122,7 @@ LOAD_BATCHES, BATCH_SIZE = 6, 10
 # More app connections at once than one pooled TLS connection carries streams (the
 # sidecar's default max_streams_per_connection is 100): the load sidecar must dial again.
 BURST_CONNECTIONS = 110
+BURST_BODY = 64  # bytes each burst GET asks the echo server for (GET /bytes/N)
 # Grafana's $__rate_interval for these panels: wide enough to hold the whole test.
 RATE_INTERVAL = "1m"
 SIDECARS = ("load", "echo", "intruder")
@@ -478,29 +491,33 @@ async def drive_issuance(mesh: Mesh) -> tuple[int, int]:
 
 
 async def burst(host: str, port: int, connections: int) -> int:
-    """Open ``connections`` app connections through the load sidecar at once, send a
-    request on each, and close them only when all were answered; the 200s."""
-    opened = await asyncio.gather(
-        *(asyncio.open_connection(host, port) for _ in range(connections))
-    )
-    body = b"burst"
-    request = b"POST /echo HTTP/1.1\r\nHost: echo\r\nContent-Length: %d\r\n\r\n%s" % (
-        len(body),
-        body,
-    )
+    """Open ``connections`` app connections through the load sidecar at once, each writing
+    a GET as soon as it is connected, and close them only when all were answered; the 200s.
 
-    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(request)
-        await writer.drain()
-        status = await reader.readline()
-        return status.startswith(b"HTTP/1.1 200")
+    Written at once, as an HTTP client does: the app connection that makes the pool dial
+    has its request waiting in the socket by the time the sidecar decides, so the request
+    rides in the new connection's first flight -- TLS 0-RTT when the dial resumes a ticket
+    (a GET without a body is replay-safe, RFC 8470)."""
+    request = b"GET /bytes/%d HTTP/1.1\r\nHost: echo\r\n\r\n" % BURST_BODY
+    answers: list[bool] = []
+    everyone = asyncio.Event()
 
-    try:
-        answers = await asyncio.gather(*(exchange(r, w) for r, w in opened))
-    finally:
-        for _, writer in opened:
+    async def exchange() -> bool:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(request)
+            await writer.drain()
+            status = await reader.readline()
+            ok = status.startswith(b"HTTP/1.1 200")
+            answers.append(ok)
+            if len(answers) == connections:
+                everyone.set()
+            await everyone.wait()  # every connection open until all were answered
+            return ok
+        finally:
             writer.close()
-    return sum(answers)
+
+    return sum(await asyncio.gather(*(exchange() for _ in range(connections))))
 
 
 def test_every_panel_returns_data_against_a_running_mesh(tmp_path: Path) -> None:
@@ -509,6 +526,7 @@ def test_every_panel_returns_data_against_a_running_mesh(tmp_path: Path) -> None
         pytest.skip("prometheus missing: apt-get install --no-install-recommends prometheus")
     config = MeshConfig(
         svid_ttl=dt.timedelta(hours=1),  # no rotation inside the issuance window
+        declare_http=True,  # the burst's GET that dials goes 0-RTT (module docstring)
         start_load=False,  # the traffic starts once Prometheus scrapes (module docstring)
         probe_policy=True,
         startup_timeout=40.0,
@@ -615,6 +633,13 @@ def test_every_panel_returns_data_against_a_running_mesh(tmp_path: Path) -> None
                 wait_for(
                     "Prometheus to see the load sidecar dial again",
                     lambda: (prom.value(load_outbound) or 0) >= 2,
+                )
+                # That dial resumed with a ticket echo's sidecar sealed under its service's
+                # ring, and its first stream's GET went in 0-RTT and was served.
+                served = 'sum(trellis_sidecar_early_data_requests_total{decision="served"})'
+                wait_for(
+                    "Prometheus to see a GET served from early data",
+                    lambda: (prom.value(served) or 0) >= 1,
                 )
 
                 # Denials Prometheus sees happen: the intruder calls echo again (its deny
@@ -726,16 +751,19 @@ def test_every_panel_returns_data_against_a_running_mesh(tmp_path: Path) -> None
             suites = by("Cipher suites", "suite")
             assert sum(suites.values()) > 0, suites
             assert all(s.startswith("TLS_AES_") or s.startswith("TLS_CHACHA20_") for s in suites)
-            # Resumption and 0-RTT: a share between 0 and 1, and every kind and outcome
-            # exported from start-up (the demo's pooled connections are long-lived, so most
-            # of its handshakes are full ones).
+            # Resumption and 0-RTT, from the burst's dial: resumed with a ticket of this
+            # mesh, its GET accepted in early data and served. Every kind, outcome and
+            # decision is exported from start-up; the first handshakes are full ones, so
+            # the ratio stays below 1.
             ratio = single("Resumption ratio")
-            assert 0 <= ratio <= 1, ratio
+            assert 0 < ratio < 1, ratio
             kinds = by("Handshakes by resumption kind", "kind")
-            assert set(kinds) == {"psk", "ticket", "none"} and kinds["none"] > 0, kinds
-            assert set(by("Early data by outcome", "outcome")) == {"accepted", "rejected"}
+            assert set(kinds) == {"psk", "ticket", "none"}, kinds
+            assert kinds["ticket"] > 0 and kinds["none"] > 0 and kinds["psk"] == 0, kinds
+            early = by("Early data by outcome", "outcome")
+            assert set(early) == {"accepted", "rejected"} and early["accepted"] > 0, early
             decided = by("HTTP requests in early data", "decision")
-            assert set(decided) == {"served", "too_early"}, decided
+            assert set(decided) == {"served", "too_early"} and decided["served"] > 0, decided
 
             # Policy, handshakes, traffic, pooling and identity of the sidecars.
             decisions = by("Policy decisions by outcome", "decision")
@@ -876,7 +904,7 @@ def test_the_resumption_and_early_data_panels_graph_the_contract_counters() -> N
     """Session resumption and 0-RTT exist now: the dashboard graphs their public counters
     (and the inbound sidecar's 425 decisions), each panel by its own metric."""
     graphed = {title: expr for title, expr in panels()}
-    assert 'tls_resumption_total{' in graphed["Resumption ratio"]
+    assert "tls_resumption_total{" in graphed["Resumption ratio"]
     assert 'kind!="none"' in graphed["Resumption ratio"]
     assert "by (kind)" in graphed["Handshakes by resumption kind"]
     assert "tls_early_data_total{" in graphed["Early data by outcome"]
