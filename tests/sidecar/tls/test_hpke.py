@@ -109,3 +109,26 @@ def test_single_shot_messages_interoperate_with_cryptography_hpke(aead_id: hpke.
     assert suite.decrypt(enc + sender.seal(b"", b"from trellis"), recipient, info) == (
         b"from trellis"
     )
+
+
+def test_both_sides_derive_the_rfc_9180_a_2_1_chacha20_key_schedule() -> None:
+    """The ChaCha20-Poly1305 suite (aead_id 3) is where a KDF/AEAD id mix-up shows:
+    AES-128-GCM and HKDF-SHA256 are both 0x0001."""
+    vector = json.loads((Path(__file__).parent / "data" / "rfc9180_a2_1.json").read_text())
+
+    def h(name: str) -> bytes:
+        return bytes.fromhex(vector[name])
+
+    ephemeral = hpke.derive_key_pair(h("ikmE"))
+    recipient = hpke.derive_key_pair(h("ikmR"))
+    assert ephemeral.private_bytes_raw() == h("skEm")
+    assert recipient.private_bytes_raw() == h("skRm")
+    enc, sender = hpke.setup_base_s(h("pkRm"), h("info"), 3, os.urandom, ephemeral=ephemeral)
+    receiver = hpke.setup_base_r(enc, recipient, h("info"), 3)
+    assert enc == h("enc")
+    for ctx in (sender, receiver):
+        assert (ctx.key, ctx.base_nonce, ctx.exporter_secret) == (
+            h("key"),
+            h("base_nonce"),
+            h("exporter_secret"),
+        )
