@@ -120,3 +120,28 @@ def test_the_status_shows_the_admin_endpoints_and_the_check_command_that_reads_t
         f" check     trellis check --ca-admin-socket '{socket}' --agent-admin 127.0.0.1:2"
         " --sidecar-admin 127.0.0.1:3 --sidecar-admin 127.0.0.1:4"
     ) in lines
+
+
+def test_the_pooling_line_counts_resumed_handshakes_and_requests_served_from_0rtt() -> None:
+    resumption = """
+# TYPE tls_resumption_total counter
+tls_resumption_total{kind="psk"} 0.0
+tls_resumption_total{kind="ticket"} 1.0
+tls_resumption_total{kind="none"} 1.0
+"""
+    early = """
+# TYPE trellis_sidecar_early_data_requests_total counter
+trellis_sidecar_early_data_requests_total{decision="served"} 1.0
+trellis_sidecar_early_data_requests_total{decision="too_early"} 0.0
+"""
+    snapshot = _snapshot(1795694400.0)
+    metrics = dict(snapshot.metrics)
+    metrics["sidecar-load"] = Samples.parse(LOAD_SIDECAR + resumption)
+    metrics["sidecar-echo"] = Samples.parse(ECHO_SIDECAR + early)
+    text = render(VIEW, replace(snapshot, metrics=metrics))
+    assert (
+        "2 TLS handshakes for 8 app connections load->echo (0.25 per app connection),"
+        " 1 resumed, 1 request served from 0-RTT\n" in text
+    )
+    # A sidecar that exports no resumption counter is not said to have resumed nothing.
+    assert "resumed" not in render(VIEW, snapshot)

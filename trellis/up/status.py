@@ -230,6 +230,7 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
     schemes: dict[str, float] = {}
     suites: dict[str, float] = {}
     handshakes = app_connections = 0.0
+    resumed: float | None = None
     for sidecar in view.sidecars:
         samples = m.get(f"sidecar-{sidecar.name}")
         if samples is None:
@@ -246,6 +247,10 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
             app_connections = samples.sum(
                 "trellis_sidecar_app_connections_total", direction="outbound"
             )
+            if samples.has("tls_resumption_total"):
+                resumed = samples.sum("tls_resumption_total") - samples.sum(
+                    "tls_resumption_total", kind="none"
+                )
     seen = [
         f"{g} ({_n(c)} handshakes)" for g, c in sorted(groups.items(), key=lambda i: -i[1]) if c
     ]
@@ -276,12 +281,23 @@ def render(view: StatusView, now: Snapshot, before: Snapshot | None = None) -> s
     else:
         lines.append(" traffic   load generator not answering")
     per = f" ({handshakes / app_connections:.2f} per app connection)" if app_connections else ""
+    callee = m.get(f"sidecar-{view.callee}")
+    # Resumed handshakes skip the certificate work; when the callee is declared HTTP
+    # (MeshConfig.declare_http), a safe request that made the pool dial rides in their
+    # 0-RTT data, and the callee counts what it served and what it answered 425.
+    if resumed is not None:
+        per += f", {_n(resumed)} resumed"
+    if callee is not None:
+        early = callee.by_label("trellis_sidecar_early_data_requests_total", "decision")
+        if early.get("served"):
+            per += f", {_plural(early['served'], 'request')} served from 0-RTT"
+        if early.get("too_early"):
+            per += f", {_n(early['too_early'])} answered 425 Too Early"
     lines.append(
         f" pooling   {_plural(handshakes, 'TLS handshake')} for"
         f" {_plural(app_connections, 'app connection')}"
         f" {view.caller}->{view.callee}{per}"
     )
-    callee = m.get(f"sidecar-{view.callee}")
     if callee is not None:
         allowed = callee.sum("trellis_sidecar_policy_decisions_total", decision="allow")
         denied = callee.sum("trellis_sidecar_policy_decisions_total", decision="deny")
