@@ -29,14 +29,16 @@ from .credentials import select_credential
 from .ech import (
     EXT_ENCRYPTED_CLIENT_HELLO,
     INNER_EXTENSION,
-    ClientOfferECH,
     ECHConfig,
     ECHRejected,
+    pull_config_list,
+)
+from .ech_client import (
+    ClientOfferECH,
     PublicNameVerifier,
     client_ech_accepted,
     grease_extension,
     offer_client_ech,
-    pull_config_list,
     retry_client_ech,
 )
 from .events import HandshakeComplete, PeerCertificate

@@ -23,8 +23,9 @@ from .alerts import AlertDescription, TLSError
 from .config import TLSConfig
 from .connection import Connection, Now, Traffic
 from .credentials import Credential, require_credential, select_credential
-from .ech import ServerOutcome, push_config_list, server_hello_confirmation, server_receive_ech
+from .ech import push_config_list, server_hello_confirmation
 from .ech import retry_request_confirmation as ech_retry_confirmation
+from .ech_server import ServerOutcome, server_receive_ech
 from .events import HandshakeComplete, PeerCertificate
 from .extensions import (
     ClientHelloExtensions,

@@ -22,14 +22,13 @@ from sidecar.tls.ech import (
     ECHConfig,
     ECHConfigError,
     OuterECH,
-    outer_extensions,
     parse_config_list,
     pull_config_list,
     push_config_list,
     push_outer_ech,
-    start_client_ech,
     valid_public_name,
 )
+from sidecar.tls.ech_client import outer_extensions, start_client_ech
 from sidecar.tls.groups import ClientKeyShare
 from sidecar.tls.messages import ClientHello, pull_client_hello, push_client_hello
 from sidecar.tls.record import ContentType, plaintext_record
