@@ -42,6 +42,8 @@ from sidecar.tls import (
 )
 from sidecar.tls.alerts import AlertDescription
 
+from .echkeys import inner_server_name
+
 __all__ = ["ChannelInput", "EngineChannel", "KtlsChannel", "SecureChannel"]
 
 
@@ -120,7 +122,9 @@ class EngineChannel:
         self._tls: Connection = (
             ClientConnection(
                 config,
-                server_name=None,
+                # RFC 9849: the service's name travels only sealed in the inner hello; the
+                # outer names the public name. Without ECH the mesh sends no SNI at all.
+                server_name=inner_server_name(expected_peer) if config.ech_configs else None,
                 now=now,
                 endpoint=endpoint,
                 expected_peer=expected_peer,

@@ -51,6 +51,7 @@ class Sidecar:
         # The service's shared STEK ring, from the agent (sidecar.stek); none with --svid-dir.
         self.session_keys = SessionKeys(config.spiffe_id)
         self.session_keys.on_ring = self._ticket_ring_changed
+        self.session_keys.on_ech = self._ech_changed
         self.metrics.registry.register(StekCollector(self.session_keys))
         self.stek_watcher: StekRingWatcher | None = None
         self._plaintext: PlaintextPolicy = STRICT
@@ -99,6 +100,25 @@ class Sidecar:
         # None: no ring from the agent, or it aged out; new handshakes then send no tickets
         # and resume nothing (full handshakes), never under a key only this replica holds.
         self.identity.ticket_ring = ring
+
+    def _ech_changed(self) -> None:
+        # RFC 9849: our service's keys for the inbound side, every service's current
+        # config for the callers we dial (sidecar.echkeys builds both as the CA meant).
+        from .echkeys import ech_config_list, ech_key
+
+        now = time.time()
+        keys = self.session_keys
+        try:
+            own = [ech_key(k) for k in keys.ech_keys_at(now)]
+            configs = {
+                spiffe_id: ech_config_list(parts)
+                for spiffe_id in keys.ech_public
+                if (parts := keys.ech_public_for(spiffe_id, now))
+            }
+        except ValueError as exc:  # a key the engine cannot use: keep the ones we have
+            logger.warning("ECH keys from the agent not usable: %s", exc)
+            return
+        self.identity.set_ech(own, configs)
 
     # --- policy --------------------------------------------------------------------------
 

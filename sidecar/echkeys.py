@@ -14,11 +14,19 @@ from collections.abc import Iterable
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from ca.spiffeid import SpiffeId
 from sidecar.stek import EchKeyParts
 from sidecar.tls.ech import ECHConfig, ECHKey, push_config_list
 from sidecar.tls.hpke import AeadId, KdfId, KemId
 
-__all__ = ["MAXIMUM_NAME_LENGTH", "ech_config", "ech_config_list", "ech_key", "https_record"]
+__all__ = [
+    "MAXIMUM_NAME_LENGTH",
+    "ech_config",
+    "ech_config_list",
+    "ech_key",
+    "https_record",
+    "inner_server_name",
+]
 
 # §6.1.3: the inner server name is padded to this length so its length says nothing.
 MAXIMUM_NAME_LENGTH = 64
@@ -45,6 +53,21 @@ def ech_key(parts: EchKeyParts) -> ECHKey:
 def ech_config_list(parts: Iterable[EchKeyParts]) -> bytes:
     """An ECHConfigList (§4) of these keys, in their order (current first)."""
     return push_config_list(ech_config(p) for p in parts)
+
+
+def inner_server_name(spiffe_id: SpiffeId | None) -> str | None:
+    """The name a caller puts in the inner (encrypted) ClientHello's SNI for the service
+    `spiffe_id`: ``<sa>.<ns>.<trust domain>`` for the default ID shape, else None (no
+    SNI). Only ever sent sealed: without ECH the mesh sends no SNI at all."""
+    if spiffe_id is None:
+        return None
+    parts = spiffe_id.path.strip("/").split("/")
+    if len(parts) != 4 or parts[0] != "ns" or parts[2] != "sa":
+        return None
+    name = f"{parts[3]}.{parts[1]}.{spiffe_id.trust_domain.name}"
+    # A DNS name (RFC 6066 §3: ASCII host_name), short enough to be padded (§6.1.3).
+    ok = name.isascii() and all(label and len(label) <= 63 for label in name.split("."))
+    return name if ok and len(name) <= MAXIMUM_NAME_LENGTH else None
 
 
 def https_record(owner: str, config_list: bytes, ttl: int = 300, alpn: str = "h2") -> str:

@@ -42,6 +42,7 @@ from ca.spiffeid import SpiffeId, TrustDomain
 from ca.workload import HEADER_KEY, HEADER_VALUE, method_path, workload_pb2
 from ca.x509svid import SvidError, load_der_chain, spiffe_id_of
 from sidecar.tls import SpiffeVerifier, TLSConfig, TLSError
+from sidecar.tls.ech import ECHKey
 from sidecar.tls.replay import ReplayCache
 from sidecar.tls.signatures import DEFAULT_CERTIFICATE_SIGNATURE_SCHEMES, PrivateKey
 from sidecar.tls.tickets import StekRing
@@ -111,6 +112,17 @@ class Identity:
         self.replica_id = os.urandom(16)
         self.replay_cache = ReplayCache()
         self.max_early_data = DEFAULT_MAX_EARLY_DATA
+        # Encrypted ClientHello (RFC 9849, keys from the agent: sidecar.stek, echkeys).
+        self._ech_keys: tuple[ECHKey, ...] = ()
+        self._ech_configs: dict[SpiffeId, bytes] = {}
+
+    def set_ech(self, keys: Sequence[ECHKey], configs: Mapping[SpiffeId, bytes]) -> None:
+        """Our service's ECH keys (current first) and the ECHConfigList of every service
+        we may call; the next handshakes use them."""
+        self._ech_keys = tuple(keys)
+        self._ech_configs = dict(configs)
+        self._server = None
+        self._clients = {}
 
     @property
     def ticket_ring(self) -> StekRing | None:
@@ -244,6 +256,7 @@ class Identity:
                 max_early_data=self.max_early_data if self.ticket_ring is not None else 0,
                 replay_cache=self.replay_cache,
                 grease=True,  # RFC 8701: keep peers honest about unknown values
+                ech_keys=self._ech_keys,
             )
         return self._server
 
@@ -261,6 +274,9 @@ class Identity:
                 # No IDs given: any peer of our own trust domain.
                 return spiffe_id.trust_domain == own and bool(spiffe_id.path)
 
+            # RFC 9849: sealed to the one service we expect, if it has ECH; otherwise a
+            # GREASE ECH extension (§6.2), so no hello says whether ECH is in use.
+            ech = self._ech_configs.get(expected[0]) if len(expected) == 1 else None
             config = TLSConfig(
                 rng=os.urandom,
                 certificate_chain=svid.chain,
@@ -271,6 +287,8 @@ class Identity:
                 ticket_store=self.tickets,
                 trust_generation=self.trust_generation,
                 grease=True,  # RFC 8701: keep peers honest about unknown values
+                ech_config_list=ech,
+                ech_grease=ech is None,
             )
             self._clients[key] = config
         return config

@@ -134,10 +134,19 @@ class Metrics:
         self.tls_ocsp_staple = Counter(
             "tls_ocsp_staple", "OCSP stapling by outcome.", ["outcome"], registry=r
         )
+        self.tls_ech = Counter(
+            "tls_ech",
+            "Encrypted ClientHello (RFC 9849) by outcome: accepted and rejected as the "
+            "serving side decided, grease as the calling side sent it.",
+            ["outcome"],
+            registry=r,
+        )
         for kind in ("psk", "ticket", "none"):
             self.tls_resumption.labels(kind=kind)
         for outcome in ("accepted", "rejected"):
             self.tls_early_data.labels(outcome=outcome)
+        for outcome in ("accepted", "rejected", "grease"):
+            self.tls_ech.labels(outcome=outcome)
         # --- trellis_sidecar_* ---------------------------------------------------------
         # Beside tls_group_total: the peer's CertificateVerify scheme (RFC 8446 §4.4.3),
         # mldsa65 on a post-quantum trust domain (draft-ietf-tls-mldsa).
@@ -282,6 +291,12 @@ class Metrics:
         if direction == "inbound" and info.early_data != "none":
             # Counted where it is decided, once per offer: the server (RFC 8446 §4.2.10).
             self.tls_early_data.labels(outcome=info.early_data).inc()
+        # RFC 9849: the server decides accepted/rejected (a GREASE extension is a
+        # rejection to it, §6.2: it cannot tell); only the caller knows it sent GREASE.
+        if (direction == "inbound" and info.ech in ("accepted", "rejected")) or (
+            direction == "outbound" and info.ech == "grease"
+        ):
+            self.tls_ech.labels(outcome=info.ech).inc()
         self.tls_version.labels(version="TLSv1.3").inc()
         self.tls_cipher_suite.labels(suite=suite_name(info.cipher_suite)).inc()
         self.tls_group.labels(group=group_name(info.group)).inc()

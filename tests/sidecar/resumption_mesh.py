@@ -75,11 +75,13 @@ class HttpApp(asyncio.Protocol):
 
 
 class Tap:
-    """A loopback TCP relay that records what the caller sends on each connection."""
+    """A loopback TCP relay that records what the caller sends on each connection (and,
+    in `received`, what the callee answers)."""
 
     def __init__(self, target: Address) -> None:
         self.target = target
         self.sent: list[bytearray] = []
+        self.received: list[bytearray] = []
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -88,8 +90,9 @@ class Tap:
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        record = bytearray()
+        record, answer = bytearray(), bytearray()
         self.sent.append(record)
+        self.received.append(answer)
         up_reader, up_writer = await asyncio.open_connection(self.target.host, self.target.port)
 
         async def pump(
@@ -104,7 +107,7 @@ class Tap:
             with contextlib.suppress(OSError):
                 dst.close()
 
-        await asyncio.gather(pump(reader, up_writer, record), pump(up_reader, writer, None))
+        await asyncio.gather(pump(reader, up_writer, record), pump(up_reader, writer, answer))
 
 
 @dataclass
