@@ -453,6 +453,7 @@ class ExpectServerHello(HandshakeState):
                 hrr,
                 raw,
                 sent.server_name,
+                ctx.config.rng,
             )
             ctx.send(ech.outer_transcript, push_client_hello(outer2))
             transcript.update(push_client_hello(hello2))

@@ -27,7 +27,13 @@ from .ech import (
     retry_request_confirmation,
     server_hello_confirmation,
 )
-from .extensions import ExtensionType, RawExtension, push_server_name
+from .extensions import (
+    ExtensionType,
+    RawExtension,
+    pull_offered_psks,
+    push_offered_psks,
+    push_server_name,
+)
 from .hpke import AeadId, Context, KdfId, setup_base_s
 from .keyschedule import Transcript
 from .messages import (
@@ -120,18 +126,46 @@ def seal_client_hello(
     placeholder = OuterECH(
         ech.kdf_id, ech.aead_id, ech.config.config_id, enc, bytes(len(encoded) + TAG_LENGTH)
     )
+    # RFC 8446 §4.2.11: pre_shared_key stays last, so the ECH extension goes before it.
+    head = tuple(e for e in outer.extensions if e[0] != ExtensionType.pre_shared_key)
+    tail = tuple(e for e in outer.extensions if e[0] == ExtensionType.pre_shared_key)
     with_zeros = replace(
         outer,
-        extensions=(*outer.extensions, (EXT_ENCRYPTED_CLIENT_HELLO, push_outer_ech(placeholder))),
+        extensions=(*head, (EXT_ENCRYPTED_CLIENT_HELLO, push_outer_ech(placeholder)), *tail),
     )
     # §5.2: the AAD is ClientHelloOuter (no handshake header) with the payload zeroed.
     aad = push_client_hello(with_zeros)[4:]
     payload = ech.context.seal(aad, encoded)
     sealed = replace(placeholder, payload=payload)
     return replace(
-        outer,
-        extensions=(*outer.extensions, (EXT_ENCRYPTED_CLIENT_HELLO, push_outer_ech(sealed))),
+        outer, extensions=(*head, (EXT_ENCRYPTED_CLIENT_HELLO, push_outer_ech(sealed)), *tail)
     )
+
+
+def _with_grease_psk(
+    extensions: list[RawExtension],
+    inner: ClientHello,
+    rng: Callable[[int], bytes],
+    previous: bytes | None,
+) -> tuple[RawExtension, ...]:
+    """RFC 9849 §6.1.2, §10.12.3: an inner hello offering a ticket gets a GREASE
+    pre_shared_key in the outer one (random identities, ages and binders of the same
+    lengths), so the outer hello does not say whether the client resumes. After a
+    HelloRetryRequest the identities stay and the binders are drawn anew."""
+    data = next((d for t, d in inner.extensions if t == ExtensionType.pre_shared_key), None)
+    if data is None:
+        return tuple(extensions)
+    offered = pull_offered_psks(data)
+    if previous is not None:
+        identities = pull_offered_psks(previous).identities
+    else:
+        identities = tuple(
+            (rng(len(identity)), int.from_bytes(rng(4), "big"))
+            for identity, _ in offered.identities
+        )
+    binders = [rng(len(binder)) for binder in offered.binders]
+    grease = (ExtensionType.pre_shared_key, push_offered_psks(identities, binders))
+    return (*extensions, grease)
 
 
 def start_client_ech(config: ECHConfig, rng: Callable[[int], bytes]) -> tuple[ClientECH, bytes]:
@@ -172,13 +206,8 @@ def offer_client_ech(
 ) -> tuple[ClientHello, ClientOfferECH]:
     """The first ClientHelloOuter for `inner` (which carries INNER_EXTENSION), §6.1."""
     ech, enc = start_client_ech(config, rng)
-    outer = ClientHello(
-        rng(32),
-        inner.legacy_session_id,
-        inner.cipher_suites,
-        b"\x00",
-        tuple(outer_extensions(inner, config.public_name)),
-    )
+    extensions = _with_grease_psk(outer_extensions(inner, config.public_name), inner, rng, None)
+    outer = ClientHello(rng(32), inner.legacy_session_id, inner.cipher_suites, b"\x00", extensions)
     sealed = seal_client_hello(inner, outer, server_name, ech, enc)
     transcript = Transcript()
     return sealed, ClientOfferECH(ech, sealed, transcript)
@@ -192,6 +221,7 @@ def retry_client_ech(
     hrr: ServerHello,
     hrr_raw: bytes,
     server_name: str | None,
+    rng: Callable[[int], bytes],
 ) -> tuple[ClientHello, ClientOfferECH]:
     """§6.1.5: after a HelloRetryRequest, the second outer hello seals `inner2` with
     sequence number 1 and an empty enc; the HRR confirmation (§7.2.1) is checked over
@@ -207,7 +237,9 @@ def retry_client_ech(
         retry_request_confirmation(params, inner1.random, inner_digest_with, hrr),
     )
     outer1 = offer.outer
-    outer2 = replace(outer1, extensions=tuple(outer_extensions(inner2, offer.public_name)))
+    previous = next((d for t, d in outer1.extensions if t == ExtensionType.pre_shared_key), None)
+    extensions = outer_extensions(inner2, offer.public_name)
+    outer2 = replace(outer1, extensions=_with_grease_psk(extensions, inner2, rng, previous))
     sealed = seal_client_hello(inner2, outer2, server_name, offer.ech, b"")
     transcript = offer.outer_transcript
     transcript.restart_after_retry(params.hash_name, push_client_hello(outer1))

@@ -10,15 +10,18 @@ from sidecar.tls import (
     ClientConnection,
     HandshakeComplete,
     ServerConnection,
+    SessionTicket,
     TLSConfig,
 )
 from sidecar.tls.ech import ECHRejected
+from sidecar.tls.extensions import ExtensionType, pull_offered_psks
 from sidecar.tls.groups import NamedGroup
+from sidecar.tls.messages import pull_client_hello
 
 from .ech_support import INNER_NAME, PUBLIC_NAME, config_list, ech_key, public_name_credential
 from .helpers import drain, feed, pump
-from .pki import NOW, client_config, server_config
-from .resumption_support import T0, Mesh, completed, connect
+from .pki import NOW, SERVER_ID, client_config, server_config
+from .resumption_support import ENDPOINT, T0, Mesh, completed, connect
 
 KEY_1 = ech_key(1)
 KEY_2 = ech_key(2)
@@ -182,3 +185,62 @@ def test_an_ech_handshake_fed_one_byte_at_a_time_is_accepted() -> None:
         if not to_server and not to_client:
             break
     assert _done(client).ech == _done(server).ech == "accepted"
+
+
+def _resuming_client(mesh: Mesh, ech_list: bytes, now: float) -> ClientConnection:
+    cfg = mesh.client(
+        ech_config_list=ech_list, ech_public_name_roots=[public_name_credential().root]
+    )
+    return ClientConnection(
+        cfg, server_name=INNER_NAME, now=now, endpoint=ENDPOINT, expected_peer=SERVER_ID
+    )
+
+
+def test_a_resuming_hello_inside_ech_shows_only_a_grease_ticket_outside() -> None:
+    """RFC 9849 §6.1.2, §10.12.3: the outer hello carries a pre_shared_key of random
+    identities of the ticket's length, so it does not say whether the client resumes."""
+    mesh = Mesh()
+    first, server = connect(
+        mesh.client(
+            ech_config_list=config_list(KEY_1),
+            ech_public_name_roots=[public_name_credential().root],
+        ),
+        mesh.server(ech_keys=[KEY_1]),
+        T0,
+    )
+    tickets = {e.ticket for e in drain(first) if isinstance(e, SessionTicket)}
+    drain(server)
+    client = _resuming_client(mesh, config_list(KEY_1), T0 + 60)
+    flight = client.data_to_send()
+    outer = pull_client_hello(flight[9:])
+    psk = pull_offered_psks(dict(outer.extensions)[ExtensionType.pre_shared_key])
+    ((identity, _age),) = psk.identities
+    assert tickets and {len(t) for t in tickets} == {len(identity)}
+    assert identity not in tickets
+    assert not any(t in flight for t in tickets)
+    assert outer.extensions[-1][0] == ExtensionType.pre_shared_key  # still last
+    server2 = ServerConnection(mesh.server(ech_keys=[KEY_1]), now=T0 + 60)
+    server2.receive_data(flight)
+    pump(client, server2)
+    done = completed(drain(client))
+    assert done.session_resumed and done.ech == "accepted"
+
+
+def test_a_resuming_hello_whose_ech_is_rejected_completes_the_outer_handshake_in_full() -> None:
+    """The rejecting server meets only the GREASE ticket, which it cannot open: a full
+    handshake as the public name, then the retry configs."""
+    mesh = Mesh()
+    ech = {
+        "ech_config_list": config_list(KEY_1),
+        "ech_public_name_roots": [public_name_credential().root],
+    }
+    first, _server = connect(mesh.client(**ech), mesh.server(ech_keys=[KEY_1]), T0)
+    drain(first)
+    client = _resuming_client(mesh, config_list(KEY_1), T0 + 60)
+    rotated = mesh.server(
+        ech_keys=[KEY_2], ech_public_credential=public_name_credential().credential
+    )
+    server = ServerConnection(rotated, now=T0 + 60)
+    with pytest.raises(ECHRejected) as rejected:
+        pump(client, server)
+    assert rejected.value.retry_configs == config_list(KEY_2)
