@@ -8,11 +8,12 @@ mounted read-only over virtio-9p under a tmpfs overlay, so the guest's Python is
 host's venv interpreter with this checkout.
 
 Built once into ``${XDG_CACHE_HOME:-~/.cache}/trellis/kernel-<version>/``, keyed by the
-package version and a hash of this file: the package fetched with ``apt-get download``
-and unpacked with ``dpkg -x`` (never into /), ``modules.dep`` made with ``depmod -b``
-(the package ships none), the uncompressed ELF ``vmlinux`` taken out of the bzImage (the
-XZ stream found by its magic bytes; booting it saves about 2.5 s of decompression on
-an emulated CPU), and a busybox-static initramfs holding the modules kTLS and 9p need.
+package version and a hash of the init script and module list: the package fetched
+with ``apt-get download`` and unpacked with ``dpkg -x`` (never into /), ``modules.dep``
+made with ``depmod -b`` (the package ships none), the uncompressed ELF ``vmlinux`` taken
+out of the bzImage (the XZ stream found by its magic bytes; booting it saves about
+2.5 s of decompression on an emulated CPU), and a busybox-static initramfs holding the
+modules kTLS and 9p need.
 A file lock makes concurrent builders wait for one build; the folder appears by an
 atomic rename. Needs the Debian packages qemu-system-x86, busybox-static, cpio and kmod
 (``make kernel`` installs them when run as root). ``python -m tests.kernel.guest_vm``
@@ -41,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-THIS = Path(__file__).resolve()
 QEMU = "qemu-system-x86_64"
 BUSYBOX = "/bin/busybox"
 NEEDED = {
@@ -134,7 +134,9 @@ def cache_root() -> Path:
 
 
 def stamp() -> str:
-    return hashlib.sha256(THIS.read_bytes()).hexdigest()[:16]
+    """What the build depends on besides the package version: the init script and the
+    module list (an edit elsewhere in this file does not fetch the kernel again)."""
+    return hashlib.sha256("\0".join((INIT, *MODULES)).encode()).hexdigest()[:16]
 
 
 def cached_folder() -> Path | None:
