@@ -277,10 +277,10 @@ class ClientConnection(Connection):
         hello = build_client_hello(config, sni, shares)
         ech_config = config.ech_configs[0] if config.ech_configs else None
         if ech_config is not None:
-            # RFC 9849 §5: the inner hello says it is one; early data is not offered
-            # inside ECH here (the outer hello's 0-RTT would go to the public name).
+            # RFC 9849 §5: the inner hello says it is one. Early data, if any, is keyed
+            # from the inner hello; the outer one also says early_data, so a server
+            # that rejects ECH skips the records it cannot read (RFC 8446 §4.2.10).
             hello = replace(hello, extensions=(*hello.extensions, INNER_EXTENSION))
-            early_data = b""
         elif config.ech_grease:
             grease = (EXT_ENCRYPTED_CLIENT_HELLO, grease_extension(config.rng))
             hello = replace(hello, extensions=(*hello.extensions, grease))  # §6.2

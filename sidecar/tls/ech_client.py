@@ -54,11 +54,13 @@ _COMPRESSIBLE = (
     ExtensionType.signature_algorithms_cert,
 )
 # What the outer hello also carries, in clear and in full (§6.1.2: an unremarkable
-# hello). The cookie goes to both hellos: a server that rejects ECH reads the outer one.
+# hello). The cookie and early_data go to both hellos: a server that rejects ECH reads
+# the outer one.
 _OUTER_ONLY_COPIED = (
     ExtensionType.supported_versions,
     ExtensionType.psk_key_exchange_modes,
     ExtensionType.cookie,
+    ExtensionType.early_data,
 )
 
 

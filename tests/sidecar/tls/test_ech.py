@@ -7,6 +7,7 @@ import pytest
 from sidecar.tls import (
     AlertDescription,
     AlertReceived,
+    ApplicationData,
     ClientConnection,
     HandshakeComplete,
     ServerConnection,
@@ -244,3 +245,55 @@ def test_a_resuming_hello_whose_ech_is_rejected_completes_the_outer_handshake_in
     with pytest.raises(ECHRejected) as rejected:
         pump(client, server)
     assert rejected.value.retry_configs == config_list(KEY_2)
+
+
+def test_early_data_rides_inside_an_accepted_ech_resumption() -> None:
+    mesh = Mesh()
+    ech = {
+        "ech_config_list": config_list(KEY_1),
+        "ech_public_name_roots": [public_name_credential().root],
+    }
+    first, server = connect(mesh.client(**ech), mesh.server(ech_keys=[KEY_1]), T0)
+    drain(first)
+    drain(server)
+    client, server2 = connect(
+        mesh.client(**ech),
+        mesh.server(ech_keys=[KEY_1]),
+        T0 + 60,
+        early_data=b"GET / early",
+        replay_safe=True,
+    )
+    done = completed(drain(client))
+    assert (done.ech, done.session_resumed, done.early_data) == ("accepted", True, "accepted")
+    events = drain(server2)
+    assert [e.data for e in events if isinstance(e, ApplicationData) and e.early] == [
+        b"GET / early"
+    ]
+
+
+def test_early_data_sent_into_a_rejected_ech_is_skipped_by_the_server() -> None:
+    """The outer hello says early_data too, so the rejecting server skips the 0-RTT
+    records it has no key for and completes the outer handshake (RFC 8446 §4.2.10)."""
+    mesh = Mesh()
+    ech = {
+        "ech_config_list": config_list(KEY_1),
+        "ech_public_name_roots": [public_name_credential().root],
+    }
+    first, _server = connect(mesh.client(**ech), mesh.server(ech_keys=[KEY_1]), T0)
+    drain(first)
+    client = ClientConnection(
+        mesh.client(**ech),
+        server_name=INNER_NAME,
+        now=T0 + 60,
+        endpoint=ENDPOINT,
+        expected_peer=SERVER_ID,
+        early_data=b"GET / early",
+        replay_safe=True,
+    )
+    rotated = mesh.server(
+        ech_keys=[KEY_2], ech_public_credential=public_name_credential().credential
+    )
+    server = ServerConnection(rotated, now=T0 + 60)
+    with pytest.raises(ECHRejected):
+        pump(client, server)
+    assert not [e for e in drain(server) if isinstance(e, ApplicationData)]
