@@ -109,3 +109,31 @@ def test_a_caller_without_the_services_config_sends_grease_ech_and_still_connect
     # The serving side cannot tell GREASE from a config it lacks: a rejection to it.
     assert m.server("tls_ech_total", outcome="rejected") == 1
     assert m.server("tls_ech_total", outcome="accepted") == 0
+
+
+def test_a_resumed_dial_carries_its_0rtt_request_inside_ech_and_names_nothing(
+    tmp_path: Path,
+) -> None:
+    """The pool's fresh dial resumes with a ticket and carries the app's GET as early
+    data, all inside ECH: served 0-RTT, and still nothing but the public name in clear."""
+
+    async def scenario() -> tuple[bytes, Mesh]:
+        async with mesh(Pki(), tmp_path, tap=True) as m:
+            install(m, caller_has_config=True)
+            assert await request(m.upstream, GET) == b"GET early=-"  # full, inside ECH
+            await m.tickets()
+            await m.forget_connections()
+            assert await request(m.upstream, GET) == b"GET early=1"  # resumed, 0-RTT
+            assert m.tap is not None
+            await m.forget_connections()
+            return bytes(m.tap.sent[1]) + bytes(m.tap.received[1]), m
+
+    wire, m = run(scenario())
+    assert m.server("tls_early_data_total", outcome="accepted") == 1
+    assert m.server("tls_resumption_total", kind="ticket") == 1
+    assert m.server("tls_ech_total", outcome="accepted") == 2  # both dials
+    hello = first_client_hello(wire)
+    sni = find(hello.extensions, ExtensionType.server_name)
+    assert sni is not None and pull_server_name(sni) == "example.org"
+    for secret in (b"echo.default.example.org", ECHO.encode(), CLIENT.encode(), b"/private"):
+        assert secret not in wire, secret
