@@ -764,6 +764,10 @@ def test_every_panel_returns_data_against_a_running_mesh(tmp_path: Path) -> None
             assert set(early) == {"accepted", "rejected"} and early["accepted"] > 0, early
             decided = by("HTTP requests in early data", "decision")
             assert set(decided) == {"served", "too_early"} and decided["served"] > 0, decided
+            # ECH: the agent hands echo's sidecar its keys and the load sidecar echo's
+            # config, so the load's dials are accepted by echo's sidecar (RFC 9849).
+            ech = by("Encrypted ClientHello by outcome", "outcome")
+            assert set(ech) == {"accepted", "rejected", "grease"} and ech["accepted"] > 0, ech
 
             # Policy, handshakes, traffic, pooling and identity of the sidecars.
             decisions = by("Policy decisions by outcome", "decision")
@@ -910,6 +914,12 @@ def test_the_resumption_and_early_data_panels_graph_the_contract_counters() -> N
     assert "tls_early_data_total{" in graphed["Early data by outcome"]
     assert "by (outcome)" in graphed["Early data by outcome"]
     assert "trellis_sidecar_early_data_requests_total{" in graphed["HTTP requests in early data"]
+
+
+def test_the_ech_panel_graphs_the_contract_counter_by_outcome() -> None:
+    graphed = {title: expr for title, expr in panels()}
+    expr = graphed["Encrypted ClientHello by outcome"]
+    assert "tls_ech_total{" in expr and "by (outcome)" in expr
 
 
 def test_numbers_with_a_meaning_carry_the_thresholds_their_alerts_use() -> None:
