@@ -275,6 +275,9 @@ class SessionKeys:
             "active_age_seconds": round(stats.active_age, 1) if stats.active_age else None,
             "sealing_tickets": stats.sealing,
             "rotations": stats.rotations,
+            # ECH (RFC 9849): ids only, which travel in the clear in every outer hello.
+            "ech_config_ids": [k.config_id for k in self.ech_keys],
+            "ech_services": len(self.ech_public),
         }
 
 

@@ -20,6 +20,7 @@ from ca.api._proto import session_keys_pb2
 from ca.workload import HEADER_KEY, HEADER_VALUE
 from sidecar.stek import SessionKeys
 from tests.sidecar.dataplane.harness import Procs
+from tests.support import wait_for
 
 from . import test_stek_ring_distribution as stek_e2e
 from .test_stek_ring_distribution import DB, METHOD, WEB, Mesh, _forms
@@ -89,7 +90,14 @@ def test_a_services_ech_keys_reach_its_workloads_rotate_and_are_never_written_do
         assert all(k.private_key == b"" for c in public.values() for k in c.keys)
         time.sleep(0.3)
 
-    # The sidecars parse what they get; their admin answers go into the search.
+    # The sidecars hold what the agent hands this workload of their identity (ids only
+    # in /config); their admin answers go into the search.
+    def installed() -> bool:
+        wanted = [k.config_id for k in response(mesh.socket).rings[0].ech_keys]
+        views = [dict(s.describe()["stek_ring"]) for s in sidecars]
+        return all(v["ech_config_ids"] == wanted and v["ech_services"] == 2 for v in views)
+
+    wait_for(installed, 10, "both replicas on the agent's ECH keys")
     for sidecar in sidecars:
         for path in ("/metrics", "/config", "/healthz"):
             answers.append(sidecar.get(path)[1])
