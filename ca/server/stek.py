@@ -27,8 +27,8 @@ ECH keys (RFC 9849) ride in the same ring and rotate with its STEKs, on the same
 already decrypts with it when callers switch to it, whichever hears of the rotation
 first) and the previous one (a caller that has not heard yet is still accepted). The
 current key's public half of every ring, ``public_ech()``, goes to every agent: a caller
-seals to the service it calls. The ECHConfig's public_name is the trust domain's name, the same for every
-service, so the outer ClientHello says only which mesh a connection belongs to.
+seals to the service it calls. The ECHConfig's public_name is the trust domain's name, the
+same for every service, so the outer ClientHello says only which mesh a connection is in.
 
 Sans-I/O: the clock and the randomness are passed in; ``StekLeader.tick(now, ids)``
 rotates what is due and says whether anything changed, and the gRPC shell streams
