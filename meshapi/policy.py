@@ -35,9 +35,11 @@ policy sets a mode for is strict (``sidecar.permissive``). An mTLS caller is aut
 transparent sidecar does with the others; left out, it is left out again on rendering.
 
 ``protocol`` (``tcp`` or ``http``, unset meaning tcp) says what the app behind the policy's
-ports speaks. It changes only how a refusal reaches the caller: for ``http`` the caller's
+ports speaks. It decides how a refusal reaches the caller (for ``http`` the caller's
 sidecar answers its app ``403 Forbidden`` naming the policy, for ``tcp`` it resets the
-connection (an HTTP answer would be garbage to another protocol). ``earlyDataMethods``, in
+connection: an HTTP answer would be garbage to another protocol) and whether a request
+that arrived as 0-RTT data is served (``http``: safe methods, with ``Early-Data: 1``) or
+answered ``425 Too Early``. ``earlyDataMethods``, in
 older documents, was never read by a data plane; it was withdrawn and, as an unknown key,
 is ignored.
 """
