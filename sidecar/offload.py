@@ -34,7 +34,14 @@ from .channel import EngineChannel
 
 logger = logging.getLogger("sidecar.offload")
 
-__all__ = ["kernel_ready", "kernel_tls", "splice_relay", "switch"]
+__all__ = [
+    "kernel_ready",
+    "kernel_tls",
+    "splice_relay",
+    "splice_to_app",
+    "splice_to_peer",
+    "switch",
+]
 
 # The pipe between two sockets: one page-sized chunk at a time would cost a syscall pair
 # per 4 KiB; a 1 MiB pipe lets one splice move up to that much.
@@ -92,7 +99,7 @@ def _pipe() -> tuple[int, int]:
     return read, write
 
 
-def _pump_to_app(source: KtlsSocket, app: socket.socket) -> None:
+def splice_to_app(source: KtlsSocket, app: socket.socket) -> None:
     """kTLS socket -> app until close_notify or EOF, then the app's FIN."""
     read, write = _pipe()
     src, dst = source.fileno(), app.fileno()
@@ -125,7 +132,7 @@ def _pump_to_app(source: KtlsSocket, app: socket.socket) -> None:
         os.close(write)
 
 
-def _pump_to_peer(app: socket.socket, sink: KtlsSocket) -> None:
+def splice_to_peer(app: socket.socket, sink: KtlsSocket) -> None:
     """app -> kTLS socket until the app's FIN, then close_notify (RFC 8446 §6.1)."""
     read, write = _pipe()
     src, dst = app.fileno(), sink.fileno()
@@ -173,5 +180,5 @@ def splice_relay(
             app.close()
             done(errors[0] if errors else None)
 
-    for pump in (lambda: _pump_to_app(link, app), lambda: _pump_to_peer(app, link)):
+    for pump in (lambda: splice_to_app(link, app), lambda: splice_to_peer(app, link)):
         threading.Thread(target=run, args=(pump,), daemon=True, name="trellis-splice").start()
