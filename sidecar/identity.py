@@ -124,6 +124,15 @@ class Identity:
         self._server = None
         self._clients = {}
 
+    def ech_rejected(self, expected: Sequence[SpiffeId], retry_configs: bytes | None) -> None:
+        """The service rejected the config we sealed to (RFC 9849 §6.1.6: it holds newer
+        keys than our agent told us of yet): the next dial seals to its retry_configs,
+        which the rejected handshake authenticated."""
+        if len(expected) != 1 or not retry_configs:
+            return
+        self._ech_configs[expected[0]] = retry_configs
+        self._clients = {}
+
     @property
     def ticket_ring(self) -> StekRing | None:
         return self._ticket_ring
@@ -277,6 +286,11 @@ class Identity:
             # RFC 9849: sealed to the one service we expect, if it has ECH; otherwise a
             # GREASE ECH extension (§6.2), so no hello says whether ECH is in use.
             ech = self._ech_configs.get(expected[0]) if len(expected) == 1 else None
+            # A rejection's retry_configs come with the outer handshake authenticated as
+            # the public name, our trust domain's name: any SVID of it vouches for them.
+            public_name = SpiffeVerifier(
+                {own.name: bundles.get(own.name, ())}, lambda i: i.trust_domain == own
+            )
             config = TLSConfig(
                 rng=os.urandom,
                 certificate_chain=svid.chain,
@@ -289,6 +303,7 @@ class Identity:
                 grease=True,  # RFC 8701: keep peers honest about unknown values
                 ech_config_list=ech,
                 ech_grease=ech is None,
+                ech_public_name_verifier=public_name,
             )
             self._clients[key] = config
         return config

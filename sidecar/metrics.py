@@ -136,8 +136,8 @@ class Metrics:
         )
         self.tls_ech = Counter(
             "tls_ech",
-            "Encrypted ClientHello (RFC 9849) by outcome: accepted and rejected as the "
-            "serving side decided, grease as the calling side sent it.",
+            "Encrypted ClientHello (RFC 9849) by outcome: accepted as the serving side "
+            "decided, rejected and grease as the calling side saw and sent it.",
             ["outcome"],
             registry=r,
         )
@@ -291,9 +291,10 @@ class Metrics:
         if direction == "inbound" and info.early_data != "none":
             # Counted where it is decided, once per offer: the server (RFC 8446 §4.2.10).
             self.tls_early_data.labels(outcome=info.early_data).inc()
-        # RFC 9849: the server decides accepted/rejected (a GREASE extension is a
-        # rejection to it, §6.2: it cannot tell); only the caller knows it sent GREASE.
-        if (direction == "inbound" and info.ech in ("accepted", "rejected")) or (
+        # RFC 9849, each connection counted once: the server counts acceptance; only the
+        # caller knows it sent GREASE (to the server a rejection, §6.2) and sees a real
+        # rejection end its handshake (ech_required: the pool counts it).
+        if (direction == "inbound" and info.ech == "accepted") or (
             direction == "outbound" and info.ech == "grease"
         ):
             self.tls_ech.labels(outcome=info.ech).inc()

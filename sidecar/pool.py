@@ -36,6 +36,7 @@ from typing import Any
 
 from ca.spiffeid import SpiffeId
 from sidecar.tls import TLSError
+from sidecar.tls.ech import ECHRejected
 
 from .bridge import Bridge
 from .channel import EngineChannel, SecureChannel
@@ -304,6 +305,9 @@ class Pool:
             # What a dial can raise: the socket (OSError), the handshake (the engine's
             # TLSError, or a peer gone mid-handshake), no SVID to present, the connect
             # timeout. Anything else is a bug and propagates as one.
+            if isinstance(exc, ECHRejected):  # RFC 9849 §6.1.6: retry with its configs
+                self.metrics.tls_ech.labels(outcome="rejected").inc()
+                self.identity.ech_rejected(self.expected, exc.retry_configs)
             self._dial_failed(f"{type(exc).__name__}: {exc}")
         else:
             if session.dead:

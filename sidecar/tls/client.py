@@ -112,7 +112,7 @@ from .signatures import (
 )
 from .state import HandshakeContext, HandshakeState
 from .suites import SUITES, SuiteParams
-from .verify import VerifiedPeer
+from .verify import PeerVerifier, VerifiedPeer
 
 
 def _illegal(reason: str) -> TLSError:
@@ -736,5 +736,7 @@ def _ech_rejected(
 def _server_side(ctx: HandshakeContext, keys: _ClientKeys) -> PeerSide[_ClientKeys]:
     if keys.ech_public_name is None:
         return SERVER_PEER
-    verifier = PublicNameVerifier(keys.ech_public_name, ctx.config.ech_public_name_roots)
+    verifier: PeerVerifier = ctx.config.ech_public_name_verifier or PublicNameVerifier(
+        keys.ech_public_name, ctx.config.ech_public_name_roots
+    )
     return replace(SERVER_PEER, verifier=verifier, finish=_ech_rejected)

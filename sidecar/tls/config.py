@@ -93,6 +93,9 @@ class TLSConfig:
     ech_config_list: bytes | None = None
     ech_grease: bool = False
     ech_public_name_roots: Sequence[x509.Certificate] = ()
+    # Replaces the WebPKI check of the public name where the public name stands for a
+    # SPIFFE trust domain (the mesh: any SVID of that trust domain vouches for it).
+    ech_public_name_verifier: PeerVerifier | None = None
     ech_keys: Sequence[ECHKey] = ()
     ech_public_credential: Credential | None = None
 

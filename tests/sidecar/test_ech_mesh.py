@@ -106,9 +106,38 @@ def test_a_caller_without_the_services_config_sends_grease_ech_and_still_connect
     assert find(hello.extensions, EXT_ENCRYPTED_CLIENT_HELLO) is not None
     assert find(hello.extensions, ExtensionType.server_name) is None
     assert m.caller("tls_ech_total", outcome="grease") == 1
-    # The serving side cannot tell GREASE from a config it lacks: a rejection to it.
-    assert m.server("tls_ech_total", outcome="rejected") == 1
+    # To the serving side GREASE is a config it lacks (§6.2); only the caller counts it.
+    assert m.server("tls_ech_total", outcome="rejected") == 0
     assert m.server("tls_ech_total", outcome="accepted") == 0
+
+
+def test_a_caller_sealing_to_keys_the_service_no_longer_holds_retries_with_its_configs(
+    tmp_path: Path,
+) -> None:
+    """RFC 9849 §6.1.6: the service rejects, completes the outer handshake with its SVID
+    (which vouches for the public name, the trust domain) and sends retry_configs; the
+    caller's dial ends with ech_required, and the next dial seals to the retry configs
+    and is accepted."""
+
+    async def scenario() -> Mesh:
+        async with mesh(Pki(), tmp_path) as m:
+            keys, _ = service_ech(ECHO)
+            _, stale = service_ech(ECHO)  # another CA run's keys: none the service holds
+            m.inbound.identity.set_ech(keys, {})
+            m.client.set_ech((), {SpiffeId(ECHO): stale})
+            for _ in range(3):  # bounded: the rejected dial, then the retry
+                try:
+                    if await request(m.upstream, GET, timeout=5) == b"GET early=-":
+                        break
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    continue
+            else:
+                raise AssertionError("no request got through after the rejection")
+            return m
+
+    m = run(scenario())
+    assert m.caller("tls_ech_total", outcome="rejected") == 1
+    assert m.server("tls_ech_total", outcome="accepted") == 1  # the retry
 
 
 def test_a_resumed_dial_carries_its_0rtt_request_inside_ech_and_names_nothing(
