@@ -103,7 +103,8 @@ serves `/config` without authentication. The health listener, off unless configu
     `tls_resumption_total{kind="psk|ticket|none"}`, `tls_version_total{version}`,
     `tls_cipher_suite_total{suite}`, `tls_group_total{group}`,
     `tls_early_data_total{outcome="accepted|rejected"}`,
-    `tls_ocsp_staple_total{outcome="not_applicable"}`.
+    `tls_ech_total{outcome="accepted|rejected|grease"}` (accepted counted by the serving
+    sidecar, rejected and grease by the caller), `tls_ocsp_staple_total{outcome="not_applicable"}`.
   - `trellis_sidecar_tls_handshakes_total{direction="inbound|outbound"}`,
     `trellis_sidecar_tls_handshake_failures_total{direction,reason}`,
     `trellis_sidecar_app_connections_total{direction}` (handshakes per app connection =
