@@ -231,3 +231,38 @@ def test_openssl3_s_client_ignores_the_grease_our_server_sends(
     assert "NewSessionTicket" in output  # s_client read our tickets (with their GREASE)
     assert "Verify return code: 0 (ok)" in output
     _assert_server_greased(sent)
+
+
+def test_openssl3_s_server_asking_for_p256_takes_our_second_greased_client_hello() -> None:
+    """After a HelloRetryRequest the second ClientHello keeps every GREASE value except
+    the GREASE key share: RFC 8446 §4.1.2 wants exactly one share, for the asked group."""
+
+    async def scenario() -> tuple[bytes, str]:
+        async with peer_process(*s_server("-tls1_3", "-groups", "P-256")) as server:
+            line = await server.wait_for_line(b"ACCEPT")
+            port = int(line.rsplit(b":", 1)[1])
+            async with recording_relay(port) as (relay_port, recordings):
+                config = client_svid().config(grease=True, alpn_protocols=("h2",))
+                reader, writer = await open_tls_connection(
+                    "127.0.0.1", relay_port, config=config, server_name="localhost"
+                )
+                assert writer.get_extra_info("tls_group") == "secp256r1"
+                writer.write(b"GET / HTTP/1.0\r\n\r\n")
+                page = await asyncio.wait_for(reader.read(), TIMEOUT)
+                writer.close()
+            server.process.kill()
+            _, output = await server.finish()
+        assert b"Shared groups: secp256r1" in page, output
+        return bytes(recordings[0].to_server), output
+
+    wire, output = run(scenario())
+    assert output.count("ClientHello") >= 2, output
+    first = first_client_hello(wire)
+    # The second ClientHello follows the first record (and a change_cipher_spec record).
+    rest = wire[5 + int.from_bytes(wire[3:5], "big") :]
+    while rest[:1] == b"\x14":
+        rest = rest[5 + int.from_bytes(rest[3:5], "big") :]
+    second = first_client_hello(rest)
+    positions = grease_positions(second)
+    assert positions == {**ALL_POSITIONS, "key_share": False}, positions
+    assert second.cipher_suites == first.cipher_suites  # the same GREASE suite again
