@@ -274,6 +274,7 @@ class Metrics:
             "local_certificate_expired",
             "trust_bundle_changed",
             "identity_withdrawn",
+            "record_limit",
         ):
             self.connections_closed.labels(reason=reason)
         for decision in ("allow", "deny"):

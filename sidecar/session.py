@@ -92,6 +92,10 @@ STREAM_WINDOW = 1 << 20  # 1 MiB per stream: the most a slow reader can make us 
 CONNECTION_WINDOW = 16 << 20
 MAX_FRAME = 1 << 16
 SERVER_MAX_STREAMS = 1000
+MAX_RECORD = 1 << 14  # RFC 8446 §5.1: the most plaintext one record carries
+# Records a kTLS connection may send before it retires (`_count_kernel_records`): an
+# eighth of AES-GCM's 2^24.5 limit, the tightest of the three suites.
+KTLS_RECORD_BUDGET = 1 << 21
 
 
 class StreamHandler(Protocol):
@@ -226,6 +230,7 @@ class Session(asyncio.Protocol):
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
         self.data_path = "user-space"  # "ktls" once the kernel seals and opens records
+        self._kernel_records = 0  # records the kernel sealed for us, at most
 
     # --- state for the pool ----------------------------------------------------------
 
@@ -799,7 +804,19 @@ class Session(asyncio.Protocol):
             and self._channel is not None
             and (self._established or self._half_rtt)
         ):
-            self._write_raw(self._channel.seal_parts(self._h2.take_output()))
+            data = self._channel.seal_parts(self._h2.take_output())
+            if self.data_path == "ktls" and data:
+                self._count_kernel_records(len(data))
+            self._write_raw(data)
+
+    def _count_kernel_records(self, size: int) -> None:
+        """The kernel cannot rekey before Linux 6.14, so a kTLS connection must never
+        need a KeyUpdate: retire it while its records are well within the AEAD's limit
+        (RFC 8446 §5.5: 2^24.5 full-size records for AES-GCM). A write may become one
+        more record than its size needs when the socket takes it in two sends."""
+        self._kernel_records += -(-size // MAX_RECORD) + 1
+        if self._kernel_records >= KTLS_RECORD_BUDGET and self.retired is None:
+            self.retire("record_limit")
 
     def _write_raw(self, data: bytes) -> None:
         transport = self._transport

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from sidecar import ktls
+from sidecar import ktls, session
 from sidecar.config import load_yaml
 from sidecar.dataplane import Sidecar
 from tests.sidecar.dataplane.harness import Pki
@@ -56,7 +56,7 @@ class _Echo(asyncio.Protocol):
 
 
 @asynccontextmanager
-async def mesh(mode: str) -> AsyncIterator[tuple[Sidecar, Sidecar, int]]:
+async def mesh(mode: str, drain: float = 1) -> AsyncIterator[tuple[Sidecar, Sidecar, int]]:
     """(client sidecar, server sidecar, the client app's upstream port)."""
     pki = Pki()
     workdir = Path(tempfile.mkdtemp(prefix="tr-ktls-guest-"))
@@ -69,7 +69,7 @@ async def mesh(mode: str) -> AsyncIterator[tuple[Sidecar, Sidecar, int]]:
             f"""
 svid_dir: {pki.write(workdir / "server", ECHO)}
 admin: "off"
-drain_timeout: 1
+drain_timeout: {drain}
 inbound:
   listen: "127.0.0.1:{inbound}"
   targets: {{8080: {{app: "127.0.0.1:{echo_port}", allow: [{{exact: "{CLIENT}"}}]}}}}
@@ -82,7 +82,7 @@ inbound:
             f"""
 svid_dir: {pki.write(workdir / "client", CLIENT)}
 admin: "off"
-drain_timeout: 1
+drain_timeout: {drain}
 inbound: {{listen: "127.0.0.1:{free_port()}"}}
 upstreams:
   - {{name: echo, listen: "127.0.0.1:{upstream}", target: "echo:8080", mode: {mode},
@@ -190,5 +190,32 @@ def test_direct_sidecars_splice_each_app_connection_through_its_own_ktls_connect
                 client, "trellis_sidecar_tls_handshakes_total", direction="outbound"
             )
             assert handshakes == len(SIZES) + 1  # one TLS connection per app connection
+
+    run(scenario())
+
+
+def test_a_pooled_ktls_connection_retires_before_its_records_could_need_a_key_update(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Linux 6.1 cannot rekey kTLS: the budget stands in for the AEAD's limit, made small
+    # enough that one 2 MiB exchange (at least 128 records each way) goes past it.
+    monkeypatch.setattr(session, "KTLS_RECORD_BUDGET", 64)
+
+    async def scenario() -> None:
+        async with mesh("pooled", drain=60) as (client, _server, upstream):
+            payload = os.urandom(2 << 20)
+            back = await exchange(upstream, payload)
+            # The stream in flight finishes on the retiring connection, whole.
+            assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
+            closed = "trellis_sidecar_connections_closed_by_us_total"
+            assert sample(client, closed, reason="record_limit") == 1
+            await settle(lambda: not client.describe()["pools"][0]["connections"], "retired")
+            assert await exchange(upstream, b"next") == b"next"
+            (pool,) = client.describe()["pools"]
+            assert [c["data_path"] for c in pool["connections"]] == ["ktls"]
+            handshakes = sample(
+                client, "trellis_sidecar_tls_handshakes_total", direction="outbound"
+            )
+            assert handshakes == 2  # the next stream went to a fresh connection
 
     run(scenario())
