@@ -96,7 +96,9 @@ serves `/config` without authentication. The health listener, off unless configu
   bound; 503 with the reason otherwise, and while draining (SIGTERM).
 * `GET /config` — JSON: identity (SPIFFE ID, SVID serial and notAfter, bundles by trust
   domain with root serials), listeners, upstreams, inbound targets + policy, pools (per
-  endpoint: connections, streams, dials, last error), Workload API status.
+  endpoint: connections, streams, dials, last error), Workload API status; each pooled
+  and inbound connection's `data_path` (`user-space` or `ktls`) and each direct
+  connection's (`user-space` or `ktls+splice`).
 * `GET /metrics` — Prometheus text, the sidecar's own registry:
 
   - the public metric contract: `tls_handshake_duration_seconds` (histogram),
@@ -127,8 +129,12 @@ serves `/config` without authentication. The health listener, off unless configu
     requests read from 0-RTT data on a port declared HTTP: `sidecar.earlydata`),
     `trellis_sidecar_connections_closed_by_us_total{reason="protocol_error|abuse|
     peer_not_reading|keepalive_timeout|peer_certificate_expired|
-    local_certificate_expired|trust_bundle_changed|identity_withdrawn"}` (the last four
-    drain rather than cut: see Credentials below),
+    local_certificate_expired|trust_bundle_changed|identity_withdrawn|record_limit"}`
+    (the last five drain rather than cut: see Credentials below; record_limit is a kTLS
+    connection retired before it could need a KeyUpdate the kernel cannot follow),
+    `trellis_ktls_enabled{direction="inbound|outbound"}` (1 when that direction hands
+    records to the kernel), `trellis_ktls_fallback_total{reason}` (connections kept in
+    the user-space record layer), `trellis_ktls_key_update_closes_total`,
     `trellis_sidecar_svid_expiry_timestamp_seconds`, `trellis_sidecar_svid_updates_total`.
 
 Pooling (YAML `pool`): one pool per (endpoint, expected SPIFFE IDs); at most

@@ -93,8 +93,8 @@ CONNECTION_WINDOW = 16 << 20
 MAX_FRAME = 1 << 16
 SERVER_MAX_STREAMS = 1000
 MAX_RECORD = 1 << 14  # RFC 8446 §5.1: the most plaintext one record carries
-# Records a kTLS connection may send before it retires (`_count_kernel_records`): an
-# eighth of AES-GCM's 2^24.5 limit, the tightest of the three suites.
+# Records a kTLS connection may send before it retires (`_count_kernel_records`): under
+# a tenth of AES-GCM's 2^24.5 limit, the tightest of the three suites (32 GiB of data).
 KTLS_RECORD_BUDGET = 1 << 21
 
 
