@@ -161,7 +161,9 @@ streams finish up to `--drain-timeout` (default 10 s), then exit 0.
 Modules: `config` (YAML/flags → frozen values), `policy` (authorisation), `hbone`
 (CONNECT parsing), `identity` (SVIDs, bundles, Workload API), `channel` (the TLS layer
 under HTTP/2, swappable for kTLS), `h2tunnel` (HTTP/2 for CONNECT streams, sans-I/O),
-`session` (one TLS + HTTP/2 connection), `bridge` (app socket ↔ stream), `permissive`
+`session` (one TLS + HTTP/2 connection), `bridge` (app socket ↔ stream), `direct`
+(upstreams in `mode: direct`: one TLS connection per app connection), `ktls` and
+`offload` (the kernel's record layer, and where the data paths switch to it), `permissive`
 (the TLS sniff and the plaintext relay), `pool`
 (outbound pools), `inbound`, `outbound`, `admin`, `metrics`, `runtime` (wiring, drain),
 `iptables`, `cli`.

@@ -302,7 +302,8 @@ class Sidecar:
         self.pools.drain()
         deadline = time.monotonic() + self.config.drain_timeout
         while time.monotonic() < deadline:
-            if not self.outbound.bridges and not self.inbound.active_streams:
+            direct = self.outbound.direct_links or self.inbound.direct_links
+            if not self.outbound.bridges and not self.inbound.active_streams and not direct:
                 break
             await asyncio.sleep(0.05)
         for task in self._tasks:

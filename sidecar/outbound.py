@@ -255,7 +255,8 @@ class Outbound:
             def made(app: asyncio.Transport) -> None:
                 self.metrics.app_connections.labels(direction="outbound").inc()
                 self.direct_links.add(link)
-                link.closed.add_done_callback(lambda _f: self.direct_links.discard(link))
+                started = time.monotonic()
+                link.closed.add_done_callback(lambda _f: self._direct_done(link, started))
                 task = asyncio.get_running_loop().create_task(
                     dial(link, app, endpoint.host, endpoint.port, self.connect_timeout)
                 )
@@ -268,6 +269,26 @@ class Outbound:
             accept, upstream.listen.host, upstream.listen.port, reuse_address=True, backlog=1024
         )
         self.servers.append(server)
+
+    def _direct_done(self, link: DirectLink, started: float) -> None:
+        """A direct connection ended: one access-log line, as a stream's."""
+        self.direct_links.discard(link)
+        failure = None
+        if not link.ready.done() or link.ready.cancelled():
+            failure = "closed before the peer answered"
+        elif link.ready.exception() is not None:
+            failure = str(link.ready.exception())
+        log_stream(
+            "outbound",
+            "ok" if failure is None else "refused",
+            started=started,
+            peer=link.peer_id,
+            authority=link.authority,
+            status=200 if failure is None else None,
+            reason=failure,
+            bytes_sent=link.bytes_up,
+            bytes_received=link.bytes_down,
+        )
 
     async def listen_transparent(self, listen: Address) -> None:
         def resolve(sock: socket.socket) -> Route | PassthroughRoute:

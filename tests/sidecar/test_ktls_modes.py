@@ -171,6 +171,10 @@ def test_direct_mode_without_ktls_relays_in_user_space_one_tls_connection_per_ap
     assert b[FALLBACK] == 5
     assert b['trellis_sidecar_policy_decisions_total{decision="allow"}'] == 5
     wait_for(lambda: not pair.b.describe()["direct"]["inbound"], 10, "direct links closed")
+    wait_for(lambda: not pair.a.describe()["direct"]["outbound"], 10, "direct links closed")
+    # One access-log line per direct connection on each side, as for a stream.
+    assert pair.a.proc.output().count(f"ok -> echo.default:8080 ({ECHO})") == 5
+    assert pair.b.proc.output().count(f"ok {CLIENT} -> port 8080") == 5
 
 
 def test_direct_mode_refuses_an_identity_the_policy_does_not_allow(procs: Procs, pki: Pki) -> None:
