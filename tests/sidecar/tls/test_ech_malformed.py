@@ -276,6 +276,10 @@ def test_configs_of_other_versions_are_skipped_by_their_length() -> None:
         config_list(KEY) + b"\x00",
         b"\x00\x06\xfe\x0d\x00\x02\x01\x00",  # a config body cut short
     ],
+    # Named, not shown: KEY is drawn at import, and pytest-xdist needs the same test ids
+    # in every worker.
+    ids=["empty", "no-configs", "config-overruns-list", "list-cut-short", "trailing-byte",
+         "config-body-cut-short"],
 )
 def test_a_malformed_config_list_is_a_configuration_error(data: bytes) -> None:
     with pytest.raises(ECHConfigError):
