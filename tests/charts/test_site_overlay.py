@@ -28,7 +28,7 @@ AS_CHART_VALUES: dict[str, Any] = {
 # Every field the overlay may change, as the paths _differences reports.
 SITE_FIELDS = re.compile(
     r"\.spec\.template\.spec\.containers\[\d\]\.(image|args\[\d+\])"
-    r"|\.spec\.template\.spec\.volumes\[1\]\.secret\.items\[[234]\]\.path"
+    r"|\.spec\.template\.spec\.volumes\[2\]\.secret\.items\[[234]\]\.path"
 )
 
 
@@ -70,7 +70,8 @@ def test_the_site_overlay_changes_only_the_site_values_of_the_base(kube_bin: Pat
     assert f"--sidecar-image={SITE_IMAGE}" in args
     ca = site[("Deployment", "trellis-system", "trellis-ca")]["spec"]["template"]["spec"]
     assert "--cluster=eu-west-1" in ca["containers"][0]["args"]
-    paths = [item["path"] for item in ca["volumes"][1]["secret"]["items"]]
+    secret = next(v["secret"] for v in ca["volumes"] if v["name"] == "ca")
+    paths = [item["path"] for item in secret["items"]]
     assert [p for p in paths if p.startswith("clusters/")] == [
         "clusters/eu-west-1/intermediate.crt",
         "clusters/eu-west-1/intermediate.key",
