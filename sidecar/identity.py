@@ -115,22 +115,31 @@ class Identity:
         # Encrypted ClientHello (RFC 9849, keys from the agent: sidecar.stek, echkeys).
         self._ech_keys: tuple[ECHKey, ...] = ()
         self._ech_configs: dict[SpiffeId, bytes] = {}
+        # Services that rejected ECH without retry configs: a peer that does not do ECH
+        # (a go-spiffe or other non-Trellis workload of the trust domain).
+        self._ech_disabled: set[SpiffeId] = set()
 
     def set_ech(self, keys: Sequence[ECHKey], configs: Mapping[SpiffeId, bytes]) -> None:
         """Our service's ECH keys (current first) and the ECHConfigList of every service
         we may call; the next handshakes use them."""
         self._ech_keys = tuple(keys)
-        self._ech_configs = dict(configs)
+        self._ech_configs = {i: c for i, c in configs.items() if i not in self._ech_disabled}
         self._server = None
         self._clients = {}
 
     def ech_rejected(self, expected: Sequence[SpiffeId], retry_configs: bytes | None) -> None:
         """The service rejected the config we sealed to (RFC 9849 §6.1.6: it holds newer
         keys than our agent told us of yet): the next dial seals to its retry_configs,
-        which the rejected handshake authenticated."""
-        if len(expected) != 1 or not retry_configs:
+        which the rejected handshake authenticated. Without retry configs the service
+        does not do ECH at all (§6.1.6: ECH is then securely disabled, the outer handshake
+        having been authenticated): the next dials send GREASE ECH instead."""
+        if len(expected) != 1:
             return
-        self._ech_configs[expected[0]] = retry_configs
+        if retry_configs:
+            self._ech_configs[expected[0]] = retry_configs
+        else:
+            self._ech_disabled.add(expected[0])
+            self._ech_configs.pop(expected[0], None)
         self._clients = {}
 
     @property

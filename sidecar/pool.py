@@ -130,6 +130,7 @@ class Pool:
         self._changed = asyncio.Event()
         self._failures = 0
         self.last_error: str | None = None
+        self._ech_retry = True  # one immediate re-dial after an ECH rejection (RFC 9849 §6.1.6)
         self.dials = 0
 
     # --- state -------------------------------------------------------------------------
@@ -305,10 +306,16 @@ class Pool:
             # What a dial can raise: the socket (OSError), the handshake (the engine's
             # TLSError, or a peer gone mid-handshake), no SVID to present, the connect
             # timeout. Anything else is a bug and propagates as one.
-            if isinstance(exc, ECHRejected):  # RFC 9849 §6.1.6: retry with its configs
+            if isinstance(exc, ECHRejected) and self._ech_retry:
+                # RFC 9849 §6.1.6: retry at once on a new connection, sealed to the
+                # service's retry configs, or without ECH when it sent none; once, so
+                # a service that keeps rejecting fails the dial as any refusal does.
+                self._ech_retry = False
                 self.metrics.tls_ech.labels(outcome="rejected").inc()
                 self.identity.ech_rejected(self.expected, exc.retry_configs)
-            self._dial_failed(f"{type(exc).__name__}: {exc}")
+                logger.info("dial %s: ECH rejected, retrying (%s)", self.endpoint, exc)
+            else:
+                self._dial_failed(f"{type(exc).__name__}: {exc}")
         else:
             if session.dead:
                 # Refused right after our side finished (the peer distrusts our SVID):
@@ -318,6 +325,7 @@ class Pool:
                 self.sessions.append(session)
                 self.metrics.pool_connections.inc()
                 self.last_error = None
+                self._ech_retry = True
         finally:
             self._connecting -= 1
             self._signal()
